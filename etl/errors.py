@@ -1,0 +1,89 @@
+"""Exceptions that end a run, and the exit codes the CLI maps them to.
+
+Bad data is never an exception: a rejected row is an entry in the report.
+Exceptions are for what stops a run altogether::
+
+    EtlError                     (exit 2 unless a subclass says otherwise)
+    ├── UsageError               bad options or settings
+    ├── InputError               a file that cannot be read as a table
+    │                            (file, row and column when known)
+    ├── ProfileError             a mapping profile that cannot be used
+    ├── StateError               a state store that cannot be used (locked,
+    │                            another target's, corrupt)
+    └── ApiError                 the API refused the whole run (exit 4)
+        └── AuthError            401/403: a bad key or scope
+
+Each carries a ``retryable`` flag: whether trying again later, unchanged,
+could succeed. httpx's own exceptions are translated in ``etl.load.client``
+only, and never leave it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class ExitCode:
+    """The CLI's documented exit codes."""
+
+    OK = 0  # every row created, skipped or planned
+    REJECTED = 1  # some rows were rejected by validation (the rest went through)
+    USAGE = 2  # bad options, unreadable input, unusable profile or state
+    FAILED = 3  # some rows failed at the API or have an unknown outcome
+    API = 4  # the API refused the run (bad key, scope): nothing more was sent
+    INTERRUPTED = 130  # stopped by SIGINT/SIGTERM; state and report were written
+
+
+class EtlError(Exception):
+    """Base of every exception the toolkit raises on purpose."""
+
+    exit_code: int = ExitCode.USAGE
+    retryable: bool = False
+
+
+class UsageError(EtlError):
+    """Options or settings that cannot work together."""
+
+
+@dataclass
+class InputError(EtlError):
+    """A file that cannot be read as a table, with where the problem is."""
+
+    path: str
+    message: str
+    row: int | None = None
+    column: str | None = None
+
+    def __str__(self) -> str:
+        where = self.path
+        if self.row is not None:
+            where += f", row {self.row}"
+        if self.column is not None:
+            where += f", column {self.column!r}"
+        return f"{where}: {self.message}"
+
+
+class ProfileError(EtlError):
+    """A mapping profile that cannot be used."""
+
+
+class StateError(EtlError):
+    """A state store that cannot be used for this run."""
+
+
+@dataclass
+class ApiError(EtlError):
+    """The API refused the run as a whole; diagnostics already masked."""
+
+    status: int
+    code: str
+    message: str
+
+    exit_code = ExitCode.API
+
+    def __str__(self) -> str:
+        return f"HTTP {self.status} {self.code}: {self.message}"
+
+
+class AuthError(ApiError):
+    """401 or 403: the key is missing, malformed, revoked or lacks the scope."""

@@ -1,0 +1,361 @@
+"""Validation: every documented limit and the registry's domain rules, per row.
+
+Two steps, both whole-frame polars expressions:
+
+1. :func:`prepare` trims cells, applies the profile's defaults, normalises
+   codes (gender, status, CVX, route, site) and parses typed values into
+   companion columns (``occurrence__date``, ``dose_number__int`` ...).
+2. :func:`check` runs a pandera schema (polars backend, ``lazy=True``) whose
+   checks are built from :mod:`schemas.limits` through the canonical fields,
+   so every failure of every row is collected, each named by a stable code.
+
+Failures become rows of a rejects frame (``__row, code, field, value,
+message``); rows without any are valid.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+
+import pandera.polars as pa
+import polars as pl
+from pandera.api.polars.types import PolarsData
+
+from etl.mapping import Mapped
+from etl.readers import ROW
+from schemas.canonical import CanonicalField, field_map, fields_of
+from schemas.codes import CVX_SYSTEM, displays, spellings
+
+__all__ = ["REJECT_SCHEMA", "Validation", "check", "prepare", "validate"]
+
+#: Columns of every rejects / warnings frame.
+REJECT_SCHEMA = {ROW: pl.UInt32, "code": pl.String, "field": pl.String, "value": pl.String, "message": pl.String}
+
+_DT = pl.Datetime("us")
+_EMAIL = r"^[^@\s]+@[^@\s]+\.[^@\s]+$"
+_TRUE = ("true", "yes", "y", "1", "t")
+_FALSE = ("false", "no", "n", "0", "f")
+_GENDER = {"m": "male", "f": "female", "u": "unknown", "o": "other", "unk": "unknown"}
+_STATUS = {"complete": "completed", "given": "completed", "administered": "completed", "not-given": "not-done"}
+_EXCEL_EPOCH = dt.datetime(1899, 12, 30)  # noqa: DTZ001 - Excel serials are naive
+
+
+@dataclass
+class Validation:
+    """The outcome of validating one mapped table."""
+
+    mapped: Mapped
+    prepared: pl.DataFrame  # every row, normalised and parsed
+    rejects: pl.DataFrame  # one row per failure (a row may fail several rules)
+    warnings: pl.DataFrame  # same shape; the row stays valid
+
+    @property
+    def valid(self) -> pl.DataFrame:
+        """Prepared rows with no rejection."""
+        return self.prepared.join(self.rejects.select(ROW).unique(), on=ROW, how="anti")
+
+    @property
+    def rejected_rows(self) -> int:
+        """How many rows have at least one rejection."""
+        return self.rejects.get_column(ROW).n_unique()
+
+
+def validate(mapped: Mapped, *, today: dt.date | None = None) -> Validation:
+    """Prepare and check a mapped table."""
+    prepared = prepare(mapped)
+    rejects = with_source_values(check(prepared, mapped.kind, today=today or dt.date.today()), mapped)
+    warnings = with_source_values(_warnings(prepared, mapped.kind), mapped)
+    return Validation(mapped, prepared, rejects, warnings)
+
+
+# --- step 1: prepare ---------------------------------------------------------
+
+
+def _blank_to_null(e: pl.Expr) -> pl.Expr:
+    e = e.str.strip_chars()
+    return pl.when(e.str.len_bytes() > 0).then(e)
+
+
+def _normalise(f: CanonicalField, e: pl.Expr) -> pl.Expr:
+    if f.normaliser is None:
+        return e
+    low = e.str.to_lowercase()
+    if f.normaliser == "lower":
+        return low
+    if f.normaliser == "gender":
+        return low.replace(_GENDER)
+    if f.normaliser == "status":
+        return low.str.replace_all(r"[\s_]+", "-").replace(_STATUS)
+    if f.normaliser == "cvx":
+        # Excel stores CVX 08 as the number 8; some exports write 8.0.
+        digits = e.str.replace(r"^(\d+)\.0+$", "$1")
+        return pl.when(digits.str.contains(r"^\d+$")).then(digits.str.zfill(2)).otherwise(e)
+    table = spellings(f.normaliser)  # route / site: one spelling per code, else as written
+    return low.str.replace_all(r"\s+", " ").replace_strict(table, default=e, return_dtype=pl.String)
+
+
+def _parse_naive(s: pl.Expr, excel: bool) -> pl.Expr:
+    """A naive local date-time from the usual spellings, or null."""
+    forms = [
+        s.str.strptime(_DT, "%Y-%m-%d", strict=False, exact=True),
+        s.str.strptime(_DT, "%Y-%m-%d %H:%M:%S%.f", strict=False, exact=True),
+        s.str.strptime(_DT, "%Y-%m-%dT%H:%M:%S%.f", strict=False, exact=True),
+        s.str.strptime(_DT, "%Y-%m-%dT%H:%M", strict=False, exact=True),
+        s.str.strptime(_DT, "%m/%d/%Y", strict=False, exact=True),
+        s.str.strptime(_DT, "%Y%m%d", strict=False, exact=True),
+    ]
+    if excel:
+        # A date typed as a number in Excel arrives as its serial (days since 1899-12-30).
+        serial = pl.when(s.str.contains(r"^\d{1,7}(\.\d+)?$")).then(s.cast(pl.Float64, strict=False))
+        in_range = (serial >= 1) & (serial < 2958466)
+        millis = (serial * 86_400_000).round(0).cast(pl.Int64)
+        forms.append(pl.when(in_range).then(pl.lit(_EXCEL_EPOCH) + pl.duration(milliseconds=millis)))
+    return pl.coalesce(forms)
+
+
+def _parse_aware(s: pl.Expr) -> pl.Expr:
+    """A UTC date-time from a spelling with an offset or Z, or null."""
+    return (
+        s.str.replace(r"[zZ]$", "+00:00")
+        .str.strptime(pl.Datetime("us", "UTC"), "%Y-%m-%dT%H:%M:%S%.f%#z", strict=False, exact=True)
+        .dt.replace_time_zone(None)
+    )
+
+
+def _temporal_columns(f: CanonicalField, s: pl.Expr, excel: bool, tz: str) -> list[pl.Expr]:
+    naive, aware = _parse_naive(s, excel), _parse_aware(s)
+    date = pl.coalesce(aware.dt.date(), naive.dt.date())
+    cols = [date.alias(f"{f.name}__date")]
+    if f.value == "date":
+        out = date.dt.strftime("%Y-%m-%d")
+    else:
+        # A date with no time of day stays a date (FHIR allows it, and an Excel
+        # date cell reads as midnight); a local time gets the profile's zone.
+        local = naive.dt.replace_time_zone(tz, ambiguous="earliest", non_existent="null")
+        utc = pl.coalesce(aware, local.dt.convert_time_zone("UTC").dt.replace_time_zone(None))
+        midnight = naive.dt.time() == dt.time(0)
+        out = (
+            pl.when(aware.is_null() & midnight)
+            .then(naive.dt.strftime("%Y-%m-%d"))
+            .otherwise(utc.dt.strftime("%Y-%m-%dT%H:%M:%SZ"))
+        )
+    return [*cols, out.alias(f"{f.name}__out")]
+
+
+def prepare(mapped: Mapped) -> pl.DataFrame:
+    """Trim, default, normalise and parse every canonical column, whole frame at once."""
+    profile, excel = mapped.profile, mapped.table.format == "xlsx"
+    fields = fields_of(mapped.kind)
+    trimmed = mapped.frame.select(
+        pl.col(ROW),
+        *[_blank_to_null(pl.col(f.name)).alias(f.name) for f in fields],
+    )
+    defaulted = trimmed.with_columns(
+        pl.col(name).fill_null(pl.lit(value)) for name, value in profile.defaults.items() if name in trimmed.columns
+    )
+    normalised = defaulted.with_columns(_normalise(f, pl.col(f.name)).alias(f.name) for f in fields if f.normaliser)
+    typed: list[pl.Expr] = []
+    for f in fields:
+        s = pl.col(f.name)
+        if f.value in ("date", "datetime"):
+            typed += _temporal_columns(f, s, excel, profile.timezone)
+        elif f.value == "integer":
+            ok = s.str.contains(r"^[+-]?\d+$") | (excel & s.str.contains(r"^[+-]?\d+\.0+$"))
+            typed.append(pl.when(ok).then(s.cast(pl.Float64, strict=False).cast(pl.Int64)).alias(f"{f.name}__int"))
+        elif f.value == "number":
+            num = s.cast(pl.Float64, strict=False)
+            typed.append(pl.when(num.is_finite()).then(num).alias(f"{f.name}__num"))
+        elif f.value == "boolean":
+            low = s.str.to_lowercase()
+            typed.append(
+                pl.when(low.is_in(_TRUE)).then(True).when(low.is_in(_FALSE)).then(False).alias(f"{f.name}__bool")
+            )
+        elif f.value == "list":
+            items = s.str.split(profile.list_separator).list.eval(
+                pl.element().str.strip_chars().filter(pl.element().str.len_bytes() > 0)
+            )
+            typed.append(pl.when(items.list.len() > 0).then(items).alias(f"{f.name}__list"))
+    return normalised.with_columns(typed)
+
+
+# --- step 2: check -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Rule:
+    field: str
+    code: str
+    passes: pl.Expr  # true where the row satisfies the rule
+    message: str
+
+
+def _rules(kind: str, today: dt.date) -> list[_Rule]:
+    fields = field_map(kind)
+    rules: list[_Rule] = []
+    for f in fields.values():
+        c = pl.col(f.name)
+        absent = c.is_null()
+        if f.required:
+            rules.append(_Rule(f.name, "required", ~absent, "a value is required"))
+        if f.value == "list":
+            items = pl.col(f"{f.name}__list")
+            if f.max_items is not None:
+                rules.append(_Rule(f.name, "max-items", items.is_null() | (items.list.len() <= f.max_items),
+                                   f"at most {f.max_items} items"))
+            if f.max_length is not None:
+                longest = items.list.eval(pl.element().str.len_chars()).list.max()
+                rules.append(_Rule(f.name, "max-length", items.is_null() | (longest <= f.max_length),
+                                   f"each item at most {f.max_length} characters"))
+        elif f.max_length is not None:
+            rules.append(_Rule(f.name, "max-length", absent | (c.str.len_chars() <= f.max_length),
+                               f"at most {f.max_length} characters"))
+        if f.enum:
+            rules.append(_Rule(f.name, "enum", absent | c.is_in(f.enum), f"one of {', '.join(f.enum)}"))
+        spec = f.spec
+        if spec is not None and spec.format == "email":
+            rules.append(_Rule(f.name, "email-format", absent | c.str.contains(_EMAIL), "an e-mail address"))
+        parsed = {"date": "__date", "datetime": "__date", "integer": "__int", "number": "__num",
+                  "boolean": "__bool"}.get(f.value)
+        if parsed:
+            code = {"date": "date-format", "datetime": "date-format"}.get(f.value, f"{f.value}-format")
+            what = {"date-format": "a date such as 2024-03-31", "integer-format": "a whole number",
+                    "number-format": "a number", "boolean-format": "true or false"}[code]
+            rules.append(_Rule(f.name, code, absent | pl.col(f.name + parsed).is_not_null(), what))
+        if f.maximum is not None and parsed in ("__int", "__num"):
+            value = pl.col(f.name + parsed)
+            rules.append(_Rule(f.name, "maximum", value.is_null() | (value <= f.maximum), f"at most {f.maximum:g}"))
+    rules += _domain_rules(kind, fields, today)
+    return rules
+
+
+def _domain_rules(kind: str, fields: dict[str, CanonicalField], today: dt.date) -> list[_Rule]:
+    rules: list[_Rule] = []
+
+    def date(name: str) -> pl.Expr:
+        return pl.col(f"{name}__date")
+
+    def ok_unless(expr: pl.Expr) -> pl.Expr:
+        return expr.fill_null(False).not_()
+
+    for name in ("occurrence", "patient_birth_date", "recorded"):
+        if name in fields:
+            rules.append(_Rule(name, "future-date", ok_unless(date(name) > pl.lit(today)), f"not after {today}"))
+    if {"occurrence", "expiration_date"} <= fields.keys():
+        rules.append(_Rule("expiration_date", "expiration-before-occurrence",
+                           ok_unless(date("expiration_date") < date("occurrence")),
+                           "not before the administration date"))
+    if {"occurrence", "patient_birth_date"} <= fields.keys():
+        rules.append(_Rule("occurrence", "occurrence-before-birth",
+                           ok_unless(date("occurrence") < date("patient_birth_date")),
+                           "not before the patient's birth date"))
+    if {"dose_number", "series_doses"} <= fields.keys():
+        rules.append(_Rule("dose_number", "dose-number-above-series",
+                           ok_unless(pl.col("dose_number__int") > pl.col("series_doses__int")),
+                           "not above the series doses"))
+    if "record_id" in fields:
+        first = pl.int_range(pl.len()).over("record_id") == 0
+        rules.append(_Rule("record_id", "duplicate-key", pl.col("record_id").is_null() | first,
+                           "appears earlier in the file"))
+    if "patient_id" in fields:
+        for f in fields.values():
+            if f.name.startswith("patient_") and f.name != "patient_id":
+                value = pl.col(f"{f.name}__out") if f.value in ("date", "datetime") else pl.col(f.name)
+                same = value.eq_missing(value.first().over("patient_id"))
+                rules.append(_Rule(f.name, "patient-conflict", pl.col("patient_id").is_null() | same,
+                                   "differs from this patient's earlier row"))
+    return rules
+
+
+def _pandera_check(rule: _Rule) -> pa.Check:
+    def run(data: PolarsData, passes: pl.Expr = rule.passes) -> pl.LazyFrame:
+        return data.lazyframe.select(passes.fill_null(False))
+
+    return pa.Check(run, name=rule.code)
+
+
+def schema_for(kind: str, today: dt.date) -> tuple[pa.DataFrameSchema, dict[tuple[str, str], str]]:
+    """The pandera schema of a prepared frame, and the message of each (field, code)."""
+    rules = _rules(kind, today)
+    checks: dict[str, list[pa.Check]] = {f.name: [] for f in fields_of(kind)}
+    for rule in rules:
+        checks[rule.field].append(_pandera_check(rule))
+    columns = {name: pa.Column(pl.String, nullable=True, checks=cs) for name, cs in checks.items()}
+    return pa.DataFrameSchema(columns, strict=False), {(r.field, r.code): r.message for r in rules}
+
+
+def check(prepared: pl.DataFrame, kind: str, *, today: dt.date) -> pl.DataFrame:
+    """Every rule failure of every row, as a rejects frame."""
+    schema, messages = schema_for(kind, today)
+    try:
+        schema.validate(prepared, lazy=True)
+    except pa.errors.SchemaErrors as exc:
+        cases = pl.DataFrame(exc.failure_cases)
+    else:
+        return pl.DataFrame(schema=REJECT_SCHEMA)
+    unexpected = cases.filter(pl.col("index").is_null())
+    if unexpected.height:
+        # A schema-level failure (a missing column, a wrong dtype) is a bug here, not bad data.
+        raise AssertionError(f"schema-level validation failure: {unexpected.to_dicts()[:3]}")
+    rows = prepared.get_column(ROW)
+    texts = pl.DataFrame(
+        {"field": [k[0] for k in messages], "code": [k[1] for k in messages], "message": list(messages.values())}
+    )
+    return (
+        cases.select(
+            pl.col("index").cast(pl.Int64).map_batches(lambda ix: rows.gather(ix), return_dtype=pl.UInt32).alias(ROW),
+            pl.col("check").alias("code"),
+            pl.col("column").alias("field"),
+        )
+        .join(texts, on=["field", "code"], how="left")
+        .select(ROW, "code", "field", pl.lit(None, dtype=pl.String).alias("value"), "message")
+        .pipe(_conflicts_only_where_cell_valid)
+        .sort(ROW, "field")
+    )
+
+
+def _conflicts_only_where_cell_valid(failures: pl.DataFrame) -> pl.DataFrame:
+    """A cell that breaks its own rule also differs from the patient's other rows; report the rule only."""
+    own = failures.filter(pl.col("code") != "patient-conflict").select(ROW, "field").unique()
+    conflicts = failures.filter(pl.col("code") == "patient-conflict").join(own, on=[ROW, "field"], how="anti")
+    return pl.concat([failures.filter(pl.col("code") != "patient-conflict"), conflicts])
+
+
+def with_source_values(failures: pl.DataFrame, mapped: Mapped) -> pl.DataFrame:
+    """Fill ``value`` with each failing cell as written in the source file."""
+    if failures.is_empty():
+        return failures
+    cells = (
+        mapped.frame.join(failures.select(ROW).unique(), on=ROW, how="semi")
+        .unpivot(index=ROW, variable_name="field", value_name="source_value")
+    )
+    return (
+        failures.join(cells, on=[ROW, "field"], how="left")
+        .with_columns(pl.col("source_value").alias("value"))
+        .select(list(REJECT_SCHEMA))
+    )
+
+
+def _warnings(prepared: pl.DataFrame, kind: str) -> pl.DataFrame:
+    fields = field_map(kind)
+    parts: list[pl.DataFrame] = []
+    if "vaccine_code" in fields:
+        is_cvx = pl.col("vaccine_system").fill_null(CVX_SYSTEM) == CVX_SYSTEM
+        unknown = pl.col("vaccine_code").is_not_null() & is_cvx & ~pl.col("vaccine_code").is_in(list(displays("cvx")))
+        parts.append(_warning_rows(prepared, unknown, "vaccine_code", "unknown-cvx", "not in the CVX table; sent as is"))
+    for name in ("route", "site"):
+        if name in fields:
+            known = pl.col(name).is_in(list(displays(name)))
+            parts.append(_warning_rows(prepared, pl.col(name).is_not_null() & ~known, name, "unmapped-code",
+                                       f"not a known {name} spelling; sent as written"))
+    return pl.concat(parts) if parts else pl.DataFrame(schema=REJECT_SCHEMA)
+
+
+def _warning_rows(prepared: pl.DataFrame, when: pl.Expr, field: str, code: str, message: str) -> pl.DataFrame:
+    return prepared.filter(when).select(
+        pl.col(ROW),
+        pl.lit(code).alias("code"),
+        pl.lit(field).alias("field"),
+        pl.lit(None, dtype=pl.String).alias("value"),
+        pl.lit(message).alias("message"),
+    )

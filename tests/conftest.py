@@ -1,0 +1,32 @@
+"""Shared fixtures: paths, the sample data and a real sandbox server."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "sample_data"
+REFERENCE = ROOT.parent / "shared" / "reference"
+OPENAPI = REFERENCE / "clinikapi-openapi.yaml"
+
+
+@pytest.fixture(scope="session")
+def openapi() -> dict:
+    """The published OpenAPI description, or a skip when it is not beside the checkout."""
+    if not OPENAPI.is_file():
+        pytest.skip(f"{OPENAPI} is absent")
+    import yaml
+
+    return yaml.safe_load(OPENAPI.read_text(encoding="utf-8"))
+
+
+@pytest.fixture()
+def sandbox() -> Iterator[object]:
+    """A fresh sandbox server on loopback, over real sockets."""
+    from etl.sandbox import SandboxConfig, SandboxServer
+
+    with SandboxServer(SandboxConfig()) as server:
+        yield server

@@ -1,0 +1,110 @@
+"""Readers: delimiters, encodings, quoted newlines, Excel, and clear errors."""
+
+from __future__ import annotations
+
+import codecs
+import datetime as dt
+from pathlib import Path
+
+import pytest
+import xlsxwriter
+
+from etl.errors import InputError
+from etl.readers import ROW, read_table, sniff_delimiter
+
+ROWS = "id,zip,cvx,note\nr1,02134,08,\"two\nlines\"\nr2,10003,8,plain\n"
+
+
+@pytest.mark.parametrize("delimiter", [",", ";", "\t", "|"])
+def test_delimiters_are_sniffed(tmp_path: Path, delimiter: str) -> None:
+    path = tmp_path / "f.csv"
+    path.write_text(ROWS.replace(",", delimiter), encoding="utf-8")
+    table = read_table(path)
+    assert table.delimiter == delimiter
+    assert table.columns == ["id", "zip", "cvx", "note"]
+    assert table.frame.get_column("note").to_list() == ["two\nlines", "plain"]
+
+
+def test_text_keeps_leading_zeros_and_rows_are_spreadsheet_numbers(tmp_path: Path) -> None:
+    path = tmp_path / "f.csv"
+    path.write_text(ROWS, encoding="utf-8")
+    frame = read_table(path).frame
+    assert frame.get_column("zip").to_list() == ["02134", "10003"]
+    assert frame.get_column("cvx").to_list() == ["08", "8"]
+    assert frame.get_column(ROW).to_list() == [2, 3]  # header is row 1
+
+
+def test_bom_and_cp1252_fallback(tmp_path: Path) -> None:
+    bom = tmp_path / "bom.csv"
+    bom.write_bytes(codecs.BOM_UTF8 + "name\nZoë\n".encode())
+    table = read_table(bom)
+    assert table.columns == ["name"] and table.notices == []
+    legacy = tmp_path / "legacy.csv"
+    legacy.write_bytes("name;city\nJosé;Málaga\n".encode("cp1252"))
+    table = read_table(legacy)
+    assert table.encoding == "cp1252"
+    assert table.frame.get_column("name").to_list() == ["José"]
+    assert [n.code for n in table.notices] == ["encoding-fallback"]
+
+
+def test_utf16_with_bom(tmp_path: Path) -> None:
+    path = tmp_path / "u16.csv"
+    path.write_bytes("a,b\n1,é\n".encode("utf-16"))
+    assert read_table(path).frame.get_column("b").to_list() == ["é"]
+
+
+@pytest.mark.parametrize(
+    ("content", "needle"),
+    [
+        (b"", "empty"),
+        (b"   \n", "empty"),
+        (b"a,b\n1,2,3\n", "more fields"),
+        (b"a,a\n1,2\n", "duplicate column"),
+        (b"\x00\x01\x02garbage", "binary"),
+    ],
+)
+def test_unreadable_csv_is_a_clear_input_error(tmp_path: Path, content: bytes, needle: str) -> None:
+    path = tmp_path / "bad.csv"
+    path.write_bytes(content)
+    with pytest.raises(InputError) as info:
+        read_table(path)
+    assert needle in str(info.value)
+    assert str(path) in str(info.value)
+
+
+def test_sniff_ignores_delimiters_inside_quotes() -> None:
+    assert sniff_delimiter('"a;b;c",d\n1,2\n') == ","
+
+
+def _workbook(path: Path) -> None:
+    wb = xlsxwriter.Workbook(path)
+    ws = wb.add_worksheet("Vax")
+    ws.write_row(0, 0, ["id", "cvx", "zip", "date"])
+    ws.write_string(1, 0, "r1")
+    ws.write_number(1, 1, 8)
+    ws.write_string(1, 2, "02134")
+    ws.write_datetime(1, 3, dt.datetime(2021, 3, 4), wb.add_format({"num_format": "yyyy-mm-dd"}))
+    ws.write_row(2, 0, ["r2", "20", "10003", "2021-02-30"])
+    wb.add_worksheet("Other").write_row(0, 0, ["x"])
+    wb.close()
+
+
+def test_xlsx_first_sheet_as_text(tmp_path: Path) -> None:
+    path = tmp_path / "f.xlsx"
+    _workbook(path)
+    table = read_table(path)
+    assert table.format == "xlsx" and table.sheet == "Vax"
+    assert table.frame.get_column("cvx").to_list() == ["8", "20"]
+    assert table.frame.get_column("zip").to_list() == ["02134", "10003"]
+    assert table.frame.get_column("date").to_list()[1] == "2021-02-30"
+    assert [n.code for n in table.notices] == ["other-sheets"]
+    assert read_table(path, sheet="Other").columns == ["x"]
+    with pytest.raises(InputError, match="no sheet 'Nope'"):
+        read_table(path, sheet="Nope")
+
+
+def test_not_really_xlsx(tmp_path: Path) -> None:
+    path = tmp_path / "fake.xlsx"
+    path.write_text("a,b\n1,2\n")
+    with pytest.raises(InputError, match="not an Excel workbook"):
+        read_table(path)
