@@ -1,0 +1,122 @@
+"""Validation: the planted bad rows of the sample, and each rule on its own."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from etl.mapping import apply_profile, default_profile
+from etl.readers import ROW, read_table
+from etl.validate import Validation, validate
+
+from .conftest import SAMPLE
+
+TODAY = dt.date(2026, 11, 22)
+
+
+def _validate(path: Path) -> Validation:
+    return validate(apply_profile(read_table(path), default_profile()), today=TODAY)
+
+
+@pytest.mark.parametrize("name", ["registry.csv", "registry.xlsx"])
+def test_exactly_the_planted_rows_are_rejected_with_code_column_and_value(name: str) -> None:
+    result = _validate(SAMPLE / name)
+    planted = pl.read_csv(SAMPLE / "planted.csv", infer_schema=False)
+    sources = result.mapped.sources
+    got = result.rejects.with_columns(pl.col("field").replace_strict(sources, default=pl.col("field")).alias("column"))
+    assert sorted(got.get_column(ROW).unique().to_list()) == sorted(int(r) for r in planted["source_row"])
+    for row in planted.iter_rows(named=True):
+        mine = got.filter(pl.col(ROW) == int(row["source_row"]))
+        assert (row["code"], row["column"]) in set(zip(mine["code"], mine["column"], strict=True)), row
+        assert mine.height == 1, mine.to_dicts()
+        if name.endswith(".csv"):
+            assert (mine["value"][0] or "") == (row["value"] or ""), row
+
+
+def test_planted_warnings_are_warned_not_rejected() -> None:
+    result = _validate(SAMPLE / "registry.csv")
+    planted = pl.read_csv(SAMPLE / "planted_warnings.csv", infer_schema=False)
+    warned = result.warnings.filter(pl.col("code") == "unknown-cvx")
+    assert sorted(warned[ROW].to_list()) == sorted(int(r) for r in planted["source_row"])
+    assert set(warned[ROW].to_list()).isdisjoint(result.rejects[ROW].to_list())
+
+
+HEADER = "Record ID,Patient ID,First Name,Last Name,DOB,CVX,Admin Date"
+GOOD = "R1,P1,Ann,Lee,2015-03-04,08,2021-03-04"
+
+
+def _one(tmp_path: Path, extra_header: str = "", extra: str = "", rows: list[str] | None = None) -> Validation:
+    path = tmp_path / "one.csv"
+    header = HEADER + ("," + extra_header if extra_header else "")
+    body = rows if rows is not None else [GOOD + ("," + extra if extra_header else "")]
+    path.write_text("\n".join([header, *body]) + "\n", encoding="utf-8")
+    return _validate(path)
+
+
+@pytest.mark.parametrize(
+    ("header", "value", "code"),
+    [
+        ("Lot Number", "L" * 100, None),
+        ("Lot Number", "L" * 101, "max-length"),
+        ("Status", "not done", None),
+        ("Status", "given", None),
+        ("Status", "pending", "enum"),
+        ("Sex", "F", None),
+        ("Sex", "X", "enum"),
+        ("Phone", "1" * 20, None),
+        ("Phone", "1" * 21, "max-length"),
+        ("Email", "a@b.example", None),
+        ("Email", "nope", "email-format"),
+        ("Dose Amount", "0.5", None),
+        ("Dose Amount", "nan", "number-format"),
+        ("Dose Number", "2", None),
+        ("Dose Number", "2.5", "integer-format"),
+        ("Target Disease", ";".join(["d"] * 10), None),
+        ("Target Disease", ";".join(["d"] * 11), "max-items"),
+        ("Target Disease", "x" * 200, None),
+        ("Target Disease", "x" * 201, "max-length"),
+        ("Expiration Date", "2021-03-04", None),
+        ("Expiration Date", "2021-03-03", "expiration-before-occurrence"),
+        ("Expiration Date", "03/31/2022", None),
+        ("Expiration Date", "31/03/2022", "date-format"),
+        ("Notes", "n" * 5000, None),
+        ("Notes", "n" * 5001, "max-length"),
+        ("Performer Function", "f" * 201, "max-length"),
+        ("Status Reason", "s" * 501, "max-length"),
+    ],
+)
+def test_single_rule(tmp_path: Path, header: str, value: str, code: str | None) -> None:
+    result = _one(tmp_path, header, f'"{value}"')
+    assert result.rejects["code"].to_list() == ([code] if code else [])
+
+
+def test_dates_and_domain_rules(tmp_path: Path) -> None:
+    rows = [
+        "R1,P1,Ann,Lee,2015-03-04,08,2026-11-22",  # today: fine
+        "R2,P1,Ann,Lee,2015-03-04,08,2026-11-23",  # tomorrow
+        "R3,P2,Bo,Ray,2015-03-04,08,2015-03-03",  # before birth
+        "R4,P3,Cy,Day,2015-03-04,08,2021-03-04T10:30:00+02:00",  # offset: fine
+        "R5,P4,Di,Eve,2015-03-04,,2021-03-04",  # no CVX
+        "R1,P5,Ed,Fox,2015-03-04,08,2021-03-04",  # repeated record id
+        "R6,P1,Ann,Lee,2015-03-05,08,2021-03-04",  # P1 with another birth date
+    ]
+    result = _one(tmp_path, rows=rows)
+    got = {(r[ROW], r["code"], r["field"]) for r in result.rejects.iter_rows(named=True)}
+    assert got == {
+        (3, "future-date", "occurrence"),
+        (4, "occurrence-before-birth", "occurrence"),
+        (6, "required", "vaccine_code"),
+        (7, "duplicate-key", "record_id"),
+        (8, "patient-conflict", "patient_birth_date"),
+    }
+    out = result.prepared.filter(pl.col(ROW) == 5)["occurrence__out"][0]
+    assert out == "2021-03-04T08:30:00Z"
+
+
+def test_every_failure_of_a_row_is_collected(tmp_path: Path) -> None:
+    result = _one(tmp_path, "Lot Number,Status,Sex", f'{"L" * 101},pending,Q')
+    assert sorted(result.rejects["code"].to_list()) == ["enum", "enum", "max-length"]
+    assert result.rejected_rows == 1
