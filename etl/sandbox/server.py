@@ -1,0 +1,187 @@
+"""Running the sandbox: uvicorn in a background thread, or in the foreground.
+
+:class:`SandboxServer` is what tests and the embedded default target use: a
+real HTTP server on loopback, started and stopped around a block.
+:func:`serve_forever` is the CLI's: the same server until SIGINT or SIGTERM.
+
+The sandbox speaks plain HTTP and keeps PHI-shaped data, so it binds only
+loopback addresses unless told otherwise.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable
+from types import FrameType, TracebackType
+from typing import Any
+
+import uvicorn
+
+from etl.errors import UsageError
+from etl.sandbox.app import Sandbox, SandboxConfig, build_app
+
+__all__ = ["SandboxServer", "serve_forever"]
+
+_START_TIMEOUT = 10.0
+_STOP_TIMEOUT = 10.0
+
+
+def _check_loopback(host: str, allow_remote: bool) -> None:
+    if allow_remote or host == "localhost":
+        return
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        raise UsageError(
+            f"refusing to serve the sandbox on {host!r}, which is not a loopback address: "
+            "it speaks plain HTTP (pass allow_remote=True to do it anyway)"
+        )
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    # proto must say TCP: asyncio only sets TCP_NODELAY on sockets that do,
+    # and without it every response waits ~40 ms for a delayed ACK.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+class SandboxServer:
+    """The sandbox served by uvicorn in a daemon thread.
+
+    >>> with SandboxServer() as server:  # doctest: +SKIP
+    ...     httpx.get(server.base_url + "/health")
+
+    ``port=0`` picks a free port; :attr:`base_url` has the real one.
+    """
+
+    def __init__(
+        self,
+        config: SandboxConfig | None = None,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        allow_remote: bool = False,
+    ) -> None:
+        _check_loopback(host, allow_remote)
+        self.config = config or SandboxConfig()
+        self.host = host
+        self.port = port
+        self._sandbox: Sandbox | None = None
+        self._server: Any = None
+        self._thread: threading.Thread | None = None
+        self._socket: socket.socket | None = None
+
+    @property
+    def base_url(self) -> str:
+        """``http://host:port`` of the running server."""
+        if self._socket is None:
+            raise RuntimeError("the sandbox server is not running")
+        port = self._socket.getsockname()[1]
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{port}"
+
+    @property
+    def api_key(self) -> str:
+        """The first configured API key."""
+        return self.config.api_key
+
+    def start(self) -> SandboxServer:
+        """Bind, start serving and wait until requests are accepted."""
+        if self._thread is not None:
+            raise RuntimeError("the sandbox server is already running")
+        try:
+            self._launch()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _launch(self) -> None:
+        self._socket = _bind(self.host, self.port)
+        self._sandbox = Sandbox(self.config)
+        uv_config = uvicorn.Config(
+            build_app(self._sandbox),
+            host=self.host,
+            port=self._socket.getsockname()[1],
+            log_level="warning",
+            access_log=False,
+            lifespan="off",
+            timeout_graceful_shutdown=5,
+        )
+        self._server = uvicorn.Server(uv_config)
+        self._thread = threading.Thread(
+            target=self._server.run, kwargs={"sockets": [self._socket]}, name="clinik-sandbox", daemon=True
+        )
+        self._thread.start()
+        deadline = time.monotonic() + _START_TIMEOUT
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the sandbox server failed to start")
+            time.sleep(0.01)
+
+    def stop(self) -> None:
+        """Stop serving, finish bulk jobs and close the store (idempotent)."""
+        if self._thread is not None:
+            self._server.should_exit = True
+            self._thread.join(_STOP_TIMEOUT)
+            if self._thread.is_alive():
+                self._server.force_exit = True
+                self._thread.join()
+        if self._socket is not None:
+            self._socket.close()
+        if self._sandbox is not None:
+            self._sandbox.close()
+        self._thread = self._server = self._socket = self._sandbox = None
+
+    def __enter__(self) -> SandboxServer:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+
+def serve_forever(
+    config: SandboxConfig | None = None,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    *,
+    allow_remote: bool = False,
+    ready: Callable[[SandboxServer], None] | None = None,
+) -> None:
+    """Serve in the foreground until SIGINT or SIGTERM, then stop cleanly.
+
+    ``ready`` is called once the server accepts requests (to print its URL,
+    say). Must be called from the main thread, which owns signal handling.
+    Returns normally after a signal; the caller picks the exit status.
+    """
+    stopping = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stopping.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with SandboxServer(config, host, port, allow_remote=allow_remote) as server:
+            if ready is not None:
+                ready(server)
+            # A timeout keeps the wait responsive to signals on every platform.
+            while not stopping.wait(0.5):
+                pass
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
