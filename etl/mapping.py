@@ -143,9 +143,9 @@ def apply_profile(table: Table, profile: Profile) -> Mapped:
             for name in (f.name, *f.aliases):
                 lookup.setdefault(normalise_header(name), f.name)
         for header in table.columns:
-            canonical = lookup.get(normalise_header(header))
-            if canonical and canonical not in sources and header not in sources.values():
-                sources[canonical] = header
+            match = lookup.get(normalise_header(header))
+            if match and match not in sources and header not in sources.values():
+                sources[match] = header
     missing = [
         f.name for f in fields.values() if f.required and f.name not in sources and f.name not in profile.defaults
     ]
@@ -158,15 +158,10 @@ def apply_profile(table: Table, profile: Profile) -> Mapped:
         )
     frame = table.frame.select(
         pl.col(ROW),
-        *[
-            (pl.col(sources[name]) if name in sources else pl.lit(None, dtype=pl.String)).alias(name)
-            for name in fields
-        ],
+        *[(pl.col(sources[name]) if name in sources else pl.lit(None, dtype=pl.String)).alias(name) for name in fields],
     )
     used = set(sources.values())
     unmapped = [c for c in table.columns if c not in used]
     if unmapped:
-        table.notices.append(
-            Notice("unmapped-columns", f"not imported: {', '.join(unmapped)}", str(table.path), row=1)
-        )
+        table.notices.append(Notice("unmapped-columns", f"not imported: {', '.join(unmapped)}", str(table.path), row=1))
     return Mapped(table, profile, frame, sources, unmapped)

@@ -98,7 +98,7 @@ def _decode_choice(path: Path, head: bytes) -> tuple[str, list[Notice]]:
     """The encoding to read with: UTF-8 (with or without BOM), UTF-16 with BOM, else cp1252."""
     if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
         return "utf-16", []
-    if _OLE_MAGIC == head[:4]:
+    if head[:4] == _OLE_MAGIC:
         raise InputError(str(path), "this is a legacy .xls or an encrypted workbook; save it as .xlsx or CSV")
     if b"\x00" in head:
         raise InputError(str(path), "this looks like a binary file, not a CSV")

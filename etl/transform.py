@@ -49,11 +49,7 @@ def one_of(item: pl.Expr) -> pl.Expr:
 
 def json_body(struct: pl.Expr) -> pl.Expr:
     """Encode a struct as compact JSON without its null members."""
-    return (
-        struct.struct.json_encode()
-        .str.replace_all(_NULL_PAIR_FIRST, "")
-        .str.replace_all(_NULL_PAIR_LAST, "")
-    )
+    return struct.struct.json_encode().str.replace_all(_NULL_PAIR_FIRST, "").str.replace_all(_NULL_PAIR_LAST, "")
 
 
 def sha256_hex(expr: pl.Expr) -> pl.Expr:

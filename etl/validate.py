@@ -38,7 +38,7 @@ _TRUE = ("true", "yes", "y", "1", "t")
 _FALSE = ("false", "no", "n", "0", "f")
 _GENDER = {"m": "male", "f": "female", "u": "unknown", "o": "other", "unk": "unknown"}
 _STATUS = {"complete": "completed", "given": "completed", "administered": "completed", "not-given": "not-done"}
-_EXCEL_EPOCH = dt.datetime(1899, 12, 30)  # noqa: DTZ001 - Excel serials are naive
+_EXCEL_EPOCH = dt.datetime(1899, 12, 30)
 
 
 @dataclass
@@ -201,26 +201,53 @@ def _rules(kind: str, today: dt.date) -> list[_Rule]:
         if f.value == "list":
             items = pl.col(f"{f.name}__list")
             if f.max_items is not None:
-                rules.append(_Rule(f.name, "max-items", items.is_null() | (items.list.len() <= f.max_items),
-                                   f"at most {f.max_items} items"))
+                rules.append(
+                    _Rule(
+                        f.name,
+                        "max-items",
+                        items.is_null() | (items.list.len() <= f.max_items),
+                        f"at most {f.max_items} items",
+                    )
+                )
             if f.max_length is not None:
                 longest = items.list.eval(pl.element().str.len_chars()).list.max()
-                rules.append(_Rule(f.name, "max-length", items.is_null() | (longest <= f.max_length),
-                                   f"each item at most {f.max_length} characters"))
+                rules.append(
+                    _Rule(
+                        f.name,
+                        "max-length",
+                        items.is_null() | (longest <= f.max_length),
+                        f"each item at most {f.max_length} characters",
+                    )
+                )
         elif f.max_length is not None:
-            rules.append(_Rule(f.name, "max-length", absent | (c.str.len_chars() <= f.max_length),
-                               f"at most {f.max_length} characters"))
+            rules.append(
+                _Rule(
+                    f.name,
+                    "max-length",
+                    absent | (c.str.len_chars() <= f.max_length),
+                    f"at most {f.max_length} characters",
+                )
+            )
         if f.enum:
             rules.append(_Rule(f.name, "enum", absent | c.is_in(f.enum), f"one of {', '.join(f.enum)}"))
         spec = f.spec
         if spec is not None and spec.format == "email":
             rules.append(_Rule(f.name, "email-format", absent | c.str.contains(_EMAIL), "an e-mail address"))
-        parsed = {"date": "__date", "datetime": "__date", "integer": "__int", "number": "__num",
-                  "boolean": "__bool"}.get(f.value)
+        parsed = {
+            "date": "__date",
+            "datetime": "__date",
+            "integer": "__int",
+            "number": "__num",
+            "boolean": "__bool",
+        }.get(f.value)
         if parsed:
             code = {"date": "date-format", "datetime": "date-format"}.get(f.value, f"{f.value}-format")
-            what = {"date-format": "a date such as 2024-03-31", "integer-format": "a whole number",
-                    "number-format": "a number", "boolean-format": "true or false"}[code]
+            what = {
+                "date-format": "a date such as 2024-03-31",
+                "integer-format": "a whole number",
+                "number-format": "a number",
+                "boolean-format": "true or false",
+            }[code]
             rules.append(_Rule(f.name, code, absent | pl.col(f.name + parsed).is_not_null(), what))
         if f.maximum is not None and parsed in ("__int", "__num"):
             value = pl.col(f.name + parsed)
@@ -242,28 +269,50 @@ def _domain_rules(kind: str, fields: dict[str, CanonicalField], today: dt.date) 
         if name in fields:
             rules.append(_Rule(name, "future-date", ok_unless(date(name) > pl.lit(today)), f"not after {today}"))
     if {"occurrence", "expiration_date"} <= fields.keys():
-        rules.append(_Rule("expiration_date", "expiration-before-occurrence",
-                           ok_unless(date("expiration_date") < date("occurrence")),
-                           "not before the administration date"))
+        rules.append(
+            _Rule(
+                "expiration_date",
+                "expiration-before-occurrence",
+                ok_unless(date("expiration_date") < date("occurrence")),
+                "not before the administration date",
+            )
+        )
     if {"occurrence", "patient_birth_date"} <= fields.keys():
-        rules.append(_Rule("occurrence", "occurrence-before-birth",
-                           ok_unless(date("occurrence") < date("patient_birth_date")),
-                           "not before the patient's birth date"))
+        rules.append(
+            _Rule(
+                "occurrence",
+                "occurrence-before-birth",
+                ok_unless(date("occurrence") < date("patient_birth_date")),
+                "not before the patient's birth date",
+            )
+        )
     if {"dose_number", "series_doses"} <= fields.keys():
-        rules.append(_Rule("dose_number", "dose-number-above-series",
-                           ok_unless(pl.col("dose_number__int") > pl.col("series_doses__int")),
-                           "not above the series doses"))
+        rules.append(
+            _Rule(
+                "dose_number",
+                "dose-number-above-series",
+                ok_unless(pl.col("dose_number__int") > pl.col("series_doses__int")),
+                "not above the series doses",
+            )
+        )
     if "record_id" in fields:
         first = pl.int_range(pl.len()).over("record_id") == 0
-        rules.append(_Rule("record_id", "duplicate-key", pl.col("record_id").is_null() | first,
-                           "appears earlier in the file"))
+        rules.append(
+            _Rule("record_id", "duplicate-key", pl.col("record_id").is_null() | first, "appears earlier in the file")
+        )
     if "patient_id" in fields:
         for f in fields.values():
             if f.name.startswith("patient_") and f.name != "patient_id":
                 value = pl.col(f"{f.name}__out") if f.value in ("date", "datetime") else pl.col(f.name)
                 same = value.eq_missing(value.first().over("patient_id"))
-                rules.append(_Rule(f.name, "patient-conflict", pl.col("patient_id").is_null() | same,
-                                   "differs from this patient's earlier row"))
+                rules.append(
+                    _Rule(
+                        f.name,
+                        "patient-conflict",
+                        pl.col("patient_id").is_null() | same,
+                        "differs from this patient's earlier row",
+                    )
+                )
     return rules
 
 
@@ -325,9 +374,8 @@ def with_source_values(failures: pl.DataFrame, mapped: Mapped) -> pl.DataFrame:
     """Fill ``value`` with each failing cell as written in the source file."""
     if failures.is_empty():
         return failures
-    cells = (
-        mapped.frame.join(failures.select(ROW).unique(), on=ROW, how="semi")
-        .unpivot(index=ROW, variable_name="field", value_name="source_value")
+    cells = mapped.frame.join(failures.select(ROW).unique(), on=ROW, how="semi").unpivot(
+        index=ROW, variable_name="field", value_name="source_value"
     )
     return (
         failures.join(cells, on=[ROW, "field"], how="left")
@@ -342,12 +390,21 @@ def _warnings(prepared: pl.DataFrame, kind: str) -> pl.DataFrame:
     if "vaccine_code" in fields:
         is_cvx = pl.col("vaccine_system").fill_null(CVX_SYSTEM) == CVX_SYSTEM
         unknown = pl.col("vaccine_code").is_not_null() & is_cvx & ~pl.col("vaccine_code").is_in(list(displays("cvx")))
-        parts.append(_warning_rows(prepared, unknown, "vaccine_code", "unknown-cvx", "not in the CVX table; sent as is"))
+        parts.append(
+            _warning_rows(prepared, unknown, "vaccine_code", "unknown-cvx", "not in the CVX table; sent as is")
+        )
     for name in ("route", "site"):
         if name in fields:
             known = pl.col(name).is_in(list(displays(name)))
-            parts.append(_warning_rows(prepared, pl.col(name).is_not_null() & ~known, name, "unmapped-code",
-                                       f"not a known {name} spelling; sent as written"))
+            parts.append(
+                _warning_rows(
+                    prepared,
+                    pl.col(name).is_not_null() & ~known,
+                    name,
+                    "unmapped-code",
+                    f"not a known {name} spelling; sent as written",
+                )
+            )
     return pl.concat(parts) if parts else pl.DataFrame(schema=REJECT_SCHEMA)
 
 

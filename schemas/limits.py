@@ -56,9 +56,9 @@ def B() -> Spec:  # noqa: N802
     return Spec("boolean")
 
 
-def O(required: bool = False, **properties: Spec) -> Spec:  # noqa: E743, N802
-    """An object with these properties."""
-    return Spec("object", required=required, properties=properties)
+def O(**properties: Spec) -> Spec:  # noqa: E743, N802
+    """An object with these properties (never itself required in these schemas)."""
+    return Spec("object", properties=properties)
 
 
 def A(items: Spec, *, max_items: int | None = None, min_items: int | None = None, required: bool = False) -> Spec:  # noqa: N802
@@ -240,15 +240,31 @@ TASK = O(
     status=S(
         required=True,
         enum=(
-            "draft", "requested", "received", "accepted", "rejected", "ready",
-            "cancelled", "in-progress", "on-hold", "failed", "completed",
+            "draft",
+            "requested",
+            "received",
+            "accepted",
+            "rejected",
+            "ready",
+            "cancelled",
+            "in-progress",
+            "on-hold",
+            "failed",
+            "completed",
         ),
     ),
     intent=S(
         required=True,
         enum=(
-            "unknown", "proposal", "plan", "order", "original-order", "reflex-order",
-            "filler-order", "instance-order", "option",
+            "unknown",
+            "proposal",
+            "plan",
+            "order",
+            "original-order",
+            "reflex-order",
+            "filler-order",
+            "instance-order",
+            "option",
         ),
     ),
     statusReason=S(500),

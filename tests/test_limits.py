@@ -34,8 +34,13 @@ def _compare(schema: str, path: str, spec: Spec, node: dict[str, Any], doc: dict
     expected_type = node.get("type")
     if expected_type != spec.type:
         diffs.append(f"{schema}.{path}: type {expected_type} != {spec.type}")
-    for key, ours in (("maxLength", spec.max_length), ("maxItems", spec.max_items), ("minItems", spec.min_items),
-                      ("maximum", spec.maximum), ("format", spec.format)):
+    for key, ours in (
+        ("maxLength", spec.max_length),
+        ("maxItems", spec.max_items),
+        ("minItems", spec.min_items),
+        ("maximum", spec.maximum),
+        ("format", spec.format),
+    ):
         if node.get(key) != ours:
             diffs.append(f"{schema}.{path}: {key} {node.get(key)} != {ours}")
     published_enum = tuple(node["enum"]) if "enum" in node else None
@@ -48,8 +53,9 @@ def _compare(schema: str, path: str, spec: Spec, node: dict[str, Any], doc: dict
         _compare(schema, path + "[]", spec.items, node["items"], doc, diffs)
 
 
-def _compare_object(schema: str, path: str, spec: Spec, node: dict[str, Any], doc: dict[str, Any],
-                    diffs: list[str]) -> None:
+def _compare_object(
+    schema: str, path: str, spec: Spec, node: dict[str, Any], doc: dict[str, Any], diffs: list[str]
+) -> None:
     props = node.get("properties", {})
     if set(props) != set(spec.properties):
         diffs.append(f"{schema}.{path}: properties differ: {sorted(set(props) ^ set(spec.properties))}")
@@ -75,7 +81,9 @@ def test_prose_only_limits_are_really_absent_from_openapi(openapi: dict[str, Any
 
 def test_spec_at_and_walk_agree() -> None:
     paths = dict(walk(CREATE_SCHEMAS["ImmunizationCreate"]))
-    assert paths["protocolApplied[].targetDisease[]"] is spec_at("ImmunizationCreate", "protocolApplied[].targetDisease[]")
+    assert paths["protocolApplied[].targetDisease[]"] is spec_at(
+        "ImmunizationCreate", "protocolApplied[].targetDisease[]"
+    )
     assert spec_at("ImmunizationCreate", "lotNumber").max_length == 100
     assert spec_at("DocumentCreate", "sections").min_items == 1
 

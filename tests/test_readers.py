@@ -12,7 +12,7 @@ import xlsxwriter
 from etl.errors import InputError
 from etl.readers import ROW, read_table, sniff_delimiter
 
-ROWS = "id,zip,cvx,note\nr1,02134,08,\"two\nlines\"\nr2,10003,8,plain\n"
+ROWS = 'id,zip,cvx,note\nr1,02134,08,"two\nlines"\nr2,10003,8,plain\n'
 
 
 @pytest.mark.parametrize("delimiter", [",", ";", "\t", "|"])

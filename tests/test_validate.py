@@ -117,6 +117,6 @@ def test_dates_and_domain_rules(tmp_path: Path) -> None:
 
 
 def test_every_failure_of_a_row_is_collected(tmp_path: Path) -> None:
-    result = _one(tmp_path, "Lot Number,Status,Sex", f'{"L" * 101},pending,Q')
+    result = _one(tmp_path, "Lot Number,Status,Sex", f"{'L' * 101},pending,Q")
     assert sorted(result.rejects["code"].to_list()) == ["enum", "enum", "max-length"]
     assert result.rejected_rows == 1

@@ -1,0 +1,136 @@
+"""The reconciliation report: every input row in exactly one final state.
+
+A report folder holds:
+
+- ``summary.json``: run id, inputs (path, sha256, rows), target, dry-run
+  flag, ``rows_total``, ``states`` (count per final state, summing to
+  ``rows_total``), the same per kind, the patients created or reused,
+  timings and the achieved request rate;
+- ``rows.csv``: one line per input row (``source_file, source_row, kind,
+  source_key, state, resource_id, patient_id, error_code, field, message``);
+- ``rejects.csv``: the rejected rows with their original columns and the
+  reasons, so a user can fix just those rows and import them again;
+- ``payloads.ndjson`` in a dry run: one line per request it would send.
+
+Reports hold PHI: the folder and its files are created readable by the owner
+only, and cells that a spreadsheet would run as a formula are neutralised.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+__all__ = ["FINAL_STATES", "ROW_COLUMNS", "RunReport", "neutralise", "write_report"]
+
+FINAL_STATES = ("created", "skipped", "rejected", "failed", "unknown", "planned")
+ROW_COLUMNS = (
+    "source_file",
+    "source_row",
+    "kind",
+    "source_key",
+    "state",
+    "resource_id",
+    "patient_id",
+    "error_code",
+    "field",
+    "message",
+)
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+@dataclass
+class RunReport:
+    """What a validate or load run did, row by row."""
+
+    run_id: str
+    rows: pl.DataFrame  # ROW_COLUMNS, one line per input row
+    summary: dict[str, Any]
+    folder: Path | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def rows_total(self) -> int:
+        """How many input rows the run accounted for."""
+        return int(self.summary["rows_total"])
+
+    @property
+    def states(self) -> dict[str, int]:
+        """Final state -> row count."""
+        return dict(self.summary["states"])
+
+    def exit_code(self) -> int:
+        """The CLI exit code this run earns (see ``etl.errors.ExitCode``)."""
+        from etl.errors import ExitCode
+
+        if self.summary.get("aborted"):
+            return ExitCode.API
+        states = self.states
+        if states.get("failed") or states.get("unknown"):
+            return ExitCode.FAILED
+        if states.get("rejected"):
+            return ExitCode.REJECTED
+        return ExitCode.OK
+
+
+def neutralise(frame: pl.DataFrame) -> pl.DataFrame:
+    """Prefix text cells that a spreadsheet would evaluate (``=``, ``+``, ``-``, ``@``) with a quote."""
+
+    def safe(name: str) -> pl.Expr:
+        col = pl.col(name)
+        risky = pl.any_horizontal(col.str.starts_with(start) for start in _FORMULA_START)
+        return pl.when(risky).then(pl.lit("'") + col).otherwise(col).alias(name)
+
+    return frame.with_columns(safe(name) for name, dtype in frame.schema.items() if dtype == pl.String)
+
+
+def _private_dir(path: Path) -> None:
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(path, 0o700)
+
+
+def _private_file(path: Path) -> Path:
+    """Create (or truncate) a file that only its owner can read."""
+    fd = os.open(path, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600)
+    os.close(fd)
+    os.chmod(path, 0o600)
+    return path
+
+
+def write_report(
+    report: RunReport,
+    folder: Path,
+    *,
+    rejects: Mapping[str, pl.DataFrame] | None = None,
+) -> Path:
+    """Write ``summary.json``, ``rows.csv`` and ``rejects.csv`` into ``folder``."""
+    _private_dir(folder)
+    report.folder = folder
+    report.rows.select(ROW_COLUMNS).pipe(neutralise).write_csv(_private_file(folder / "rows.csv"))
+    frames = [f for f in (rejects or {}).values() if f.height]
+    if frames:
+        combined = pl.concat(frames, how="diagonal_relaxed")
+    else:
+        combined = pl.DataFrame(schema={"source_file": pl.String, "source_row": pl.UInt32, "reasons": pl.String})
+    combined.pipe(neutralise).write_csv(_private_file(folder / "rejects.csv"))
+    report.summary["report_dir"] = str(folder)
+    with _private_file(folder / "summary.json").open("w", encoding="utf-8") as fh:
+        json.dump(report.summary, fh, indent=2, sort_keys=False)
+        fh.write("\n")
+    return folder
+
+
+def count_states(rows: pl.DataFrame) -> tuple[dict[str, int], dict[str, dict[str, int]]]:
+    """(state -> count, kind -> state -> count), with every final state present."""
+    overall = {s: 0 for s in FINAL_STATES}
+    per_kind: dict[str, dict[str, int]] = {}
+    for kind, state, n in rows.group_by("kind", "state").len().sort("kind", "state").iter_rows():
+        overall[state] += n
+        per_kind.setdefault(kind, {s: 0 for s in FINAL_STATES})[state] = n
+    return overall, per_kind

@@ -1,0 +1,92 @@
+"""The CLI: help everywhere, README in step with --help, clear errors and exit codes."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import click
+import pytest
+from click.testing import CliRunner
+
+import etl
+from etl.cli import main
+
+from .conftest import ROOT, SAMPLE
+
+
+def test_public_namespace_is_complete() -> None:
+    for name in etl.__all__:
+        assert getattr(etl, name) is not None
+    public = {n for n in vars(etl) if not n.startswith("_") and (n[0].isupper() or n.endswith("_files"))}
+    assert public <= set(etl.__all__)
+
+
+def test_every_command_has_help() -> None:
+    assert main.help
+    for name, command in main.commands.items():
+        assert command.help, name
+        for param in command.params:
+            if isinstance(param, click.Option):
+                assert param.help, f"{name} {param.opts}"
+
+
+def test_readme_options_exist_in_help() -> None:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    runner = CliRunner()
+    for name, command in main.commands.items():
+        block = re.search(rf"clinik-etl {name} (.*?)(?=\nclinik-etl |\n```)", readme, re.S)
+        assert block, f"README shows no synopsis for {name}"
+        documented = set(re.findall(r"--[a-z][a-z-]+", block.group(1)))
+        result = runner.invoke(main, [name, "--help"])
+        assert result.exit_code == 0
+        offered = {o for p in command.params for o in p.opts if o.startswith("--")}
+        assert all(o in result.output for o in offered)
+        assert documented == offered, (name, documented ^ offered)
+
+
+def test_bad_input_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.csv"
+    bad.write_text("a,b\n1,2,3\n", encoding="utf-8")
+    result = CliRunner().invoke(main, ["validate", str(bad), "--report-dir", str(tmp_path / "r")])
+    assert result.exit_code == 2
+    assert "Traceback" not in result.output
+    assert str(bad) in result.output
+    missing = CliRunner().invoke(main, ["validate", str(tmp_path / "nope.csv")])
+    assert missing.exit_code == 2 and "no such file" in missing.output
+
+
+def test_a_file_without_required_columns_names_them(tmp_path: Path) -> None:
+    path = tmp_path / "odd.csv"
+    path.write_text("foo,bar\n1,2\n", encoding="utf-8")
+    result = CliRunner().invoke(main, ["validate", str(path)])
+    assert result.exit_code == 2
+    assert "patient_id" in result.output and "vaccine_code" in result.output
+
+
+@pytest.mark.parametrize(("args", "code"), [(["validate"], 1), (["load", "--dry-run"], 1)])
+def test_sample_exit_codes(tmp_path: Path, args: list[str], code: int) -> None:
+    result = CliRunner().invoke(
+        main, [*args, str(SAMPLE / "registry.csv"), "--report-dir", str(tmp_path / "r")], catch_exceptions=False
+    )
+    assert result.exit_code == code, result.output
+    assert "report:" in result.output and "28 rejected" in result.output
+
+
+def test_profile_maps_odd_headers(tmp_path: Path) -> None:
+    data = tmp_path / "odd.csv"
+    data.write_text("Vax Event,Pt MRN,Given,Family,Vx,When\nE1,M1,Ann,Lee,08,2021-03-04\n", encoding="utf-8")
+    profile = tmp_path / "odd.toml"
+    profile.write_text(
+        '[columns]\n"Vax Event" = "record_id"\n"Pt MRN" = "patient_id"\n"Given" = "patient_first_name"\n'
+        '"Family" = "patient_last_name"\n"Vx" = "vaccine_code"\n"When" = "occurrence"\n',
+        encoding="utf-8",
+    )
+    result = CliRunner().invoke(
+        main, ["validate", str(data), "--profile", str(profile), "--report-dir", str(tmp_path / "r")]
+    )
+    assert result.exit_code == 0, result.output
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[columns]\n"Vx" = "vaccine_kode"\n', encoding="utf-8")
+    result = CliRunner().invoke(main, ["validate", str(data), "--profile", str(bad)])
+    assert result.exit_code == 2 and "vaccine_kode" in result.output
