@@ -24,7 +24,7 @@ import uvicorn
 from etl.errors import UsageError
 from etl.sandbox.app import Sandbox, SandboxConfig, build_app
 
-__all__ = ["SandboxServer", "serve_forever"]
+__all__ = ["SandboxServer", "announce", "serve_forever"]
 
 _START_TIMEOUT = 10.0
 _STOP_TIMEOUT = 10.0
@@ -155,6 +155,12 @@ class SandboxServer:
         self.stop()
 
 
+def announce(server: SandboxServer) -> None:
+    """Print where a foreground sandbox listens and the key to use with it."""
+    print(f"ClinikAPI sandbox listening on {server.base_url} (Ctrl+C to stop)", flush=True)
+    print(f"API key: {server.api_key}", flush=True)
+
+
 def serve_forever(
     config: SandboxConfig | None = None,
     host: str = "127.0.0.1",
@@ -165,9 +171,11 @@ def serve_forever(
 ) -> None:
     """Serve in the foreground until SIGINT or SIGTERM, then stop cleanly.
 
-    ``ready`` is called once the server accepts requests (to print its URL,
-    say). Must be called from the main thread, which owns signal handling.
-    Returns normally after a signal; the caller picks the exit status.
+    ``ready`` is called once the server accepts requests; by default it
+    prints the base URL and the first key to stdout, since an operator who
+    starts a sandbox needs both to point ``load --base-url`` at it. Must be
+    called from the main thread, which owns signal handling. Returns normally
+    after a signal; the caller picks the exit status.
     """
     stopping = threading.Event()
 
@@ -177,8 +185,7 @@ def serve_forever(
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         with SandboxServer(config, host, port, allow_remote=allow_remote) as server:
-            if ready is not None:
-                ready(server)
+            (ready or announce)(server)
             # A timeout keeps the wait responsive to signals on every platform.
             while not stopping.wait(0.5):
                 pass

@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import signal
+import threading
 import time
 from collections.abc import Iterator, MutableMapping
 from contextlib import contextmanager
@@ -474,6 +476,20 @@ def test_serve_forever_stops_on_sigterm() -> None:
     serve_forever(SandboxConfig(), ready=ready)
     assert seen == [200]
     assert signal.getsignal(signal.SIGTERM) == previous
+
+
+def test_serve_forever_announces_url_and_key_then_stops_on_sigint(capsys: pytest.CaptureFixture[str]) -> None:
+    config = SandboxConfig()
+    interrupt = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT))
+    interrupt.start()
+    try:
+        serve_forever(config)  # returns instead of raising KeyboardInterrupt
+    finally:
+        interrupt.cancel()
+        interrupt.join()
+    out = capsys.readouterr().out
+    assert "http://127.0.0.1:" in out
+    assert config.api_key in out
 
 
 # -- bulk import --------------------------------------------------------------
