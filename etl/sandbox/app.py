@@ -9,9 +9,10 @@ The request path, outside in::
     ExceptionMiddleware   ApiProblemError / HTTPException -> the API's error body
     Router -> ResourceApi / BulkApi handlers -> Store
 
-Fault injection (dropped connections, 5xx, latency) belongs in a middleware
-placed next to :class:`ApiGate` in :func:`build_app`; it sees every
-authenticated request and can act before or after the handler.
+Fault injection (5xx, dropped connections, late answers) is
+:class:`etl.sandbox.faults.FaultGate`, placed right inside :class:`ApiGate`
+in :func:`build_app`: it sees every admitted request and acts before or
+after the handler. Search lag is :class:`etl.sandbox.faults.LaggingStore`.
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Lifespan, Message, Receive, Scope, Send
 
 from etl.errors import UsageError
+from etl.sandbox.faults import FaultGate, FaultPlan, LaggingStore, check_fault_settings
+from etl.sandbox.redox import RedoxGate, check_redox_tokens, new_redox_token
 from etl.sandbox.store import Store
 from schemas.limits import (
     BULK_MAX_DATA_BYTES,
@@ -94,6 +97,12 @@ class SandboxConfig:
     ``clk_test_`` key with every scope. ``rate_limit`` requests are allowed
     per key per ``window`` seconds; None means unlimited (the rate-limit
     headers are still sent, announcing :data:`NOMINAL_LIMIT`).
+
+    Faults (see :mod:`etl.sandbox.faults`): ``fail_rate``, ``drop_rate`` and
+    ``slow_rate`` are shares of admitted writes answered 5xx without writing,
+    written then cut off without an answer, and written then answered after
+    ``slow_seconds``; ``seed`` makes the draws repeatable (None: a fresh one);
+    ``search_lag`` hides new resources from search for that many seconds.
     """
 
     db_path: str | None = None
@@ -101,6 +110,16 @@ class SandboxConfig:
     api_keys: Mapping[str, str] = field(default_factory=_one_fresh_key, repr=False)
     rate_limit: int | None = None
     window: float = 3600.0
+    fail_rate: float = 0.0
+    drop_rate: float = 0.0
+    slow_rate: float = 0.0
+    slow_seconds: float = 35.0  # past the client's usual 30 s timeout
+    seed: int | None = None
+    search_lag: float = 0.0
+    # Bulk imports allowed per key an hour: the documented 5; benchmarks and scale tests raise it.
+    bulk_operations_per_hour: int = BULK_OPERATIONS_PER_HOUR
+    # Bearer tokens of the Redox route (etl.sandbox.redox); default: one fresh token.
+    redox_tokens: tuple[str, ...] = field(default_factory=lambda: (new_redox_token(),), repr=False)
 
     def __post_init__(self) -> None:
         if not self.api_keys:
@@ -114,8 +133,17 @@ class SandboxConfig:
             raise UsageError("rate_limit must be at least 1, or None for no limit")
         if not self.window > 0:
             raise UsageError("window must be a positive number of seconds")
+        check_fault_settings(
+            fail_rate=self.fail_rate,
+            drop_rate=self.drop_rate,
+            slow_rate=self.slow_rate,
+            slow_seconds=self.slow_seconds,
+            search_lag=self.search_lag,
+        )
         # A frozen config should not change through the caller's dict.
         object.__setattr__(self, "api_keys", MappingProxyType(dict(self.api_keys)))
+        object.__setattr__(self, "redox_tokens", tuple(self.redox_tokens))
+        check_redox_tokens(self.redox_tokens)
 
     @property
     def api_key(self) -> str:
@@ -685,7 +713,7 @@ class BulkApi:
             raise ApiProblemError(
                 429,
                 "RATE_LIMITED",
-                f"At most {BULK_OPERATIONS_PER_HOUR} bulk operations an hour",
+                f"At most {self.sandbox.config.bulk_operations_per_hour} bulk operations an hour",
                 headers={"Retry-After": str(allowance.reset)},
             )
         # The docs: each record still counts as one request against the plan.
@@ -760,9 +788,10 @@ class Sandbox:
 
     def __init__(self, config: SandboxConfig) -> None:
         self.config = config
-        self.store = Store(config.db_path)
+        self.store = LaggingStore(config.db_path, config.search_lag) if config.search_lag else Store(config.db_path)
+        self.faults = FaultPlan.from_config(config)
         self.limiter = FixedWindow(config.rate_limit, config.window)
-        self.bulk_window = FixedWindow(BULK_OPERATIONS_PER_HOUR, _BULK_WINDOW)
+        self.bulk_window = FixedWindow(config.bulk_operations_per_hour, _BULK_WINDOW)
         self.jobs = BulkJobs(self.store)
 
     def close(self) -> None:
@@ -798,7 +827,12 @@ def build_app(sandbox: Sandbox, lifespan: Lifespan[Starlette] | None = None) -> 
     ]
     app = Starlette(
         routes=routes,
-        middleware=[Middleware(ApiGate, sandbox=sandbox)],
+        # RedoxGate first: its FHIR paths authenticate with a bearer token, not an x-api-key.
+        middleware=[
+            Middleware(RedoxGate, sandbox=sandbox),
+            Middleware(ApiGate, sandbox=sandbox),
+            Middleware(FaultGate, plan=sandbox.faults),
+        ],
         exception_handlers={ApiProblemError: _on_problem, HTTPException: _on_http_error},
         lifespan=lifespan,
     )

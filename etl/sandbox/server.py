@@ -98,6 +98,13 @@ class SandboxServer:
         """The first configured API key."""
         return self.config.api_key
 
+    @property
+    def sandbox(self) -> Sandbox:
+        """The running sandbox: its store and its fault plan."""
+        if self._sandbox is None:
+            raise RuntimeError("the sandbox server is not running")
+        return self._sandbox
+
     def start(self) -> SandboxServer:
         """Bind, start serving and wait until requests are accepted."""
         if self._thread is not None:
@@ -159,6 +166,12 @@ def announce(server: SandboxServer) -> None:
     """Print where a foreground sandbox listens and the key to use with it."""
     print(f"ClinikAPI sandbox listening on {server.base_url} (Ctrl+C to stop)", flush=True)
     print(f"API key: {server.api_key}", flush=True)
+    print(f"Redox bearer token (load --target redox): {server.config.redox_tokens[0]}", flush=True)
+    faults = server.sandbox.faults
+    if faults.active:
+        print(faults.describe(), flush=True)
+    if server.config.search_lag:
+        print(f"search shows new resources after {server.config.search_lag:g} s", flush=True)
 
 
 def serve_forever(

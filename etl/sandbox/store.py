@@ -15,10 +15,11 @@ share one connection.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import tempfile
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -146,9 +147,10 @@ class Store:
         self._lock = threading.RLock()
         self._closed = False
         try:
+            _create_private(path)
             # Autocommit: each statement is its own transaction unless we BEGIN.
             self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, OSError) as exc:
             self._discard_tmpdir()
             raise UsageError(f"cannot open the sandbox database {path}: {exc}") from exc
         try:
@@ -224,12 +226,19 @@ class Store:
             cur = self._db.execute("DELETE FROM resources WHERE id = ? AND route = ?", (rid, route))
         return cur.rowcount > 0
 
-    def search(self, route: str, params: Mapping[str, str], *, after: int = 0, limit: int = 20) -> Page:
+    def search(
+        self, route: str, params: Mapping[str, str], *, after: int = 0, limit: int = 20, hidden: Collection[str] = ()
+    ) -> Page:
         """Resources of ``route`` matching the known filters in ``params``
-        (others are ignored), in creation order, ``limit`` of them after ``seq``."""
+        (others are ignored), in creation order, ``limit`` of them after ``seq``,
+        leaving out the ids in ``hidden``."""
         known = FILTERS.get(route, {})
         where = ["route = ?", *(known[name] for name in params if name in known)]
         args: list[object] = [route, *(value for name, value in params.items() if name in known)]
+        if hidden:
+            # One JSON array, not a placeholder per id: no bound-parameter limit.
+            where.append("id NOT IN (SELECT value FROM json_each(?))")
+            args.append(json.dumps(sorted(hidden)))
         clause = " AND ".join(where)
         with self._lock:
             (total,) = self._db.execute(f"SELECT count(*) FROM resources WHERE {clause}", args).fetchone()  # noqa: S608
@@ -253,6 +262,15 @@ class Store:
         with self._lock:
             row = self._db.execute("SELECT body FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return None if row is None else _loads(row[0])
+
+
+def _create_private(path: str) -> None:
+    """Create the database file owner-only (0600) if it is new: it holds
+    PHI-shaped data, and SQLite would create it 0644 (its WAL files follow
+    the database file's mode)."""
+    if path == ":memory:" or path.startswith("file:") or Path(path).exists():
+        return
+    os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
 
 
 def _loads(text: str) -> dict[str, Any]:
