@@ -3,14 +3,32 @@
 Every column is read as text, so ``08`` (a CVX code) and ``02134`` (a ZIP)
 keep their zeros and a bad value becomes a rejected row later rather than a
 crash now. Each frame gains ``__row``: the row number a spreadsheet user sees
-(the header is row 1), which is what reports cite.
+(the header is row 1 of a CSV; a sheet keeps its own numbering), which is
+what reports cite.
+
+A file is read by what it holds, not by what its name says, and anything
+that cannot be read as a table is an :class:`~etl.errors.InputError` naming
+the file, and the row where one is to blame; never another exception:
+
+- a password-protected workbook or a legacy ``.xls`` (an OLE container), a
+  ZIP that is not a workbook, gzip, PDF or images, binary bytes: refused;
+- a ``.csv`` that is really a workbook is read as one, with a notice;
+- UTF-8 (with or without BOM), UTF-16 (with a BOM, or recognisably without),
+  else Windows-1252 with a notice, also when bad bytes come late in a file;
+- ``\\r\\n``, ``\\n`` and lone ``\\r`` line endings, even mixed, are all line breaks;
+- a row with more cells than the header, or a quote never closed, is refused
+  with the row it starts on; a row with fewer cells reads the rest as empty.
 """
 
 from __future__ import annotations
 
 import codecs
+import csv
 import hashlib
 import io
+import re
+import sys
+import zipfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,15 +38,30 @@ import polars as pl
 
 from etl.errors import InputError
 
-__all__ = ["ROW", "Notice", "Table", "file_sha256", "read_table"]
+__all__ = ["ROW", "Notice", "Table", "file_sha256", "read_table", "sniff_delimiter"]
 
 #: Name of the source-row column every reader adds.
 ROW = "__row"
 
 DELIMITERS = (",", ";", "\t", "|")
+_DELIMITER_NAMES = {",": "comma", ";": "semicolon", "\t": "tab", "|": "pipe"}
 _SNIFF_BYTES = 64 * 1024
-_ZIP_MAGIC = b"PK\x03\x04"
-_OLE_MAGIC = b"\xd0\xcf\x11\xe0"  # legacy .xls, and password-protected .xlsx
+_ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")  # a ZIP with entries; an empty one
+_OLE_MAGIC = b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1"  # legacy .xls, and password-protected .xlsx
+_EXCEL_SUFFIXES = frozenset({".xlsx", ".xlsm"})
+_NOT_TABLES = {
+    b"\x1f\x8b": "gzip-compressed: decompress it first",
+    b"%PDF-": "a PDF document",
+    b"\x89PNG": "a PNG image",
+    b"\xff\xd8\xff": "a JPEG image",
+    b"7z\xbc\xaf": "a 7-Zip archive: extract it first",
+    b"Rar!": "a RAR archive: extract it first",
+}
+# C0 control characters that no text table holds (tab, LF, FF and CR are fine).
+_CONTROL = bytes(b for b in range(32) if b not in (9, 10, 12, 13)) + b"\x7f"
+_BARE_CR = re.compile(rb"\r(?!\n)")
+_BARE_CR_TEXT = re.compile(r"\r\n?")
+_BARE_CR_TEXT_ALONE = re.compile(r"\r(?!\n)")
 
 
 @dataclass(frozen=True)
@@ -75,44 +108,127 @@ def read_table(path: str | Path, *, sheet: str | None = None) -> Table:
     """Read a CSV (any of ``, ; tab |``) or an ``.xlsx`` file as text.
 
     Raises :class:`InputError` naming the file (and row or column when known)
-    for anything that cannot be read as a table.
+    for anything that cannot be read as a table, and nothing else.
     """
     path = Path(path)
-    if not path.is_file():
-        raise InputError(str(path), "no such file")
-    with path.open("rb") as fh:
-        head = fh.read(_SNIFF_BYTES)
-    if not head.strip():
-        raise InputError(str(path), "the file is empty")
-    if head.startswith(_ZIP_MAGIC) or path.suffix.lower() in {".xlsx", ".xlsm"}:
-        table = _read_xlsx(path, head, sheet)
-    else:
-        if sheet is not None:
-            raise InputError(str(path), "--sheet applies to Excel files only")
-        table = _read_csv(path, head)
-    _check_headers(table)
+    head = _head(path)
+    try:
+        if _is_workbook(path, head):
+            table = _read_xlsx(path, sheet)
+            if path.suffix.lower() not in _EXCEL_SUFFIXES:
+                named = f"named {path.suffix}" if path.suffix else "named without an extension"
+                message = f"{named} but is an Excel workbook: read as one"
+                table.notices.append(Notice("format-mismatch", message, str(path)))
+        else:
+            if path.suffix.lower() in _EXCEL_SUFFIXES:
+                raise InputError(
+                    str(path), "named .xlsx but is not an Excel workbook (if it is a CSV, give it a .csv name)"
+                )
+            if sheet is not None:
+                raise InputError(str(path), "--sheet applies to Excel files only")
+            table = _read_csv(path, head)
+        _check_headers(table)
+        table.sha256 = file_sha256(path)
+    except OSError as exc:  # the file vanished or became unreadable while being read
+        raise InputError(str(path), f"cannot be read: {exc.strerror or exc}") from exc
     return table
 
 
+def _head(path: Path) -> bytes:
+    """The first bytes of a readable, non-empty regular file."""
+    if path.is_dir():
+        raise InputError(str(path), "is a folder, not a file")
+    if not path.exists():
+        raise InputError(str(path), "no such file")
+    if not path.is_file():
+        raise InputError(str(path), "is not a regular file (a device or a pipe?)")
+    try:
+        with path.open("rb") as fh:
+            head = fh.read(_SNIFF_BYTES)
+    except OSError as exc:
+        raise InputError(str(path), f"cannot be read: {exc.strerror or exc}") from exc
+    bare = head.strip()
+    for bom in (codecs.BOM_UTF8, codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE):
+        bare = bare.removeprefix(bom)
+    if not bare.strip(b" \t\r\n\x00"):
+        raise InputError(str(path), "the file is empty")
+    return head
+
+
+def _is_workbook(path: Path, head: bytes) -> bool:
+    """Whether the content is an .xlsx workbook; refuses containers that are no table."""
+    if head.startswith(_OLE_MAGIC):
+        raise InputError(
+            str(path),
+            "is a password-protected (encrypted) workbook or a legacy .xls: "
+            "remove the password, or save it as .xlsx or CSV",
+        )
+    if head.startswith(_ZIP_MAGICS):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                members = archive.namelist()
+        except (zipfile.BadZipFile, OSError, ValueError):
+            return True  # a damaged workbook, most likely: its reader says how
+        if any(m.startswith("xl/") for m in members):
+            return True
+        shown = ", ".join(m[:60] for m in members[:3]) + (" ..." if len(members) > 3 else "")
+        raise InputError(
+            str(path), f"is a ZIP archive ({shown or 'empty'}), not a CSV or an Excel workbook: extract it first"
+        )
+    for magic, what in _NOT_TABLES.items():
+        if head.startswith(magic):
+            raise InputError(str(path), f"is {what}, not a CSV or an Excel workbook")
+    return False
+
+
+# -- CSV ---------------------------------------------------------------------------
+
+
 def _decode_choice(path: Path, head: bytes) -> tuple[str, list[Notice]]:
-    """The encoding to read with: UTF-8 (with or without BOM), UTF-16 with BOM, else cp1252."""
+    """The encoding to read with: UTF-8 (with or without BOM), UTF-16 (BOM, or
+    recognisably without), else cp1252."""
+    if head.startswith(codecs.BOM_UTF8):
+        return "utf-8", []
     if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
         return "utf-16", []
-    if head[:4] == _OLE_MAGIC:
-        raise InputError(str(path), "this is a legacy .xls or an encrypted workbook; save it as .xlsx or CSV")
     if b"\x00" in head:
-        raise InputError(str(path), "this looks like a binary file, not a CSV")
+        guess = _utf16_without_bom(head)
+        if guess is None:
+            raise InputError(str(path), "this looks like a binary file, not a CSV (it holds NUL bytes)")
+        notice = Notice("encoding-guessed", f"no byte-order mark; read as {guess.upper()}", str(path))
+        return guess, [notice]
+    controls = len(head) - len(head.translate(None, _CONTROL))
+    if controls > max(8, len(head) // 100):
+        raise InputError(str(path), "this looks like a binary file, not a CSV (it holds control characters)")
     try:
         # An incomplete multi-byte sequence may be cut at the sniff boundary.
         codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
         return "utf-8", []
     except UnicodeDecodeError as exc:
-        notice = Notice(
-            "encoding-fallback",
-            f"not valid UTF-8 (byte {exc.start}); read as Windows-1252 (cp1252): check accented characters",
-            str(path),
-        )
-        return "cp1252", [notice]
+        return "cp1252", [_fallback_notice(path, head, exc.start)]
+
+
+def _utf16_without_bom(head: bytes) -> str | None:
+    # UTF-16 text in a Latin script has a NUL in every other byte.
+    sample = head[: len(head) // 2 * 2]
+    pairs = len(sample) // 2
+    if pairs < 2:
+        return None
+    high_first, high_second = sample[0::2].count(0) / pairs, sample[1::2].count(0) / pairs
+    if high_second > 0.3 and high_first < 0.05:
+        return "utf-16-le"
+    if high_first > 0.3 and high_second < 0.05:
+        return "utf-16-be"
+    return None
+
+
+def _fallback_notice(path: Path, data: bytes, offset: int) -> Notice:
+    line = data.count(b"\n", 0, offset) + 1
+    return Notice(
+        "encoding-fallback",
+        f"not valid UTF-8 (line {line}, byte {offset}); read as Windows-1252 (cp1252): check accented characters",
+        str(path),
+    )
 
 
 def sniff_delimiter(sample: str) -> str:
@@ -141,17 +257,52 @@ def _first_record(sample: str) -> str:
     return sample
 
 
+def _has_bare_cr(path: Path) -> bool:
+    """Whether any line ends in a lone ``\\r`` (old Mac files, or a mix of endings)."""
+    carry = b""
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            data = carry + chunk
+            # A \r at the end of a chunk may be the first half of \r\n.
+            carry = b"\r" if data.endswith(b"\r") else b""
+            if _BARE_CR.search(data[:-1] if carry else data):
+                return True
+    return carry == b"\r"
+
+
+class _NotUtf8Error(Exception):
+    """polars met bytes that are not UTF-8 past the sniffed head."""
+
+
 def _read_csv(path: Path, head: bytes) -> Table:
     encoding, notices = _decode_choice(path, head)
-    if encoding == "utf-8":
-        source: Path | io.BytesIO = path
+    if encoding == "utf-8" and not _has_bare_cr(path):
+        # The common case: polars reads the file itself, never held whole in Python.
         sample = head.decode("utf-8", errors="ignore").lstrip("\ufeff")
+        try:
+            return _parse_csv(path, path, sample, encoding, notices)
+        except _NotUtf8Error:
+            pass  # bad bytes after the sniffed head: read it all as text below
+    data = path.read_bytes()
+    if encoding == "utf-8":
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            notices.append(_fallback_notice(path, data, exc.start))
+            encoding, text = "cp1252", data.decode("cp1252", errors="replace")
     else:
-        # polars reads UTF-8 only: transcode. cp1252 and UTF-16 files are the
-        # exception, not the migration-sized case, so holding them once is fine.
-        text = path.read_bytes().decode(encoding, errors="replace")
-        source = io.BytesIO(text.lstrip("\ufeff").encode("utf-8"))
-        sample = text[:_SNIFF_BYTES]
+        # polars reads UTF-8 only: transcode. These files are the exception,
+        # not the migration-sized case, so holding them once is fine.
+        text = data.decode(encoding, errors="replace")
+    text = text.removeprefix("\ufeff")
+    if "\r" in text:
+        if _BARE_CR_TEXT_ALONE.search(text):
+            notices.append(Notice("line-endings", "lone \\r line endings, each read as a line break", str(path)))
+        text = _BARE_CR_TEXT.sub("\n", text)
+    return _parse_csv(path, io.BytesIO(text.encode("utf-8")), text[:_SNIFF_BYTES], encoding, notices)
+
+
+def _parse_csv(path: Path, source: Path | io.BytesIO, sample: str, encoding: str, notices: list[Notice]) -> Table:
     delimiter = sniff_delimiter(sample)
     try:
         frame = pl.read_csv(
@@ -164,57 +315,123 @@ def _read_csv(path: Path, head: bytes) -> Table:
         )
     except pl.exceptions.NoDataError as exc:
         raise InputError(str(path), "the file is empty") from exc
-    except pl.exceptions.ComputeError as exc:
-        raise InputError(str(path), _polars_reason(exc)) from exc
     except pl.exceptions.PolarsError as exc:
-        raise InputError(str(path), f"cannot be read as CSV: {_polars_reason(exc)}") from exc
+        reason = _polars_reason(exc)
+        if "utf-8" in reason.lower() and encoding == "utf-8" and isinstance(source, Path):
+            raise _NotUtf8Error from exc
+        text = source.getvalue().decode("utf-8") if isinstance(source, io.BytesIO) else _lossy(source)
+        row, located = _locate(text, delimiter)
+        raise InputError(str(path), located or f"cannot be read as CSV: {reason}", row=row) from exc
     frame = frame.with_row_index(ROW, offset=2)
-    return Table(path, "csv", frame, file_sha256(path), encoding=encoding, delimiter=delimiter, notices=notices)
+    return Table(path, "csv", frame, "", encoding=encoding, delimiter=delimiter, notices=notices)
+
+
+def _lossy(path: Path) -> str:
+    return path.read_bytes().decode("utf-8", errors="replace")
 
 
 def _polars_reason(exc: Exception) -> str:
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     if "more fields than defined" in first:
         return "a row has more fields than the header (a stray delimiter or an unterminated quote?)"
-    if "invalid utf-8" in first:
+    if "invalid utf-8" in first.lower():
         return "not valid UTF-8"
     return first[:300]
 
 
-def _read_xlsx(path: Path, head: bytes, sheet: str | None) -> Table:
+def _locate(text: str, delimiter: str) -> tuple[int | None, str]:
+    """The row (as a spreadsheet counts records) where ``text`` stops being a
+    table, and why; ``(None, "")`` when Python's csv module finds nothing wrong."""
+    previous_limit = csv.field_size_limit(sys.maxsize)  # a 10 MB cell is data, not an error here
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
+    row, line, width = 0, 1, 0
+    name = _DELIMITER_NAMES.get(delimiter, repr(delimiter))
+    try:
+        for row, record in enumerate(reader, start=1):
+            if row == 1:
+                width = len(record)
+            elif len(record) > width:
+                return row, (
+                    f"{len(record)} cells where the header has {width} (a stray {name}, or a quote that is not closed?)"
+                )
+            line = reader.line_num + 1
+    except csv.Error as exc:
+        if "end of data" in str(exc):
+            return row + 1, f"a quoted cell opened on line {line} is never closed (an unterminated quote)"
+        return row + 1, f"malformed quoting on line {reader.line_num}: {exc}"
+    finally:
+        csv.field_size_limit(previous_limit)
+    return None, ""
+
+
+# -- Excel -------------------------------------------------------------------------
+
+
+def _read_xlsx(path: Path, sheet: str | None) -> Table:
     import fastexcel
 
-    if not head.startswith(_ZIP_MAGIC):
-        raise InputError(str(path), "named .xlsx but is not an Excel workbook")
     try:
         reader = fastexcel.read_excel(str(path))
         names = list(reader.sheet_names)
+        if not names:
+            raise InputError(str(path), "the workbook has no sheets")
         if sheet is not None and sheet not in names:
             raise InputError(str(path), f"no sheet {sheet!r}; sheets: {', '.join(names)}")
         chosen = sheet if sheet is not None else names[0]
-        frame = reader.load_sheet(chosen, dtypes="string").to_polars()
+        # No header row and no skipped rows: the grid starts at the sheet's row 1,
+        # so row numbers stay the sheet's even when the table starts lower down.
+        grid = reader.load_sheet(chosen, header_row=None, skip_rows=0, dtypes="string").to_polars()
     except InputError:
         raise
     except Exception as exc:  # fastexcel raises its own CalamineError family
-        raise InputError(str(path), f"cannot be read as an Excel workbook: {str(exc).splitlines()[0][:300]}") from exc
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        raise InputError(
+            str(path), f"cannot be read as an Excel workbook (damaged, truncated or not a workbook): {first}"
+        ) from exc
+    frame = _sheet_table(path, grid.select(pl.all().cast(pl.String)))
     notices = []
     if sheet is None and len(names) > 1:
         notices.append(Notice("other-sheets", f"read sheet {chosen!r}; not read: {', '.join(names[1:])}", str(path)))
-    # Excel hands back typed cells; the reader promises text.
-    frame = frame.select(pl.all().cast(pl.String)).with_row_index(ROW, offset=2)
-    return Table(path, "xlsx", frame, file_sha256(path), sheet=chosen, notices=notices)
+    return Table(path, "xlsx", frame, "", sheet=chosen, notices=notices)
+
+
+def _sheet_table(path: Path, grid: pl.DataFrame) -> pl.DataFrame:
+    """The grid's first non-blank row as the header, the rows below as data."""
+    if not grid.width or not grid.height:
+        raise InputError(str(path), "the sheet is empty: no header row")
+    filled = grid.select(
+        pl.any_horizontal(pl.col(c).str.strip_chars().str.len_chars().fill_null(0) > 0 for c in grid.columns)
+    ).to_series()
+    header_at = filled.arg_true()
+    if header_at.is_empty():
+        raise InputError(str(path), "the sheet is empty: no header row")
+    index = int(header_at[0])
+    names = [cell if cell is not None and cell.strip() else f"__UNNAMED__{i}" for i, cell in enumerate(grid.row(index))]
+    _refuse_duplicates(path, names, row=index + 1)
+    return (
+        grid.slice(index + 1).rename(dict(zip(grid.columns, names, strict=True))).with_row_index(ROW, offset=index + 2)
+    )
+
+
+# -- headers -------------------------------------------------------------------------
+
+
+def _refuse_duplicates(path: Path, names: list[str], row: int) -> None:
+    counts = Counter(c.strip() for c in names)
+    dupes = sorted(c for c, n in counts.items() if n > 1 and c)
+    if dupes:
+        raise InputError(str(path), f"duplicate column header(s): {', '.join(dupes)}", row=row)
 
 
 def _check_headers(table: Table) -> None:
     columns = table.columns
     if not columns:
         raise InputError(str(table.path), "no header row")
-    blanks = [i + 1 for i, c in enumerate(columns) if not c.strip() or c.startswith("__UNNAMED__")]
-    if blanks and len(blanks) == len(columns):
-        raise InputError(str(table.path), "the header row is empty")
-    stripped = [c.strip() for c in columns]
-    dupes = sorted({c for c in stripped if stripped.count(c) > 1 and c})
+    blanks = [c for c in columns if not c.strip() or c.startswith("__UNNAMED__")]
+    if len(blanks) == len(columns):
+        raise InputError(str(table.path), "the header row is empty", row=1)
     # polars renames the second `a` to `a_duplicated_0`; that is a source error worth naming.
     renamed = sorted({c.rsplit("_duplicated_", 1)[0] for c in columns if "_duplicated_" in c})
-    if dupes or renamed:
-        raise InputError(str(table.path), f"duplicate column header(s): {', '.join(dupes or renamed)}", row=1)
+    if renamed:
+        raise InputError(str(table.path), f"duplicate column header(s): {', '.join(renamed)}", row=1)
+    _refuse_duplicates(table.path, columns, row=1)

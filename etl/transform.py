@@ -9,17 +9,33 @@ carried beside it as a source key, to be filled in at send time.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import polars as pl
 import polars_hash  # noqa: F401 - registers the `chash` expression namespace
 
-from etl.mapping import Mapped
+from etl.mapping import Mapped, key_field
 from etl.readers import ROW
+from etl.validate import split_name
 from schemas.canonical import fields_of
 from schemas.codes import CVX_SYSTEM, displays
 
-__all__ = ["Planned", "json_body", "obj", "one_of", "plan_immunizations", "sha256_hex"]
+__all__ = [
+    "REF_PATTERN",
+    "Planned",
+    "fill_refs",
+    "json_body",
+    "obj",
+    "one_of",
+    "plan",
+    "plan_immunizations",
+    "readable_refs",
+    "references",
+    "sha256_hex",
+]
 
 # `"key":null` pairs after encoding; a quote inside a string value is always
 # escaped (`\"`), so these patterns can only match a real key with a null.
@@ -32,8 +48,16 @@ class Planned:
     """What a load would send for one mapped table."""
 
     kind: str
-    rows: pl.DataFrame  # __row, source_key, patient_key, body, body_hash
+    rows: pl.DataFrame  # __row, source_key, patient_key, body (null: sent with another row), body_hash
     patients: pl.DataFrame  # patient_key, body, body_hash, __row (first row naming the patient)
+    practitioners: pl.DataFrame = field(
+        default_factory=lambda: pl.DataFrame(
+            schema={"practitioner_key": pl.String, "body": pl.String, "body_hash": pl.String, "__row": pl.UInt32}
+        )
+    )  # practitioners described by the rows' performer columns
+    aliases: pl.DataFrame = field(
+        default_factory=lambda: pl.DataFrame(schema={"ref": pl.String, "source_key": pl.String})
+    )  # other ids rows are referred to by (a practitioner's source id when keyed by NPI)
 
 
 def obj(**fields: pl.Expr) -> pl.Expr:
@@ -84,9 +108,10 @@ def immunization_struct() -> pl.Expr:
     table_display = c("vaccine_code").replace_strict(displays("cvx"), default=None, return_dtype=pl.String)
     display = c("vaccine_display").fill_null(pl.when(system == CVX_SYSTEM).then(table_display))
     return obj(
+        patientId=ref("patient_id", "patient"),
         status=c("status"),
         vaccineCode=obj(system=system, code=c("vaccine_code"), display=display),
-        encounterId=c("encounter_id"),
+        encounterId=ref("encounter_id", "encounter"),
         occurrenceDateTime=c("occurrence__out"),
         recorded=c("recorded__out"),
         primarySource=c("primary_source__bool"),
@@ -98,7 +123,7 @@ def immunization_struct() -> pl.Expr:
         doseQuantity=obj(value=c("dose_value__num"), unit=c("dose_unit")),
         performer=one_of(
             pl.when(c("performer_id").is_not_null()).then(
-                obj(function=c("performer_function"), actorId=c("performer_id"))
+                obj(function=c("performer_function"), actorId=ref("performer_id", "practitioner"))
             )
         ),
         note=c("note"),
@@ -118,11 +143,271 @@ def immunization_struct() -> pl.Expr:
 
 
 def source_keys(mapped: Mapped) -> pl.Expr:
-    """The row key: the source record id when the profile maps one, else a hash of the row's content."""
+    """The row key: the source id when the profile maps one, else a hash of the row's content.
+
+    A practitioner is keyed by its NPI when it has one, so two files naming the
+    same clinician create one Practitioner.
+    """
+    if mapped.kind == "practitioner":
+        by_id = pl.col("practitioner_id") if mapped.keyed_by_record else pl.lit(None, dtype=pl.String)
+        return pl.coalesce(
+            pl.lit("npi:") + pl.col("npi"),
+            by_id,
+            pl.lit("sha256:")
+            + sha256_hex(
+                pl.concat_str([pl.col(f.name).fill_null("") for f in fields_of("practitioner")], separator="\x1f")
+            ),
+        )
     if mapped.keyed_by_record:
-        return pl.col("record_id")
+        return pl.col(key_field(mapped.kind))
     content = pl.concat_str([pl.col(f.name).fill_null("") for f in fields_of(mapped.kind)], separator="\x1f")
     return pl.lit("sha256:") + sha256_hex(content)
+
+
+#: A reference in a planned body: ``"@@<kind>:<hex of the source id>@@"``, filled in at send time.
+REF_PATTERN = re.compile(r'"@@([a-z]+):([0-9a-f]*)@@"')
+
+
+def ref(column: str, kind: str) -> pl.Expr:
+    """A placeholder for the ClinikAPI id of the ``kind`` resource whose source id is in ``column``."""
+    c = pl.col(column)
+    return pl.when(c.is_not_null()).then(pl.lit(f"@@{kind}:") + c.str.encode("hex") + pl.lit("@@"))
+
+
+def ref_list(column: str, kind: str) -> pl.Expr:
+    """Placeholders for a list column of source ids."""
+    return pl.col(f"{column}__list").list.eval(pl.lit(f"@@{kind}:") + pl.element().str.encode("hex") + pl.lit("@@"))
+
+
+def fill_refs(body: str, lookup: Callable[[str, str], str | None]) -> tuple[str, list[tuple[str, str]]]:
+    """Replace placeholders with ids from ``lookup(kind, source_id)``; return the body and what was missing."""
+    missing: list[tuple[str, str]] = []
+
+    def swap(m: re.Match[str]) -> str:
+        kind, key = m.group(1), bytes.fromhex(m.group(2)).decode("utf-8")
+        found = lookup(kind, key)
+        if found is None:
+            missing.append((kind, key))
+            return m.group(0)
+        return json.dumps(found)
+
+    return REF_PATTERN.sub(swap, body), missing
+
+
+def readable_refs(body: str) -> str:
+    """Placeholders as ``<kind>:<source id>`` (cut to the API's 128 characters): for dry-run payloads."""
+    return REF_PATTERN.sub(
+        lambda m: json.dumps(f"{m.group(1)}:{bytes.fromhex(m.group(2)).decode('utf-8')}"[:128]), body
+    )
+
+
+def practitioner_struct() -> pl.Expr:
+    """``PractitionerCreate`` from a providers row."""
+    c = pl.col
+    return obj(
+        firstName=c("practitioner_first_name"),
+        lastName=c("practitioner_last_name"),
+        prefix=c("practitioner_prefix__list"),
+        suffix=c("practitioner_suffix__list"),
+        gender=c("practitioner_gender"),
+        email=c("practitioner_email"),
+        phone=c("practitioner_phone"),
+        npi=c("npi"),
+        specialty=c("specialty"),
+        address=obj(
+            line=one_of(c("practitioner_address_line")),
+            city=c("practitioner_city"),
+            state=c("practitioner_state"),
+            postalCode=c("practitioner_postal_code"),
+        ),
+    )
+
+
+def encounter_struct() -> pl.Expr:
+    """``EncounterCreate``."""
+    c = pl.col
+    return obj(
+        status=c("status"),
+        **{"class": c("encounter_class")},
+        patientId=ref("patient_id", "patient"),
+        practitionerId=ref("practitioner_id", "practitioner"),
+        participants=pl.when(c("participant_ids__list").is_not_null()).then(
+            ref_list("participant_ids", "practitioner").list.eval(pl.struct(pl.element().alias("practitionerId")))
+        ),
+        type=c("encounter_type"),
+        serviceType=c("service_type"),
+        priority=c("priority"),
+        reasonCode=c("reason"),
+        period=obj(start=c("period_start__out"), end=c("period_end__out")),
+        lengthMinutes=c("length_minutes__int"),
+        location=c("location"),
+        serviceProvider=c("service_provider"),
+        diagnosis=pl.when(c("diagnoses__list").is_not_null()).then(
+            c("diagnoses__list").list.eval(pl.struct(pl.element().alias("condition")))
+        ),
+    )
+
+
+def _pairs(column: str) -> pl.Expr:
+    """``type=value;type=value`` cells as Task input/output objects."""
+    return pl.when(pl.col(f"{column}__list").is_not_null()).then(
+        pl.col(f"{column}__list").list.eval(
+            pl.struct(
+                pl.element().str.split_exact("=", 1).struct.field("field_0").str.strip_chars().alias("type"),
+                pl.element().str.split_exact("=", 1).struct.field("field_1").str.strip_chars().alias("valueString"),
+            )
+        )
+    )
+
+
+def task_struct() -> pl.Expr:
+    """``TaskCreate``."""
+    c = pl.col
+    return obj(
+        status=c("status"),
+        intent=c("intent"),
+        priority=c("priority"),
+        statusReason=c("status_reason"),
+        businessStatus=c("business_status"),
+        code=c("task_code"),
+        description=c("description"),
+        focusId=ref("focus_id", "immunization"),
+        patientId=ref("patient_id", "patient"),
+        encounterId=ref("encounter_id", "encounter"),
+        executionPeriod=obj(start=c("execution_start__out"), end=c("execution_end__out")),
+        authoredOn=c("authored_on__out"),
+        requesterId=ref("requester_id", "practitioner"),
+        ownerId=ref("owner_id", "practitioner"),
+        reasonCode=c("reason"),
+        note=c("note"),
+        basedOn=c("based_on__list"),
+        partOf=c("part_of__list"),
+        input=_pairs("inputs"),
+        output=_pairs("outputs"),
+        restriction=obj(
+            repetitions=c("restriction_repetitions__int"),
+            period=obj(start=c("restriction_start__out"), end=c("restriction_end__out")),
+            recipientIds=c("restriction_recipients__list"),
+        ),
+    )
+
+
+def _document_bodies(valid: pl.DataFrame) -> pl.DataFrame:
+    """One ``DocumentCreate`` per document id, its sections in row order."""
+    c = pl.col
+    section = obj(
+        title=c("section_title"),
+        code=c("section_code"),
+        text=c("section_text"),
+        authorId=ref("section_author_id", "practitioner"),
+        mode=c("section_mode"),
+    )
+    head = obj(
+        status=c("status"),
+        type=c("document_type"),
+        category=c("category__list"),
+        patientId=ref("patient_id", "patient"),
+        encounterId=ref("encounter_id", "encounter"),
+        practitionerId=ref("practitioner_id", "practitioner"),
+        title=c("title"),
+        date=c("date__out"),
+        confidentiality=c("confidentiality"),
+        attester=one_of(
+            pl.when(c("attester_mode").is_not_null()).then(
+                obj(mode=c("attester_mode"), time=c("attester_time__out"), partyId=ref("attester_id", "practitioner"))
+            )
+        ),
+        relatesTo=one_of(
+            pl.when(c("relates_to_code").is_not_null()).then(
+                obj(code=c("relates_to_code"), targetId=c("relates_to_target"))
+            )
+        ),
+        event=one_of(
+            obj(
+                code=one_of(pl.when(c("event_code").is_not_null()).then(obj(code=c("event_code")))),
+                period=obj(start=c("event_start__out"), end=c("event_end__out")),
+            )
+        ),
+    )
+    grouped = (
+        valid.sort(ROW)
+        .with_columns(head.alias("__head"), section.alias("__section"))
+        .group_by("document_id", maintain_order=True)
+        .agg(pl.col(ROW).first(), pl.col("__head").first(), pl.col("__section").alias("__sections"))
+    )
+    body = (
+        json_body(pl.col("__head")).str.strip_suffix("}")
+        + pl.lit(',"sections":')
+        + pl.col("__sections")
+        .list.eval(json_body(pl.element()))
+        .list.join(",")
+        .map_batches(lambda s: "[" + s + "]", return_dtype=pl.String)
+        + pl.lit("}")
+    )
+    return grouped.select("document_id", pl.col(ROW), body.alias("body"))
+
+
+_STRUCTS: dict[str, Callable[[], pl.Expr]] = {
+    "practitioner": practitioner_struct,
+    "encounter": encounter_struct,
+    "task": task_struct,
+    "patient": lambda: patient_struct(),
+}
+
+
+def plan(mapped: Mapped, valid: pl.DataFrame) -> Planned:
+    """Create bodies for the valid rows of a table (and, for registry rows, their patients)."""
+    kind = mapped.kind
+    keys = source_keys(mapped)
+    if kind == "immunization":
+        return plan_immunizations(mapped, valid)
+    if kind == "document":
+        docs = _document_bodies(valid).with_columns(sha256_hex(pl.col("body")).alias("body_hash"))
+        rows = valid.select(pl.col(ROW), pl.col("document_id").alias("source_key")).join(
+            docs.select(pl.col("document_id").alias("source_key"), ROW, "body", "body_hash"),
+            on=[ROW, "source_key"],
+            how="left",
+        )
+    else:
+        body = json_body(_STRUCTS[kind]())
+        if kind == "patient":
+            body = json_body(patient_struct())
+        rows = valid.select(pl.col(ROW), keys.alias("source_key"), body.alias("body")).with_columns(
+            sha256_hex(pl.col("body")).alias("body_hash")
+        )
+        if kind in ("patient", "practitioner"):
+            # The same person on several rows is created once: the first row carries the body.
+            first = pl.int_range(pl.len()).over("source_key") == 0
+            rows = rows.with_columns(pl.when(first).then(pl.col(c)).alias(c) for c in ("body", "body_hash"))
+    patient = valid.select(ROW, pl.col("patient_id").alias("patient_key")) if "patient_id" in valid.columns else None
+    rows = (
+        rows.join(patient, on=ROW, how="left")
+        if patient is not None
+        else rows.with_columns(pl.lit(None, dtype=pl.String).alias("patient_key"))
+    )
+    aliases = pl.DataFrame(schema={"ref": pl.String, "source_key": pl.String})
+    if kind == "practitioner":
+        aliases = valid.select(pl.col("practitioner_id").alias("ref"), keys.alias("source_key")).drop_nulls().unique()
+    empty = pl.DataFrame(schema={"patient_key": pl.String, "body": pl.String, "body_hash": pl.String, ROW: pl.UInt32})
+    return Planned(kind, rows.select(ROW, "source_key", "patient_key", "body", "body_hash"), empty, aliases=aliases)
+
+
+def references(mapped: Mapped, valid: pl.DataFrame) -> pl.DataFrame:
+    """Every reference a valid row makes: ``__row, field, kind, value``."""
+    parts = []
+    for f in fields_of(mapped.kind):
+        if f.ref is None:
+            continue
+        value = pl.col(f"{f.name}__list") if f.value == "list" else pl.col(f.name)
+        frame = (
+            valid.select(pl.col(ROW), value.alias("value")).explode("value")
+            if f.value == "list"
+            else valid.select(pl.col(ROW), value.alias("value"))
+        )
+        parts.append(frame.drop_nulls("value").with_columns(pl.lit(f.name).alias("field"), pl.lit(f.ref).alias("kind")))
+    if not parts:
+        return pl.DataFrame(schema={ROW: pl.UInt32, "value": pl.String, "field": pl.String, "kind": pl.String})
+    return pl.concat(parts).select(ROW, "field", "kind", "value")
 
 
 def plan_immunizations(mapped: Mapped, valid: pl.DataFrame) -> Planned:
@@ -134,7 +419,9 @@ def plan_immunizations(mapped: Mapped, valid: pl.DataFrame) -> Planned:
         json_body(immunization_struct()).alias("body"),
     ).with_columns(sha256_hex(pl.col("body")).alias("body_hash"))
     patients = (
-        valid.group_by("patient_id", maintain_order=True)
+        # Rows that describe their patient create it; rows that only name one refer to it.
+        valid.filter(pl.col("patient_first_name").is_not_null())
+        .group_by("patient_id", maintain_order=True)
         .first()
         .select(
             pl.col("patient_id").alias("patient_key"),
@@ -143,4 +430,19 @@ def plan_immunizations(mapped: Mapped, valid: pl.DataFrame) -> Planned:
         )
         .with_columns(sha256_hex(pl.col("body")).alias("body_hash"))
     )
-    return Planned("immunization", rows, patients.select("patient_key", "body", "body_hash", ROW))
+    first, last = split_name(pl.col("performer_name"))
+    practitioners = (
+        valid.filter(pl.col("performer_npi").is_not_null() & pl.col("performer_name").is_not_null())
+        .group_by("performer_npi", maintain_order=True)
+        .first()
+        .select(
+            (pl.lit("npi:") + pl.col("performer_npi")).alias("practitioner_key"),
+            json_body(obj(firstName=first, lastName=last, npi=pl.col("performer_npi"))).alias("body"),
+            pl.col(ROW),
+        )
+        .with_columns(sha256_hex(pl.col("body")).alias("body_hash"))
+        .select("practitioner_key", "body", "body_hash", ROW)
+    )
+    return Planned(
+        "immunization", rows, patients.select("patient_key", "body", "body_hash", ROW), practitioners=practitioners
+    )

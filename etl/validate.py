@@ -16,6 +16,7 @@ message``); rows without any are valid.
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import pandera.polars as pa
@@ -24,8 +25,9 @@ from pandera.api.polars.types import PolarsData
 
 from etl.mapping import Mapped
 from etl.readers import ROW
-from schemas.canonical import CanonicalField, field_map, fields_of
+from schemas.canonical import ENCOUNTER_CLASS_WORDS, CanonicalField, field_map, fields_of
 from schemas.codes import CVX_SYSTEM, displays, spellings
+from schemas.limits import spec_at
 
 __all__ = ["REJECT_SCHEMA", "Validation", "check", "prepare", "validate"]
 
@@ -64,7 +66,10 @@ class Validation:
 def validate(mapped: Mapped, *, today: dt.date | None = None) -> Validation:
     """Prepare and check a mapped table."""
     prepared = prepare(mapped)
-    rejects = with_source_values(check(prepared, mapped.kind, today=today or dt.date.today()), mapped)
+    rejects = check(prepared, mapped.kind, today=today or dt.date.today())
+    if mapped.kind == "document":
+        rejects = _document_groups(prepared, rejects)
+    rejects = with_source_values(rejects, mapped)
     warnings = with_source_values(_warnings(prepared, mapped.kind), mapped)
     return Validation(mapped, prepared, rejects, warnings)
 
@@ -77,12 +82,24 @@ def _blank_to_null(e: pl.Expr) -> pl.Expr:
     return pl.when(e.str.len_bytes() > 0).then(e)
 
 
-def _normalise(f: CanonicalField, e: pl.Expr) -> pl.Expr:
+def _normalise(f: CanonicalField, e: pl.Expr, values: Mapping[str, str] | None = None) -> pl.Expr:
+    if values:
+        # The profile's own words for this field win over the built-in spellings.
+        lowered = {k.strip().lower(): v for k, v in values.items()}
+        e = e.str.to_lowercase().replace_strict(lowered, default=e, return_dtype=pl.String)
     if f.normaliser is None:
         return e
     low = e.str.to_lowercase()
     if f.normaliser == "lower":
         return low
+    if f.normaliser == "upper":
+        return e.str.to_uppercase()
+    if f.normaliser == "encounter_class":
+        words = {**ENCOUNTER_CLASS_WORDS, **{k.lower(): v for k, v in (values or {}).items()}}
+        return low.str.replace_all(r"[\s_-]+", " ").replace_strict(words, default=e, return_dtype=pl.String)
+    if f.normaliser == "mvx":
+        mvx = displays("mvx")
+        return e.str.to_uppercase().replace_strict(mvx, default=e, return_dtype=pl.String)
     if f.normaliser == "gender":
         return low.replace(_GENDER)
     if f.normaliser == "status":
@@ -126,20 +143,24 @@ def _parse_aware(s: pl.Expr) -> pl.Expr:
 def _temporal_columns(f: CanonicalField, s: pl.Expr, excel: bool, tz: str) -> list[pl.Expr]:
     naive, aware = _parse_naive(s, excel), _parse_aware(s)
     date = pl.coalesce(aware.dt.date(), naive.dt.date())
-    cols = [date.alias(f"{f.name}__date")]
     if f.value == "date":
-        out = date.dt.strftime("%Y-%m-%d")
-    else:
-        # A date with no time of day stays a date (FHIR allows it, and an Excel
-        # date cell reads as midnight); a local time gets the profile's zone.
-        local = naive.dt.replace_time_zone(tz, ambiguous="earliest", non_existent="null")
-        utc = pl.coalesce(aware, local.dt.convert_time_zone("UTC").dt.replace_time_zone(None))
-        midnight = naive.dt.time() == dt.time(0)
-        out = (
-            pl.when(aware.is_null() & midnight)
-            .then(naive.dt.strftime("%Y-%m-%d"))
-            .otherwise(utc.dt.strftime("%Y-%m-%dT%H:%M:%SZ"))
-        )
+        # A year and month alone (CVRS allows it for birth dates) is a valid FHIR date: keep it as written,
+        # and compare with the first of the month.
+        partial = s.str.contains(r"^\d{4}-(0[1-9]|1[0-2])$")
+        date = pl.coalesce(date, pl.when(partial).then((s + "-01").str.to_date("%Y-%m-%d", strict=False)))
+        out = pl.when(partial).then(s).otherwise(date.dt.strftime("%Y-%m-%d"))
+        return [date.alias(f"{f.name}__date"), out.alias(f"{f.name}__out")]
+    # A date with no time of day stays a date (FHIR allows it, and an Excel
+    # date cell reads as midnight); a local time gets the profile's zone.
+    local = naive.dt.replace_time_zone(tz, ambiguous="earliest", non_existent="null")
+    utc = pl.coalesce(aware, local.dt.convert_time_zone("UTC").dt.replace_time_zone(None))
+    midnight = naive.dt.time() == dt.time(0)
+    out = (
+        pl.when(aware.is_null() & midnight)
+        .then(naive.dt.strftime("%Y-%m-%d"))
+        .otherwise(utc.dt.strftime("%Y-%m-%dT%H:%M:%SZ"))
+    )
+    cols = [date.alias(f"{f.name}__date"), utc.alias(f"{f.name}__instant")]
     return [*cols, out.alias(f"{f.name}__out")]
 
 
@@ -151,10 +172,22 @@ def prepare(mapped: Mapped) -> pl.DataFrame:
         pl.col(ROW),
         *[_blank_to_null(pl.col(f.name)).alias(f.name) for f in fields],
     )
+    if profile.redacted:
+        # A redacted extract withholds values: they are not data, and not "missing" either.
+        markers = [m.lower() for m in profile.redacted]
+        text_fields = [f.name for f in fields if f.value == "text"]
+        trimmed = trimmed.with_columns(
+            pl.col(name).str.to_lowercase().is_in(markers).fill_null(False).alias(f"{name}__redacted")
+            for name in text_fields
+        ).with_columns(pl.when(~pl.col(f"{name}__redacted")).then(pl.col(name)).alias(name) for name in text_fields)
     defaulted = trimmed.with_columns(
         pl.col(name).fill_null(pl.lit(value)) for name, value in profile.defaults.items() if name in trimmed.columns
     )
-    normalised = defaulted.with_columns(_normalise(f, pl.col(f.name)).alias(f.name) for f in fields if f.normaliser)
+    normalised = defaulted.with_columns(
+        _normalise(f, pl.col(f.name), profile.values.get(f.name)).alias(f.name)
+        for f in fields
+        if f.normaliser or f.name in profile.values
+    ).pipe(_derive, mapped.kind)
     typed: list[pl.Expr] = []
     for f in fields:
         s = pl.col(f.name)
@@ -176,7 +209,36 @@ def prepare(mapped: Mapped) -> pl.DataFrame:
                 pl.element().str.strip_chars().filter(pl.element().str.len_bytes() > 0)
             )
             typed.append(pl.when(items.list.len() > 0).then(items).alias(f"{f.name}__list"))
-    return normalised.with_columns(typed)
+    prepared = normalised.with_columns(typed)
+    if mapped.kind == "encounter":
+        # lengthMinutes from the period when the source leaves it out.
+        minutes = (pl.col("period_end__instant") - pl.col("period_start__instant")).dt.total_minutes()
+        prepared = prepared.with_columns(pl.col("length_minutes__int").fill_null(minutes))
+    return prepared
+
+
+def _derive(frame: pl.DataFrame, kind: str) -> pl.DataFrame:
+    """Fill canonical fields that other columns imply."""
+    if kind == "practitioner":
+        first, last = split_name(pl.col("practitioner_name"))
+        return frame.with_columns(
+            pl.col("practitioner_first_name").fill_null(first),
+            pl.col("practitioner_last_name").fill_null(last),
+        )
+    if kind == "immunization":
+        # A performer named only by NPI is the practitioner keyed by that NPI (from a providers
+        # file, or created from this row's performer columns).
+        return frame.with_columns(
+            pl.col("performer_id").fill_null(pl.lit("npi:") + pl.col("performer_npi"))
+        )
+    return frame
+
+
+def split_name(full: pl.Expr) -> tuple[pl.Expr, pl.Expr]:
+    """("Jane Q.", "Doe") from "Jane Q. Doe": the last word is the family name."""
+    parts = full.str.strip_chars().str.split(" ")
+    first = parts.list.slice(0, parts.list.len() - 1).list.join(" ")
+    return pl.when(parts.list.len() > 1).then(first), parts.list.last()
 
 
 # --- step 2: check -----------------------------------------------------------
@@ -190,14 +252,23 @@ class _Rule:
     message: str
 
 
-def _rules(kind: str, today: dt.date) -> list[_Rule]:
+def _rules(kind: str, today: dt.date, redacted: bool = False) -> list[_Rule]:
     fields = field_map(kind)
     rules: list[_Rule] = []
     for f in fields.values():
         c = pl.col(f.name)
         absent = c.is_null()
+        if redacted and f.value == "text":
+            withheld = pl.col(f"{f.name}__redacted")
+            rules.append(_Rule(f.name, "redacted", ~withheld, "withheld in a redacted extract"))
+            absent = absent & ~withheld
         if f.required:
             rules.append(_Rule(f.name, "required", ~absent, "a value is required"))
+        elif f.required_with:
+            others = pl.any_horizontal(pl.col(o).is_not_null() for o in f.required_with if o in fields)
+            rules.append(
+                _Rule(f.name, "required", ~absent | ~others, "required when the row names a patient's details")
+            )
         if f.value == "list":
             items = pl.col(f"{f.name}__list")
             if f.max_items is not None:
@@ -295,24 +366,42 @@ def _domain_rules(kind: str, fields: dict[str, CanonicalField], today: dt.date) 
                 "not above the series doses",
             )
         )
+    for start, end in (
+        ("period_start", "period_end"),
+        ("execution_start", "execution_end"),
+        ("restriction_start", "restriction_end"),
+        ("event_start", "event_end"),
+    ):
+        if {start, end} <= fields.keys():
+            rules.append(
+                _Rule(
+                    end,
+                    "end-before-start",
+                    ok_unless(pl.col(f"{end}__instant") < pl.col(f"{start}__instant")),
+                    "not before the start",
+                )
+            )
     if "record_id" in fields:
         first = pl.int_range(pl.len()).over("record_id") == 0
         rules.append(
             _Rule("record_id", "duplicate-key", pl.col("record_id").is_null() | first, "appears earlier in the file")
         )
-    if "patient_id" in fields:
-        for f in fields.values():
-            if f.name.startswith("patient_") and f.name != "patient_id":
-                value = pl.col(f"{f.name}__out") if f.value in ("date", "datetime") else pl.col(f.name)
-                same = value.eq_missing(value.first().over("patient_id"))
-                rules.append(
-                    _Rule(
-                        f.name,
-                        "patient-conflict",
-                        pl.col("patient_id").is_null() | same,
-                        "differs from this patient's earlier row",
-                    )
+    demographics = [f for f in fields.values() if f.name.startswith("patient_") and f.name != "patient_id"]
+    if "patient_id" in fields and demographics:
+        # Rows that only name a patient (no details) cannot conflict with the ones that describe it.
+        carries = pl.any_horizontal(pl.col(f.name).is_not_null() for f in demographics)
+        for f in demographics:
+            value = pl.col(f"{f.name}__out") if f.value in ("date", "datetime") else pl.col(f.name)
+            first = value.filter(carries).first().over("patient_id")
+            same = value.eq_missing(first)
+            rules.append(
+                _Rule(
+                    f.name,
+                    "patient-conflict",
+                    pl.col("patient_id").is_null() | ~carries | same,
+                    "differs from this patient's earlier row",
                 )
+            )
     return rules
 
 
@@ -323,9 +412,11 @@ def _pandera_check(rule: _Rule) -> pa.Check:
     return pa.Check(run, name=rule.code)
 
 
-def schema_for(kind: str, today: dt.date) -> tuple[pa.DataFrameSchema, dict[tuple[str, str], str]]:
+def schema_for(
+    kind: str, today: dt.date, redacted: bool = False
+) -> tuple[pa.DataFrameSchema, dict[tuple[str, str], str]]:
     """The pandera schema of a prepared frame, and the message of each (field, code)."""
-    rules = _rules(kind, today)
+    rules = _rules(kind, today, redacted)
     checks: dict[str, list[pa.Check]] = {f.name: [] for f in fields_of(kind)}
     for rule in rules:
         checks[rule.field].append(_pandera_check(rule))
@@ -335,7 +426,8 @@ def schema_for(kind: str, today: dt.date) -> tuple[pa.DataFrameSchema, dict[tupl
 
 def check(prepared: pl.DataFrame, kind: str, *, today: dt.date) -> pl.DataFrame:
     """Every rule failure of every row, as a rejects frame."""
-    schema, messages = schema_for(kind, today)
+    redacted = any(c.endswith("__redacted") for c in prepared.columns)
+    schema, messages = schema_for(kind, today, redacted)
     try:
         schema.validate(prepared, lazy=True)
     except pa.errors.SchemaErrors as exc:
@@ -382,6 +474,42 @@ def with_source_values(failures: pl.DataFrame, mapped: Mapped) -> pl.DataFrame:
         .with_columns(pl.col("source_value").alias("value"))
         .select(list(REJECT_SCHEMA))
     )
+
+
+def _document_groups(prepared: pl.DataFrame, rejects: pl.DataFrame) -> pl.DataFrame:
+    """A document is one create: 1 to 50 sections, and one bad section rejects all its rows."""
+    most = spec_at("DocumentCreate", "sections").max_items or 50
+    sizes = prepared.group_by("document_id").agg(pl.len().alias("sections"))
+    too_many = (
+        prepared.join(sizes, on="document_id")
+        .filter(pl.col("document_id").is_not_null() & (pl.col("sections") > most))
+        .select(
+            pl.col(ROW),
+            pl.lit("max-items").alias("code"),
+            pl.lit("section_title").alias("field"),
+            pl.lit(None, dtype=pl.String).alias("value"),
+            pl.format("the document has {} sections; at most {}", "sections", pl.lit(most)).alias("message"),
+        )
+    )
+    rejects = pl.concat([rejects, too_many])
+    bad_docs = (
+        prepared.join(rejects.select(ROW).unique(), on=ROW, how="semi")
+        .filter(pl.col("document_id").is_not_null())
+        .group_by("document_id")
+        .agg(pl.col(ROW).min().alias("first_bad"))
+    )
+    siblings = (
+        prepared.join(bad_docs, on="document_id")
+        .join(rejects.select(ROW).unique(), on=ROW, how="anti")
+        .select(
+            pl.col(ROW),
+            pl.lit("document-rejected").alias("code"),
+            pl.lit("document_id").alias("field"),
+            pl.lit(None, dtype=pl.String).alias("value"),
+            pl.format("another row of this document is rejected (row {})", "first_bad").alias("message"),
+        )
+    )
+    return pl.concat([rejects, siblings]).sort(ROW, "field")
 
 
 def _warnings(prepared: pl.DataFrame, kind: str) -> pl.DataFrame:

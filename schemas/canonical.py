@@ -15,7 +15,8 @@ from typing import Literal
 from schemas.limits import Spec, spec_at
 
 ValueType = Literal["text", "date", "datetime", "integer", "number", "boolean", "list"]
-Normaliser = Literal["lower", "status", "gender", "cvx", "route", "site"]
+Normaliser = Literal["lower", "upper", "status", "gender", "cvx", "route", "site", "mvx", "encounter_class"]
+RefKind = Literal["patient", "practitioner", "encounter", "immunization", "document", "task"]
 
 #: The toolkit's own limit on source identifiers: they become crosswalk keys
 #: and, in a dry run, placeholders in a ``patientId`` (at most 128 characters).
@@ -37,6 +38,8 @@ class CanonicalField:
     normaliser: Normaliser | None = None
     own_max_length: int | None = None  # a toolkit limit, for fields with no target
     description: str = ""
+    ref: RefKind | None = None  # holds a source id (or ClinikAPI id) of another kind's resource
+    required_with: tuple[str, ...] = ()  # required when any of these fields has a value
 
     @property
     def spec(self) -> Spec | None:
@@ -80,24 +83,32 @@ def F(name: str, value: ValueType = "text", target: str | None = None, *aliases:
     return CanonicalField(name, value, target, aliases=aliases, **kw)  # type: ignore[arg-type]
 
 
+def R(name: str, kind: RefKind, target: str | None, *aliases: str, **kw: object) -> CanonicalField:  # noqa: N802
+    """A reference field: a source id resolved to a ClinikAPI id at load time."""
+    return CanonicalField(name, "text", target, aliases=aliases, ref=kind, own_max_length=SOURCE_ID_MAX_LENGTH, **kw)  # type: ignore[arg-type]
+
+
 IMM = "ImmunizationCreate:"
 PAT = "PatientCreate:"
+PRA = "PractitionerCreate:"
+ENC = "EncounterCreate:"
+DOC = "DocumentCreate:"
+TSK = "TaskCreate:"
 
-#: The patient demographics that may ride along on any row that names a patient.
-PATIENT_FIELDS: tuple[CanonicalField, ...] = (
-    F(
-        "patient_id",
-        "text",
-        None,
-        "patient_source_id",
-        "recip_id",
-        "mrn",
-        "patient_mrn",
-        "patient_number",
-        required=True,
-        own_max_length=SOURCE_ID_MAX_LENGTH,
-        description="the patient's id in the source system",
-    ),
+_DEMOGRAPHICS = (
+    "patient_birth_date",
+    "patient_gender",
+    "patient_phone",
+    "patient_email",
+    "patient_address_line",
+    "patient_city",
+    "patient_state",
+    "patient_postal_code",
+)
+
+#: The patient demographics that may ride along on a row that names a patient.
+#: When a row carries any of them, it must name the patient fully (first and last name).
+PATIENT_DEMOGRAPHICS: tuple[CanonicalField, ...] = (
     F(
         "patient_first_name",
         "text",
@@ -106,7 +117,8 @@ PATIENT_FIELDS: tuple[CanonicalField, ...] = (
         "recip_first_name",
         "given_name",
         "first",
-        required=True,
+        "given",
+        required_with=_DEMOGRAPHICS,
     ),
     F(
         "patient_last_name",
@@ -117,7 +129,8 @@ PATIENT_FIELDS: tuple[CanonicalField, ...] = (
         "family_name",
         "surname",
         "last",
-        required=True,
+        "family",
+        required_with=_DEMOGRAPHICS,
     ),
     F("patient_birth_date", "date", PAT + "birthDate", "birth_date", "dob", "date_of_birth", "recip_dob", "birthdate"),
     F("patient_gender", "text", PAT + "gender", "gender", "sex", "recip_sex", normaliser="gender"),
@@ -138,6 +151,78 @@ PATIENT_FIELDS: tuple[CanonicalField, ...] = (
     F("patient_country", "text", PAT + "address.country", "country"),
 )
 
+_PATIENT_REF = R(
+    "patient_id",
+    "patient",
+    None,
+    "patient_source_id",
+    "recip_id",
+    "mrn",
+    "patient_mrn",
+    "patient_number",
+    "patient",
+    required=True,
+    description="the patient's id in the source system",
+)
+
+PATIENT_FIELDS: tuple[CanonicalField, ...] = (
+    F(
+        "patient_id",
+        "text",
+        None,
+        "patient_source_id",
+        "mrn",
+        "patient_mrn",
+        "patient_number",
+        "id",
+        required=True,
+        own_max_length=SOURCE_ID_MAX_LENGTH,
+        description="the patient's id in the source system",
+    ),
+    *(
+        CanonicalField(
+            **{**f.__dict__, "required": f.name in ("patient_first_name", "patient_last_name"), "required_with": ()}
+        )
+        for f in PATIENT_DEMOGRAPHICS
+    ),
+    F("patient_marital_status", "text", PAT + "maritalStatus", "marital_status", "marital"),
+)
+
+PRACTITIONER_FIELDS: tuple[CanonicalField, ...] = (
+    F(
+        "practitioner_id",
+        "text",
+        None,
+        "provider_id",
+        "id",
+        "prescriber_id",
+        own_max_length=SOURCE_ID_MAX_LENGTH,
+        description="the practitioner's id in the source system",
+    ),
+    F("npi", "text", PRA + "npi", "national_provider_identifier", "provider_npi"),
+    F(
+        "practitioner_name",
+        "text",
+        None,
+        "name",
+        "provider_name",
+        "full_name",
+        description="a full name, split into first and last when those are absent",
+    ),
+    F("practitioner_first_name", "text", PRA + "firstName", "first_name", "given_name", "first", required=True),
+    F("practitioner_last_name", "text", PRA + "lastName", "last_name", "family_name", "surname", "last", required=True),
+    F("practitioner_prefix", "list", PRA + "prefix", "prefix", "title"),
+    F("practitioner_suffix", "list", PRA + "suffix", "suffix", "credentials"),
+    F("practitioner_gender", "text", PRA + "gender", "gender", "sex", normaliser="gender"),
+    F("practitioner_email", "text", PRA + "email", "email"),
+    F("practitioner_phone", "text", PRA + "phone", "phone", "telephone"),
+    F("specialty", "text", PRA + "specialty", "speciality", "specialization"),
+    F("practitioner_address_line", "text", PRA + "address.line[]", "address", "street"),
+    F("practitioner_city", "text", PRA + "address.city", "city"),
+    F("practitioner_state", "text", PRA + "address.state", "state"),
+    F("practitioner_postal_code", "text", PRA + "address.postalCode", "zip", "postal_code"),
+)
+
 IMMUNIZATION_FIELDS: tuple[CanonicalField, ...] = (
     F(
         "record_id",
@@ -152,7 +237,8 @@ IMMUNIZATION_FIELDS: tuple[CanonicalField, ...] = (
         own_max_length=SOURCE_ID_MAX_LENGTH,
         description="the vaccination record's id in the source system; the row key when present",
     ),
-    *PATIENT_FIELDS,
+    _PATIENT_REF,
+    *PATIENT_DEMOGRAPHICS,
     F("status", "text", IMM + "status", "immunization_status", "vaccination_status", normaliser="status"),
     F(
         "vaccine_code",
@@ -181,7 +267,7 @@ IMMUNIZATION_FIELDS: tuple[CanonicalField, ...] = (
     ),
     F("recorded", "datetime", IMM + "recorded", "recorded_date", "entry_date"),
     F("primary_source", "boolean", IMM + "primarySource"),
-    F("manufacturer", "text", IMM + "manufacturer", "mvx", "manufacturer_name", "mfr"),
+    F("manufacturer", "text", IMM + "manufacturer", "mvx", "manufacturer_name", "mfr", normaliser="mvx"),
     F("lot_number", "text", IMM + "lotNumber", "lot", "lot_no", "lot_num"),
     F(
         "expiration_date",
@@ -196,17 +282,22 @@ IMMUNIZATION_FIELDS: tuple[CanonicalField, ...] = (
     F("route", "text", IMM + "route", "vax_route", "admin_route", "route_of_administration", normaliser="route"),
     F("dose_value", "number", IMM + "doseQuantity.value", "dose_quantity", "dose_amount", "dose"),
     F("dose_unit", "text", IMM + "doseQuantity.unit", "dose_units", "unit"),
-    F(
+    R(
         "performer_id",
-        "text",
+        "practitioner",
         IMM + "performer[].actorId",
         "performer",
         "performer_actor_id",
         "administered_by",
         "provider_id",
+        "provider",
     ),
     F("performer_function", "text", IMM + "performer[].function", "performer_role"),
-    F("encounter_id", "text", IMM + "encounterId", "visit_id"),
+    F("performer_npi", "text", PRA + "npi", "vaccinator_npi", "administered_by_npi", "provider_npi",
+      description="the performer's NPI: the practitioner is created from the row when no providers file has it"),
+    F("performer_name", "text", None, "vaccinator", "vaccinator_name", "administered_by_name", "provider_name",
+      description="the performer's full name, for a practitioner created from the row"),
+    R("encounter_id", "encounter", IMM + "encounterId", "visit_id", "encounter"),
     F("note", "text", IMM + "note", "notes", "comment", "comments"),
     F("reason_codes", "list", IMM + "reasonCode", "reason_code", "reasons", "reason"),
     F("status_reason", "text", IMM + "statusReason", "refusal_reason"),
@@ -219,16 +310,261 @@ IMMUNIZATION_FIELDS: tuple[CanonicalField, ...] = (
     F("target_diseases", "list", IMM + "protocolApplied[].targetDisease", "target_disease", "disease", "diseases"),
 )
 
-#: Kind -> its canonical fields. Later kinds (encounters, documents, tasks,
-#: practitioners) add their tables here.
-KINDS: Mapping[str, tuple[CanonicalField, ...]] = {
-    "immunization": IMMUNIZATION_FIELDS,
+ENCOUNTER_FIELDS: tuple[CanonicalField, ...] = (
+    F(
+        "record_id",
+        "text",
+        None,
+        "encounter_id",
+        "visit_id",
+        "id",
+        own_max_length=SOURCE_ID_MAX_LENGTH,
+        description="the visit's id in the source system; the row key when present",
+    ),
+    _PATIENT_REF,
+    F("status", "text", ENC + "status", "encounter_status", "visit_status", normaliser="status", required=True),
+    F(
+        "encounter_class",
+        "text",
+        ENC + "class",
+        "class",
+        "encounterclass",
+        "visit_class",
+        "visit_type",
+        "setting",
+        normaliser="encounter_class",
+        required=True,
+    ),
+    R(
+        "practitioner_id",
+        "practitioner",
+        ENC + "practitionerId",
+        "provider",
+        "provider_id",
+        "practitioner",
+        "attending",
+    ),
+    F(
+        "participant_ids",
+        "list",
+        None,
+        "participants",
+        "participant",
+        "other_providers",
+        ref="practitioner",
+        description="';'-separated practitioner ids, sent as participants",
+    ),
+    F("encounter_type", "text", ENC + "type", "type", "encounter_type", "visit_reason_type", "description"),
+    F("service_type", "text", ENC + "serviceType", "service"),
+    F("priority", "text", ENC + "priority"),
+    F(
+        "reason",
+        "text",
+        ENC + "reasonCode",
+        "reason_code",
+        "reasondescription",
+        "reason_description",
+        "chief_complaint",
+    ),
+    F("period_start", "datetime", ENC + "period.start", "start", "start_time", "admit_time", "check_in", "visit_start"),
+    F(
+        "period_end",
+        "datetime",
+        ENC + "period.end",
+        "stop",
+        "end",
+        "end_time",
+        "discharge_time",
+        "check_out",
+        "visit_end",
+    ),
+    F("length_minutes", "integer", ENC + "lengthMinutes", "length", "duration", "duration_minutes", "minutes"),
+    F("location", "text", ENC + "location", "room", "clinic"),
+    F("service_provider", "text", ENC + "serviceProvider", "organization", "facility", "service_provider_name"),
+    F(
+        "diagnoses",
+        "list",
+        ENC + "diagnosis",
+        "diagnosis",
+        "diagnosis_codes",
+        "dx",
+        "diagnoses_codes",
+        description="';'-separated condition codes, or numbered columns diagnosis_1, diagnosis_2 ...",
+    ),
+)
+
+DOCUMENT_FIELDS: tuple[CanonicalField, ...] = (
+    F(
+        "document_id",
+        "text",
+        None,
+        "document_key",
+        "doc_id",
+        "letter_id",
+        "document",
+        required=True,
+        own_max_length=SOURCE_ID_MAX_LENGTH,
+        description="groups the section rows of one document",
+    ),
+    _PATIENT_REF,
+    R(
+        "practitioner_id",
+        "practitioner",
+        DOC + "practitionerId",
+        "author",
+        "author_id",
+        "provider",
+        "provider_id",
+        required=True,
+    ),
+    R("encounter_id", "encounter", DOC + "encounterId", "visit_id", "encounter"),
+    F("status", "text", DOC + "status", "document_status", normaliser="status", required=True),
+    F("document_type", "text", DOC + "type", "type", "doc_type", required=True),
+    F("title", "text", DOC + "title", "document_title", "subject", required=True),
+    F("date", "datetime", DOC + "date", "document_date", "written", "created"),
+    F("confidentiality", "text", DOC + "confidentiality", normaliser="upper"),
+    F("category", "list", DOC + "category", "categories"),
+    F("attester_mode", "text", DOC + "attester[].mode", normaliser="lower"),
+    F("attester_time", "datetime", DOC + "attester[].time", "attested_at"),
+    R("attester_id", "practitioner", DOC + "attester[].partyId", "attester", "attested_by"),
+    F("relates_to_code", "text", DOC + "relatesTo[].code", normaliser="lower"),
+    F("relates_to_target", "text", DOC + "relatesTo[].targetId", "replaces_document"),
+    F("event_code", "text", DOC + "event[].code[].code", "event"),
+    F("event_start", "datetime", DOC + "event[].period.start"),
+    F("event_end", "datetime", DOC + "event[].period.end"),
+    F("section_title", "text", DOC + "sections[].title", "heading", required=True),
+    F("section_text", "text", DOC + "sections[].text", "text", "body", "content", required=True),
+    F("section_code", "text", DOC + "sections[].code"),
+    F("section_mode", "text", DOC + "sections[].mode", normaliser="lower"),
+    R("section_author_id", "practitioner", DOC + "sections[].authorId", "section_author"),
+)
+
+TASK_FIELDS: tuple[CanonicalField, ...] = (
+    F(
+        "record_id",
+        "text",
+        None,
+        "task_id",
+        "id",
+        own_max_length=SOURCE_ID_MAX_LENGTH,
+        description="the task's id in the source system; the row key when present",
+    ),
+    F("status", "text", TSK + "status", "task_status", normaliser="status", required=True),
+    F("intent", "text", TSK + "intent", normaliser="lower", required=True),
+    F("priority", "text", TSK + "priority", normaliser="lower"),
+    F("status_reason", "text", TSK + "statusReason"),
+    F("business_status", "text", TSK + "businessStatus"),
+    F("task_code", "text", TSK + "code", "code", "task_type"),
+    F("description", "text", TSK + "description", "task", "summary"),
+    R("focus_id", "immunization", TSK + "focusId", "focus", "about"),
+    R("patient_id", "patient", TSK + "patientId", "patient_source_id", "mrn", "patient", "for"),
+    R("encounter_id", "encounter", TSK + "encounterId", "visit_id", "encounter"),
+    F("execution_start", "datetime", TSK + "executionPeriod.start", "start", "due_start"),
+    F("execution_end", "datetime", TSK + "executionPeriod.end", "end", "due", "due_date"),
+    F("authored_on", "datetime", TSK + "authoredOn", "authored", "created"),
+    R("requester_id", "practitioner", TSK + "requesterId", "requester", "requested_by"),
+    R("owner_id", "practitioner", TSK + "ownerId", "owner", "assigned_to"),
+    F("reason", "text", TSK + "reasonCode", "reason_code"),
+    F("note", "text", TSK + "note", "notes", "comment"),
+    F("based_on", "list", TSK + "basedOn"),
+    F("part_of", "list", TSK + "partOf"),
+    F("inputs", "list", TSK + "input", "input", description="';'-separated type=value pairs"),
+    F("outputs", "list", TSK + "output", "output", description="';'-separated type=value pairs"),
+    F("restriction_repetitions", "integer", TSK + "restriction.repetitions", "repetitions"),
+    F("restriction_start", "datetime", TSK + "restriction.period.start"),
+    F("restriction_end", "datetime", TSK + "restriction.period.end"),
+    F("restriction_recipients", "list", TSK + "restriction.recipientIds", "recipients"),
+)
+
+
+@dataclass(frozen=True)
+class Kind:
+    """One kind of input row: its fields, its create route, and when it loads."""
+
+    name: str
+    schema: str  # the create-body schema it becomes
+    fields: tuple[CanonicalField, ...]
+    stage: int  # load order: parents first
+    distinctive: tuple[str, ...]  # fields whose headers tell this kind apart
+
+
+KIND_SPECS: Mapping[str, Kind] = {
+    k.name: k
+    for k in (
+        Kind("patient", "PatientCreate", PATIENT_FIELDS, 0, ("patient_first_name", "patient_marital_status")),
+        Kind("practitioner", "PractitionerCreate", PRACTITIONER_FIELDS, 0,
+             ("npi", "specialty", "practitioner_name", "practitioner_id")),
+        Kind(
+            "encounter",
+            "EncounterCreate",
+            ENCOUNTER_FIELDS,
+            1,
+            ("encounter_class", "period_start", "period_end", "diagnoses", "length_minutes"),
+        ),
+        Kind(
+            "immunization",
+            "ImmunizationCreate",
+            IMMUNIZATION_FIELDS,
+            2,
+            ("vaccine_code", "lot_number", "dose_number", "occurrence"),
+        ),
+        Kind("document", "DocumentCreate", DOCUMENT_FIELDS, 2, ("document_id", "section_text", "section_title")),
+        Kind("task", "TaskCreate", TASK_FIELDS, 2, ("intent", "owner_id", "requester_id", "execution_end")),
+    )
+}
+
+#: Kind -> its canonical fields.
+KINDS: Mapping[str, tuple[CanonicalField, ...]] = {name: k.fields for name, k in KIND_SPECS.items()}
+
+#: Words registries use for a visit's class, mapped to EncounterCreate's codes.
+ENCOUNTER_CLASS_WORDS: Mapping[str, str] = {
+    "amb": "AMB",
+    "ambulatory": "AMB",
+    "outpatient": "AMB",
+    "wellness": "AMB",
+    "office": "AMB",
+    "clinic": "AMB",
+    "office visit": "AMB",
+    "well child": "AMB",
+    "imp": "IMP",
+    "inpatient": "IMP",
+    "hospital": "IMP",
+    "admission": "IMP",
+    "emer": "EMER",
+    "emergency": "EMER",
+    "er": "EMER",
+    "ed": "EMER",
+    "urgent care": "EMER",
+    "urgentcare": "EMER",
+    "hh": "HH",
+    "home health": "HH",
+    "home": "HH",
+    "home visit": "HH",
+    "vr": "VR",
+    "virtual": "VR",
+    "telehealth": "VR",
+    "telemedicine": "VR",
+    "video": "VR",
 }
 
 #: Values a profile may leave out: they fill empty cells and absent columns.
 DEFAULTS: Mapping[str, Mapping[str, str]] = {
     "immunization": {"status": "completed", "vaccine_system": "http://hl7.org/fhir/sid/cvx"},
+    "encounter": {"status": "finished"},
+    "document": {"status": "final"},
+    "task": {"status": "requested", "intent": "order"},
 }
+
+
+#: Fields that name or reach a person: a ``--redact`` report leaves their values out.
+PHI_FIELDS = frozenset(
+    {
+        "patient_first_name", "patient_last_name", "patient_birth_date", "patient_phone", "patient_email",
+        "patient_address_line", "patient_city", "patient_postal_code", "patient_marital_status",
+        "practitioner_name", "practitioner_email", "practitioner_phone", "practitioner_address_line",
+        "practitioner_postal_code", "performer_name", "note",
+    }
+)
 
 
 def fields_of(kind: str) -> tuple[CanonicalField, ...]:
