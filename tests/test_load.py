@@ -25,13 +25,20 @@ from .conftest import ROOT, SAMPLE
 from .test_pipeline import count
 
 PATIENT = Send("patient", "/v1/patients", "P1", '{"firstName":"Ann","lastName":"Lee","birthDate":"2015-03-04"}', "h1")
+
+
+def patient_ref(key: str) -> str:
+    """The placeholder a planned body carries for a patient's ClinikAPI id."""
+    return f'"@@patient:{key.encode().hex()}@@"'
+
+
 DOSE = Send(
     "immunization",
     "/v1/immunizations",
     "R1",
-    '{"status":"completed","vaccineCode":{"code":"08"},"occurrenceDateTime":"2021-03-04"}',
+    '{"patientId":' + patient_ref("P1") + ',"status":"completed","vaccineCode":{"code":"08"},'
+    '"occurrenceDateTime":"2021-03-04"}',
     "h2",
-    "P1",
 )
 
 
@@ -86,7 +93,7 @@ def test_a_timeout_is_unknown_never_resent_and_resolved_by_lookup(tmp_path: Path
     # The sandbox commits the patient, but its answer is lost: the loader cannot know.
     rows, patients, _ = _run(sandbox, state, httpx.Timeout(5.0), "run1", [PATIENT], [DOSE], transport=LoseAnswers(1))
     assert patients["P1"].state == "unknown"
-    assert rows["R1"].state == "failed" and rows["R1"].error_code == "patient-unknown"
+    assert rows["R1"].state == "failed" and rows["R1"].error_code == "parent-unknown"
     assert [r.state for r in state.in_state("patient", "unknown")] == ["unknown"]
     assert count(sandbox, "/v1/patients") == 1  # it was written after all
 
@@ -120,9 +127,8 @@ def test_429_is_waited_out_and_retried(tmp_path: Path) -> None:
                 "immunization",
                 "/v1/immunizations",
                 f"R{i}",
-                '{"status":"completed","vaccineCode":"08"}',
+                '{"patientId":' + patient_ref(f"P{i}") + ',"status":"completed","vaccineCode":"08"}',
                 f"d{i}",
-                f"P{i}",
             )
             for i in range(10)
         ]
@@ -161,7 +167,9 @@ def test_throttle_holds_a_burst_then_paces() -> None:
 def test_throttle_rate_follows_the_server_headers() -> None:
     throttle = Throttle()
     throttle.observe({"x-ratelimit-limit": "500", "x-ratelimit-remaining": "360", "x-ratelimit-reset": "3600"})
-    assert throttle.rate == pytest.approx(0.1)
+    assert throttle.rate == pytest.approx(360 / 3599.5)  # a whole-second Reset is taken as rounded up
+    throttle.observe({"x-ratelimit-remaining": "30", "x-ratelimit-reset": "0.25"})
+    assert throttle.rate == pytest.approx(120.0)  # a fractional Reset is taken as it is
     fixed = Throttle(5.0)
     fixed.observe({"x-ratelimit-remaining": "360", "x-ratelimit-reset": "3600"})
     assert fixed.rate == 5.0
@@ -292,3 +300,100 @@ def test_live_key_needs_opt_in_and_https(tmp_path: Path) -> None:
     )
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 2 and "loopback" in err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_sigint_stops_cleanly_writes_the_report_and_resume_completes(tmp_path: Path, sig: int) -> None:
+    key = "clk_test_interrupt0123456789"
+    with SandboxServer(SandboxConfig(api_keys={key: "*"})) as server:
+        common = ["--base-url", server.base_url, "--state", str(tmp_path / "s.sqlite"), "--consistency-window", "0"]
+        proc = _cli("load", str(SAMPLE / "registry.csv"), *common, "--rate", "60", "--report-dir", str(tmp_path / "r1"),
+                    key=key)
+        deadline = time.monotonic() + 60
+        while count(server, "/v1/immunizations") < 40:
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 130, err
+        assert "Run the same command again" in out
+        summary = (tmp_path / "r1" / "summary.json").read_text("utf-8")
+        assert '"interrupted": true' in summary
+        with StateStore(tmp_path / "s.sqlite", target=server.base_url) as state:
+            assert state.in_state("immunization", "pending", "unknown") == []
+            assert state.in_state("patient", "pending", "unknown") == []
+        rows = pl.read_csv(tmp_path / "r1" / "rows.csv", infer_schema=False)
+        assert rows.height == 560
+        created_first = rows.filter(pl.col("state") == "created").height
+        assert created_first == count(server, "/v1/immunizations") < 532
+        resumed = _cli("load", str(SAMPLE / "registry.csv"), *common, "--report-dir", str(tmp_path / "r2"), key=key)
+        resumed.communicate(timeout=120)
+        assert resumed.returncode == 1
+        assert count(server, "/v1/immunizations") == 532
+
+
+def test_reconcile_settles_unknowns_without_the_input_files(tmp_path: Path) -> None:
+    from etl.pipeline import reconcile_state
+    from etl.settings import Settings
+
+    key = "clk_test_reconcile0123456789"
+    with SandboxServer(SandboxConfig(api_keys={key: "*"})) as server:
+        state = StateStore(tmp_path / "s.sqlite", target=server.base_url)
+        # run 1 loses the answers of the patient and of the first dose: both are unknown
+        second = Send("immunization", "/v1/immunizations", "R2",
+                      '{"patientId":' + patient_ref("P1") + ',"status":"completed","vaccineCode":"20"}', "h3")
+        _, patients, _ = _run(server, state, httpx.Timeout(5.0), "run1", [PATIENT], [DOSE, second],
+                              transport=LoseAnswers(1))
+        assert patients["P1"].state == "unknown"
+        # A crashed run left R9 pending with its body kept but never sent.
+        state.mark_pending("immunization", [("R9", "h9", '{"status":"completed","vaccineCode":"03",'
+                                             '"patientId":"pat_missing"}')], "crashed")
+        state.close()
+        settings = Settings(state=tmp_path / "s.sqlite", api_key=key, consistency_window=0,
+                            report_dir=tmp_path / "rec")
+        report = reconcile_state(settings, verify=True)
+        states = report.summary["states"]
+        assert states.get("created") == 1  # the patient: found by lookup, not sent again
+        assert states.get("failed") == 1  # R9: certainly absent, sent again, refused (its patient does not exist)
+        assert count(server, "/v1/patients") == 1
+        assert report.summary["verified"] == {"confirmed": 1}
+        recon = pl.read_csv(tmp_path / "rec" / "reconcile.csv", infer_schema=False)
+        assert set(recon["source_key"]) == {"P1", "R9"}
+        again = reconcile_state(settings.model_copy(update={"report_dir": tmp_path / "rec2"}))
+        assert again.summary["in_doubt"] == 0
+
+
+def test_a_newer_copy_skips_unchanged_reports_changed_and_lists_what_left(tmp_path: Path, sandbox: Any) -> None:
+    from etl.pipeline import load_files
+    from etl.settings import Settings
+
+    week1 = tmp_path / "w1" / "weekly.csv"
+    week2 = tmp_path / "w2" / "weekly.csv"
+    week1.parent.mkdir()
+    week2.parent.mkdir()
+    header = "Record ID,Patient ID,First Name,Last Name,CVX,Admin Date,Lot Number\n"
+    week1.write_text(header + "R1,P1,Ann,Lee,08,2021-03-04,A1\nR2,P1,Ann,Lee,20,2021-03-05,B1\n"
+                     "R3,P2,Bo,Ray,21,2021-03-06,C1\n", encoding="utf-8")
+    week2.write_text(header + "R1,P1,Ann,Lee,08,2021-03-04,A1\nR2,P1,Ann,Lee,20,2021-03-05,B2\n"
+                     "R4,P2,Bo,Ray,03,2021-04-01,D1\n", encoding="utf-8")
+    base = {"base_url": sandbox.base_url, "api_key": sandbox.api_key, "consistency_window": 0,
+            "state": tmp_path / "s.sqlite"}
+    first = load_files([week1], Settings(**base, report_dir=tmp_path / "r1"))
+    assert first.states["created"] == 3
+    second = load_files([week2], Settings(**base, report_dir=tmp_path / "r2"))
+    by_key = {r["source_key"]: r["state"] for r in second.rows.iter_rows(named=True)}
+    assert by_key == {"R1": "skipped", "R2": "changed", "R4": "created"}
+    assert second.summary["disappeared"] == 1
+    gone = pl.read_csv(tmp_path / "r2" / "disappeared.csv", infer_schema=False)
+    assert gone["source_key"].to_list() == ["R3"]
+    assert count(sandbox, "/v1/immunizations") == 4  # R3 is listed, never deleted
+    lot = lambda rid: httpx.get(f"{sandbox.base_url}/v1/immunizations/{rid}",  # noqa: E731
+                                headers={"x-api-key": sandbox.api_key}).json()["data"]["lotNumber"]
+    r2_id = next(r["resource_id"] for r in second.rows.iter_rows(named=True) if r["source_key"] == "R2")
+    assert lot(r2_id) == "B1"
+    third = load_files([week2], Settings(**base, report_dir=tmp_path / "r3", update=True))
+    assert {r["source_key"]: r["state"] for r in third.rows.iter_rows(named=True)}["R2"] == "updated"
+    assert lot(r2_id) == "B2"
+    fourth = load_files([week2], Settings(**base, report_dir=tmp_path / "r4"))
+    assert set(fourth.rows["state"]) == {"skipped"}

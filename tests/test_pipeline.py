@@ -119,19 +119,48 @@ def test_validate_exit_state_and_rejects_file(tmp_path: Path) -> None:
     assert report.exit_code() == 1
 
 
-def test_a_refused_row_fails_with_the_api_code_and_field(tmp_path: Path, sandbox: Any) -> None:
+def test_unresolved_references_are_rejected_and_refusals_fail_with_the_api_code(tmp_path: Path, sandbox: Any) -> None:
     path = tmp_path / "refs.csv"
     path.write_text(
         "Record ID,Patient ID,First Name,Last Name,CVX,Admin Date,Performer\n"
-        "R1,P1,Ann,Lee,08,2021-03-04,prac_doesnotexist\n"
-        "R2,P1,Ann,Lee,20,2021-03-04,\n",
+        "R1,P1,Ann,Lee,08,2021-03-04,DR-NOBODY\n"
+        "R2,P1,Ann,Lee,20,2021-03-04,\n"
+        "R3,P1,Ann,Lee,21,2021-03-04,DR-GONE\n",
         encoding="utf-8",
     )
-    report = load_files([path], _settings(tmp_path, sandbox))
-    by_key = {r["source_key"]: r for r in report.rows.iter_rows(named=True)}
-    assert by_key["R1"]["state"] == "failed"
-    assert by_key["R1"]["error_code"] == "VALIDATION_ERROR"
-    assert "performer" in by_key["R1"]["field"]
-    assert by_key["R1"]["message"].startswith("HTTP 422")
+    crosswalk = tmp_path / "crosswalk.csv"
+    crosswalk.write_text("kind,source_id,clinikapi_id\npractitioner,DR-GONE,prac_deleted0000\n", encoding="utf-8")
+    report = load_files([path], _settings(tmp_path, sandbox, crosswalk=crosswalk))
+    by_key = {r["source_key"] or r["message"]: r for r in report.rows.iter_rows(named=True)}
+    rejected = report.rows.filter(pl.col("state") == "rejected").row(0, named=True)
+    assert (rejected["source_row"], rejected["error_code"], rejected["field"]) == (
+        2,
+        "unresolved-reference",
+        "Performer",
+    )
+    assert "DR-NOBODY" in rejected["message"]
     assert by_key["R2"]["state"] == "created"
+    # The crosswalk vouches for an id the API no longer has: the API refuses, the row fails with its code.
+    assert by_key["R3"]["state"] == "failed"
+    assert by_key["R3"]["error_code"] == "VALIDATION_ERROR"
+    assert "performer" in by_key["R3"]["field"]
+    assert by_key["R3"]["message"].startswith("HTTP 422")
     assert report.exit_code() == 3
+
+
+def test_redact_leaves_names_birth_dates_and_contacts_out_of_the_report(tmp_path: Path) -> None:
+    sample = pl.read_csv(SAMPLE / "registry.csv", infer_schema=False)
+    planted = pl.read_csv(SAMPLE / "planted.csv", infer_schema=False)
+    rejected_rows = [int(r) - 2 for r in planted["source_row"]]
+    phi = {v for c in ("First Name", "Last Name", "DOB", "Phone", "Email", "Street")
+           for v in sample[c].gather(rejected_rows).drop_nulls().to_list() if len(v) > 3}
+    plain = validate_files([SAMPLE / "registry.csv"], _settings(tmp_path / "plain"))
+    redacted = validate_files([SAMPLE / "registry.csv"], _settings(tmp_path / "redacted", redact=True))
+    assert plain.states == redacted.states
+
+    def leaked(folder: Path) -> set[str]:
+        text = "".join(p.read_text("utf-8") for p in folder.rglob("*") if p.is_file())
+        return {v for v in phi if v in text}
+
+    assert leaked(tmp_path / "plain" / "report")  # the check can see PHI when it is there
+    assert leaked(tmp_path / "redacted" / "report") == set()

@@ -145,6 +145,26 @@ class ApiClient:
             return Unknown(f"server error {status}", status)
         return _refusal(response)
 
+    async def patch(self, route: str, resource_id: str, body: bytes) -> Outcome:
+        """PATCH a created resource with a new body (a re-import's ``--update``)."""
+        try:
+            response = await self._http.patch(
+                f"{route}/{resource_id}", content=body, headers={**self._headers, "content-type": "application/json"}
+            )
+        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+            return RetryLater(1.0, f"could not connect: {type(exc).__name__}")
+        except httpx.TransportError as exc:
+            # A patch applied twice gives the same resource: unlike a create, it is safe to repeat later.
+            return Unknown(f"no answer to the update ({type(exc).__name__})")
+        self._observe(response)
+        if response.status_code == 200:
+            return Created(resource_id, 200)
+        if response.status_code == 429:
+            return RetryLater(_retry_after(response.headers), "RATE_LIMITED")
+        if response.status_code >= 500:
+            return Unknown(f"server error {response.status_code}", response.status_code)
+        return _refusal(response)
+
     async def get(self, path: str, params: Mapping[str, str | int] | None = None, *, attempts: int = 4) -> Any:
         """GET a resource or a page; safe to retry, so it does. Returns ``data``."""
         delay = 0.5

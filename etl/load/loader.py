@@ -19,18 +19,36 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from etl.errors import AuthError
-from etl.load.client import ApiClient, Created, LookupFailed, Outcome, Refused, RetryLater, Unknown
+from etl.load.client import Created, LookupFailed, Outcome, Refused, RetryLater, Unknown
 from etl.load.state import Record, StateStore
 from etl.load.throttle import Throttle
+from etl.progress import Progress, as_progress
+from etl.transform import fill_refs
 
 __all__ = ["LoadOptions", "Loader", "Result", "Send"]
 
-ResultState = Literal["created", "skipped", "failed", "unknown"]
+ResultState = Literal["created", "skipped", "failed", "unknown", "changed", "updated"]
+
+
+class Client(Protocol):
+    """What the loader needs of a target's client: ``etl.load.client.ApiClient``, or ``etl.load.redox.RedoxClient``
+    (whose ``search`` raises ``LookupFailed``: with no search, an unknown outcome stays unknown)."""
+
+    requests: int
+
+    async def create(self, route: str, body: bytes) -> Outcome:
+        """Send one create; one of the four outcomes."""
+        ...
+
+    async def search(self, route: str, params: Mapping[str, str | int]) -> list[dict[str, Any]]:
+        """Every match of a search, or ``LookupFailed``."""
+        ...
+
 _FLUSH_EVERY = 32
 
 
@@ -42,11 +60,12 @@ class LoadOptions:
     concurrency: int = 8
     consistency_window: float = 10.0  # seconds before a search can be trusted to show a create
     max_retries: int = 8  # for answers that say "not processed, try later"
+    update: bool = False  # PATCH rows that changed since they were created (else report them as changed)
 
 
 @dataclass(frozen=True)
 class Send:
-    """One create to make: ``body`` is JSON text without the late-bound ``patientId``."""
+    """One create to make: ``body`` is JSON text whose references are placeholders filled at send time."""
 
     kind: str
     route: str
@@ -54,6 +73,7 @@ class Send:
     body: str
     body_hash: str
     patient_key: str | None = None
+    source_file: str | None = None  # the input file's name, to tell later which rows left it
 
 
 @dataclass(frozen=True)
@@ -73,6 +93,7 @@ class LoadStats:
     """Counters for the report."""
 
     requests: int = 0
+    creates: int = 0  # POSTs sent, whatever their answer
     retries_429: int = 0
     started: float = field(default_factory=time.monotonic)
     send_seconds: float = 0.0
@@ -83,124 +104,191 @@ class Loader:
 
     def __init__(
         self,
-        client: ApiClient,
+        client: Client,
         state: StateStore,
         throttle: Throttle,
         options: LoadOptions,
         run_id: str,
         *,
-        progress: Callable[[str, int], None] | None = None,
+        progress: Progress | Callable[[str, int], None] | None = None,
     ) -> None:
         self.client = client
         self.state = state
         self.throttle = throttle
         self.options = options
         self.run_id = run_id
-        self.progress = progress or (lambda stage, n: None)
+        self.progress = as_progress(progress)
         self.stats = LoadStats()
         self.aborted: AuthError | None = None
+        self.stopping = False  # set by stop(): send nothing new, finish what is in flight
         self._outcomes: list[Record] = []
 
     # --- the run -------------------------------------------------------------
 
+    def stop(self) -> None:
+        """Stop taking new rows (SIGINT/SIGTERM): requests in flight finish and are recorded."""
+        self.stopping = True
+
     async def run(self, patients: Sequence[Send], rows: Sequence[Send]) -> tuple[dict[str, Result], dict[str, Result]]:
-        """Load ``rows`` and the ``patients`` they need; return results by source key."""
-        patient_by_key = {p.source_key: p for p in patients}
-        kind = rows[0].kind if rows else "immunization"
-        stored_rows = self.state.get(kind, [r.source_key for r in rows])
-        stored_patients = self.state.get("patient", list(patient_by_key))
-
-        # 1. resolve what an earlier run left in doubt, patients first (rows need their ids)
-        patient_results = await self._resolve(
-            [patient_by_key[k] for k, rec in stored_patients.items() if rec.state in ("pending", "unknown")],
-            stored_patients,
+        """Load ``rows`` and the ``patients`` they name; results by source key (rows, patients)."""
+        results = await self.run_stages([patients, rows])
+        return (
+            {k: r for (kind, k), r in results.items() if kind != "patient"},
+            {k: r for (kind, k), r in results.items() if kind == "patient"},
         )
-        row_results: dict[str, Result] = {}
-        doubtful = [r for r in rows if stored_rows.get(r.source_key, _NONE).state in ("pending", "unknown")]
-        crosswalk = self._crosswalk(stored_patients, patient_results)
-        row_results.update(await self._resolve(doubtful, stored_rows, crosswalk))
 
-        to_send: list[Send] = []
-        for r in rows:
-            rec = stored_rows.get(r.source_key)
-            if r.source_key in row_results:
-                if row_results[r.source_key].state != "failed":  # found, or still unknown
-                    continue
-            elif rec is not None and rec.state == "created":
-                row_results[r.source_key] = Result("skipped", rec.resource_id, message="created by an earlier run")
-                continue
-            to_send.append(r)
+    async def run_stages(
+        self,
+        stages: Sequence[Sequence[Send]],
+        *,
+        aliases: Mapping[tuple[str, str], str] | None = None,
+        known_ids: Mapping[tuple[str, str], str] | None = None,
+    ) -> dict[tuple[str, str], Result]:
+        """Load each stage after the one before, so every reference points at a created parent.
 
-        # 2. patients the rows need
-        needed = {r.patient_key for r in to_send if r.patient_key is not None}
-        new_patients = [
-            patient_by_key[k]
-            for k in patient_by_key
-            if k in needed and k not in crosswalk and patient_results.get(k, _UNRESOLVED).state != "unknown"
-        ]
-        patient_results.update(await self._send_all(new_patients, lambda p: p.body))
-        crosswalk = self._crosswalk(stored_patients, patient_results)
-        for key, rec in stored_patients.items():
-            if rec.state == "created" and key not in patient_results:
-                patient_results[key] = Result("skipped", rec.resource_id)
-
-        # 3. rows, with their patient's id
-        ready: list[Send] = []
-        for r in to_send:
-            pid = crosswalk.get(r.patient_key) if r.patient_key is not None else None
-            if r.patient_key is not None and pid is None:
-                row_results[r.source_key] = self._blocked_by_patient(patient_results.get(r.patient_key))
-            else:
-                ready.append(r)
-        row_results.update(await self._send_all(ready, lambda r: with_patient(r.body, crosswalk.get(r.patient_key))))
+        ``aliases`` map (kind, reference) to the source key a row was created under (a practitioner
+        referred to by its source id but keyed by its NPI); ``known_ids`` map (kind, reference) to
+        ClinikAPI ids known from outside the run (a user's crosswalk, ids that already exist).
+        """
+        self._aliases = dict(aliases or {})
+        self._known = dict(known_ids or {})
+        self._results: dict[tuple[str, str], Result] = {}
+        for stage in stages:
+            await self._run_stage(stage)
         self.stats.requests = self.client.requests
-        return row_results, patient_results
+        return self._results
 
-    @staticmethod
-    def _crosswalk(stored: dict[str, Record], results: dict[str, Result]) -> dict[str | None, str]:
-        walk: dict[str | None, str] = {
-            k: r.resource_id for k, r in stored.items() if r.state == "created" and r.resource_id
-        }
-        walk.update(
-            {k: r.resource_id for k, r in results.items() if r.resource_id and r.state in ("created", "skipped")}
-        )
-        return walk
+    async def reconcile(self, items: Sequence[Send]) -> dict[tuple[str, str], Result]:
+        """Settle rows left in doubt: found ones become created, certainly absent ones are sent again.
 
-    def _blocked_by_patient(self, patient: Result | None) -> Result:
+        ``items`` carry the bodies kept in the state store (references already filled in).
+        """
+        self._results = {}
+        self._aliases, self._known = {}, {}
+        by_kind: dict[str, list[Send]] = {}
+        for item in items:
+            by_kind.setdefault(item.kind, []).append(item)
+        absent: list[Send] = []
+        for kind, group in by_kind.items():
+            stored = self.state.get(kind, [i.source_key for i in group])
+            for key, result in (await self._resolve(group, stored)).items():
+                if result.state == "failed":
+                    absent.append(next(i for i in group if i.source_key == key))
+                else:
+                    self._results[(kind, key)] = result
+        self._results.update(await self._send_all(absent, lambda i: i.body))
+        self.stats.requests = self.client.requests
+        return self._results
+
+    def resolve(self, kind: str, reference: str) -> str | None:
+        """The ClinikAPI id a reference stands for, if it is known yet."""
+        key = self._aliases.get((kind, reference), reference)
+        done = self._results.get((kind, key))
+        if done is not None:
+            return done.resource_id if done.state in ("created", "skipped") else None
+        if (kind, reference) in self._known:
+            return self._known[(kind, reference)]
+        stored = self.state.get(kind, [key]).get(key)
+        return stored.resource_id if stored is not None and stored.state == "created" else None
+
+    def _fill(self, item: Send) -> tuple[str, list[tuple[str, str]]]:
+        return fill_refs(item.body, self.resolve)
+
+    async def _run_stage(self, items: Sequence[Send]) -> None:
+        changed: list[tuple[Send, str]] = []
+        by_kind: dict[str, list[Send]] = {}
+        for item in items:
+            by_kind.setdefault(item.kind, []).append(item)
+        to_send: list[Send] = []
+        for kind, group in by_kind.items():
+            stored = self.state.get(kind, [i.source_key for i in group])
+            in_doubt = ("pending", "unknown")
+            doubtful = [i for i in group if i.source_key in stored and stored[i.source_key].state in in_doubt]
+            resolved = await self._resolve(doubtful, stored)
+            for item in group:
+                rec = stored.get(item.source_key)
+                if item.source_key in resolved:
+                    result = resolved[item.source_key]
+                    if result.state != "failed":  # found, or still unknown: never re-sent blindly
+                        self._results[(kind, item.source_key)] = result
+                        continue
+                elif rec is not None and rec.state == "created":
+                    if rec.body_hash and rec.body_hash != item.body_hash and rec.resource_id:
+                        changed.append((item, rec.resource_id))
+                    else:
+                        self._results[(kind, item.source_key)] = Result(
+                            "skipped", rec.resource_id, message="created by an earlier run"
+                        )
+                    continue
+                to_send.append(item)
+        ready: list[Send] = []
+        for item in to_send:
+            _, missing = self._fill(item)
+            if self.stopping:
+                self._results[(item.kind, item.source_key)] = Result(
+                    "failed", error_code="not-sent", message="run interrupted before sending"
+                )
+            elif missing:
+                self._results[(item.kind, item.source_key)] = self._blocked(missing[0])
+            else:
+                ready.append(item)
+        self._results.update(await self._send_all(ready, lambda i: self._fill(i)[0]))
+        for item, resource_id in changed:
+            self._results[(item.kind, item.source_key)] = await self._update(item, resource_id)
+
+    async def _update(self, item: Send, resource_id: str) -> Result:
+        """A row that changed since it was created: reported, or patched with ``update``."""
+        if not self.options.update or self.stopping:
+            return Result("changed", resource_id, message="differs from what was created; --update patches it")
+        patch = getattr(self.client, "patch", None)
+        body, missing = self._fill(item)
+        if patch is None or missing:
+            why = "this target cannot update" if patch is None else f"no id for {missing[0][0]} {missing[0][1]!r}"
+            return Result("failed", resource_id, error_code="not-updated", message=why)
+        await self.throttle.acquire()
+        outcome = await patch(item.route, resource_id, body.encode())
+        if isinstance(outcome, Created):
+            self.state.set_hash(item.kind, [(item.source_key, item.body_hash)])
+            return Result("updated", resource_id, outcome.status)
+        if isinstance(outcome, Refused):
+            return Result("failed", resource_id, outcome.status, outcome.code, outcome.field, outcome.message)
+        return Result("failed", resource_id, error_code="not-updated", message=getattr(outcome, "reason", ""))
+
+    def _blocked(self, missing: tuple[str, str]) -> Result:
+        kind, reference = missing
         if self.aborted is not None:
             return Result("failed", error_code="not-sent", message=f"run stopped: {self.aborted}")
-        if patient is not None and patient.state == "unknown":
-            return Result("failed", error_code="patient-unknown", message="the patient's create has an unknown outcome")
-        detail = f"{patient.error_code}: {patient.message}" if patient is not None else "no patient"
-        return Result(
-            "failed",
-            http_status=patient.http_status if patient else None,
-            error_code="patient-failed",
-            field=patient.field if patient else None,
-            message=f"patient not created ({detail})",
-        )
+        parent = self._results.get((kind, self._aliases.get((kind, reference), reference)))
+        if parent is not None and parent.state == "unknown":
+            return Result("failed", error_code="parent-unknown",
+                          message=f"the {kind} {reference!r} has an unknown outcome; re-run to resolve it")
+        if parent is not None:
+            return Result("failed", http_status=parent.http_status, error_code="parent-failed", field=parent.field,
+                          message=f"{kind} {reference!r} not created ({parent.error_code}: {parent.message})")
+        return Result("failed", error_code="unresolved-reference", message=f"no id for {kind} {reference!r}")
 
     # --- resolving doubt -----------------------------------------------------
 
-    async def _resolve(
-        self, items: Sequence[Send], stored: dict[str, Record], crosswalk: dict[str | None, str] | None = None
-    ) -> dict[str, Result]:
+    async def _resolve(self, items: Sequence[Send], stored: dict[str, Record]) -> dict[str, Result]:
         """Look up rows whose earlier send has no known outcome."""
         if not items:
             return {}
-        newest = max(stored[i.source_key].sent_at or 0.0 for i in items)
+        newest = max(_last_possible_send(stored[i.source_key]) for i in items)
         wait = newest + self.options.consistency_window - time.time()
         if wait > 0:
             self.progress(f"waiting {wait:.0f} s for search to show earlier sends", 0)
             await asyncio.sleep(wait)
         results: dict[str, Result] = {}
         found: list[Record] = []
+        taken: set[str] = set()  # found in this loop, not yet recorded as claimed
         for item in items:
-            body = json.loads(
-                with_patient(item.body, crosswalk.get(item.patient_key)) if crosswalk is not None else item.body
-            )
+            body_text, missing = self._fill(item)
+            if missing:
+                # Its parent was never created, so neither was it.
+                results[item.source_key] = Result("failed", message="certainly absent: to be sent")
+                continue
             try:
-                resource_id = await self._find(item, body)
+                resource_id = await self._find(item, json.loads(body_text), taken)
             except LookupFailed as exc:
                 results[item.source_key] = Result("unknown", error_code="unknown-outcome", message=str(exc))
                 continue
@@ -209,30 +297,29 @@ class Loader:
                     "skipped", resource_id, message="found by lookup after an unknown outcome"
                 )
                 found.append(Record(item.kind, item.source_key, "created", resource_id))
+                taken.add(resource_id)
             else:
                 results[item.source_key] = Result("failed", message="certainly absent: to be sent")
         if found:
             self.state.record_outcomes(found)
         return results
 
-    async def _find(self, item: Send, body: dict[str, Any]) -> str | None:
+    async def _find(self, item: Send, body: dict[str, Any], taken: set[str]) -> str | None:
+        params: dict[str, str | int] = {}
         if item.kind == "patient":
-            params: dict[str, str | int] = {"name": body["lastName"]}
-            if "birthDate" in body:
-                params["birthDate"] = body["birthDate"]
+            params = {"name": body["lastName"], **({"birthDate": body["birthDate"]} if "birthDate" in body else {})}
+        elif item.kind == "practitioner":
+            params = {"npi": body["npi"]} if "npi" in body else {"name": body["lastName"]}
         elif item.kind == "immunization":
-            if "patientId" not in body:
-                return None  # its patient was never created, so neither was it
-            params = {"patientId": body["patientId"]}
             code = body["vaccineCode"]
-            params["vaccineCode"] = code["code"] if isinstance(code, dict) else code
+            params = {"patientId": body["patientId"], "vaccineCode": code["code"] if isinstance(code, dict) else code}
             if "occurrenceDateTime" in body:
                 day = body["occurrenceDateTime"][:10]
                 params.update(dateFrom=day, dateTo=day)
-        else:
-            return None
+        elif "patientId" in body:
+            params = {"patientId": body["patientId"]}
         candidates = [c for c in await self.client.search(item.route, params) if _contains(c, body)]
-        claimed = self.state.claimed_ids(str(c["id"]) for c in candidates)
+        claimed = taken | self.state.claimed_ids(str(c["id"]) for c in candidates)
         for candidate in candidates:
             if str(candidate["id"]) not in claimed:
                 return str(candidate["id"])
@@ -240,31 +327,48 @@ class Loader:
 
     # --- sending -------------------------------------------------------------
 
-    async def _send_all(self, items: Sequence[Send], body_of: Callable[[Send], str | None]) -> dict[str, Result]:
-        results: dict[str, Result] = {}
+    async def _send_all(
+        self, items: Sequence[Send], body_of: Callable[[Send], str | None]
+    ) -> dict[tuple[str, str], Result]:
+        results: dict[tuple[str, str], Result] = {}
         if not items:
             return results
+        for kind in dict.fromkeys(i.kind for i in items):
+            self.progress.start(kind, sum(1 for i in items if i.kind == kind))
         window = max(self.options.concurrency * 4, 16)
-        queue: asyncio.Queue[Send | None] = asyncio.Queue(maxsize=window)
+        queue: asyncio.Queue[tuple[Send, str | None] | None] = asyncio.Queue(maxsize=window)
 
         async def produce() -> None:
             for start in range(0, len(items), window):
+                if self.stopping:
+                    break
                 chunk = items[start : start + window]
-                self.state.mark_pending(chunk[0].kind, [(i.source_key, i.body_hash) for i in chunk], self.run_id)
+                bodies = {(i.kind, i.source_key): body_of(i) for i in chunk}
+                for kind in {i.kind for i in chunk}:
+                    for file in {i.source_file for i in chunk if i.kind == kind}:
+                        self.state.mark_pending(
+                            kind,
+                            [(i.source_key, i.body_hash, bodies[(kind, i.source_key)] or "")
+                             for i in chunk if i.kind == kind and i.source_file == file],
+                            self.run_id,
+                            source_file=file,
+                        )
                 for item in chunk:
-                    await queue.put(item)
+                    await queue.put((item, bodies[(item.kind, item.source_key)]))
             for _ in range(self.options.concurrency):
                 await queue.put(None)
 
         async def work() -> None:
-            while (item := await queue.get()) is not None:
-                body = body_of(item)
-                if self.aborted is not None:
-                    result = Result("failed", error_code="not-sent", message=f"run stopped: {self.aborted}")
+            while (entry := await queue.get()) is not None:
+                item, body = entry
+                if self.aborted is not None or self.stopping:
+                    # Recorded as pending but never sent: certainly not created, safe to send next time.
+                    why = f"run stopped: {self.aborted}" if self.aborted else "run interrupted before sending"
+                    result = Result("failed", error_code="not-sent", message=why)
                 else:
                     assert body is not None
                     result = await self._send_one(item, body.encode())
-                results[item.source_key] = result
+                results[(item.kind, item.source_key)] = result
                 self._note(item, result)
                 self.progress(item.kind, 1)
 
@@ -278,6 +382,7 @@ class Loader:
         outcome: Outcome = Unknown("not sent")
         for _ in range(self.options.max_retries + 1):
             await self.throttle.acquire()
+            self.stats.creates += 1
             outcome = await self.client.create(item.route, body)
             if not isinstance(outcome, RetryLater):
                 break
@@ -326,15 +431,17 @@ class Loader:
             self._outcomes = []
 
 
-_NONE = Record("", "", "failed")
-_UNRESOLVED = Result("failed")
+def _last_possible_send(record: Record) -> float:
+    """The latest moment the request behind a doubtful record can have left.
 
-
-def with_patient(body: str, patient_id: str | None) -> str:
-    """Put ``patientId`` first in a JSON body (cheaper than decoding it)."""
-    if patient_id is None:
-        return body
-    return '{"patientId":' + json.dumps(patient_id) + ("," + body[1:] if body != "{}" else "}")
+    ``sent_at`` is when the intent was recorded, a chunk at a time ahead of
+    the throttle, so the request itself may have left much later. An
+    ``unknown`` outcome was recorded after its request left; a ``pending``
+    record's run may have sent it at any moment until it died, so: now.
+    """
+    if record.state == "pending":
+        return time.time()
+    return max(record.updated_at or 0.0, record.sent_at or 0.0)
 
 
 def _contains(resource: Any, wanted: Any) -> bool:
@@ -350,18 +457,3 @@ def _contains(resource: Any, wanted: Any) -> bool:
             and all(_contains(a, b) for a, b in zip(resource, wanted, strict=True))
         )
     return bool(resource == wanted)
-
-
-def sends(kind: str, route: str, frame_rows: Iterable[dict[str, Any]]) -> list[Send]:
-    """Sends from planned frame rows (``source_key``/``patient_key``, ``body``, ``body_hash``)."""
-    return [
-        Send(
-            kind,
-            route,
-            str(r.get("source_key", r.get("patient_key"))),
-            r["body"],
-            r["body_hash"],
-            r.get("patient_key") if "source_key" in r else None,
-        )
-        for r in frame_rows
-    ]

@@ -12,6 +12,7 @@ The API key is never written here.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sqlite3
@@ -42,6 +43,8 @@ CREATE TABLE IF NOT EXISTS records (
     run_id TEXT,
     sent_at REAL,
     updated_at REAL NOT NULL,
+    body TEXT,
+    source_file TEXT,
     PRIMARY KEY (kind, source_key)
 );
 CREATE INDEX IF NOT EXISTS records_by_resource ON records (resource_id);
@@ -70,7 +73,8 @@ class Record:
     error_code: str | None = None
     message: str | None = None
     attempts: int = 0
-    sent_at: float | None = None
+    sent_at: float | None = None  # when the intent was recorded, before the throttle let it out
+    updated_at: float | None = None  # when the state last changed (an outcome: after its request left)
 
 
 class StateStore:
@@ -89,6 +93,10 @@ class StateStore:
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute("PRAGMA busy_timeout=5000")
             self._db.executescript(_SCHEMA)
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(records)")}
+            for column in ("body", "source_file"):
+                if column not in columns:
+                    self._db.execute(f"ALTER TABLE records ADD COLUMN {column} TEXT")
         except sqlite3.DatabaseError as exc:
             raise StateError(f"{self.path}: not a usable state store ({exc})") from exc
         self._bind(target)
@@ -105,6 +113,21 @@ class StateStore:
                 f"{self.path} records loads into {stored.get('target')!r}, not {target!r}; "
                 "use another --state file for another target"
             )
+
+    @classmethod
+    def existing(cls, path: str | Path) -> StateStore:
+        """Open a store that a load already created, bound to its own target (for ``history``)."""
+        path = Path(path)
+        if not path.is_file():
+            raise StateError(f"{path}: no state store here (a load creates it; see --state)")
+        try:
+            with contextlib.closing(sqlite3.connect(path)) as db:
+                row = db.execute("SELECT value FROM meta WHERE key = 'target'").fetchone()
+        except sqlite3.DatabaseError as exc:
+            raise StateError(f"{path}: not a usable state store ({exc})") from exc
+        if row is None:
+            raise StateError(f"{path}: a state store that no load has used yet")
+        return cls(path, target=str(row[0]))
 
     @property
     def target(self) -> str:
@@ -145,7 +168,7 @@ class StateStore:
             marks = ",".join("?" * len(chunk))
             cur = self._db.execute(
                 "SELECT kind, source_key, state, resource_id, body_hash, http_status, error_code, message,"
-                f" attempts, sent_at FROM records WHERE kind = ? AND source_key IN ({marks})",
+                f" attempts, sent_at, updated_at FROM records WHERE kind = ? AND source_key IN ({marks})",
                 [kind, *chunk],
             )
             for row in cur:
@@ -157,7 +180,7 @@ class StateStore:
         marks = ",".join("?" * len(states))
         cur = self._db.execute(
             "SELECT kind, source_key, state, resource_id, body_hash, http_status, error_code, message,"
-            f" attempts, sent_at FROM records WHERE kind = ? AND state IN ({marks}) ORDER BY rowid",
+            f" attempts, sent_at, updated_at FROM records WHERE kind = ? AND state IN ({marks}) ORDER BY rowid",
             [kind, *states],
         )
         return [Record(*row) for row in cur]
@@ -180,18 +203,63 @@ class StateStore:
 
     # --- writes --------------------------------------------------------------
 
-    def mark_pending(self, kind: str, items: Iterable[tuple[str, str]], run_id: str) -> None:
-        """Record the intent to send (source_key, body_hash) pairs, in one transaction."""
+    def mark_pending(
+        self, kind: str, items: Iterable[tuple[str, str] | tuple[str, str, str]], run_id: str,
+        source_file: str | None = None,
+    ) -> None:
+        """Record the intent to send (source_key, body_hash[, body]) in one transaction.
+
+        The body is kept only while the outcome is in doubt, so ``reconcile`` can look the row
+        up (and re-send it when it is certainly absent) without the input files.
+        """
         now = time.time()
+        rows = []
+        for item in items:
+            key, body_hash = item[0], item[1]
+            body = item[2] if len(item) > 2 else None
+            rows.append((kind, key, body_hash, run_id, now, now, body, source_file))
         with self.transaction():
             self._db.executemany(
-                "INSERT INTO records (kind, source_key, state, body_hash, attempts, run_id, sent_at, updated_at)"
-                " VALUES (?, ?, 'pending', ?, 1, ?, ?, ?)"
+                "INSERT INTO records (kind, source_key, state, body_hash, attempts, run_id, sent_at, updated_at,"
+                " body, source_file) VALUES (?, ?, 'pending', ?, 1, ?, ?, ?, ?, ?)"
                 " ON CONFLICT (kind, source_key) DO UPDATE SET state = 'pending', body_hash = excluded.body_hash,"
                 " attempts = records.attempts + 1, run_id = excluded.run_id, sent_at = excluded.sent_at,"
                 " resource_id = NULL, http_status = NULL, error_code = NULL, message = NULL,"
-                " updated_at = excluded.updated_at",
-                [(kind, key, body_hash, run_id, now, now) for key, body_hash in items],
+                " updated_at = excluded.updated_at, body = excluded.body,"
+                " source_file = COALESCE(excluded.source_file, records.source_file)",
+                rows,
+            )
+
+    def bodies(self, kind: str, keys: Sequence[str]) -> dict[str, str]:
+        """The bodies kept for rows in doubt."""
+        out: dict[str, str] = {}
+        for chunk in _chunks(keys):
+            marks = ",".join("?" * len(chunk))
+            cur = self._db.execute(
+                f"SELECT source_key, body FROM records WHERE kind = ? AND body IS NOT NULL AND source_key IN ({marks})",
+                [kind, *chunk],
+            )
+            out.update(dict(cur.fetchall()))
+        return out
+
+    def kinds(self) -> list[str]:
+        """Every kind with stored records."""
+        return [r[0] for r in self._db.execute("SELECT DISTINCT kind FROM records ORDER BY kind")]
+
+    def created_from(self, kind: str, source_file: str) -> dict[str, str]:
+        """Source key -> resource id of what was created from a file of this name."""
+        cur = self._db.execute(
+            "SELECT source_key, resource_id FROM records WHERE kind = ? AND source_file = ? AND state = 'created'",
+            (kind, source_file),
+        )
+        return dict(cur.fetchall())
+
+    def set_hash(self, kind: str, items: Iterable[tuple[str, str]]) -> None:
+        """Record the body hash of rows updated in place (``--update``)."""
+        with self.transaction():
+            self._db.executemany(
+                "UPDATE records SET body_hash = ?, updated_at = ? WHERE kind = ? AND source_key = ?",
+                [(h, time.time(), kind, k) for k, h in items],
             )
 
     def record_outcomes(self, records: Iterable[Record]) -> None:
@@ -200,9 +268,9 @@ class StateStore:
         with self.transaction():
             self._db.executemany(
                 "UPDATE records SET state = ?, resource_id = ?, http_status = ?, error_code = ?, message = ?,"
-                " updated_at = ? WHERE kind = ? AND source_key = ?",
+                " updated_at = ?, body = CASE WHEN ? = 'unknown' THEN body END WHERE kind = ? AND source_key = ?",
                 [
-                    (r.state, r.resource_id, r.http_status, r.error_code, r.message, now, r.kind, r.source_key)
+                    (r.state, r.resource_id, r.http_status, r.error_code, r.message, now, r.state, r.kind, r.source_key)
                     for r in records
                 ],
             )

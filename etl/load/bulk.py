@@ -1,0 +1,418 @@
+"""Bulk mode: creates sent as NDJSON imports (``POST /v1/bulk/import``), polled to the end, resumable.
+
+A :class:`BulkLoader` is a :class:`~etl.load.loader.Loader` whose sending step
+builds batches instead of requests; everything around it is shared: stages run
+in order (patients and practitioners, then encounters, then the rest), a row
+already created is skipped, references are filled (``Loader.resolve``) before a
+batch is built, and a row whose parent failed is never sent.
+
+For each batch of at most ``BULK_MAX_RECORDS`` rows of one kind:
+
+1. its rows are marked ``pending`` (with their filled bodies) and the batch is
+   written to the ``bulk_batches`` table of the state store's file, before the
+   import leaves;
+2. the job id the API answers is written to the batch;
+3. the job is polled with backoff until ``completed`` or ``failed``; each
+   ``errors`` entry (``"line N: ..."``) fails row N of the batch with
+   ``BULK_RECORD_ERROR``; each id of ``resourceIds`` (one per line, a sandbox
+   extension) is recorded as that row's created id.
+
+On resume, a batch whose job id is known is polled again rather than
+resubmitted; a batch without one (the run died between marking and the
+answer) leaves its rows ``pending``, which the loader settles by lookup as it
+does for a single request. At most ``operations_per_hour`` imports start in an
+hour (counted from the table); when the next would exceed it, the rest of the
+run is not sent and says when to re-run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import re
+import sqlite3
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from etl.errors import AuthError
+from etl.load.client import LookupFailed
+from etl.load.loader import Client, Loader, LoadOptions, Result, Send
+from etl.load.state import Record, StateStore, StoredState
+from etl.load.throttle import Throttle
+from etl.progress import Progress
+from schemas.canonical import KIND_SPECS
+from schemas.limits import BULK_MAX_RECORDS, BULK_OPERATIONS_PER_HOUR
+
+__all__ = ["BULK_RECORD_ERROR", "BulkClient", "BulkLoader", "BulkOptions", "choose_mode", "remaining_requests"]
+
+BULK_RECORD_ERROR = "BULK_RECORD_ERROR"
+_HOUR = 3600.0
+_LINE = re.compile(r"^line (\d+): (.*)$", re.S)
+_FINAL = frozenset({"completed", "failed"})
+# The FHIR type a bulk import names, by create schema (a document is a Composition).
+RESOURCE_TYPES = {"PatientCreate": "Patient", "PractitionerCreate": "Practitioner", "EncounterCreate": "Encounter",
+                  "ImmunizationCreate": "Immunization", "DocumentCreate": "Composition", "TaskCreate": "Task"}
+_STORED: dict[str, StoredState] = {"created": "created", "unknown": "unknown"}
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS bulk_batches (
+    batch_id TEXT PRIMARY KEY,
+    kind TEXT NOT NULL,
+    run_id TEXT NOT NULL,
+    job_id TEXT,
+    keys TEXT NOT NULL,
+    submitted_at REAL NOT NULL,
+    finished_at REAL
+);
+"""
+
+
+@dataclass(frozen=True)
+class BulkOptions:
+    """How bulk mode batches and waits."""
+
+    operations_per_hour: int = BULK_OPERATIONS_PER_HOUR
+    batch_records: int = BULK_MAX_RECORDS
+    poll_first: float = 0.1  # seconds before the first poll; doubles up to poll_max
+    poll_max: float = 2.0
+    job_timeout: float = 3600.0  # a job not final by then leaves its rows pending, to be polled on resume
+
+
+class BulkRefused(Exception):  # noqa: N818 - an answer, not a crash: the batch's rows fail with it
+    """The API refused an import (4xx): ``retry_after`` is set for a 429."""
+
+    def __init__(self, status: int, code: str, message: str, retry_after: float | None = None) -> None:
+        super().__init__(f"HTTP {status} {code}: {message}")
+        self.status, self.code, self.message, self.retry_after = status, code, message, retry_after
+
+
+class BulkClient:
+    """The two bulk routes over a caller-provided ``httpx.AsyncClient``."""
+
+    def __init__(self, http: httpx.AsyncClient, api_key: str, *, on_response: Any = None) -> None:
+        self._http = http
+        self._headers = {"x-api-key": api_key, "accept": "application/json"}
+        self._on_response = on_response
+        self.requests = 0
+
+    def _observe(self, response: httpx.Response) -> None:
+        self.requests += 1
+        if self._on_response is not None:
+            self._on_response(response.headers)
+
+    async def submit(self, resource_type: str, data: str) -> str | None:
+        """Start an import; its job id, or None when the answer was lost (the job may exist)."""
+        body = json.dumps({"resourceType": resource_type, "data": data}).encode()
+        try:
+            response = await self._http.post(
+                "/v1/bulk/import", content=body, headers={**self._headers, "content-type": "application/json"}
+            )
+        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+            raise BulkRefused(0, "NOT_SENT", f"could not connect: {type(exc).__name__}") from exc
+        except httpx.TransportError:
+            return None
+        self._observe(response)
+        if response.status_code == 202:
+            try:
+                return str(response.json()["data"]["jobId"])
+            except (ValueError, KeyError, TypeError):
+                return None
+        if response.status_code >= 500:
+            return None
+        try:
+            payload = response.json()
+            code = str(payload.get("code") or f"HTTP_{response.status_code}")
+            issues = "; ".join(str(i.get("diagnostics", "")) for i in payload.get("issues") or [])
+            message = issues or str(payload.get("message") or "")
+        except (ValueError, AttributeError):
+            code, message = f"HTTP_{response.status_code}", response.text[:200]
+        retry = response.headers.get("retry-after")
+        raise BulkRefused(response.status_code, code, message, float(retry) if retry else None)
+
+    async def job(self, job_id: str) -> dict[str, Any] | None:
+        """A job's record, or None when the API does not know it; ``LookupFailed`` when it cannot answer."""
+        for attempt in range(5):
+            try:
+                response = await self._http.get(f"/v1/bulk/jobs/{job_id}", headers=self._headers)
+            except httpx.TransportError:
+                await asyncio.sleep(0.5 * 2**attempt)
+                continue
+            self._observe(response)
+            if response.status_code == 200:
+                data = response.json()["data"]
+                return data if isinstance(data, dict) else None
+            if response.status_code == 404:
+                return None
+            if response.status_code == 429 or response.status_code >= 500:
+                await asyncio.sleep(float(response.headers.get("retry-after") or 0.5 * 2**attempt))
+                continue
+            raise LookupFailed(f"GET /v1/bulk/jobs/{job_id}: HTTP {response.status_code}")
+        raise LookupFailed(f"GET /v1/bulk/jobs/{job_id}: no answer")
+
+
+class _Ledger:
+    """The ``bulk_batches`` table, in the state store's file (its own connection: WAL allows both)."""
+
+    def __init__(self, state: StateStore) -> None:
+        self._db = sqlite3.connect(state.path, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA busy_timeout=5000")
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        self._db.close()
+
+    def operations_since(self, since: float) -> tuple[int, float | None]:
+        """Imports started since ``since`` and the oldest of them."""
+        count, oldest = self._db.execute(
+            "SELECT count(*), min(submitted_at) FROM bulk_batches WHERE submitted_at > ?", (since,)
+        ).fetchone()
+        return int(count), oldest
+
+    def add(self, batch_id: str, kind: str, run_id: str, keys: Sequence[str]) -> None:
+        self._db.execute(
+            "INSERT INTO bulk_batches (batch_id, kind, run_id, keys, submitted_at) VALUES (?, ?, ?, ?, ?)",
+            (batch_id, kind, run_id, json.dumps(list(keys)), time.time()),
+        )
+
+    def set_job(self, batch_id: str, job_id: str) -> None:
+        self._db.execute("UPDATE bulk_batches SET job_id = ? WHERE batch_id = ?", (job_id, batch_id))
+
+    def finish(self, batch_id: str) -> None:
+        self._db.execute("UPDATE bulk_batches SET finished_at = ? WHERE batch_id = ?", (time.time(), batch_id))
+
+    def open_batches(self) -> list[tuple[str, str, str | None, list[str]]]:
+        """(batch id, kind, job id, keys in line order) of every batch not settled yet."""
+        cur = self._db.execute(
+            "SELECT batch_id, kind, job_id, keys FROM bulk_batches WHERE finished_at IS NULL ORDER BY rowid"
+        )
+        return [(b, k, j, json.loads(keys)) for b, k, j, keys in cur]
+
+
+def line_results(job: Mapping[str, Any], count: int) -> list[Result]:
+    """One result per NDJSON line of a final job: created with its id, or failed with its errors."""
+    errors: dict[int, list[str]] = {}
+    general: list[str] = []
+    for entry in job.get("errors") or []:
+        m = _LINE.match(str(entry))
+        if m:
+            errors.setdefault(int(m.group(1)), []).append(m.group(2))
+        else:
+            general.append(str(entry))
+    ids = job.get("resourceIds")
+    ids = ids if isinstance(ids, list) and len(ids) == count else None
+    processed = int(job.get("processedRecords") or 0)
+    out: list[Result] = []
+    for index in range(count):
+        line = index + 1
+        if ids is not None and ids[index] is not None:
+            out.append(Result("created", str(ids[index])))
+        elif line in errors:
+            first = errors[line][0]
+            field = first.split(":", 1)[0].strip() if ":" in first else None
+            out.append(Result("failed", error_code=BULK_RECORD_ERROR, field=field, message="; ".join(errors[line])))
+        elif ids is None and job.get("status") == "completed":
+            # Created, but this API names no ids: reconcile looks each one up.
+            out.append(Result("unknown", error_code="unknown-outcome",
+                              message=f"imported by bulk job {job.get('id')}, which returns no ids"))
+        elif job.get("status") == "completed" or line <= processed:
+            out.append(Result("failed", error_code=BULK_RECORD_ERROR, message="refused by the import, no reason given"))
+        else:
+            why = "; ".join(general) or "the job ended before this line"
+            out.append(Result("failed", error_code="BULK_JOB_FAILED", message=f"bulk job {job.get('id')}: {why}"))
+    return out
+
+
+class BulkLoader(Loader):
+    """A :class:`Loader` that sends each stage's creates as bulk imports."""
+
+    def __init__(
+        self,
+        client: Client,
+        bulk: BulkClient,
+        state: StateStore,
+        throttle: Throttle,
+        options: LoadOptions,
+        run_id: str,
+        *,
+        bulk_options: BulkOptions | None = None,
+        progress: Progress | Callable[[str, int], None] | None = None,
+    ) -> None:
+        super().__init__(client, state, throttle, options, run_id, progress=progress)
+        self.bulk = bulk
+        self.bulk_options = bulk_options or BulkOptions()
+        self.jobs: list[str] = []  # job ids this run submitted or polled
+        self.limit_note: str | None = None  # set when the hourly limit stopped the run
+        self._batches = 0
+
+    async def run_stages(
+        self,
+        stages: Sequence[Sequence[Send]],
+        *,
+        aliases: Mapping[tuple[str, str], str] | None = None,
+        known_ids: Mapping[tuple[str, str], str] | None = None,
+    ) -> dict[tuple[str, str], Result]:
+        """Settle batches an earlier run left open, then load each stage in bulk."""
+        ledger = _Ledger(self.state)
+        try:
+            self._ledger = ledger
+            await self._settle_open_batches()
+            results = await super().run_stages(stages, aliases=aliases, known_ids=known_ids)
+        finally:
+            ledger.close()
+        self.stats.requests = self.client.requests + self.bulk.requests
+        return results
+
+    async def _settle_open_batches(self) -> None:
+        for batch_id, kind, job_id, keys in self._ledger.open_batches():
+            if job_id is None:
+                # No answer was recorded: its rows stay pending and are looked up before any resend.
+                self._ledger.finish(batch_id)
+                continue
+            self.progress.note(f"polling bulk job {job_id} of an earlier run ({len(keys)} {kind} rows)")
+            try:
+                job = await self._wait(job_id)
+            except LookupFailed:
+                continue  # still open: the next run polls it again
+            if job is None or job.get("status") not in _FINAL:
+                if job is None:
+                    self._ledger.finish(batch_id)  # the API forgot it: the rows are looked up instead
+                continue
+            stored = self.state.get(kind, keys)
+            outcomes = [
+                Record(kind, key, _STORED.get(r.state, "failed"), r.resource_id, stored[key].body_hash, None,
+                       r.error_code, r.message)
+                for key, r in zip(keys, line_results(job, len(keys)), strict=True)
+                if key in stored and stored[key].state in ("pending", "unknown")
+            ]
+            self.state.record_outcomes(outcomes)
+            self._ledger.finish(batch_id)
+
+    async def _wait(self, job_id: str) -> dict[str, Any] | None:
+        """Poll a job with backoff until it is final (or the timeout: then its last record)."""
+        delay = self.bulk_options.poll_first
+        deadline = time.monotonic() + self.bulk_options.job_timeout
+        while True:
+            job = await self.bulk.job(job_id)
+            if job is None or job.get("status") in _FINAL or time.monotonic() > deadline:
+                return job
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self.bulk_options.poll_max)
+
+    def _room(self) -> bool:
+        """Whether another import fits the hourly limit; if not, note when it will."""
+        count, oldest = self._ledger.operations_since(time.time() - _HOUR)
+        if count < self.bulk_options.operations_per_hour:
+            return True
+        at = time.strftime("%H:%M:%S", time.localtime((oldest or time.time()) + _HOUR))
+        self.limit_note = (
+            f"{self.bulk_options.operations_per_hour} bulk imports an hour already started: "
+            f"the rest was not sent; re-run after {at} to resume, or use --mode request"
+        )
+        self.progress.note(self.limit_note)
+        return False
+
+    async def _send_all(
+        self, items: Sequence[Send], body_of: Callable[[Send], str | None]
+    ) -> dict[tuple[str, str], Result]:
+        results: dict[tuple[str, str], Result] = {}
+        by_kind: dict[str, list[Send]] = {}
+        for item in items:
+            by_kind.setdefault(item.kind, []).append(item)
+        started = time.monotonic()
+        for kind, group in by_kind.items():
+            self.progress.start(kind, len(group))
+            size = self.bulk_options.batch_records
+            for start in range(0, len(group), size):
+                batch = group[start : start + size]
+                if self.stopping or self.aborted is not None or self.limit_note is not None or not self._room():
+                    why = self.limit_note or (f"run stopped: {self.aborted}" if self.aborted else "run interrupted")
+                    for item in batch:
+                        results[(kind, item.source_key)] = Result("failed", error_code="not-sent", message=why)
+                    continue
+                results.update(await self._send_batch(kind, batch, body_of))
+                self.progress(kind, len(batch))
+        self.stats.send_seconds += time.monotonic() - started
+        return results
+
+    async def _send_batch(
+        self, kind: str, batch: Sequence[Send], body_of: Callable[[Send], str | None]
+    ) -> dict[tuple[str, str], Result]:
+        bodies = [body_of(i) or "" for i in batch]
+        for file in dict.fromkeys(i.source_file for i in batch):
+            self.state.mark_pending(
+                kind, [(i.source_key, i.body_hash, b) for i, b in zip(batch, bodies, strict=True)
+                       if i.source_file == file],
+                self.run_id, source_file=file,
+            )
+        self._batches += 1
+        batch_id = f"{self.run_id}-{self._batches}"
+        self._ledger.add(batch_id, kind, self.run_id, [i.source_key for i in batch])
+        resource_type = RESOURCE_TYPES[KIND_SPECS[kind].schema]
+        # Bodies are compact JSON from polars' json_encode: one per line as they are.
+        data = "\n".join(b.replace("\n", " ") for b in bodies)
+        self.stats.creates += len(batch)
+        try:
+            job_id = await self.bulk.submit(resource_type, data)
+        except BulkRefused as refused:
+            self._ledger.finish(batch_id)  # certainly not imported: the rows may be sent again
+            if refused.status in (401, 403) and self.aborted is None:
+                self.aborted = AuthError(refused.status, refused.code, refused.message)
+            if refused.status == 429:
+                self.stats.retries_429 += 1
+                self.limit_note = f"the API refused the import: {refused.message}; re-run later to resume"
+            failed = Result("failed", http_status=refused.status or None, error_code=refused.code,
+                            message=refused.message)
+            return self._record(batch, [failed] * len(batch))
+        if job_id is None:
+            unknown = Result("unknown", error_code="unknown-outcome", message="the import's answer was lost")
+            return self._record(batch, [unknown] * len(batch))
+        self._ledger.set_job(batch_id, job_id)
+        self.jobs.append(job_id)
+        try:
+            job = await self._wait(job_id)
+        except LookupFailed as exc:
+            # The job exists but cannot be read now: the batch stays open, its rows pending, and the
+            # next run polls the job instead of resubmitting.
+            return self._open(batch, f"bulk job {job_id}: {exc}; re-run to poll it")
+        if job is not None and job.get("status") not in _FINAL:
+            return self._open(batch, f"bulk job {job_id} still running; re-run to poll it")
+        if job is None:
+            self._ledger.finish(batch_id)  # the API does not know the job: the rows are looked up next time
+            why = f"bulk job {job_id} is unknown to the API"
+            unknown = Result("unknown", error_code="unknown-outcome", message=why)
+            return self._record(batch, [unknown] * len(batch))
+        self._ledger.finish(batch_id)
+        return self._record(batch, line_results(job, len(batch)))
+
+    @staticmethod
+    def _open(batch: Sequence[Send], why: str) -> dict[tuple[str, str], Result]:
+        """Results for the report only: the state store keeps the rows pending under their open batch."""
+        result = Result("unknown", error_code="bulk-pending", message=why)
+        return {(i.kind, i.source_key): result for i in batch}
+
+    def _record(self, batch: Sequence[Send], outcomes: Sequence[Result]) -> dict[tuple[str, str], Result]:
+        for item, result in zip(batch, outcomes, strict=True):
+            self._note(item, result)
+        self._flush()
+        return {(i.kind, i.source_key): r for i, r in zip(batch, outcomes, strict=True)}
+
+
+async def remaining_requests(http: httpx.AsyncClient, api_key: str) -> int | None:
+    """What the plan still allows in the current window (``X-RateLimit-Remaining`` of a one-item search)."""
+    with contextlib.suppress(httpx.TransportError):
+        response = await http.get("/v1/patients", params={"count": 1},
+                                  headers={"x-api-key": api_key, "accept": "application/json"})
+        with contextlib.suppress(KeyError, ValueError):
+            return int(response.headers["x-ratelimit-remaining"])
+    return None
+
+
+def choose_mode(mode: str, planned: int, remaining: int | None) -> str:
+    """``request`` or ``bulk``: ``auto`` takes bulk when the creates planned exceed what the window has left."""
+    if mode != "auto":
+        return mode
+    return "bulk" if remaining is not None and planned > remaining else "request"
