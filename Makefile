@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test lint install clean
+.PHONY: demo test lint install clean bench
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,10 +15,13 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 ## Import sample_data/ into the embedded sandbox and print the report's location and counts.
-# Exit code 1 means "some rows were rejected": the sample plants 28 bad rows on purpose.
+DEMO_FILES := sample_data/registry.csv sample_data/providers.csv sample_data/visits.csv \
+	sample_data/documents.csv sample_data/tasks.csv
+
+# Exit code 1 means "some rows were rejected": the samples plant bad rows on purpose.
 demo: $(STAMP)
-	@$(BIN)/clinik-etl load sample_data/registry.csv --state .clinik-etl/demo-state.sqlite --report-dir reports/demo \
-		|| { rc=$$?; [ $$rc -eq 1 ] && echo "(exit code 1: the sample's planted bad rows were rejected, as intended)"; \
+	@$(BIN)/clinik-etl load $(DEMO_FILES) --state .clinik-etl/demo-state.sqlite --report-dir reports/demo \
+		|| { rc=$$?; [ $$rc -eq 1 ] && echo "(exit code 1: the samples' planted bad rows were rejected, as intended)"; \
 		     [ $$rc -eq 1 ]; }
 
 ## Lint, type-check and run the test suite.
@@ -28,6 +31,10 @@ test: $(STAMP) lint
 lint: $(STAMP)
 	$(BIN)/ruff check etl schemas tests sample_data
 	$(BIN)/mypy
+
+## Benchmarks (not tests): a table and bench/results.json, e.g. make bench ARGS="--rows 200000".
+bench: $(STAMP)
+	$(BIN)/python -m bench $(ARGS)
 
 clean:
 	rm -rf $(VENV) .clinik-etl reports .pytest_cache .mypy_cache .ruff_cache

@@ -6,7 +6,11 @@ a traceback appears only with ``--debug``.
 
 from __future__ import annotations
 
+import dataclasses
+import datetime as dt
+import difflib
 import functools
+import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -14,12 +18,15 @@ from typing import Any, TypeVar
 
 import click
 from pydantic import ValidationError
+from rich import box
 from rich.console import Console
 from rich.table import Table as RichTable
 
-from etl.errors import EtlError, ExitCode
+from etl.errors import EtlError, ExitCode, UsageError
+from etl.progress import describe_duration, open_progress
 from etl.report import FINAL_STATES, RunReport
 from etl.settings import DEFAULT_STATE, Settings, read_key_file
+from schemas.canonical import KIND_SPECS
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -28,8 +35,10 @@ Exit codes:
   0  every row created, skipped or planned (validate: every row valid)
   1  some rows were rejected by validation
   2  usage error, unreadable input, unusable profile or state store
+     (including one that another run is using)
   3  some rows failed at the API or have an unknown outcome
   4  the API refused the run (bad key or scope); nothing more was sent
+  130 interrupted (SIGINT/SIGTERM); state and report written: run again to resume
 """
 
 err = Console(stderr=True, highlight=False)
@@ -63,10 +72,25 @@ def input_options(func: F) -> F:
     """Options shared by every command that reads input files."""
     func = click.option("--sheet", metavar="NAME", help="Excel sheet to read (default: the first).")(func)
     func = click.option(
-        "--profile",
+        "--redact",
+        is_flag=True,
+        help="Write a shareable report: no names, birth dates or contact details (payloads.ndjson excepted).",
+    )(func)
+    func = click.option(
+        "--kind",
+        type=click.Choice(sorted(KIND_SPECS)),
+        help="What every FILE holds. Default: from the profile, or told from each file's headers.",
+    )(func)
+    func = click.option(
+        "--crosswalk",
         type=click.Path(dir_okay=False, path_type=Path),
-        help="Mapping profile (TOML or YAML) naming which source column feeds which field. "
-        "Default: match the usual header names.",
+        help="CSV of kind,source_id,clinikapi_id: references to resources created outside this tool.",
+    )(func)
+    func = click.option(
+        "--profile",
+        metavar="NAME|FILE",
+        help="Mapping profile: a built-in name (see `clinik-etl profiles`) or a TOML/YAML file naming which "
+        "source column feeds which field. Default: match the usual header names.",
     )(func)
     func = click.option(
         "--report-dir",
@@ -74,6 +98,28 @@ def input_options(func: F) -> F:
         help="Folder for the report (default: reports/<run id>).",
     )(func)
     return func
+
+
+def output_options(func: F) -> F:
+    """``-q/--quiet`` and ``--json``: what a run prints, for people and for scripts."""
+    func = click.option(
+        "--json",
+        "as_json",
+        is_flag=True,
+        help="Print the run's summary (summary.json) as JSON on stdout instead of the table.",
+    )(func)
+    func = click.option(
+        "-q", "--quiet", is_flag=True, help="No progress and no summary: errors only; the exit code tells the outcome."
+    )(func)
+    return func
+
+
+def show_result(report: RunReport, quiet: bool, as_json: bool) -> None:
+    """The summary as JSON (``--json``), nothing (``--quiet``) or the human table."""
+    if as_json:
+        click.echo(json.dumps(report.summary, indent=2, ensure_ascii=False))
+    elif not quiet:
+        print_summary(report)
 
 
 @click.group(epilog=EXIT_CODES_HELP)
@@ -91,17 +137,31 @@ def main(debug: bool) -> None:
 @main.command(epilog=EXIT_CODES_HELP)
 @click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
 @input_options
+@output_options
 @handle_errors
-def validate(files: tuple[Path, ...], profile: Path | None, sheet: str | None, report_dir: Path | None) -> None:
+def validate(
+    files: tuple[Path, ...],
+    profile: str | None,
+    sheet: str | None,
+    report_dir: Path | None,
+    kind: str | None,
+    crosswalk: Path | None,
+    redact: bool,
+    quiet: bool,
+    as_json: bool,
+) -> None:
     """Check FILES against every documented limit; send nothing.
 
-    Writes summary.json, rows.csv and rejects.csv to the report folder.
+    Writes summary.json, rows.csv, rejects.csv and report.html to the report folder.
     """
     from etl.pipeline import validate_files
 
-    settings = Settings(profile=profile, sheet=sheet, report_dir=report_dir)
-    report = validate_files(list(files), settings)
-    print_summary(report)
+    settings = Settings(
+        profile=profile, sheet=sheet, report_dir=report_dir, kind=kind, crosswalk=crosswalk, redact=redact
+    )
+    with open_progress(quiet) as progress:
+        report = validate_files(list(files), settings, progress=progress)
+    show_result(report, quiet, as_json)
     sys.exit(ExitCode.REJECTED if report.states.get("rejected") else ExitCode.OK)
 
 
@@ -114,11 +174,21 @@ def validate(files: tuple[Path, ...], profile: Path | None, sheet: str | None, r
     type=click.Path(dir_okay=False, path_type=Path),
     help="Read the API key from this file (else from CLINIKAPI_SECRET_KEY).",
 )
-@click.option("--live", is_flag=True, help="Allow a live (clk_live_) key: real patient data.")
+@click.option(
+    "--live", is_flag=True, help="Allow a live (clk_live_) key, or Redox's production environment: real patient data."
+)
 @click.option("--dry-run", is_flag=True, help="Send nothing; write payloads.ndjson with every request planned.")
+@click.option("--update", is_flag=True,
+              help="Patch rows that changed since an earlier run created them (default: report them as changed).")
 @click.option("--rate", type=float, help="Requests per second. Default: paced by the server's rate-limit headers.")
 @click.option("--concurrency", type=int, default=8, show_default=True, help="Requests in flight at once.")
 @click.option("--timeout", type=float, default=30.0, show_default=True, help="Seconds to wait for an answer.")
+@click.option(
+    "--mode",
+    type=click.Choice(["request", "bulk", "auto"]),
+    help="request: one POST per create (the default); bulk: NDJSON bulk imports (5 an hour); "
+    "auto: bulk when the plan needs more requests than the rate-limit window has left.",
+)
 @click.option(
     "--consistency-window",
     type=float,
@@ -131,50 +201,90 @@ def validate(files: tuple[Path, ...], profile: Path | None, sheet: str | None, r
     type=click.Path(dir_okay=False, path_type=Path),
     default=DEFAULT_STATE,
     show_default=True,
-    help="State store (SQLite): what was sent and the ids that came back. Reuse it to resume.",
+    help="State store (SQLite): what was sent and the ids that came back. Reuse it to resume. "
+    "With --target redox the default is .clinik-etl/redox-state.sqlite.",
 )
+@click.option(
+    "--target",
+    type=click.Choice(["clinikapi", "redox"]),
+    help="Where rows go: clinikapi (the default), or redox: one FHIR R4 message bundle per row "
+    "to Redox's Immunization/$write.",
+)
+@click.option(
+    "--redox-base-url",
+    metavar="URL",
+    help="Redox API base URL (with --target redox). Default: an embedded sandbox started for the run.",
+)
+@click.option(
+    "--redox-token-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Read the Redox bearer token from this file (else from REDOX_API_TOKEN).",
+)
+@output_options
 @handle_errors
 def load(
     files: tuple[Path, ...],
-    profile: Path | None,
+    profile: str | None,
     sheet: str | None,
     report_dir: Path | None,
+    kind: str | None,
+    crosswalk: Path | None,
+    redact: bool,
     base_url: str | None,
     api_key_file: Path | None,
     live: bool,
     dry_run: bool,
+    update: bool,
     rate: float | None,
     concurrency: int,
     timeout: float,
     consistency_window: float,
+    mode: str | None,
     state: Path,
+    target: str | None,
+    redox_base_url: str | None,
+    redox_token_file: Path | None,
+    quiet: bool,
+    as_json: bool,
 ) -> None:
     """Import FILES into ClinikAPI (by default the embedded sandbox).
 
     Every valid row becomes a Patient (created once per patient id) and an
     Immunization; re-running with the same --state sends nothing twice and
-    resumes a run that was killed.
+    resumes a run that was killed. With --target redox each valid
+    immunization row is a FHIR message bundle for Redox instead.
     """
     from etl.pipeline import load_files
 
     values: dict[str, Any] = dict(
         profile=profile,
+        kind=kind,
+        crosswalk=crosswalk,
+        redact=redact,
         sheet=sheet,
         report_dir=report_dir,
         base_url=base_url,
         live=live,
         dry_run=dry_run,
+        update=update,
         rate=rate,
         concurrency=concurrency,
         timeout=timeout,
         consistency_window=consistency_window,
+        mode=mode,
         state=state,
     )
     if api_key_file is not None:
         values["api_key"] = read_key_file(api_key_file)
-    settings = Settings(**values)
-    report = load_files(list(files), settings, progress=None)
-    print_summary(report)
+    # Only when given: CLINIK_ETL_TARGET and CLINIK_ETL_REDOX_BASE_URL then still apply.
+    values.update({k: v for k, v in (("target", target), ("redox_base_url", redox_base_url)) if v is not None})
+    if redox_token_file is not None:
+        values["redox_token"] = read_key_file(redox_token_file)
+    # A flag not given leaves the setting to its CLINIK_ETL_* environment variable, then its default.
+    settings = Settings(**{k: v for k, v in values.items() if v is not None})
+    with open_progress(quiet) as progress:
+        report = load_files(list(files), settings, progress=progress)
+    show_result(report, quiet, as_json)
     sys.exit(report.exit_code())
 
 
@@ -184,18 +294,260 @@ def load(
 @click.option("--db", type=click.Path(dir_okay=False, path_type=Path), help="SQLite file (default: temporary).")
 @click.option("--rate-limit", type=int, help="Requests allowed per window per key (default: unlimited).")
 @click.option("--window", type=float, default=3600.0, show_default=True, help="Rate-limit window in seconds.")
+@click.option(
+    "--fail-rate",
+    type=click.FloatRange(0, 1),
+    default=0.0,
+    help="Share of writes answered 500, 502 or 503 without writing.",
+)
+@click.option(
+    "--drop-rate",
+    type=click.FloatRange(0, 1),
+    default=0.0,
+    help="Share of writes committed, then cut off before any answer.",
+)
+@click.option(
+    "--slow-rate",
+    type=click.FloatRange(0, 1),
+    default=0.0,
+    help="Share of writes committed, then answered only after --slow-seconds.",
+)
+@click.option(
+    "--slow-seconds",
+    type=click.FloatRange(min=0, min_open=True),
+    default=35.0,
+    show_default=True,
+    help="How late a slow answer comes (longer than the client's timeout).",
+)
+@click.option("--seed", type=int, help="Seed for the fault draws, to repeat a run's faults (default: random).")
+@click.option(
+    "--search-lag",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    metavar="SECONDS",
+    help="New resources appear in search only after this many seconds (read by id at once).",
+)
 @handle_errors
-def sandbox(host: str, port: int, db: Path | None, rate_limit: int | None, window: float) -> None:
+def sandbox(
+    host: str,
+    port: int,
+    db: Path | None,
+    rate_limit: int | None,
+    window: float,
+    fail_rate: float,
+    drop_rate: float,
+    slow_rate: float,
+    slow_seconds: float,
+    seed: int | None,
+    search_lag: float,
+) -> None:
     """Run a local ClinikAPI sandbox until interrupted.
 
     It prints its base URL and a generated clk_test_ key to use with
-    `load --base-url`.
+    `load --base-url`. The fault options apply to writes (POST, PATCH) only:
+    searches and reads always answer, so a client can look up what it sent.
     """
     from etl.sandbox import SandboxConfig
     from etl.sandbox.server import serve_forever
 
-    config = SandboxConfig(db_path=str(db) if db else None, rate_limit=rate_limit, window=window)
+    config = SandboxConfig(
+        db_path=str(db) if db else None,
+        rate_limit=rate_limit,
+        window=window,
+        fail_rate=fail_rate,
+        drop_rate=drop_rate,
+        slow_rate=slow_rate,
+        slow_seconds=slow_seconds,
+        seed=seed,
+        search_lag=search_lag,
+    )
     serve_forever(config, host, port)
+
+
+@main.command(epilog=EXIT_CODES_HELP)
+@click.argument("job", type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--wait",
+    is_flag=True,
+    help="If another run is using the job's state store, wait for it to finish instead of stopping with exit 2.",
+)
+@click.option("--dry-run", is_flag=True, help="Send nothing; write payloads.ndjson with every request planned.")
+@click.option("--update", is_flag=True,
+              help="Patch rows that changed since an earlier run created them (default: report them as changed).")
+@output_options
+@handle_errors
+def run(job: Path, wait: bool, dry_run: bool, update: bool, quiet: bool, as_json: bool) -> None:
+    """Run the import that a JOB file (TOML) describes: for cron and other schedulers.
+
+    The job names its inputs (paths or globs, relative to the job file), the
+    profile, the target, rate and concurrency, the state store and where
+    reports go (one folder per run). Two runs of a job never overlap: the
+    second stops at once with exit 2, or queues with --wait. See the README's
+    "Scheduled imports" for the keys.
+    """
+    from etl.jobs import load_job, run_job
+
+    spec = load_job(job)
+    updates = {k: True for k, on in (("wait", wait), ("dry_run", dry_run), ("update", update)) if on}
+    if updates:
+        spec = dataclasses.replace(spec, settings=spec.settings.model_copy(update=updates))
+    with open_progress(quiet) as progress:
+        report = run_job(spec, progress=progress)
+    show_result(report, quiet, as_json)
+    sys.exit(report.exit_code())
+
+
+@main.command()
+@click.option(
+    "--state",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=DEFAULT_STATE,
+    show_default=True,
+    help="State store whose runs to list.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the runs as JSON on stdout.")
+@handle_errors
+def history(state: Path, as_json: bool) -> None:
+    """List the loads a state store has recorded, oldest first, with their counts.
+
+    A run marked "unfinished" was killed, or is still going.
+    """
+    from etl.load.state import StateStore
+
+    with StateStore.existing(state) as store:
+        runs, target = store.runs(), store.target
+    if as_json:
+        click.echo(json.dumps({"state": str(state), "target": target, "runs": runs}, indent=2))
+        return
+    if not runs:
+        out.print(f"{state}: no runs recorded (target {target})")
+        return
+    summaries = [r["summary"] if isinstance(r["summary"], dict) else {} for r in runs]
+    # Only the states some run reached: the table must fit a terminal (cron mail, a pager).
+    shown = [s for s in FINAL_STATES if any((m.get("states") or {}).get(s) for m in summaries)]
+    table = RichTable(title=f"{state} (target {target})", title_justify="left", box=box.SIMPLE_HEAD)
+    table.add_column("run", no_wrap=True)
+    table.add_column("started", no_wrap=True)
+    for name in ("took", *shown, "total"):
+        table.add_column(name, justify="right", no_wrap=True)
+    for r, summary in zip(runs, summaries, strict=True):
+        started = float(str(r["started_at"]))
+        finished = r["finished_at"]
+        took = describe_duration(float(str(finished)) - started) if finished is not None else "[red]unfinished[/]"
+        states: dict[str, int] = summary.get("states") or {}
+        when = dt.datetime.fromtimestamp(started).astimezone().strftime("%Y-%m-%d %H:%M")
+        counts = [str(states.get(s, 0)) if states else "" for s in shown]
+        total = str(sum(states.values())) if states else ""
+        table.add_row(str(r["run_id"]), when, took, *counts, total)
+    # Piped (cron mail, a file), there is no terminal width to respect: never cut a run id.
+    (out if out.is_terminal else Console(width=160, highlight=False)).print(table)
+
+
+@main.command()
+@click.argument("code", required=False)
+@handle_errors
+def explain(code: str | None) -> None:
+    """Say what an error or warning CODE in a report means and how to fix it.
+
+    With no CODE, list every code. The codes are those of rows.csv's
+    error_code column and of the summary's "rejects by code".
+    """
+    from etl.rules import RULES
+    from etl.rules import explain as find_rule
+
+    if code is None:
+        table = RichTable(
+            title="clinik-etl codes (`clinik-etl explain CODE` for the fix)",
+            title_justify="left",
+            box=box.SIMPLE_HEAD,
+        )
+        for name in ("code", "kind", "meaning"):
+            table.add_column(name)
+        for rule in sorted(RULES.values(), key=lambda r: (_KIND_ORDER.index(r.kind), r.code)):
+            table.add_row(rule.code, rule.kind, rule.title)
+        out.print(table)
+        return
+    found = find_rule(code) or find_rule(code.lower()) or find_rule(code.upper())
+    if found is None:
+        close = difflib.get_close_matches(code, list(RULES), n=3)
+        hint = f" Did you mean {' or '.join(close)}?" if close else ""
+        raise UsageError(f"unknown code {code!r}.{hint} `clinik-etl explain` lists every code.")
+    out.print(f"{found.code} ({found.kind}): {found.title}.", soft_wrap=True, markup=False)
+    out.print(f"fix: {found.fix}.", soft_wrap=True, markup=False)
+
+
+_KIND_ORDER = ("reject", "warning", "load", "api")
+
+
+@main.command(epilog=EXIT_CODES_HELP)
+@click.option("--state", type=click.Path(dir_okay=False, path_type=Path), default=DEFAULT_STATE, show_default=True,
+              help="The state store of the load to reconcile.")
+@click.option("--base-url", metavar="URL", help="ClinikAPI base URL (default: the one the state store records).")
+@click.option("--api-key-file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Read the API key from this file (else from CLINIKAPI_SECRET_KEY).")
+@click.option("--live", is_flag=True, help="Allow a live (clk_live_) key: real patient data.")
+@click.option("--report-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for the report (default: reports/<run id>).")
+@click.option("--consistency-window", type=float, default=10.0, show_default=True,
+              help="Seconds before search reliably shows a create.")
+@click.option("--verify", is_flag=True, help="Also read back every created id and report the ones missing.")
+@handle_errors
+def reconcile(state: Path, base_url: str | None, api_key_file: Path | None, live: bool, report_dir: Path | None,
+              consistency_window: float, verify: bool) -> None:
+    """Settle rows whose outcome is unknown, without the input files.
+
+    Each row in doubt (a timeout, a 5xx, a dropped connection, a killed run) is looked up after
+    the search consistency window: found, it is recorded as created; certainly absent, it is sent
+    again; otherwise it stays unknown.
+    """
+    from etl.pipeline import reconcile_state
+
+    values: dict[str, Any] = dict(state=state, base_url=base_url, live=live, report_dir=report_dir,
+                                  consistency_window=consistency_window)
+    if api_key_file is not None:
+        values["api_key"] = read_key_file(api_key_file)
+    report = reconcile_state(Settings(**{k: v for k, v in values.items() if v is not None}), verify=verify)
+    s = report.summary
+    counts = ", ".join(f"{v} {k}" for k, v in sorted(s["states"].items())) or "nothing in doubt"
+    out.print(f"reconcile {s['run_id']}: {counts}")
+    if s.get("verified") is not None:
+        out.print("verified: " + (", ".join(f"{v} {k}" for k, v in s["verified"].items()) or "nothing created yet"))
+    out.print(f"report: {s['report_dir']}")
+    bad = s["states"].get("unknown", 0) + s["states"].get("failed", 0) + s["states"].get("missing", 0)
+    sys.exit(ExitCode.FAILED if bad else ExitCode.OK)
+
+@main.command()
+def profiles() -> None:
+    """List the built-in mapping profiles (use one with --profile NAME)."""
+    from etl.mapping import builtin_profiles
+
+    for name, description in builtin_profiles().items():
+        click.echo(f"{name:<12} {description}")
+
+
+@main.group()
+def profile() -> None:
+    """Work with mapping profiles."""
+
+
+@profile.command("init")
+@click.argument("file", type=click.Path(path_type=Path))
+@click.option("--kind", type=click.Choice(sorted(KIND_SPECS)), help="The kind of rows (default: told from headers).")
+@click.option("--output", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the profile here (default: print it).")
+@click.option("--sheet", metavar="NAME", help="Excel sheet to read (default: the first).")
+@handle_errors
+def profile_init(file: Path, kind: str | None, output: Path | None, sheet: str | None) -> None:
+    """Write a starter profile for FILE's layout, marking the headers it could not match."""
+    from etl.mapping import starter_profile
+    from etl.readers import read_table
+
+    text = starter_profile(read_table(file, sheet=sheet), kind)
+    if output is None:
+        click.echo(text)
+    else:
+        output.write_text(text, encoding="utf-8")
+        err.print(f"wrote {output}")
 
 
 def print_summary(report: RunReport, stream: Console | None = None) -> None:
@@ -204,12 +556,17 @@ def print_summary(report: RunReport, stream: Console | None = None) -> None:
     s = report.summary
     title = f"clinik-etl {s['command']}{' (dry run)' if s.get('dry_run') else ''}"
     table = RichTable(title=title, title_justify="left")
+    kinds = sorted(s.get("kinds", {}))
+    shown = [state for state in FINAL_STATES if s["states"].get(state)]
     table.add_column("state")
+    for kind in kinds if len(kinds) > 1 else []:
+        table.add_column(kind, justify="right")
     table.add_column("rows", justify="right")
-    for state in FINAL_STATES:
-        if s["states"].get(state):
-            table.add_row(state, str(s["states"][state]))
-    table.add_row("[bold]total[/]", f"[bold]{s['rows_total']}[/]")
+    for state in shown:
+        per_kind = [str(s["kinds"][k].get(state, 0) or "") for k in kinds] if len(kinds) > 1 else []
+        table.add_row(state, *per_kind, str(s["states"][state]))
+    totals = [str(sum(s["kinds"][k].values())) for k in kinds] if len(kinds) > 1 else []
+    table.add_row("[bold]total[/]", *totals, f"[bold]{s['rows_total']}[/]")
     console.print(table)
     if s.get("patients"):
         console.print("patients: " + ", ".join(f"{k} {v}" for k, v in s["patients"].items()))
@@ -217,13 +574,20 @@ def print_summary(report: RunReport, stream: Console | None = None) -> None:
         console.print(f"requests: {s.get('requests')} at {s['achieved_rate']}/s, 429s: {s.get('responses_429', 0)}")
     if s.get("aborted"):
         console.print(f"[red]stopped early:[/] {s['aborted']}")
+    if s.get("interrupted"):
+        console.print("[yellow]interrupted:[/] rows in flight were finished and recorded; the state and this report "
+                      "are written. Run the same command again to resume: nothing is sent twice.")
     rejected = report.rows.filter(report.rows["state"] == "rejected")
     if rejected.height:
         console.print("rejects by code:")
+        several = rejected["source_file"].n_unique() > 1
         for code, frame in sorted(rejected.group_by("error_code"), key=lambda kv: str(kv[0][0])):
-            rows = ", ".join(str(r) for r in frame["source_row"].head(5).to_list())
-            more = " ..." if frame.height > 5 else ""
-            console.print(f"  {code[0]:<30} {frame.height:>4}  rows {rows}{more}")
+            examples = 3 if several else 5
+            first = frame.head(examples).iter_rows(named=True)
+            rows = ", ".join(f"{Path(r['source_file']).name}:{r['source_row']}" if several else str(r["source_row"])
+                             for r in first)
+            more = " ..." if frame.height > examples else ""
+            console.print(f"  {code[0]:<30} {frame.height:>4}  rows {rows}{more}", soft_wrap=True)
     counts = ", ".join(f"{v} {k}" for k, v in s["states"].items() if v)
     console.print(f"run {s['run_id']}: {s['rows_total']} rows ({counts})")
     console.print(f"report: {s.get('report_dir')}")

@@ -10,7 +10,9 @@ A report folder holds:
   source_key, state, resource_id, patient_id, error_code, field, message``);
 - ``rejects.csv``: the rejected rows with their original columns and the
   reasons, so a user can fix just those rows and import them again;
-- ``payloads.ndjson`` in a dry run: one line per request it would send.
+- ``payloads.ndjson`` in a dry run: one line per request it would send;
+- ``report.html``: the same as one self-contained page, with charts
+  (``etl.report_html``).
 
 Reports hold PHI: the folder and its files are created readable by the owner
 only, and cells that a spreadsheet would run as a formula are neutralised.
@@ -27,9 +29,11 @@ from typing import Any
 
 import polars as pl
 
+from etl.report_html import write_html
+
 __all__ = ["FINAL_STATES", "ROW_COLUMNS", "RunReport", "neutralise", "write_report"]
 
-FINAL_STATES = ("created", "skipped", "rejected", "failed", "unknown", "planned")
+FINAL_STATES = ("created", "skipped", "rejected", "failed", "unknown", "planned", "changed", "updated")
 ROW_COLUMNS = (
     "source_file",
     "source_row",
@@ -69,6 +73,8 @@ class RunReport:
         """The CLI exit code this run earns (see ``etl.errors.ExitCode``)."""
         from etl.errors import ExitCode
 
+        if self.summary.get("interrupted"):
+            return ExitCode.INTERRUPTED
         if self.summary.get("aborted"):
             return ExitCode.API
         states = self.states
@@ -123,6 +129,7 @@ def write_report(
     with _private_file(folder / "summary.json").open("w", encoding="utf-8") as fh:
         json.dump(report.summary, fh, indent=2, sort_keys=False)
         fh.write("\n")
+    write_html(report.summary, report.rows, _private_file(folder / "report.html"))
     return folder
 
 

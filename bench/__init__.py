@@ -1,0 +1,1 @@
+"""Benchmarks and the synthetic registry generator (``python -m bench``)."""

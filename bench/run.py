@@ -1,0 +1,231 @@
+"""The benchmarks: ``python -m bench [--rows N] [--quick]``; prints a table and writes ``bench/results.json``.
+
+(a) ``clinik-etl validate`` and a dry-run ``load`` on N rows, each in a child process (wall time,
+    rows/s, peak RSS from ``os.wait4``), next to polars' plain ``read_csv`` of the same file;
+(b) the loader against an unlimited sandbox next to a bare ``httpx.AsyncClient`` loop posting the
+    same bodies at the same concurrency (requests/s);
+(c) the loader against a sandbox that allows 600 requests per 10 s: achieved / allowed, 429s;
+(d) bulk mode on ``--bulk-rows`` rows.
+
+Benchmarks are not tests: nothing here asserts a time. ``--quick`` runs (a) and a small (b) only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import polars as pl
+
+from bench.generate import generate
+
+HERE = Path(__file__).resolve().parent
+CONCURRENCY = 8
+
+
+def _child(args: list[str]) -> dict[str, Any]:
+    """Run a child process; its wall time and peak RSS (its own, from wait4)."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+    if proc.stderr:
+        proc.stderr.close()
+    if proc.returncode not in (0, 1):  # 1: rows rejected, still a full run
+        raise RuntimeError(f"{args[:4]} exited {proc.returncode}: {err[-2000:]}")
+    return {"seconds": round(wall, 3), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1), "exit": proc.returncode}
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-c", "from etl.cli import main; main()", *args]
+
+
+def bench_pipeline(csv: Path, rows: int, work: Path) -> dict[str, Any]:
+    """(a): validate and a dry-run load end to end, and polars' read_csv, each in its own process."""
+    read = _child([sys.executable, "-c", "import sys, polars as pl; pl.read_csv(sys.argv[1], infer_schema=False)",
+                   str(csv)])
+    out: dict[str, Any] = {"polars_read_csv": read}
+    for name, args in (
+        ("validate", _cli("validate", str(csv), "-q", "--report-dir", str(work / "validate"))),
+        ("dry_run_load", _cli("load", str(csv), "--dry-run", "-q", "--report-dir", str(work / "dry"),
+                              "--state", str(work / "dry.sqlite"))),
+    ):
+        result = _child(args)
+        summary = json.loads((work / ("validate" if name == "validate" else "dry") / "summary.json").read_text())
+        result["rows_per_s"] = round(rows / result["seconds"])
+        result["stages"] = summary.get("timings", {})
+        result["vs_read_csv"] = round(result["seconds"] / read["seconds"], 1)
+        out[name] = result
+    read["rows_per_s"] = round(rows / read["seconds"])
+    return out
+
+
+def _load(csv: Path, work: Path, server: Any, name: str, **settings: Any) -> dict[str, Any]:
+    from etl.pipeline import load_files
+    from etl.settings import Settings
+
+    t0 = time.perf_counter()
+    report = load_files([csv], Settings(base_url=server.base_url, api_key=server.api_key, state=work / f"{name}.sqlite",
+                                        report_dir=work / name, concurrency=CONCURRENCY, **settings))
+    summary = dict(report.summary)
+    summary["wall_seconds"] = time.perf_counter() - t0
+    return summary
+
+
+async def _bare_loop(base_url: str, key: str, lines: list[dict[str, Any]]) -> float:
+    """POST the dry run's bodies with nothing but httpx; requests/s."""
+    headers = {"x-api-key": key, "content-type": "application/json"}
+    limits = httpx.Limits(max_connections=CONCURRENCY, max_keepalive_connections=CONCURRENCY)
+    async with httpx.AsyncClient(base_url=base_url, limits=limits, timeout=30) as http:
+        first = next(ln for ln in lines if ln["kind"] == "patient")
+        created = await http.post(first["path"], json=first["body"], headers=headers)
+        patient_id = created.json()["data"]["id"]
+        bodies = []
+        for ln in lines:
+            body = ln["body"]
+            if "patientId" in body:
+                body["patientId"] = patient_id
+            bodies.append((ln["path"], json.dumps(body).encode()))
+        it = iter(bodies)
+
+        async def work() -> None:
+            for path, body in it:
+                response = await http.post(path, content=body, headers=headers)
+                if response.status_code != 201:
+                    raise RuntimeError(f"bare loop: HTTP {response.status_code} {response.text[:200]}")
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(work() for _ in range(CONCURRENCY)))
+        return len(bodies) / (time.perf_counter() - t0)
+
+
+def bench_http(data: Path, rows: int, work: Path) -> dict[str, Any]:
+    """(b): the loader and a bare httpx loop against an unlimited sandbox."""
+    from etl.pipeline import load_files
+    from etl.sandbox import SandboxConfig, SandboxServer
+    from etl.settings import Settings
+
+    csv = generate(data / f"http-{rows}.csv", rows, seed=11).path
+    load_files([csv], Settings(dry_run=True, report_dir=work / "http-dry", state=work / "http-dry.sqlite"))
+    with (work / "http-dry" / "payloads.ndjson").open(encoding="utf-8") as fh:
+        lines = [json.loads(line) for line in fh]
+    with SandboxServer(SandboxConfig()) as server:
+        summary = _load(csv, work, server, "http")
+    with SandboxServer(SandboxConfig()) as server:
+        bare = asyncio.run(_bare_loop(server.base_url, server.api_key, lines))
+    loader = summary["achieved_rate"]
+    return {"rows": rows, "requests": summary["requests"], "loader_req_per_s": loader,
+            "bare_httpx_req_per_s": round(bare, 1), "loader_vs_bare": round(loader / bare, 2),
+            "concurrency": CONCURRENCY, "states": summary["states"]}
+
+
+def bench_limited(data: Path, seconds: float, work: Path) -> dict[str, Any]:
+    """(c): the loader against 600 requests per 10 s (60/s allowed) for about ``seconds``."""
+    from etl.sandbox import SandboxConfig, SandboxServer
+
+    allowed = 60.0
+    rows = int(allowed * seconds * 0.75)  # ~4 requests per 3 rows (a patient per 3 rows)
+    csv = generate(data / f"limited-{rows}.csv", rows, seed=13).path
+    with SandboxServer(SandboxConfig(rate_limit=600, window=10.0)) as server:
+        summary = _load(csv, work, server, "limited")
+    return {"rows": rows, "requests": summary["requests"], "allowed_req_per_s": allowed,
+            "achieved_req_per_s": summary["achieved_rate"],
+            "achieved_vs_allowed": round(summary["achieved_rate"] / allowed, 3),
+            "responses_429": summary["responses_429"], "load_seconds": summary["timings"].get("load")}
+
+
+def bench_bulk(data: Path, rows: int, work: Path) -> dict[str, Any]:
+    """(d): bulk mode (the sandbox's hourly limit raised so one run can start every job it needs)."""
+    from etl.sandbox import SandboxConfig, SandboxServer
+
+    csv = generate(data / f"bulk-{rows}.csv", rows, seed=17).path
+    with SandboxServer(SandboxConfig(bulk_operations_per_hour=1000)) as server:
+        summary = _load(csv, work, server, "bulk", mode="bulk", bulk_per_hour=1000)
+    load = summary["timings"]["load"]
+    return {"rows": rows, "jobs": len(summary["bulk_jobs"]), "load_seconds": load,
+            "rows_per_s": round(rows / load), "wall_seconds": round(summary["wall_seconds"], 2),
+            "states": summary["states"]}
+
+
+def machine() -> dict[str, Any]:
+    """What the figures were measured on."""
+    return {"cpus": os.cpu_count(), "python": platform.python_version(), "polars": pl.__version__,
+            "httpx": httpx.__version__, "platform": platform.platform()}
+
+
+def run(rows: int, *, quick: bool, http_rows: int, limited_seconds: float, bulk_rows: int,
+        out: Path, data: Path) -> dict[str, Any]:
+    """Run the benchmarks and write ``out``."""
+    csv = data / f"registry-{rows}.csv"
+    if not csv.is_file():
+        generate(csv, rows)
+    results: dict[str, Any] = {"machine": machine(), "rows": rows, "quick": quick}
+    with tempfile.TemporaryDirectory(prefix="clinik-bench-") as tmp:
+        work = Path(tmp)
+        results["pipeline"] = bench_pipeline(csv, rows, work)
+        results["http"] = bench_http(data, min(http_rows, rows, 300) if quick else http_rows, work)
+        results["rate_limited"] = None if quick else bench_limited(data, limited_seconds, work)
+        results["bulk"] = None if quick else bench_bulk(data, bulk_rows, work)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    return results
+
+
+def show(results: dict[str, Any]) -> None:
+    """The results as a rich table."""
+    from rich.console import Console
+    from rich.table import Table
+
+    m = results["machine"]
+    table = Table(title=f"clinik-etl bench: {m['cpus']} CPUs, Python {m['python']}, polars {m['polars']}")
+    for column in ("measurement", "time s", "rate", "peak RSS MB", "ratio / note"):
+        table.add_column(column)
+    p, n = results["pipeline"], results["rows"]
+    read = p["polars_read_csv"]
+    table.add_row(f"polars read_csv ({n:,} rows, all text)", f"{read['seconds']:.2f}", f"{read['rows_per_s']:,} rows/s",
+                  f"{read['peak_rss_mb']:,.0f}", "baseline")
+    for name in ("validate", "dry_run_load"):
+        r = p[name]
+        table.add_row(f"clinik-etl {name.replace('_', ' ')}", f"{r['seconds']:.2f}", f"{r['rows_per_s']:,} rows/s",
+                      f"{r['peak_rss_mb']:,.0f}", f"{r['vs_read_csv']}x read_csv")
+    h = results["http"]
+    table.add_row(f"loader, unlimited sandbox ({h['rows']:,} rows)", "", f"{h['loader_req_per_s']:,} req/s", "",
+                  f"{h['loader_vs_bare']}x bare httpx ({h['bare_httpx_req_per_s']:,} req/s)")
+    if (c := results.get("rate_limited")) is not None:
+        table.add_row("loader, 600 req / 10 s", f"{c['load_seconds']:.1f}", f"{c['achieved_req_per_s']} req/s", "",
+                      f"{c['achieved_vs_allowed']:.1%} of allowed, {c['responses_429']} x 429")
+    if (b := results.get("bulk")) is not None:
+        states = ", ".join(f"{v:,} {k}" for k, v in b["states"].items() if v)
+        table.add_row(f"bulk mode ({b['rows']:,} rows, {b['jobs']} jobs)", f"{b['load_seconds']:.1f}",
+                      f"{b['rows_per_s']:,} rows/s", "", states)
+    Console().print(table)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m bench``."""
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--rows", type=int, default=1_000_000, help="rows of the generated registry CSV for (a)")
+    parser.add_argument("--http-rows", type=int, default=5_000, help="rows loaded for (b)")
+    parser.add_argument("--limited-seconds", type=float, default=15.0, help="about how long (c) runs")
+    parser.add_argument("--bulk-rows", type=int, default=100_000, help="rows loaded in bulk mode for (d)")
+    parser.add_argument("--quick", action="store_true", help="(a) and a small (b) only")
+    parser.add_argument("--out", type=Path, default=HERE / "results.json")
+    parser.add_argument("--data", type=Path, default=HERE / "data", help="where generated files are kept")
+    args = parser.parse_args(argv)
+    results = run(args.rows, quick=args.quick, http_rows=args.http_rows, limited_seconds=args.limited_seconds,
+                  bulk_rows=args.bulk_rows, out=args.out, data=args.data)
+    show(results)
+    print(f"results: {args.out}")
+    return 0
