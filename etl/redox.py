@@ -43,6 +43,7 @@ import polars as pl
 from pydantic import ValidationError
 
 from etl.errors import UsageError
+from etl.files import private_dir
 from etl.load.client import mask
 from etl.load.loader import Loader, LoadOptions, Result, Send
 from etl.load.redox import RedoxClient
@@ -382,7 +383,7 @@ def _redox_target(settings: Settings, state_path: Path, route: str) -> Iterator[
     from etl.sandbox.redox import new_redox_token
 
     db = state_path.with_name(state_path.stem + ".sandbox.sqlite")
-    db.parent.mkdir(parents=True, exist_ok=True)
+    private_dir(db.parent)
     token = token or new_redox_token()
     with SandboxServer(SandboxConfig(db_path=str(db), redox_tokens=(token,))) as server:
         yield server.base_url, token, f"embedded-redox-sandbox:{db.resolve()}"

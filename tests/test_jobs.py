@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -131,7 +133,8 @@ def test_wait_queues_behind_the_holder(tmp_path: Path) -> None:
 def test_run_a_job_then_read_its_history(tmp_path: Path) -> None:
     job = _job(
         tmp_path,
-        f'inputs = ["{SAMPLE / "registry.csv"}"]\nstate = "state.sqlite"\nreports = "reports"\n',
+        f'name = "weekly-registry"\ninputs = ["{SAMPLE / "registry.csv"}"]\nstate = "state.sqlite"\n'
+        'reports = "reports"\n',
     )
     runner = CliRunner()
     first = runner.invoke(main, ["run", str(job), "--json"])
@@ -142,18 +145,54 @@ def test_run_a_job_then_read_its_history(tmp_path: Path) -> None:
     assert summary["report_dir"] == str(folder) and (folder / "report.html").is_file()
     second = runner.invoke(main, ["run", str(job), "-q"])
     assert second.exit_code == 1 and second.output == ""
+    # The same state store by hand: a load, a reconcile, and a dry run (which records nothing).
+    state = str(tmp_path / "state.sqlite")
+    by_hand = runner.invoke(main, ["load", str(SAMPLE / "registry.csv"), "--state", state, "-q",
+                                   "--report-dir", str(tmp_path / "by-hand")])
+    assert by_hand.exit_code == 1, by_hand.output
+    settled = runner.invoke(main, ["reconcile", "--state", state, "--report-dir", str(tmp_path / "settled")])
+    assert settled.exit_code == 0, settled.output
+    assert runner.invoke(main, ["run", str(job), "--dry-run", "-q"]).exit_code == 1
 
-    listed = runner.invoke(main, ["history", "--state", str(tmp_path / "state.sqlite")])
+    listed = runner.invoke(main, ["history", "--state", state])
     assert listed.exit_code == 0, listed.output
     assert summary["run_id"] in listed.output and "532" in listed.output
-    data = json.loads(runner.invoke(main, ["history", "--state", str(tmp_path / "state.sqlite"), "--json"]).stdout)
-    assert [r["summary"]["states"]["created"] for r in data["runs"]] == [532, 0]
-    assert [r["summary"]["states"]["skipped"] for r in data["runs"]] == [0, 532]
+    lines = [line.split() for line in listed.output.splitlines() if line.lstrip().startswith("20")]
+    assert [words[1:3] if words[1] == "run" else words[1:2] for words in lines] == [
+        ["run", "weekly-registry"], ["run", "weekly-registry"], ["load"], ["reconcile"]
+    ]
+    data = json.loads(runner.invoke(main, ["history", "--state", state, "--json"]).stdout)
+    assert [(r["command"], r["job"]) for r in data["runs"]] == [
+        ("run", "weekly-registry"), ("run", "weekly-registry"), ("load", None), ("reconcile", None)
+    ]
+    assert [r["summary"]["states"]["created"] for r in data["runs"][:3]] == [532, 0, 0]
+    assert [r["summary"]["states"]["skipped"] for r in data["runs"][:3]] == [0, 532, 532]
     assert data["target"].startswith("embedded-sandbox:")
 
     missing = runner.invoke(main, ["history", "--state", str(tmp_path / "nope.sqlite")])
     assert missing.exit_code == 2 and "no state store here" in missing.output
     assert not (tmp_path / "nope.sqlite").exists()
+
+
+def test_history_reads_a_state_store_written_before_runs_named_their_job(tmp_path: Path) -> None:
+    state = tmp_path / "old.sqlite"
+    with contextlib.closing(sqlite3.connect(state)) as db, db:
+        db.executescript(
+            "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);"
+            "INSERT INTO meta VALUES ('target', 'https://api.example.test'), ('version', '1');"
+            "CREATE TABLE runs (run_id TEXT PRIMARY KEY, started_at REAL NOT NULL, finished_at REAL,"
+            " command TEXT NOT NULL, summary TEXT);"
+            "INSERT INTO runs VALUES ('20250101T000000-aaaa', 1735689600, 1735689660, 'load', '{\"states\": {}}');"
+            "INSERT INTO runs VALUES ('20250102T000000-bbbb', 1735776000, NULL, 'reconcile', NULL);"
+        )
+    runner = CliRunner()
+    listed = runner.invoke(main, ["history", "--state", str(state)])
+    assert listed.exit_code == 0, listed.output
+    assert "load" in listed.output and "reconcile" in listed.output and "unfinished" in listed.output
+    data = json.loads(runner.invoke(main, ["history", "--state", str(state), "--json"]).stdout)
+    assert [(r["command"], r["job"]) for r in data["runs"]] == [("load", None), ("reconcile", None)]
+    with contextlib.closing(sqlite3.connect(state)) as db:
+        assert "job" in {row[1] for row in db.execute("PRAGMA table_info(runs)")}
 
 
 def test_a_held_state_store_stops_a_load_with_exit_2(tmp_path: Path) -> None:

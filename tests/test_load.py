@@ -15,11 +15,14 @@ import httpx
 import polars as pl
 import pytest
 
-from etl.load.client import ApiClient, mask
+from etl.load.bulk import BulkClient, BulkRefused, remaining_requests
+from etl.load.client import ApiClient, RetryLater, Unknown, exchange, mask
 from etl.load.loader import Loader, LoadOptions, Send
+from etl.load.redox import RedoxClient
 from etl.load.state import StateStore
 from etl.load.throttle import Throttle
 from etl.sandbox import SandboxConfig, SandboxServer
+from etl.sandbox.store import Store
 
 from .conftest import ROOT, SAMPLE
 from .test_pipeline import count
@@ -60,6 +63,46 @@ class LoseAnswers(httpx.AsyncBaseTransport):
 
     async def aclose(self) -> None:
         await self.inner.aclose()
+
+
+class Broken(httpx.AsyncBaseTransport):
+    """Every request fails with one transport error, as httpx would raise it."""
+
+    def __init__(self, error: type[httpx.TransportError]) -> None:
+        self.error = error
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        raise self.error("injected", request=request)
+
+
+NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+MAYBE_SENT = (httpx.ReadTimeout, httpx.WriteTimeout, httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError)
+
+
+@pytest.mark.parametrize("error", NOT_SENT + MAYBE_SENT)
+def test_every_client_reads_a_transport_error_the_one_way(error: type[httpx.TransportError]) -> None:
+    async def go() -> None:
+        async with httpx.AsyncClient(base_url="http://127.0.0.1:9", transport=Broken(error)) as http:
+            outcome = await exchange(http.get("/v1/patients"))
+            assert isinstance(outcome, RetryLater if error in NOT_SENT else Unknown)
+            assert error.__name__ in outcome.reason
+            assert await ApiClient(http, "k").create("/v1/patients", b"{}") == outcome
+            assert await RedoxClient(http, "t").create("/fhir/R4/x/development/Immunization/$write", b"{}") == outcome
+            # A bulk import never sent is refused (its rows may go again); one maybe sent has no job id.
+            bulk = BulkClient(http, "k")
+            if isinstance(outcome, RetryLater):
+                with pytest.raises(BulkRefused) as refused:
+                    await bulk.submit("Patient", "{}")
+                got = refused.value
+                assert (got.status, got.code, got.message) == (0, "NOT_SENT", outcome.reason)
+            else:
+                assert await bulk.submit("Patient", "{}") is None
+            assert await remaining_requests(http, "k") is None
+            patched = await ApiClient(http, "k").patch("/v1/patients", "pat_1", b"{}")
+            assert isinstance(patched, RetryLater | Unknown) and type(patched) is type(outcome)
+            assert outcome.reason in patched.reason
+
+    asyncio.run(go())
 
 
 def _run(
@@ -116,7 +159,8 @@ def test_an_absent_unknown_is_sent_again(tmp_path: Path, sandbox: Any) -> None:
 
 
 def test_429_is_waited_out_and_retried(tmp_path: Path) -> None:
-    config = SandboxConfig(rate_limit=4, window=1.0)
+    # 8 a second for 20 creates from 8 workers: the first window is overrun, so 429s are certain.
+    config = SandboxConfig(rate_limit=8, window=1.0)
     with SandboxServer(config) as server, StateStore(tmp_path / "s.sqlite", target="t") as state:
         patients = [
             Send("patient", "/v1/patients", f"P{i}", f'{{"firstName":"A{i}","lastName":"B"}}', f"h{i}")
@@ -135,10 +179,9 @@ def test_429_is_waited_out_and_retried(tmp_path: Path) -> None:
         rows, results, loader = _run(server, state, httpx.Timeout(5.0), "r", patients, doses, rate=1000.0)
         assert {r.state for r in [*results.values(), *rows.values()]} == {"created"}
         assert loader.stats.retries_429 > 0
-        time.sleep(1.1)
-        assert count(server, "/v1/patients") == 10
-        time.sleep(1.1)
-        assert count(server, "/v1/immunizations") == 10
+        # Counted in the sandbox's own store: a count over HTTP would wait out the rate limit too.
+        assert Store.search(server.sandbox.store, "/v1/patients", {}, limit=1).total == 10
+        assert Store.search(server.sandbox.store, "/v1/immunizations", {}, limit=1).total == 10
 
 
 def test_throttle_holds_a_burst_then_paces() -> None:
@@ -182,6 +225,23 @@ def test_mask_removes_phi_and_keys() -> None:
         assert secret not in masked
 
 
+@pytest.mark.parametrize(
+    "phone", ["(303) 555-0142", "+1 303 555 0142", "+1 (303) 555-0142", "303-555-0142", "3035550142"]
+)
+def test_mask_takes_a_phone_number_whole(phone: str) -> None:
+    assert mask(f"call {phone}.") == "call [phone]."
+    assert mask(phone) == "[phone]"
+
+
+def test_mask_keeps_the_ids_a_user_needs_to_find_the_row() -> None:
+    text = "patientId: pat_0000000000000000 not found; immunization imm_12345678901234, job_9f3a0c21b7d84e65"
+    assert mask(text) == text
+    mixed = "pat_0000000000000000 belongs to (303) 555-0142"
+    assert mask(mixed) == "pat_0000000000000000 belongs to [phone]"
+    # A key made of digits and letters goes whole: no other pattern may take its digits and leave the rest.
+    assert mask("key clk_test_0123456789abcdef rejected") == "key [key] rejected"
+
+
 def _cli(*args: str, key: str, timeout: float = 120) -> subprocess.Popen[str]:
     env = {**os.environ, "CLINIKAPI_SECRET_KEY": key}
     return subprocess.Popen(
@@ -201,7 +261,7 @@ def test_sigkill_halfway_then_resume_ends_with_the_uninterrupted_count(tmp_path:
     with SandboxServer(SandboxConfig(api_keys={key: "*"})) as server:
         common = ["--base-url", server.base_url, "--state", str(tmp_path / "state.sqlite"), "--consistency-window", "0"]
         proc = _cli(
-            "load", str(SAMPLE / "registry.csv"), *common, "--rate", "60", "--report-dir", str(tmp_path / "r1"), key=key
+            "load", str(SAMPLE / "registry.csv"), *common, "--rate=200", "--report-dir", str(tmp_path / "r1"), key=key
         )
         deadline = time.monotonic() + 90
         while count(server, route) < at:
@@ -308,7 +368,7 @@ def test_sigint_stops_cleanly_writes_the_report_and_resume_completes(tmp_path: P
     key = "clk_test_interrupt0123456789"
     with SandboxServer(SandboxConfig(api_keys={key: "*"})) as server:
         common = ["--base-url", server.base_url, "--state", str(tmp_path / "s.sqlite"), "--consistency-window", "0"]
-        proc = _cli("load", str(SAMPLE / "registry.csv"), *common, "--rate", "60", "--report-dir", str(tmp_path / "r1"),
+        proc = _cli("load", str(SAMPLE / "registry.csv"), *common, "--rate=200", "--report-dir", str(tmp_path / "r1"),
                     key=key)
         deadline = time.monotonic() + 60
         while count(server, "/v1/immunizations") < 40:

@@ -40,7 +40,7 @@ from typing import Any
 import httpx
 
 from etl.errors import AuthError
-from etl.load.client import LookupFailed
+from etl.load.client import LookupFailed, RetryLater, Unknown, exchange
 from etl.load.loader import Client, Loader, LoadOptions, Result, Send
 from etl.load.state import Record, StateStore, StoredState
 from etl.load.throttle import Throttle
@@ -107,14 +107,15 @@ class BulkClient:
     async def submit(self, resource_type: str, data: str) -> str | None:
         """Start an import; its job id, or None when the answer was lost (the job may exist)."""
         body = json.dumps({"resourceType": resource_type, "data": data}).encode()
-        try:
-            response = await self._http.post(
+        response = await exchange(
+            self._http.post(
                 "/v1/bulk/import", content=body, headers={**self._headers, "content-type": "application/json"}
             )
-        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
-            raise BulkRefused(0, "NOT_SENT", f"could not connect: {type(exc).__name__}") from exc
-        except httpx.TransportError:
-            return None
+        )
+        if isinstance(response, RetryLater):
+            raise BulkRefused(0, "NOT_SENT", response.reason)  # never sent: the rows may go again
+        if isinstance(response, Unknown):
+            return None  # sent: the job may exist
         self._observe(response)
         if response.status_code == 202:
             try:
@@ -136,10 +137,9 @@ class BulkClient:
     async def job(self, job_id: str) -> dict[str, Any] | None:
         """A job's record, or None when the API does not know it; ``LookupFailed`` when it cannot answer."""
         for attempt in range(5):
-            try:
-                response = await self._http.get(f"/v1/bulk/jobs/{job_id}", headers=self._headers)
-            except httpx.TransportError:
-                await asyncio.sleep(0.5 * 2**attempt)
+            response = await exchange(self._http.get(f"/v1/bulk/jobs/{job_id}", headers=self._headers))
+            if not isinstance(response, httpx.Response):
+                await asyncio.sleep(0.5 * 2**attempt)  # a read: safe to repeat, whatever became of it
                 continue
             self._observe(response)
             if response.status_code == 200:
@@ -403,9 +403,10 @@ class BulkLoader(Loader):
 
 async def remaining_requests(http: httpx.AsyncClient, api_key: str) -> int | None:
     """What the plan still allows in the current window (``X-RateLimit-Remaining`` of a one-item search)."""
-    with contextlib.suppress(httpx.TransportError):
-        response = await http.get("/v1/patients", params={"count": 1},
-                                  headers={"x-api-key": api_key, "accept": "application/json"})
+    response = await exchange(
+        http.get("/v1/patients", params={"count": 1}, headers={"x-api-key": api_key, "accept": "application/json"})
+    )
+    if isinstance(response, httpx.Response):
         with contextlib.suppress(KeyError, ValueError):
             return int(response.headers["x-ratelimit-remaining"])
     return None

@@ -2,7 +2,8 @@
 
 A create has exactly one of four answers (:class:`Created`, :class:`Refused`,
 :class:`RetryLater`, :class:`Unknown`); no httpx exception leaves this module.
-What is safe to retry is decided here:
+What is safe to retry is decided here, in :func:`exchange`, which the other
+clients (bulk imports, Redox) call too:
 
 - a connection that could not be opened never carried the request: retry;
 - a 429 was not processed: wait as told, then retry;
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -35,15 +36,19 @@ __all__ = [
     "RetryLater",
     "Unknown",
     "check_target",
+    "exchange",
     "mask",
 ]
 
 _MASKS = (
+    # Keys first, so that no other pattern can take part of one and leave the rest readable.
+    (re.compile(r"clk_(live|test)_[A-Za-z0-9]+"), "[key]"),
     (re.compile(r"[\w.+-]+@[\w-]+(\.[\w-]+)+"), "[email]"),
     (re.compile(r"\b\d{3}-\d{2}-\d{4}\b"), "[ssn]"),
     (re.compile(r"\d{4}-\d{2}-\d{2}(T[\d:.]+(Z|[+-]\d{2}:?\d{2})?)?"), "[date]"),
-    (re.compile(r"(\+?\d[\d\s().-]{7,}\d)"), "[phone]"),
-    (re.compile(r"clk_(live|test)_[A-Za-z0-9]+"), "[key]"),
+    # A phone number stands alone: digits glued to a word (``pat_0000000000000000``, a key, a hex id)
+    # are an identifier, which a user needs to find the row, not PHI.
+    (re.compile(r"(?<!\w)\+?\(?\d[\d\s().-]{7,}\d(?!\w)"), "[phone]"),
 )
 _MAX_DIAGNOSTICS = 500
 
@@ -106,6 +111,24 @@ class Unknown:
 Outcome = Created | Refused | RetryLater | Unknown
 
 
+async def exchange(request: Awaitable[httpx.Response]) -> httpx.Response | RetryLater | Unknown:
+    """Await one request: its response, or what a transport error means for it.
+
+    This is the one place where httpx's transport errors are translated. A
+    connection that could not be opened (or no free one in the pool) never
+    carried the request: :class:`RetryLater`. Anything after that (no answer
+    in time, a connection lost) may have been processed: :class:`Unknown`.
+    """
+    try:
+        return await request
+    except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+        return RetryLater(1.0, f"could not connect: {type(exc).__name__}")
+    except httpx.TimeoutException as exc:
+        return Unknown(f"no answer in time ({type(exc).__name__})")
+    except httpx.TransportError as exc:
+        return Unknown(f"connection lost after sending ({type(exc).__name__})")
+
+
 class ApiClient:
     """ClinikAPI over a caller-provided ``httpx.AsyncClient``."""
 
@@ -122,16 +145,11 @@ class ApiClient:
 
     async def create(self, route: str, body: bytes) -> Outcome:
         """POST one create body (already JSON)."""
-        try:
-            response = await self._http.post(
-                route, content=body, headers={**self._headers, "content-type": "application/json"}
-            )
-        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
-            return RetryLater(1.0, f"could not connect: {type(exc).__name__}")
-        except httpx.TimeoutException as exc:
-            return Unknown(f"no answer in time ({type(exc).__name__})")
-        except httpx.TransportError as exc:
-            return Unknown(f"connection lost after sending ({type(exc).__name__})")
+        response = await exchange(
+            self._http.post(route, content=body, headers={**self._headers, "content-type": "application/json"})
+        )
+        if not isinstance(response, httpx.Response):
+            return response
         self._observe(response)
         status = response.status_code
         if status == 201 or status == 200:
@@ -147,15 +165,16 @@ class ApiClient:
 
     async def patch(self, route: str, resource_id: str, body: bytes) -> Outcome:
         """PATCH a created resource with a new body (a re-import's ``--update``)."""
-        try:
-            response = await self._http.patch(
+        response = await exchange(
+            self._http.patch(
                 f"{route}/{resource_id}", content=body, headers={**self._headers, "content-type": "application/json"}
             )
-        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
-            return RetryLater(1.0, f"could not connect: {type(exc).__name__}")
-        except httpx.TransportError as exc:
+        )
+        if isinstance(response, Unknown):
             # A patch applied twice gives the same resource: unlike a create, it is safe to repeat later.
-            return Unknown(f"no answer to the update ({type(exc).__name__})")
+            return Unknown(f"update not confirmed: {response.reason}")
+        if isinstance(response, RetryLater):
+            return response
         self._observe(response)
         if response.status_code == 200:
             return Created(resource_id, 200)

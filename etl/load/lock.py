@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from etl.errors import StateError
+from etl.files import private_dir
 
 __all__ = ["lock_path", "state_lock"]
 
@@ -48,7 +49,7 @@ def state_lock(
 ) -> Iterator[Path]:
     """Hold the state store's lock for the block; fail at once (or, with ``wait``, wait) if another run has it."""
     path = lock_path(state)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    private_dir(path.parent)
     # The file names a process and a start time only; still owner-only, like the store.
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:

@@ -20,7 +20,7 @@ from typing import Any
 
 import httpx
 
-from etl.load.client import Created, LookupFailed, Outcome, Refused, RetryLater, Unknown, _retry_after, mask
+from etl.load.client import Created, LookupFailed, Outcome, Refused, RetryLater, Unknown, _retry_after, exchange, mask
 
 __all__ = ["FHIR_JSON", "RedoxClient"]
 
@@ -44,14 +44,9 @@ class RedoxClient:
 
     async def create(self, route: str, body: bytes) -> Outcome:
         """POST one message bundle; its acknowledgement's id (else the bundle's) on success."""
-        try:
-            response = await self._http.post(route, content=body, headers=self._headers)
-        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
-            return RetryLater(1.0, f"could not connect: {type(exc).__name__}")
-        except httpx.TimeoutException as exc:
-            return Unknown(f"no answer in time ({type(exc).__name__})")
-        except httpx.TransportError as exc:
-            return Unknown(f"connection lost after sending ({type(exc).__name__})")
+        response = await exchange(self._http.post(route, content=body, headers=self._headers))
+        if not isinstance(response, httpx.Response):
+            return response
         self.requests += 1
         if self._on_response is not None:
             self._on_response(response.headers)

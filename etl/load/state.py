@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Literal
 
 from etl.errors import StateError
+from etl.files import private_dir
 
 __all__ = ["Record", "StateStore", "StoredState"]
 
@@ -53,7 +54,8 @@ CREATE TABLE IF NOT EXISTS runs (
     started_at REAL NOT NULL,
     finished_at REAL,
     command TEXT NOT NULL,
-    summary TEXT
+    summary TEXT,
+    job TEXT
 );
 """
 _VERSION = "1"
@@ -82,7 +84,7 @@ class StateStore:
 
     def __init__(self, path: str | Path, *, target: str) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(self.path.parent)
         if not self.path.exists():
             # It holds PHI-adjacent ids and messages: owner-only from the first byte.
             os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
@@ -93,10 +95,12 @@ class StateStore:
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute("PRAGMA busy_timeout=5000")
             self._db.executescript(_SCHEMA)
-            columns = {row[1] for row in self._db.execute("PRAGMA table_info(records)")}
-            for column in ("body", "source_file"):
-                if column not in columns:
-                    self._db.execute(f"ALTER TABLE records ADD COLUMN {column} TEXT")
+            # Columns added since the first release: a store written by an older version gains them.
+            for table, added in (("records", ("body", "source_file")), ("runs", ("job",))):
+                columns = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
+                for column in added:
+                    if column not in columns:
+                        self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} TEXT")
         except sqlite3.DatabaseError as exc:
             raise StateError(f"{self.path}: not a usable state store ({exc})") from exc
         self._bind(target)
@@ -275,12 +279,18 @@ class StateStore:
                 ],
             )
 
-    def start_run(self, run_id: str, command: str) -> None:
-        """Note the start of a run."""
+    def start_run(self, run_id: str, command: str, *, job: str | None = None) -> None:
+        """Note the start of a run: its command (``load``, ``reconcile``, ``run``) and, for ``run``, the job's name."""
         with self.transaction():
             self._db.execute(
-                "INSERT INTO runs (run_id, started_at, command) VALUES (?, ?, ?)", (run_id, time.time(), command)
+                "INSERT INTO runs (run_id, started_at, command, job) VALUES (?, ?, ?, ?)",
+                (run_id, time.time(), command, job),
             )
+
+    def label_run(self, run_id: str, command: str, *, job: str | None = None) -> None:
+        """Say what started a run after the fact (a job file's ``run``, whose load recorded itself as ``load``)."""
+        with self.transaction():
+            self._db.execute("UPDATE runs SET command = ?, job = ? WHERE run_id = ?", (command, job, run_id))
 
     def finish_run(self, run_id: str, summary: dict[str, object]) -> None:
         """Note the end of a run with its summary counts."""
@@ -292,14 +302,17 @@ class StateStore:
 
     def runs(self) -> list[dict[str, object]]:
         """Past runs, oldest first."""
-        cur = self._db.execute("SELECT run_id, started_at, finished_at, command, summary FROM runs ORDER BY rowid")
+        cur = self._db.execute(
+            "SELECT run_id, started_at, finished_at, command, job, summary FROM runs ORDER BY rowid"
+        )
         return [
             {
                 "run_id": r[0],
                 "started_at": r[1],
                 "finished_at": r[2],
                 "command": r[3],
-                "summary": json.loads(r[4]) if r[4] else None,
+                "job": r[4],
+                "summary": json.loads(r[5]) if r[5] else None,
             }
             for r in cur
         ]
