@@ -20,6 +20,7 @@ import click
 from pydantic import ValidationError
 from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table as RichTable
 
 from etl.errors import EtlError, ExitCode, UsageError
@@ -408,9 +409,11 @@ def run(job: Path, wait: bool, dry_run: bool, update: bool, quiet: bool, as_json
 @click.option("--json", "as_json", is_flag=True, help="Print the runs as JSON on stdout.")
 @handle_errors
 def history(state: Path, as_json: bool) -> None:
-    """List the loads a state store has recorded, oldest first, with their counts.
+    """List the runs a state store has recorded, oldest first, with their counts.
 
-    A run marked "unfinished" was killed, or is still going.
+    Each run says what started it: load, reconcile, or run and the job's
+    name. A run marked "unfinished" was killed, or is still going. Dry runs
+    record nothing, so they are not listed.
     """
     from etl.load.state import StateStore
 
@@ -427,6 +430,7 @@ def history(state: Path, as_json: bool) -> None:
     shown = [s for s in FINAL_STATES if any((m.get("states") or {}).get(s) for m in summaries)]
     table = RichTable(title=f"{state} (target {target})", title_justify="left", box=box.SIMPLE_HEAD)
     table.add_column("run", no_wrap=True)
+    table.add_column("command", no_wrap=True)
     table.add_column("started", no_wrap=True)
     for name in ("took", *shown, "total"):
         table.add_column(name, justify="right", no_wrap=True)
@@ -438,7 +442,8 @@ def history(state: Path, as_json: bool) -> None:
         when = dt.datetime.fromtimestamp(started).astimezone().strftime("%Y-%m-%d %H:%M")
         counts = [str(states.get(s, 0)) if states else "" for s in shown]
         total = str(sum(states.values())) if states else ""
-        table.add_row(str(r["run_id"]), when, took, *counts, total)
+        command = " ".join(str(part) for part in (r["command"], r["job"]) if part)
+        table.add_row(str(r["run_id"]), escape(command), when, took, *counts, total)
     # Piped (cron mail, a file), there is no terminal width to respect: never cut a run id.
     (out if out.is_terminal else Console(width=160, highlight=False)).print(table)
 
@@ -577,7 +582,8 @@ def print_summary(report: RunReport, stream: Console | None = None) -> None:
     if s.get("interrupted"):
         console.print("[yellow]interrupted:[/] rows in flight were finished and recorded; the state and this report "
                       "are written. Run the same command again to resume: nothing is sent twice.")
-    rejected = report.rows.filter(report.rows["state"] == "rejected")
+    problems = report.problems
+    rejected = problems.filter(problems["state"] == "rejected")
     if rejected.height:
         console.print("rejects by code:")
         several = rejected["source_file"].n_unique() > 1

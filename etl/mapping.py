@@ -96,6 +96,11 @@ class Mapped:
     frame: pl.DataFrame
     sources: dict[str, str]  # canonical field -> source header it came from
     unmapped: list[str]
+    select: list[pl.Expr] = field(default_factory=list)  # source frame -> ``frame``
+
+    def with_rows(self, rows: pl.DataFrame) -> Mapped:
+        """The same mapping over other rows of the same file (a batch): the profile is applied once."""
+        return replace(self, table=replace(self.table, frame=rows), frame=rows.select(self.select))
 
     @property
     def kind(self) -> str:
@@ -116,6 +121,7 @@ class Mapped:
 _PUNCT = re.compile(r"[\s_\-.()/#:]+")
 _NUMBERED = re.compile(r"^(.*?)(\d+)$")
 _BUILTIN = resources.files("etl").joinpath("profiles")
+_UNMAPPED_NAMED = 20  # columns an unmapped-columns notice names; the rest are counted
 _KNOWN = {
     "name",
     "kind",
@@ -311,14 +317,22 @@ def apply_profile(table: Table, profile: Profile, kind: str | None = None) -> Ma
             )
         return pl.lit(None, dtype=pl.String)
 
-    frame = table.frame.select(pl.col(ROW), *[column(name).alias(name) for name in fields])
+    select = [pl.col(ROW), *[column(name).alias(name) for name in fields]]
+    frame = table.frame.select(select)
     for name, headers in numbered.items():
         sources.setdefault(name, headers[0])
     used = set(sources.values()) | {h for hs in numbered.values() for h in hs}
     unmapped = [c for c in table.columns if c not in used]
     if unmapped:
-        table.notices.append(Notice("unmapped-columns", f"not imported: {', '.join(unmapped)}", str(table.path), row=1))
-    return Mapped(table, narrowed, frame, sources, unmapped)
+        table.notices.append(Notice("unmapped-columns", _not_imported(unmapped), str(table.path), row=1))
+    return Mapped(table, narrowed, frame, sources, unmapped, select)
+
+
+def _not_imported(columns: list[str]) -> str:
+    """The unmapped-columns message: a file may have thousands of columns, the summary names a few."""
+    named = ", ".join(columns[:_UNMAPPED_NAMED])
+    more = len(columns) - _UNMAPPED_NAMED
+    return f"not imported: {named}" + (f" and {more} more" if more > 0 else "")
 
 
 def starter_profile(table: Table, kind: str | None = None) -> str:

@@ -27,12 +27,13 @@ import httpx
 import polars as pl
 
 from etl.errors import InputError, UsageError
+from etl.files import private_dir
 from etl.load.client import ApiClient, LookupFailed, check_target
 from etl.load.loader import Loader, LoadOptions, Result, Send
 from etl.load.lock import state_lock
 from etl.load.state import StateStore
 from etl.load.throttle import Throttle
-from etl.mapping import Mapped, apply_profile, default_profile, key_field, load_profile
+from etl.mapping import Mapped, Profile, apply_profile, default_profile, key_field, load_profile
 from etl.progress import LoadEstimate, Progress, as_progress
 from etl.readers import ROW, Notice, read_table
 from etl.report import ROW_COLUMNS, RunReport, _private_dir, _private_file, count_states, write_report
@@ -69,15 +70,21 @@ def _new_run_id() -> str:
     return dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
 
 
-def prepare_files(
-    paths: Sequence[str | Path], settings: Settings, timings: dict[str, float], progress: Progress | None = None
-) -> list[Prepared]:
-    """Read, map, validate and transform every input (no network), parents' files first."""
+def run_profile(settings: Settings) -> Profile:
+    """The profile a run maps its inputs with (``--profile``, narrowed by ``--kind``)."""
     profile = load_profile(settings.profile) if settings.profile else default_profile()
     if settings.kind is not None:
         if settings.kind not in KIND_SPECS:
             raise UsageError(f"unknown --kind {settings.kind!r}; kinds: {', '.join(KIND_SPECS)}")
         profile = replace(profile, kind=settings.kind)
+    return profile
+
+
+def prepare_files(
+    paths: Sequence[str | Path], settings: Settings, timings: dict[str, float], progress: Progress | None = None
+) -> list[Prepared]:
+    """Read, map, validate and transform every input (no network), parents' files first."""
+    profile = run_profile(settings)
     out = []
     show = progress or Progress()
     for path in paths:
@@ -171,14 +178,19 @@ def _base_rows(p: Prepared) -> pl.DataFrame:
 
 def _rejects_file(p: Prepared, rows: pl.DataFrame) -> pl.DataFrame:
     """The rejected rows as they were in the source, with the reasons appended."""
-    table = p.mapped.table
-    reasons = rows.filter((pl.col("source_file") == p.file) & (pl.col("state") == "rejected")).select(
+    return rejects_frame(p.file, p.mapped.table.frame, rows)
+
+
+def rejects_frame(file: str, source: pl.DataFrame, rows: pl.DataFrame) -> pl.DataFrame:
+    """The rows of ``rows`` rejected in ``file``, with their ``source`` cells and the reasons appended."""
+    reasons = rows.filter((pl.col("source_file") == file) & (pl.col("state") == "rejected")).select(
         pl.col("source_row").alias(ROW), pl.col("message").alias("reasons")
     )
+    columns = [c for c in source.columns if c != ROW]
     return (
-        table.frame.join(reasons, on=ROW, how="inner")
+        source.join(reasons, on=ROW, how="inner")
         .sort(ROW)
-        .select(pl.lit(p.file).alias("source_file"), pl.col(ROW).alias("source_row"), *table.columns, "reasons")
+        .select(pl.lit(file).alias("source_file"), pl.col(ROW).alias("source_row"), *columns, "reasons")
     )
 
 
@@ -194,6 +206,65 @@ def _dedupe_across_files(rows: pl.DataFrame) -> pl.DataFrame:
     )
 
 
+def input_facts(mapped: Mapped, rows: int) -> dict[str, Any]:
+    """What a summary says about one input file."""
+    table = mapped.table
+    return {
+        "path": str(table.path),
+        "sha256": table.sha256,
+        "format": table.format,
+        "encoding": table.encoding,
+        "delimiter": table.delimiter,
+        "sheet": table.sheet,
+        "kind": mapped.kind,
+        "profile": mapped.profile.name,
+        "rows": rows,
+        "columns_mapped": mapped.sources,
+    }
+
+
+def notice_facts(mapped: Mapped) -> list[dict[str, Any]]:
+    """A file's reader and mapping notices, as a summary lists them."""
+    return [{"file": n.file, "code": n.code, "message": n.message} for n in mapped.table.notices]
+
+
+def warning_facts(file: str, warnings: pl.DataFrame) -> list[dict[str, Any]]:
+    """Row warnings grouped by code: the first 20 rows and the count."""
+    return [
+        {"file": file, "code": str(code), "rows": frame.get_column(ROW).to_list()[:20], "count": frame.height}
+        for (code,), frame in warnings.group_by("code", maintain_order=True)
+    ]
+
+
+def summary_of(
+    run_id: str,
+    *,
+    command: str,
+    inputs: list[dict[str, Any]],
+    warnings: list[dict[str, Any]],
+    counts: pl.DataFrame,
+    target: str,
+    settings: Settings,
+    timings: dict[str, float],
+    extra: dict[str, Any],
+) -> dict[str, Any]:
+    """A run's ``summary.json``; ``counts`` holds ``kind, state, len`` of the report's rows."""
+    states, per_kind = count_states(counts)
+    return {
+        "run_id": run_id,
+        "command": command,
+        "dry_run": settings.dry_run,
+        "target": target,
+        "inputs": inputs,
+        "rows_total": sum(states.values()),
+        "states": states,
+        "kinds": per_kind,
+        "warnings": warnings,
+        "timings": {k: round(v, 4) for k, v in timings.items()},
+        **{k: v for k, v in extra.items() if k != "load"},
+    }
+
+
 def _summary(
     run_id: str,
     prepared: list[Prepared],
@@ -203,43 +274,19 @@ def _summary(
     timings: dict[str, float],
     extra: dict[str, Any],
 ) -> dict[str, Any]:
-    states, per_kind = count_states(rows)
-    warnings: list[dict[str, Any]] = [
-        {"file": n.file, "code": n.code, "message": n.message} for p in prepared for n in p.mapped.table.notices
-    ]
-    for p in prepared:
-        w = p.validation.warnings
-        for (code,), frame in w.group_by("code"):
-            warnings.append(
-                {"file": p.file, "code": str(code), "rows": frame.get_column(ROW).to_list()[:20], "count": frame.height}
-            )
-    return {
-        "run_id": run_id,
-        "command": "load" if extra.get("load") else "validate",
-        "dry_run": settings.dry_run,
-        "target": target,
-        "inputs": [
-            {
-                "path": p.file,
-                "sha256": p.mapped.table.sha256,
-                "format": p.mapped.table.format,
-                "encoding": p.mapped.table.encoding,
-                "delimiter": p.mapped.table.delimiter,
-                "sheet": p.mapped.table.sheet,
-                "kind": p.mapped.kind,
-                "profile": p.mapped.profile.name,
-                "rows": p.mapped.frame.height,
-                "columns_mapped": p.mapped.sources,
-            }
-            for p in prepared
-        ],
-        "rows_total": rows.height,
-        "states": states,
-        "kinds": per_kind,
-        "warnings": warnings,
-        "timings": {k: round(v, 4) for k, v in timings.items()},
-        **{k: v for k, v in extra.items() if k != "load"},
-    }
+    warnings = [w for p in prepared for w in notice_facts(p.mapped)]
+    warnings += [w for p in prepared for w in warning_facts(p.file, p.validation.warnings)]
+    return summary_of(
+        run_id,
+        command="load" if extra.get("load") else "validate",
+        inputs=[input_facts(p.mapped, p.mapped.frame.height) for p in prepared],
+        warnings=warnings,
+        counts=rows.group_by("kind", "state").len(),
+        target=target,
+        settings=settings,
+        timings=timings,
+        extra=extra,
+    )
 
 
 def _report_dir(settings: Settings, run_id: str) -> Path:
@@ -252,7 +299,21 @@ def _report_dir(settings: Settings, run_id: str) -> Path:
 def validate_files(
     paths: Sequence[str | Path], settings: Settings | None = None, *, progress: ProgressLike | None = None
 ) -> RunReport:
-    """Validate inputs without sending anything; write the report."""
+    """Validate inputs without sending anything; write the report.
+
+    Inputs are read and checked a batch of ``settings.batch_rows`` rows at a time (``etl.batches``),
+    so a file of any size is validated in bounded memory; the report is the one a whole-file
+    validation writes (:func:`validate_whole`).
+    """
+    from etl.batches import validate_in_batches
+
+    return validate_in_batches(paths, settings or Settings(), as_progress(progress))
+
+
+def validate_whole(
+    paths: Sequence[str | Path], settings: Settings | None = None, *, progress: ProgressLike | None = None
+) -> RunReport:
+    """Validate inputs held whole in memory (the reference :func:`validate_files` is checked against)."""
     settings = settings or Settings()
     run_id, timings = _new_run_id(), dict[str, float]()
     t0 = time.perf_counter()
@@ -301,7 +362,7 @@ def _target(settings: Settings) -> Iterator[tuple[str, str, str]]:
     from etl.sandbox import SandboxConfig, SandboxServer
 
     db = _sandbox_db(settings)
-    db.parent.mkdir(parents=True, exist_ok=True)
+    private_dir(db.parent)
     with SandboxServer(SandboxConfig(db_path=str(db))) as server:
         yield server.base_url, server.api_key, _identity(settings)
 
@@ -475,7 +536,7 @@ def _resolve_references(
         ])
         if failures.height:
             first = (
-                failures.sort("source_file", ROW)
+                failures.sort("source_file", ROW, "field", "code", maintain_order=True)
                 .group_by("source_file", ROW, maintain_order=True)
                 .first()
                 .select("source_file", pl.col(ROW).alias("source_row"), "code",

@@ -30,6 +30,8 @@ import re
 import sys
 import zipfile
 from collections import Counter
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -38,7 +40,7 @@ import polars as pl
 
 from etl.errors import InputError
 
-__all__ = ["ROW", "Notice", "Table", "file_sha256", "read_table", "sniff_delimiter"]
+__all__ = ["ROW", "Batches", "Notice", "Table", "file_sha256", "read_batches", "read_table", "sniff_delimiter"]
 
 #: Name of the source-row column every reader adds.
 ROW = "__row"
@@ -132,6 +134,137 @@ def read_table(path: str | Path, *, sheet: str | None = None) -> Table:
     except OSError as exc:  # the file vanished or became unreadable while being read
         raise InputError(str(path), f"cannot be read: {exc.strerror or exc}") from exc
     return table
+
+
+#: Files below this size are read whole (and cut into batches); larger ones are scanned in batches.
+STREAM_FROM_BYTES = 64 * 1024 * 1024
+
+
+@dataclass
+class Batches:
+    """A table read a batch of rows at a time: ``table`` has the columns and metadata, no rows."""
+
+    table: Table
+    batches: Iterator[pl.DataFrame]
+
+
+def read_batches(
+    path: str | Path, *, sheet: str | None = None, rows: int = 100_000, stream_from: int | None = None
+) -> Batches:
+    """Read a table in batches of at most ``rows`` rows, each with its ``__row`` numbers.
+
+    A large UTF-8 CSV (``stream_from`` bytes or more, :data:`STREAM_FROM_BYTES` by default) is read a
+    chunk of whole records at a time (cut where a line break is outside quotes) and parsed by polars,
+    so it is never held whole; anything else (a workbook, another encoding, a small file) is read by
+    :func:`read_table`, with every check it makes, and then cut. A CSV that turns out to be broken
+    part-way is read again whole, so the error names its row as usual.
+    """
+    path = Path(path)
+    threshold = STREAM_FROM_BYTES if stream_from is None else stream_from
+    head = _head(path)
+    size = path.stat().st_size
+    streamable = (
+        size >= threshold
+        and sheet is None
+        and path.suffix.lower() not in _EXCEL_SUFFIXES
+        and not _is_workbook(path, head)
+        and _decode_choice(path, head) == ("utf-8", [])
+        and not _has_bare_cr(path)
+    )
+    if not streamable:
+        table = read_table(path, sheet=sheet)
+        frame, table.frame = table.frame, table.frame.clear()
+        return Batches(table, (frame.slice(i, rows) for i in range(0, max(frame.height, 1), rows)))
+    sample = head.decode("utf-8", errors="ignore").lstrip("\ufeff")
+    delimiter = sniff_delimiter(sample)
+    body = head.removeprefix(codecs.BOM_UTF8)
+    header_end = _first_record_end(body)
+    if header_end < 0:  # a header longer than the sniffed head: not the migration-sized case
+        return read_batches(path, sheet=sheet, rows=rows, stream_from=size + 1)
+    header_line = body[:header_end]
+    header = _parse_chunk(path, header_line, b"", delimiter).with_row_index(ROW, offset=2)
+    table = Table(path, "csv", header, "", encoding="utf-8", delimiter=delimiter)
+    _check_headers(table)
+    # The file's digest is read beside the batches (hashlib lets go of the GIL) and is there once they end.
+    digest = ThreadPoolExecutor(1, thread_name_prefix="sha256")
+    future = digest.submit(file_sha256, path)
+    digest.shutdown(wait=False)
+    per_row = max(1, len(body) - header_end) / max(1, body.count(b"\n", header_end))
+    skip = len(head) - len(body) + header_end
+    chunks = _chunked(path, header_line, skip, delimiter, rows, max(4096, int(per_row * rows)))
+    return Batches(table, _then(chunks, lambda: setattr(table, "sha256", future.result())))
+
+
+def _then(batches: Iterator[pl.DataFrame], done: Callable[[], None]) -> Iterator[pl.DataFrame]:
+    yield from batches
+    done()
+
+
+def _first_record_end(data: bytes) -> int:
+    """Just past the line break that ends the first record of ``data``, or -1 (see :func:`_record_end`)."""
+    start, quotes = 0, 0
+    while (end := data.find(b"\n", start)) >= 0:
+        quotes += data.count(b'"', start, end)
+        if quotes % 2 == 0:
+            return end + 1
+        start = end + 1
+    return -1
+
+
+def _record_end(data: bytes, start: int = 0) -> int:
+    """Just past the last line break of ``data`` that ends a record (not one inside a quoted cell), or -1.
+
+    ``data[start:]`` begins at a record's start. A line break ends a record when an even number of
+    quotes precede it (an escaped quote, ``""``, counts twice and keeps the parity).
+    """
+    end = data.rfind(b"\n", start)
+    quotes = data.count(b'"', start, end) if end >= 0 else 0
+    while end >= 0:
+        if quotes % 2 == 0:
+            return end + 1
+        previous = data.rfind(b"\n", start, end)
+        quotes -= data.count(b'"', previous + 1 if previous >= 0 else start, end)
+        end = previous
+    return -1
+
+
+def _chunked(
+    path: Path, header: bytes, skip: int, delimiter: str, rows: int, chunk_bytes: int
+) -> Iterator[pl.DataFrame]:
+    """The records after the header, parsed a chunk of whole records at a time, cut to ``rows``."""
+    next_row = 2  # the header is row 1
+    with path.open("rb") as fh:
+        fh.seek(skip)
+        tail = b""
+        while True:
+            block = fh.read(chunk_bytes)
+            data = tail + block
+            if not block:
+                if not data.strip():
+                    return
+                cut = len(data)  # the last record, with or without a final line break
+            else:
+                cut = _record_end(data, 0)
+                if cut < 0:  # no record ends in this chunk yet (a long quoted cell): read on
+                    tail = data
+                    continue
+            frame = _parse_chunk(path, header, data[:cut], delimiter).with_row_index(ROW, offset=next_row)
+            tail = data[cut:]
+            next_row += frame.height
+            for i in range(0, frame.height, rows):
+                yield frame.slice(i, rows)
+            if not block:
+                return
+
+
+def _parse_chunk(path: Path, header: bytes, records: bytes, delimiter: str) -> pl.DataFrame:
+    try:
+        return pl.read_csv(
+            io.BytesIO(header + records), separator=delimiter, infer_schema=False, has_header=True, quote_char='"'
+        )
+    except pl.exceptions.PolarsError as exc:
+        read_table(path)  # raises the InputError that names the row
+        raise InputError(str(path), f"cannot be read as CSV: {_polars_reason(exc)}") from exc
 
 
 def _head(path: Path) -> bytes:
@@ -262,6 +395,8 @@ def _has_bare_cr(path: Path) -> bool:
     carry = b""
     with path.open("rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
+            if b"\r" not in chunk and not carry:  # most files: nothing to look at
+                continue
             data = carry + chunk
             # A \r at the end of a chunk may be the first half of \r\n.
             carry = b"\r" if data.endswith(b"\r") else b""

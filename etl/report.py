@@ -25,13 +25,14 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import polars as pl
 
+from etl.files import private_dir
 from etl.report_html import write_html
 
-__all__ = ["FINAL_STATES", "ROW_COLUMNS", "RunReport", "neutralise", "write_report"]
+__all__ = ["FINAL_STATES", "PROBLEM_STATES", "ROW_COLUMNS", "RunReport", "neutralise", "read_rows", "write_report"]
 
 FINAL_STATES = ("created", "skipped", "rejected", "failed", "unknown", "planned", "changed", "updated")
 ROW_COLUMNS = (
@@ -46,18 +47,44 @@ ROW_COLUMNS = (
     "field",
     "message",
 )
+_Frame = TypeVar("_Frame", pl.DataFrame, pl.LazyFrame)
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+#: States a report lists row by row in its page and summary: the rows that need someone's attention.
+PROBLEM_STATES = ("rejected", "failed", "unknown")
 
 
 @dataclass
 class RunReport:
-    """What a validate or load run did, row by row."""
+    """What a validate or load run did, row by row.
+
+    ``held`` is the row table when the run kept it in memory; a run in batches leaves it out
+    (it may have millions of lines) and :attr:`rows` reads ``rows.csv`` back on demand.
+    """
 
     run_id: str
-    rows: pl.DataFrame  # ROW_COLUMNS, one line per input row
+    held: pl.DataFrame | None  # ROW_COLUMNS, one line per input row
     summary: dict[str, Any]
     folder: Path | None = None
     warnings: list[str] = field(default_factory=list)
+    held_problems: pl.DataFrame | None = None  # the rows in PROBLEM_STATES, when ``held`` is left out
+
+    @property
+    def rows(self) -> pl.DataFrame:
+        """One line per input row (ROW_COLUMNS)."""
+        if self.held is None:
+            if self.folder is None:
+                raise ValueError("this report's rows were not kept and it has no folder to read them from")
+            self.held = read_rows(self.folder / "rows.csv")
+        return self.held
+
+    @property
+    def problems(self) -> pl.DataFrame:
+        """The rejected, failed and unknown rows (ROW_COLUMNS), in file order."""
+        if self.held is None and self.held_problems is not None:
+            return self.held_problems
+        return self.rows.filter(pl.col("state").is_in(PROBLEM_STATES))
 
     @property
     def rows_total(self) -> int:
@@ -85,7 +112,12 @@ class RunReport:
         return ExitCode.OK
 
 
-def neutralise(frame: pl.DataFrame) -> pl.DataFrame:
+def read_rows(path: Path) -> pl.DataFrame:
+    """A report's ``rows.csv`` read back, typed as written."""
+    return pl.read_csv(path, infer_schema=False).with_columns(pl.col("source_row").cast(pl.UInt32))
+
+
+def neutralise(frame: _Frame) -> _Frame:
     """Prefix text cells that a spreadsheet would evaluate (``=``, ``+``, ``-``, ``@``) with a quote."""
 
     def safe(name: str) -> pl.Expr:
@@ -93,11 +125,13 @@ def neutralise(frame: pl.DataFrame) -> pl.DataFrame:
         risky = pl.any_horizontal(col.str.starts_with(start) for start in _FORMULA_START)
         return pl.when(risky).then(pl.lit("'") + col).otherwise(col).alias(name)
 
-    return frame.with_columns(safe(name) for name, dtype in frame.schema.items() if dtype == pl.String)
+    schema = frame.collect_schema()
+    return frame.with_columns(safe(name) for name, dtype in schema.items() if dtype == pl.String)
 
 
 def _private_dir(path: Path) -> None:
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    private_dir(path)
+    # Unlike a state store's parent, a report folder is the report's own: tighten it even if it existed.
     os.chmod(path, 0o700)
 
 
@@ -126,18 +160,29 @@ def write_report(
         combined = pl.DataFrame(schema={"source_file": pl.String, "source_row": pl.UInt32, "reasons": pl.String})
     combined.pipe(neutralise).write_csv(_private_file(folder / "rejects.csv"))
     report.summary["report_dir"] = str(folder)
-    with _private_file(folder / "summary.json").open("w", encoding="utf-8") as fh:
-        json.dump(report.summary, fh, indent=2, sort_keys=False)
-        fh.write("\n")
-    write_html(report.summary, report.rows, _private_file(folder / "report.html"))
+    write_summary(report.summary, folder)
+    write_html(report.summary, report.problems, _private_file(folder / "report.html"))
     return folder
 
 
+def write_summary(summary: dict[str, Any], folder: Path) -> Path:
+    """``summary.json``, owner-only."""
+    path = _private_file(folder / "summary.json")
+    with path.open("w", encoding="utf-8") as fh:
+        json.dump(summary, fh, indent=2, sort_keys=False)
+        fh.write("\n")
+    return path
+
+
 def count_states(rows: pl.DataFrame) -> tuple[dict[str, int], dict[str, dict[str, int]]]:
-    """(state -> count, kind -> state -> count), with every final state present."""
+    """(state -> count, kind -> state -> count), with every final state present.
+
+    ``rows`` is a report's rows, or their counts already (``kind, state, len``).
+    """
     overall = {s: 0 for s in FINAL_STATES}
     per_kind: dict[str, dict[str, int]] = {}
-    for kind, state, n in rows.group_by("kind", "state").len().sort("kind", "state").iter_rows():
+    counts = rows if "len" in rows.columns else rows.group_by("kind", "state").len()
+    for kind, state, n in counts.group_by("kind", "state").agg(pl.sum("len")).sort("kind", "state").iter_rows():
         overall[state] += n
         per_kind.setdefault(kind, {s: 0 for s in FINAL_STATES})[state] = n
     return overall, per_kind

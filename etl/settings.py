@@ -49,6 +49,7 @@ class Settings(BaseSettings):
     consistency_window: float = Field(default=10.0, ge=0)
     state: Path = DEFAULT_STATE
     report_dir: Path | None = None  # None: reports/<run id>; "{run_id}" in it is replaced by the run's id
+    batch_rows: int = Field(default=100_000, ge=1)  # rows validated at a time: bounds the memory a file takes
     wait: bool = False  # another run holds the state store: wait for it (else stop at once)
     # request: a POST per create; bulk: NDJSON imports (etl.load.bulk); auto: bulk when the window cannot hold the plan
     mode: Literal["request", "bulk", "auto"] = "request"

@@ -355,12 +355,20 @@ _STRUCTS: dict[str, Callable[[], pl.Expr]] = {
 }
 
 
-def plan(mapped: Mapped, valid: pl.DataFrame) -> Planned:
-    """Create bodies for the valid rows of a table (and, for registry rows, their patients)."""
+def _encoded(body: pl.Expr, bodies: bool) -> pl.Expr:
+    """A JSON body, or null when only the keys are wanted (validation sends nothing)."""
+    return json_body(body) if bodies else pl.lit(None, dtype=pl.String)
+
+
+def plan(mapped: Mapped, valid: pl.DataFrame, *, bodies: bool = True) -> Planned:
+    """Create bodies for the valid rows of a table (and, for registry rows, their patients).
+
+    ``bodies=False`` plans the keys only (what a validation reports) and skips the JSON.
+    """
     kind = mapped.kind
     keys = source_keys(mapped)
     if kind == "immunization":
-        return plan_immunizations(mapped, valid)
+        return plan_immunizations(mapped, valid, bodies=bodies)
     if kind == "document":
         docs = _document_bodies(valid).with_columns(sha256_hex(pl.col("body")).alias("body_hash"))
         rows = valid.select(pl.col(ROW), pl.col("document_id").alias("source_key")).join(
@@ -369,9 +377,7 @@ def plan(mapped: Mapped, valid: pl.DataFrame) -> Planned:
             how="left",
         )
     else:
-        body = json_body(_STRUCTS[kind]())
-        if kind == "patient":
-            body = json_body(patient_struct())
+        body = _encoded(_STRUCTS[kind](), bodies)
         rows = valid.select(pl.col(ROW), keys.alias("source_key"), body.alias("body")).with_columns(
             sha256_hex(pl.col("body")).alias("body_hash")
         )
@@ -410,38 +416,43 @@ def references(mapped: Mapped, valid: pl.DataFrame) -> pl.DataFrame:
     return pl.concat(parts).select(ROW, "field", "kind", "value")
 
 
-def plan_immunizations(mapped: Mapped, valid: pl.DataFrame) -> Planned:
+def plan_immunizations(mapped: Mapped, valid: pl.DataFrame, *, bodies: bool = True) -> Planned:
     """Create bodies for the valid rows of an immunization table and their patients."""
     rows = valid.select(
         pl.col(ROW),
         source_keys(mapped).alias("source_key"),
         pl.col("patient_id").alias("patient_key"),
-        json_body(immunization_struct()).alias("body"),
+        _encoded(immunization_struct(), bodies).alias("body"),
     ).with_columns(sha256_hex(pl.col("body")).alias("body_hash"))
     patients = (
         # Rows that describe their patient create it; rows that only name one refer to it.
-        valid.filter(pl.col("patient_first_name").is_not_null())
+        # (Lazy, so only the columns a body reads are grouped, not the whole prepared frame.)
+        valid.lazy()
+        .filter(pl.col("patient_first_name").is_not_null())
         .group_by("patient_id", maintain_order=True)
         .first()
         .select(
             pl.col("patient_id").alias("patient_key"),
-            json_body(patient_struct()).alias("body"),
+            _encoded(patient_struct(), bodies).alias("body"),
             pl.col(ROW),
         )
         .with_columns(sha256_hex(pl.col("body")).alias("body_hash"))
+        .collect()
     )
     first, last = split_name(pl.col("performer_name"))
     practitioners = (
-        valid.filter(pl.col("performer_npi").is_not_null() & pl.col("performer_name").is_not_null())
+        valid.lazy()
+        .filter(pl.col("performer_npi").is_not_null() & pl.col("performer_name").is_not_null())
         .group_by("performer_npi", maintain_order=True)
         .first()
         .select(
             (pl.lit("npi:") + pl.col("performer_npi")).alias("practitioner_key"),
-            json_body(obj(firstName=first, lastName=last, npi=pl.col("performer_npi"))).alias("body"),
+            _encoded(obj(firstName=first, lastName=last, npi=pl.col("performer_npi")), bodies).alias("body"),
             pl.col(ROW),
         )
         .with_columns(sha256_hex(pl.col("body")).alias("body_hash"))
         .select("practitioner_key", "body", "body_hash", ROW)
+        .collect()
     )
     return Planned(
         "immunization", rows, patients.select("patient_key", "body", "body_hash", ROW), practitioners=practitioners

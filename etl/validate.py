@@ -17,19 +17,21 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Literal
 
 import pandera.polars as pa
 import polars as pl
 from pandera.api.polars.types import PolarsData
 
+from etl.keyindex import KeyIndex
 from etl.mapping import Mapped
 from etl.readers import ROW
 from schemas.canonical import ENCOUNTER_CLASS_WORDS, CanonicalField, field_map, fields_of
 from schemas.codes import CVX_SYSTEM, displays, spellings
 from schemas.limits import spec_at
 
-__all__ = ["REJECT_SCHEMA", "Validation", "check", "prepare", "validate"]
+__all__ = ["REJECT_SCHEMA", "Carry", "Validation", "check", "prepare", "validate"]
 
 #: Columns of every rejects / warnings frame.
 REJECT_SCHEMA = {ROW: pl.UInt32, "code": pl.String, "field": pl.String, "value": pl.String, "message": pl.String}
@@ -55,7 +57,9 @@ class Validation:
     @property
     def valid(self) -> pl.DataFrame:
         """Prepared rows with no rejection."""
-        return self.prepared.join(self.rejects.select(ROW).unique(), on=ROW, how="anti")
+        if self.rejects.is_empty():
+            return self.prepared
+        return self.prepared.filter(~pl.col(ROW).is_in(self.rejects.get_column(ROW).unique().implode()))
 
     @property
     def rejected_rows(self) -> int:
@@ -63,9 +67,23 @@ class Validation:
         return self.rejects.get_column(ROW).n_unique()
 
 
-def validate(mapped: Mapped, *, today: dt.date | None = None) -> Validation:
-    """Prepare and check a mapped table."""
-    prepared = prepare(mapped)
+@dataclass
+class Carry:
+    """What the rules that compare rows learn from one batch of a file and the later batches need.
+
+    A file validated in batches is checked as if whole: a record id is a duplicate when any earlier
+    batch had it, and a patient's details are compared with the first row that described the patient,
+    whichever batch it was in. Patient details are kept as 64-bit hashes, so the memory this takes
+    grows with the number of patients, not with the size of their rows.
+    """
+
+    record_ids: KeyIndex = field(default_factory=KeyIndex)
+    patients: KeyIndex | None = None  # patient id -> one hash per compared detail
+
+
+def validate(mapped: Mapped, *, today: dt.date | None = None, carry: Carry | None = None) -> Validation:
+    """Prepare and check a mapped table (or one batch of it, with the ``carry`` of the batches before)."""
+    prepared = _compared_across_rows(prepare(mapped), mapped.kind, carry or Carry())
     rejects = check(prepared, mapped.kind, today=today or dt.date.today())
     if mapped.kind == "document":
         rejects = _document_groups(prepared, rejects)
@@ -140,10 +158,63 @@ def _parse_aware(s: pl.Expr) -> pl.Expr:
     )
 
 
-def _temporal_columns(f: CanonicalField, s: pl.Expr, excel: bool, tz: str) -> list[pl.Expr]:
-    naive, aware = _parse_naive(s, excel), _parse_aware(s)
+def _iso_naive(s: pl.Expr) -> pl.Expr:
+    """The ISO spellings most exports use: the first forms :func:`_parse_naive` tries."""
+    return pl.coalesce(
+        s.str.strptime(_DT, "%Y-%m-%d", strict=False, exact=True),
+        s.str.strptime(_DT, "%Y-%m-%dT%H:%M:%S%.f", strict=False, exact=True),
+        s.str.strptime(_DT, "%Y-%m-%d %H:%M:%S%.f", strict=False, exact=True),
+    )
+
+
+Spelling = Literal["date", "iso", "any"]
+
+
+def _spellings(frame: pl.DataFrame, names: list[str], excel: bool) -> dict[str, Spelling]:
+    """How each date column is written, in one pass over the frame.
+
+    ``date``: every value is a plain ``YYYY-MM-DD`` date; ``iso``: ISO dates or local date-times;
+    ``any``: anything else, so every spelling :func:`_parse_naive` and :func:`_parse_aware` know
+    is tried. Trying them all on a million rows is most of the time validation takes, and a
+    registry export nearly always writes its dates one ISO way.
+    """
+    if excel or not names:
+        return dict.fromkeys(names, "any")
+
+    def misses(parsed: pl.Expr, name: str) -> pl.Expr:
+        return (pl.col(name).is_not_null() & parsed.is_null()).any()
+
+    found = frame.select(
+        *[misses(_plain_date(pl.col(n)), n).alias(f"date:{n}") for n in names],
+        *[misses(_iso_naive(pl.col(n)), n).alias(f"iso:{n}") for n in names],
+    ).row(0, named=True)
+    return {n: "date" if not found[f"date:{n}"] else "iso" if not found[f"iso:{n}"] else "any" for n in names}
+
+
+def _plain_date(s: pl.Expr) -> pl.Expr:
+    """A ``YYYY-MM-DD`` date exactly as written (so writing it back out gives the same text), or null."""
+    return pl.when(s.str.len_bytes() == 10).then(s.str.to_date("%Y-%m-%d", strict=False))
+
+
+def _temporal_columns(f: CanonicalField, s: pl.Expr, excel: bool, tz: str, spelling: Spelling = "any") -> list[pl.Expr]:
+    """Parsed companions of a date or date-time column, for a column written as ``spelling``."""
+    if spelling == "date":
+        date = _plain_date(s)
+        cols = [date.alias(f"{f.name}__date")]
+        if f.value == "datetime":  # a date alone is midnight where the profile's zone says
+            local = date.cast(_DT).dt.replace_time_zone(tz, ambiguous="earliest", non_existent="null")
+            cols.append(local.dt.convert_time_zone("UTC").dt.replace_time_zone(None).alias(f"{f.name}__instant"))
+        return [*cols, s.alias(f"{f.name}__out")]
+    only_iso = spelling == "iso"
+    if only_iso:
+        naive, aware = _iso_naive(s), pl.lit(None, dtype=_DT)
+    else:
+        naive, aware = _parse_naive(s, excel), _parse_aware(s)
     date = pl.coalesce(aware.dt.date(), naive.dt.date())
     if f.value == "date":
+        out = date.dt.strftime("%Y-%m-%d")
+        if only_iso:
+            return [date.alias(f"{f.name}__date"), out.alias(f"{f.name}__out")]
         # A year and month alone (CVRS allows it for birth dates) is a valid FHIR date: keep it as written,
         # and compare with the first of the month.
         partial = s.str.contains(r"^\d{4}-(0[1-9]|1[0-2])$")
@@ -189,13 +260,17 @@ def prepare(mapped: Mapped) -> pl.DataFrame:
         if f.normaliser or f.name in profile.values
     ).pipe(_derive, mapped.kind)
     typed: list[pl.Expr] = []
+    temporal = [f.name for f in fields if f.value in ("date", "datetime")]
+    spellings = _spellings(normalised, temporal, excel)
     for f in fields:
         s = pl.col(f.name)
         if f.value in ("date", "datetime"):
-            typed += _temporal_columns(f, s, excel, profile.timezone)
+            typed += _temporal_columns(f, s, excel, profile.timezone, spellings[f.name])
         elif f.value == "integer":
             ok = s.str.contains(r"^[+-]?\d+$") | (excel & s.str.contains(r"^[+-]?\d+\.0+$"))
-            typed.append(pl.when(ok).then(s.cast(pl.Float64, strict=False).cast(pl.Int64)).alias(f"{f.name}__int"))
+            typed.append(
+                pl.when(ok).then(s.cast(pl.Float64, strict=False).cast(pl.Int64, strict=False)).alias(f"{f.name}__int")
+            )
         elif f.value == "number":
             num = s.cast(pl.Float64, strict=False)
             typed.append(pl.when(num.is_finite()).then(num).alias(f"{f.name}__num"))
@@ -228,9 +303,7 @@ def _derive(frame: pl.DataFrame, kind: str) -> pl.DataFrame:
     if kind == "immunization":
         # A performer named only by NPI is the practitioner keyed by that NPI (from a providers
         # file, or created from this row's performer columns).
-        return frame.with_columns(
-            pl.col("performer_id").fill_null(pl.lit("npi:") + pl.col("performer_npi"))
-        )
+        return frame.with_columns(pl.col("performer_id").fill_null(pl.lit("npi:") + pl.col("performer_npi")))
     return frame
 
 
@@ -382,18 +455,17 @@ def _domain_rules(kind: str, fields: dict[str, CanonicalField], today: dt.date) 
                 )
             )
     if "record_id" in fields:
-        first = pl.int_range(pl.len()).over("record_id") == 0
         rules.append(
-            _Rule("record_id", "duplicate-key", pl.col("record_id").is_null() | first, "appears earlier in the file")
+            _Rule(
+                "record_id", "duplicate-key", ~pl.col("__seen_before").fill_null(False), "appears earlier in the file"
+            ),
         )
-    demographics = [f for f in fields.values() if f.name.startswith("patient_") and f.name != "patient_id"]
+    demographics = _demographics(fields)
     if "patient_id" in fields and demographics:
         # Rows that only name a patient (no details) cannot conflict with the ones that describe it.
-        carries = pl.any_horizontal(pl.col(f.name).is_not_null() for f in demographics)
+        carries = _carries_details(demographics)
         for f in demographics:
-            value = pl.col(f"{f.name}__out") if f.value in ("date", "datetime") else pl.col(f.name)
-            first = value.filter(carries).first().over("patient_id")
-            same = value.eq_missing(first)
+            same = _compared(f).hash().eq_missing(pl.col(f"__first_{f.name}"))
             rules.append(
                 _Rule(
                     f.name,
@@ -405,43 +477,101 @@ def _domain_rules(kind: str, fields: dict[str, CanonicalField], today: dt.date) 
     return rules
 
 
-def _pandera_check(rule: _Rule) -> pa.Check:
-    def run(data: PolarsData, passes: pl.Expr = rule.passes) -> pl.LazyFrame:
-        return data.lazyframe.select(passes.fill_null(False))
-
-    return pa.Check(run, name=rule.code)
+def _demographics(fields: Mapping[str, CanonicalField]) -> list[CanonicalField]:
+    return [f for f in fields.values() if f.name.startswith("patient_") and f.name != "patient_id"]
 
 
-def schema_for(
-    kind: str, today: dt.date, redacted: bool = False
-) -> tuple[pa.DataFrameSchema, dict[tuple[str, str], str]]:
-    """The pandera schema of a prepared frame, and the message of each (field, code)."""
-    rules = _rules(kind, today, redacted)
+def _carries_details(demographics: list[CanonicalField]) -> pl.Expr:
+    return pl.any_horizontal(pl.col(f.name).is_not_null() for f in demographics)
+
+
+def _compared(f: CanonicalField) -> pl.Expr:
+    """A patient detail as rows are compared on it: dates as written out, so 3/31/2024 equals 2024-03-31."""
+    return pl.col(f"{f.name}__out") if f.value in ("date", "datetime") else pl.col(f.name)
+
+
+def _compared_across_rows(prepared: pl.DataFrame, kind: str, carry: Carry) -> pl.DataFrame:
+    """Add what the cross-row rules read (``__seen_before``, ``__first_<detail>``) and update ``carry``.
+
+    Joins and first-distinct flags over the whole batch, not a window per rule: one pass each.
+    """
+    fields = field_map(kind)
+    if "record_id" in fields:
+        ids = pl.col("record_id")
+        earlier = carry.record_ids.contains(prepared.get_column("record_id"))
+        prepared = prepared.with_columns(
+            (ids.is_not_null() & (~ids.is_first_distinct() | earlier)).alias("__seen_before")
+        )
+        carry.record_ids.add_keys(prepared.get_column("record_id"))
+    demographics = _demographics(fields)
+    if "patient_id" in fields and demographics:
+        names = [f"__first_{f.name}" for f in demographics]
+        if carry.patients is None:
+            carry.patients = KeyIndex(dict.fromkeys(names, pl.UInt64()))
+        here = (
+            prepared.filter(pl.col("patient_id").is_not_null() & _carries_details(demographics))
+            .select(
+                pl.col("patient_id").alias("key"),
+                *[_compared(f).hash().alias(n) for f, n in zip(demographics, names, strict=True)],
+            )
+            .unique("key", keep="first", maintain_order=True)
+        )
+        before = carry.patients.lookup(here.get_column("key"))
+        found = before.get_column("found")
+        firsts = here.with_columns(
+            pl.when(found).then(before.get_column(n)).otherwise(pl.col(n)).alias(n) for n in names
+        ).rename({"key": "patient_id"})
+        carry.patients.add(here.filter(~found))
+        prepared = prepared.join(firsts, on="patient_id", how="left", maintain_order="left")
+    return prepared
+
+
+def _pandera_check(code: str, flag: str) -> pa.Check:
+    def run(data: PolarsData, flag: str = flag) -> pl.LazyFrame:
+        return data.lazyframe.select(pl.col(flag))
+
+    return pa.Check(run, name=code)
+
+
+def schema_for(kind: str, rules: list[_Rule]) -> pa.DataFrameSchema:
+    """The pandera schema of a prepared frame whose rule outcomes are the columns ``__ok_<i>``."""
     checks: dict[str, list[pa.Check]] = {f.name: [] for f in fields_of(kind)}
-    for rule in rules:
-        checks[rule.field].append(_pandera_check(rule))
+    for i, rule in enumerate(rules):
+        checks[rule.field].append(_pandera_check(rule.code, f"__ok_{i}"))
     columns = {name: pa.Column(pl.String, nullable=True, checks=cs) for name, cs in checks.items()}
-    return pa.DataFrameSchema(columns, strict=False), {(r.field, r.code): r.message for r in rules}
+    return pa.DataFrameSchema(columns, strict=False)
 
 
 def check(prepared: pl.DataFrame, kind: str, *, today: dt.date) -> pl.DataFrame:
-    """Every rule failure of every row, as a rejects frame."""
+    """Every rule failure of every row, as a rejects frame.
+
+    Every rule is one polars expression; all of them are evaluated in a single pass over the
+    frame, and pandera then validates the rows that failed at least one (usually few), so it
+    collects each failure named by its column and code without a pass per check over every row.
+    """
     redacted = any(c.endswith("__redacted") for c in prepared.columns)
-    schema, messages = schema_for(kind, today, redacted)
+    rules = _rules(kind, today, redacted)
+    flags = [f"__ok_{i}" for i in range(len(rules))]
+    passes = [r.passes.fill_null(False) for r in rules]
+    if not rules or prepared.select(pl.all_horizontal(passes).all()).item():
+        return pl.DataFrame(schema=REJECT_SCHEMA)
+    failing = prepared.filter(~pl.all_horizontal(passes)).with_columns(
+        p.alias(flag) for p, flag in zip(passes, flags, strict=True)
+    )
     try:
-        schema.validate(prepared, lazy=True)
+        schema_for(kind, rules).validate(failing, lazy=True)
     except pa.errors.SchemaErrors as exc:
         cases = pl.DataFrame(exc.failure_cases)
-    else:
-        return pl.DataFrame(schema=REJECT_SCHEMA)
+    else:  # pragma: no cover - the rows were chosen because a rule failed
+        raise AssertionError("rows failed a rule that pandera then passed")
     unexpected = cases.filter(pl.col("index").is_null())
     if unexpected.height:
         # A schema-level failure (a missing column, a wrong dtype) is a bug here, not bad data.
         raise AssertionError(f"schema-level validation failure: {unexpected.to_dicts()[:3]}")
-    rows = prepared.get_column(ROW)
+    rows = failing.get_column(ROW)
     texts = pl.DataFrame(
-        {"field": [k[0] for k in messages], "code": [k[1] for k in messages], "message": list(messages.values())}
-    )
+        {"field": [r.field for r in rules], "code": [r.code for r in rules], "message": [r.message for r in rules]}
+    ).unique(["field", "code"], keep="first", maintain_order=True)
     return (
         cases.select(
             pl.col("index").cast(pl.Int64).map_batches(lambda ix: rows.gather(ix), return_dtype=pl.UInt32).alias(ROW),

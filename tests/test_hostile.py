@@ -29,7 +29,9 @@ from hypothesis import strategies as st
 from etl.cli import main
 from etl.errors import InputError
 from etl.mapping import apply_profile, default_profile
+from etl.pipeline import validate_files
 from etl.readers import DELIMITERS, ROW, Table, read_table
+from etl.settings import Settings
 from etl.validate import validate
 
 from .conftest import SAMPLE
@@ -279,6 +281,17 @@ def test_a_big_cell_and_many_columns_are_data(tmp_path: Path) -> None:
     assert len(wide.columns) == 30_009 and wide.frame.height == 1
 
 
+def test_unmapped_columns_are_named_up_to_twenty_then_counted(tmp_path: Path) -> None:
+    wide = _read(tmp_path, "wide.csv", _wide())
+    mapped = apply_profile(wide, default_profile())
+    assert len(mapped.unmapped) == 30_000  # all of them, for a caller that wants the list
+    [notice] = [n for n in wide.notices if n.code == "unmapped-columns"]
+    assert notice.message == "not imported: " + ", ".join(f"extra_{i}" for i in range(20)) + " and 29980 more"
+    few = _read(tmp_path, "few.csv", text_file([*HEADER, "Shoe Size", "Clinic"], [*ANN, "x", "y"]).encode())
+    apply_profile(few, default_profile())
+    assert [n.message for n in few.notices if n.code == "unmapped-columns"] == ["not imported: Shoe Size, Clinic"]
+
+
 def test_formulas_stay_text_and_are_neutralised_in_reports(tmp_path: Path) -> None:
     rows = [
         ["=1+1", "P-1", '=HYPERLINK("http://x")', "Lee", "2015-03-04", "F", "2021-03-04", "08", "completed"],
@@ -433,3 +446,15 @@ def test_validation_never_raises_and_accounts_for_every_row(rows: list[dict[str,
     assert len(every) == len(rows)
     assert valid | rejected == every and not valid & rejected
     assert result.rejects.get_column("code").null_count() == 0
+
+
+def test_a_whole_number_too_large_for_64_bits_is_a_rejected_cell(tmp_path: Path) -> None:
+    """Found by the property test above: 19 digits overflowed the cast and raised."""
+    path = tmp_path / "big-number.csv"
+    path.write_text(
+        "Record ID,Patient ID,First Name,Last Name,DOB,CVX,Admin Date,Dose Number,Series Doses\n"
+        "R1,P1,Ann,Lee,1980-01-02,08,2021-03-04,1,9223372036854775296\n"
+    )
+    report = validate_files([path], Settings(report_dir=tmp_path / "r"))
+    (row,) = report.problems.iter_rows(named=True)
+    assert (row["source_row"], row["error_code"], row["field"]) == (2, "integer-format", "Series Doses")

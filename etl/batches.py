@@ -1,0 +1,432 @@
+"""Validation in batches: a file of any size checked in bounded memory.
+
+``clinik-etl validate`` reads each input a batch of rows at a time
+(:func:`etl.readers.read_batches`), validates the batch with what the earlier
+batches taught (:class:`etl.validate.Carry`: the record ids seen, each
+patient's first details), plans its keys (no JSON bodies: nothing is sent)
+and writes its report rows to disk before reading the next batch. What stays
+in memory grows with the number of distinct keys, not with the file:
+
+- the keys rows can refer to (patients, practitioners, encounters ... planned
+  so far), for the kinds some input refers to;
+- the keys of rejected rows of those kinds (a child of one is
+  ``parent-rejected``);
+- for a kind that several inputs hold, the first file and row of each key
+  (a later file's copy is ``skipped``);
+- the references nothing explains yet. A reference may point forward (a row
+  naming a patient that a later row describes), so these wait for the end of
+  their stage, when every file of it has been read, and only then become
+  ``unresolved-reference`` or ``parent-rejected`` rejections.
+
+The outcome is the report a whole-file validation writes (a test compares
+them on every sample file, with batches of a few rows). A documents file is
+validated whole: a document's sections are one create and may be anywhere in
+the file.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from etl import pipeline
+from etl.keyindex import KeyIndex
+from etl.mapping import Mapped, apply_profile
+from etl.progress import Progress
+from etl.readers import ROW, Batches, read_batches
+from etl.report import PROBLEM_STATES, ROW_COLUMNS, RunReport, _private_dir, _private_file, neutralise, write_summary
+from etl.report_html import write_html
+from etl.settings import Settings
+from etl.transform import plan, references
+from etl.validate import Carry, validate
+from schemas.canonical import KIND_SPECS, fields_of
+
+__all__ = ["validate_in_batches"]
+
+_ALIASES = {"kind": pl.String, "value": pl.String, "alias": pl.String}
+_PENDING = [ROW, "source_file", "row_kind", "source_key", "row_key", "field", "column", "kind", "value", "key"]
+
+
+@dataclass
+class _Input:
+    """One input file on its way through the batches."""
+
+    order: int  # position on the command line
+    batches: Batches
+    mapped: Mapped  # the profile applied to the header: no rows
+    carry: Carry = field(default_factory=Carry)
+    rows: int = 0
+    parts: list[Path] = field(default_factory=list)  # report rows, a file per batch
+    reject_parts: list[Path] = field(default_factory=list)
+    warnings: dict[str, tuple[int, list[int]]] = field(default_factory=dict)  # code -> (count, first rows)
+    held: list[pl.DataFrame] = field(default_factory=list)  # source cells of rows that may still be rejected
+
+    @property
+    def file(self) -> str:
+        return str(self.mapped.table.path)
+
+    @property
+    def kind(self) -> str:
+        return self.mapped.kind
+
+    def frames(self) -> Iterator[pl.DataFrame]:
+        if self.kind == "document":  # a document's sections may be anywhere in the file
+            yield pl.concat(list(self.batches.batches))
+        else:
+            yield from self.batches.batches
+
+
+@dataclass
+class _Keys:
+    """What later rows need to know about earlier ones (see the module's notes)."""
+
+    referenced: frozenset[str]  # kinds some input refers to
+    shared: frozenset[str]  # kinds more than one input holds
+    available: dict[str, KeyIndex] = field(default_factory=dict)
+    tentative: dict[str, KeyIndex] = field(default_factory=dict)  # planned, but may yet be rejected
+    rejected: dict[str, KeyIndex] = field(default_factory=dict)
+    firsts: dict[str, KeyIndex] = field(default_factory=dict)  # kind -> source_key: first_file, first_row
+    aliases: pl.DataFrame = field(default_factory=lambda: pl.DataFrame(schema=_ALIASES))
+
+    def _add(self, store: dict[str, KeyIndex], kind: str, keys: pl.Series) -> None:
+        if kind in self.referenced:
+            store.setdefault(kind, KeyIndex()).add_keys(keys)
+
+    def add_available(self, kind: str, keys: pl.Series) -> None:
+        self._add(self.available, kind, keys)
+
+    def add_tentative(self, kind: str, keys: pl.Series) -> None:
+        self._add(self.tentative, kind, keys)
+
+    def add_rejected(self, kind: str, keys: pl.Series) -> None:
+        self._add(self.rejected, kind, keys)
+
+    def withdraw(self, kind: str, keys: pl.Series) -> None:
+        """Keys whose rows were rejected after they were planned."""
+        if kind in self.available:
+            self.available[kind].remove(keys)
+        self.add_rejected(kind, keys)
+
+    @staticmethod
+    def has(store: dict[str, KeyIndex], refs: pl.DataFrame, column: str) -> pl.Series:
+        """Whether each reference's ``column`` is in the store under the reference's kind."""
+        found = pl.Series("found", [False] * refs.height, dtype=pl.Boolean)
+        for kind, index in store.items():
+            mine = (refs.get_column("kind") == kind).fill_null(False)
+            if mine.any():
+                found = found | (mine & index.contains(refs.get_column(column)))
+        return found
+
+
+def validate_in_batches(
+    paths: Sequence[str | Path], settings: Settings, progress: Progress, *, batch_rows: int | None = None
+) -> RunReport:
+    """Validate inputs a batch at a time; write the report (the entry point is ``pipeline.validate_files``)."""
+    run_id, timings = pipeline._new_run_id(), dict[str, float]()
+    t0 = time.perf_counter()
+    profile = pipeline.run_profile(settings)
+    rows_per_batch = batch_rows or settings.batch_rows
+    inputs = []
+    for order, path in enumerate(paths):
+        batches = read_batches(path, sheet=settings.sheet, rows=rows_per_batch)
+        inputs.append(_Input(order, batches, apply_profile(batches.table, profile)))
+    inputs.sort(key=lambda x: KIND_SPECS[x.kind].stage)
+    keys = _Keys(
+        referenced=frozenset(f.ref for x in inputs for f in fields_of(x.kind) if f.ref),
+        shared=frozenset(k for k, n in Counter(x.kind for x in inputs).items() if n > 1),
+    )
+    known = pipeline.read_crosswalk(settings.crosswalk)
+    known_frame = pl.DataFrame(list(known), schema={"kind": pl.String, "value": pl.String}, orient="row")
+    folder = pipeline._report_dir(settings, run_id)
+    _private_dir(folder)
+    work = folder / ".batches"
+    _private_dir(work)
+    try:
+        pending: list[pl.DataFrame] = []
+        progress.start("validate")
+        for x in inputs:
+            for n, frame in enumerate(x.frames()):
+                pending.append(_batch(x, n, frame, keys, known_frame, settings, work, timings))
+                progress.advance("validate", frame.height)
+            if x.kind in keys.shared:
+                _remember_firsts(x, keys)
+        unexplained = pl.concat(pending) if pending else None
+        for stage in sorted({KIND_SPECS[x.kind].stage for x in inputs}):
+            members = [x for x in inputs if KIND_SPECS[x.kind].stage == stage]
+            if unexplained is not None:
+                here = unexplained.filter(pl.col("source_file").is_in([x.file for x in members]))
+                _settle(members, here, keys, work)
+        progress.finish("validate")
+        timings["total"] = time.perf_counter() - t0
+        return _write(run_id, inputs, folder, work, settings, timings)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _batch(
+    x: _Input,
+    n: int,
+    frame: pl.DataFrame,
+    keys: _Keys,
+    known: pl.DataFrame,
+    settings: Settings,
+    work: Path,
+    timings: dict[str, float],
+) -> pl.DataFrame:
+    """Validate, plan and report one batch; return its references that nothing explains yet."""
+    t0 = time.perf_counter()
+    mapped = x.mapped.with_rows(frame)
+    validation = validate(mapped, carry=x.carry)
+    t1 = time.perf_counter()
+    planned = plan(mapped, validation.valid, bodies=False)
+    timings["validate"] = timings.get("validate", 0.0) + t1 - t0
+    timings["transform"] = timings.get("transform", 0.0) + time.perf_counter() - t1
+    if settings.redact:
+        pipeline._redact(mapped, validation)
+    p = pipeline.Prepared(mapped, validation, planned)
+    rows = _skip_seen(pipeline._base_rows(p), keys.firsts.get(x.kind))
+    x.rows += frame.height
+    for (code,), found in validation.warnings.group_by("code", maintain_order=True):
+        count, first = x.warnings.get(str(code), (0, []))
+        x.warnings[str(code)] = (count + found.height, (first + found.get_column(ROW).to_list())[:20])
+
+    planned_rows = rows.filter(pl.col("state") == "planned")
+    keys.add_available(x.kind, planned_rows.get_column("source_key"))
+    keys.add_rejected(x.kind, rows.filter(pl.col("state") == "rejected").get_column("row_key"))
+    if planned_rows.height:  # rows that describe a patient or a performer create them
+        keys.add_available("patient", planned.patients.get_column("patient_key"))
+        keys.add_available("practitioner", planned.practitioners.get_column("practitioner_key"))
+    if planned.aliases.height:
+        found_aliases = planned.aliases.select(
+            pl.lit(x.kind).alias("kind"), pl.col("ref").alias("value"), pl.col("source_key").alias("alias")
+        )
+        keys.aliases = pl.concat([keys.aliases, found_aliases]).unique(maintain_order=True)
+
+    live = planned_rows.select(pl.col("source_row").alias(ROW), "source_key", "row_key")
+    unexplained = (
+        references(mapped, validation.valid)
+        .join(live, on=ROW, how="inner")
+        .with_columns(
+            pl.lit(x.file).alias("source_file"),
+            pl.lit(x.kind).alias("row_kind"),
+            pl.col("field").replace_strict(mapped.sources, default=pl.col("field")).alias("column"),
+        )
+        .join(keys.aliases, on=["kind", "value"], how="left")
+        .with_columns(pl.coalesce("alias", "value").alias("key"))
+        .drop("alias")
+    )
+    # A reference waits for the end when nothing explains it yet, or when what explains it is a row
+    # that itself waits (it may still be rejected, and then this row is parent-rejected).
+    waits = ~keys.has(keys.available, unexplained, "key") | keys.has(keys.tentative, unexplained, "key")
+    unexplained = unexplained.filter(waits).join(known, on=["kind", "value"], how="anti").select(_PENDING)
+    keys.add_tentative(x.kind, unexplained.get_column("source_key"))
+    if unexplained.height or x.kind == "document":
+        held = mapped.table.frame if x.kind == "document" else mapped.table.frame.join(unexplained, on=ROW, how="semi")
+        x.held.append(held)
+
+    part = work / f"{x.order:04d}-{n:06d}"
+    x.parts.append(part.with_suffix(".rows"))
+    rows.write_ipc(x.parts[-1])
+    rejects = pipeline._rejects_file(p, rows)
+    if rejects.height:
+        x.reject_parts.append(part.with_suffix(".rejects"))
+        rejects.write_ipc(x.reject_parts[-1])
+    return unexplained
+
+
+def _skip_seen(rows: pl.DataFrame, firsts: KeyIndex | None) -> pl.DataFrame:
+    """A key an earlier file of the run planned is skipped here, naming where it was first seen."""
+    if firsts is None or not len(firsts):
+        return rows
+    seen = pl.concat([rows, firsts.lookup(rows.get_column("source_key")).drop("found")], how="horizontal")
+    dup = (pl.col("state") == "planned") & pl.col("first_file").is_not_null()
+    where = pl.format("same record as {} row {}", "first_file", "first_row")
+    return seen.with_columns(
+        pl.when(dup).then(pl.lit("skipped")).otherwise(pl.col("state")).alias("state"),
+        pl.when(dup).then(where).otherwise(pl.col("message")).alias("message"),
+    ).drop("first_file", "first_row")
+
+
+def _remember_firsts(x: _Input, keys: _Keys) -> None:
+    """After a file of a kind another input holds too: where each of its planned keys was first."""
+    mine = (
+        pl.scan_ipc(x.parts)
+        .filter((pl.col("state") == "planned") & pl.col("source_key").is_not_null())
+        .group_by("source_key", maintain_order=True)
+        .agg(pl.col("source_file").first().alias("first_file"), pl.col("source_row").first().alias("first_row"))
+        .rename({"source_key": "key"})
+        .collect()
+    )
+    firsts = keys.firsts.setdefault(x.kind, KeyIndex({"first_file": pl.String(), "first_row": pl.UInt32()}))
+    firsts.add(mine)  # an earlier file's first sighting wins
+
+
+def _settle(members: list[_Input], pending: pl.DataFrame, keys: _Keys, work: Path) -> None:
+    """Once every file is read, stage by stage: the references still unexplained become rejections."""
+    refs = pending.filter(~keys.has(keys.available, pending, "key"))
+    if refs.is_empty():
+        for x in members:
+            x.held.clear()
+        return
+    parent_rejected = keys.has(keys.rejected, refs, "key") | keys.has(keys.rejected, refs, "value")
+    is_rejected, rest = refs.filter(parent_rejected), refs.filter(~parent_rejected)
+    failures = pl.concat(
+        [
+            is_rejected.with_columns(
+                pl.lit("parent-rejected").alias("code"),
+                pl.format("{} ({}): the {} row it names was rejected", "column", "value", "kind").alias("message"),
+            ),
+            rest.with_columns(
+                pl.lit("unresolved-reference").alias("code"),
+                pl.format(
+                    "{} ({}): no {} with this id in the inputs, the crosswalk or the target", "column", "value", "kind"
+                ).alias("message"),
+            ),
+        ]
+    )
+    first = (
+        failures.sort("source_file", ROW, "field", "code", maintain_order=True)
+        .group_by("source_file", ROW, maintain_order=True)
+        .first()
+        .select(
+            "source_file",
+            pl.col(ROW).alias("source_row"),
+            "code",
+            pl.col("column").alias("field_ref"),
+            pl.col("message").alias("message_ref"),
+        )
+    )
+    for x in members:
+        mine = first.filter(pl.col("source_file") == x.file)
+        if mine.height:
+            _reject_late(x, mine, keys, work)
+        x.held.clear()
+
+
+def _reject_late(x: _Input, failures: pl.DataFrame, keys: _Keys, work: Path) -> None:
+    """Rewrite a file's report rows with the rejections its stage's end decided."""
+    late: list[pl.DataFrame] = []
+    for part in x.parts:
+        rows = pl.read_ipc(part)
+        before = rows.get_column("state")
+        rows = (
+            rows.join(failures, on=["source_file", "source_row"], how="left", maintain_order="left")
+            .with_columns(
+                pl.when(pl.col("code").is_not_null())
+                .then(pl.lit("rejected"))
+                .otherwise(pl.col("state"))
+                .alias("state"),
+                pl.coalesce("code", "error_code").alias("error_code"),
+                pl.coalesce("field_ref", "field").alias("field"),
+                pl.coalesce("message_ref", "message").alias("message"),
+            )
+            .drop("code", "field_ref", "message_ref")
+        )
+        if x.kind == "document":
+            rows = pipeline._reject_document_siblings(rows)
+        changed = rows.filter((pl.col("state") == "rejected") & (before != "rejected"))
+        if changed.height:
+            rows.write_ipc(part)
+            late.append(changed)
+    if not late:
+        return
+    changed = pl.concat(late)
+    keys.withdraw(x.kind, changed.get_column("source_key"))
+    source = pl.concat(x.held, how="diagonal_relaxed").unique(ROW, keep="first", maintain_order=True)
+    rejects = pipeline.rejects_frame(x.file, source, changed)
+    part = work / f"{x.order:04d}-late"
+    x.reject_parts.append(part.with_suffix(".rejects"))
+    rejects.write_ipc(x.reject_parts[-1])
+
+
+def _write(
+    run_id: str, inputs: list[_Input], folder: Path, work: Path, settings: Settings, timings: dict[str, float]
+) -> RunReport:
+    """rows.csv, rejects.csv, summary.json and report.html, from the parts on disk, a part at a time."""
+    counts, problems = [], []
+    with _private_file(folder / "rows.csv").open("w", encoding="utf-8", newline="") as out:
+        for n, part in enumerate(p for x in inputs for p in x.parts):
+            rows = pl.read_ipc(part).rename({"patient_key": "patient_id"}).select(ROW_COLUMNS)
+            rows.pipe(neutralise).write_csv(out, include_header=n == 0)
+            counts.append(rows.group_by("kind", "state").len())
+            problems.append(rows.filter(pl.col("state").is_in(PROBLEM_STATES)))
+    if not counts:  # no input rows at all
+        pl.DataFrame(schema=dict.fromkeys(ROW_COLUMNS, pl.String)).write_csv(folder / "rows.csv")
+    _write_rejects(inputs, folder)
+    held = pl.concat(problems) if problems else pl.DataFrame(schema=dict.fromkeys(ROW_COLUMNS, pl.String))
+    held = held.with_columns(pl.col("source_row").cast(pl.UInt32))
+    counts_frame = (
+        pl.concat(counts) if counts else pl.DataFrame(schema={"kind": pl.String, "state": pl.String, "len": pl.UInt32})
+    )
+
+    warnings: list[dict[str, Any]] = [w for x in inputs for w in pipeline.notice_facts(x.mapped)]
+    warnings += [
+        {"file": x.file, "code": code, "rows": first, "count": count}
+        for x in inputs
+        for code, (count, first) in x.warnings.items()
+    ]
+    summary = pipeline.summary_of(
+        run_id,
+        command="validate",
+        inputs=[pipeline.input_facts(x.mapped, x.rows) for x in inputs],
+        warnings=warnings,
+        counts=counts_frame,
+        target="none (validate)",
+        settings=settings,
+        timings=timings,
+        extra={"batch_rows": settings.batch_rows},
+    )
+    summary["report_dir"] = str(folder)
+    report = RunReport(run_id, None, summary, folder, held_problems=held)
+    write_summary(summary, folder)
+    write_html(summary, held, _private_file(folder / "report.html"))
+    return report
+
+
+def _write_rejects(inputs: list[_Input], folder: Path) -> None:
+    """rejects.csv: every input's rejected rows in row order, under the union of the inputs' columns."""
+    columns: list[str] = []
+    for x in inputs:
+        if x.reject_parts:
+            for name in ["source_file", "source_row", *x.batches.table.columns, "reasons"]:
+                if name not in columns:
+                    columns.append(name)
+    path = _private_file(folder / "rejects.csv")
+    if not columns:
+        pl.DataFrame(schema={"source_file": pl.String, "source_row": pl.UInt32, "reasons": pl.String}).write_csv(path)
+        return
+    first = True
+    with path.open("w", encoding="utf-8", newline="") as out:
+        for x in inputs:
+            for frame in _in_row_order(x.reject_parts):
+                missing = [pl.lit(None, dtype=pl.String).alias(c) for c in columns if c not in frame.columns]
+                frame.with_columns(missing).select(columns).pipe(neutralise).write_csv(out, include_header=first)
+                first = False
+
+
+def _in_row_order(parts: list[Path]) -> Iterator[pl.DataFrame]:
+    """A file's reject parts in row order, one at a time: the batches' parts are, and late ones merge in."""
+    late = [p for p in parts if p.stem.endswith("-late")]
+    ordinary = [p for p in parts if p not in late]
+    extra = pl.concat([pl.read_ipc(p) for p in late], how="diagonal_relaxed").sort("source_row") if late else None
+    for i, part in enumerate(ordinary):
+        frame = pl.read_ipc(part)
+        if extra is not None and extra.height:
+            if i == len(ordinary) - 1:
+                mine, extra = extra, extra.clear()
+            elif frame.height:
+                upto = frame.get_column("source_row").max()
+                mine, extra = extra.filter(pl.col("source_row") <= upto), extra.filter(pl.col("source_row") > upto)
+            else:
+                mine = extra.clear()
+            frame = pl.concat([frame, mine], how="diagonal_relaxed").sort("source_row")
+        yield frame
+    if extra is not None and extra.height:
+        yield extra

@@ -1,0 +1,87 @@
+"""A growing set of keys (with values) that batches look things up in.
+
+Validating a file in batches asks, for every batch, "was this key seen before?"
+against everything seen so far. A polars join or ``is_in`` rebuilds a hash
+table of all of it for each batch, so a file of n rows in batches of b costs
+n²/b. A :class:`KeyIndex` keeps its keys in sorted runs instead, merged as a
+log-structured merge tree merges them (a run is merged into the one before it
+once that is no more than twice its size), and looks keys up by binary search
+(``search_sorted``): each batch costs about b·log(n), and the runs hold each
+key once.
+"""
+
+from __future__ import annotations
+
+import polars as pl
+
+__all__ = ["KeyIndex"]
+
+KEY = "key"
+
+
+class KeyIndex:
+    """Keys (strings) and, for each, the values of the row that added it first."""
+
+    def __init__(self, values: dict[str, pl.DataType] | None = None) -> None:
+        self.schema: dict[str, pl.DataType] = {KEY: pl.String(), **(values or {})}
+        self.runs: list[pl.DataFrame] = []  # each sorted by key, keys unique across all runs
+
+    def __len__(self) -> int:
+        return sum(run.height for run in self.runs)
+
+    def lookup(self, keys: pl.Series) -> pl.DataFrame:
+        """For each of ``keys``, in order: ``found`` and the stored values (null when not found)."""
+        keys = keys.cast(pl.String)
+        found = pl.Series("found", [False] * len(keys), dtype=pl.Boolean)
+        values = pl.DataFrame(
+            {n: pl.Series(n, [None] * len(keys), dtype=t) for n, t in self.schema.items() if n != KEY}
+        )
+        for run in self.runs:
+            if run.is_empty():
+                continue
+            column = run.get_column(KEY)
+            at = column.search_sorted(keys, side="left").clip(0, run.height - 1)
+            hit = (column.gather(at) == keys).fill_null(False) & ~found
+            if not hit.any():
+                continue
+            found = found | hit
+            if values.width:
+                stored = run.drop(KEY)[at]
+                values = values.with_columns(
+                    pl.when(hit).then(stored.get_column(n)).otherwise(values.get_column(n)).alias(n)
+                    for n in values.columns
+                )
+        return values.insert_column(0, found) if values.width else found.to_frame()
+
+    def contains(self, keys: pl.Series) -> pl.Series:
+        """Whether each of ``keys`` is in the index."""
+        if not self.runs:
+            return pl.Series("found", [False] * len(keys), dtype=pl.Boolean)
+        return self.lookup(keys).get_column("found")
+
+    def add(self, rows: pl.DataFrame) -> None:
+        """Add the rows (a ``key`` column and the values) whose keys are new; the first row of a key wins."""
+        rows = rows.select(self.schema.keys()).cast(self.schema).drop_nulls(KEY)  # type: ignore[arg-type]
+        rows = rows.unique(KEY, keep="first", maintain_order=True)
+        rows = rows.filter(~self.contains(rows.get_column(KEY)))
+        if rows.is_empty():
+            return
+        self.runs.append(rows.sort(KEY))
+        while len(self.runs) > 1 and self.runs[-2].height <= 2 * self.runs[-1].height:
+            newer = self.runs.pop()
+            self.runs[-1] = pl.concat([self.runs[-1], newer]).sort(KEY)
+
+    def add_keys(self, keys: pl.Series) -> None:
+        """Add keys that carry no values."""
+        self.add(pl.DataFrame({KEY: keys.cast(pl.String)}))
+
+    def remove(self, keys: pl.Series) -> None:
+        """Take keys out (rare: rows rejected after they were planned)."""
+        gone = keys.cast(pl.String).implode()
+        self.runs = [run.filter(~pl.col(KEY).is_in(gone)) for run in self.runs]
+
+    def keys(self) -> pl.Series:
+        """Every key, in no particular order."""
+        if not self.runs:
+            return pl.Series(KEY, [], dtype=pl.String)
+        return pl.concat([run.get_column(KEY) for run in self.runs])

@@ -1,0 +1,213 @@
+"""Validation in batches: the same report as a whole-file validation, in bounded memory."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from etl import readers
+from etl.errors import InputError
+from etl.mapping import apply_profile, default_profile
+from etl.pipeline import validate_files, validate_whole
+from etl.readers import ROW, read_batches, read_table
+from etl.report import read_rows
+from etl.settings import Settings
+from etl.validate import _spellings, _temporal_columns
+from schemas.canonical import field_map
+
+from .conftest import SAMPLE
+
+CLINIC = ["registry.csv", "providers.csv", "visits.csv", "documents.csv", "tasks.csv"]
+GROUPS: list[tuple[str, list[Path], str | None]] = [
+    ("registry", [SAMPLE / "registry.csv"], None),
+    ("registry.xlsx", [SAMPLE / "registry.xlsx"], None),
+    ("clinic files", [SAMPLE / n for n in CLINIC], None),
+    ("clinic files, children first", [SAMPLE / n for n in reversed(CLINIC)], None),
+    ("synthea", sorted((SAMPLE / "synthea").glob("*.csv")), "synthea"),
+    ("cvrs", [SAMPLE / "cvrs" / "cvrs_extract.tsv", SAMPLE / "cvrs" / "cvrs_redacted.tsv"], "cvrs"),
+]
+
+
+def _report(folder: Path) -> dict[str, Any]:
+    summary = json.loads((folder / "summary.json").read_text())
+    return {
+        "rows": read_rows(folder / "rows.csv"),
+        "rejects": (folder / "rejects.csv").read_text(),
+        "states": summary["states"],
+        "kinds": summary["kinds"],
+        "warnings": summary["warnings"],
+        "inputs": [{k: v for k, v in i.items()} for i in summary["inputs"]],
+    }
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["cut", "streamed"])
+@pytest.mark.parametrize("batch_rows", [37, 100_000])
+@pytest.mark.parametrize(("name", "paths", "profile"), GROUPS, ids=[g[0] for g in GROUPS])
+def test_batches_write_the_report_a_whole_file_validation_writes(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    name: str,
+    paths: list[Path],
+    profile: str | None,
+    batch_rows: int,
+    streamed: bool,
+) -> None:
+    if streamed:  # every CSV read a chunk of records at a time, as a large one is
+        monkeypatch.setattr(readers, "STREAM_FROM_BYTES", 0)
+    whole = validate_whole(paths, Settings(report_dir=tmp_path / "whole", profile=profile))
+    batched = validate_files(paths, Settings(report_dir=tmp_path / "batched", profile=profile, batch_rows=batch_rows))
+    expected, got = _report(tmp_path / "whole"), _report(tmp_path / "batched")
+    assert whole.states["rejected"] > 0  # the samples plant bad rows: something to compare
+    assert got["rows"].equals(expected["rows"])
+    assert got["rejects"] == expected["rejects"]
+    assert (got["states"], got["kinds"], got["inputs"]) == (expected["states"], expected["kinds"], expected["inputs"])
+    assert got["warnings"] == expected["warnings"]
+    assert batched.rows.equals(whole.rows)
+    assert batched.problems.equals(whole.problems)
+    assert not (tmp_path / "batched" / ".batches").exists()  # the batches' scratch files are gone
+
+
+def _write(path: Path, header: list[str], rows: list[list[str]]) -> Path:
+    with path.open("w", newline="", encoding="utf-8") as fh:
+        out = csv.writer(fh)
+        out.writerow(header)
+        out.writerows(rows)
+    return path
+
+
+REGISTRY = ["Record ID", "Patient ID", "First Name", "Last Name", "DOB", "Sex", "CVX", "Admin Date"]
+
+
+def test_rules_that_compare_rows_see_across_batch_boundaries(tmp_path: Path) -> None:
+    registry = _write(
+        tmp_path / "registry.csv",
+        REGISTRY,
+        [
+            ["R1", "P1", "Ann", "Lee", "1980-01-02", "F", "08", "2021-03-04"],  # row 2: batch 1
+            ["R2", "P9", "", "", "", "", "20", "2021-03-05"],  # row 3: names P9, described at row 6
+            ["R3", "P2", "Bo", "Ray", "1975-05-06", "M", "21", "2021-03-06"],  # row 4: batch 2
+            ["R1", "P3", "Cy", "Fox", "1990-07-08", "M", "08", "2021-03-07"],  # row 5: R1 again
+            ["R5", "P1", "Ann", "Lea", "1980-01-02", "F", "08", "2021-03-08"],  # row 6: P1 with another name
+            ["R6", "P9", "Di", "Orr", "2001-09-10", "F", "03", "2021-03-09"],  # row 7: batch 3, describes P9
+            ["R7", "P8", "", "", "", "", "03", "2021-03-10"],  # row 8: P8 is described nowhere
+        ],
+    )
+    report = validate_files([registry], Settings(report_dir=tmp_path / "r", batch_rows=2))
+    codes = {(r["source_row"], r["error_code"]) for r in report.problems.iter_rows(named=True)}
+    assert codes == {(5, "duplicate-key"), (6, "patient-conflict"), (8, "unresolved-reference")}
+    whole = validate_whole([registry], Settings(report_dir=tmp_path / "w"))
+    assert report.rows.equals(whole.rows)
+
+
+def test_a_rejection_decided_at_the_end_reaches_the_rows_that_name_it(tmp_path: Path) -> None:
+    """A visit naming an unknown patient is rejected once every file is read; a task naming that visit follows."""
+    visits = _write(
+        tmp_path / "visits.csv",
+        ["Visit ID", "Patient ID", "Status", "Visit Type", "Start"],
+        [
+            ["V1", "P1", "finished", "ambulatory", "2021-03-04T10:00:00"],
+            ["V2", "P404", "finished", "ambulatory", "2021-03-04T11:00:00"],
+        ],
+    )
+    registry = _write(
+        tmp_path / "registry.csv", REGISTRY, [["R1", "P1", "Ann", "Lee", "1980-01-02", "F", "08", "2021-03-04"]]
+    )
+    tasks = _write(
+        tmp_path / "tasks.csv",
+        ["Task ID", "Patient ID", "Visit ID", "Status", "Intent"],
+        [["T1", "P1", "V1", "requested", "order"], ["T2", "P1", "V2", "requested", "order"]],
+    )
+    paths = [tasks, registry, visits]
+    report = validate_files(paths, Settings(report_dir=tmp_path / "r", batch_rows=1))
+    problems = {
+        (Path(r["source_file"]).name, r["source_row"]): r["error_code"] for r in report.problems.iter_rows(named=True)
+    }
+    assert problems == {("visits.csv", 3): "unresolved-reference", ("tasks.csv", 3): "parent-rejected"}
+    whole = validate_whole(paths, Settings(report_dir=tmp_path / "w"))
+    assert report.rows.equals(whole.rows)
+    assert (tmp_path / "r" / "rejects.csv").read_text() == (tmp_path / "w" / "rejects.csv").read_text()
+
+
+def _read_all(path: Path, rows: int) -> tuple[list[str], pl.DataFrame]:
+    batches = read_batches(path, rows=rows, stream_from=0)
+    frames = list(batches.batches)
+    assert all(f.height <= rows for f in frames)
+    return batches.table.columns, pl.concat(frames)
+
+
+@pytest.mark.parametrize("name", ["registry.csv", "visits.csv", "documents.csv", "cvrs/cvrs_extract.tsv"])
+def test_a_scanned_csv_reads_as_a_whole_read_does(name: str) -> None:
+    columns, frame = _read_all(SAMPLE / name, rows=13)
+    whole = read_table(SAMPLE / name)
+    assert columns == whole.columns
+    assert frame.equals(whole.frame)
+
+
+def test_a_scanned_csv_keeps_bom_quoted_newlines_and_zeros(tmp_path: Path) -> None:
+    path = tmp_path / "bom.csv"
+    path.write_bytes('\ufeffRecord ID,CVX,Note\nR1,08,"two\nlines"\nR2,02134,x\n'.encode())
+    columns, frame = _read_all(path, rows=1)
+    assert columns == ["Record ID", "CVX", "Note"]
+    assert frame.to_dicts() == [
+        {ROW: 2, "Record ID": "R1", "CVX": "08", "Note": "two\nlines"},
+        {ROW: 3, "Record ID": "R2", "CVX": "02134", "Note": "x"},
+    ]
+
+
+def test_a_scanned_csv_broken_late_names_the_row(tmp_path: Path) -> None:
+    lines = ["Record ID,CVX"] + [f"R{i},08" for i in range(2, 500)] + ["R500,08,extra,cells"]
+    path = tmp_path / "ragged.csv"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(InputError) as caught:
+        list(read_batches(path, rows=50, stream_from=0).batches)
+    assert caught.value.row == 500  # the header is row 1; R2..R499 are rows 2..499
+    assert "ragged.csv" in str(caught.value)
+
+
+def test_duplicate_headers_are_refused_before_any_batch(tmp_path: Path) -> None:
+    path = tmp_path / "dup.csv"
+    path.write_text("Record ID,CVX,CVX\nR1,08,09\n")
+    with pytest.raises(InputError, match="duplicate column header"):
+        read_batches(path, rows=1, stream_from=0)
+
+
+_DATES = st.one_of(
+    st.dates().map(lambda d: d.isoformat()),
+    st.datetimes().map(lambda d: d.isoformat(timespec="seconds")),
+    st.dates().map(lambda d: f"{d.month}/{d.day}/{d.year}"),
+    st.dates().map(lambda d: d.strftime("%Y%m%d")),
+    st.sampled_from(["2021-02-30", "2021-3-4", "2021-03", "2021-03-04Z", "2021-03-04T10:00:00+02:00", "soon", ""]),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(values=st.lists(_DATES, min_size=1, max_size=12), field=st.sampled_from(["patient_birth_date", "occurrence"]))
+def test_the_fast_date_paths_parse_as_the_full_one_does(values: list[str], field: str) -> None:
+    f = field_map("immunization")[field]
+    frame = pl.DataFrame({field: [v or None for v in values]}, schema={field: pl.String})
+    spelling = _spellings(frame, [field], excel=False)[field]
+    fast = frame.select(_temporal_columns(f, pl.col(field), False, "America/New_York", spelling))
+    full = frame.select(_temporal_columns(f, pl.col(field), False, "America/New_York", "any"))
+    assert fast.equals(full), spelling
+
+
+def test_a_plain_date_column_takes_the_fast_path() -> None:
+    frame = pl.DataFrame({"occurrence": ["2021-03-04", None, "2020-12-31"], "recorded": ["2021-03-04T10:00:00"] * 3})
+    assert _spellings(frame, ["occurrence", "recorded"], excel=False) == {"occurrence": "date", "recorded": "iso"}
+    assert _spellings(frame, ["occurrence"], excel=True) == {"occurrence": "any"}
+
+
+def test_the_profile_is_applied_once_and_reused_for_every_batch() -> None:
+    batches = read_batches(SAMPLE / "registry.csv", rows=100)
+    mapped = apply_profile(batches.table, default_profile())
+    notices = len(mapped.table.notices)
+    heights = [mapped.with_rows(frame).frame.height for frame in batches.batches]
+    assert sum(heights) == read_table(SAMPLE / "registry.csv").frame.height
+    assert len(mapped.table.notices) == notices
