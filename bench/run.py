@@ -72,6 +72,21 @@ def bench_pipeline(csv: Path, rows: int, work: Path) -> dict[str, Any]:
     return out
 
 
+def bench_scale(data: Path, rows: int, work: Path) -> dict[str, Any]:
+    """(a, scale): validate alone on a larger file, where the batches keep memory bounded."""
+    csv = data / f"registry-{rows}.csv"
+    if not csv.is_file():
+        generate(csv, rows)
+    read = _child([sys.executable, "-c", "import sys, polars as pl; pl.read_csv(sys.argv[1], infer_schema=False)",
+                   str(csv)])
+    result = _child(_cli("validate", str(csv), "-q", "--report-dir", str(work / "validate-scale")))
+    result["rows"] = rows
+    result["rows_per_s"] = round(rows / result["seconds"])
+    result["polars_read_csv"] = read
+    result["vs_read_csv"] = round(result["seconds"] / read["seconds"], 1)
+    return result
+
+
 def _load(csv: Path, work: Path, server: Any, name: str, **settings: Any) -> dict[str, Any]:
     from etl.pipeline import load_files
     from etl.settings import Settings
@@ -166,7 +181,7 @@ def machine() -> dict[str, Any]:
 
 
 def run(rows: int, *, quick: bool, http_rows: int, limited_seconds: float, bulk_rows: int,
-        out: Path, data: Path) -> dict[str, Any]:
+        out: Path, data: Path, scale_rows: int = 0) -> dict[str, Any]:
     """Run the benchmarks and write ``out``."""
     csv = data / f"registry-{rows}.csv"
     if not csv.is_file():
@@ -175,6 +190,7 @@ def run(rows: int, *, quick: bool, http_rows: int, limited_seconds: float, bulk_
     with tempfile.TemporaryDirectory(prefix="clinik-bench-") as tmp:
         work = Path(tmp)
         results["pipeline"] = bench_pipeline(csv, rows, work)
+        results["scale"] = bench_scale(data, scale_rows, work) if scale_rows and not quick else None
         results["http"] = bench_http(data, min(http_rows, rows, 300) if quick else http_rows, work)
         results["rate_limited"] = None if quick else bench_limited(data, limited_seconds, work)
         results["bulk"] = None if quick else bench_bulk(data, bulk_rows, work)
@@ -200,6 +216,10 @@ def show(results: dict[str, Any]) -> None:
         r = p[name]
         table.add_row(f"clinik-etl {name.replace('_', ' ')}", f"{r['seconds']:.2f}", f"{r['rows_per_s']:,} rows/s",
                       f"{r['peak_rss_mb']:,.0f}", f"{r['vs_read_csv']}x read_csv")
+    if (sc := results.get("scale")) is not None:
+        table.add_row(f"clinik-etl validate ({sc['rows']:,} rows)", f"{sc['seconds']:.2f}",
+                      f"{sc['rows_per_s']:,} rows/s", f"{sc['peak_rss_mb']:,.0f}",
+                      f"{sc['vs_read_csv']}x read_csv (read: {sc['polars_read_csv']['peak_rss_mb']:,.0f} MB)")
     h = results["http"]
     table.add_row(f"loader, unlimited sandbox ({h['rows']:,} rows)", "", f"{h['loader_req_per_s']:,} req/s", "",
                   f"{h['loader_vs_bare']}x bare httpx ({h['bare_httpx_req_per_s']:,} req/s)")
@@ -217,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m bench``."""
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
     parser.add_argument("--rows", type=int, default=1_000_000, help="rows of the generated registry CSV for (a)")
+    parser.add_argument("--scale-rows", type=int, default=5_000_000,
+                        help="rows of a second, larger file validated alone (0: skip; skipped with --quick)")
     parser.add_argument("--http-rows", type=int, default=5_000, help="rows loaded for (b)")
     parser.add_argument("--limited-seconds", type=float, default=15.0, help="about how long (c) runs")
     parser.add_argument("--bulk-rows", type=int, default=100_000, help="rows loaded in bulk mode for (d)")
@@ -225,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, default=HERE / "data", help="where generated files are kept")
     args = parser.parse_args(argv)
     results = run(args.rows, quick=args.quick, http_rows=args.http_rows, limited_seconds=args.limited_seconds,
-                  bulk_rows=args.bulk_rows, out=args.out, data=args.data)
+                  bulk_rows=args.bulk_rows, out=args.out, data=args.data, scale_rows=args.scale_rows)
     show(results)
     print(f"results: {args.out}")
     return 0

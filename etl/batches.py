@@ -30,6 +30,7 @@ import shutil
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,7 +46,7 @@ from etl.report import PROBLEM_STATES, ROW_COLUMNS, RunReport, _private_dir, _pr
 from etl.report_html import write_html
 from etl.settings import Settings
 from etl.transform import plan, references
-from etl.validate import Carry, validate
+from etl.validate import Carry, prepare, validate
 from schemas.canonical import KIND_SPECS, fields_of
 
 __all__ = ["validate_in_batches"]
@@ -81,6 +82,27 @@ class _Input:
             yield pl.concat(list(self.batches.batches))
         else:
             yield from self.batches.batches
+
+    def prepared(self) -> Iterator[tuple[Mapped, pl.DataFrame]]:
+        """Each batch mapped and prepared, the next one read and prepared on a second thread meanwhile.
+
+        Reading and preparing need nothing from earlier batches, so they overlap with the checks
+        that do (polars lets go of the GIL); one batch ahead at most, so memory stays bounded.
+        """
+
+        def ready() -> tuple[Mapped, pl.DataFrame] | None:
+            frame = next(frames, None)
+            if frame is None:
+                return None
+            mapped = self.mapped.with_rows(frame)
+            return mapped, prepare(mapped)
+
+        frames = self.frames()
+        with ThreadPoolExecutor(1, thread_name_prefix="prepare") as ahead:
+            coming = ahead.submit(ready)
+            while (item := coming.result()) is not None:
+                coming = ahead.submit(ready)
+                yield item
 
 
 @dataclass
@@ -152,9 +174,9 @@ def validate_in_batches(
         pending: list[pl.DataFrame] = []
         progress.start("validate")
         for x in inputs:
-            for n, frame in enumerate(x.frames()):
-                pending.append(_batch(x, n, frame, keys, known_frame, settings, work, timings))
-                progress.advance("validate", frame.height)
+            for n, (mapped, prepared) in enumerate(x.prepared()):
+                pending.append(_batch(x, n, mapped, prepared, keys, known_frame, settings, work, timings))
+                progress.advance("validate", prepared.height)
             if x.kind in keys.shared:
                 _remember_firsts(x, keys)
         unexplained = pl.concat(pending) if pending else None
@@ -173,7 +195,8 @@ def validate_in_batches(
 def _batch(
     x: _Input,
     n: int,
-    frame: pl.DataFrame,
+    mapped: Mapped,
+    prepared: pl.DataFrame,
     keys: _Keys,
     known: pl.DataFrame,
     settings: Settings,
@@ -182,8 +205,7 @@ def _batch(
 ) -> pl.DataFrame:
     """Validate, plan and report one batch; return its references that nothing explains yet."""
     t0 = time.perf_counter()
-    mapped = x.mapped.with_rows(frame)
-    validation = validate(mapped, carry=x.carry)
+    validation = validate(mapped, carry=x.carry, prepared=prepared)
     t1 = time.perf_counter()
     planned = plan(mapped, validation.valid, bodies=False)
     timings["validate"] = timings.get("validate", 0.0) + t1 - t0
@@ -192,7 +214,7 @@ def _batch(
         pipeline._redact(mapped, validation)
     p = pipeline.Prepared(mapped, validation, planned)
     rows = _skip_seen(pipeline._base_rows(p), keys.firsts.get(x.kind))
-    x.rows += frame.height
+    x.rows += prepared.height
     for (code,), found in validation.warnings.group_by("code", maintain_order=True):
         count, first = x.warnings.get(str(code), (0, []))
         x.warnings[str(code)] = (count + found.height, (first + found.get_column(ROW).to_list())[:20])

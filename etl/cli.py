@@ -138,6 +138,13 @@ def main(debug: bool) -> None:
 @main.command(epilog=EXIT_CODES_HELP)
 @click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
 @input_options
+@click.option(
+    "--batch-rows",
+    type=click.IntRange(min=1),
+    default=100_000,
+    show_default=True,
+    help="Rows checked at a time. Memory grows with this, not with the file: any size validates.",
+)
 @output_options
 @handle_errors
 def validate(
@@ -148,17 +155,25 @@ def validate(
     kind: str | None,
     crosswalk: Path | None,
     redact: bool,
+    batch_rows: int,
     quiet: bool,
     as_json: bool,
 ) -> None:
     """Check FILES against every documented limit; send nothing.
 
-    Writes summary.json, rows.csv, rejects.csv and report.html to the report folder.
+    Files are read and checked in batches, so a registry of millions of rows validates in bounded
+    memory. Writes summary.json, rows.csv, rejects.csv and report.html to the report folder.
     """
     from etl.pipeline import validate_files
 
     settings = Settings(
-        profile=profile, sheet=sheet, report_dir=report_dir, kind=kind, crosswalk=crosswalk, redact=redact
+        profile=profile,
+        sheet=sheet,
+        report_dir=report_dir,
+        kind=kind,
+        crosswalk=crosswalk,
+        redact=redact,
+        batch_rows=batch_rows,
     )
     with open_progress(quiet) as progress:
         report = validate_files(list(files), settings, progress=progress)

@@ -81,9 +81,15 @@ class Carry:
     patients: KeyIndex | None = None  # patient id -> one hash per compared detail
 
 
-def validate(mapped: Mapped, *, today: dt.date | None = None, carry: Carry | None = None) -> Validation:
-    """Prepare and check a mapped table (or one batch of it, with the ``carry`` of the batches before)."""
-    prepared = _compared_across_rows(prepare(mapped), mapped.kind, carry or Carry())
+def validate(
+    mapped: Mapped, *, today: dt.date | None = None, carry: Carry | None = None, prepared: pl.DataFrame | None = None
+) -> Validation:
+    """Prepare and check a mapped table (or one batch of it, with the ``carry`` of the batches before).
+
+    ``prepared`` is ``prepare(mapped)`` when the caller has it already (it needs no carry, so batches
+    prepare ahead on another thread).
+    """
+    prepared = _compared_across_rows(prepare(mapped) if prepared is None else prepared, mapped.kind, carry or Carry())
     rejects = check(prepared, mapped.kind, today=today or dt.date.today())
     if mapped.kind == "document":
         rejects = _document_groups(prepared, rejects)

@@ -211,3 +211,20 @@ def test_the_profile_is_applied_once_and_reused_for_every_batch() -> None:
     heights = [mapped.with_rows(frame).frame.height for frame in batches.batches]
     assert sum(heights) == read_table(SAMPLE / "registry.csv").frame.height
     assert len(mapped.table.notices) == notices
+
+
+def test_the_cli_validates_in_the_batches_it_is_given(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from etl.cli import main
+
+    out = tmp_path / "r"
+    result = CliRunner().invoke(
+        main, ["validate", str(SAMPLE / "registry.csv"), "--batch-rows", "50", "-q", "--report-dir", str(out)]
+    )
+    assert result.exit_code == 1, result.output  # the sample's planted rows are rejected
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["batch_rows"] == 50
+    assert summary["states"]["rejected"] == 28
+    bad = CliRunner().invoke(main, ["validate", str(SAMPLE / "registry.csv"), "--batch-rows", "0"])
+    assert bad.exit_code == 2 and "batch-rows" in bad.output
