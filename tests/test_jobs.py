@@ -88,7 +88,9 @@ def test_a_job_can_set_every_run_setting_but_secrets() -> None:
 
 def test_the_shipped_demo_job_loads(tmp_path: Path) -> None:
     job = load_job(SAMPLE / "demo-job.toml")
-    assert job.inputs == (SAMPLE / "registry.csv",)
+    assert job.inputs == tuple(
+        SAMPLE / n for n in ("registry.csv", "providers.csv", "visits.csv", "documents.csv", "tasks.csv")
+    )
     assert job.settings.base_url is None  # the embedded sandbox: no key needed
     assert job.settings.state == ROOT / ".clinik-etl" / "demo-job.sqlite"
 
@@ -147,8 +149,9 @@ def test_run_a_job_then_read_its_history(tmp_path: Path) -> None:
     assert second.exit_code == 1 and second.output == ""
     # The same state store by hand: a load, a reconcile, and a dry run (which records nothing).
     state = str(tmp_path / "state.sqlite")
-    by_hand = runner.invoke(main, ["load", str(SAMPLE / "registry.csv"), "--state", state, "-q",
-                                   "--report-dir", str(tmp_path / "by-hand")])
+    by_hand = runner.invoke(
+        main, ["load", str(SAMPLE / "registry.csv"), "--state", state, "-q", "--report-dir", str(tmp_path / "by-hand")]
+    )
     assert by_hand.exit_code == 1, by_hand.output
     settled = runner.invoke(main, ["reconcile", "--state", state, "--report-dir", str(tmp_path / "settled")])
     assert settled.exit_code == 0, settled.output
@@ -159,11 +162,17 @@ def test_run_a_job_then_read_its_history(tmp_path: Path) -> None:
     assert summary["run_id"] in listed.output and "532" in listed.output
     lines = [line.split() for line in listed.output.splitlines() if line.lstrip().startswith("20")]
     assert [words[1:3] if words[1] == "run" else words[1:2] for words in lines] == [
-        ["run", "weekly-registry"], ["run", "weekly-registry"], ["load"], ["reconcile"]
+        ["run", "weekly-registry"],
+        ["run", "weekly-registry"],
+        ["load"],
+        ["reconcile"],
     ]
     data = json.loads(runner.invoke(main, ["history", "--state", state, "--json"]).stdout)
     assert [(r["command"], r["job"]) for r in data["runs"]] == [
-        ("run", "weekly-registry"), ("run", "weekly-registry"), ("load", None), ("reconcile", None)
+        ("run", "weekly-registry"),
+        ("run", "weekly-registry"),
+        ("load", None),
+        ("reconcile", None),
     ]
     assert [r["summary"]["states"]["created"] for r in data["runs"][:3]] == [532, 0, 0]
     assert [r["summary"]["states"]["skipped"] for r in data["runs"][:3]] == [0, 532, 532]
