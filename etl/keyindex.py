@@ -32,10 +32,9 @@ class KeyIndex:
     def lookup(self, keys: pl.Series) -> pl.DataFrame:
         """For each of ``keys``, in order: ``found`` and the stored values (null when not found)."""
         keys = keys.cast(pl.String)
-        found = pl.Series("found", [False] * len(keys), dtype=pl.Boolean)
-        values = pl.DataFrame(
-            {n: pl.Series(n, [None] * len(keys), dtype=t) for n, t in self.schema.items() if n != KEY}
-        )
+        found = pl.repeat(False, len(keys), dtype=pl.Boolean, eager=True).alias("found")
+        names = [n for n in self.schema if n != KEY]
+        values: pl.DataFrame | None = None
         for run in self.runs:
             if run.is_empty():
                 continue
@@ -45,35 +44,44 @@ class KeyIndex:
             if not hit.any():
                 continue
             found = found | hit
-            if values.width:
-                stored = run.drop(KEY)[at]
-                values = values.with_columns(
-                    pl.when(hit).then(stored.get_column(n)).otherwise(values.get_column(n)).alias(n)
-                    for n in values.columns
-                )
-        return values.insert_column(0, found) if values.width else found.to_frame()
+            if names:
+                stored = run.select(names)[at].select(pl.when(hit).then(pl.col(n)).alias(n) for n in names)
+                if values is not None:
+                    stored = values.select(pl.coalesce(pl.col(n), stored.get_column(n)) for n in names)
+                values = stored
+        if not names:
+            return found.to_frame()
+        if values is None:
+            values = pl.DataFrame(
+                [pl.repeat(None, len(keys), dtype=self.schema[n], eager=True).alias(n) for n in names]
+            )
+        return values.insert_column(0, found)
 
     def contains(self, keys: pl.Series) -> pl.Series:
         """Whether each of ``keys`` is in the index."""
         if not self.runs:
-            return pl.Series("found", [False] * len(keys), dtype=pl.Boolean)
+            return pl.repeat(False, len(keys), dtype=pl.Boolean, eager=True).alias("found")
         return self.lookup(keys).get_column("found")
 
-    def add(self, rows: pl.DataFrame) -> None:
-        """Add the rows (a ``key`` column and the values) whose keys are new; the first row of a key wins."""
+    def add(self, rows: pl.DataFrame, *, new: bool = False) -> None:
+        """Add the rows (a ``key`` column and the values) whose keys are new; the first row of a key wins.
+
+        ``new``: the caller has just looked the keys up and passes only absent, distinct ones.
+        """
         rows = rows.select(self.schema.keys()).cast(self.schema).drop_nulls(KEY)  # type: ignore[arg-type]
-        rows = rows.unique(KEY, keep="first", maintain_order=True)
-        rows = rows.filter(~self.contains(rows.get_column(KEY)))
+        if not new:
+            rows = rows.unique(KEY, keep="first", maintain_order=True)
+            rows = rows.filter(~self.contains(rows.get_column(KEY)))
         if rows.is_empty():
             return
         self.runs.append(rows.sort(KEY))
         while len(self.runs) > 1 and self.runs[-2].height <= 2 * self.runs[-1].height:
             newer = self.runs.pop()
-            self.runs[-1] = pl.concat([self.runs[-1], newer]).sort(KEY)
+            self.runs[-1] = self.runs[-1].merge_sorted(newer, KEY)  # both sorted: a linear merge
 
-    def add_keys(self, keys: pl.Series) -> None:
+    def add_keys(self, keys: pl.Series, *, new: bool = False) -> None:
         """Add keys that carry no values."""
-        self.add(pl.DataFrame({KEY: keys.cast(pl.String)}))
+        self.add(pl.DataFrame({KEY: keys.cast(pl.String)}), new=new)
 
     def remove(self, keys: pl.Series) -> None:
         """Take keys out (rare: rows rejected after they were planned)."""

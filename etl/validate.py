@@ -508,7 +508,9 @@ def _compared_across_rows(prepared: pl.DataFrame, kind: str, carry: Carry) -> pl
         prepared = prepared.with_columns(
             (ids.is_not_null() & (~ids.is_first_distinct() | earlier)).alias("__seen_before")
         )
-        carry.record_ids.add_keys(prepared.get_column("record_id"))
+        carry.record_ids.add_keys(
+            prepared.filter(ids.is_not_null() & ~earlier & ids.is_first_distinct()).get_column("record_id"), new=True
+        )
     demographics = _demographics(fields)
     if "patient_id" in fields and demographics:
         names = [f"__first_{f.name}" for f in demographics]
@@ -527,7 +529,7 @@ def _compared_across_rows(prepared: pl.DataFrame, kind: str, carry: Carry) -> pl
         firsts = here.with_columns(
             pl.when(found).then(before.get_column(n)).otherwise(pl.col(n)).alias(n) for n in names
         ).rename({"key": "patient_id"})
-        carry.patients.add(here.filter(~found))
+        carry.patients.add(here.filter(~found), new=True)
         prepared = prepared.join(firsts, on="patient_id", how="left", maintain_order="left")
     return prepared
 

@@ -1,0 +1,47 @@
+"""KeyIndex: a growing set of keys with values, looked up by binary search over sorted runs."""
+
+from __future__ import annotations
+
+import polars as pl
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from etl.keyindex import KeyIndex
+
+_KEYS = st.one_of(st.none(), st.sampled_from([f"K{i}" for i in range(40)]), st.text(max_size=4))
+
+
+@settings(max_examples=80, deadline=None)
+@given(batches=st.lists(st.lists(_KEYS, max_size=30), max_size=12), checked=st.booleans())
+def test_lookups_match_a_dict_where_the_first_value_of_a_key_wins(
+    batches: list[list[str | None]], checked: bool
+) -> None:
+    index = KeyIndex({"first": pl.Int64()})
+    reference: dict[str, int] = {}
+    serial = 0
+    for keys in batches:
+        values = list(range(serial, serial + len(keys)))
+        serial += len(keys)
+        got = index.lookup(pl.Series(keys, dtype=pl.String))
+        assert got.get_column("found").to_list() == [k in reference for k in keys]
+        assert got.get_column("first").to_list() == [reference.get(k) if k is not None else None for k in keys]
+        rows = pl.DataFrame({"key": keys, "first": values}, schema={"key": pl.String, "first": pl.Int64})
+        if checked:  # the caller's own lookup: only absent, distinct keys
+            rows = rows.filter(~got.get_column("found")).unique("key", keep="first", maintain_order=True)
+        index.add(rows, new=checked)
+        for k, v in zip(keys, values, strict=True):
+            if k is not None:
+                reference.setdefault(k, v)
+        assert len(index) == len(reference)
+        assert all(run.get_column("key").is_sorted() for run in index.runs)
+
+
+def test_runs_merge_so_there_are_few_of_them() -> None:
+    index = KeyIndex()
+    for b in range(64):
+        index.add_keys(pl.Series([f"{b:03d}-{i}" for i in range(100)]))
+    assert len(index) == 6400
+    assert len(index.runs) <= 7  # about log2 of the number of batches
+    index.remove(pl.Series(["000-1", "063-99"]))
+    assert index.contains(pl.Series(["000-1", "000-2", "063-99"])).to_list() == [False, True, False]
+    assert sorted(index.keys().to_list())[:2] == ["000-0", "000-10"]
