@@ -244,6 +244,18 @@ def _batch(
         .with_columns(pl.coalesce("alias", "value").alias("key"))
         .drop("alias")
     )
+    if planned_rows.height:
+        # Most references name what this very batch describes (a registry row's own patient and
+        # performer): settled by a join with the batch, before any lookup in everything seen so far.
+        here = pl.concat(
+            [
+                planned.patients.select(pl.lit("patient").alias("kind"), pl.col("patient_key").alias("key")),
+                planned.practitioners.select(
+                    pl.lit("practitioner").alias("kind"), pl.col("practitioner_key").alias("key")
+                ),
+            ]
+        )
+        unexplained = unexplained.join(here, on=["kind", "key"], how="anti")
     # A reference waits for the end when nothing explains it yet, or when what explains it is a row
     # that itself waits (it may still be rejected, and then this row is parent-rejected).
     waits = ~keys.has(keys.available, unexplained, "key") | keys.has(keys.tentative, unexplained, "key")

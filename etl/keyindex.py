@@ -7,7 +7,10 @@ n²/b. A :class:`KeyIndex` keeps its keys in sorted runs instead, merged as a
 log-structured merge tree merges them (a run is merged into the one before it
 once that is no more than twice its size), and looks keys up by binary search
 (``search_sorted``): each batch costs about b·log(n), and the runs hold each
-key once.
+key once. Runs are sorted by a 64-bit hash of the key (integers search several
+times faster than text) and the key found is compared with the key sought, so
+an answer is exact; a key is only missed if another key of the same run has
+the same 64-bit hash.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import polars as pl
 __all__ = ["KeyIndex"]
 
 KEY = "key"
+_HASH = "__hash"
 
 
 class KeyIndex:
@@ -24,7 +28,7 @@ class KeyIndex:
 
     def __init__(self, values: dict[str, pl.DataType] | None = None) -> None:
         self.schema: dict[str, pl.DataType] = {KEY: pl.String(), **(values or {})}
-        self.runs: list[pl.DataFrame] = []  # each sorted by key, keys unique across all runs
+        self.runs: list[pl.DataFrame] = []  # each sorted by the key's hash; keys unique across all runs
 
     def __len__(self) -> int:
         return sum(run.height for run in self.runs)
@@ -33,14 +37,14 @@ class KeyIndex:
         """For each of ``keys``, in order: ``found`` and the stored values (null when not found)."""
         keys = keys.cast(pl.String)
         found = pl.repeat(False, len(keys), dtype=pl.Boolean, eager=True).alias("found")
+        hashes = keys.hash()
         names = [n for n in self.schema if n != KEY]
         values: pl.DataFrame | None = None
         for run in self.runs:
             if run.is_empty():
                 continue
-            column = run.get_column(KEY)
-            at = column.search_sorted(keys, side="left").clip(0, run.height - 1)
-            hit = (column.gather(at) == keys).fill_null(False) & ~found
+            at = run.get_column(_HASH).search_sorted(hashes, side="left").clip(0, run.height - 1)
+            hit = (run.get_column(KEY).gather(at) == keys).fill_null(False) & ~found
             if not hit.any():
                 continue
             found = found | hit
@@ -74,10 +78,10 @@ class KeyIndex:
             rows = rows.filter(~self.contains(rows.get_column(KEY)))
         if rows.is_empty():
             return
-        self.runs.append(rows.sort(KEY))
+        self.runs.append(rows.with_columns(pl.col(KEY).hash().alias(_HASH)).sort(_HASH))
         while len(self.runs) > 1 and self.runs[-2].height <= 2 * self.runs[-1].height:
             newer = self.runs.pop()
-            self.runs[-1] = self.runs[-1].merge_sorted(newer, KEY)  # both sorted: a linear merge
+            self.runs[-1] = self.runs[-1].merge_sorted(newer, _HASH)  # both sorted: a linear merge
 
     def add_keys(self, keys: pl.Series, *, new: bool = False) -> None:
         """Add keys that carry no values."""

@@ -33,7 +33,7 @@ def test_lookups_match_a_dict_where_the_first_value_of_a_key_wins(
             if k is not None:
                 reference.setdefault(k, v)
         assert len(index) == len(reference)
-        assert all(run.get_column("key").is_sorted() for run in index.runs)
+        assert all(run.get_column("__hash").is_sorted() for run in index.runs)
 
 
 def test_runs_merge_so_there_are_few_of_them() -> None:
