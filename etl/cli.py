@@ -26,7 +26,7 @@ from rich.table import Table as RichTable
 from etl.errors import EtlError, ExitCode, UsageError
 from etl.progress import describe_duration, open_progress
 from etl.report import FINAL_STATES, RunReport
-from etl.settings import DEFAULT_STATE, Settings, read_key_file
+from etl.settings import BATCH_ROWS, DEFAULT_STATE, Settings, read_key_file
 from schemas.canonical import KIND_SPECS
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -141,7 +141,7 @@ def main(debug: bool) -> None:
 @click.option(
     "--batch-rows",
     type=click.IntRange(min=1),
-    default=100_000,
+    default=BATCH_ROWS,
     show_default=True,
     help="Rows checked at a time. Memory grows with this, not with the file: any size validates.",
 )

@@ -149,7 +149,7 @@ class Batches:
 
 
 def read_batches(
-    path: str | Path, *, sheet: str | None = None, rows: int = 100_000, stream_from: int | None = None
+    path: str | Path, *, sheet: str | None = None, rows: int = 75_000, stream_from: int | None = None
 ) -> Batches:
     """Read a table in batches of at most ``rows`` rows, each with its ``__row`` numbers.
 

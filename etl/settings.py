@@ -18,7 +18,10 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from etl.errors import UsageError
 from schemas.limits import BULK_OPERATIONS_PER_HOUR
 
-__all__ = ["DEFAULT_REDOX_STATE", "DEFAULT_STATE", "Settings", "read_key_file"]
+#: Rows ``validate`` checks at a time by default.
+BATCH_ROWS = 75_000
+
+__all__ = ["BATCH_ROWS", "DEFAULT_REDOX_STATE", "DEFAULT_STATE", "Settings", "read_key_file"]
 
 DEFAULT_STATE = Path(".clinik-etl/state.sqlite")
 #: A Redox load's default state store: a store is bound to one target.
@@ -49,7 +52,8 @@ class Settings(BaseSettings):
     consistency_window: float = Field(default=10.0, ge=0)
     state: Path = DEFAULT_STATE
     report_dir: Path | None = None  # None: reports/<run id>; "{run_id}" in it is replaced by the run's id
-    batch_rows: int = Field(default=100_000, ge=1)  # rows validated at a time: bounds the memory a file takes
+    # Rows validated at a time: bounds the memory a file takes (75,000 keep 5,000,000 registry rows under 1 GiB).
+    batch_rows: int = Field(default=BATCH_ROWS, ge=1)
     wait: bool = False  # another run holds the state store: wait for it (else stop at once)
     # request: a POST per create; bulk: NDJSON imports (etl.load.bulk); auto: bulk when the window cannot hold the plan
     mode: Literal["request", "bulk", "auto"] = "request"

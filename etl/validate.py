@@ -530,7 +530,9 @@ def _compared_across_rows(prepared: pl.DataFrame, kind: str, carry: Carry) -> pl
             pl.when(found).then(before.get_column(n)).otherwise(pl.col(n)).alias(n) for n in names
         ).rename({"key": "patient_id"})
         carry.patients.add(here.filter(~found), new=True)
-        prepared = prepared.join(firsts, on="patient_id", how="left", maintain_order="left")
+        # Joined on the one column and set beside the rest: a join of the whole batch would copy every column.
+        found_firsts = prepared.select("patient_id").join(firsts, on="patient_id", how="left", maintain_order="left")
+        prepared = prepared.hstack(found_firsts.drop("patient_id").get_columns())
     return prepared
 
 
