@@ -24,9 +24,10 @@ demo: $(STAMP)
 		|| { rc=$$?; [ $$rc -eq 1 ] && echo "(exit code 1: the samples' planted bad rows were rejected, as intended)"; \
 		     [ $$rc -eq 1 ]; }
 
-## Lint, type-check and run the test suite.
+## Lint, type-check and run the test suite, spread over the machine's cores (pytest-xdist).
+# worksteal: an idle worker takes tests queued on a busy one, so one long test does not hold up the end.
 test: $(STAMP) lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --maxprocesses=4 --dist worksteal
 
 lint: $(STAMP)
 	$(BIN)/ruff check etl schemas tests sample_data

@@ -3,7 +3,8 @@ five fault mixes, then resume until done; the sandbox must hold exactly one
 Immunization per valid row and one Patient per distinct patient.
 
 Each case runs a real sandbox in-process (with faults dealt by a fixed seed)
-and ``python -m etl.cli load`` as a subprocess, killed with SIGKILL once the
+and ``python -m etl.cli load`` in a child process (forked with the toolkit
+already imported: ``tests.cli_process``), killed with SIGKILL once the
 sandbox holds N patients (in the patient phase) or N immunizations (in the
 row phase). The same command is then run again until every valid row is
 ``created`` or ``skipped`` (a few runs at most: faults keep dealing on
@@ -19,8 +20,6 @@ import json
 import os
 import signal
 import sqlite3
-import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +35,7 @@ from etl.load.state import Record, StateStore
 from etl.load.throttle import Throttle
 from etl.sandbox import SandboxConfig, SandboxServer
 
+from .cli_process import CliProcess
 from .conftest import ROOT, SAMPLE
 
 KEY = "clk_test_resilience0123456789"
@@ -60,7 +60,8 @@ MIXES = {
     "drop5": Mix({"drop_rate": 0.05}),
     # Slow answers come after 3 s; the client gives up after 0.5 s.
     "slow3": Mix({"slow_rate": 0.03, "slow_seconds": 3.0}, ("--consistency-window", "0", "--timeout", "0.5")),
-    "lag1s": Mix({"search_lag": 1.0}, ("--consistency-window", "1.5")),
+    # Search shows a create 0.5 s late; the loader waits 1 s before it trusts a lookup.
+    "lag": Mix({"search_lag": 0.5}, ("--consistency-window", "1.0")),
 }
 # Spread over both phases; each stays reachable when 5% of creates fail.
 KILL_POINTS = [("/v1/patients", n) for n in (1, 35, 70, 105, 140)] + [
@@ -82,11 +83,8 @@ def _count(server: SandboxServer, route: str) -> int:
     return Store.search(server.sandbox.store, route, {}, limit=1).total
 
 
-def _load(server: SandboxServer, tmp: Path, run: int, mix: Mix) -> subprocess.Popen[str]:
+def _load(server: SandboxServer, tmp: Path, run: int, mix: Mix) -> CliProcess:
     args = [
-        sys.executable,
-        "-m",
-        "etl.cli",
         "load",
         str(REGISTRY),
         "--base-url",
@@ -98,10 +96,10 @@ def _load(server: SandboxServer, tmp: Path, run: int, mix: Mix) -> subprocess.Po
         *mix.options,
     ]
     env = {**os.environ, "CLINIKAPI_SECRET_KEY": KEY}
-    return subprocess.Popen(args, cwd=ROOT, env=env, text=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return CliProcess(args, env=env, cwd=ROOT, capture=False)
 
 
-def _kill_at(server: SandboxServer, proc: subprocess.Popen[str], route: str, n: int) -> int:
+def _kill_at(server: SandboxServer, proc: CliProcess, route: str, n: int) -> int:
     """SIGKILL the load once the sandbox holds ``n`` resources of ``route``; the count then."""
     deadline = time.monotonic() + 120
     try:
@@ -164,8 +162,8 @@ def test_kill_resume_under_faults_holds_exactly_one_of_each(tmp_path: Path, mix_
 
 # -- the loader's doubt, pinned down (fast, in-process) ------------------------------
 
-LAG = 1.0
-WINDOW = 1.5
+LAG = 0.5
+WINDOW = 1.0
 ANN = '{"firstName":"Ann","lastName":"Lee","birthDate":"2015-03-04"}'
 
 

@@ -36,8 +36,8 @@ def _get(server: Any, path: str, **params: Any) -> Any:
     return response.json()["data"]
 
 
-def test_exactly_the_planted_rows_of_every_clinic_file_are_rejected() -> None:
-    report = validate_files(CLINIC_FILES, Settings(report_dir=None))
+def test_exactly_the_planted_rows_of_every_clinic_file_are_rejected(tmp_path: Path) -> None:
+    report = validate_files(CLINIC_FILES, Settings(report_dir=tmp_path / "r"))
     planted = pl.concat(
         [
             pl.read_csv(SAMPLE / "planted.csv", infer_schema=False).with_columns(
