@@ -30,7 +30,7 @@ import shutil
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -106,6 +106,48 @@ class _Input:
 
 
 @dataclass
+class _Written:
+    """A batch's report rows already written as CSV (no header), with what the summary needs of them."""
+
+    csv: Path
+    counts: pl.DataFrame  # kind, state, len
+    problems: pl.DataFrame  # the rows in a problem state
+
+
+def _rows_csv(rows: pl.DataFrame, csv: Path) -> _Written:
+    rows = rows.rename({"patient_key": "patient_id"}).select(ROW_COLUMNS)
+    rows.pipe(neutralise).write_csv(csv, include_header=False)
+    return _Written(csv, rows.group_by("kind", "state").len(), rows.filter(pl.col("state").is_in(PROBLEM_STATES)))
+
+
+class _RowsWriter:
+    """Writes each batch's rows.csv lines on a thread while the next batch is checked.
+
+    One batch in flight at most, so memory stays bounded. A part that the end of a stage rewrites
+    (late rejections) is written again from its IPC copy when the report is put together.
+    """
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="rows-csv")
+        self._last: Future[_Written] | None = None
+        self.written: dict[Path, Future[_Written]] = {}
+
+    def submit(self, part: Path, rows: pl.DataFrame) -> None:
+        if self._last is not None:
+            self._last.result()  # one at a time
+        self._last = self.written[part] = self._pool.submit(_rows_csv, rows, part.with_suffix(".csv"))
+
+    def forget(self, part: Path) -> None:
+        """The part changed after it was written."""
+        future = self.written.pop(part, None)
+        if future is not None:
+            future.result()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+
+@dataclass
 class _Keys:
     """What later rows need to know about earlier ones (see the module's notes)."""
 
@@ -140,6 +182,8 @@ class _Keys:
     def has(store: dict[str, KeyIndex], refs: pl.DataFrame, column: str) -> pl.Series:
         """Whether each reference's ``column`` is in the store under the reference's kind."""
         found = pl.Series("found", [False] * refs.height, dtype=pl.Boolean)
+        if refs.is_empty():
+            return found
         for kind, index in store.items():
             mine = (refs.get_column("kind") == kind).fill_null(False)
             if mine.any():
@@ -170,12 +214,13 @@ def validate_in_batches(
     _private_dir(folder)
     work = folder / ".batches"
     _private_dir(work)
+    writer = _RowsWriter()
     try:
         pending: list[pl.DataFrame] = []
         progress.start("validate")
         for x in inputs:
             for n, (mapped, prepared) in enumerate(x.prepared()):
-                pending.append(_batch(x, n, mapped, prepared, keys, known_frame, settings, work, timings))
+                pending.append(_batch(x, n, mapped, prepared, keys, known_frame, settings, work, timings, writer))
                 progress.advance("validate", prepared.height)
             if x.kind in keys.shared:
                 _remember_firsts(x, keys)
@@ -184,11 +229,12 @@ def validate_in_batches(
             members = [x for x in inputs if KIND_SPECS[x.kind].stage == stage]
             if unexplained is not None:
                 here = unexplained.filter(pl.col("source_file").is_in([x.file for x in members]))
-                _settle(members, here, keys, work)
+                _settle(members, here, keys, work, writer)
         progress.finish("validate")
         timings["total"] = time.perf_counter() - t0
-        return _write(run_id, inputs, folder, work, settings, timings)
+        return _write(run_id, inputs, folder, settings, timings, writer)
     finally:
+        writer.close()
         shutil.rmtree(work, ignore_errors=True)
 
 
@@ -202,6 +248,7 @@ def _batch(
     settings: Settings,
     work: Path,
     timings: dict[str, float],
+    writer: _RowsWriter,
 ) -> pl.DataFrame:
     """Validate, plan and report one batch; return its references that nothing explains yet."""
     t0 = time.perf_counter()
@@ -268,6 +315,7 @@ def _batch(
     part = work / f"{x.order:04d}-{n:06d}"
     x.parts.append(part.with_suffix(".rows"))
     rows.write_ipc(x.parts[-1])
+    writer.submit(x.parts[-1], rows)
     rejects = pipeline._rejects_file(p, rows)
     if rejects.height:
         x.reject_parts.append(part.with_suffix(".rejects"))
@@ -302,7 +350,7 @@ def _remember_firsts(x: _Input, keys: _Keys) -> None:
     firsts.add(mine)  # an earlier file's first sighting wins
 
 
-def _settle(members: list[_Input], pending: pl.DataFrame, keys: _Keys, work: Path) -> None:
+def _settle(members: list[_Input], pending: pl.DataFrame, keys: _Keys, work: Path, writer: _RowsWriter) -> None:
     """Once every file is read, stage by stage: the references still unexplained become rejections."""
     refs = pending.filter(~keys.has(keys.available, pending, "key"))
     if refs.is_empty():
@@ -340,11 +388,11 @@ def _settle(members: list[_Input], pending: pl.DataFrame, keys: _Keys, work: Pat
     for x in members:
         mine = first.filter(pl.col("source_file") == x.file)
         if mine.height:
-            _reject_late(x, mine, keys, work)
+            _reject_late(x, mine, keys, work, writer)
         x.held.clear()
 
 
-def _reject_late(x: _Input, failures: pl.DataFrame, keys: _Keys, work: Path) -> None:
+def _reject_late(x: _Input, failures: pl.DataFrame, keys: _Keys, work: Path, writer: _RowsWriter) -> None:
     """Rewrite a file's report rows with the rejections its stage's end decided."""
     late: list[pl.DataFrame] = []
     for part in x.parts:
@@ -367,6 +415,7 @@ def _reject_late(x: _Input, failures: pl.DataFrame, keys: _Keys, work: Path) -> 
             rows = pipeline._reject_document_siblings(rows)
         changed = rows.filter((pl.col("state") == "rejected") & (before != "rejected"))
         if changed.height:
+            writer.forget(part)
             rows.write_ipc(part)
             late.append(changed)
     if not late:
@@ -381,18 +430,19 @@ def _reject_late(x: _Input, failures: pl.DataFrame, keys: _Keys, work: Path) -> 
 
 
 def _write(
-    run_id: str, inputs: list[_Input], folder: Path, work: Path, settings: Settings, timings: dict[str, float]
+    run_id: str, inputs: list[_Input], folder: Path, settings: Settings, timings: dict[str, float], writer: _RowsWriter
 ) -> RunReport:
     """rows.csv, rejects.csv, summary.json and report.html, from the parts on disk, a part at a time."""
     counts, problems = [], []
-    with _private_file(folder / "rows.csv").open("w", encoding="utf-8", newline="") as out:
-        for n, part in enumerate(p for x in inputs for p in x.parts):
-            rows = pl.read_ipc(part).rename({"patient_key": "patient_id"}).select(ROW_COLUMNS)
-            rows.pipe(neutralise).write_csv(out, include_header=n == 0)
-            counts.append(rows.group_by("kind", "state").len())
-            problems.append(rows.filter(pl.col("state").is_in(PROBLEM_STATES)))
-    if not counts:  # no input rows at all
-        pl.DataFrame(schema=dict.fromkeys(ROW_COLUMNS, pl.String)).write_csv(folder / "rows.csv")
+    with _private_file(folder / "rows.csv").open("wb") as out:
+        out.write((",".join(ROW_COLUMNS) + "\n").encode())
+        for part in (p for x in inputs for p in x.parts):
+            done = writer.written.get(part)
+            written = done.result() if done else _rows_csv(pl.read_ipc(part), part.with_suffix(".csv"))
+            with written.csv.open("rb") as lines:
+                shutil.copyfileobj(lines, out, 1 << 20)
+            counts.append(written.counts)
+            problems.append(written.problems)
     _write_rejects(inputs, folder)
     held = pl.concat(problems) if problems else pl.DataFrame(schema=dict.fromkeys(ROW_COLUMNS, pl.String))
     held = held.with_columns(pl.col("source_row").cast(pl.UInt32))

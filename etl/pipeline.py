@@ -20,19 +20,13 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
-import httpx
 import polars as pl
 
 from etl.errors import InputError, UsageError
 from etl.files import private_dir
-from etl.load.client import ApiClient, LookupFailed, check_target
-from etl.load.loader import Loader, LoadOptions, Result, Send
-from etl.load.lock import state_lock
-from etl.load.state import StateStore
-from etl.load.throttle import Throttle
 from etl.mapping import Mapped, Profile, apply_profile, default_profile, key_field, load_profile
 from etl.progress import LoadEstimate, Progress, as_progress
 from etl.readers import ROW, Notice, read_table
@@ -42,6 +36,14 @@ from etl.transform import Planned, plan, readable_refs, references
 from etl.validate import Validation, validate
 from schemas.canonical import KIND_SPECS, PHI_FIELDS
 from schemas.limits import ROUTES
+
+if TYPE_CHECKING:  # the loader and its HTTP client are imported when something is sent: validate needs neither
+    import httpx
+
+    from etl.load.client import ApiClient
+    from etl.load.loader import Loader, LoadOptions, Result, Send
+    from etl.load.state import StateStore
+    from etl.load.throttle import Throttle
 
 __all__ = ["Prepared", "load_files", "prepare_files", "validate_files"]
 
@@ -187,6 +189,8 @@ def rejects_frame(file: str, source: pl.DataFrame, rows: pl.DataFrame) -> pl.Dat
         pl.col("source_row").alias(ROW), pl.col("message").alias("reasons")
     )
     columns = [c for c in source.columns if c != ROW]
+    if reasons.is_empty():  # the usual batch: no join with every source row
+        source = source.clear()
     return (
         source.join(reasons, on=ROW, how="inner")
         .sort(ROW)
@@ -342,6 +346,8 @@ def _identity(settings: Settings) -> str:
 @contextlib.contextmanager
 def _existing_state(settings: Settings) -> Iterator[StateStore | None]:
     """The state store, read for what is already loaded, only if it exists (a dry run creates nothing)."""
+    from etl.load.state import StateStore
+
     if not settings.state.is_file():
         yield None
         return
@@ -352,6 +358,8 @@ def _existing_state(settings: Settings) -> Iterator[StateStore | None]:
 @contextlib.contextmanager
 def _target(settings: Settings) -> Iterator[tuple[str, str, str]]:
     """(base URL, API key, state-store identity) of the run's target; the embedded sandbox if none."""
+    from etl.load.client import check_target
+
     if settings.base_url:
         if settings.api_key is None:
             raise UsageError("set CLINIKAPI_SECRET_KEY (or --api-key-file) to load into " + settings.base_url)
@@ -371,6 +379,8 @@ def load_files(
     paths: Sequence[str | Path], settings: Settings | None = None, *, progress: ProgressLike | None = None
 ) -> RunReport:
     """Import inputs into the target (or plan it, with ``dry_run``); write the report."""
+    from etl.load.lock import state_lock
+
     settings = settings or Settings()
     if settings.target == "redox":
         from etl.redox import load_redox  # FHIR message bundles to Redox's Immunization/$write
@@ -413,6 +423,8 @@ def load_files(
 
 def _sends(prepared: list[Prepared], rows: pl.DataFrame) -> list[list[Send]]:
     """The creates to make, by stage, one per (kind, key), in input order."""
+    from etl.load.loader import Send
+
     live = rows.filter(pl.col("state") == "planned").select("kind", "source_key").unique()
     live_keys = {(k, v) for k, v in live.iter_rows()}
     stages: dict[int, dict[tuple[str, str], Send]] = {}
@@ -625,6 +637,13 @@ def _load(
     progress: Progress,
     timings: dict[str, float],
 ) -> tuple[pl.DataFrame, dict[str, Any]]:
+    import httpx
+
+    from etl.load.client import ApiClient, LookupFailed
+    from etl.load.loader import LoadOptions
+    from etl.load.state import StateStore
+    from etl.load.throttle import Throttle
+
     t0 = time.perf_counter()
     known = read_crosswalk(settings.crosswalk)
     with StateStore(settings.state, target=identity) as state:
@@ -739,6 +758,7 @@ async def _loader(
 ) -> Loader:
     """A per-request loader, or a bulk one (``--mode bulk``, or ``auto`` when the window cannot hold the plan)."""
     from etl.load.bulk import BulkClient, BulkLoader, BulkOptions, choose_mode, remaining_requests
+    from etl.load.loader import Loader
 
     remaining = await remaining_requests(http, key) if settings.mode == "auto" else None
     if choose_mode(settings.mode, unsent, remaining) == "request":
@@ -791,6 +811,13 @@ def reconcile_state(settings: Settings, *, verify: bool = False) -> RunReport:
     Writes ``summary.json`` and ``reconcile.csv`` (kind, source_key, before, state, resource_id,
     message) to the report folder.
     """
+    import httpx
+
+    from etl.load.client import ApiClient, LookupFailed
+    from etl.load.loader import Loader, LoadOptions, Send
+    from etl.load.state import StateStore
+    from etl.load.throttle import Throttle
+
     run_id = _new_run_id()
     bound = StateStore.existing(settings.state)
     target = bound.target

@@ -61,7 +61,6 @@ _NOT_TABLES = {
 }
 # C0 control characters that no text table holds (tab, LF, FF and CR are fine).
 _CONTROL = bytes(b for b in range(32) if b not in (9, 10, 12, 13)) + b"\x7f"
-_BARE_CR = re.compile(rb"\r(?!\n)")
 _BARE_CR_TEXT = re.compile(r"\r\n?")
 _BARE_CR_TEXT_ALONE = re.compile(r"\r(?!\n)")
 
@@ -191,7 +190,7 @@ def read_batches(
     digest.shutdown(wait=False)
     per_row = max(1, len(body) - header_end) / max(1, body.count(b"\n", header_end))
     skip = len(head) - len(body) + header_end
-    chunks = _chunked(path, header_line, skip, delimiter, rows, max(4096, int(per_row * rows)))
+    chunks = _chunked(path, header.columns[1:], skip, delimiter, rows, max(4096, int(per_row * rows)))
     return Batches(table, _then(chunks, lambda: setattr(table, "sha256", future.result())))
 
 
@@ -229,7 +228,7 @@ def _record_end(data: bytes, start: int = 0) -> int:
 
 
 def _chunked(
-    path: Path, header: bytes, skip: int, delimiter: str, rows: int, chunk_bytes: int
+    path: Path, header: list[str], skip: int, delimiter: str, rows: int, chunk_bytes: int
 ) -> Iterator[pl.DataFrame]:
     """The records after the header, parsed a chunk of whole records at a time, cut to ``rows``."""
     next_row = 2  # the header is row 1
@@ -248,7 +247,8 @@ def _chunked(
                 if cut < 0:  # no record ends in this chunk yet (a long quoted cell): read on
                     tail = data
                     continue
-            frame = _parse_chunk(path, header, data[:cut], delimiter).with_row_index(ROW, offset=next_row)
+            records = data if cut == len(data) else data[:cut]
+            frame = _parse_chunk(path, header, records, delimiter).with_row_index(ROW, offset=next_row)
             tail = data[cut:]
             next_row += frame.height
             for i in range(0, frame.height, rows):
@@ -257,8 +257,17 @@ def _chunked(
                 return
 
 
-def _parse_chunk(path: Path, header: bytes, records: bytes, delimiter: str) -> pl.DataFrame:
+def _parse_chunk(path: Path, header: bytes | list[str], records: bytes, delimiter: str) -> pl.DataFrame:
+    """Records parsed under a header: its line (then ``records`` may be empty), or its column names."""
     try:
+        if isinstance(header, list):  # not prepended to the records: that would copy the chunk again
+            return pl.read_csv(
+                records,
+                separator=delimiter,
+                has_header=False,
+                schema=dict.fromkeys(header, pl.String),
+                quote_char='"',
+            )
         return pl.read_csv(
             io.BytesIO(header + records), separator=delimiter, infer_schema=False, has_header=True, quote_char='"'
         )
@@ -400,7 +409,8 @@ def _has_bare_cr(path: Path) -> bool:
             data = carry + chunk
             # A \r at the end of a chunk may be the first half of \r\n.
             carry = b"\r" if data.endswith(b"\r") else b""
-            if _BARE_CR.search(data[:-1] if carry else data):
+            body = data[:-1] if carry else data
+            if body.count(b"\r") != body.count(b"\r\n"):  # two byte counts: far faster than a regex
                 return True
     return carry == b"\r"
 

@@ -16,13 +16,12 @@ message``); rows without any are valid.
 from __future__ import annotations
 
 import datetime as dt
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import pandera.polars as pa
 import polars as pl
-from pandera.api.polars.types import PolarsData
 
 from etl.keyindex import KeyIndex
 from etl.mapping import Mapped
@@ -30,6 +29,10 @@ from etl.readers import ROW
 from schemas.canonical import ENCOUNTER_CLASS_WORDS, CanonicalField, field_map, fields_of
 from schemas.codes import CVX_SYSTEM, displays, spellings
 from schemas.limits import spec_at
+
+if TYPE_CHECKING:  # pandera is imported when a batch has a failing row: a clean file never waits for it
+    import pandera.polars as pa
+    from pandera.api.polars.types import PolarsData
 
 __all__ = ["REJECT_SCHEMA", "Carry", "Validation", "check", "prepare", "validate"]
 
@@ -102,7 +105,7 @@ def validate(
 
 
 def _blank_to_null(e: pl.Expr) -> pl.Expr:
-    e = e.str.strip_chars()
+    """A trimmed cell, or null when it is empty."""
     return pl.when(e.str.len_bytes() > 0).then(e)
 
 
@@ -134,6 +137,32 @@ def _normalise(f: CanonicalField, e: pl.Expr, values: Mapping[str, str] | None =
         return pl.when(digits.str.contains(r"^\d+$")).then(digits.str.zfill(2)).otherwise(e)
     table = spellings(f.normaliser)  # route / site: one spelling per code, else as written
     return low.str.replace_all(r"\s+", " ").replace_strict(table, default=e, return_dtype=pl.String)
+
+
+def _normalised(
+    frame: pl.DataFrame, fields: list[CanonicalField], values: Mapping[str, Mapping[str, str]]
+) -> pl.DataFrame:
+    """``frame`` with each of ``fields`` normalised (:func:`_normalise`).
+
+    Coded columns (route, site, status, vaccine code ...) hold a few distinct values in many rows:
+    each distinct value is normalised once and the rows are mapped to the outcome, which is cheaper
+    than lower-casing and rewriting every cell. A column of mostly distinct values is normalised whole.
+    """
+    if not fields:
+        return frame
+    distinct = frame.select(pl.col(f.name).drop_nulls().unique().implode() for f in fields).row(0, named=True)
+    mapped: list[pl.Expr] = []
+    for f in fields:
+        e = _normalise(f, pl.col(f.name), values.get(f.name))
+        few = distinct[f.name]
+        if len(few) * 4 > frame.height:
+            mapped.append(e.alias(f.name))
+            continue
+        outcome = pl.DataFrame({f.name: few}, schema={f.name: pl.String}).select(e).to_series()
+        mapped.append(
+            pl.col(f.name).replace_strict(few, outcome, default=None, return_dtype=pl.String).alias(f.name)
+        )
+    return frame.with_columns(mapped)
 
 
 def _parse_naive(s: pl.Expr, excel: bool) -> pl.Expr:
@@ -190,11 +219,11 @@ def _spellings(frame: pl.DataFrame, names: list[str], excel: bool) -> dict[str, 
     def misses(parsed: pl.Expr, name: str) -> pl.Expr:
         return (pl.col(name).is_not_null() & parsed.is_null()).any()
 
-    found = frame.select(
-        *[misses(_plain_date(pl.col(n)), n).alias(f"date:{n}") for n in names],
-        *[misses(_iso_naive(pl.col(n)), n).alias(f"iso:{n}") for n in names],
-    ).row(0, named=True)
-    return {n: "date" if not found[f"date:{n}"] else "iso" if not found[f"iso:{n}"] else "any" for n in names}
+    # Plain dates first: the ISO date-time spellings are tried only on columns where that fails.
+    plain = frame.select(misses(_plain_date(pl.col(n)), n).alias(n) for n in names).row(0, named=True)
+    others = [n for n in names if plain[n]]
+    iso = frame.select(misses(_iso_naive(pl.col(n)), n).alias(n) for n in others).row(0, named=True) if others else {}
+    return {n: "date" if not plain[n] else "iso" if not iso[n] else "any" for n in names}
 
 
 def _plain_date(s: pl.Expr) -> pl.Expr:
@@ -245,10 +274,10 @@ def prepare(mapped: Mapped) -> pl.DataFrame:
     """Trim, default, normalise and parse every canonical column, whole frame at once."""
     profile, excel = mapped.profile, mapped.table.format == "xlsx"
     fields = fields_of(mapped.kind)
+    # Stripped once, then blanks made null: one expression doing both strips every cell twice.
     trimmed = mapped.frame.select(
-        pl.col(ROW),
-        *[_blank_to_null(pl.col(f.name)).alias(f.name) for f in fields],
-    )
+        pl.col(ROW), *[pl.col(f.name).str.strip_chars() for f in fields]
+    ).with_columns(_blank_to_null(pl.col(f.name)).alias(f.name) for f in fields)
     if profile.redacted:
         # A redacted extract withholds values: they are not data, and not "missing" either.
         markers = [m.lower() for m in profile.redacted]
@@ -260,23 +289,23 @@ def prepare(mapped: Mapped) -> pl.DataFrame:
     defaulted = trimmed.with_columns(
         pl.col(name).fill_null(pl.lit(value)) for name, value in profile.defaults.items() if name in trimmed.columns
     )
-    normalised = defaulted.with_columns(
-        _normalise(f, pl.col(f.name), profile.values.get(f.name)).alias(f.name)
-        for f in fields
-        if f.normaliser or f.name in profile.values
-    ).pipe(_derive, mapped.kind)
+    normalised = _normalised(defaulted, [f for f in fields if f.normaliser or f.name in profile.values], profile.values)
+    normalised = normalised.pipe(_derive, mapped.kind)
     typed: list[pl.Expr] = []
     temporal = [f.name for f in fields if f.value in ("date", "datetime")]
     spellings = _spellings(normalised, temporal, excel)
+    tidy = _tidy_lists(normalised, [f.name for f in fields if f.value == "list"], profile.list_separator)
     for f in fields:
         s = pl.col(f.name)
         if f.value in ("date", "datetime"):
             typed += _temporal_columns(f, s, excel, profile.timezone, spellings[f.name])
         elif f.value == "integer":
-            ok = s.str.contains(r"^[+-]?\d+$") | (excel & s.str.contains(r"^[+-]?\d+\.0+$"))
-            typed.append(
-                pl.when(ok).then(s.cast(pl.Float64, strict=False).cast(pl.Int64, strict=False)).alias(f"{f.name}__int")
-            )
+            # polars' own parse takes exactly [+-]digits (no spaces, separators or other scripts).
+            whole = s.cast(pl.Int64, strict=False)
+            if excel:  # a number cell: 3 reads as 3.0
+                point = pl.when(s.str.contains(r"^[+-]?\d+\.0+$")).then(s.str.replace(r"\.0+$", ""))
+                whole = pl.coalesce(whole, point.cast(pl.Int64, strict=False))
+            typed.append(whole.alias(f"{f.name}__int"))
         elif f.value == "number":
             num = s.cast(pl.Float64, strict=False)
             typed.append(pl.when(num.is_finite()).then(num).alias(f"{f.name}__num"))
@@ -286,16 +315,32 @@ def prepare(mapped: Mapped) -> pl.DataFrame:
                 pl.when(low.is_in(_TRUE)).then(True).when(low.is_in(_FALSE)).then(False).alias(f"{f.name}__bool")
             )
         elif f.value == "list":
-            items = s.str.split(profile.list_separator).list.eval(
-                pl.element().str.strip_chars().filter(pl.element().str.len_bytes() > 0)
-            )
-            typed.append(pl.when(items.list.len() > 0).then(items).alias(f"{f.name}__list"))
+            typed.append(_items(s, profile.list_separator, tidy[f.name]).alias(f"{f.name}__list"))
     prepared = normalised.with_columns(typed)
     if mapped.kind == "encounter":
         # lengthMinutes from the period when the source leaves it out.
         minutes = (pl.col("period_end__instant") - pl.col("period_start__instant")).dt.total_minutes()
         prepared = prepared.with_columns(pl.col("length_minutes__int").fill_null(minutes))
     return prepared
+
+
+def _tidy_lists(frame: pl.DataFrame, names: list[str], separator: str) -> dict[str, bool]:
+    """Whether each list column splits cleanly: no blank item, no space beside a separator."""
+    if not names:
+        return {}
+    sep = re.escape(separator)
+    untidy = rf"\s{sep}|{sep}\s|{sep}{sep}|^{sep}|{sep}$"
+    found = frame.select(pl.col(n).str.contains(untidy).any().alias(n) for n in names).row(0, named=True)
+    return {n: not found[n] for n in names}
+
+
+def _items(s: pl.Expr, separator: str, tidy: bool) -> pl.Expr:
+    """A list cell's items, trimmed, blanks dropped; null when none is left."""
+    if tidy:  # a plain split gives the same items, without an expression per item
+        return s.str.split(separator)
+    trimmed = pl.element().str.strip_chars()
+    items = s.str.split(separator).list.eval(trimmed.filter(trimmed.str.len_bytes() > 0))
+    return pl.when(items.list.len() > 0).then(items)
 
 
 def _derive(frame: pl.DataFrame, kind: str) -> pl.DataFrame:
@@ -504,12 +549,9 @@ def _compared_across_rows(prepared: pl.DataFrame, kind: str, carry: Carry) -> pl
     fields = field_map(kind)
     if "record_id" in fields:
         ids = pl.col("record_id")
-        earlier = carry.record_ids.contains(prepared.get_column("record_id"))
+        earlier = carry.record_ids.insert(prepared.select(ids.alias("key"))).get_column("found")
         prepared = prepared.with_columns(
             (ids.is_not_null() & (~ids.is_first_distinct() | earlier)).alias("__seen_before")
-        )
-        carry.record_ids.add_keys(
-            prepared.filter(ids.is_not_null() & ~earlier & ids.is_first_distinct()).get_column("record_id"), new=True
         )
     demographics = _demographics(fields)
     if "patient_id" in fields and demographics:
@@ -524,12 +566,11 @@ def _compared_across_rows(prepared: pl.DataFrame, kind: str, carry: Carry) -> pl
             )
             .unique("key", keep="first", maintain_order=True)
         )
-        before = carry.patients.lookup(here.get_column("key"))
+        before = carry.patients.insert(here)
         found = before.get_column("found")
         firsts = here.with_columns(
             pl.when(found).then(before.get_column(n)).otherwise(pl.col(n)).alias(n) for n in names
         ).rename({"key": "patient_id"})
-        carry.patients.add(here.filter(~found), new=True)
         # Joined on the one column and set beside the rest: a join of the whole batch would copy every column.
         found_firsts = prepared.select("patient_id").join(firsts, on="patient_id", how="left", maintain_order="left")
         prepared = prepared.hstack(found_firsts.drop("patient_id").get_columns())
@@ -537,6 +578,8 @@ def _compared_across_rows(prepared: pl.DataFrame, kind: str, carry: Carry) -> pl
 
 
 def _pandera_check(code: str, flag: str) -> pa.Check:
+    import pandera.polars as pa
+
     def run(data: PolarsData, flag: str = flag) -> pl.LazyFrame:
         return data.lazyframe.select(pl.col(flag))
 
@@ -545,6 +588,8 @@ def _pandera_check(code: str, flag: str) -> pa.Check:
 
 def schema_for(kind: str, rules: list[_Rule]) -> pa.DataFrameSchema:
     """The pandera schema of a prepared frame whose rule outcomes are the columns ``__ok_<i>``."""
+    import pandera.polars as pa
+
     checks: dict[str, list[pa.Check]] = {f.name: [] for f in fields_of(kind)}
     for i, rule in enumerate(rules):
         checks[rule.field].append(_pandera_check(rule.code, f"__ok_{i}"))
@@ -565,6 +610,8 @@ def check(prepared: pl.DataFrame, kind: str, *, today: dt.date) -> pl.DataFrame:
     passes = [r.passes.fill_null(False) for r in rules]
     if not rules or prepared.select(pl.all_horizontal(passes).all()).item():
         return pl.DataFrame(schema=REJECT_SCHEMA)
+    import pandera.polars as pa
+
     failing = prepared.filter(~pl.all_horizontal(passes)).with_columns(
         p.alias(flag) for p, flag in zip(passes, flags, strict=True)
     )

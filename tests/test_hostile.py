@@ -453,8 +453,10 @@ def test_a_whole_number_too_large_for_64_bits_is_a_rejected_cell(tmp_path: Path)
     path = tmp_path / "big-number.csv"
     path.write_text(
         "Record ID,Patient ID,First Name,Last Name,DOB,CVX,Admin Date,Dose Number,Series Doses\n"
-        "R1,P1,Ann,Lee,1980-01-02,08,2021-03-04,1,9223372036854775296\n"
+        "R1,P1,Ann,Lee,1980-01-02,08,2021-03-04,1,9223372036854775808\n"  # 2**63
+        "R2,P1,Ann,Lee,1980-01-02,08,2021-03-05,1,9223372036854775807\n"  # 2**63 - 1: an integer, read exactly
     )
     report = validate_files([path], Settings(report_dir=tmp_path / "r"))
     (row,) = report.problems.iter_rows(named=True)
     assert (row["source_row"], row["error_code"], row["field"]) == (2, "integer-format", "Series Doses")
+    assert report.states["planned"] == 1

@@ -40,8 +40,44 @@ def test_runs_merge_so_there_are_few_of_them() -> None:
     index = KeyIndex()
     for b in range(64):
         index.add_keys(pl.Series([f"{b:03d}-{i}" for i in range(100)]))
-    assert len(index) == 6400
+        assert len(index) == 100 * (b + 1)  # a read: the batch becomes a run
     assert len(index.runs) <= 7  # about log2 of the number of batches
     index.remove(pl.Series(["000-1", "063-99"]))
     assert index.contains(pl.Series(["000-1", "000-2", "063-99"])).to_list() == [False, True, False]
     assert sorted(index.keys().to_list())[:2] == ["000-0", "000-10"]
+
+
+def test_adds_wait_until_a_read_and_the_first_value_still_wins() -> None:
+    index = KeyIndex({"first": pl.Int64()})
+    index.add(pl.DataFrame({"key": ["a", "b"], "first": [1, 2]}))
+    index.add(pl.DataFrame({"key": ["b", "c"], "first": [3, 4]}))
+    assert index.runs == []  # nothing asked yet: no run built
+    got = index.lookup(pl.Series(["c", "b", "a", "z"]))
+    assert got.get_column("first").to_list() == [4, 2, 1, None]
+    index.add(pl.DataFrame({"key": ["a", "d"], "first": [9, 5]}))
+    assert index.lookup(pl.Series(["a", "d"])).get_column("first").to_list() == [1, 5]
+    assert sorted(index.keys().to_list()) == ["a", "b", "c", "d"]
+
+
+@settings(max_examples=60, deadline=None)
+@given(batches=st.lists(st.lists(_KEYS, max_size=30), max_size=12))
+def test_insert_is_a_lookup_then_an_add_of_the_absent_keys(batches: list[list[str | None]]) -> None:
+    index = KeyIndex({"first": pl.Int64()})
+    reference: dict[str, int] = {}
+    serial = 0
+    for keys in batches:
+        rows = pl.DataFrame(
+            {"key": keys, "first": range(serial, serial + len(keys))}, schema={"key": pl.String, "first": pl.Int64}
+        )
+        got = index.insert(rows)
+        assert got.get_column("found").to_list() == [k in reference for k in keys]
+        assert got.get_column("first").to_list() == [reference.get(k) if k is not None else None for k in keys]
+        for k, v in zip(keys, range(serial, serial + len(keys)), strict=True):
+            if k is not None:
+                reference.setdefault(k, v)
+        serial += len(keys)
+        assert len(index) == len(reference)
+        assert all(run.get_column("__hash").is_sorted() for run in index.runs)
+    if reference:
+        everything = index.lookup(pl.Series(list(reference)))
+        assert everything.get_column("first").to_list() == list(reference.values())

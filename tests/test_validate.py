@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import datetime as dt
+import re
 from pathlib import Path
 
 import polars as pl
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from etl.mapping import apply_profile, default_profile
-from etl.readers import ROW, read_table
-from etl.validate import Validation, validate
+from etl.readers import ROW, Table, read_table
+from etl.validate import Validation, _items, _tidy_lists, prepare, validate
 
 from .conftest import SAMPLE
 
@@ -120,3 +123,40 @@ def test_every_failure_of_a_row_is_collected(tmp_path: Path) -> None:
     result = _one(tmp_path, "Lot Number,Status,Sex", f"{'L' * 101},pending,Q")
     assert sorted(result.rejects["code"].to_list()) == ["enum", "enum", "max-length"]
     assert result.rejected_rows == 1
+
+
+_CELL = st.text(alphabet=st.sampled_from(list("ab1; \t;;+-.0٣")), max_size=12).map(str.strip)
+
+
+@settings(max_examples=150, deadline=None)
+@given(cells=st.lists(st.one_of(st.none(), _CELL.filter(bool)), min_size=1, max_size=20))
+def test_a_list_column_split_plainly_when_tidy_gives_the_items_the_careful_split_gives(cells: list[str | None]) -> None:
+    frame = pl.DataFrame({"c": cells}, schema={"c": pl.String})
+    careful = frame.select(_items(pl.col("c"), ";", tidy=False)).to_series().to_list()
+    assert all(items is None or (items and all(i and i == i.strip() for i in items)) for items in careful)
+    if _tidy_lists(frame, ["c"], ";")["c"]:
+        assert frame.select(_items(pl.col("c"), ";", tidy=True)).to_series().to_list() == careful
+
+
+_NUMBER = r"[+-]?\d{1,20}(\.0+)?"
+
+
+@settings(max_examples=200, deadline=None)
+@given(cells=st.lists(st.one_of(st.none(), st.text(max_size=22), st.from_regex(_NUMBER, fullmatch=True))))
+def test_integer_cells_parse_exactly_when_they_are_plain_digits(cells: list[str | None]) -> None:
+    columns = {"Patient ID": "P1", "CVX": "08", "Admin Date": "2024-01-02"}
+    frame = pl.DataFrame({"Dose Number": cells}, schema={"Dose Number": pl.String})
+    frame = frame.with_columns(pl.lit(v).alias(k) for k, v in columns.items()).with_row_index(ROW, offset=2)
+    for excel in (False, True):
+        plain = r"[+-]?\d+(\.0+)?" if excel else r"[+-]?\d+"
+
+        def parsed(c: str | None, plain: str = plain) -> int | None:
+            c = c.strip() if c is not None else None  # cells are trimmed first
+            if not c or not re.fullmatch(plain, c, re.ASCII):
+                return None
+            n = int(c.split(".")[0])
+            return n if -(2**63) <= n < 2**63 else None
+
+        table = Table(Path("t.xlsx" if excel else "t.csv"), "xlsx" if excel else "csv", frame, "")
+        got = prepare(apply_profile(table, default_profile())).get_column("dose_number__int").to_list()
+        assert got == [parsed(c) for c in cells]
