@@ -26,6 +26,7 @@ the file.
 
 from __future__ import annotations
 
+import datetime as dt
 import shutil
 import time
 from collections import Counter
@@ -46,7 +47,7 @@ from etl.report import PROBLEM_STATES, ROW_COLUMNS, RunReport, _private_dir, _pr
 from etl.report_html import write_html
 from etl.settings import Settings
 from etl.transform import plan, references
-from etl.validate import Carry, prepare, validate
+from etl.validate import Carry, precheck, prepare, validate
 from schemas.canonical import KIND_SPECS, fields_of
 
 __all__ = ["validate_in_batches"]
@@ -83,11 +84,12 @@ class _Input:
         else:
             yield from self.batches.batches
 
-    def prepared(self) -> Iterator[tuple[Mapped, pl.DataFrame]]:
+    def prepared(self, today: dt.date) -> Iterator[tuple[Mapped, pl.DataFrame]]:
         """Each batch mapped and prepared, the next one read and prepared on a second thread meanwhile.
 
-        Reading and preparing need nothing from earlier batches, so they overlap with the checks
-        that do (polars lets go of the GIL); one batch ahead at most, so memory stays bounded.
+        Reading, preparing and the rules that read one row alone (:func:`precheck`) need nothing
+        from earlier batches, so they overlap with the checks that do (polars lets go of the GIL);
+        one batch ahead at most, so memory stays bounded.
         """
 
         def ready() -> tuple[Mapped, pl.DataFrame] | None:
@@ -95,7 +97,7 @@ class _Input:
             if frame is None:
                 return None
             mapped = self.mapped.with_rows(frame)
-            return mapped, prepare(mapped)
+            return mapped, precheck(prepare(mapped), self.kind, today=today)
 
         frames = self.frames()
         with ThreadPoolExecutor(1, thread_name_prefix="prepare") as ahead:
@@ -215,12 +217,15 @@ def validate_in_batches(
     work = folder / ".batches"
     _private_dir(work)
     writer = _RowsWriter()
+    today = dt.date.today()  # one date for every batch, though the run may pass midnight
     try:
         pending: list[pl.DataFrame] = []
         progress.start("validate")
         for x in inputs:
-            for n, (mapped, prepared) in enumerate(x.prepared()):
-                pending.append(_batch(x, n, mapped, prepared, keys, known_frame, settings, work, timings, writer))
+            for n, (mapped, prepared) in enumerate(x.prepared(today)):
+                pending.append(
+                    _batch(x, n, mapped, prepared, keys, known_frame, settings, work, timings, writer, today)
+                )
                 progress.advance("validate", prepared.height)
             if x.kind in keys.shared:
                 _remember_firsts(x, keys)
@@ -249,10 +254,11 @@ def _batch(
     work: Path,
     timings: dict[str, float],
     writer: _RowsWriter,
+    today: dt.date,
 ) -> pl.DataFrame:
     """Validate, plan and report one batch; return its references that nothing explains yet."""
     t0 = time.perf_counter()
-    validation = validate(mapped, carry=x.carry, prepared=prepared)
+    validation = validate(mapped, carry=x.carry, prepared=prepared, today=today)
     t1 = time.perf_counter()
     planned = plan(mapped, validation.valid, bodies=False)
     timings["validate"] = timings.get("validate", 0.0) + t1 - t0
@@ -281,19 +287,14 @@ def _batch(
     live = planned_rows.select(pl.col("source_row").alias(ROW), "source_key", "row_key")
     unexplained = (
         references(mapped, validation.valid)
-        .join(live, on=ROW, how="inner")
-        .with_columns(
-            pl.lit(x.file).alias("source_file"),
-            pl.lit(x.kind).alias("row_kind"),
-            pl.col("field").replace_strict(mapped.sources, default=pl.col("field")).alias("column"),
-        )
         .join(keys.aliases, on=["kind", "value"], how="left")
         .with_columns(pl.coalesce("alias", "value").alias("key"))
         .drop("alias")
     )
     if planned_rows.height:
         # Most references name what this very batch describes (a registry row's own patient and
-        # performer): settled by a join with the batch, before any lookup in everything seen so far.
+        # performer): settled by a join with the batch, before any lookup in everything seen so far
+        # (and before the rest is dressed for the report, so that work is done for the few left).
         here = pl.concat(
             [
                 planned.patients.select(pl.lit("patient").alias("kind"), pl.col("patient_key").alias("key")),
@@ -303,6 +304,11 @@ def _batch(
             ]
         )
         unexplained = unexplained.join(here, on=["kind", "key"], how="anti")
+    unexplained = unexplained.join(live, on=ROW, how="inner").with_columns(
+        pl.lit(x.file).alias("source_file"),
+        pl.lit(x.kind).alias("row_kind"),
+        pl.col("field").replace_strict(mapped.sources, default=pl.col("field")).alias("column"),
+    )
     # A reference waits for the end when nothing explains it yet, or when what explains it is a row
     # that itself waits (it may still be rejected, and then this row is parent-rejected).
     waits = ~keys.has(keys.available, unexplained, "key") | keys.has(keys.tentative, unexplained, "key")

@@ -25,7 +25,7 @@ __all__ = ["KeyIndex"]
 
 KEY = "key"
 _HASH = "__hash"
-WAIT_ROWS = 500_000  # rows waiting to be added, at most, before they are merged in
+WAIT_ROWS = 1_000_000  # rows waiting to be added, at most, before they are merged in
 
 
 class KeyIndex:
@@ -121,7 +121,7 @@ class KeyIndex:
         """Turn the rows waiting since the last read into a run (the first row of a key wins)."""
         if not self._waiting:
             return
-        rows = pl.concat(self._waiting).unique(KEY, keep="first", maintain_order=True)
+        rows = pl.concat(self._waiting).filter(pl.col(KEY).is_first_distinct())
         self._waiting = []
         self._push(rows.filter(~self.contains(rows.get_column(KEY))))
 

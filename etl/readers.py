@@ -61,6 +61,7 @@ _NOT_TABLES = {
 }
 # C0 control characters that no text table holds (tab, LF, FF and CR are fine).
 _CONTROL = bytes(b for b in range(32) if b not in (9, 10, 12, 13)) + b"\x7f"
+_BARE_CR = re.compile(rb"\r(?!\n)")
 _BARE_CR_TEXT = re.compile(r"\r\n?")
 _BARE_CR_TEXT_ALONE = re.compile(r"\r(?!\n)")
 
@@ -409,8 +410,7 @@ def _has_bare_cr(path: Path) -> bool:
             data = carry + chunk
             # A \r at the end of a chunk may be the first half of \r\n.
             carry = b"\r" if data.endswith(b"\r") else b""
-            body = data[:-1] if carry else data
-            if body.count(b"\r") != body.count(b"\r\n"):  # two byte counts: far faster than a regex
+            if _BARE_CR.search(data[:-1] if carry else data):
                 return True
     return carry == b"\r"
 
