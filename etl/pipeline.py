@@ -17,6 +17,7 @@ import json
 import secrets
 import signal
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -637,9 +638,7 @@ def _load(
     progress: Progress,
     timings: dict[str, float],
 ) -> tuple[pl.DataFrame, dict[str, Any]]:
-    import httpx
-
-    from etl.load.client import ApiClient, LookupFailed
+    from etl.load.client import ApiClient, LookupFailed, http_client
     from etl.load.loader import LoadOptions
     from etl.load.state import StateStore
     from etl.load.throttle import Throttle
@@ -654,10 +653,12 @@ def _load(
         window = settings.consistency_window if settings.base_url else 0.0
         options = LoadOptions(settings.rate, settings.concurrency, window, update=settings.update)
 
+        protocols: Counter[str] = Counter()
+
         async def go() -> tuple[pl.DataFrame, dict[tuple[str, str], Result], Loader]:
-            limits = httpx.Limits(max_connections=settings.concurrency, max_keepalive_connections=settings.concurrency)
-            async with httpx.AsyncClient(base_url=base_url, timeout=settings.timeout, limits=limits) as http:
+            async with http_client(base_url, settings) as http:
                 client = ApiClient(http, key, on_response=estimate.chain(throttle.observe))
+                client.protocols = protocols
 
                 async def exists_async(kind: str, value: str) -> bool:
                     route = ROUTES[KIND_SPECS[kind].schema]
@@ -734,6 +735,7 @@ def _load(
             "patients": per_kind.get("patient", {}),
             "resources": per_kind,
             "requests": loader.stats.requests,
+            "http_versions": dict(protocols),
             "creates_sent": loader.stats.creates,
             "responses_429": loader.stats.retries_429,
             "achieved_rate": round(loader.stats.requests / loader.stats.send_seconds, 2)
@@ -811,9 +813,7 @@ def reconcile_state(settings: Settings, *, verify: bool = False) -> RunReport:
     Writes ``summary.json`` and ``reconcile.csv`` (kind, source_key, before, state, resource_id,
     message) to the report folder.
     """
-    import httpx
-
-    from etl.load.client import ApiClient, LookupFailed
+    from etl.load.client import ApiClient, LookupFailed, http_client
     from etl.load.loader import Loader, LoadOptions, Send
     from etl.load.state import StateStore
     from etl.load.throttle import Throttle
@@ -849,7 +849,7 @@ def reconcile_state(settings: Settings, *, verify: bool = False) -> RunReport:
         window = settings.consistency_window if settings.base_url else 0.0
 
         async def go() -> tuple[dict[tuple[str, str], Result], dict[str, int]]:
-            async with httpx.AsyncClient(base_url=base_url, timeout=settings.timeout) as http:
+            async with http_client(base_url, settings) as http:
                 throttle = Throttle(settings.rate)
                 client = ApiClient(http, key, on_response=throttle.observe)
                 loader = Loader(client, state, throttle, LoadOptions(settings.rate, settings.concurrency, window),

@@ -38,13 +38,12 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import httpx
 import polars as pl
 from pydantic import ValidationError
 
 from etl.errors import UsageError
 from etl.files import private_dir
-from etl.load.client import mask
+from etl.load.client import http_client, mask
 from etl.load.loader import Loader, LoadOptions, Result, Send
 from etl.load.redox import RedoxClient
 from etl.load.state import StateStore
@@ -489,8 +488,7 @@ def _send(
         # The loader starts the KIND stage itself, with the number it really sends (not the skipped).
 
         async def go() -> tuple[dict[str, Result], Loader]:
-            limits = httpx.Limits(max_connections=settings.concurrency, max_keepalive_connections=settings.concurrency)
-            async with httpx.AsyncClient(base_url=base_url, timeout=settings.timeout, limits=limits) as http:
+            async with http_client(base_url, settings) as http:
                 client = RedoxClient(http, token, on_response=throttle.observe)
                 loader = Loader(client, state, throttle, options, run_id, progress=progress)
                 results, _ = await loader.run([], sends)

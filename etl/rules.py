@@ -200,6 +200,12 @@ RULES: dict[str, Rule] = {
         ),
         Rule("not-sent", "load", "not sent because the run stopped early", "fix the cause and re-run"),
         Rule(
+            "untrusted-certificate",
+            "load",
+            "the target's TLS certificate did not verify, so nothing was sent and the run stopped",
+            "check --base-url; for a private CA, set SSL_CERT_FILE to its bundle (verification stays on)",
+        ),
+        Rule(
             "BULK_RECORD_ERROR",
             "load",
             "a bulk import (--mode bulk) refused this row's line; the message is the API's, such as "

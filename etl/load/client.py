@@ -19,12 +19,17 @@ from __future__ import annotations
 
 import asyncio
 import re
+import ssl
+from collections import Counter
 from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import httpx
+
+if TYPE_CHECKING:
+    from etl.settings import Settings
 
 from etl.errors import UsageError
 
@@ -111,6 +116,23 @@ class Unknown:
 Outcome = Created | Refused | RetryLater | Unknown
 
 
+#: Why a connection was refused before anything was sent: retrying cannot help, so a load stops.
+UNTRUSTED = (
+    "the target's TLS certificate is not trusted (certificates are always verified: for a private CA, "
+    "set SSL_CERT_FILE to its bundle)"
+)
+
+
+def _untrusted(exc: BaseException) -> bool:
+    """Whether a connection failed on certificate verification (the cause httpx wraps)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ssl.SSLCertVerificationError) or "CERTIFICATE_VERIFY_FAILED" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 async def exchange(request: Awaitable[httpx.Response]) -> httpx.Response | RetryLater | Unknown:
     """Await one request: its response, or what a transport error means for it.
 
@@ -121,12 +143,27 @@ async def exchange(request: Awaitable[httpx.Response]) -> httpx.Response | Retry
     """
     try:
         return await request
-    except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+    except httpx.ConnectError as exc:
+        if _untrusted(exc):
+            return RetryLater(0.0, UNTRUSTED)
+        return RetryLater(1.0, f"could not connect: {type(exc).__name__}")
+    except (httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
         return RetryLater(1.0, f"could not connect: {type(exc).__name__}")
     except httpx.TimeoutException as exc:
         return Unknown(f"no answer in time ({type(exc).__name__})")
     except httpx.TransportError as exc:
         return Unknown(f"connection lost after sending ({type(exc).__name__})")
+
+
+def http_client(base_url: str, settings: Settings) -> httpx.AsyncClient:
+    """The connection pool a load sends through: one connection per concurrent request, kept alive.
+
+    HTTP/2 is offered during the TLS handshake and used when the server takes it (its requests then
+    share one connection); plain-HTTP targets, such as the sandbox on loopback, speak HTTP/1.1.
+    Certificates are always verified; ``SSL_CERT_FILE`` names a private CA's bundle.
+    """
+    limits = httpx.Limits(max_connections=settings.concurrency, max_keepalive_connections=settings.concurrency)
+    return httpx.AsyncClient(base_url=base_url, timeout=settings.timeout, limits=limits, http2=True)
 
 
 class ApiClient:
@@ -137,9 +174,11 @@ class ApiClient:
         self._headers = {"x-api-key": api_key, "accept": "application/json"}
         self._on_response = on_response  # called with each response's headers (the throttle)
         self.requests = 0
+        self.protocols: Counter[str] = Counter()  # responses per HTTP version ("HTTP/2" where TLS offered it)
 
     def _observe(self, response: httpx.Response) -> None:
         self.requests += 1
+        self.protocols[response.http_version] += 1
         if self._on_response is not None:
             self._on_response(response.headers)
 

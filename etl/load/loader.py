@@ -23,8 +23,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
-from etl.errors import AuthError
-from etl.load.client import Created, LookupFailed, Outcome, Refused, RetryLater, Unknown
+from etl.errors import ApiError, AuthError
+from etl.load.client import UNTRUSTED, Created, LookupFailed, Outcome, Refused, RetryLater, Unknown
 from etl.load.state import Record, StateStore
 from etl.load.throttle import Throttle
 from etl.progress import Progress, as_progress
@@ -119,7 +119,7 @@ class Loader:
         self.run_id = run_id
         self.progress = as_progress(progress)
         self.stats = LoadStats()
-        self.aborted: AuthError | None = None
+        self.aborted: ApiError | None = None  # a refusal of the whole run: bad key, untrusted certificate
         self.stopping = False  # set by stop(): send nothing new, finish what is in flight
         self._outcomes: list[Record] = []
 
@@ -386,6 +386,10 @@ class Loader:
             outcome = await self.client.create(item.route, body)
             if not isinstance(outcome, RetryLater):
                 break
+            if outcome.reason == UNTRUSTED:  # every request would meet the same certificate
+                if self.aborted is None:
+                    self.aborted = ApiError(0, "untrusted-certificate", UNTRUSTED)
+                return Result("failed", None, None, "untrusted-certificate", message=UNTRUSTED)
             if outcome.reason == "RATE_LIMITED":
                 self.stats.retries_429 += 1
                 self.throttle.pause(outcome.seconds)
