@@ -148,3 +148,14 @@ def test_auto_mode_stays_per_request_when_the_window_holds_the_plan(sandbox: San
     g = generate(tmp_path / "registry.csv", 30)
     report = load_files([g.path], _settings(sandbox, tmp_path, g, mode="auto"))
     assert report.summary["mode"] == "request" and report.summary["states"]["created"] == 30
+
+
+def test_a_jobs_errors_are_masked_for_phi_before_they_reach_the_report() -> None:
+    job = {"id": "job_1", "status": "failed", "processedRecords": 1, "resourceIds": None,
+           "errors": ["line 1: email: jane.doe@example.org is taken by patient born 1980-02-03",
+                      "worker crashed on 555-867-5309"]}
+    out = line_results(job, 2)
+    assert out[0].error_code == BULK_RECORD_ERROR and out[1].error_code == "BULK_JOB_FAILED"
+    text = " ".join(r.message or "" for r in out)
+    for phi in ("jane.doe@example.org", "1980-02-03", "555-867-5309"):
+        assert phi not in text

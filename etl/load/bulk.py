@@ -40,7 +40,7 @@ from typing import Any
 import httpx
 
 from etl.errors import AuthError
-from etl.load.client import LookupFailed, RetryLater, Unknown, exchange
+from etl.load.client import LookupFailed, RetryLater, Unknown, exchange, mask, refusal
 from etl.load.loader import Client, Loader, LoadOptions, Result, Send
 from etl.load.state import Record, StateStore, StoredState
 from etl.load.throttle import Throttle
@@ -124,15 +124,9 @@ class BulkClient:
                 return None
         if response.status_code >= 500:
             return None
-        try:
-            payload = response.json()
-            code = str(payload.get("code") or f"HTTP_{response.status_code}")
-            issues = "; ".join(str(i.get("diagnostics", "")) for i in payload.get("issues") or [])
-            message = issues or str(payload.get("message") or "")
-        except (ValueError, AttributeError):
-            code, message = f"HTTP_{response.status_code}", response.text[:200]
+        refused = refusal(response)  # the API's diagnostics, masked for PHI like every other refusal
         retry = response.headers.get("retry-after")
-        raise BulkRefused(response.status_code, code, message, float(retry) if retry else None)
+        raise BulkRefused(response.status_code, refused.code, refused.message, float(retry) if retry else None)
 
     async def job(self, job_id: str) -> dict[str, Any] | None:
         """A job's record, or None when the API does not know it; ``LookupFailed`` when it cannot answer."""
@@ -199,9 +193,9 @@ def line_results(job: Mapping[str, Any], count: int) -> list[Result]:
     for entry in job.get("errors") or []:
         m = _LINE.match(str(entry))
         if m:
-            errors.setdefault(int(m.group(1)), []).append(m.group(2))
+            errors.setdefault(int(m.group(1)), []).append(mask(m.group(2)))  # a job's errors may quote PHI
         else:
-            general.append(str(entry))
+            general.append(mask(str(entry)))
     ids = job.get("resourceIds")
     ids = ids if isinstance(ids, list) and len(ids) == count else None
     processed = int(job.get("processedRecords") or 0)

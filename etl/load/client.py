@@ -200,7 +200,7 @@ class ApiClient:
             return RetryLater(_retry_after(response.headers), "RATE_LIMITED")
         if status >= 500:
             return Unknown(f"server error {status}", status)
-        return _refusal(response)
+        return refusal(response)
 
     async def patch(self, route: str, resource_id: str, body: bytes) -> Outcome:
         """PATCH a created resource with a new body (a re-import's ``--update``)."""
@@ -221,7 +221,7 @@ class ApiClient:
             return RetryLater(_retry_after(response.headers), "RATE_LIMITED")
         if response.status_code >= 500:
             return Unknown(f"server error {response.status_code}", response.status_code)
-        return _refusal(response)
+        return refusal(response)
 
     async def get(self, path: str, params: Mapping[str, str | int] | None = None, *, attempts: int = 4) -> Any:
         """GET a resource or a page; safe to retry, so it does. Returns ``data``."""
@@ -242,7 +242,7 @@ class ApiClient:
                     await asyncio.sleep(_retry_after(response.headers))
                     continue
                 if response.status_code < 500:
-                    refused = _refusal(response)
+                    refused = refusal(response)
                     raise LookupFailed(f"GET {path}: HTTP {refused.status} {refused.code}")
                 last = f"HTTP {response.status_code}"
             await asyncio.sleep(delay)
@@ -277,7 +277,8 @@ def _retry_after(headers: Mapping[str, str]) -> float:
     return 1.0
 
 
-def _refusal(response: httpx.Response) -> Refused:
+def refusal(response: httpx.Response) -> Refused:
+    """A 4xx as a :class:`Refused`: the API's code, its diagnostics masked (:func:`mask`), the field named."""
     try:
         body = response.json()
     except ValueError:
