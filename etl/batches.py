@@ -27,6 +27,7 @@ the file.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import shutil
 import time
 from collections import Counter
@@ -46,13 +47,15 @@ from etl.readers import ROW, Batches, read_batches
 from etl.report import PROBLEM_STATES, ROW_COLUMNS, RunReport, _private_dir, _private_file, neutralise, write_summary
 from etl.report_html import write_html
 from etl.settings import Settings
-from etl.transform import plan, references
+from etl.transform import Planned, plan, references
 from etl.validate import Carry, precheck, prepare, validate
 from schemas.canonical import KIND_SPECS, fields_of
+from schemas.limits import ROUTES
 
 __all__ = ["validate_in_batches"]
 
 _ALIASES = {"kind": pl.String, "value": pl.String, "alias": pl.String}
+_KIND_KEY = {"kind": pl.String, "source_key": pl.String}
 _PENDING = [ROW, "source_file", "row_kind", "source_key", "row_key", "field", "column", "kind", "value", "key"]
 
 
@@ -149,6 +152,74 @@ class _RowsWriter:
         self._pool.shutdown(wait=True)
 
 
+class _Payloads:
+    """A dry run's ``payloads.ndjson``, planned a batch at a time.
+
+    Each batch's creates (its rows' bodies, and the patients and practitioners its rows describe)
+    go to a part on disk, by stage; a key already planned by an earlier batch is not planned again
+    (the first row wins, as in a whole-file plan). Rows that the end of a stage rejects are
+    withdrawn, and their lines left out when the parts are joined, stage by stage, at the end.
+    """
+
+    def __init__(self, work: Path) -> None:
+        self.work = work
+        self.parts: dict[int, list[Path]] = {}
+        self.planned: dict[str, KeyIndex] = {}
+        self.withdrawn: list[pl.DataFrame] = []
+
+    def add(self, x: _Input, n: int, planned: Planned, live: pl.DataFrame) -> None:
+        """A batch's creates; ``live``: the ``source_key`` of its rows still planned."""
+        main = (
+            planned.rows.filter(pl.col("body").is_not_null())
+            .join(live.select("source_key").unique(), on="source_key", how="semi")
+            .select(pl.lit(x.kind).alias("kind"), "source_key", pl.col(ROW).alias("source_row"), "body")
+        )
+        derived = [
+            planned.patients.select(
+                pl.lit("patient").alias("kind"), pl.col("patient_key").alias("source_key"),
+                pl.col(ROW).alias("source_row"), "body",
+            ),
+            planned.practitioners.select(
+                pl.lit("practitioner").alias("kind"), pl.col("practitioner_key").alias("source_key"),
+                pl.col(ROW).alias("source_row"), "body",
+            ),
+        ]
+        for i, frame in enumerate([main, *derived]):
+            for (kind,), mine in frame.group_by("kind", maintain_order=True):
+                index = self.planned.setdefault(str(kind), KeyIndex())
+                fresh = mine.filter(~index.insert(mine.select(pl.col("source_key").alias("key"))).get_column("found"))
+                if fresh.is_empty():
+                    continue
+                stage = KIND_SPECS[str(kind)].stage
+                part = self.work / f"payloads-{stage}-{x.order:04d}-{n:06d}-{i}.ipc"
+                fresh.with_columns(pl.lit(x.file).alias("source_file")).write_ipc(part)
+                self.parts.setdefault(stage, []).append(part)
+
+    def withdraw(self, kind: str, keys: pl.Series) -> None:
+        self.withdrawn.append(pl.DataFrame({"kind": kind, "source_key": keys}, schema=_KIND_KEY))
+
+    def write(self, path: Path) -> dict[str, int]:
+        """``payloads.ndjson``, stage by stage; the number of creates per kind."""
+        from etl.transform import readable_refs
+
+        withdrawn = pl.concat(self.withdrawn) if self.withdrawn else pl.DataFrame(schema=_KIND_KEY)
+        counts: dict[str, int] = {}
+        with _private_file(path).open("w", encoding="utf-8") as fh:
+            for stage in sorted(self.parts):
+                for part in self.parts[stage]:
+                    lines = pl.read_ipc(part).join(withdrawn, on=["kind", "source_key"], how="anti")
+                    for kind, key, row, body in lines.select("kind", "source_key", "source_row", "body").iter_rows():
+                        route = ROUTES[KIND_SPECS[kind].schema]
+                        head = json.dumps(
+                            {"method": "POST", "path": route, "source_row": row, "kind": kind, "source_key": key},
+                            ensure_ascii=False,
+                        )
+                        # The body is JSON already: spliced in, not parsed and re-encoded.
+                        fh.write(f'{head[:-1]}, "body": {readable_refs(body)}}}\n')
+                        counts[kind] = counts.get(kind, 0) + 1
+        return counts
+
+
 @dataclass
 class _Keys:
     """What later rows need to know about earlier ones (see the module's notes)."""
@@ -160,6 +231,7 @@ class _Keys:
     rejected: dict[str, KeyIndex] = field(default_factory=dict)
     firsts: dict[str, KeyIndex] = field(default_factory=dict)  # kind -> source_key: first_file, first_row
     aliases: pl.DataFrame = field(default_factory=lambda: pl.DataFrame(schema=_ALIASES))
+    payloads: _Payloads | None = None  # a dry run's creates, planned as the batches go
 
     def _add(self, store: dict[str, KeyIndex], kind: str, keys: pl.Series) -> None:
         if kind in self.referenced:
@@ -179,6 +251,8 @@ class _Keys:
         if kind in self.available:
             self.available[kind].remove(keys)
         self.add_rejected(kind, keys)
+        if self.payloads is not None:
+            self.payloads.withdraw(kind, keys)
 
     @staticmethod
     def has(store: dict[str, KeyIndex], refs: pl.DataFrame, column: str) -> pl.Series:
@@ -194,9 +268,18 @@ class _Keys:
 
 
 def validate_in_batches(
-    paths: Sequence[str | Path], settings: Settings, progress: Progress, *, batch_rows: int | None = None
+    paths: Sequence[str | Path],
+    settings: Settings,
+    progress: Progress,
+    *,
+    batch_rows: int | None = None,
+    payloads: bool = False,
 ) -> RunReport:
-    """Validate inputs a batch at a time; write the report (the entry point is ``pipeline.validate_files``)."""
+    """Validate inputs a batch at a time; write the report (the entry point is ``pipeline.validate_files``).
+
+    ``payloads``: plan the creates too and write ``payloads.ndjson``, a dry run's report
+    (``pipeline.load_files`` with ``dry_run`` and no state store yet).
+    """
     run_id, timings = pipeline._new_run_id(), dict[str, float]()
     t0 = time.perf_counter()
     profile = pipeline.run_profile(settings)
@@ -217,6 +300,7 @@ def validate_in_batches(
     work = folder / ".batches"
     _private_dir(work)
     writer = _RowsWriter()
+    keys.payloads = _Payloads(work) if payloads else None
     today = dt.date.today()  # one date for every batch, though the run may pass midnight
     try:
         pending: list[pl.DataFrame] = []
@@ -237,7 +321,10 @@ def validate_in_batches(
                 _settle(members, here, keys, work, writer)
         progress.finish("validate")
         timings["total"] = time.perf_counter() - t0
-        return _write(run_id, inputs, folder, settings, timings, writer)
+        extra: dict[str, Any] = {}
+        if keys.payloads is not None:
+            extra["requests_planned"] = keys.payloads.write(folder / "payloads.ndjson")
+        return _write(run_id, inputs, folder, settings, timings, writer, extra)
     finally:
         writer.close()
         shutil.rmtree(work, ignore_errors=True)
@@ -260,7 +347,7 @@ def _batch(
     t0 = time.perf_counter()
     validation = validate(mapped, carry=x.carry, prepared=prepared, today=today)
     t1 = time.perf_counter()
-    planned = plan(mapped, validation.valid, bodies=False)
+    planned = plan(mapped, validation.valid, bodies=keys.payloads is not None)
     timings["validate"] = timings.get("validate", 0.0) + t1 - t0
     timings["transform"] = timings.get("transform", 0.0) + time.perf_counter() - t1
     if settings.redact:
@@ -273,6 +360,8 @@ def _batch(
         x.warnings[str(code)] = (count + found.height, (first + found.get_column(ROW).to_list())[:20])
 
     planned_rows = rows.filter(pl.col("state") == "planned")
+    if keys.payloads is not None:
+        keys.payloads.add(x, n, planned, planned_rows)
     keys.add_available(x.kind, planned_rows.get_column("source_key"))
     keys.add_rejected(x.kind, rows.filter(pl.col("state") == "rejected").get_column("row_key"))
     if planned_rows.height:  # rows that describe a patient or a performer create them
@@ -436,7 +525,13 @@ def _reject_late(x: _Input, failures: pl.DataFrame, keys: _Keys, work: Path, wri
 
 
 def _write(
-    run_id: str, inputs: list[_Input], folder: Path, settings: Settings, timings: dict[str, float], writer: _RowsWriter
+    run_id: str,
+    inputs: list[_Input],
+    folder: Path,
+    settings: Settings,
+    timings: dict[str, float],
+    writer: _RowsWriter,
+    extra: dict[str, Any],
 ) -> RunReport:
     """rows.csv, rejects.csv, summary.json and report.html, from the parts on disk, a part at a time."""
     counts, problems = [], []
@@ -464,14 +559,14 @@ def _write(
     ]
     summary = pipeline.summary_of(
         run_id,
-        command="validate",
+        command="load" if "requests_planned" in extra else "validate",
         inputs=[pipeline.input_facts(x.mapped, x.rows) for x in inputs],
         warnings=warnings,
         counts=counts_frame,
-        target="none (validate)",
+        target=(settings.base_url or "embedded sandbox") if "requests_planned" in extra else "none (validate)",
         settings=settings,
         timings=timings,
-        extra={"batch_rows": settings.batch_rows},
+        extra={**extra, "batch_rows": settings.batch_rows},
     )
     summary["report_dir"] = str(folder)
     report = RunReport(run_id, None, summary, folder, held_problems=held)

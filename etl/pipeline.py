@@ -387,9 +387,15 @@ def load_files(
         from etl.redox import load_redox  # FHIR message bundles to Redox's Immunization/$write
 
         return load_redox(paths, settings, progress=progress)
+    progress = as_progress(progress)
+    if settings.dry_run and not settings.state.is_file():
+        # Nothing loaded before: the plan needs nothing from a state store, so it is made a batch at
+        # a time in bounded memory, like validate (the report and payloads.ndjson are the same).
+        from etl.batches import validate_in_batches
+
+        return validate_in_batches(paths, settings, progress, payloads=True)
     run_id, timings = _new_run_id(), dict[str, float]()
     t0 = time.perf_counter()
-    progress = as_progress(progress)
     prepared = prepare_files(paths, settings, timings, progress)
     rows = pl.concat([_base_rows(p) for p in prepared]).pipe(_dedupe_across_files)
     folder = _report_dir(settings, run_id)

@@ -14,8 +14,9 @@ from hypothesis import strategies as st
 
 from etl import readers
 from etl.errors import InputError
+from etl.load.state import StateStore
 from etl.mapping import apply_profile, default_profile
-from etl.pipeline import validate_files, validate_whole
+from etl.pipeline import _identity, load_files, validate_files, validate_whole
 from etl.readers import ROW, read_batches, read_table
 from etl.report import read_rows
 from etl.settings import Settings
@@ -72,6 +73,39 @@ def test_batches_write_the_report_a_whole_file_validation_writes(
     assert batched.rows.equals(whole.rows)
     assert batched.problems.equals(whole.problems)
     assert not (tmp_path / "batched" / ".batches").exists()  # the batches' scratch files are gone
+
+
+def _payloads(folder: Path) -> list[str]:
+    return sorted((folder / "payloads.ndjson").read_text(encoding="utf-8").splitlines())
+
+
+@pytest.mark.parametrize(("name", "paths", "profile"), GROUPS, ids=[g[0] for g in GROUPS])
+def test_a_dry_run_planned_in_batches_writes_the_plan_a_whole_file_dry_run_writes(
+    tmp_path: Path, name: str, paths: list[Path], profile: str | None
+) -> None:
+    batched_settings = Settings(
+        dry_run=True, profile=profile, state=tmp_path / "a.sqlite", report_dir=tmp_path / "a", batch_rows=37
+    )
+    batched = load_files(paths, batched_settings)
+    assert not batched_settings.state.exists()  # a dry run creates no state store
+    # With a state store (even an empty one), the dry run asks it what is loaded: the whole-file path.
+    whole_settings = Settings(dry_run=True, profile=profile, state=tmp_path / "b.sqlite", report_dir=tmp_path / "b")
+    StateStore(whole_settings.state, target=_identity(whole_settings)).close()
+    whole = load_files(paths, whole_settings)
+    assert batched.summary["batch_rows"] == 37 and "batch_rows" not in whole.summary  # each took its own path
+
+    assert _payloads(tmp_path / "a") == _payloads(tmp_path / "b")
+    assert batched.summary["requests_planned"] == whole.summary["requests_planned"]
+    assert (batched.summary["command"], batched.summary["dry_run"]) == ("load", True)
+    expected, got = _report(tmp_path / "b"), _report(tmp_path / "a")
+    assert got["rows"].equals(expected["rows"]) and got["states"] == expected["states"]
+    # A row rejected once its stage ended (an unresolved reference) has no line in the plan.
+    rows = got["rows"]
+    late = rows.filter((pl.col("state") == "rejected") & pl.col("source_key").is_not_null())
+    planned = {(json.loads(line)["kind"], json.loads(line)["source_key"]) for line in _payloads(tmp_path / "a")}
+    assert not {(k, key) for k, key in late.select("kind", "source_key").iter_rows()} & planned
+    if name.startswith("clinic"):
+        assert late.height > 0  # the clinic files plant references to nothing
 
 
 def _write(path: Path, header: list[str], rows: list[list[str]]) -> Path:
