@@ -149,18 +149,9 @@ def load_job(path: str | Path) -> Job:
 def run_job(job: Job, *, progress: Progress | Callable[[str, int], None] | None = None) -> RunReport:
     """Run a job: one :func:`etl.pipeline.load_files` call with the job's inputs and settings.
 
-    The load records itself in the state store as ``load``; the run is then
-    labelled ``run`` with the job's name, so that ``history`` tells scheduled
-    runs from loads by hand. (A run killed outright keeps ``load``.)
+    The load records itself in the state store as ``run`` with the job's name from its start, so
+    that ``history`` tells scheduled runs from loads by hand, even one killed outright.
     """
-    from etl.load.state import StateStore
     from etl.pipeline import load_files
-    from etl.redox import redox_state_path
 
-    report = load_files(list(job.inputs), job.settings, progress=progress)
-    settings = job.settings
-    state = redox_state_path(settings) if settings.target == "redox" else settings.state
-    if not settings.dry_run and state.is_file():  # a dry run records nothing
-        with StateStore.existing(state) as store:
-            store.label_run(report.run_id, "run", job=job.name)
-    return report
+    return load_files(list(job.inputs), job.settings, progress=progress, job=job.name)

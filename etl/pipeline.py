@@ -377,16 +377,24 @@ def _target(settings: Settings) -> Iterator[tuple[str, str, str]]:
 
 
 def load_files(
-    paths: Sequence[str | Path], settings: Settings | None = None, *, progress: ProgressLike | None = None
+    paths: Sequence[str | Path],
+    settings: Settings | None = None,
+    *,
+    progress: ProgressLike | None = None,
+    job: str | None = None,
 ) -> RunReport:
-    """Import inputs into the target (or plan it, with ``dry_run``); write the report."""
+    """Import inputs into the target (or plan it, with ``dry_run``); write the report.
+
+    ``job``: the name of the job file this load runs for; the state store's history records the
+    run as that job's ``run`` from its start, so even a run killed outright is told apart.
+    """
     from etl.load.lock import state_lock
 
     settings = settings or Settings()
     if settings.target == "redox":
         from etl.redox import load_redox  # FHIR message bundles to Redox's Immunization/$write
 
-        return load_redox(paths, settings, progress=progress)
+        return load_redox(paths, settings, progress=progress, job=job)
     progress = as_progress(progress)
     if settings.dry_run and not settings.state.is_file():
         # Nothing loaded before: the plan needs nothing from a state store, so it is made a batch at
@@ -413,7 +421,9 @@ def load_files(
             identity,
         ):
             target = base_url if settings.base_url else "embedded sandbox"
-            rows, load_extra = _load(prepared, rows, base_url, key, identity, settings, run_id, progress, timings)
+            rows, load_extra = _load(
+                prepared, rows, base_url, key, identity, settings, run_id, progress, timings, job
+            )
             extra.update(load_extra)
     timings["total"] = time.perf_counter() - t0
     crosswalk = extra.pop("_crosswalk", None)
@@ -643,6 +653,7 @@ def _load(
     run_id: str,
     progress: Progress,
     timings: dict[str, float],
+    job: str | None = None,
 ) -> tuple[pl.DataFrame, dict[str, Any]]:
     from etl.load.client import ApiClient, LookupFailed, http_client
     from etl.load.loader import LoadOptions
@@ -652,7 +663,7 @@ def _load(
     t0 = time.perf_counter()
     known = read_crosswalk(settings.crosswalk)
     with StateStore(settings.state, target=identity) as state:
-        state.start_run(run_id, "load")
+        state.start_run(run_id, "run" if job else "load", job=job)
         throttle = Throttle(settings.rate)
         estimate = LoadEstimate(progress, settings.rate)
         progress.pace(lambda: throttle.rate)

@@ -388,7 +388,9 @@ def _redox_target(settings: Settings, state_path: Path, route: str) -> Iterator[
         yield server.base_url, token, f"embedded-redox-sandbox:{db.resolve()}"
 
 
-def load_redox(paths: Sequence[str | Path], settings: Settings, *, progress: Any = None) -> RunReport:
+def load_redox(
+    paths: Sequence[str | Path], settings: Settings, *, progress: Any = None, job: str | None = None
+) -> RunReport:
     """Send every valid immunization row to Redox as a message bundle (or plan it, with ``dry_run``)."""
     from etl import pipeline
     from etl.load.lock import state_lock
@@ -430,7 +432,7 @@ def load_redox(paths: Sequence[str | Path], settings: Settings, *, progress: Any
         ):
             target = (base_url if settings.redox_base_url else "embedded sandbox") + route
             t3 = time.perf_counter()
-            rows, sent = _send(rows, base_url, token, identity, state_path, route, settings, run_id, show)
+            rows, sent = _send(rows, base_url, token, identity, state_path, route, settings, run_id, show, job)
             timings["load"] = time.perf_counter() - t3
             extra.update(sent)
     timings["total"] = time.perf_counter() - t0
@@ -478,10 +480,11 @@ def _send(
     settings: Settings,
     run_id: str,
     progress: Any,
+    job: str | None = None,
 ) -> tuple[pl.DataFrame, dict[str, Any]]:
     sends = [Send(KIND, route, r["source_key"], r["body"], r["body_hash"]) for r in _planned(rows)]
     with StateStore(state_path, target=identity) as state:
-        state.start_run(run_id, "load")
+        state.start_run(run_id, "run" if job else "load", job=job)
         throttle = Throttle(settings.rate)
         # No search to wait for: an unknown outcome cannot be looked up anyway.
         options = LoadOptions(settings.rate, settings.concurrency, consistency_window=0.0)

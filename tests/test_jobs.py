@@ -262,3 +262,28 @@ def test_overlapping_runs_load_each_row_once(tmp_path: Path) -> None:
         assert summary["states"]["skipped"] == 532 and summary["states"]["created"] == 0
         assert count(server, "/v1/immunizations") == 532
         assert count(server, "/v1/patients") == 160
+
+
+def test_a_job_run_is_recorded_as_the_jobs_run_from_its_start(tmp_path: Path) -> None:
+    """So that `history` names the job even for a run killed before it could finish."""
+    from etl.jobs import run_job
+    from etl.load.state import StateStore
+
+    job = load_job(
+        _job(
+            tmp_path,
+            f'name = "nightly"\ninputs = ["{SAMPLE / "registry.csv"}"]\nstate = "state.sqlite"\nreports = "r"\n',
+        )
+    )
+    seen: list[tuple[object, object, object]] = []
+
+    def progress(stage: str, n: int) -> None:  # called while rows are being sent
+        if not seen and (tmp_path / "state.sqlite").is_file():
+            with StateStore.existing(tmp_path / "state.sqlite") as store:
+                latest = store.runs()[-1]
+            if latest["finished_at"] is None:
+                seen.append((latest["command"], latest["job"], latest["finished_at"]))
+
+    report = run_job(job, progress=progress)
+    assert report.states["created"] == 532
+    assert seen == [("run", "nightly", None)]

@@ -287,11 +287,6 @@ class StateStore:
                 (run_id, time.time(), command, job),
             )
 
-    def label_run(self, run_id: str, command: str, *, job: str | None = None) -> None:
-        """Say what started a run after the fact (a job file's ``run``, whose load recorded itself as ``load``)."""
-        with self.transaction():
-            self._db.execute("UPDATE runs SET command = ?, job = ? WHERE run_id = ?", (command, job, run_id))
-
     def finish_run(self, run_id: str, summary: dict[str, object]) -> None:
         """Note the end of a run with its summary counts."""
         with self.transaction():
