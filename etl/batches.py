@@ -44,8 +44,17 @@ from etl.keyindex import KeyIndex
 from etl.mapping import Mapped, apply_profile
 from etl.progress import Progress
 from etl.readers import ROW, Batches, read_batches
-from etl.report import PROBLEM_STATES, ROW_COLUMNS, RunReport, _private_dir, _private_file, neutralise, write_summary
-from etl.report_html import write_html
+from etl.report import (
+    PROBLEM_STATES,
+    ROW_COLUMNS,
+    SAMPLE_PER_GROUP,
+    RunReport,
+    _private_dir,
+    _private_file,
+    neutralise,
+    write_summary,
+)
+from etl.report_html import TALLY_KEYS, tally_of, write_html
 from etl.settings import Settings
 from etl.transform import Planned, plan, references
 from etl.validate import Carry, precheck, prepare, validate
@@ -116,13 +125,24 @@ class _Written:
 
     csv: Path
     counts: pl.DataFrame  # kind, state, len
-    problems: pl.DataFrame  # the rows in a problem state
+    problems: pl.DataFrame  # the first rows in a problem state of each (state, code, column): _sampled
+    tally: pl.DataFrame  # how many there are of each (tally_of)
 
 
 def _rows_csv(rows: pl.DataFrame, csv: Path) -> _Written:
     rows = rows.rename({"patient_key": "patient_id"}).select(ROW_COLUMNS)
     rows.pipe(neutralise).write_csv(csv, include_header=False)
-    return _Written(csv, rows.group_by("kind", "state").len(), rows.filter(pl.col("state").is_in(PROBLEM_STATES)))
+    problems = rows.filter(pl.col("state").is_in(PROBLEM_STATES))
+    return _Written(csv, rows.group_by("kind", "state").len(), _sampled(problems), tally_of(problems))
+
+
+def _sampled(problems: pl.DataFrame) -> pl.DataFrame:
+    """The first :data:`SAMPLE_PER_GROUP` rows of each (file, state, code, column), in order.
+
+    What the summary, the CLI and report.html list; a file whose every row is rejected is then
+    held in memory as a few hundred rows per reason, not as itself.
+    """
+    return problems.filter(pl.int_range(pl.len()).over(TALLY_KEYS) < SAMPLE_PER_GROUP)
 
 
 class _RowsWriter:
@@ -534,7 +554,8 @@ def _write(
     extra: dict[str, Any],
 ) -> RunReport:
     """rows.csv, rejects.csv, summary.json and report.html, from the parts on disk, a part at a time."""
-    counts, problems = [], []
+    counts, tallies = [], []
+    problems = pl.DataFrame(schema=dict.fromkeys(ROW_COLUMNS, pl.String))
     with _private_file(folder / "rows.csv").open("wb") as out:
         out.write((",".join(ROW_COLUMNS) + "\n").encode())
         for part in (p for x in inputs for p in x.parts):
@@ -543,10 +564,15 @@ def _write(
             with written.csv.open("rb") as lines:
                 shutil.copyfileobj(lines, out, 1 << 20)
             counts.append(written.counts)
-            problems.append(written.problems)
+            tallies.append(written.tally)
+            problems = _sampled(pl.concat([problems, written.problems], how="vertical_relaxed"))
     _write_rejects(inputs, folder)
-    held = pl.concat(problems) if problems else pl.DataFrame(schema=dict.fromkeys(ROW_COLUMNS, pl.String))
-    held = held.with_columns(pl.col("source_row").cast(pl.UInt32))
+    held = problems.with_columns(pl.col("source_row").cast(pl.UInt32))
+    tally = (
+        pl.concat(tallies).group_by(TALLY_KEYS, maintain_order=True).agg(pl.col("rows").sum())
+        if tallies
+        else tally_of(held)
+    )
     counts_frame = (
         pl.concat(counts) if counts else pl.DataFrame(schema={"kind": pl.String, "state": pl.String, "len": pl.UInt32})
     )
@@ -569,9 +595,9 @@ def _write(
         extra={**extra, "batch_rows": settings.batch_rows},
     )
     summary["report_dir"] = str(folder)
-    report = RunReport(run_id, None, summary, folder, held_problems=held)
+    report = RunReport(run_id, None, summary, folder, held_problems=held, held_tally=tally)
     write_summary(summary, folder)
-    write_html(summary, held, _private_file(folder / "report.html"))
+    write_html(summary, held, _private_file(folder / "report.html"), tally)
     return report
 
 

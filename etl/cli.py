@@ -597,18 +597,23 @@ def print_summary(report: RunReport, stream: Console | None = None) -> None:
     if s.get("interrupted"):
         console.print("[yellow]interrupted:[/] rows in flight were finished and recorded; the state and this report "
                       "are written. Run the same command again to resume: nothing is sent twice.")
-    problems = report.problems
-    rejected = problems.filter(problems["state"] == "rejected")
-    if rejected.height:
+    import polars as pl
+
+    tally = report.tally.filter(pl.col("state") == "rejected")
+    if tally.height:
+        # Counted from the tally; the row numbers are the first of each code (a run in batches
+        # keeps only the first rows of each reason in memory).
+        rejected = report.problems.filter(pl.col("state") == "rejected")
         console.print("rejects by code:")
-        several = rejected["source_file"].n_unique() > 1
-        for code, frame in sorted(rejected.group_by("error_code"), key=lambda kv: str(kv[0][0])):
-            examples = 3 if several else 5
-            first = frame.head(examples).iter_rows(named=True)
+        several = tally["source_file"].n_unique() > 1
+        examples = 3 if several else 5
+        by_code = tally.group_by("error_code").agg(pl.col("rows").sum())
+        for code, count in sorted(by_code.iter_rows(), key=lambda kv: str(kv[0])):
+            first = rejected.filter(pl.col("error_code").eq_missing(code)).head(examples).iter_rows(named=True)
             rows = ", ".join(f"{Path(r['source_file']).name}:{r['source_row']}" if several else str(r["source_row"])
                              for r in first)
-            more = " ..." if frame.height > examples else ""
-            console.print(f"  {code[0]:<30} {frame.height:>4}  rows {rows}{more}", soft_wrap=True)
+            more = " ..." if count > examples else ""
+            console.print(f"  {code:<30} {count:>4}  rows {rows}{more}", soft_wrap=True)
     counts = ", ".join(f"{v} {k}" for k, v in s["states"].items() if v)
     console.print(f"run {s['run_id']}: {s['rows_total']} rows ({counts})")
     console.print(f"report: {s.get('report_dir')}")

@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 import polars as pl
 
 from etl.files import private_dir
-from etl.report_html import write_html
+from etl.report_html import tally_of, write_html
 
 __all__ = ["FINAL_STATES", "PROBLEM_STATES", "ROW_COLUMNS", "RunReport", "neutralise", "read_rows", "write_report"]
 
@@ -69,6 +69,7 @@ class RunReport:
     folder: Path | None = None
     warnings: list[str] = field(default_factory=list)
     held_problems: pl.DataFrame | None = None  # the rows in PROBLEM_STATES, when ``held`` is left out
+    held_tally: pl.DataFrame | None = None  # their counts (tally_of), when held_problems is a sample
 
     @property
     def rows(self) -> pl.DataFrame:
@@ -85,6 +86,17 @@ class RunReport:
         if self.held is None and self.held_problems is not None:
             return self.held_problems
         return self.rows.filter(pl.col("state").is_in(PROBLEM_STATES))
+
+    @property
+    def tally(self) -> pl.DataFrame:
+        """How many problem rows there are per file, state, code and column (``TALLY_KEYS`` and ``rows``).
+
+        A run in batches keeps only the first rows of each such group in :attr:`problems` (so a file
+        where every row is rejected still takes bounded memory); the tally counts them all.
+        """
+        if self.held_tally is not None:
+            return self.held_tally
+        return tally_of(self.problems)
 
     @property
     def rows_total(self) -> int:
@@ -161,8 +173,12 @@ def write_report(
     combined.pipe(neutralise).write_csv(_private_file(folder / "rejects.csv"))
     report.summary["report_dir"] = str(folder)
     write_summary(report.summary, folder)
-    write_html(report.summary, report.problems, _private_file(folder / "report.html"))
+    write_html(report.summary, report.problems, _private_file(folder / "report.html"), report.tally)
     return folder
+
+
+#: Problem rows kept per (file, state, code, column) by a run in batches: enough for every listing.
+SAMPLE_PER_GROUP = 200
 
 
 def write_summary(summary: dict[str, Any], folder: Path) -> Path:

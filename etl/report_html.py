@@ -114,11 +114,20 @@ def bar_chart(title: str, counts: Sequence[tuple[str, int]], colour: str = "#e08
     return f'<div class="chart"><h3>{_e(title)}</h3>{"".join(parts)}</div>'
 
 
-def _counts(frame: pl.DataFrame, column: str) -> list[tuple[str, int]]:
-    if not frame.height:
+def _counts(tally: pl.DataFrame, column: str) -> list[tuple[str, int]]:
+    """Rows per value of ``column``, from a tally (``rows`` per file, state, code and column)."""
+    if not tally.height:
         return []
-    grouped = frame.group_by(pl.col(column).fill_null("(none)")).len()
+    grouped = tally.group_by(pl.col(column).fill_null("(none)")).agg(pl.col("rows").sum())
     return [(str(k), int(n)) for k, n in grouped.iter_rows()]
+
+
+TALLY_KEYS = ("source_file", "state", "error_code", "field")
+
+
+def tally_of(problems: pl.DataFrame) -> pl.DataFrame:
+    """Problem rows counted per ``TALLY_KEYS`` (column ``rows``)."""
+    return problems.group_by(TALLY_KEYS, maintain_order=True).agg(pl.len().cast(pl.Int64).alias("rows"))
 
 
 def _version() -> str:
@@ -173,21 +182,23 @@ def _inputs(summary: dict[str, Any]) -> str:
     return _table(["file", "kind", "rows", "format", "encoding", "sheet", "profile", "sha256 (start)"], rows, [2])
 
 
-def _rejects(rows: pl.DataFrame) -> str:
+def _rejects(rows: pl.DataFrame, tally: pl.DataFrame) -> str:
     rejected = rows.filter(pl.col("state") == "rejected")
+    counted = tally.filter(pl.col("state") == "rejected")
+    total = int(counted.get_column("rows").sum() or 0)
     out = ["<h2>Rejected rows</h2>"]
-    if not rejected.height:
+    if not total:
         out.append('<p class="none">No row was rejected.</p>')
         return "".join(out)
     out.append(
         '<div class="charts">'
-        + bar_chart("Rejected rows by rule (code)", _counts(rejected, "error_code"))
-        + bar_chart("Rejected rows by column", _counts(rejected, "field"), colour="#8d6e63")
+        + bar_chart("Rejected rows by rule (code)", _counts(counted, "error_code"))
+        + bar_chart("Rejected rows by column", _counts(counted, "field"), colour="#8d6e63")
         + "</div>"
     )
     first = rejected.sort("source_file", "source_row").head(FIRST_REJECTS)
     out.append(
-        f"<p>The first {first.height} of {rejected.height} rejected rows, in file order "
+        f"<p>The first {first.height} of {total} rejected rows, in file order "
         "(<code>rejects.csv</code> holds every one, with its original cells, ready to fix and import again; "
         "<code>clinik-etl explain CODE</code> says what a code means and how to fix it).</p>"
     )
@@ -202,19 +213,21 @@ def _rejects(rows: pl.DataFrame) -> str:
     return "".join(out)
 
 
-def _problems(rows: pl.DataFrame) -> str:
+def _problems(rows: pl.DataFrame, tally: pl.DataFrame) -> str:
     bad = rows.filter(pl.col("state").is_in(["failed", "unknown"]))
+    counted = tally.filter(pl.col("state").is_in(["failed", "unknown"]))
+    total = int(counted.get_column("rows").sum() or 0)
     out = ["<h2>Failed and unknown rows</h2>"]
-    if not bad.height:
+    if not total:
         out.append('<p class="none">No row failed at the API or has an unknown outcome.</p>')
         return "".join(out)
     out.append(
-        '<div class="charts">' + bar_chart("Failed and unknown rows by code", _counts(bad, "error_code"), "#c62828")
+        '<div class="charts">' + bar_chart("Failed and unknown rows by code", _counts(counted, "error_code"), "#c62828")
     )
     out.append("</div>")
     first = bad.sort("source_file", "source_row").head(FIRST_PROBLEMS)
     out.append(
-        f'<p class="bad">{bad.height} rows were not created. Failed rows are safe to send again after a fix; '
+        f'<p class="bad">{total} rows were not created. Failed rows are safe to send again after a fix; '
         "unknown ones are looked up before anything is re-sent. "
         f"The first {first.height}:</p>"
     )
@@ -260,8 +273,13 @@ def _timings(summary: dict[str, Any]) -> str:
     return "".join(out)
 
 
-def render_html(summary: dict[str, Any], rows: pl.DataFrame) -> str:
-    """The whole page, from a run's summary and its per-row frame (``ROW_COLUMNS``)."""
+def render_html(summary: dict[str, Any], rows: pl.DataFrame, tally: pl.DataFrame | None = None) -> str:
+    """The whole page, from a run's summary and its per-row frame (``ROW_COLUMNS``).
+
+    ``tally``: the problem rows' counts (``etl.report.tally``) when ``rows`` holds only the first
+    rows of each group; counted from ``rows`` otherwise.
+    """
+    counted = tally_of(rows) if tally is None else tally
     command = str(summary.get("command", "run"))
     dry = " (dry run)" if summary.get("dry_run") else ""
     title = f"clinik-etl {command}{dry}: run {summary.get('run_id', '')}"
@@ -280,8 +298,8 @@ def render_html(summary: dict[str, Any], rows: pl.DataFrame) -> str:
             _kinds(summary),
             "<h2>Inputs</h2>",
             _inputs(summary),
-            _rejects(rows),
-            _problems(rows),
+            _rejects(rows, counted),
+            _problems(rows, counted),
             _warnings(summary),
             _timings(summary),
             f"<footer>Written by clinik-etl {_e(_version())}. This page holds patient data: keep it private, "
@@ -291,7 +309,7 @@ def render_html(summary: dict[str, Any], rows: pl.DataFrame) -> str:
     )
 
 
-def write_html(summary: dict[str, Any], rows: pl.DataFrame, path: Path) -> Path:
+def write_html(summary: dict[str, Any], rows: pl.DataFrame, path: Path, tally: pl.DataFrame | None = None) -> Path:
     """Write the page to ``path`` (which the caller created owner-only)."""
-    path.write_text(render_html(summary, rows), encoding="utf-8")
+    path.write_text(render_html(summary, rows, tally), encoding="utf-8")
     return path

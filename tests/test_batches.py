@@ -262,3 +262,27 @@ def test_the_cli_validates_in_the_batches_it_is_given(tmp_path: Path) -> None:
     assert summary["states"]["rejected"] == 28
     bad = CliRunner().invoke(main, ["validate", str(SAMPLE / "registry.csv"), "--batch-rows", "0"])
     assert bad.exit_code == 2 and "batch-rows" in bad.output
+
+
+def test_a_file_where_every_row_is_rejected_keeps_a_sample_in_memory_and_counts_them_all(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from click.testing import CliRunner
+
+    from etl import batches
+    from etl.cli import main
+
+    monkeypatch.setattr(batches, "SAMPLE_PER_GROUP", 20)
+    rows = [[f"R{i}", f"P{i}", "Ann", "Lee", "1980-01-02", "F", "08", "last tuesday"] for i in range(500)]
+    path = _write(tmp_path / "all-bad.csv", REGISTRY, rows)
+    report = validate_files([path], Settings(report_dir=tmp_path / "r", batch_rows=100))
+    assert report.states["rejected"] == 500
+    assert report.problems.height == 20  # the first rows of the one reason, not all 500
+    assert report.problems.get_column("source_row").to_list() == list(range(2, 22))
+    assert report.tally.get_column("rows").sum() == 500
+    assert "of 500 rejected rows" in (tmp_path / "r" / "report.html").read_text()
+    assert read_rows(tmp_path / "r" / "rows.csv").filter(pl.col("state") == "rejected").height == 500
+    out = CliRunner().invoke(main, ["validate", str(path), "--batch-rows", "100", "--report-dir", str(tmp_path / "c")])
+    assert out.exit_code == 1
+    (line,) = [x for x in out.output.splitlines() if "rows 2, 3, 4, 5, 6" in x]
+    assert " 500 " in line and line.strip().endswith("...")
