@@ -321,6 +321,11 @@ def prepare(mapped: Mapped) -> pl.DataFrame:
         # lengthMinutes from the period when the source leaves it out.
         minutes = (pl.col("period_end__instant") - pl.col("period_start__instant")).dt.total_minutes()
         prepared = prepared.with_columns(pl.col("length_minutes__int").fill_null(minutes))
+    by_name = field_map(mapped.kind)
+    demographics = _demographics(by_name)
+    if "patient_id" in by_name and demographics:
+        # What the patient-conflict rule compares, hashed here (ahead, on the read-ahead thread).
+        prepared = prepared.with_columns(_compared(f).hash().alias(f"__hash_{f.name}") for f in demographics)
     return prepared
 
 
@@ -516,7 +521,7 @@ def _domain_rules(kind: str, fields: dict[str, CanonicalField], today: dt.date) 
         # Rows that only name a patient (no details) cannot conflict with the ones that describe it.
         carries = _carries_details(demographics)
         for f in demographics:
-            same = _compared(f).hash().eq_missing(pl.col(f"__first_{f.name}"))
+            same = pl.col(f"__hash_{f.name}").eq_missing(pl.col(f"__first_{f.name}"))
             rules.append(
                 _Rule(
                     f.name,
@@ -562,7 +567,7 @@ def _compared_across_rows(prepared: pl.DataFrame, kind: str, carry: Carry) -> pl
             prepared.filter(pl.col("patient_id").is_not_null() & _carries_details(demographics))
             .select(
                 pl.col("patient_id").alias("key"),
-                *[_compared(f).hash().alias(n) for f, n in zip(demographics, names, strict=True)],
+                *[pl.col(f"__hash_{f.name}").alias(n) for f, n in zip(demographics, names, strict=True)],
             )
             .filter(pl.col("key").is_first_distinct())  # cheaper than unique(maintain_order)
         )
