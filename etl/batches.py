@@ -27,7 +27,6 @@ the file.
 from __future__ import annotations
 
 import datetime as dt
-import json
 import shutil
 import time
 from collections import Counter
@@ -59,7 +58,6 @@ from etl.settings import Settings
 from etl.transform import Planned, plan, references
 from etl.validate import Carry, precheck, prepare, validate
 from schemas.canonical import KIND_SPECS, fields_of
-from schemas.limits import ROUTES
 
 __all__ = ["validate_in_batches"]
 
@@ -189,30 +187,23 @@ class _Payloads:
 
     def add(self, x: _Input, n: int, planned: Planned, live: pl.DataFrame) -> None:
         """A batch's creates; ``live``: the ``source_key`` of its rows still planned."""
-        main = (
-            planned.rows.filter(pl.col("body").is_not_null())
-            .join(live.select("source_key").unique(), on="source_key", how="semi")
-            .select(pl.lit(x.kind).alias("kind"), "source_key", pl.col(ROW).alias("source_row"), "body")
-        )
-        derived = [
-            planned.patients.select(
-                pl.lit("patient").alias("kind"), pl.col("patient_key").alias("source_key"),
-                pl.col(ROW).alias("source_row"), "body",
+        creates = [  # a patients file's own rows and the patients a registry row describes: both "patient"
+            (
+                x.kind,
+                planned.rows.filter(pl.col("body").is_not_null())
+                .join(live.select("source_key").unique(), on="source_key", how="semi")
+                .select("source_key", ROW, "body"),
             ),
-            planned.practitioners.select(
-                pl.lit("practitioner").alias("kind"), pl.col("practitioner_key").alias("source_key"),
-                pl.col(ROW).alias("source_row"), "body",
-            ),
+            ("patient", planned.patients.select(pl.col("patient_key").alias("source_key"), ROW, "body")),
+            ("practitioner", planned.practitioners.select(pl.col("practitioner_key").alias("source_key"), ROW, "body")),
         ]
-        for i, frame in enumerate([main, *derived]):
-            for (kind,), mine in frame.group_by("kind", maintain_order=True):
-                index = self.planned.setdefault(str(kind), KeyIndex())
-                fresh = mine.filter(~index.insert(mine.select(pl.col("source_key").alias("key"))).get_column("found"))
-                if fresh.is_empty():
-                    continue
-                stage = KIND_SPECS[str(kind)].stage
+        for i, (kind, frame) in enumerate(creates):
+            index = self.planned.setdefault(kind, KeyIndex())
+            fresh = frame.filter(~index.insert(frame.select(pl.col("source_key").alias("key"))).get_column("found"))
+            if fresh.height:
+                stage = KIND_SPECS[kind].stage
                 part = self.work / f"payloads-{stage}-{x.order:04d}-{n:06d}-{i}.ipc"
-                fresh.with_columns(pl.lit(x.file).alias("source_file")).write_ipc(part)
+                fresh.with_columns(pl.lit(kind).alias("kind")).write_ipc(part)
                 self.parts.setdefault(stage, []).append(part)
 
     def withdraw(self, kind: str, keys: pl.Series) -> None:
@@ -220,22 +211,14 @@ class _Payloads:
 
     def write(self, path: Path) -> dict[str, int]:
         """``payloads.ndjson``, stage by stage; the number of creates per kind."""
-        from etl.transform import readable_refs
-
         withdrawn = pl.concat(self.withdrawn) if self.withdrawn else pl.DataFrame(schema=_KIND_KEY)
         counts: dict[str, int] = {}
         with _private_file(path).open("w", encoding="utf-8") as fh:
             for stage in sorted(self.parts):
                 for part in self.parts[stage]:
                     lines = pl.read_ipc(part).join(withdrawn, on=["kind", "source_key"], how="anti")
-                    for kind, key, row, body in lines.select("kind", "source_key", "source_row", "body").iter_rows():
-                        route = ROUTES[KIND_SPECS[kind].schema]
-                        head = json.dumps(
-                            {"method": "POST", "path": route, "source_row": row, "kind": kind, "source_key": key},
-                            ensure_ascii=False,
-                        )
-                        # The body is JSON already: spliced in, not parsed and re-encoded.
-                        fh.write(f'{head[:-1]}, "body": {readable_refs(body)}}}\n')
+                    for kind, key, row, body in lines.select("kind", "source_key", ROW, "body").iter_rows():
+                        fh.write(pipeline.payload_line(kind, key, row, body))
                         counts[kind] = counts.get(kind, 0) + 1
         return counts
 

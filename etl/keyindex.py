@@ -99,9 +99,6 @@ class KeyIndex:
 
     def contains(self, keys: pl.Series) -> pl.Series:
         """Whether each of ``keys`` is in the index."""
-        self._settle()
-        if not self.runs:
-            return pl.repeat(False, len(keys), dtype=pl.Boolean, eager=True).alias("found")
         return self.lookup(keys).get_column("found")
 
     def add(self, rows: pl.DataFrame, *, new: bool = False) -> None:

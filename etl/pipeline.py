@@ -634,13 +634,20 @@ def _dry_run(prepared: list[Prepared], rows: pl.DataFrame, folder: Path) -> dict
     with _private_file(folder / "payloads.ndjson").open("w", encoding="utf-8") as fh:
         for stage in _sends(prepared, rows):
             for s in stage:
-                line = {"method": "POST", "path": s.route, "source_row": first_row[(s.kind, s.source_key)],
-                        "kind": s.kind, "source_key": s.source_key}
-                # The body is JSON already: spliced in, not parsed and re-encoded (that was ~40% of a dry run).
-                head = json.dumps(line, ensure_ascii=False)
-                fh.write(f'{head[:-1]}, "body": {readable_refs(s.body)}}}\n')
+                fh.write(payload_line(s.kind, s.source_key, first_row[(s.kind, s.source_key)], s.body))
                 counts[s.kind] = counts.get(s.kind, 0) + 1
     return counts
+
+
+def payload_line(kind: str, source_key: str, source_row: int, body: str) -> str:
+    """One line of ``payloads.ndjson``: the request a load would send for a planned create."""
+    head = json.dumps(
+        {"method": "POST", "path": ROUTES[KIND_SPECS[kind].schema], "source_row": source_row, "kind": kind,
+         "source_key": source_key},
+        ensure_ascii=False,
+    )
+    # The body is JSON already: spliced in, not parsed and re-encoded (that was ~40% of a dry run).
+    return f'{head[:-1]}, "body": {readable_refs(body)}}}\n'
 
 
 def _load(

@@ -276,7 +276,7 @@ def _timings(summary: dict[str, Any]) -> str:
 def render_html(summary: dict[str, Any], rows: pl.DataFrame, tally: pl.DataFrame | None = None) -> str:
     """The whole page, from a run's summary and its per-row frame (``ROW_COLUMNS``).
 
-    ``tally``: the problem rows' counts (``etl.report.tally``) when ``rows`` holds only the first
+    ``tally``: the problem rows' counts (:func:`tally_of`) when ``rows`` holds only the first
     rows of each group; counted from ``rows`` otherwise.
     """
     counted = tally_of(rows) if tally is None else tally

@@ -321,9 +321,8 @@ def prepare(mapped: Mapped) -> pl.DataFrame:
         # lengthMinutes from the period when the source leaves it out.
         minutes = (pl.col("period_end__instant") - pl.col("period_start__instant")).dt.total_minutes()
         prepared = prepared.with_columns(pl.col("length_minutes__int").fill_null(minutes))
-    by_name = field_map(mapped.kind)
-    demographics = _demographics(by_name)
-    if "patient_id" in by_name and demographics:
+    demographics = _demographics(field_map(mapped.kind))
+    if demographics:
         # What the patient-conflict rule compares, hashed here (ahead, on the read-ahead thread).
         prepared = prepared.with_columns(_compared(f).hash().alias(f"__hash_{f.name}") for f in demographics)
     return prepared
@@ -517,7 +516,7 @@ def _domain_rules(kind: str, fields: dict[str, CanonicalField], today: dt.date) 
             ),
         )
     demographics = _demographics(fields)
-    if "patient_id" in fields and demographics:
+    if demographics:
         # Rows that only name a patient (no details) cannot conflict with the ones that describe it.
         carries = _carries_details(demographics)
         for f in demographics:
@@ -534,6 +533,9 @@ def _domain_rules(kind: str, fields: dict[str, CanonicalField], today: dt.date) 
 
 
 def _demographics(fields: Mapping[str, CanonicalField]) -> list[CanonicalField]:
+    """The patient details rows are compared on (none for a kind without a patient id)."""
+    if "patient_id" not in fields:
+        return []
     return [f for f in fields.values() if f.name.startswith("patient_") and f.name != "patient_id"]
 
 
@@ -559,7 +561,7 @@ def _compared_across_rows(prepared: pl.DataFrame, kind: str, carry: Carry) -> pl
             (ids.is_not_null() & (~ids.is_first_distinct() | earlier)).alias("__seen_before")
         )
     demographics = _demographics(fields)
-    if "patient_id" in fields and demographics:
+    if demographics:
         names = [f"__first_{f.name}" for f in demographics]
         if carry.patients is None:
             carry.patients = KeyIndex(dict.fromkeys(names, pl.UInt64()))

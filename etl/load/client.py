@@ -28,10 +28,10 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from etl.errors import UsageError
+
 if TYPE_CHECKING:
     from etl.settings import Settings
-
-from etl.errors import UsageError
 
 __all__ = [
     "ApiClient",

@@ -25,7 +25,7 @@ from schemas.limits import MAX_BODY_BYTES
 
 KEY = "clk_test_" + "a1" * 16
 READ_KEY = "clk_test_reader0123456789"
-WRITE_KEY = "clk_live_writer0123456789"
+WRITE_KEY = "clk_test_writer0123456789"
 UNKNOWN_KEY = "clk_test_unknown0123456789"
 
 
