@@ -5,7 +5,8 @@
 (b) the loader against an unlimited sandbox next to a bare ``httpx.AsyncClient`` loop posting the
     same bodies at the same concurrency (requests/s);
 (c) the loader against a sandbox that allows 600 requests per 10 s: achieved / allowed, 429s;
-(d) bulk mode on ``--bulk-rows`` rows.
+(d) bulk mode on ``--bulk-rows`` rows;
+(e) a real load of ``--load-rows`` rows (bulk mode) in batches and planned whole: peak RSS.
 
 Benchmarks are not tests: nothing here asserts a time. ``--quick`` runs (a) and a small (b) only.
 """
@@ -33,10 +34,11 @@ HERE = Path(__file__).resolve().parent
 CONCURRENCY = 8
 
 
-def _child(args: list[str]) -> dict[str, Any]:
+def _child(args: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
     """Run a child process; its wall time and peak RSS (its own, from wait4)."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env={**os.environ, **env} if env else None)
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - t0
     proc.returncode = os.waitstatus_to_exitcode(status)
@@ -174,6 +176,30 @@ def bench_bulk(data: Path, rows: int, work: Path) -> dict[str, Any]:
             "states": summary["states"]}
 
 
+def bench_streamed_load(data: Path, rows: int, work: Path) -> dict[str, Any]:
+    """(e): a real load (bulk mode, to be quick) of ``rows`` rows in a child process, in batches
+    (``--stream``) and planned whole (``--no-stream``): peak RSS of each, the sandbox outside it."""
+    from etl.sandbox import SandboxConfig, SandboxServer
+
+    csv = data / f"registry-{rows}.csv"
+    if not csv.is_file():
+        generate(csv, rows)
+    out: dict[str, Any] = {"rows": rows}
+    for how in ("stream", "no-stream"):
+        with SandboxServer(SandboxConfig(bulk_operations_per_hour=10_000)) as server:
+            folder = work / f"load-{how}"
+            result = _child(
+                _cli("load", str(csv), f"--{how}", "--mode", "bulk", "-q", "--base-url", server.base_url,
+                     "--state", str(work / f"load-{how}.sqlite"), "--report-dir", str(folder)),
+                env={"CLINIKAPI_SECRET_KEY": server.api_key, "CLINIK_ETL_BULK_PER_HOUR": "10000"},
+            )
+        summary = json.loads((folder / "summary.json").read_text())
+        result["rows_per_s"] = round(rows / result["seconds"])
+        result["states"] = {k: v for k, v in summary["states"].items() if v}
+        out[how.replace("-", "_")] = result
+    return out
+
+
 def machine() -> dict[str, Any]:
     """What the figures were measured on."""
     return {"cpus": os.cpu_count(), "python": platform.python_version(), "polars": pl.__version__,
@@ -181,7 +207,7 @@ def machine() -> dict[str, Any]:
 
 
 def run(rows: int, *, quick: bool, http_rows: int, limited_seconds: float, bulk_rows: int,
-        out: Path, data: Path, scale_rows: int = 0) -> dict[str, Any]:
+        out: Path, data: Path, scale_rows: int = 0, load_rows: int = 0) -> dict[str, Any]:
     """Run the benchmarks and write ``out``."""
     csv = data / f"registry-{rows}.csv"
     if not csv.is_file():
@@ -194,6 +220,7 @@ def run(rows: int, *, quick: bool, http_rows: int, limited_seconds: float, bulk_
         results["http"] = bench_http(data, min(http_rows, rows, 300) if quick else http_rows, work)
         results["rate_limited"] = None if quick else bench_limited(data, limited_seconds, work)
         results["bulk"] = None if quick else bench_bulk(data, bulk_rows, work)
+        results["streamed_load"] = bench_streamed_load(data, load_rows, work) if load_rows and not quick else None
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     return results
@@ -230,6 +257,12 @@ def show(results: dict[str, Any]) -> None:
         states = ", ".join(f"{v:,} {k}" for k, v in b["states"].items() if v)
         table.add_row(f"bulk mode ({b['rows']:,} rows, {b['jobs']} jobs)", f"{b['load_seconds']:.1f}",
                       f"{b['rows_per_s']:,} rows/s", "", states)
+    if (sl := results.get("streamed_load")) is not None:
+        for how, label in (("stream", "in batches (--stream)"), ("no_stream", "planned whole (--no-stream)")):
+            r = sl[how]
+            table.add_row(f"load --mode bulk, {sl['rows']:,} rows, {label}", f"{r['seconds']:.1f}",
+                          f"{r['rows_per_s']:,} rows/s", f"{r['peak_rss_mb']:,.0f}",
+                          ", ".join(f"{v:,} {k}" for k, v in r["states"].items()))
     Console().print(table)
 
 
@@ -242,12 +275,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--http-rows", type=int, default=5_000, help="rows loaded for (b)")
     parser.add_argument("--limited-seconds", type=float, default=15.0, help="about how long (c) runs")
     parser.add_argument("--bulk-rows", type=int, default=100_000, help="rows loaded in bulk mode for (d)")
+    parser.add_argument("--load-rows", type=int, default=300_000,
+                        help="rows of a real load (bulk mode) run in batches and whole, for peak RSS (0: skip)")
     parser.add_argument("--quick", action="store_true", help="(a) and a small (b) only")
     parser.add_argument("--out", type=Path, default=HERE / "results.json")
     parser.add_argument("--data", type=Path, default=HERE / "data", help="where generated files are kept")
     args = parser.parse_args(argv)
     results = run(args.rows, quick=args.quick, http_rows=args.http_rows, limited_seconds=args.limited_seconds,
-                  bulk_rows=args.bulk_rows, out=args.out, data=args.data, scale_rows=args.scale_rows)
+                  bulk_rows=args.bulk_rows, out=args.out, data=args.data, scale_rows=args.scale_rows,
+                  load_rows=args.load_rows)
     show(results)
     print(f"results: {args.out}")
     return 0

@@ -26,15 +26,16 @@ the file.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import shutil
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import polars as pl
 
@@ -59,7 +60,13 @@ from etl.transform import Planned, plan, references
 from etl.validate import Carry, precheck, prepare, validate
 from schemas.canonical import KIND_SPECS, fields_of
 
-__all__ = ["validate_in_batches"]
+if TYPE_CHECKING:
+    from etl.load.state import StateStore
+
+__all__ = ["Run", "planned_in_batches", "validate_in_batches"]
+
+# Which (kind, id) pairs the target holds, of those asked.
+Lookup = Callable[[list[tuple[str, str]]], set[tuple[str, str]]]
 
 _ALIASES = {"kind": pl.String, "value": pl.String, "alias": pl.String}
 _KIND_KEY = {"kind": pl.String, "source_key": pl.String}
@@ -150,12 +157,15 @@ class _RowsWriter:
     (late rejections) is written again from its IPC copy when the report is put together.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, enabled: bool = True) -> None:
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="rows-csv")
         self._last: Future[_Written] | None = None
         self.written: dict[Path, Future[_Written]] = {}
+        self.enabled = enabled  # not when a load will change the rows: they are written once, at the end
 
     def submit(self, part: Path, rows: pl.DataFrame) -> None:
+        if not self.enabled:
+            return
         if self._last is not None:
             self._last.result()  # one at a time
         self._last = self.written[part] = self._pool.submit(_rows_csv, rows, part.with_suffix(".csv"))
@@ -187,15 +197,18 @@ class _Payloads:
 
     def add(self, x: _Input, n: int, planned: Planned, live: pl.DataFrame) -> None:
         """A batch's creates; ``live``: the ``source_key`` of its rows still planned."""
+        none = pl.lit(None, dtype=pl.String).alias("source_file")
         creates = [  # a patients file's own rows and the patients a registry row describes: both "patient"
             (
                 x.kind,
                 planned.rows.filter(pl.col("body").is_not_null())
                 .join(live.select("source_key").unique(), on="source_key", how="semi")
-                .select("source_key", ROW, "body"),
+                .select("source_key", ROW, "body", "body_hash", pl.lit(Path(x.file).name).alias("source_file")),
             ),
-            ("patient", planned.patients.select(pl.col("patient_key").alias("source_key"), ROW, "body")),
-            ("practitioner", planned.practitioners.select(pl.col("practitioner_key").alias("source_key"), ROW, "body")),
+            ("patient", planned.patients.select(pl.col("patient_key").alias("source_key"), ROW, "body", "body_hash",
+                                                none)),
+            ("practitioner", planned.practitioners.select(pl.col("practitioner_key").alias("source_key"), ROW, "body",
+                                                          "body_hash", none)),
         ]
         for i, (kind, frame) in enumerate(creates):
             index = self.planned.setdefault(kind, KeyIndex())
@@ -209,14 +222,24 @@ class _Payloads:
     def withdraw(self, kind: str, keys: pl.Series) -> None:
         self.withdrawn.append(pl.DataFrame({"kind": kind, "source_key": keys}, schema=_KIND_KEY))
 
+    def stages(self) -> Iterator[tuple[int, Iterator[pl.DataFrame]]]:
+        """Each stage, in order, with its creates a part at a time (kind, source_key, __row, body,
+        body_hash, source_file), those withdrawn left out."""
+        withdrawn = pl.concat(self.withdrawn) if self.withdrawn else pl.DataFrame(schema=_KIND_KEY)
+
+        def parts(stage: int) -> Iterator[pl.DataFrame]:
+            for part in self.parts[stage]:
+                yield pl.read_ipc(part).join(withdrawn, on=["kind", "source_key"], how="anti")
+
+        for stage in sorted(self.parts):
+            yield stage, parts(stage)
+
     def write(self, path: Path) -> dict[str, int]:
         """``payloads.ndjson``, stage by stage; the number of creates per kind."""
-        withdrawn = pl.concat(self.withdrawn) if self.withdrawn else pl.DataFrame(schema=_KIND_KEY)
         counts: dict[str, int] = {}
         with _private_file(path).open("w", encoding="utf-8") as fh:
-            for stage in sorted(self.parts):
-                for part in self.parts[stage]:
-                    lines = pl.read_ipc(part).join(withdrawn, on=["kind", "source_key"], how="anti")
+            for _, parts in self.stages():
+                for lines in parts:
                     for kind, key, row, body in lines.select("kind", "source_key", ROW, "body").iter_rows():
                         fh.write(pipeline.payload_line(kind, key, row, body))
                         counts[kind] = counts.get(kind, 0) + 1
@@ -234,7 +257,20 @@ class _Keys:
     rejected: dict[str, KeyIndex] = field(default_factory=dict)
     firsts: dict[str, KeyIndex] = field(default_factory=dict)  # kind -> source_key: first_file, first_row
     aliases: pl.DataFrame = field(default_factory=lambda: pl.DataFrame(schema=_ALIASES))
-    payloads: _Payloads | None = None  # a dry run's creates, planned as the batches go
+    payloads: _Payloads | None = None  # a dry run's or a load's creates, planned as the batches go
+    known: dict[tuple[str, str], str] = field(default_factory=dict)  # (kind, reference) -> id, from outside the run
+    state: StateStore | None = None  # a reference to what an earlier run created is explained
+    lookup: Lookup | None = None  # a real load: which (kind, id) the target has, for what nothing else explains
+
+    def stored(self, refs: pl.DataFrame) -> pl.DataFrame:
+        """The (kind, key) of ``refs`` that an earlier run created (the state store)."""
+        found: list[tuple[str, str]] = []
+        if self.state is not None and refs.height:
+            for (kind,), mine in refs.group_by("kind"):
+                wanted = mine.get_column("key").drop_nulls().unique().to_list()
+                found += [(str(kind), k) for k, rec in self.state.get(str(kind), wanted).items()
+                          if rec.state == "created"]
+        return pl.DataFrame(found, schema={"kind": pl.String, "key": pl.String}, orient="row")
 
     def _add(self, store: dict[str, KeyIndex], kind: str, keys: pl.Series) -> None:
         if kind in self.referenced:
@@ -277,13 +313,73 @@ def validate_in_batches(
     *,
     batch_rows: int | None = None,
     payloads: bool = False,
+    state: StateStore | None = None,
 ) -> RunReport:
     """Validate inputs a batch at a time; write the report (the entry point is ``pipeline.validate_files``).
 
     ``payloads``: plan the creates too and write ``payloads.ndjson``, a dry run's report
-    (``pipeline.load_files`` with ``dry_run`` and no state store yet).
+    (``pipeline.load_files`` with ``dry_run``); ``state``: the state store, whose created keys
+    explain references.
     """
-    run_id, timings = pipeline._new_run_id(), dict[str, float]()
+    with planned_in_batches(paths, settings, progress, batch_rows=batch_rows, payloads=payloads, state=state) as run:
+        extra: dict[str, Any] = {}
+        if run.keys.payloads is not None:
+            extra["requests_planned"] = run.keys.payloads.write(run.folder / "payloads.ndjson")
+            return run.write(extra, command="load", target=settings.base_url or "embedded sandbox")
+        return run.write(extra, command="validate", target="none (validate)")
+
+
+@dataclass
+class Run:
+    """A run planned in batches (:func:`planned_in_batches`): its report rows are on disk, a part per batch."""
+
+    run_id: str
+    t0: float
+    timings: dict[str, float]
+    settings: Settings
+    inputs: list[_Input]
+    keys: _Keys
+    folder: Path
+    work: Path
+    writer: _RowsWriter
+
+    @property
+    def parts(self) -> Iterator[Path]:
+        """The report rows' parts (IPC), in input order."""
+        return (p for x in self.inputs for p in x.parts)
+
+    def rewrite(self, part: Path, rows: pl.DataFrame) -> None:
+        """A part's rows changed (a load's outcomes)."""
+        self.writer.forget(part)
+        rows.write_ipc(part)
+
+    def write(self, extra: dict[str, Any], *, command: str, target: str) -> RunReport:
+        """The report, from the parts."""
+        self.timings["total"] = time.perf_counter() - self.t0
+        return _write(self.run_id, self.inputs, self.folder, self.settings, self.timings, self.writer, extra,
+                      command=command, target=target)
+
+
+@contextlib.contextmanager
+def planned_in_batches(
+    paths: Sequence[str | Path],
+    settings: Settings,
+    progress: Progress,
+    *,
+    batch_rows: int | None = None,
+    payloads: bool = False,
+    state: StateStore | None = None,
+    lookup: Lookup | None = None,
+    rows_csv: bool = True,
+    run_id: str | None = None,
+) -> Iterator[Run]:
+    """Validate and plan inputs a batch at a time; the run, its parts on disk until the block ends.
+
+    ``lookup``: which (kind, id) pairs the target holds, asked at the end of a stage about the
+    references nothing else explains (a real load). ``rows_csv``: write each batch's rows.csv
+    lines as it goes (not when a load will change them).
+    """
+    run_id, timings = run_id or pipeline._new_run_id(), dict[str, float]()
     t0 = time.perf_counter()
     profile = pipeline.run_profile(settings)
     rows_per_batch = batch_rows or settings.batch_rows
@@ -292,17 +388,20 @@ def validate_in_batches(
         batches = read_batches(path, sheet=settings.sheet, rows=rows_per_batch)
         inputs.append(_Input(order, batches, apply_profile(batches.table, profile)))
     inputs.sort(key=lambda x: KIND_SPECS[x.kind].stage)
+    known = pipeline.read_crosswalk(settings.crosswalk)
     keys = _Keys(
         referenced=frozenset(f.ref for x in inputs for f in fields_of(x.kind) if f.ref),
         shared=frozenset(k for k, n in Counter(x.kind for x in inputs).items() if n > 1),
+        known=known,
+        state=state,
+        lookup=lookup,
     )
-    known = pipeline.read_crosswalk(settings.crosswalk)
     known_frame = pl.DataFrame(list(known), schema={"kind": pl.String, "value": pl.String}, orient="row")
     folder = pipeline._report_dir(settings, run_id)
     _private_dir(folder)
     work = folder / ".batches"
     _private_dir(work)
-    writer = _RowsWriter()
+    writer = _RowsWriter(rows_csv)
     keys.payloads = _Payloads(work) if payloads else None
     today = dt.date.today()  # one date for every batch, though the run may pass midnight
     try:
@@ -323,11 +422,7 @@ def validate_in_batches(
                 here = unexplained.filter(pl.col("source_file").is_in([x.file for x in members]))
                 _settle(members, here, keys, work, writer)
         progress.finish("validate")
-        timings["total"] = time.perf_counter() - t0
-        extra: dict[str, Any] = {}
-        if keys.payloads is not None:
-            extra["requests_planned"] = keys.payloads.write(folder / "payloads.ndjson")
-        return _write(run_id, inputs, folder, settings, timings, writer, extra)
+        yield Run(run_id, t0, timings, settings, inputs, keys, folder, work, writer)
     finally:
         writer.close()
         shutil.rmtree(work, ignore_errors=True)
@@ -405,6 +500,8 @@ def _batch(
     # that itself waits (it may still be rejected, and then this row is parent-rejected).
     waits = ~keys.has(keys.available, unexplained, "key") | keys.has(keys.tentative, unexplained, "key")
     unexplained = unexplained.filter(waits).join(known, on=["kind", "value"], how="anti").select(_PENDING)
+    if keys.state is not None and unexplained.height:
+        unexplained = unexplained.join(keys.stored(unexplained), on=["kind", "key"], how="anti")
     keys.add_tentative(x.kind, unexplained.get_column("source_key"))
     if unexplained.height or x.kind == "document":
         held = mapped.table.frame if x.kind == "document" else mapped.table.frame.join(unexplained, on=ROW, how="semi")
@@ -457,6 +554,11 @@ def _settle(members: list[_Input], pending: pl.DataFrame, keys: _Keys, work: Pat
         return
     parent_rejected = keys.has(keys.rejected, refs, "key") | keys.has(keys.rejected, refs, "value")
     is_rejected, rest = refs.filter(parent_rejected), refs.filter(~parent_rejected)
+    if keys.lookup is not None and rest.height:
+        found = keys.lookup(rest.select("kind", "value").unique(maintain_order=True).rows())
+        keys.known.update({pair: pair[1] for pair in found})
+        there = pl.DataFrame(list(found), schema={"kind": pl.String, "value": pl.String}, orient="row")
+        rest = rest.join(there, on=["kind", "value"], how="anti")
     failures = pl.concat(
         [
             is_rejected.with_columns(
@@ -535,6 +637,9 @@ def _write(
     timings: dict[str, float],
     writer: _RowsWriter,
     extra: dict[str, Any],
+    *,
+    command: str,
+    target: str,
 ) -> RunReport:
     """rows.csv, rejects.csv, summary.json and report.html, from the parts on disk, a part at a time."""
     counts, tallies = [], []
@@ -568,11 +673,11 @@ def _write(
     ]
     summary = pipeline.summary_of(
         run_id,
-        command="load" if "requests_planned" in extra else "validate",
+        command=command,
         inputs=[pipeline.input_facts(x.mapped, x.rows) for x in inputs],
         warnings=warnings,
         counts=counts_frame,
-        target=(settings.base_url or "embedded sandbox") if "requests_planned" in extra else "none (validate)",
+        target=target,
         settings=settings,
         timings=timings,
         extra={**extra, "batch_rows": settings.batch_rows},

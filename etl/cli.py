@@ -236,6 +236,18 @@ def validate(
     type=click.Path(dir_okay=False, path_type=Path),
     help="Read the Redox bearer token from this file (else from REDOX_API_TOKEN).",
 )
+@click.option(
+    "--stream/--no-stream",
+    default=None,
+    help="Plan and send in batches, in bounded memory (a migration of millions of rows), or plan whole files "
+    "in memory (quicker for small ones). Default: --stream for a dry run, and for a load when the inputs "
+    "exceed 64 MiB together.",
+)
+@click.option(
+    "--batch-rows",
+    type=click.IntRange(min=1),
+    help=f"Rows checked at a time when streaming (default {BATCH_ROWS}).",
+)
 @output_options
 @handle_errors
 def load(
@@ -260,6 +272,8 @@ def load(
     target: str | None,
     redox_base_url: str | None,
     redox_token_file: Path | None,
+    stream: bool | None,
+    batch_rows: int | None,
     quiet: bool,
     as_json: bool,
 ) -> None:
@@ -289,6 +303,8 @@ def load(
         consistency_window=consistency_window,
         mode=mode,
         state=state,
+        stream=stream,
+        batch_rows=batch_rows,
     )
     if api_key_file is not None:
         values["api_key"] = read_key_file(api_key_file)

@@ -396,12 +396,18 @@ def load_files(
 
         return load_redox(paths, settings, progress=progress, job=job)
     progress = as_progress(progress)
-    if settings.dry_run and not settings.state.is_file():
-        # Nothing loaded before: the plan needs nothing from a state store, so it is made a batch at
-        # a time in bounded memory, like validate (the report and payloads.ndjson are the same).
+    if settings.dry_run and settings.stream is not False:
+        # The plan is made a batch at a time in bounded memory, like validate (the report and
+        # payloads.ndjson are the ones a whole-file plan writes); the state store, if any, explains
+        # references to what earlier runs created.
         from etl.batches import validate_in_batches
 
-        return validate_in_batches(paths, settings, progress, payloads=True)
+        with _existing_state(settings) as state:
+            return validate_in_batches(paths, settings, progress, payloads=True, state=state)
+    from etl.streaming import load_in_batches, streams
+
+    if streams(paths, settings):
+        return load_in_batches(paths, settings, progress, job=job)
     run_id, timings = _new_run_id(), dict[str, float]()
     t0 = time.perf_counter()
     prepared = prepare_files(paths, settings, timings, progress)
@@ -662,7 +668,7 @@ def _load(
     timings: dict[str, float],
     job: str | None = None,
 ) -> tuple[pl.DataFrame, dict[str, Any]]:
-    from etl.load.client import ApiClient, LookupFailed, http_client
+    from etl.load.client import ApiClient, http_client
     from etl.load.loader import LoadOptions
     from etl.load.state import StateStore
     from etl.load.throttle import Throttle
@@ -684,13 +690,6 @@ def _load(
                 client = ApiClient(http, key, on_response=estimate.chain(throttle.observe))
                 client.protocols = protocols
 
-                async def exists_async(kind: str, value: str) -> bool:
-                    route = ROUTES[KIND_SPECS[kind].schema]
-                    try:
-                        return await client.get(f"{route}/{quote(value, safe='')}") is not None
-                    except LookupFailed:
-                        return False
-
                 pending: list[tuple[str, str]] = []
                 checked: dict[tuple[str, str], bool] = {}
 
@@ -703,7 +702,7 @@ def _load(
                 # First pass finds the references nothing in the run explains; look those up, then decide.
                 _resolve_references(prepared, rows, dict(known), state, exists)
                 for kind, value in pending:
-                    checked[(kind, value)] = await exists_async(kind, value)
+                    checked[(kind, value)] = await target_has(client, kind, value)
                 resolved = _resolve_references(prepared, rows, known, state, lambda k, v: checked.get((k, v), False))
                 stages = _sends(prepared, resolved)
                 unsent = _unsent(state, stages)
@@ -715,67 +714,97 @@ def _load(
 
         rows, results, loader = asyncio.run(go())
         timings["load"] = time.perf_counter() - t0
-        table = pl.DataFrame(
-            [
-                {"kind": k, "source_key": sk, "r_state": r.state, "r_id": r.resource_id, "r_status": r.http_status,
-                 "r_code": r.error_code, "r_field": r.field, "r_message": r.message}
-                for (k, sk), r in results.items()
-            ],
-            schema={"kind": pl.String, "source_key": pl.String, "r_state": pl.String, "r_id": pl.String,
-                    "r_status": pl.Int64, "r_code": pl.String, "r_field": pl.String, "r_message": pl.String},
-        )
-        patients = table.filter(pl.col("kind") == "patient").select(
-            pl.col("source_key").alias("patient_key"), pl.col("r_id").alias("patient_id")
-        )
-        planned = pl.col("state") == "planned"
-        out = (
-            rows.join(table, on=["kind", "source_key"], how="left")
-            .join(patients, on="patient_key", how="left")
-            .with_columns(
-                pl.when(planned).then(pl.col("r_state").fill_null("failed")).otherwise(pl.col("state")).alias("state"),
-                pl.when(planned).then(pl.col("r_id")).otherwise(pl.col("resource_id")).alias("resource_id"),
-                pl.when(planned).then(pl.col("r_code")).otherwise(pl.col("error_code")).alias("error_code"),
-                pl.when(planned).then(pl.col("r_field")).otherwise(pl.col("field")).alias("field"),
-                pl.when(planned)
-                .then(
-                    pl.when(pl.col("r_status").is_not_null() & (pl.col("r_state") != "created"))
-                    .then(pl.format("HTTP {}: {}", "r_status", pl.col("r_message").fill_null("")))
-                    .otherwise(pl.col("r_message"))
-                )
-                .otherwise(pl.col("message"))
-                .alias("message"),
-                pl.coalesce("patient_id", "patient_key").alias("patient_key"),
-            )
-            .select(rows.columns)
-        )
-        per_kind: dict[str, dict[str, int]] = {}
-        for (kind, _), r in results.items():
-            per_kind.setdefault(kind, {}).setdefault(r.state, 0)
-            per_kind[kind][r.state] += 1
-        crosswalk = table.filter(pl.col("r_id").is_not_null()).select(
-            "kind", "source_key", pl.col("r_id").alias("resource_id")
-        )
-        extra = {
-            "patients": per_kind.get("patient", {}),
-            "resources": per_kind,
-            "requests": loader.stats.requests,
-            "http_versions": dict(protocols),
-            "creates_sent": loader.stats.creates,
-            "responses_429": loader.stats.retries_429,
-            "achieved_rate": round(loader.stats.requests / loader.stats.send_seconds, 2)
-            if loader.stats.send_seconds
-            else None,
-            "aborted": str(loader.aborted) if loader.aborted else None,
-            "interrupted": loader.stopping,
-            **_bulk_extra(loader),
-            "_crosswalk": crosswalk,
-        }
+        table = results_table(results)
+        out = with_outcomes(rows, table, outcome_patients(table))
+        extra = load_extra(loader, table, protocols)
         disappeared = _disappeared(prepared, rows, state)
         extra["_disappeared"] = disappeared
         extra["disappeared"] = disappeared.height
         counts, _ = count_states(out)
         state.finish_run(run_id, {"states": counts})
     return out, extra
+
+
+async def target_has(client: ApiClient, kind: str, value: str) -> bool:
+    """Whether the target holds a ``kind`` with this ClinikAPI id (a reference nothing in the run explains)."""
+    from etl.load.client import LookupFailed
+
+    route = ROUTES[KIND_SPECS[kind].schema]
+    try:
+        return await client.get(f"{route}/{quote(value, safe='')}") is not None
+    except LookupFailed:
+        return False
+
+
+_RESULTS = {"kind": pl.String, "source_key": pl.String, "r_state": pl.String, "r_id": pl.String,
+            "r_status": pl.Int64, "r_code": pl.String, "r_field": pl.String, "r_message": pl.String}
+
+
+def results_table(results: dict[tuple[str, str], Result]) -> pl.DataFrame:
+    """The loader's results, a line per (kind, source_key)."""
+    return pl.DataFrame(
+        [(k, sk, r.state, r.resource_id, r.http_status, r.error_code, r.field, r.message)
+         for (k, sk), r in results.items()],
+        schema=_RESULTS,
+        orient="row",
+    )
+
+
+def outcome_patients(table: pl.DataFrame) -> pl.DataFrame:
+    """The ClinikAPI id of each patient key the load created or found."""
+    return table.filter(pl.col("kind") == "patient").select(
+        pl.col("source_key").alias("patient_key"), pl.col("r_id").alias("patient_id")
+    )
+
+
+def with_outcomes(rows: pl.DataFrame, table: pl.DataFrame, patients: pl.DataFrame) -> pl.DataFrame:
+    """Report rows with the load's outcomes: a planned row takes its create's (failed when it has none)."""
+    planned = pl.col("state") == "planned"
+    return (
+        rows.join(table, on=["kind", "source_key"], how="left", maintain_order="left")
+        .join(patients, on="patient_key", how="left", maintain_order="left")
+        .with_columns(
+            pl.when(planned).then(pl.col("r_state").fill_null("failed")).otherwise(pl.col("state")).alias("state"),
+            pl.when(planned).then(pl.col("r_id")).otherwise(pl.col("resource_id")).alias("resource_id"),
+            pl.when(planned).then(pl.col("r_code")).otherwise(pl.col("error_code")).alias("error_code"),
+            pl.when(planned).then(pl.col("r_field")).otherwise(pl.col("field")).alias("field"),
+            pl.when(planned)
+            .then(
+                pl.when(pl.col("r_status").is_not_null() & (pl.col("r_state") != "created"))
+                .then(pl.format("HTTP {}: {}", "r_status", pl.col("r_message").fill_null("")))
+                .otherwise(pl.col("r_message"))
+            )
+            .otherwise(pl.col("message"))
+            .alias("message"),
+            pl.coalesce("patient_id", "patient_key").alias("patient_key"),
+        )
+        .select(rows.columns)
+    )
+
+
+def load_extra(loader: Loader, table: pl.DataFrame, protocols: Counter[str]) -> dict[str, Any]:
+    """What a load adds to the summary (``_crosswalk``: the ids it learnt, for crosswalk.csv)."""
+    per_kind: dict[str, dict[str, int]] = {}
+    for kind, state, n in table.group_by("kind", "r_state", maintain_order=True).len().iter_rows():
+        per_kind.setdefault(kind, {})[state] = n
+    crosswalk = table.filter(pl.col("r_id").is_not_null()).select(
+        "kind", "source_key", pl.col("r_id").alias("resource_id")
+    )
+    return {
+        "patients": per_kind.get("patient", {}),
+        "resources": per_kind,
+        "requests": loader.stats.requests,
+        "http_versions": dict(protocols),
+        "creates_sent": loader.stats.creates,
+        "responses_429": loader.stats.retries_429,
+        "achieved_rate": round(loader.stats.requests / loader.stats.send_seconds, 2)
+        if loader.stats.send_seconds
+        else None,
+        "aborted": str(loader.aborted) if loader.aborted else None,
+        "interrupted": loader.stopping,
+        **_bulk_extra(loader),
+        "_crosswalk": crosswalk,
+    }
 
 
 async def _loader(

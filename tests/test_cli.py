@@ -52,7 +52,7 @@ def test_readme_options_exist_in_help() -> None:
         documented = set(re.findall(r"--[a-z][a-z-]+", block.group(1)))
         result = runner.invoke(main, [*name.split(), "--help"])
         assert result.exit_code == 0
-        offered = {o for p in command.params for o in p.opts if o.startswith("--")}
+        offered = {o for p in command.params for o in [*p.opts, *p.secondary_opts] if o.startswith("--")}
         assert all(o in result.output for o in offered)
         assert documented == offered, (name, documented ^ offered)
 

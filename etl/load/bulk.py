@@ -242,23 +242,25 @@ class BulkLoader(Loader):
         self.limit_note: str | None = None  # set when the hourly limit stopped the run
         self._batches = 0
 
-    async def run_stages(
+    async def begin(
         self,
-        stages: Sequence[Sequence[Send]],
         *,
         aliases: Mapping[tuple[str, str], str] | None = None,
         known_ids: Mapping[tuple[str, str], str] | None = None,
-    ) -> dict[tuple[str, str], Result]:
-        """Settle batches an earlier run left open, then load each stage in bulk."""
-        ledger = _Ledger(self.state)
+    ) -> None:
+        """Settle batches an earlier run left open, before anything new is sent."""
+        await super().begin(aliases=aliases, known_ids=known_ids)
+        self._ledger = _Ledger(self.state)
         try:
-            self._ledger = ledger
             await self._settle_open_batches()
-            results = await super().run_stages(stages, aliases=aliases, known_ids=known_ids)
-        finally:
-            ledger.close()
+        except BaseException:
+            self._ledger.close()
+            raise
+
+    def end(self) -> None:
+        self._ledger.close()
+        super().end()
         self.stats.requests = self.client.requests + self.bulk.requests
-        return results
 
     async def _settle_open_batches(self) -> None:
         for batch_id, kind, job_id, keys in self._ledger.open_batches():

@@ -150,13 +150,42 @@ class Loader:
         referred to by its source id but keyed by its NPI); ``known_ids`` map (kind, reference) to
         ClinikAPI ids known from outside the run (a user's crosswalk, ids that already exist).
         """
+        await self.begin(aliases=aliases, known_ids=known_ids)
+        try:
+            for stage in stages:
+                await self._run_stage(stage)
+        finally:
+            self.end()
+        return self._results
+
+    async def begin(
+        self,
+        *,
+        aliases: Mapping[tuple[str, str], str] | None = None,
+        known_ids: Mapping[tuple[str, str], str] | None = None,
+    ) -> None:
+        """Get ready to load (:meth:`run_stages`, or :meth:`run_part` a part of a stage at a time)."""
         self._aliases = dict(aliases or {})
         self._known = dict(known_ids or {})
         self._results: dict[tuple[str, str], Result] = {}
-        for stage in stages:
-            await self._run_stage(stage)
+
+    def end(self) -> None:
+        """The load is over (even when it stopped early)."""
         self.stats.requests = self.client.requests
-        return self._results
+
+    async def run_part(self, items: Sequence[Send]) -> dict[tuple[str, str], Result]:
+        """Load a part of a stage (between :meth:`begin` and :meth:`end`); its results.
+
+        Every part of a stage goes before any part of the next. A load in parts (``etl.streaming``)
+        keeps in memory only the results a later reference needs to explain itself (those that
+        did not create); created ones are read back from the state store when a child needs the id.
+        """
+        await self._run_stage(items)
+        mine = {(i.kind, i.source_key): self._results[(i.kind, i.source_key)] for i in items}
+        for pair, result in mine.items():
+            if result.state in ("created", "skipped"):
+                del self._results[pair]
+        return mine
 
     async def reconcile(self, items: Sequence[Send]) -> dict[tuple[str, str], Result]:
         """Settle rows left in doubt: found ones become created, certainly absent ones are sent again.
@@ -340,7 +369,11 @@ class Loader:
 
         async def produce() -> None:
             for start in range(0, len(items), window):
-                if self.stopping:
+                if self.stopping:  # the rest was never marked pending, let alone sent
+                    for item in items[start:]:
+                        results[(item.kind, item.source_key)] = Result(
+                            "failed", error_code="not-sent", message="run interrupted before sending"
+                        )
                     break
                 chunk = items[start : start + window]
                 bodies = {(i.kind, i.source_key): body_of(i) for i in chunk}

@@ -236,7 +236,7 @@ class FixedWindow:
             return Quota(
                 limit=limit,
                 remaining=max(0, limit - win.used),
-                reset=max(1, math.ceil(win.start + self.window - now)),
+                reset=max(1, math.ceil(self.window - (now - win.start))),  # never more than the window
                 exceeded=self.limit is not None and win.used > self.limit,
             )
 
