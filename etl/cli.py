@@ -283,6 +283,9 @@ def load(
     Immunization; re-running with the same --state sends nothing twice and
     resumes a run that was killed. With --target redox each valid
     immunization row is a FHIR message bundle for Redox instead.
+
+    Large inputs (over 64 MiB together) and every dry run are planned and sent a batch at a
+    time, so a migration of millions of rows stays in bounded memory (see --stream).
     """
     from etl.pipeline import load_files
 

@@ -96,7 +96,7 @@ def load_in_batches(
             disappeared = _disappeared(run, state)
             extra["disappeared"] = disappeared.height
             report = run.write({"load": True, **extra}, command="load", target=target)
-            if crosswalk.height:
+            if crosswalk is not None:  # as a whole-file load: written even when empty
                 crosswalk.sort("kind", "source_key").write_csv(_private_file(run.folder / "crosswalk.csv"))
             if disappeared.height:
                 disappeared.write_csv(_private_file(run.folder / "disappeared.csv"))
@@ -223,8 +223,7 @@ def _disappeared(run: Run, state: StateStore) -> pl.DataFrame:
                                  "resource_id": pl.String})]
     for x in run.inputs:
         name, kind = Path(x.file).name, x.kind
-        created = state.created_from(kind, name)
-        if not created or not x.parts:
+        if not x.parts:
             continue
         present = (
             pl.scan_ipc(x.parts)
@@ -234,14 +233,12 @@ def _disappeared(run: Run, state: StateStore) -> pl.DataFrame:
             .unique()
             .collect()
         )
-        earlier = pl.DataFrame(
-            {"source_key": list(created), "resource_id": list(created.values())},
-            schema={"source_key": pl.String, "resource_id": pl.String},
-        )
-        gone.append(
-            earlier.join(present, on="source_key", how="anti", maintain_order="left").select(
-                pl.lit(name).alias("source_file"), pl.lit(kind).alias("kind"), "source_key", "resource_id"
+        for part in state.created_from_in_parts(kind, name):  # this run's creates are there too: millions
+            earlier = pl.DataFrame(part, schema={"source_key": pl.String, "resource_id": pl.String}, orient="row")
+            gone.append(
+                earlier.join(present, on="source_key", how="anti", maintain_order="left").select(
+                    pl.lit(name).alias("source_file"), pl.lit(kind).alias("kind"), "source_key", "resource_id"
+                )
             )
-        )
     return pl.concat(gone)
 
