@@ -22,3 +22,12 @@ def test_quick_bench_writes_results(tmp_path: Path) -> None:
     assert http["states"]["created"] == http["rows"]
     assert http["loader_req_per_s"] > 0 and http["bare_httpx_req_per_s"] > 0
     assert results["rate_limited"] is None and results["bulk"] is None  # --quick skips them
+
+
+def test_the_load_bench_runs_a_real_load_both_ways(tmp_path: Path) -> None:
+    from bench.run import bench_streamed_load
+
+    result = bench_streamed_load(tmp_path / "data", 600, tmp_path)
+    for how in ("stream", "no_stream"):  # each a child process against its own sandbox
+        assert result[how]["states"] == {"created": 600}
+        assert result[how]["peak_rss_mb"] > 0 and result[how]["exit"] == 0
