@@ -468,3 +468,27 @@ def test_a_newer_copy_skips_unchanged_reports_changed_and_lists_what_left(
     assert lot(r2_id) == "B2"
     fourth = load_files([week2], Settings(**base, report_dir=tmp_path / "r4"))
     assert set(fourth.rows["state"]) == {"skipped"}
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_a_patient_whose_details_changed_still_takes_its_new_rows(tmp_path: Path, sandbox: Any, stream: bool) -> None:
+    """A weekly file where a patient's phone changed: the patient is reported changed, and the
+    new immunizations are created for it (its id is known), not failed as if it were missing."""
+    from etl.pipeline import load_files
+    from etl.settings import Settings
+
+    header = "Record ID,Patient ID,First Name,Last Name,Phone,CVX,Admin Date\n"
+    week1, week2 = tmp_path / "w1.csv", tmp_path / "w2.csv"
+    week1.write_text(header + "R1,P1,Ann,Lee,(303) 555-0101,08,2021-03-04\n", encoding="utf-8")
+    week2.write_text(header + "R1,P1,Ann,Lee,(303) 555-0199,08,2021-03-04\n"
+                     "R2,P1,Ann,Lee,(303) 555-0199,20,2021-04-04\n", encoding="utf-8")
+    base = {"base_url": sandbox.base_url, "api_key": sandbox.api_key, "consistency_window": 0,
+            "state": tmp_path / "s.sqlite", "stream": stream, "batch_rows": 1}
+    first = load_files([week1], Settings(**base, report_dir=tmp_path / "r1"))
+    patient_id = first.rows["patient_id"][0]
+    second = load_files([week2], Settings(**base, report_dir=tmp_path / "r2"))
+    assert second.summary["patients"] == {"changed": 1}
+    by_key = {r["source_key"]: r for r in second.rows.iter_rows(named=True)}
+    assert by_key["R2"]["state"] == "created", by_key["R2"]
+    assert by_key["R2"]["patient_id"] == patient_id
+    assert count(sandbox, "/v1/patients") == 1 and count(sandbox, "/v1/immunizations") == 2

@@ -214,7 +214,8 @@ class Loader:
         key = self._aliases.get((kind, reference), reference)
         done = self._results.get((kind, key))
         if done is not None:
-            return done.resource_id if done.state in ("created", "skipped") else None
+            # A changed or updated parent exists too: its children are sent with its id.
+            return done.resource_id if done.state in ("created", "skipped", "changed", "updated") else None
         if (kind, reference) in self._known:
             return self._known[(kind, reference)]
         stored = self.state.get(kind, [key]).get(key)
