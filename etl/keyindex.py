@@ -8,9 +8,10 @@ log-structured merge tree merges them (a run is merged into the one before it
 once that is no more than twice its size), and looks keys up by binary search
 (``search_sorted``): each batch costs about b·log(n), and the runs hold each
 key once. Runs are sorted by a 64-bit hash of the key (integers search several
-times faster than text) and the key found is compared with the key sought, so
-an answer is exact; a key is only missed if another key of the same run has
-the same 64-bit hash.
+times faster than text), and the runs hold no key itself: a key is found when both its hash and a second
+64-bit hash (another seed) match, so two keys are confused only if both of
+their hashes collide, and a key is missed only if another key of the same run
+has the same first hash.
 
 Adding is lazy: rows wait in a buffer and become a run when the index is next
 read, so an index that is only written (what a run's references might need but
@@ -25,6 +26,8 @@ __all__ = ["KeyIndex"]
 
 KEY = "key"
 _HASH = "__hash"
+_CHECK = "__check"  # a second 64-bit hash of the key, with another seed
+_SEED = 0x5EED_C0DE
 WAIT_ROWS = 1_000_000  # rows waiting to be added, at most, before they are merged in
 
 
@@ -60,6 +63,8 @@ class KeyIndex:
         hashes = keys.hash()
         order = hashes.arg_sort()
         hashes, keys = hashes.gather(order), keys.gather(order)
+        checks = keys.hash(seed=_SEED)
+        present = keys.is_not_null()
         found = pl.repeat(False, len(keys), dtype=pl.Boolean, eager=True).alias("found")
         names = [n for n in self.schema if n != KEY]
         values: pl.DataFrame | None = None
@@ -67,7 +72,8 @@ class KeyIndex:
             if run.is_empty():
                 continue
             at = run.get_column(_HASH).search_sorted(hashes, side="left").clip(0, run.height - 1)
-            hit = (run.get_column(KEY).gather(at) == keys).fill_null(False) & ~found
+            hit = (run.get_column(_HASH).gather(at) == hashes) & (run.get_column(_CHECK).gather(at) == checks)
+            hit = hit & present & ~found
             if not hit.any():
                 continue
             found = found | hit
@@ -79,9 +85,12 @@ class KeyIndex:
         if add:
             # In hash order already, so the new run needs no sort; the first row of a key wins.
             first = rows.get_column(KEY).is_first_distinct().gather(order)  # first in the rows' own order
-            fresh = pl.DataFrame({_HASH: hashes}).hstack(rows.gather(order)).filter(first & ~found).drop_nulls(KEY)
-            rows = fresh.select(self.schema.keys()).cast(self.schema)  # type: ignore[arg-type]
-            self._push(rows, hashed=fresh.get_column(_HASH))
+            fresh = (
+                pl.DataFrame({_HASH: hashes, _CHECK: checks})
+                .hstack(rows.drop(KEY).gather(order))
+                .filter(first & ~found & present)
+            )
+            self._push(fresh.select(_HASH, _CHECK, *self._values()).cast(self._cast), hashed=True)
         return self._in_order(keys, found, values).gather(order.arg_sort())
 
     def _in_order(self, keys: pl.Series, found: pl.Series | None, values: pl.DataFrame | None) -> pl.DataFrame:
@@ -100,6 +109,13 @@ class KeyIndex:
     def contains(self, keys: pl.Series) -> pl.Series:
         """Whether each of ``keys`` is in the index."""
         return self.lookup(keys).get_column("found")
+
+    def _values(self) -> list[str]:
+        return [n for n in self.schema if n != KEY]
+
+    @property
+    def _cast(self) -> dict[str, pl.DataType]:
+        return {n: t for n, t in self.schema.items() if n != KEY}
 
     def add(self, rows: pl.DataFrame, *, new: bool = False) -> None:
         """Add the rows (a ``key`` column and the values) whose keys are new; the first row of a key wins.
@@ -122,14 +138,17 @@ class KeyIndex:
         self._waiting = []
         self._push(rows.filter(~self.contains(rows.get_column(KEY))))
 
-    def _push(self, rows: pl.DataFrame, hashed: pl.Series | None = None) -> None:
-        """A run of keys absent from the index and distinct (``hashed``: their hashes, in sorted order)."""
+    def _push(self, rows: pl.DataFrame, *, hashed: bool = False) -> None:
+        """A run of keys absent from the index and distinct (``hashed``: the rows are the keys' two
+        hashes and the values, sorted by the first; else a ``key`` column and the values)."""
         if rows.is_empty():
             return
-        if hashed is None:
-            self.runs.append(rows.with_columns(pl.col(KEY).hash().alias(_HASH)).sort(_HASH))
+        if hashed:
+            self.runs.append(rows.with_columns(pl.col(_HASH).set_sorted()))
         else:
-            self.runs.append(rows.with_columns(hashed.alias(_HASH).set_sorted()))
+            key = pl.col(KEY)
+            run = rows.select(key.hash().alias(_HASH), key.hash(seed=_SEED).alias(_CHECK), *self._values())
+            self.runs.append(run.sort(_HASH))
         while len(self.runs) > 1 and self.runs[-2].height <= 2 * self.runs[-1].height:
             newer = self.runs.pop()
             self.runs[-1] = self.runs[-1].merge_sorted(newer, _HASH)  # both sorted: a linear merge
@@ -141,12 +160,14 @@ class KeyIndex:
     def remove(self, keys: pl.Series) -> None:
         """Take keys out (rare: rows rejected after they were planned)."""
         self._settle()
-        gone = keys.cast(pl.String).implode()
-        self.runs = [run.filter(~pl.col(KEY).is_in(gone)) for run in self.runs]
-
-    def keys(self) -> pl.Series:
-        """Every key, in no particular order."""
-        self._settle()
-        if not self.runs:
-            return pl.Series(KEY, [], dtype=pl.String)
-        return pl.concat([run.get_column(KEY) for run in self.runs])
+        key = pl.col(KEY)
+        gone = (
+            keys.cast(pl.String).drop_nulls().to_frame(KEY)
+            .select(key.hash().alias(_HASH), key.hash(seed=_SEED).alias(_CHECK))
+        )
+        self.runs = [
+            run.join(gone, on=[_HASH, _CHECK], how="anti", maintain_order="left").with_columns(
+                pl.col(_HASH).set_sorted()
+            )
+            for run in self.runs
+        ]

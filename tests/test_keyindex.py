@@ -44,7 +44,7 @@ def test_runs_merge_so_there_are_few_of_them() -> None:
     assert len(index.runs) <= 7  # about log2 of the number of batches
     index.remove(pl.Series(["000-1", "063-99"]))
     assert index.contains(pl.Series(["000-1", "000-2", "063-99"])).to_list() == [False, True, False]
-    assert sorted(index.keys().to_list())[:2] == ["000-0", "000-10"]
+    assert len(index) == 100 * 64 - 2
 
 
 def test_adds_wait_until_a_read_and_the_first_value_still_wins() -> None:
@@ -56,7 +56,8 @@ def test_adds_wait_until_a_read_and_the_first_value_still_wins() -> None:
     assert got.get_column("first").to_list() == [4, 2, 1, None]
     index.add(pl.DataFrame({"key": ["a", "d"], "first": [9, 5]}))
     assert index.lookup(pl.Series(["a", "d"])).get_column("first").to_list() == [1, 5]
-    assert sorted(index.keys().to_list()) == ["a", "b", "c", "d"]
+    assert index.contains(pl.Series(["a", "b", "c", "d", "e", None])).to_list() == [True] * 4 + [False] * 2
+    assert len(index) == 4
 
 
 @settings(max_examples=60, deadline=None)
