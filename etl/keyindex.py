@@ -90,7 +90,7 @@ class KeyIndex:
                 .hstack(rows.drop(KEY).gather(order))
                 .filter(first & ~found & present)
             )
-            self._push(fresh.select(_HASH, _CHECK, *self._values()).cast(self._cast), hashed=True)
+            self._push(fresh.select(_HASH, _CHECK, *self._values()).cast(self._cast), hashed=True)  # type: ignore[arg-type]
         return self._in_order(keys, found, values).gather(order.arg_sort())
 
     def _in_order(self, keys: pl.Series, found: pl.Series | None, values: pl.DataFrame | None) -> pl.DataFrame:
