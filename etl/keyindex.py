@@ -91,7 +91,11 @@ class KeyIndex:
                 .filter(first & ~found & present)
             )
             self._push(fresh.select(_HASH, _CHECK, *self._values()).cast(self._cast), hashed=True)  # type: ignore[arg-type]
-        return self._in_order(keys, found, values).gather(order.arg_sort())
+        # Back to the rows' order: the inverse permutation by a scatter, cheaper than sorting ``order``.
+        n = len(order)
+        positions = pl.int_range(n, dtype=pl.UInt32, eager=True)
+        inverse = pl.repeat(0, n, dtype=pl.UInt32, eager=True).scatter(order, positions)
+        return self._in_order(keys, found, values).gather(inverse)
 
     def _in_order(self, keys: pl.Series, found: pl.Series | None, values: pl.DataFrame | None) -> pl.DataFrame:
         """``found`` and the values as a frame (nothing found where they are None)."""
