@@ -793,17 +793,24 @@ def load_extra(loader: Loader, table: pl.DataFrame, protocols: Counter[str]) -> 
     return {
         "patients": per_kind.get("patient", {}),
         "resources": per_kind,
-        "requests": loader.stats.requests,
+        **loader_stats(loader),
         "http_versions": dict(protocols),
         "creates_sent": loader.stats.creates,
+        "interrupted": loader.stopping,
+        **_bulk_extra(loader),
+        "_crosswalk": crosswalk,
+    }
+
+
+def loader_stats(loader: Loader) -> dict[str, Any]:
+    """What any load's summary says of its sending: requests, 429s, the rate achieved, an abort."""
+    return {
+        "requests": loader.stats.requests,
         "responses_429": loader.stats.retries_429,
         "achieved_rate": round(loader.stats.requests / loader.stats.send_seconds, 2)
         if loader.stats.send_seconds
         else None,
         "aborted": str(loader.aborted) if loader.aborted else None,
-        "interrupted": loader.stopping,
-        **_bulk_extra(loader),
-        "_crosswalk": crosswalk,
     }
 
 

@@ -502,14 +502,9 @@ def _send(
         out = _merge(rows, results)
         counts, _ = count_states(out)
         state.finish_run(run_id, {"states": counts})
-    extra = {
-        "requests": loader.stats.requests,
-        "responses_429": loader.stats.retries_429,
-        "achieved_rate": round(loader.stats.requests / loader.stats.send_seconds, 2)
-        if loader.stats.send_seconds
-        else None,
-        "aborted": str(loader.aborted) if loader.aborted else None,
-    }
+    from etl.pipeline import loader_stats
+
+    extra = loader_stats(loader)
     return out, extra
 
 
