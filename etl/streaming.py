@@ -40,6 +40,7 @@ from schemas.canonical import KIND_SPECS
 from schemas.limits import ROUTES
 
 if TYPE_CHECKING:
+    from etl.load.loader import Send
     from etl.load.state import StateStore
 
 __all__ = ["SEND_PART", "STREAM_BYTES", "load_in_batches", "streams"]
@@ -187,7 +188,7 @@ def _creates(run: Run) -> Iterator[pl.DataFrame]:
             yield pl.concat(held)
 
 
-def _sends(frame: pl.DataFrame) -> list[Any]:
+def _sends(frame: pl.DataFrame) -> list[Send]:
     from etl.load.loader import Send
 
     return [
