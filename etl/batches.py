@@ -262,15 +262,6 @@ class _Keys:
     state: StateStore | None = None  # a reference to what an earlier run created is explained
     lookup: Lookup | None = None  # a real load: which (kind, id) the target has, for what nothing else explains
 
-    def stored(self, refs: pl.DataFrame) -> pl.DataFrame:
-        """The (kind, key) of ``refs`` that an earlier run created (the state store)."""
-        found: list[tuple[str, str]] = []
-        if self.state is not None and refs.height:
-            for (kind,), mine in refs.group_by("kind"):
-                wanted = mine.get_column("key").drop_nulls().unique().to_list()
-                found += [(str(kind), k) for k, rec in self.state.get(str(kind), wanted).items()
-                          if rec.state == "created"]
-        return pl.DataFrame(found, schema={"kind": pl.String, "key": pl.String}, orient="row")
 
     def _add(self, store: dict[str, KeyIndex], kind: str, keys: pl.Series) -> None:
         if kind in self.referenced:
@@ -501,7 +492,8 @@ def _batch(
     waits = ~keys.has(keys.available, unexplained, "key") | keys.has(keys.tentative, unexplained, "key")
     unexplained = unexplained.filter(waits).join(known, on=["kind", "value"], how="anti").select(_PENDING)
     if keys.state is not None and unexplained.height:
-        unexplained = unexplained.join(keys.stored(unexplained), on=["kind", "key"], how="anti")
+        unexplained = unexplained.join(pipeline.created_in_store(keys.state, unexplained), on=["kind", "key"],
+                                       how="anti")
     keys.add_tentative(x.kind, unexplained.get_column("source_key"))
     if unexplained.height or x.kind == "document":
         held = mapped.table.frame if x.kind == "document" else mapped.table.frame.join(unexplained, on=ROW, how="semi")

@@ -541,13 +541,7 @@ def _resolve_references(
             .join(known_frame.rename({"key": "value"}), on=["kind", "value"], how="anti")
         )
         if state is not None and refs.height:
-            stored = [
-                (kind, key)
-                for kind in refs["kind"].unique().to_list()
-                for key, rec in state.get(kind, refs.filter(pl.col("kind") == kind)["key"].unique().to_list()).items()
-                if rec.state == "created"
-            ]
-            refs = refs.join(pl.DataFrame(stored, schema=pair, orient="row"), on=["kind", "key"], how="anti")
+            refs = refs.join(created_in_store(state, refs), on=["kind", "key"], how="anti")
         is_rejected = pl.concat([refs.join(rejected, on=["kind", "key"], how="semi"),
                                  refs.join(rejected.rename({"key": "value"}), on=["kind", "value"], how="semi")])
         rest = refs.join(is_rejected.select(ROW, "source_file", "field").unique(), on=[ROW, "source_file", "field"],
@@ -842,16 +836,45 @@ def _bulk_extra(loader: Loader) -> dict[str, Any]:
 
 def _disappeared(prepared: list[Prepared], rows: pl.DataFrame, state: StateStore) -> pl.DataFrame:
     """Rows an earlier run created from a file of the same name that this copy no longer has (never deleted)."""
-    gone: list[dict[str, str]] = []
-    for p in prepared:
-        name, kind = Path(p.file).name, p.mapped.kind
-        present = set(rows.filter(pl.col("source_file") == p.file)["row_key"].drop_nulls().to_list())
-        present |= set(rows.filter(pl.col("source_file") == p.file)["source_key"].drop_nulls().to_list())
-        for key, resource_id in state.created_from(kind, name).items():
-            if key not in present:
-                gone.append({"source_file": name, "kind": kind, "source_key": key, "resource_id": resource_id})
-    return pl.DataFrame(gone, schema={"source_file": pl.String, "kind": pl.String, "source_key": pl.String,
-                                      "resource_id": pl.String})
+    found = (
+        disappeared_from(state, p.file, p.mapped.kind, rows.lazy().filter(pl.col("source_file") == p.file))
+        for p in prepared
+    )
+    return pl.concat([pl.DataFrame(schema=GONE), *found])
+
+
+GONE = {"source_file": pl.String, "kind": pl.String, "source_key": pl.String, "resource_id": pl.String}
+
+
+def disappeared_from(state: StateStore, file: str, kind: str, rows: pl.LazyFrame) -> pl.DataFrame:
+    """What an earlier run created from a file named as ``file`` that its report ``rows`` (``row_key``,
+    ``source_key``) no longer hold; the state store is read a part at a time (a first load's own
+    creates are there too: millions)."""
+    name = Path(file).name
+    gone = [pl.DataFrame(schema=GONE)]
+    present: pl.DataFrame | None = None
+    for part in state.created_from(kind, name):
+        if present is None:
+            present = (
+                rows.select(pl.concat_list("row_key", "source_key").alias("source_key"))
+                .explode("source_key")
+                .drop_nulls()
+                .unique()
+                .collect()
+            )
+        earlier = pl.DataFrame(part, schema={"source_key": pl.String, "resource_id": pl.String}, orient="row")
+        gone.append(
+            earlier.join(present, on="source_key", how="anti", maintain_order="left").select(
+                pl.lit(name).alias("source_file"), pl.lit(kind).alias("kind"), "source_key", "resource_id"
+            )
+        )
+    return pl.concat(gone)
+
+
+def unsent_count(state: StateStore, kind: str, keys: list[str]) -> int:
+    """How many of a kind's keys the state store does not hold as created (a load will send them)."""
+    stored = state.get(kind, keys)
+    return sum(1 for k in keys if k not in stored or stored[k].state != "created")
 
 
 def _unsent(state: StateStore, stages: Sequence[Sequence[Send]]) -> int:
@@ -860,11 +883,16 @@ def _unsent(state: StateStore, stages: Sequence[Sequence[Send]]) -> int:
     for stage in stages:
         for send in stage:
             keys.setdefault(send.kind, []).append(send.source_key)
-    unsent = 0
-    for kind, wanted in keys.items():
-        stored = state.get(kind, wanted)
-        unsent += sum(1 for k in wanted if k not in stored or stored[k].state != "created")
-    return unsent
+    return sum(unsent_count(state, kind, wanted) for kind, wanted in keys.items())
+
+
+def created_in_store(state: StateStore, refs: pl.DataFrame) -> pl.DataFrame:
+    """The (kind, key) pairs of ``refs`` that an earlier run created, by the state store."""
+    found: list[tuple[str, str]] = []
+    for (kind,), mine in refs.group_by("kind"):
+        wanted = mine.get_column("key").drop_nulls().unique().to_list()
+        found += [(str(kind), k) for k, rec in state.get(str(kind), wanted).items() if rec.state == "created"]
+    return pl.DataFrame(found, schema={"kind": pl.String, "key": pl.String}, orient="row")
 
 
 def reconcile_state(settings: Settings, *, verify: bool = False) -> RunReport:

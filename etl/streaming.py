@@ -201,13 +201,11 @@ def _sends(frame: pl.DataFrame) -> list[Send]:
 
 def _unsent(run: Run, state: StateStore) -> int:
     """About how many creates the load will send: those the state store does not hold as created."""
-    unsent = 0
-    for frame in _creates(run):
-        for (kind,), mine in frame.group_by("kind"):
-            wanted = mine.get_column("source_key").to_list()
-            stored = state.get(str(kind), wanted)
-            unsent += sum(1 for k in wanted if k not in stored or stored[k].state != "created")
-    return unsent
+    return sum(
+        pipeline.unsent_count(state, str(kind), mine.get_column("source_key").to_list())
+        for frame in _creates(run)
+        for (kind,), mine in frame.group_by("kind")
+    )
 
 
 def _apply(run: Run, table: pl.DataFrame) -> None:
@@ -224,26 +222,5 @@ def _apply(run: Run, table: pl.DataFrame) -> None:
 
 def _disappeared(run: Run, state: StateStore) -> pl.DataFrame:
     """Rows an earlier run created from a file of the same name that this copy no longer has (never deleted)."""
-    gone = [pl.DataFrame(schema={"source_file": pl.String, "kind": pl.String, "source_key": pl.String,
-                                 "resource_id": pl.String})]
-    for x in run.inputs:
-        name, kind = Path(x.file).name, x.kind
-        if not x.parts:
-            continue
-        present = (
-            pl.scan_ipc(x.parts)
-            .select(pl.concat_list("row_key", "source_key").alias("source_key"))
-            .explode("source_key")
-            .drop_nulls()
-            .unique()
-            .collect()
-        )
-        for part in state.created_from_in_parts(kind, name):  # this run's creates are there too: millions
-            earlier = pl.DataFrame(part, schema={"source_key": pl.String, "resource_id": pl.String}, orient="row")
-            gone.append(
-                earlier.join(present, on="source_key", how="anti", maintain_order="left").select(
-                    pl.lit(name).alias("source_file"), pl.lit(kind).alias("kind"), "source_key", "resource_id"
-                )
-            )
-    return pl.concat(gone)
-
+    found = (pipeline.disappeared_from(state, x.file, x.kind, pl.scan_ipc(x.parts)) for x in run.inputs if x.parts)
+    return pl.concat([pl.DataFrame(schema=pipeline.GONE), *found])

@@ -250,13 +250,7 @@ class StateStore:
         """Every kind with stored records."""
         return [r[0] for r in self._db.execute("SELECT DISTINCT kind FROM records ORDER BY kind")]
 
-    def created_from(self, kind: str, source_file: str) -> dict[str, str]:
-        """Source key -> resource id of what was created from a file of this name."""
-        return {k: v for part in self.created_from_in_parts(kind, source_file) for k, v in part}
-
-    def created_from_in_parts(
-        self, kind: str, source_file: str, size: int = 50_000
-    ) -> Iterator[list[tuple[str, str]]]:
+    def created_from(self, kind: str, source_file: str, size: int = 50_000) -> Iterator[list[tuple[str, str]]]:
         """(source key, resource id) of what was created from a file of this name, ``size`` at a time."""
         cur = self._db.execute(
             "SELECT source_key, resource_id FROM records WHERE kind = ? AND source_file = ? AND state = 'created'",
