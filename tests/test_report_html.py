@@ -6,6 +6,7 @@ import os
 import shutil
 import struct
 import subprocess
+import sys
 import zlib
 from html.parser import HTMLParser
 from pathlib import Path
@@ -17,9 +18,23 @@ from etl.pipeline import load_files, validate_files
 from etl.report_html import FIRST_REJECTS, bar_chart
 from etl.settings import Settings
 
-from .conftest import SAMPLE
+from .conftest import ROOT, SAMPLE
 
-CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if os.path.exists("/usr/bin/chromium") else None)
+
+def _find_chromium() -> str | None:
+    """The browser for the rendering test: $CHROMIUM if set, else Chromium or Chrome on the PATH."""
+    named = os.environ.get("CHROMIUM")
+    if named:
+        return shutil.which(named)
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        if found := shutil.which(name):
+            return found
+    return "/usr/bin/chromium" if os.path.exists("/usr/bin/chromium") else None
+
+
+CHROMIUM = _find_chromium()
+#: In CI the browser test must run: a missing browser fails it instead of skipping it.
+IN_CI = os.environ.get("CI", "").strip().lower() in {"true", "1", "yes"}
 
 
 class Page(HTMLParser):
@@ -165,20 +180,27 @@ def _png_pixels(path: Path) -> tuple[int, int, bytes]:
     return size[0], size[1], zlib.decompress(idat)
 
 
+NO_BROWSER = "Chromium is not installed (apt-get install chromium, or set CHROMIUM to a Chromium or Chrome binary)"
+
+
 @pytest.mark.slow
-@pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed")
 def test_report_html_renders_offline_in_a_real_browser(tmp_path: Path) -> None:
+    if CHROMIUM is None:
+        if IN_CI:
+            pytest.fail(f"{NO_BROWSER}; CI=true, so this test may not skip (.ci/run installs it)")
+        pytest.skip(NO_BROWSER)
     validate_files([SAMPLE / "registry.csv"], Settings(report_dir=tmp_path / "r"))
     shot = tmp_path / "shot.png"
-    assert CHROMIUM is not None
-    subprocess.run(
+    browser = subprocess.run(
         [
             CHROMIUM,
             "--headless",
             "--no-sandbox",
             "--disable-gpu",
+            "--disable-dev-shm-usage",  # containers give /dev/shm 64 MB: too little for a renderer
             "--disable-quic",
             "--no-first-run",
+            "--no-default-browser-check",
             "--disable-background-networking",
             "--disable-component-update",
             "--disable-sync",
@@ -188,10 +210,12 @@ def test_report_html_renders_offline_in_a_real_browser(tmp_path: Path) -> None:
             (tmp_path / "r" / "report.html").as_uri(),
         ],
         capture_output=True,
+        text=True,
         timeout=120,
         check=False,
     )
-    assert shot.is_file() and shot.stat().st_size > 20_000
+    assert shot.is_file(), f"{CHROMIUM} wrote no screenshot (exit {browser.returncode}): {browser.stderr[-2000:]}"
+    assert shot.stat().st_size > 20_000
     width, height, raw = _png_pixels(shot)
     assert (width, height) == (1280, 2000)
     # A blank page decompresses to a handful of byte values; text, cards and bars to many.
@@ -231,3 +255,23 @@ def test_failed_and_unknown_rows_are_listed_with_their_codes() -> None:
     assert "VALIDATION_ERROR: 1" in text and "unknown-outcome: 1" in text
     assert "no <b>" in text and "<b>" not in source  # the abort reason, escaped
     assert page.by_id["count-failed"] == "1" and page.by_id["count-unknown"] == "1"
+
+
+@pytest.mark.slow
+def test_the_browser_test_fails_rather_than_skips_in_ci(tmp_path: Path) -> None:
+    """Without a browser it skips on a laptop, but in CI (CI=true) it fails: it cannot pass unseen there."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "CI"))}
+    env["CHROMIUM"] = str(tmp_path / "no-such-browser")
+    test = "tests/test_report_html.py::test_report_html_renders_offline_in_a_real_browser"
+
+    def run(**extra: str) -> subprocess.CompletedProcess[str]:
+        args = [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "-n", "0", test]
+        args.append(f"--basetemp={tmp_path / ('ci' if extra else 'local')}")
+        return subprocess.run(
+            args, cwd=ROOT, env={**env, **extra}, capture_output=True, text=True, timeout=120, check=False
+        )
+
+    local = run()
+    assert local.returncode == 0 and "1 skipped" in local.stdout and "Chromium is not installed" in local.stdout
+    ci = run(CI="true")
+    assert ci.returncode == 1 and "1 failed" in ci.stdout and "may not skip" in ci.stdout
