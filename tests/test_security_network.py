@@ -456,3 +456,9 @@ def test_a_redox_target_that_drops_every_answer_stops_and_counts_its_sends(tmp_p
     assert report.summary["unresponsive"]
     not_sent = report.rows.filter(pl.col("error_code") == "not-sent").height
     assert not_sent == report.rows.filter(pl.col("state") != "rejected").height - 2
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1.nip.io", "localhost.attacker.example", "0.0.0.0"])
+def test_the_sandbox_binds_by_the_same_loopback_rule(host: str) -> None:
+    with pytest.raises(UsageError, match="not a loopback address"):
+        SandboxServer(host=host)

@@ -45,7 +45,6 @@ __all__ = [
     "Refused",
     "RetryLater",
     "Unknown",
-    "answered",
     "check_target",
     "check_target_url",
     "exchange",
@@ -111,7 +110,7 @@ def check_target_url(url: str, option: str = "--base-url") -> None:
         parts = httpx.URL(url)
     except (httpx.InvalidURL, TypeError, ValueError):
         raise UsageError(f"{option} is not a valid URL") from None
-    if parts.userinfo or "@" in parts.netloc.decode("ascii", "replace"):
+    if parts.userinfo:
         raise UsageError(
             f"{option} must not hold a user name or key (user:key@host): the API key is read only from its "
             "environment variable or key file"
@@ -173,13 +172,6 @@ class Unknown:
 
 
 Outcome = Created | Refused | RetryLater | Unknown
-
-
-def answered(outcome: Outcome) -> bool:
-    """Whether the target answered at all (any HTTP status), as opposed to a timeout or a lost or refused connection."""
-    if isinstance(outcome, RetryLater | Unknown):
-        return outcome.status is not None
-    return True
 
 
 #: Why a connection was refused before anything was sent: retrying cannot help, so a load stops.
