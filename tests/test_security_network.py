@@ -462,3 +462,15 @@ def test_a_redox_target_that_drops_every_answer_stops_and_counts_its_sends(tmp_p
 def test_the_sandbox_binds_by_the_same_loopback_rule(host: str) -> None:
     with pytest.raises(UsageError, match="not a loopback address"):
         SandboxServer(host=host)
+
+
+def test_a_silent_target_met_while_looking_up_references_ends_the_run_before_any_send(
+    tmp_path: Path, silent: SilentServer
+) -> None:
+    # Visits name patients and practitioners that no input holds: the load asks the target about each first.
+    result = _load(tmp_path, str(SAMPLE / "visits.csv"), "--base-url", silent.base_url, "--timeout", "0.1",
+                   "--no-answer-limit", "1", "--consistency-window", "0")
+    line = _one_line_exit_2(result, KEY)
+    assert "did not answer" in line and "nothing was sent" in line
+    # One lookup (a read, tried four times), not one per reference; no create.
+    assert silent.requests_seen(4) == 4
