@@ -33,7 +33,6 @@ from etl.settings import (
     MAX_CONSISTENCY_WINDOW,
     MAX_NO_ANSWER_LIMIT,
     MAX_TIMEOUT,
-    NO_ANSWER_LIMIT,
     Settings,
     read_key_file,
 )
@@ -54,6 +53,11 @@ Exit codes:
 
 err = Console(stderr=True, highlight=False)
 out = Console(highlight=False)
+
+
+def _default(setting: str) -> str:
+    """A setting's default for a help text (a flag without a click default leaves the setting to the environment)."""
+    return f"{Settings.model_fields[setting].default:g}"
 
 
 class Seconds(click.FloatRange):
@@ -229,16 +233,16 @@ def validate(
 @click.option(
     "--timeout",
     type=Seconds(min=0, min_open=True, max=MAX_TIMEOUT),
-    default=30.0,
-    show_default=True,
-    help=f"Seconds to wait for an answer (at most {MAX_TIMEOUT:g}).",
+    help=f"Seconds to wait for an answer. Default {_default('timeout')} (CLINIK_ETL_TIMEOUT), at most {MAX_TIMEOUT:g}.",
 )
 @click.option(
     "--no-answer-limit",
     type=click.IntRange(min=1, max=MAX_NO_ANSWER_LIMIT),
+    metavar="N",
     help=f"Stop the load when this many requests in a row get no answer at all (timeouts, connections lost or "
     f"refused): rows already sent stay unknown (exit 3), the rest are not sent. A silent target thus costs "
-    f"about LIMIT / concurrency x --timeout. Default {NO_ANSWER_LIMIT}, at most {MAX_NO_ANSWER_LIMIT}.",
+    f"about LIMIT / concurrency x --timeout. Default {_default('no_answer_limit')} (CLINIK_ETL_NO_ANSWER_LIMIT), "
+    f"at most {MAX_NO_ANSWER_LIMIT}.",
 )
 @click.option(
     "--mode",
@@ -249,10 +253,8 @@ def validate(
 @click.option(
     "--consistency-window",
     type=Seconds(min=0, max=MAX_CONSISTENCY_WINDOW),
-    default=10.0,
-    show_default=True,
-    help=f"Seconds before search reliably shows a create (used to resolve unknown outcomes; "
-    f"at most {MAX_CONSISTENCY_WINDOW:g}).",
+    help=f"Seconds before search reliably shows a create (used to resolve unknown outcomes). "
+    f"Default {_default('consistency_window')} (CLINIK_ETL_CONSISTENCY_WINDOW), at most {MAX_CONSISTENCY_WINDOW:g}.",
 )
 @click.option(
     "--state",
@@ -307,9 +309,9 @@ def load(
     update: bool,
     rate: float | None,
     concurrency: int,
-    timeout: float,
+    timeout: float | None,
     no_answer_limit: int | None,
-    consistency_window: float,
+    consistency_window: float | None,
     mode: str | None,
     state: Path,
     target: str | None,
@@ -574,13 +576,13 @@ _KIND_ORDER = ("reject", "warning", "load", "api")
 @click.option("--live", is_flag=True, help="Allow a live (clk_live_) key: real patient data.")
 @click.option("--report-dir", type=click.Path(file_okay=False, path_type=Path),
               help="Folder for the report (default: reports/<run id>).")
-@click.option("--consistency-window", type=Seconds(min=0, max=MAX_CONSISTENCY_WINDOW), default=10.0,
-              show_default=True,
-              help=f"Seconds before search reliably shows a create (at most {MAX_CONSISTENCY_WINDOW:g}).")
+@click.option("--consistency-window", type=Seconds(min=0, max=MAX_CONSISTENCY_WINDOW),
+              help=f"Seconds before search reliably shows a create. Default {_default('consistency_window')} "
+              f"(CLINIK_ETL_CONSISTENCY_WINDOW), at most {MAX_CONSISTENCY_WINDOW:g}.")
 @click.option("--verify", is_flag=True, help="Also read back every created id and report the ones missing.")
 @handle_errors
 def reconcile(state: Path, base_url: str | None, api_key_file: Path | None, live: bool, report_dir: Path | None,
-              consistency_window: float, verify: bool) -> None:
+              consistency_window: float | None, verify: bool) -> None:
     """Settle rows whose outcome is unknown, without the input files.
 
     Each row in doubt (a timeout, a 5xx, a dropped connection, a killed run) is looked up after

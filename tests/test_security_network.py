@@ -354,6 +354,21 @@ def test_a_duration_out_of_bounds_is_a_usage_error(tmp_path: Path, listener: Lis
     assert not listener.contacted()
 
 
+@pytest.mark.parametrize(
+    "env",
+    [{"CLINIK_ETL_TIMEOUT": "inf"}, {"CLINIK_ETL_CONSISTENCY_WINDOW": "1e308"}, {"CLINIK_ETL_NO_ANSWER_LIMIT": "0"}],
+)
+def test_a_duration_from_the_environment_is_bounded_too(
+    tmp_path: Path, listener: Listener, env: dict[str, str]
+) -> None:
+    # A flag not given leaves the setting to its environment variable: the same bounds apply there.
+    result = _load(tmp_path, REGISTRY, "--base-url", f"http://127.0.0.1:{listener.port}", env=env)
+    [name] = env
+    line = _one_line_exit_2(result)
+    assert name.removeprefix("CLINIK_ETL_").lower() in line
+    assert not listener.contacted()
+
+
 @pytest.mark.parametrize("args", [["--window", "inf"], ["--slow-seconds", "nan"], ["--search-lag", "1e308"]])
 def test_the_sandbox_durations_are_bounded_too(args: list[str]) -> None:
     result = CliRunner().invoke(main, ["sandbox", "--port", "0", *args])
