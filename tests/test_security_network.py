@@ -167,6 +167,8 @@ REFUSED = [
     "file:///etc/passwd",
     "https://",
     "not a url",
+    "https://api example.com",
+    "http://127.0.0.1:99999",
     "https://api.example.com/?key=1",
     "https://api.example.com/#fragment",
 ]

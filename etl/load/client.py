@@ -74,6 +74,10 @@ def mask(text: str) -> str:
     return text[:_MAX_DIAGNOSTICS]
 
 
+#: A host as httpx holds it (IDNA-encoded): a DNS name, an IPv4 address, or an IPv6 one with its zone.
+_HOST = re.compile(rb"[A-Za-z0-9._-]+|[0-9A-Fa-f:.]+(%[A-Za-z0-9._~-]+)?")
+
+
 def is_loopback_host(host: str) -> bool:
     """Whether ``host`` (a URL's host, IPv6 without brackets) certainly means this machine.
 
@@ -110,6 +114,8 @@ def check_target_url(url: str, option: str = "--base-url") -> None:
         parts = httpx.URL(url)
     except (httpx.InvalidURL, TypeError, ValueError):
         raise UsageError(f"{option} is not a valid URL") from None
+    if not _HOST.fullmatch(parts.raw_host) or not 0 < (parts.port or 443) < 65536:
+        raise UsageError(f"{option} is not a valid URL (no such host name or port)")
     if parts.userinfo:
         raise UsageError(
             f"{option} must not hold a user name or key (user:key@host): the API key is read only from its "
