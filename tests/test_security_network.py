@@ -491,3 +491,18 @@ def test_a_silent_target_met_while_looking_up_references_ends_the_run_before_any
     assert "did not answer" in line and "nothing was sent" in line
     # One lookup (a read, tried four times), not one per reference; no create.
     assert silent.requests_seen(4) == 4
+
+
+def test_a_target_that_refuses_connections_stops_the_load_with_nothing_sent_or_counted(tmp_path: Path) -> None:
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()  # nothing listens there: every connection is refused
+    result = _load(tmp_path, REGISTRY, "--base-url", f"http://127.0.0.1:{port}", "--no-answer-limit", "4",
+                   "--concurrency", "2", "--consistency-window", "0", "--json")
+    assert result.exit_code == 3, result.output
+    summary = json.loads(result.stdout)
+    assert summary["unresponsive"] and summary["requests"] == 0  # no request ever left
+    assert summary["patients"] == {"failed": 160}
+    rows = read_rows(tmp_path / "report" / "rows.csv")
+    assert set(rows.filter(pl.col("state") != "rejected")["error_code"]) == {"not-sent"}

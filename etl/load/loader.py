@@ -467,6 +467,8 @@ class Loader:
                 self.throttle.pause(outcome.seconds)
             else:
                 await asyncio.sleep(outcome.seconds)
+                if self.unresponsive is not None:  # fell silent meanwhile: this one never left either
+                    return self._not_sent()
         if isinstance(outcome, Created):
             return Result("created", outcome.resource_id, outcome.status)
         if isinstance(outcome, Refused):
