@@ -11,6 +11,7 @@ import datetime as dt
 import difflib
 import functools
 import json
+import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -26,7 +27,15 @@ from rich.table import Table as RichTable
 from etl.errors import EtlError, ExitCode, UsageError
 from etl.progress import describe_duration, open_progress
 from etl.report import FINAL_STATES, RunReport
-from etl.settings import BATCH_ROWS, DEFAULT_STATE, Settings, read_key_file
+from etl.settings import (
+    BATCH_ROWS,
+    DEFAULT_STATE,
+    MAX_CONSISTENCY_WINDOW,
+    MAX_NO_ANSWER_LIMIT,
+    MAX_TIMEOUT,
+    Settings,
+    read_key_file,
+)
 from schemas.canonical import KIND_SPECS
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -44,6 +53,23 @@ Exit codes:
 
 err = Console(stderr=True, highlight=False)
 out = Console(highlight=False)
+
+
+def _default(setting: str) -> str:
+    """A setting's default for a help text (a flag without a click default leaves the setting to the environment)."""
+    return f"{Settings.model_fields[setting].default:g}"
+
+
+class Seconds(click.FloatRange):
+    """A duration in seconds within a finite range: ``nan`` and ``inf`` are refused (a wait that never ends)."""
+
+    name = "seconds"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        seconds = super().convert(value, param, ctx)
+        if not math.isfinite(seconds):
+            self.fail(f"{value!r} is not a number of seconds.", param, ctx)
+        return seconds
 
 
 def handle_errors(func: F) -> F:
@@ -116,11 +142,17 @@ def output_options(func: F) -> F:
 
 
 def show_result(report: RunReport, quiet: bool, as_json: bool) -> None:
-    """The summary as JSON (``--json``), nothing (``--quiet``) or the human table."""
+    """The summary as JSON (``--json``), nothing (``--quiet``) or the human table.
+
+    A run that stopped because the target did not answer says so in one line on stderr whatever the
+    output mode (the table says it too).
+    """
     if as_json:
         click.echo(json.dumps(report.summary, indent=2, ensure_ascii=False))
     elif not quiet:
         print_summary(report)
+    if (quiet or as_json) and report.summary.get("unresponsive"):
+        err.print(f"[bold red]error:[/] {escape(report.summary['unresponsive'])}", markup=True, soft_wrap=True)
 
 
 @click.group(epilog=EXIT_CODES_HELP)
@@ -198,7 +230,20 @@ def validate(
               help="Patch rows that changed since an earlier run created them (default: report them as changed).")
 @click.option("--rate", type=float, help="Requests per second. Default: paced by the server's rate-limit headers.")
 @click.option("--concurrency", type=int, default=8, show_default=True, help="Requests in flight at once.")
-@click.option("--timeout", type=float, default=30.0, show_default=True, help="Seconds to wait for an answer.")
+@click.option(
+    "--timeout",
+    type=Seconds(min=0, min_open=True, max=MAX_TIMEOUT),
+    help=f"Seconds to wait for an answer. Default {_default('timeout')} (CLINIK_ETL_TIMEOUT), at most {MAX_TIMEOUT:g}.",
+)
+@click.option(
+    "--no-answer-limit",
+    type=click.IntRange(min=1, max=MAX_NO_ANSWER_LIMIT),
+    metavar="N",
+    help=f"Stop the load when this many requests in a row get no answer at all (timeouts, connections lost or "
+    f"refused): rows already sent stay unknown (exit 3), the rest are not sent. A silent target thus costs "
+    f"about LIMIT / concurrency x --timeout. Default {_default('no_answer_limit')} (CLINIK_ETL_NO_ANSWER_LIMIT), "
+    f"at most {MAX_NO_ANSWER_LIMIT}.",
+)
 @click.option(
     "--mode",
     type=click.Choice(["request", "bulk", "auto"]),
@@ -207,10 +252,9 @@ def validate(
 )
 @click.option(
     "--consistency-window",
-    type=float,
-    default=10.0,
-    show_default=True,
-    help="Seconds before search reliably shows a create (used to resolve unknown outcomes).",
+    type=Seconds(min=0, max=MAX_CONSISTENCY_WINDOW),
+    help=f"Seconds before search reliably shows a create (used to resolve unknown outcomes). "
+    f"Default {_default('consistency_window')} (CLINIK_ETL_CONSISTENCY_WINDOW), at most {MAX_CONSISTENCY_WINDOW:g}.",
 )
 @click.option(
     "--state",
@@ -265,8 +309,9 @@ def load(
     update: bool,
     rate: float | None,
     concurrency: int,
-    timeout: float,
-    consistency_window: float,
+    timeout: float | None,
+    no_answer_limit: int | None,
+    consistency_window: float | None,
     mode: str | None,
     state: Path,
     target: str | None,
@@ -303,6 +348,7 @@ def load(
         rate=rate,
         concurrency=concurrency,
         timeout=timeout,
+        no_answer_limit=no_answer_limit,
         consistency_window=consistency_window,
         mode=mode,
         state=state,
@@ -314,7 +360,7 @@ def load(
     # Only when given: CLINIK_ETL_TARGET and CLINIK_ETL_REDOX_BASE_URL then still apply.
     values.update({k: v for k, v in (("target", target), ("redox_base_url", redox_base_url)) if v is not None})
     if redox_token_file is not None:
-        values["redox_token"] = read_key_file(redox_token_file)
+        values["redox_token"] = read_key_file(redox_token_file, token=True)
     # A flag not given leaves the setting to its CLINIK_ETL_* environment variable, then its default.
     settings = Settings(**{k: v for k, v in values.items() if v is not None})
     with open_progress(quiet) as progress:
@@ -328,7 +374,10 @@ def load(
 @click.option("--port", type=int, default=8787, show_default=True, help="Port to listen on (0: any free port).")
 @click.option("--db", type=click.Path(dir_okay=False, path_type=Path), help="SQLite file (default: temporary).")
 @click.option("--rate-limit", type=int, help="Requests allowed per window per key (default: unlimited).")
-@click.option("--window", type=float, default=3600.0, show_default=True, help="Rate-limit window in seconds.")
+@click.option(
+    "--window", type=Seconds(min=0, min_open=True, max=86400), default=3600.0, show_default=True,
+    help="Rate-limit window in seconds (at most a day).",
+)
 @click.option(
     "--fail-rate",
     type=click.FloatRange(0, 1),
@@ -349,18 +398,18 @@ def load(
 )
 @click.option(
     "--slow-seconds",
-    type=click.FloatRange(min=0, min_open=True),
+    type=Seconds(min=0, min_open=True, max=3600),
     default=35.0,
     show_default=True,
-    help="How late a slow answer comes (longer than the client's timeout).",
+    help="How late a slow answer comes (longer than the client's timeout; at most 3600).",
 )
 @click.option("--seed", type=int, help="Seed for the fault draws, to repeat a run's faults (default: random).")
 @click.option(
     "--search-lag",
-    type=click.FloatRange(min=0),
+    type=Seconds(min=0, max=3600),
     default=0.0,
     metavar="SECONDS",
-    help="New resources appear in search only after this many seconds (read by id at once).",
+    help="New resources appear in search only after this many seconds (read by id at once; at most 3600).",
 )
 @handle_errors
 def sandbox(
@@ -527,12 +576,13 @@ _KIND_ORDER = ("reject", "warning", "load", "api")
 @click.option("--live", is_flag=True, help="Allow a live (clk_live_) key: real patient data.")
 @click.option("--report-dir", type=click.Path(file_okay=False, path_type=Path),
               help="Folder for the report (default: reports/<run id>).")
-@click.option("--consistency-window", type=float, default=10.0, show_default=True,
-              help="Seconds before search reliably shows a create.")
+@click.option("--consistency-window", type=Seconds(min=0, max=MAX_CONSISTENCY_WINDOW),
+              help=f"Seconds before search reliably shows a create. Default {_default('consistency_window')} "
+              f"(CLINIK_ETL_CONSISTENCY_WINDOW), at most {MAX_CONSISTENCY_WINDOW:g}.")
 @click.option("--verify", is_flag=True, help="Also read back every created id and report the ones missing.")
 @handle_errors
 def reconcile(state: Path, base_url: str | None, api_key_file: Path | None, live: bool, report_dir: Path | None,
-              consistency_window: float, verify: bool) -> None:
+              consistency_window: float | None, verify: bool) -> None:
     """Settle rows whose outcome is unknown, without the input files.
 
     Each row in doubt (a timeout, a 5xx, a dropped connection, a killed run) is looked up after
@@ -551,8 +601,11 @@ def reconcile(state: Path, base_url: str | None, api_key_file: Path | None, live
     out.print(f"reconcile {s['run_id']}: {counts}")
     if s.get("verified") is not None:
         out.print("verified: " + (", ".join(f"{v} {k}" for k, v in s["verified"].items()) or "nothing created yet"))
+    if s.get("unresponsive"):
+        err.print(f"[bold red]stopped early:[/] {escape(s['unresponsive'])}", soft_wrap=True)
     out.print(f"report: {s['report_dir']}")
     bad = s["states"].get("unknown", 0) + s["states"].get("failed", 0) + s["states"].get("missing", 0)
+    bad += (s.get("verified") or {}).get("unchecked", 0)
     sys.exit(ExitCode.FAILED if bad else ExitCode.OK)
 
 @main.command()
@@ -611,8 +664,9 @@ def print_summary(report: RunReport, stream: Console | None = None) -> None:
         console.print("patients: " + ", ".join(f"{k} {v}" for k, v in s["patients"].items()))
     if s.get("achieved_rate"):
         console.print(f"requests: {s.get('requests')} at {s['achieved_rate']}/s, 429s: {s.get('responses_429', 0)}")
-    if s.get("aborted"):
-        console.print(f"[red]stopped early:[/] {s['aborted']}")
+    for why in (s.get("aborted"), s.get("unresponsive")):
+        if why:
+            console.print(f"[red]stopped early:[/] {escape(why)}", soft_wrap=True)
     if s.get("interrupted"):
         console.print("[yellow]interrupted:[/] rows in flight were finished and recorded; the state and this report "
                       "are written. Run the same command again to resume: nothing is sent twice.")

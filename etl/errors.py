@@ -10,6 +10,8 @@ Exceptions are for what stops a run altogether::
     ├── ProfileError             a mapping profile that cannot be used
     ├── StateError               a state store that cannot be used (locked,
     │                            another target's, corrupt)
+    ├── NoAnswerError            the target answered nothing before anything
+    │                            was sent (timeouts, connections lost or refused)
     └── ApiError                 the API refused the whole run (exit 4)
         └── AuthError            401/403: a bad key or scope
 
@@ -69,6 +71,16 @@ class ProfileError(EtlError):
 
 class StateError(EtlError):
     """A state store that cannot be used for this run."""
+
+
+class NoAnswerError(EtlError):
+    """The target answered nothing (timeouts, connections lost or refused) before the run sent anything.
+
+    Retryable: the same run may succeed once the target answers. A target that falls silent during a
+    load does not raise this: the load stops and reports (``unresponsive`` in the summary).
+    """
+
+    retryable = True
 
 
 @dataclass

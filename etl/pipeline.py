@@ -26,13 +26,13 @@ from urllib.parse import quote
 
 import polars as pl
 
-from etl.errors import InputError, UsageError
+from etl.errors import InputError, NoAnswerError, UsageError
 from etl.files import private_dir
 from etl.mapping import Mapped, Profile, apply_profile, default_profile, key_field, load_profile
 from etl.progress import LoadEstimate, Progress, as_progress
 from etl.readers import ROW, Notice, read_table
 from etl.report import ROW_COLUMNS, RunReport, _private_dir, _private_file, count_states, write_report
-from etl.settings import Settings
+from etl.settings import NO_ANSWER_LIMIT, Settings
 from etl.transform import Planned, plan, readable_refs, references
 from etl.validate import Validation, validate
 from schemas.canonical import KIND_SPECS, PHI_FIELDS
@@ -391,6 +391,10 @@ def load_files(
     from etl.load.lock import state_lock
 
     settings = settings or Settings()
+    if settings.target == "clinikapi" and settings.base_url:
+        from etl.load.client import check_target_url
+
+        check_target_url(settings.base_url)  # before anything: a dry run's report names the URL too
     if settings.target == "redox":
         from etl.redox import load_redox  # FHIR message bundles to Redox's Immunization/$write
 
@@ -675,7 +679,8 @@ def _load(
         estimate = LoadEstimate(progress, settings.rate)
         progress.pace(lambda: throttle.rate)
         window = settings.consistency_window if settings.base_url else 0.0
-        options = LoadOptions(settings.rate, settings.concurrency, window, update=settings.update)
+        options = LoadOptions(settings.rate, settings.concurrency, window, update=settings.update,
+                              no_answer_limit=settings.no_answer_limit)
 
         protocols: Counter[str] = Counter()
 
@@ -696,7 +701,9 @@ def _load(
                 # First pass finds the references nothing in the run explains; look those up, then decide.
                 _resolve_references(prepared, rows, dict(known), state, exists)
                 for kind, value in pending:
-                    checked[(kind, value)] = await target_has(client, kind, value)
+                    checked[(kind, value)] = await target_has(
+                        client, kind, value, no_answer_limit=settings.no_answer_limit
+                    )
                 resolved = _resolve_references(prepared, rows, known, state, lambda k, v: checked.get((k, v), False))
                 stages = _sends(prepared, resolved)
                 unsent = _unsent(state, stages)
@@ -719,14 +726,24 @@ def _load(
     return out, extra
 
 
-async def target_has(client: ApiClient, kind: str, value: str) -> bool:
-    """Whether the target holds a ``kind`` with this ClinikAPI id (a reference nothing in the run explains)."""
+async def target_has(client: ApiClient, kind: str, value: str, *, no_answer_limit: int = NO_ANSWER_LIMIT) -> bool:
+    """Whether the target holds a ``kind`` with this ClinikAPI id (a reference nothing in the run explains).
+
+    These lookups come before any create: once ``no_answer_limit`` requests in a row got no answer at all,
+    :class:`~etl.errors.NoAnswerError` ends the run (nothing was sent) rather than wait on a silent target
+    for every reference.
+    """
     from etl.load.client import LookupFailed
 
     route = ROUTES[KIND_SPECS[kind].schema]
     try:
         return await client.get(f"{route}/{quote(value, safe='')}") is not None
     except LookupFailed:
+        if client.silent >= no_answer_limit:
+            raise NoAnswerError(
+                f"the target did not answer {client.silent} requests in a row (timeouts, connections lost or "
+                "refused) while looking up references; nothing was sent"
+            ) from None
         return False
 
 
@@ -805,6 +822,7 @@ def loader_stats(loader: Loader) -> dict[str, Any]:
         if loader.stats.send_seconds
         else None,
         "aborted": str(loader.aborted) if loader.aborted else None,
+        "unresponsive": loader.unresponsive,  # the run stopped: the target answered nothing for too long
     }
 
 
@@ -936,12 +954,13 @@ def reconcile_state(settings: Settings, *, verify: bool = False) -> RunReport:
         before = {(i.kind, i.source_key): state.get(i.kind, [i.source_key])[i.source_key].state for i in items}
         window = settings.consistency_window if settings.base_url else 0.0
 
-        async def go() -> tuple[dict[tuple[str, str], Result], dict[str, int]]:
+        async def go() -> tuple[dict[tuple[str, str], Result], dict[str, int], str | None]:
             async with http_client(base_url, settings) as http:
                 throttle = Throttle(settings.rate)
                 client = ApiClient(http, key, on_response=throttle.observe)
-                loader = Loader(client, state, throttle, LoadOptions(settings.rate, settings.concurrency, window),
-                                run_id)
+                options = LoadOptions(settings.rate, settings.concurrency, window,
+                                      no_answer_limit=settings.no_answer_limit)
+                loader = Loader(client, state, throttle, options, run_id)
                 results = await loader.reconcile(items)
                 checked: dict[str, int] = {}
                 if verify:
@@ -950,19 +969,26 @@ def reconcile_state(settings: Settings, *, verify: bool = False) -> RunReport:
                             continue
                         route = ROUTES[KIND_SPECS[kind].schema]
                         for rec in state.in_state(kind, "created"):
-                            try:
-                                found = await client.get(f"{route}/{quote(rec.resource_id or '', safe='')}")
-                            except LookupFailed:
-                                found = None
+                            found = None
+                            if client.silent < settings.no_answer_limit:  # a silent target is asked no more
+                                with contextlib.suppress(LookupFailed):
+                                    found = await client.get(f"{route}/{quote(rec.resource_id or '', safe='')}")
+                            if client.silent >= settings.no_answer_limit:
+                                checked["unchecked"] = checked.get("unchecked", 0) + 1
+                                continue
                             state_name = "confirmed" if found is not None else "missing"
                             checked[state_name] = checked.get(state_name, 0) + 1
                             if found is None:
                                 rows.append({"kind": kind, "source_key": rec.source_key, "before": "created",
                                              "state": "missing", "resource_id": rec.resource_id,
                                              "message": "recorded as created, but the target does not have it"})
-                return results, checked
+                why = loader.unresponsive
+                if why is None and checked.get("unchecked"):
+                    why = (f"no answer to {client.silent} requests in a row (timeouts, connections lost or "
+                           "refused): verification stopped")
+                return results, checked, why
 
-        results, checked = asyncio.run(go())
+        results, checked, unresponsive = asyncio.run(go())
         for (kind, key), result in results.items():
             rows.append({"kind": kind, "source_key": key, "before": before[(kind, key)],
                          "state": "created" if result.state == "skipped" else result.state,
@@ -972,7 +998,7 @@ def reconcile_state(settings: Settings, *, verify: bool = False) -> RunReport:
             counts[row["state"]] = counts.get(row["state"], 0) + 1
         in_doubt = len(items) + without_body
         extra = {"run_id": run_id, "command": "reconcile", "target": target, "in_doubt": in_doubt,
-                 "states": counts, "verified": checked if verify else None}
+                 "states": counts, "verified": checked if verify else None, "unresponsive": unresponsive}
         state.finish_run(run_id, {"states": counts})
     folder = _report_dir(settings, run_id)
     _private_dir(folder)

@@ -36,14 +36,13 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import polars as pl
 from pydantic import ValidationError
 
 from etl.errors import UsageError
 from etl.files import private_dir
-from etl.load.client import http_client, mask
+from etl.load.client import check_target_url, http_client, mask
 from etl.load.loader import Loader, LoadOptions, Result, Send
 from etl.load.redox import RedoxClient
 from etl.load.state import StateStore
@@ -354,15 +353,10 @@ def _destination(settings: Settings) -> tuple[str, str]:
     return slug, settings.redox_environment
 
 
-def _check_redox_url(url: str, settings: Settings) -> None:
-    parts = urlsplit(url)
-    if parts.scheme not in {"http", "https"} or not parts.hostname:
-        raise UsageError(f"--redox-base-url must be an http(s) URL, not {url!r}")
-    loopback = parts.hostname in {"localhost", "::1"} or parts.hostname.startswith("127.")
-    if parts.scheme == "http" and not loopback:
-        raise UsageError(
-            "plain http:// is allowed only for loopback; use https:// (the token and PHI would be in clear)"
-        )
+def _check_redox_target(settings: Settings) -> None:
+    """The Redox base URL by the one rule for targets, and Redox's production environment only with ``live``."""
+    if settings.redox_base_url:
+        check_target_url(settings.redox_base_url, "--redox-base-url")
     if settings.redox_environment.lower() == "production" and not settings.live:
         raise UsageError("the Redox production environment holds real patient data: pass --live to confirm")
 
@@ -375,7 +369,7 @@ def _redox_target(settings: Settings, state_path: Path, route: str) -> Iterator[
     if url:
         if not token:
             raise UsageError(f"set REDOX_API_TOKEN (or --redox-token-file) to load into {url}")
-        _check_redox_url(url, settings)
+        _check_redox_target(settings)
         yield url, token, f"redox:{url}{route}"
         return
     from etl.sandbox import SandboxConfig, SandboxServer
@@ -399,6 +393,8 @@ def load_redox(
     show = as_progress(progress)
     run_id, timings = pipeline._new_run_id(), dict[str, float]()
     t0 = time.perf_counter()
+    if settings.redox_base_url:  # before anything: a dry run's report names the URL too
+        check_target_url(settings.redox_base_url, "--redox-base-url")
     slug, environment = _destination(settings)
     route = write_route(slug, environment)
     prepared = pipeline.prepare_files(paths, settings, timings, show)
@@ -487,7 +483,9 @@ def _send(
         state.start_run(run_id, "run" if job else "load", job=job)
         throttle = Throttle(settings.rate)
         # No search to wait for: an unknown outcome cannot be looked up anyway.
-        options = LoadOptions(settings.rate, settings.concurrency, consistency_window=0.0)
+        options = LoadOptions(
+            settings.rate, settings.concurrency, consistency_window=0.0, no_answer_limit=settings.no_answer_limit
+        )
         # The loader starts the KIND stage itself, with the number it really sends (not the skipped).
 
         async def go() -> tuple[dict[str, Result], Loader]:

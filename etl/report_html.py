@@ -268,8 +268,9 @@ def _timings(summary: dict[str, Any]) -> str:
         facts.append(f"429 responses: {summary['responses_429']}")
     if facts:
         out.append("<p>" + _e("; ".join(facts)) + "</p>")
-    if summary.get("aborted"):
-        out.append(f'<p class="bad">The run stopped early: {_e(summary["aborted"])}</p>')
+    for why in (summary.get("aborted"), summary.get("unresponsive")):
+        if why:
+            out.append(f'<p class="bad">The run stopped early: {_e(why)}</p>')
     return "".join(out)
 
 

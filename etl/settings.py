@@ -5,23 +5,51 @@ set defaults; the API key comes only from ``CLINIKAPI_SECRET_KEY`` or a key
 file, never from a command-line flag, and is held as a ``SecretStr`` so it
 never shows in a repr, a log line or a traceback. The Redox bearer token
 likewise comes only from ``REDOX_API_TOKEN`` or a token file.
+
+Both are checked for shape when they are read (:func:`secret_problem`), before
+anything is sent: printable ASCII with no space or control character, and for
+the API key the documented ``clk_test_``/``clk_live_`` pattern. A message about
+a bad key names where it came from, never the key. Every duration has a finite
+upper bound (``MAX_*`` below); ``inf`` and ``nan`` are refused.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from etl.errors import UsageError
-from schemas.limits import BULK_OPERATIONS_PER_HOUR
+from schemas.limits import API_KEY_PATTERN, BULK_OPERATIONS_PER_HOUR
 
 #: Rows ``validate`` checks at a time by default.
 BATCH_ROWS = 75_000
 
-__all__ = ["BATCH_ROWS", "DEFAULT_REDOX_STATE", "DEFAULT_STATE", "Settings", "read_key_file"]
+#: Longest ``timeout``: seconds to wait for one answer.
+MAX_TIMEOUT = 600.0
+#: Longest ``consistency_window``: seconds to wait before trusting a search.
+MAX_CONSISTENCY_WINDOW = 3600.0
+#: Most ``no_answer_limit``: requests in a row without any answer before a load stops.
+MAX_NO_ANSWER_LIMIT = 1000
+#: Default ``no_answer_limit``: four rounds of the default concurrency (a brief outage of a few seconds is ridden out).
+NO_ANSWER_LIMIT = 32
+
+__all__ = [
+    "BATCH_ROWS",
+    "DEFAULT_REDOX_STATE",
+    "DEFAULT_STATE",
+    "MAX_CONSISTENCY_WINDOW",
+    "MAX_NO_ANSWER_LIMIT",
+    "MAX_TIMEOUT",
+    "NO_ANSWER_LIMIT",
+    "Settings",
+    "read_key_file",
+    "secret_problem",
+]
 
 DEFAULT_STATE = Path(".clinik-etl/state.sqlite")
 #: A Redox load's default state store: a store is bound to one target.
@@ -32,7 +60,11 @@ _URL_SEGMENT = r"^[A-Za-z0-9._~-]+$"
 class Settings(BaseSettings):
     """Everything a validate or load run needs besides its input files."""
 
-    model_config = SettingsConfigDict(env_prefix="CLINIK_ETL_", extra="forbid", populate_by_name=True)
+    # No inf/nan anywhere (a wait of inf never ends); no input echoed in an error (it may be a key).
+    model_config = SettingsConfigDict(
+        env_prefix="CLINIK_ETL_", extra="forbid", populate_by_name=True, allow_inf_nan=False,
+        hide_input_in_errors=True,
+    )
 
     api_key: SecretStr | None = Field(
         default=None, validation_alias=AliasChoices("CLINIKAPI_SECRET_KEY", "api_key"), repr=False
@@ -48,8 +80,11 @@ class Settings(BaseSettings):
     redact: bool = False  # a shareable report: no names, birth dates or contact details
     rate: float | None = Field(default=None, gt=0)  # requests/s; None: from the server's headers
     concurrency: int = Field(default=8, ge=1, le=64)
-    timeout: float = Field(default=30.0, gt=0)
-    consistency_window: float = Field(default=10.0, ge=0)
+    timeout: float = Field(default=30.0, gt=0, le=MAX_TIMEOUT)  # seconds for one answer
+    consistency_window: float = Field(default=10.0, ge=0, le=MAX_CONSISTENCY_WINDOW)  # seconds before search is trusted
+    # Requests in a row that get no answer at all (timeouts, connections lost or refused) before a load stops:
+    # the rows sent stay unknown, the rest are not sent. With ``timeout``, it bounds a run against a silent target.
+    no_answer_limit: int = Field(default=NO_ANSWER_LIMIT, ge=1, le=MAX_NO_ANSWER_LIMIT)
     state: Path = DEFAULT_STATE
     report_dir: Path | None = None  # None: reports/<run id>; "{run_id}" in it is replaced by the run's id
     # Rows validated at a time: bounds the memory a file takes (75,000 keep 5,000,000 registry rows under 1 GiB).
@@ -79,11 +114,55 @@ class Settings(BaseSettings):
     def _strip_slash(cls, value: str | None) -> str | None:
         return value.rstrip("/") if value else value
 
+    @field_validator("api_key", "redox_token")
+    @classmethod
+    def _secret_shape(cls, value: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
+        if value is not None:
+            problem = secret_problem(value.get_secret_value(), token=info.field_name == "redox_token")
+            if problem is not None:
+                # A custom error: the message alone, under the name of the variable it came from.
+                raise PydanticCustomError("secret_shape", problem)
+        return value
 
-def read_key_file(path: Path) -> SecretStr:
-    """The API key from a file's first line."""
+
+_API_KEY = re.compile(API_KEY_PATTERN)
+
+
+def secret_problem(value: str, *, token: bool = False) -> str | None:
+    """What is wrong with an API key (or, with ``token``, a Redox bearer token), or None.
+
+    A key or token must be printable ASCII with no space or control character (a header cannot carry
+    anything else); an API key must also have the documented shape (``clk_test_`` or ``clk_live_``,
+    then letters and digits). The message describes the value, never quotes it.
+    """
+    what = "the Redox token" if token else "the API key"
+    if not value:
+        return f"{what} is empty"
+    if not value.isascii():
+        return f"{what} holds a non-ASCII character (a copy from a document or a chat?)"
+    if any(ch.isspace() for ch in value):
+        return f"{what} holds a space or a line break"
+    if not value.isprintable():
+        return f"{what} holds a control character"
+    if not token and not _API_KEY.fullmatch(value):
+        return f"{what} is not a ClinikAPI key: keys are clk_test_ or clk_live_ followed by letters and digits"
+    return None
+
+
+def read_key_file(path: Path, *, token: bool = False) -> SecretStr:
+    """The API key (with ``token``: the Redox token) from a file's first line, checked by :func:`secret_problem`."""
+    what = "a Redox token" if token else "an API key"
     try:
-        key = path.read_text(encoding="utf-8").strip().splitlines()[0].strip()
-    except (OSError, IndexError) as exc:
-        raise UsageError(f"cannot read an API key from {path}") from exc
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise UsageError(f"{path}: {what} file must be plain ASCII text") from None
+    except OSError as exc:
+        raise UsageError(f"cannot read {what} from {path}: {exc.strerror or type(exc).__name__}") from None
+    lines = text.strip().splitlines()
+    key = lines[0].strip() if lines else ""
+    if not key:
+        raise UsageError(f"cannot read {what} from {path}: the file is empty")
+    problem = secret_problem(key, token=token)
+    if problem is not None:
+        raise UsageError(f"{path}: {problem}")
     return SecretStr(key)

@@ -123,7 +123,9 @@ class _Lookup:
                 client.protocols = self.protocols
                 try:
                     for kind, value in new:
-                        self.answers[(kind, value)] = await pipeline.target_has(client, kind, value)
+                        self.answers[(kind, value)] = await pipeline.target_has(
+                            client, kind, value, no_answer_limit=self.settings.no_answer_limit
+                        )
                 finally:
                     self.requests += client.requests
 
@@ -145,7 +147,9 @@ async def _send(
     estimate = LoadEstimate(progress, settings.rate)
     progress.pace(lambda: throttle.rate)
     window = settings.consistency_window if settings.base_url else 0.0
-    options = LoadOptions(settings.rate, settings.concurrency, window, update=settings.update)
+    options = LoadOptions(
+        settings.rate, settings.concurrency, window, update=settings.update, no_answer_limit=settings.no_answer_limit
+    )
     protocols = lookup.protocols  # the lookups made while planning count too
     parts: list[Path] = []
     async with http_client(base_url, settings) as http:

@@ -314,6 +314,13 @@ PAGE_SIZE_MAX = 100  # search `count` is clamped to this
 BULK_MAX_RECORDS = 10_000
 BULK_MAX_DATA_BYTES = 100 * 1024 * 1024
 BULK_OPERATIONS_PER_HOUR = 5
+#: The rate-limit window the API documents (seconds): no server-announced wait is longer.
+RATE_WINDOW_SECONDS = 3600.0
+
+#: The shape of a ClinikAPI key: ``clk_live_`` (production, real patient data) or ``clk_test_``, then letters
+#: and digits. The API refuses any other (401 ``INVALID_KEY_FORMAT``); the sandbox admits, the settings check
+#: and the diagnostics masks find keys by this one pattern.
+API_KEY_PATTERN = r"clk_(live|test)_[A-Za-z0-9]+"
 
 
 def spec_at(schema: str, path: str) -> Spec:

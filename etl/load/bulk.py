@@ -40,7 +40,7 @@ from typing import Any
 import httpx
 
 from etl.errors import AuthError
-from etl.load.client import LookupFailed, RetryLater, Unknown, exchange, mask, refusal
+from etl.load.client import LookupFailed, RetryLater, Unknown, exchange, mask, refusal, server_wait
 from etl.load.loader import Client, Loader, LoadOptions, Result, Send
 from etl.load.state import Record, StateStore, StoredState
 from etl.load.throttle import Throttle
@@ -115,6 +115,7 @@ class BulkClient:
         if isinstance(response, RetryLater):
             raise BulkRefused(0, "NOT_SENT", response.reason)  # never sent: the rows may go again
         if isinstance(response, Unknown):
+            self.requests += 1  # sent, never answered
             return None  # sent: the job may exist
         self._observe(response)
         if response.status_code == 202:
@@ -126,13 +127,15 @@ class BulkClient:
             return None
         refused = refusal(response)  # the API's diagnostics, masked for PHI like every other refusal
         retry = response.headers.get("retry-after")
-        raise BulkRefused(response.status_code, refused.code, refused.message, float(retry) if retry else None)
+        raise BulkRefused(response.status_code, refused.code, refused.message, server_wait(retry) if retry else None)
 
     async def job(self, job_id: str) -> dict[str, Any] | None:
         """A job's record, or None when the API does not know it; ``LookupFailed`` when it cannot answer."""
         for attempt in range(5):
             response = await exchange(self._http.get(f"/v1/bulk/jobs/{job_id}", headers=self._headers))
             if not isinstance(response, httpx.Response):
+                if isinstance(response, Unknown):
+                    self.requests += 1  # sent, never answered
                 await asyncio.sleep(0.5 * 2**attempt)  # a read: safe to repeat, whatever became of it
                 continue
             self._observe(response)
@@ -142,7 +145,7 @@ class BulkClient:
             if response.status_code == 404:
                 return None
             if response.status_code == 429 or response.status_code >= 500:
-                await asyncio.sleep(float(response.headers.get("retry-after") or 0.5 * 2**attempt))
+                await asyncio.sleep(server_wait(response.headers.get("retry-after"), 0.5 * 2**attempt))
                 continue
             raise LookupFailed(f"GET /v1/bulk/jobs/{job_id}: HTTP {response.status_code}")
         raise LookupFailed(f"GET /v1/bulk/jobs/{job_id}: no answer")

@@ -13,25 +13,30 @@ clients (bulk imports, Redox) call too:
 Diagnostics from the API can echo PHI; :func:`mask` removes e-mails, phone
 numbers, SSNs and dates before anything is stored or printed. The API key is
 sent in a header and appears nowhere else.
+
+Where requests may go is decided here too, before any connection, by
+:func:`check_target_url` (ClinikAPI and Redox alike): https anywhere, plain
+http only to a loopback address, never a URL carrying user info.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
+import math
 import re
+import socket
 import ssl
 from collections import Counter
 from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
+from typing import Any
 
 import httpx
 
 from etl.errors import UsageError
-
-if TYPE_CHECKING:
-    from etl.settings import Settings
+from etl.settings import Settings, secret_problem
+from schemas.limits import API_KEY_PATTERN, RATE_WINDOW_SECONDS
 
 __all__ = [
     "ApiClient",
@@ -41,13 +46,17 @@ __all__ = [
     "RetryLater",
     "Unknown",
     "check_target",
+    "check_target_url",
     "exchange",
+    "is_loopback_host",
     "mask",
+    "retry_after",
+    "server_wait",
 ]
 
 _MASKS = (
     # Keys first, so that no other pattern can take part of one and leave the rest readable.
-    (re.compile(r"clk_(live|test)_[A-Za-z0-9]+"), "[key]"),
+    (re.compile(API_KEY_PATTERN), "[key]"),
     (re.compile(r"[\w.+-]+@[\w-]+(\.[\w-]+)+"), "[email]"),
     (re.compile(r"\b\d{3}-\d{2}-\d{4}\b"), "[ssn]"),
     (re.compile(r"\d{4}-\d{2}-\d{2}(T[\d:.]+(Z|[+-]\d{2}:?\d{2})?)?"), "[date]"),
@@ -65,16 +74,70 @@ def mask(text: str) -> str:
     return text[:_MAX_DIAGNOSTICS]
 
 
-def check_target(base_url: str, api_key: str, *, live: bool) -> None:
-    """Refuse a live key without opt-in, and plain http:// off loopback."""
-    parts = urlsplit(base_url)
-    if parts.scheme not in {"http", "https"} or not parts.hostname:
-        raise UsageError(f"--base-url must be an http(s) URL, not {base_url!r}")
-    loopback = parts.hostname in {"localhost", "::1"} or parts.hostname.startswith("127.")
-    if parts.scheme == "http" and not loopback:
+#: A host as httpx holds it (IDNA-encoded): a DNS name, an IPv4 address, or an IPv6 one with its zone.
+_HOST = re.compile(rb"[A-Za-z0-9._-]+|[0-9A-Fa-f:.]+(%[A-Za-z0-9._~-]+)?")
+
+
+def is_loopback_host(host: str) -> bool:
+    """Whether ``host`` (a URL's host, IPv6 without brackets) certainly means this machine.
+
+    An IP literal in 127.0.0.0/8, ``::1`` or an IPv4-mapped ``::ffff:127.x.y.z``; or exactly ``localhost``
+    (any case, one optional trailing dot), resolved here and accepted only if every address it has is
+    loopback. A name that merely starts like one (``127.0.0.1.nip.io``, ``localhost.example``) is a
+    DNS name like any other, and DNS may point it anywhere.
+    """
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        if host.lower() not in ("localhost", "localhost."):
+            return False
+        try:
+            infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+        except (OSError, UnicodeError):
+            return False
+        return bool(infos) and all(is_loopback_host(str(info[4][0]).split("%", 1)[0]) for info in infos)
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_loopback
+
+
+def check_target_url(url: str, option: str = "--base-url") -> None:
+    """Refuse a target URL that requests must not go to; ``option`` names the setting in the message.
+
+    The one rule for ClinikAPI and Redox alike, applied before any connection: an ``http`` or
+    ``https`` URL with a host; no user info (``user:key@host``: a key never travels, nor is it stored,
+    in a URL), no query or fragment; plain ``http`` only to a loopback address
+    (:func:`is_loopback_host`), since the key and patient data would cross any network in clear.
+    URLs are parsed by httpx, which the requests go through. The message never repeats the URL's user info.
+    """
+    try:
+        parts = httpx.URL(url)
+    except (httpx.InvalidURL, TypeError, ValueError):
+        raise UsageError(f"{option} is not a valid URL") from None
+    if not _HOST.fullmatch(parts.raw_host) or not 0 < (parts.port or 443) < 65536:
+        raise UsageError(f"{option} is not a valid URL (no such host name or port)")
+    if parts.userinfo:
         raise UsageError(
-            "plain http:// is allowed only for loopback; use https:// (keys and PHI would travel in clear)"
+            f"{option} must not hold a user name or key (user:key@host): the API key is read only from its "
+            "environment variable or key file"
         )
+    if parts.scheme not in ("http", "https") or not parts.host:
+        raise UsageError(f"{option} must be an https:// URL with a host (http:// only for loopback)")
+    if parts.query or parts.fragment:
+        raise UsageError(f"{option} must not have a query (?...) or a fragment (#...)")
+    if parts.scheme == "http" and not is_loopback_host(parts.host):
+        raise UsageError(
+            f"{option}: plain http:// is allowed only to a loopback address (127.0.0.0/8, ::1, or localhost "
+            f"resolving to them), not {parts.host!r}; use https:// (the key and PHI would travel in clear)"
+        )
+
+
+def check_target(base_url: str, api_key: str, *, live: bool) -> None:
+    """Refuse what :func:`check_target_url` refuses, a key of the wrong shape, and a live key without opt-in."""
+    check_target_url(base_url)
+    problem = secret_problem(api_key)
+    if problem is not None:
+        raise UsageError(problem)
     if api_key.startswith("clk_live_") and not live:
         raise UsageError("this is a live key (clk_live_): real patient data. Pass --live to confirm")
 
@@ -99,15 +162,16 @@ class Refused:
 
 @dataclass(frozen=True)
 class RetryLater:
-    """Not processed: try again after ``seconds`` (429, or a connection never opened)."""
+    """Not processed: try again after ``seconds`` (429, or a connection never opened: ``status`` None)."""
 
     seconds: float
     reason: str
+    status: int | None = None
 
 
 @dataclass(frozen=True)
 class Unknown:
-    """Sent, but whether it was written cannot be told from the answer."""
+    """Sent, but whether it was written cannot be told from the answer (``status`` None: there was none)."""
 
     reason: str
     status: int | None = None
@@ -173,14 +237,23 @@ class ApiClient:
         self._http = http
         self._headers = {"x-api-key": api_key, "accept": "application/json"}
         self._on_response = on_response  # called with each response's headers (the throttle)
-        self.requests = 0
+        self.requests = 0  # requests sent, answered or not
+        self.silent = 0  # requests in a row that got no answer at all (timeouts, connections lost or refused)
         self.protocols: Counter[str] = Counter()  # responses per HTTP version ("HTTP/2" where TLS offered it)
 
     def _observe(self, response: httpx.Response) -> None:
         self.requests += 1
+        self.silent = 0
         self.protocols[response.http_version] += 1
         if self._on_response is not None:
             self._on_response(response.headers)
+
+    def _unanswered(self, outcome: RetryLater | Unknown) -> None:
+        """A request without any answer: counted if it left (:class:`Unknown`), and in :attr:`silent` either way."""
+        if isinstance(outcome, Unknown):
+            self.requests += 1
+        if outcome.reason != UNTRUSTED:
+            self.silent += 1
 
     async def create(self, route: str, body: bytes) -> Outcome:
         """POST one create body (already JSON)."""
@@ -188,6 +261,7 @@ class ApiClient:
             self._http.post(route, content=body, headers={**self._headers, "content-type": "application/json"})
         )
         if not isinstance(response, httpx.Response):
+            self._unanswered(response)
             return response
         self._observe(response)
         status = response.status_code
@@ -197,7 +271,7 @@ class ApiClient:
             except (ValueError, KeyError, TypeError):
                 return Unknown("a success without a readable id", status)
         if status == 429:
-            return RetryLater(_retry_after(response.headers), "RATE_LIMITED")
+            return RetryLater(retry_after(response.headers), "RATE_LIMITED", 429)
         if status >= 500:
             return Unknown(f"server error {status}", status)
         return refusal(response)
@@ -209,6 +283,8 @@ class ApiClient:
                 f"{route}/{resource_id}", content=body, headers={**self._headers, "content-type": "application/json"}
             )
         )
+        if not isinstance(response, httpx.Response):
+            self._unanswered(response)
         if isinstance(response, Unknown):
             # A patch applied twice gives the same resource: unlike a create, it is safe to repeat later.
             return Unknown(f"update not confirmed: {response.reason}")
@@ -218,7 +294,7 @@ class ApiClient:
         if response.status_code == 200:
             return Created(resource_id, 200)
         if response.status_code == 429:
-            return RetryLater(_retry_after(response.headers), "RATE_LIMITED")
+            return RetryLater(retry_after(response.headers), "RATE_LIMITED", 429)
         if response.status_code >= 500:
             return Unknown(f"server error {response.status_code}", response.status_code)
         return refusal(response)
@@ -232,6 +308,8 @@ class ApiClient:
                 response = await self._http.get(path, params=dict(params or {}), headers=self._headers)
             except httpx.TransportError as exc:
                 last = type(exc).__name__
+                never_sent = isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout)
+                self._unanswered(RetryLater(0.0, last) if never_sent else Unknown(last))
             else:
                 self._observe(response)
                 if response.status_code == 200:
@@ -239,7 +317,7 @@ class ApiClient:
                 if response.status_code == 404:
                     return None
                 if response.status_code == 429:
-                    await asyncio.sleep(_retry_after(response.headers))
+                    await asyncio.sleep(retry_after(response.headers))
                     continue
                 if response.status_code < 500:
                     refused = refusal(response)
@@ -268,12 +346,27 @@ class LookupFailed(Exception):  # noqa: N818 - internal signal, caught by the lo
     """A read or search could not be completed; the caller keeps the row unknown."""
 
 
-def _retry_after(headers: Mapping[str, str]) -> float:
+def server_wait(value: str | None, default: float = 1.0) -> float:
+    """The seconds a server asks to wait (``Retry-After``, ``X-RateLimit-Reset``), made safe to sleep on.
+
+    At least 0.05 s and at most :data:`schemas.limits.RATE_WINDOW_SECONDS` (the API's rate-limit window:
+    no honest wait is longer); ``default`` when the value is missing, not a number, ``nan`` or ``inf``
+    (a hostile or broken server must not stall a run for ever).
+    """
+    try:
+        seconds = float(value) if value is not None else default
+    except ValueError:
+        seconds = default
+    if not math.isfinite(seconds):
+        seconds = default
+    return min(max(seconds, 0.05), RATE_WINDOW_SECONDS)
+
+
+def retry_after(headers: Mapping[str, str]) -> float:
+    """How long a 429 (or a 5xx that says so) asks to wait: ``Retry-After``, else ``X-RateLimit-Reset``, else 1 s."""
     for name in ("retry-after", "x-ratelimit-reset"):
-        try:
-            return max(float(headers[name]), 0.05)
-        except (KeyError, ValueError):
-            continue
+        if name in headers:
+            return server_wait(headers[name])
     return 1.0
 
 

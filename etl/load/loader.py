@@ -12,6 +12,12 @@ Order of work for one run:
 
 Each send records its intent (``pending``) in the state store before the
 request leaves and its outcome after, in small batched transactions.
+
+A target that does not answer at all (timeouts, connections lost or refused)
+stops the run once ``no_answer_limit`` requests in a row went unanswered
+(:attr:`Loader.unresponsive` says so): the rows whose request left stay
+``unknown``, the rest are ``not-sent``, so a silent target costs a bounded
+time (about ``no_answer_limit / concurrency`` timeouts), not one per row.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from etl.load.client import UNTRUSTED, Created, LookupFailed, Outcome, Refused, 
 from etl.load.state import Record, StateStore
 from etl.load.throttle import Throttle
 from etl.progress import Progress, as_progress
+from etl.settings import NO_ANSWER_LIMIT
 from etl.transform import fill_refs
 
 __all__ = ["LoadOptions", "Loader", "Result", "Send"]
@@ -39,7 +46,8 @@ class Client(Protocol):
     """What the loader needs of a target's client: ``etl.load.client.ApiClient``, or ``etl.load.redox.RedoxClient``
     (whose ``search`` raises ``LookupFailed``: with no search, an unknown outcome stays unknown)."""
 
-    requests: int
+    requests: int  # requests sent, answered or not
+    silent: int  # requests in a row that got no answer at all
 
     async def create(self, route: str, body: bytes) -> Outcome:
         """Send one create; one of the four outcomes."""
@@ -61,6 +69,7 @@ class LoadOptions:
     consistency_window: float = 10.0  # seconds before a search can be trusted to show a create
     max_retries: int = 8  # for answers that say "not processed, try later"
     update: bool = False  # PATCH rows that changed since they were created (else report them as changed)
+    no_answer_limit: int = NO_ANSWER_LIMIT  # requests in a row without any answer before the run stops
 
 
 @dataclass(frozen=True)
@@ -121,6 +130,7 @@ class Loader:
         self.stats = LoadStats()
         self.aborted: ApiError | None = None  # a refusal of the whole run: bad key, untrusted certificate
         self.stopping = False  # set by stop(): send nothing new, finish what is in flight
+        self.unresponsive: str | None = None  # why the run stopped: the target answered nothing for too long
         self._outcomes: list[Record] = []
 
     # --- the run -------------------------------------------------------------
@@ -255,11 +265,11 @@ class Loader:
         for item in to_send:
             _, missing = self._fill(item)
             if self.stopping:
-                self._results[(item.kind, item.source_key)] = Result(
-                    "failed", error_code="not-sent", message="run interrupted before sending"
-                )
-            elif missing:
+                self._results[(item.kind, item.source_key)] = self._not_sent()
+            elif missing:  # a parent in doubt says so, even when the run has stopped
                 self._results[(item.kind, item.source_key)] = self._blocked(missing[0])
+            elif self.unresponsive:
+                self._results[(item.kind, item.source_key)] = self._not_sent()
             else:
                 ready.append(item)
         self._results.update(await self._send_all(ready, lambda i: self._fill(i)[0]))
@@ -268,7 +278,7 @@ class Loader:
 
     async def _update(self, item: Send, resource_id: str) -> Result:
         """A row that changed since it was created: reported, or patched with ``update``."""
-        if not self.options.update or self.stopping:
+        if not self.options.update or self.stopping or self.unresponsive:
             return Result("changed", resource_id, message="differs from what was created; --update patches it")
         patch = getattr(self.client, "patch", None)
         body, missing = self._fill(item)
@@ -277,6 +287,7 @@ class Loader:
             return Result("failed", resource_id, error_code="not-updated", message=why)
         await self.throttle.acquire()
         outcome = await patch(item.route, resource_id, body.encode())
+        self._listen()
         if isinstance(outcome, Created):
             self.state.set_hash(item.kind, [(item.source_key, item.body_hash)])
             return Result("updated", resource_id, outcome.status)
@@ -284,14 +295,34 @@ class Loader:
             return Result("failed", resource_id, outcome.status, outcome.code, outcome.field, outcome.message)
         return Result("failed", resource_id, error_code="not-updated", message=getattr(outcome, "reason", ""))
 
+    def _not_sent(self) -> Result:
+        """The result of a row never sent because the run stopped (a refusal, silence, a signal)."""
+        why = self.aborted or self.unresponsive
+        return Result(
+            "failed", error_code="not-sent", message=f"run stopped: {why}" if why else "run interrupted before sending"
+        )
+
+    def _listen(self) -> None:
+        """Stop the run once the target has left ``no_answer_limit`` requests in a row without any answer."""
+        silent = self.client.silent
+        if self.unresponsive is None and silent >= self.options.no_answer_limit:
+            self.unresponsive = (
+                f"no answer to {silent} requests in a row (timeouts, connections lost or refused): "
+                "the target is not answering. Rows sent are unknown (re-run, or reconcile, once it answers); "
+                "the rest were not sent"
+            )
+            self.progress.note(f"stopping: {self.unresponsive}")
+
     def _blocked(self, missing: tuple[str, str]) -> Result:
         kind, reference = missing
         if self.aborted is not None:
-            return Result("failed", error_code="not-sent", message=f"run stopped: {self.aborted}")
+            return self._not_sent()
         parent = self._results.get((kind, self._aliases.get((kind, reference), reference)))
         if parent is not None and parent.state == "unknown":
             return Result("failed", error_code="parent-unknown",
                           message=f"the {kind} {reference!r} has an unknown outcome; re-run to resolve it")
+        if self.unresponsive is not None:
+            return self._not_sent()
         if parent is not None:
             return Result("failed", http_status=parent.http_status, error_code="parent-failed", field=parent.field,
                           message=f"{kind} {reference!r} not created ({parent.error_code}: {parent.message})")
@@ -312,6 +343,11 @@ class Loader:
         found: list[Record] = []
         taken: set[str] = set()  # found in this loop, not yet recorded as claimed
         for item in items:
+            if self.unresponsive is not None:
+                results[item.source_key] = Result(
+                    "unknown", error_code="unknown-outcome", message=f"not looked up: run stopped: {self.unresponsive}"
+                )
+                continue
             body_text, missing = self._fill(item)
             if missing:
                 # Its parent was never created, so neither was it.
@@ -321,6 +357,7 @@ class Loader:
                 resource_id = await self._find(item, json.loads(body_text), taken)
             except LookupFailed as exc:
                 results[item.source_key] = Result("unknown", error_code="unknown-outcome", message=str(exc))
+                self._listen()
                 continue
             if resource_id is not None:
                 results[item.source_key] = Result(
@@ -370,11 +407,9 @@ class Loader:
 
         async def produce() -> None:
             for start in range(0, len(items), window):
-                if self.stopping:  # the rest was never marked pending, let alone sent
+                if self.stopping or self.unresponsive:  # the rest was never marked pending, let alone sent
                     for item in items[start:]:
-                        results[(item.kind, item.source_key)] = Result(
-                            "failed", error_code="not-sent", message="run interrupted before sending"
-                        )
+                        results[(item.kind, item.source_key)] = self._not_sent()
                     break
                 chunk = items[start : start + window]
                 bodies = {(i.kind, i.source_key): body_of(i) for i in chunk}
@@ -395,10 +430,9 @@ class Loader:
         async def work() -> None:
             while (entry := await queue.get()) is not None:
                 item, body = entry
-                if self.aborted is not None or self.stopping:
+                if self.aborted is not None or self.stopping or self.unresponsive is not None:
                     # Recorded as pending but never sent: certainly not created, safe to send next time.
-                    why = f"run stopped: {self.aborted}" if self.aborted else "run interrupted before sending"
-                    result = Result("failed", error_code="not-sent", message=why)
+                    result = self._not_sent()
                 else:
                     assert body is not None
                     result = await self._send_one(item, body.encode())
@@ -418,8 +452,12 @@ class Loader:
             await self.throttle.acquire()
             self.stats.creates += 1
             outcome = await self.client.create(item.route, body)
+            self._listen()
             if not isinstance(outcome, RetryLater):
                 break
+            if self.unresponsive is not None and outcome.status is None:
+                # Every attempt failed to connect: never sent, safe to send next time.
+                return self._not_sent()
             if outcome.reason == UNTRUSTED:  # every request would meet the same certificate
                 if self.aborted is None:
                     self.aborted = ApiError(0, "untrusted-certificate", UNTRUSTED)
@@ -429,6 +467,8 @@ class Loader:
                 self.throttle.pause(outcome.seconds)
             else:
                 await asyncio.sleep(outcome.seconds)
+                if self.unresponsive is not None:  # fell silent meanwhile: this one never left either
+                    return self._not_sent()
         if isinstance(outcome, Created):
             return Result("created", outcome.resource_id, outcome.status)
         if isinstance(outcome, Refused):

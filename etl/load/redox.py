@@ -20,7 +20,18 @@ from typing import Any
 
 import httpx
 
-from etl.load.client import Created, LookupFailed, Outcome, Refused, RetryLater, Unknown, _retry_after, exchange, mask
+from etl.load.client import (
+    UNTRUSTED,
+    Created,
+    LookupFailed,
+    Outcome,
+    Refused,
+    RetryLater,
+    Unknown,
+    exchange,
+    mask,
+    retry_after,
+)
 
 __all__ = ["FHIR_JSON", "RedoxClient"]
 
@@ -40,21 +51,27 @@ class RedoxClient:
         self._http = http
         self._headers = {"authorization": f"Bearer {token}", "content-type": FHIR_JSON, "accept": FHIR_JSON}
         self._on_response = on_response  # called with each response's headers (the throttle)
-        self.requests = 0
+        self.requests = 0  # requests sent, answered or not
+        self.silent = 0  # requests in a row that got no answer at all (timeouts, connections lost or refused)
 
     async def create(self, route: str, body: bytes) -> Outcome:
         """POST one message bundle; its acknowledgement's id (else the bundle's) on success."""
         response = await exchange(self._http.post(route, content=body, headers=self._headers))
         if not isinstance(response, httpx.Response):
+            if isinstance(response, Unknown):
+                self.requests += 1  # it left, and no answer came
+            if response.reason != UNTRUSTED:
+                self.silent += 1
             return response
         self.requests += 1
+        self.silent = 0
         if self._on_response is not None:
             self._on_response(response.headers)
         status = response.status_code
         if 200 <= status < 300:
             return Created(_ack_id(response) or _bundle_id(body), status)
         if status == 429:
-            return RetryLater(_retry_after(response.headers), "RATE_LIMITED")
+            return RetryLater(retry_after(response.headers), "RATE_LIMITED", 429)
         if status >= 500:
             return Unknown(f"server error {status}", status)
         return _refusal(response)

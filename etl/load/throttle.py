@@ -13,8 +13,11 @@ A 429's ``Retry-After`` closes the bucket until then for every worker.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Awaitable, Callable, Mapping
+
+from schemas.limits import RATE_WINDOW_SECONDS
 
 __all__ = ["Throttle"]
 
@@ -78,9 +81,13 @@ class Throttle:
         """Adapt to a response's ``X-RateLimit-*`` headers."""
         try:
             remaining = int(headers["x-ratelimit-remaining"])
-            reset = max(float(headers["x-ratelimit-reset"]), 0.001)
+            reset = float(headers["x-ratelimit-reset"])
         except (KeyError, ValueError):
             return
+        if not math.isfinite(reset):
+            return  # a broken header says nothing; an infinite pause would never end
+        # No window is longer than the API's: a larger Reset must not stall the run for ever.
+        reset = min(max(reset, 0.001), RATE_WINDOW_SECONDS)
         if remaining <= 0:
             self.pause(reset)
             return

@@ -48,6 +48,7 @@ from etl.sandbox.faults import FaultGate, FaultPlan, LaggingStore, check_fault_s
 from etl.sandbox.redox import RedoxGate, check_redox_tokens, new_redox_token
 from etl.sandbox.store import Store
 from schemas.limits import (
+    API_KEY_PATTERN,
     BULK_MAX_DATA_BYTES,
     BULK_MAX_RECORDS,
     BULK_OPERATIONS_PER_HOUR,
@@ -61,7 +62,7 @@ __all__ = ["ApiProblemError", "Sandbox", "SandboxConfig", "build_app", "create_a
 
 _log = logging.getLogger(__name__)
 
-KEY_FORMAT: Final = re.compile(r"clk_(live|test)_[A-Za-z0-9]+")
+KEY_FORMAT: Final = re.compile(API_KEY_PATTERN)
 KEY_SCOPES: Final = frozenset({"*", "read", "write"})
 #: What the rate-limit headers announce when the sandbox does not limit.
 NOMINAL_LIMIT: Final = 10_000_000

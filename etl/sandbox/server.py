@@ -10,7 +10,6 @@ loopback addresses unless told otherwise.
 
 from __future__ import annotations
 
-import ipaddress
 import signal
 import socket
 import threading
@@ -22,6 +21,7 @@ from typing import Any
 import uvicorn
 
 from etl.errors import UsageError
+from etl.load.client import is_loopback_host
 from etl.sandbox.app import Sandbox, SandboxConfig, build_app
 
 __all__ = ["SandboxServer", "announce", "serve_forever"]
@@ -31,13 +31,8 @@ _STOP_TIMEOUT = 10.0
 
 
 def _check_loopback(host: str, allow_remote: bool) -> None:
-    if allow_remote or host == "localhost":
-        return
-    try:
-        loopback = ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = False
-    if not loopback:
+    # The clients' own rule for what is loopback: ``localhost`` only when it resolves to loopback alone.
+    if not allow_remote and not is_loopback_host(host):
         raise UsageError(
             f"refusing to serve the sandbox on {host!r}, which is not a loopback address: "
             "it speaks plain HTTP (pass allow_remote=True to do it anyway)"
