@@ -6,7 +6,17 @@ The public API is small: settings in, a :class:`RunReport` out::
     report = load_files(["registry.csv"], Settings(dry_run=True))
 """
 
-from etl.errors import ApiError, AuthError, EtlError, ExitCode, InputError, ProfileError, StateError, UsageError
+from etl.errors import (
+    ApiError,
+    AuthError,
+    EtlError,
+    ExitCode,
+    InputError,
+    OutputError,
+    ProfileError,
+    StateError,
+    UsageError,
+)
 from etl.mapping import Profile, load_profile
 from etl.pipeline import load_files, validate_files
 from etl.readers import read_table
@@ -20,6 +30,7 @@ __all__ = [
     "EtlError",
     "ExitCode",
     "InputError",
+    "OutputError",
     "Profile",
     "ProfileError",
     "RunReport",

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 import polars as pl
 
 from etl import pipeline
+from etl.files import guard_formulas, private_dir, private_file, private_text, scratch_dir, write_csv
 from etl.keyindex import KeyIndex
 from etl.mapping import Mapped, apply_profile
 from etl.progress import Progress
@@ -49,9 +50,6 @@ from etl.report import (
     ROW_COLUMNS,
     SAMPLE_PER_GROUP,
     RunReport,
-    _private_dir,
-    _private_file,
-    neutralise,
     write_summary,
 )
 from etl.report_html import TALLY_KEYS, tally_of, write_html
@@ -136,7 +134,7 @@ class _Written:
 
 def _rows_csv(rows: pl.DataFrame, csv: Path) -> _Written:
     rows = rows.rename({"patient_key": "patient_id"}).select(ROW_COLUMNS)
-    rows.pipe(neutralise).write_csv(csv, include_header=False)
+    rows.pipe(guard_formulas).write_csv(csv, include_header=False)
     problems = rows.filter(pl.col("state").is_in(PROBLEM_STATES))
     return _Written(csv, rows.group_by("kind", "state").len(), _sampled(problems), tally_of(problems))
 
@@ -237,7 +235,7 @@ class _Payloads:
     def write(self, path: Path) -> dict[str, int]:
         """``payloads.ndjson``, stage by stage; the number of creates per kind."""
         counts: dict[str, int] = {}
-        with _private_file(path).open("w", encoding="utf-8") as fh:
+        with private_text(path) as fh:
             for _, parts in self.stages():
                 for lines in parts:
                     for kind, key, row, body in lines.select("kind", "source_key", ROW, "body").iter_rows():
@@ -389,9 +387,8 @@ def planned_in_batches(
     )
     known_frame = pl.DataFrame(list(known), schema={"kind": pl.String, "value": pl.String}, orient="row")
     folder = pipeline._report_dir(settings, run_id)
-    _private_dir(folder)
-    work = folder / ".batches"
-    _private_dir(work)
+    private_dir(folder)
+    work = scratch_dir(folder, ".batches-")  # made afresh: nothing planted in an earlier run's can be followed
     writer = _RowsWriter(rows_csv)
     keys.payloads = _Payloads(work) if payloads else None
     today = dt.date.today()  # one date for every batch, though the run may pass midnight
@@ -636,7 +633,7 @@ def _write(
     """rows.csv, rejects.csv, summary.json and report.html, from the parts on disk, a part at a time."""
     counts, tallies = [], []
     problems = pl.DataFrame(schema=dict.fromkeys(ROW_COLUMNS, pl.String))
-    with _private_file(folder / "rows.csv").open("wb") as out:
+    with private_file(folder / "rows.csv") as out:
         out.write((",".join(ROW_COLUMNS) + "\n").encode())
         for part in (p for x in inputs for p in x.parts):
             done = writer.written.get(part)
@@ -677,7 +674,7 @@ def _write(
     summary["report_dir"] = str(folder)
     report = RunReport(run_id, None, summary, folder, held_problems=held, held_tally=tally)
     write_summary(summary, folder)
-    write_html(summary, held, _private_file(folder / "report.html"), tally)
+    write_html(summary, held, folder / "report.html", tally)
     return report
 
 
@@ -689,16 +686,16 @@ def _write_rejects(inputs: list[_Input], folder: Path) -> None:
             for name in ["source_file", "source_row", *x.batches.table.columns, "reasons"]:
                 if name not in columns:
                     columns.append(name)
-    path = _private_file(folder / "rejects.csv")
+    path = folder / "rejects.csv"
     if not columns:
-        pl.DataFrame(schema={"source_file": pl.String, "source_row": pl.UInt32, "reasons": pl.String}).write_csv(path)
+        write_csv(pl.DataFrame(schema={"source_file": pl.String, "source_row": pl.UInt32, "reasons": pl.String}), path)
         return
     first = True
-    with path.open("w", encoding="utf-8", newline="") as out:
+    with private_file(path) as out:
         for x in inputs:
             for frame in _in_row_order(x.reject_parts):
                 missing = [pl.lit(None, dtype=pl.String).alias(c) for c in columns if c not in frame.columns]
-                frame.with_columns(missing).select(columns).pipe(neutralise).write_csv(out, include_header=first)
+                frame.with_columns(missing).select(columns).pipe(guard_formulas).write_csv(out, include_header=first)
                 first = False
 
 

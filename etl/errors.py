@@ -10,6 +10,8 @@ Exceptions are for what stops a run altogether::
     ├── ProfileError             a mapping profile that cannot be used
     ├── StateError               a state store that cannot be used (locked,
     │                            another target's, corrupt)
+    ├── OutputError              a report folder or file that cannot be
+    │                            written safely (a symbolic link, a file)
     └── ApiError                 the API refused the whole run (exit 4)
         └── AuthError            401/403: a bad key or scope
 
@@ -69,6 +71,17 @@ class ProfileError(EtlError):
 
 class StateError(EtlError):
     """A state store that cannot be used for this run."""
+
+
+@dataclass
+class OutputError(EtlError):
+    """A folder or file the run would write that cannot be written safely, and why."""
+
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}"
 
 
 @dataclass

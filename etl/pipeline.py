@@ -27,11 +27,11 @@ from urllib.parse import quote
 import polars as pl
 
 from etl.errors import InputError, UsageError
-from etl.files import private_dir
+from etl.files import private_dir, private_text, write_csv
 from etl.mapping import Mapped, Profile, apply_profile, default_profile, key_field, load_profile
 from etl.progress import LoadEstimate, Progress, as_progress
 from etl.readers import ROW, Notice, read_table
-from etl.report import ROW_COLUMNS, RunReport, _private_dir, _private_file, count_states, write_report
+from etl.report import ROW_COLUMNS, RunReport, count_states, write_report
 from etl.settings import Settings
 from etl.transform import Planned, plan, readable_refs, references
 from etl.validate import Validation, validate
@@ -438,9 +438,9 @@ def load_files(
     report = RunReport(run_id, rows.rename({"patient_key": "patient_id"}).select(ROW_COLUMNS), summary)
     write_report(report, folder, rejects={p.file: _rejects_file(p, rows) for p in prepared})
     if crosswalk is not None:
-        crosswalk.sort("kind", "source_key").write_csv(_private_file(folder / "crosswalk.csv"))
+        write_csv(crosswalk.sort("kind", "source_key"), folder / "crosswalk.csv")
     if disappeared is not None and disappeared.height:
-        disappeared.write_csv(_private_file(folder / "disappeared.csv"))
+        write_csv(disappeared, folder / "disappeared.csv")
     return report
 
 
@@ -621,7 +621,7 @@ def _stop_on_signals(loader: Loader) -> Iterator[None]:
 
 def _dry_run(prepared: list[Prepared], rows: pl.DataFrame, folder: Path) -> dict[str, int]:
     """Write ``payloads.ndjson`` (one line per request a load would send)."""
-    _private_dir(folder)
+    private_dir(folder)
     first_row: dict[tuple[str, str], int] = {}
     for p in prepared:
         for key, row in p.planned.rows.select("source_key", ROW).iter_rows():
@@ -631,7 +631,7 @@ def _dry_run(prepared: list[Prepared], rows: pl.DataFrame, folder: Path) -> dict
         for key, row in p.planned.practitioners.select("practitioner_key", ROW).iter_rows():
             first_row.setdefault(("practitioner", key), row)
     counts: dict[str, int] = {}
-    with _private_file(folder / "payloads.ndjson").open("w", encoding="utf-8") as fh:
+    with private_text(folder / "payloads.ndjson") as fh:
         for stage in _sends(prepared, rows):
             for s in stage:
                 fh.write(payload_line(s.kind, s.source_key, first_row[(s.kind, s.source_key)], s.body))
@@ -975,12 +975,12 @@ def reconcile_state(settings: Settings, *, verify: bool = False) -> RunReport:
                  "states": counts, "verified": checked if verify else None}
         state.finish_run(run_id, {"states": counts})
     folder = _report_dir(settings, run_id)
-    _private_dir(folder)
+    private_dir(folder)
     frame = pl.DataFrame(rows, schema={"kind": pl.String, "source_key": pl.String, "before": pl.String,
                                        "state": pl.String, "resource_id": pl.String, "message": pl.String})
-    frame.write_csv(_private_file(folder / "reconcile.csv"))
+    write_csv(frame, folder / "reconcile.csv")
     extra["report_dir"] = str(folder)
-    with _private_file(folder / "summary.json").open("w", encoding="utf-8") as fh:
+    with private_text(folder / "summary.json") as fh:
         json.dump(extra, fh, indent=2)
         fh.write("\n")
     extra["rows_total"] = frame.height

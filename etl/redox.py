@@ -42,7 +42,7 @@ import polars as pl
 from pydantic import ValidationError
 
 from etl.errors import UsageError
-from etl.files import private_dir
+from etl.files import private_dir, private_text
 from etl.load.client import http_client, mask
 from etl.load.loader import Loader, LoadOptions, Result, Send
 from etl.load.redox import RedoxClient
@@ -50,7 +50,7 @@ from etl.load.state import StateStore
 from etl.load.throttle import Throttle
 from etl.mapping import Mapped
 from etl.readers import ROW
-from etl.report import ROW_COLUMNS, RunReport, _private_dir, _private_file, count_states, write_report
+from etl.report import ROW_COLUMNS, RunReport, count_states, write_report
 from etl.settings import DEFAULT_REDOX_STATE, DEFAULT_STATE, Settings
 from etl.transform import json_body, obj, one_of, sha256_hex, source_keys
 from schemas.codes import CVX_OID, CVX_SYSTEM, NCI_OID, ROUTE_SYSTEM, SITE_SYSTEM, displays, table
@@ -454,9 +454,9 @@ def _planned(rows: pl.DataFrame) -> list[dict[str, Any]]:
 
 def _dry_run(rows: pl.DataFrame, folder: Path, route: str) -> int:
     """Write ``payloads.ndjson``: one line per bundle a load would send."""
-    _private_dir(folder)
+    private_dir(folder)
     planned = _planned(rows)
-    with _private_file(folder / "payloads.ndjson").open("w", encoding="utf-8") as fh:
+    with private_text(folder / "payloads.ndjson") as fh:
         for r in planned:
             line = {
                 "method": "POST",
