@@ -45,6 +45,7 @@ from etl.keyindex import KeyIndex
 from etl.mapping import Mapped, apply_profile
 from etl.progress import Progress
 from etl.readers import ROW, Batches, read_batches
+from etl.redaction import left_out, redact, redact_bodies
 from etl.report import (
     PROBLEM_STATES,
     ROW_COLUMNS,
@@ -232,12 +233,14 @@ class _Payloads:
         for stage in sorted(self.parts):
             yield stage, parts(stage)
 
-    def write(self, path: Path) -> dict[str, int]:
-        """``payloads.ndjson``, stage by stage; the number of creates per kind."""
+    def write(self, path: Path, *, redacted: bool = False) -> dict[str, int]:
+        """``payloads.ndjson``, stage by stage (bodies ``redacted`` or not); the number of creates per kind."""
         counts: dict[str, int] = {}
         with private_text(path) as fh:
             for _, parts in self.stages():
                 for lines in parts:
+                    if redacted:
+                        lines = lines.with_columns(redact_bodies(pl.col("body")))
                     for kind, key, row, body in lines.select("kind", "source_key", ROW, "body").iter_rows():
                         fh.write(pipeline.payload_line(kind, key, row, body))
                         counts[kind] = counts.get(kind, 0) + 1
@@ -313,7 +316,8 @@ def validate_in_batches(
     with planned_in_batches(paths, settings, progress, batch_rows=batch_rows, payloads=payloads, state=state) as run:
         extra: dict[str, Any] = {}
         if run.keys.payloads is not None:
-            extra["requests_planned"] = run.keys.payloads.write(run.folder / "payloads.ndjson")
+            path = run.folder / "payloads.ndjson"
+            extra["requests_planned"] = run.keys.payloads.write(path, redacted=settings.redact)
             return run.write(extra, command="load", target=settings.base_url or "embedded sandbox")
         return run.write(extra, command="validate", target="none (validate)")
 
@@ -437,7 +441,7 @@ def _batch(
     timings["validate"] = timings.get("validate", 0.0) + t1 - t0
     timings["transform"] = timings.get("transform", 0.0) + time.perf_counter() - t1
     if settings.redact:
-        pipeline._redact(mapped, validation)
+        redact(mapped, validation)
     p = pipeline.Prepared(mapped, validation, planned)
     rows = _skip_seen(pipeline._base_rows(p), keys.firsts.get(x.kind))
     x.rows += prepared.height
@@ -643,7 +647,7 @@ def _write(
             counts.append(written.counts)
             tallies.append(written.tally)
             problems = _sampled(pl.concat([problems, written.problems], how="vertical_relaxed"))
-    _write_rejects(inputs, folder)
+    _write_rejects(inputs, folder, redacted=settings.redact)
     held = problems.with_columns(pl.col("source_row").cast(pl.UInt32))
     tally = (
         pl.concat(tallies).group_by(TALLY_KEYS, maintain_order=True).agg(pl.col("rows").sum())
@@ -678,12 +682,15 @@ def _write(
     return report
 
 
-def _write_rejects(inputs: list[_Input], folder: Path) -> None:
-    """rejects.csv: every input's rejected rows in row order, under the union of the inputs' columns."""
+def _write_rejects(inputs: list[_Input], folder: Path, *, redacted: bool = False) -> None:
+    """rejects.csv: every input's rejected rows in row order, under the union of the inputs' columns
+    (but those a ``redacted`` report leaves out)."""
     columns: list[str] = []
     for x in inputs:
         if x.reject_parts:
-            for name in ["source_file", "source_row", *x.batches.table.columns, "reasons"]:
+            gone = set(left_out(x.mapped)) if redacted else set()
+            source = [c for c in x.batches.table.columns if c not in gone]
+            for name in ["source_file", "source_row", *source, "reasons"]:
                 if name not in columns:
                     columns.append(name)
     path = folder / "rejects.csv"

@@ -27,15 +27,16 @@ from urllib.parse import quote
 import polars as pl
 
 from etl.errors import InputError, UsageError
-from etl.files import private_dir, private_text, write_csv
+from etl.files import private_dir, private_text, unguard_formulas, write_csv
 from etl.mapping import Mapped, Profile, apply_profile, default_profile, key_field, load_profile
 from etl.progress import LoadEstimate, Progress, as_progress
 from etl.readers import ROW, Notice, read_table
+from etl.redaction import redact, redact_bodies
 from etl.report import ROW_COLUMNS, RunReport, count_states, write_report
 from etl.settings import Settings
 from etl.transform import Planned, plan, readable_refs, references
 from etl.validate import Validation, validate
-from schemas.canonical import KIND_SPECS, PHI_FIELDS
+from schemas.canonical import KIND_SPECS
 from schemas.limits import ROUTES
 
 if TYPE_CHECKING:  # the loader and its HTTP client are imported when something is sent: validate needs neither
@@ -110,22 +111,10 @@ def prepare_files(
         timings["validate"] = timings.get("validate", 0.0) + t2 - t1
         timings["transform"] = timings.get("transform", 0.0) + t3 - t2
         if settings.redact:
-            _redact(mapped, validation)
+            redact(mapped, validation)
         out.append(Prepared(mapped, validation, planned))
     show.finish("read")
     return sorted(out, key=lambda p: KIND_SPECS[p.mapped.kind].stage)
-
-
-def _redact(mapped: Mapped, validation: Validation) -> None:
-    """Leave names, birth dates and contact details out of everything the report shows (``--redact``)."""
-    hidden = pl.col("field").is_in(list(PHI_FIELDS))
-    for name in ("rejects", "warnings"):
-        frame = getattr(validation, name)
-        setattr(validation, name, frame.with_columns(
-            pl.when(hidden & pl.col("value").is_not_null()).then(pl.lit("[redacted]")).otherwise(pl.col("value"))
-            .alias("value")))
-    phi_columns = [source for canonical, source in mapped.sources.items() if canonical in PHI_FIELDS]
-    mapped.table.frame = mapped.table.frame.drop(phi_columns)
 
 
 def _quoted(value: pl.Expr, limit: int = 100) -> pl.Expr:
@@ -417,7 +406,7 @@ def load_files(
     if settings.dry_run:
         with _existing_state(settings) as state:
             rows = _resolve_references(prepared, rows, read_crosswalk(settings.crosswalk), state, None)
-        extra["requests_planned"] = _dry_run(prepared, rows, folder)
+        extra["requests_planned"] = _dry_run(prepared, rows, folder, redacted=settings.redact)
         target = settings.base_url or "embedded sandbox"
     else:
         # One load per state store at a time: two would both send what neither has recorded yet.
@@ -478,17 +467,24 @@ def _aliases(prepared: list[Prepared]) -> dict[tuple[str, str], str]:
 
 
 def read_crosswalk(path: Path | None) -> dict[tuple[str, str], str]:
-    """A user's crosswalk file: ``kind, source_id, clinikapi_id`` per line (CSV with a header)."""
+    """A crosswalk file: ``kind, source_id, clinikapi_id`` per line (CSV with a header).
+
+    A run's own ``crosswalk.csv`` (``kind, source_key, resource_id``) is read too. Either way the
+    ``'`` the tool puts before a formula character (:func:`etl.files.guard_formulas`) is taken off.
+    """
     if path is None:
         return {}
     table = read_table(path)
+    frame = unguard_formulas(table.frame)
+    if {"kind", "source_key", "resource_id"} <= set(frame.columns) and "source_id" not in frame.columns:
+        frame = frame.rename({"source_key": "source_id", "resource_id": "clinikapi_id"})
     wanted = {"kind", "source_id", "clinikapi_id"}
-    if not wanted <= set(table.columns):
+    if not wanted <= set(frame.columns):
         raise InputError(str(path), f"a crosswalk needs the columns {', '.join(sorted(wanted))}", row=1)
-    bad = table.frame.filter(~pl.col("kind").is_in(list(KIND_SPECS)))
+    bad = frame.filter(~pl.col("kind").is_in(list(KIND_SPECS)))
     if bad.height:
         raise InputError(str(path), f"unknown kind {bad['kind'][0]!r}", row=int(bad[ROW][0]), column="kind")
-    return {(k, s): c for k, s, c in table.frame.select("kind", "source_id", "clinikapi_id").drop_nulls().iter_rows()}
+    return {(k, s): c for k, s, c in frame.select("kind", "source_id", "clinikapi_id").drop_nulls().iter_rows()}
 
 
 def _resolve_references(
@@ -619,9 +615,20 @@ def _stop_on_signals(loader: Loader) -> Iterator[None]:
             loop.remove_signal_handler(sig)
 
 
-def _dry_run(prepared: list[Prepared], rows: pl.DataFrame, folder: Path) -> dict[str, int]:
-    """Write ``payloads.ndjson`` (one line per request a load would send)."""
+def _dry_run(prepared: list[Prepared], rows: pl.DataFrame, folder: Path, *, redacted: bool = False) -> dict[str, int]:
+    """Write ``payloads.ndjson`` (one line per request a load would send; with ``redacted``, bodies redacted)."""
     private_dir(folder)
+    if redacted:
+        body = redact_bodies(pl.col("body"))
+        prepared = [
+            replace(p, planned=replace(
+                p.planned,
+                rows=p.planned.rows.with_columns(body),
+                patients=p.planned.patients.with_columns(body),
+                practitioners=p.planned.practitioners.with_columns(body),
+            ))
+            for p in prepared
+        ]
     first_row: dict[tuple[str, str], int] = {}
     for p in prepared:
         for key, row in p.planned.rows.select("source_key", ROW).iter_rows():

@@ -50,6 +50,7 @@ from etl.load.state import StateStore
 from etl.load.throttle import Throttle
 from etl.mapping import Mapped
 from etl.readers import ROW
+from etl.redaction import masked
 from etl.report import ROW_COLUMNS, RunReport, count_states, write_report
 from etl.settings import DEFAULT_REDOX_STATE, DEFAULT_STATE, Settings
 from etl.transform import json_body, obj, one_of, sha256_hex, source_keys
@@ -404,7 +405,7 @@ def load_redox(
     prepared = pipeline.prepare_files(paths, settings, timings, show)
     stamp = dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
     t1 = time.perf_counter()
-    parts = []
+    parts, shown = [], []
     for p in prepared:
         bundles = plan_bundles(p.mapped, p.validation.valid, settings, stamp)
         parts.append(
@@ -414,6 +415,12 @@ def load_redox(
                 how="left",
             )
         )
+        if settings.dry_run and settings.redact:  # payloads.ndjson shows bundles built from masked values
+            shown.append(
+                plan_bundles(p.mapped, masked(p.validation.valid), settings, stamp).select(
+                    pl.lit(p.file).alias("source_file"), pl.col(ROW).alias("source_row"), "body"
+                )
+            )
     rows = pl.concat(parts).pipe(pipeline._dedupe_across_files)
     t2 = time.perf_counter()
     rows = _check_all(rows)
@@ -423,7 +430,7 @@ def load_redox(
     extra: dict[str, Any] = {"load": True, "destination": {"type": "redox", "route": route}}
     state_path = redox_state_path(settings)
     if settings.dry_run:
-        extra["requests_planned"] = _dry_run(rows, folder, route)
+        extra["requests_planned"] = _dry_run(_shown(rows, shown) if shown else rows, folder, route)
         target = (settings.redox_base_url or "embedded sandbox") + route
     else:
         with (
@@ -440,6 +447,12 @@ def load_redox(
     report = RunReport(run_id, rows.rename({"patient_key": "patient_id"}).select(ROW_COLUMNS), summary)
     write_report(report, folder, rejects={p.file: pipeline._rejects_file(p, rows) for p in prepared})
     return report
+
+
+def _shown(rows: pl.DataFrame, bodies: list[pl.DataFrame]) -> pl.DataFrame:
+    """``rows`` with the bodies a redacted dry run shows (``source_file, source_row, body``) for their own."""
+    shown = pl.concat(bodies).with_columns(pl.col("source_row").cast(rows.schema["source_row"]))
+    return rows.drop("body").join(shown, on=["source_file", "source_row"], how="left").select(rows.columns)
 
 
 def _planned(rows: pl.DataFrame) -> list[dict[str, Any]]:
