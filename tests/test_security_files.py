@@ -21,7 +21,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 from etl.cli import main
-from etl.errors import OutputError
+from etl.errors import OutputError, StateError
 from etl.files import (
     FORMULA_STARTS,
     guard_formulas,
@@ -32,6 +32,7 @@ from etl.files import (
     unguarded,
     write_csv,
 )
+from etl.load.lock import state_lock
 from etl.load.state import StateStore
 from etl.pipeline import read_crosswalk
 from etl.readers import read_table
@@ -131,6 +132,24 @@ def test_an_existing_report_folder_keeps_its_mode(tmp_path: Path, open_umask: No
                   str(tmp_path / "s.sqlite"))
     [own] = [p for p in shared.iterdir() if p.is_dir()]
     assert _mode(own) == 0o700 and _mode(shared) == 0o1777
+
+
+def test_a_state_store_or_its_lock_planted_as_a_link_is_refused(tmp_path: Path) -> None:
+    victim = tmp_path / "victim.sqlite"
+    victim.write_text("precious\n", encoding="utf-8")
+    folder = tmp_path / "state"
+    folder.mkdir()
+    (folder / "s.sqlite").symlink_to(victim)
+    result = _cli("load", str(SAMPLE / "tasks.csv"), "--state", str(folder / "s.sqlite"), "--report-dir",
+                  str(tmp_path / "r"))
+    assert result.exit_code == 2 and "symbolic link" in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1
+    (folder / "s.sqlite").unlink()
+    (folder / "s.sqlite.lock").unlink(missing_ok=True)  # the refused load's own lock
+    (folder / "s.sqlite.lock").symlink_to(victim)
+    with pytest.raises(StateError, match="lock"), state_lock(folder / "s.sqlite"):
+        pass
+    assert victim.read_text(encoding="utf-8") == "precious\n"
 
 
 # --- files -----------------------------------------------------------------------------------------
