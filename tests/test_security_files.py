@@ -149,6 +149,13 @@ def test_a_state_store_or_its_lock_planted_as_a_link_is_refused(tmp_path: Path) 
     (folder / "s.sqlite.lock").symlink_to(victim)
     with pytest.raises(StateError, match="lock"), state_lock(folder / "s.sqlite"):
         pass
+    # The embedded sandbox's database beside it, too.
+    for left in folder.iterdir():  # the lock, the first load's sandbox database
+        left.unlink()
+    (folder / "s.sandbox.sqlite").symlink_to(victim)
+    result = _cli("load", str(SAMPLE / "tasks.csv"), "--state", str(folder / "s.sqlite"), "--report-dir",
+                  str(tmp_path / "r"))
+    assert result.exit_code == 2 and "symbolic link" in result.output, result.output
     assert victim.read_text(encoding="utf-8") == "precious\n"
 
 
