@@ -30,7 +30,7 @@ from typing import Any
 
 import polars as pl
 
-from etl.files import private_dir, private_text, write_csv
+from etl.files import private_dir, private_text, unguard_formulas, write_csv
 from etl.report_html import tally_of, write_html
 
 __all__ = ["FINAL_STATES", "PROBLEM_STATES", "ROW_COLUMNS", "RunReport", "read_rows", "write_report"]
@@ -124,8 +124,12 @@ class RunReport:
 
 
 def read_rows(path: Path) -> pl.DataFrame:
-    """A report's ``rows.csv`` read back, typed as written."""
-    return pl.read_csv(path, infer_schema=False).with_columns(pl.col("source_row").cast(pl.UInt32))
+    """A report's ``rows.csv`` read back, typed and valued as before it was written (formula guard removed)."""
+    return (
+        pl.read_csv(path, infer_schema=False)
+        .pipe(unguard_formulas)
+        .with_columns(pl.col("source_row").cast(pl.UInt32))
+    )
 
 
 def write_report(

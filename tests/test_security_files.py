@@ -331,6 +331,18 @@ def test_no_csv_the_tool_writes_holds_a_formula_and_its_own_files_read_back(tmp_
     assert {"rows.csv", "rejects.csv", "crosswalk.csv"} <= set(checked)
 
 
+def test_a_report_read_back_from_rows_csv_holds_the_values_themselves(tmp_path: Path) -> None:
+    from etl.pipeline import validate_files, validate_whole
+    from etl.settings import Settings
+
+    source = _hostile(tmp_path / "hostile.csv")
+    batched = validate_files([source], Settings(report_dir=tmp_path / "batched", batch_rows=1))
+    whole = validate_whole([source], Settings(report_dir=tmp_path / "whole"))
+    assert batched.held is None  # rows.csv is read back
+    assert batched.rows.equals(whole.rows)
+    assert "@SUM(A1)" in batched.rows["source_key"].to_list()
+
+
 def test_a_rejects_file_imported_again_reads_as_the_source_did(tmp_path: Path) -> None:
     source = _hostile(tmp_path / "hostile.csv")
     assert _cli("validate", str(source), "--report-dir", str(tmp_path / "r")).exit_code == 1
