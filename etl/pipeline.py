@@ -401,7 +401,7 @@ def load_files(
     t0 = time.perf_counter()
     prepared = prepare_files(paths, settings, timings, progress)
     rows = pl.concat([_base_rows(p) for p in prepared]).pipe(_dedupe_across_files)
-    folder = _report_dir(settings, run_id)
+    folder = private_dir(_report_dir(settings, run_id))  # refused now, not after sending, if it cannot be used
     extra: dict[str, Any] = {"load": True}
     if settings.dry_run:
         with _existing_state(settings) as state:
@@ -917,6 +917,7 @@ def reconcile_state(settings: Settings, *, verify: bool = False) -> RunReport:
     bound = StateStore.existing(settings.state)
     target = bound.target
     bound.close()
+    folder = private_dir(_report_dir(settings, run_id))  # refused now, not after settling, if it cannot be used
     if target.startswith("embedded-sandbox:"):
         if settings.base_url:
             raise UsageError(f"{settings.state} records loads into the embedded sandbox, not {settings.base_url}")
@@ -981,8 +982,6 @@ def reconcile_state(settings: Settings, *, verify: bool = False) -> RunReport:
         extra = {"run_id": run_id, "command": "reconcile", "target": target, "in_doubt": in_doubt,
                  "states": counts, "verified": checked if verify else None}
         state.finish_run(run_id, {"states": counts})
-    folder = _report_dir(settings, run_id)
-    private_dir(folder)
     frame = pl.DataFrame(rows, schema={"kind": pl.String, "source_key": pl.String, "before": pl.String,
                                        "state": pl.String, "resource_id": pl.String, "message": pl.String})
     write_csv(frame, folder / "reconcile.csv")

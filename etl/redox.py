@@ -426,7 +426,7 @@ def load_redox(
     rows = _check_all(rows)
     timings["transform"] = timings.get("transform", 0.0) + t2 - t1
     timings["fhir"] = time.perf_counter() - t2
-    folder = pipeline._report_dir(settings, run_id)
+    folder = private_dir(pipeline._report_dir(settings, run_id))  # refused now, not after sending
     extra: dict[str, Any] = {"load": True, "destination": {"type": "redox", "route": route}}
     state_path = redox_state_path(settings)
     if settings.dry_run:

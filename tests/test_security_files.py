@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import sqlite3
 import stat
 from collections.abc import Iterator
 from pathlib import Path
@@ -81,8 +82,9 @@ def open_umask() -> Iterator[None]:
 
 @pytest.mark.parametrize(
     "command",
-    [["validate"], ["load", "--dry-run"], ["load", "--dry-run", "--no-stream"]],
-    ids=["validate", "dry-run", "dry-run-whole"],
+    [["validate"], ["load", "--dry-run"], ["load", "--dry-run", "--no-stream"], ["load", "--no-stream"],
+     ["load", "--stream"], ["load", "--target", "redox"]],
+    ids=["validate", "dry-run", "dry-run-whole", "load-whole", "load-streamed", "redox"],
 )
 def test_a_report_folder_that_is_a_symlink_is_refused(tmp_path: Path, command: list[str]) -> None:
     elsewhere = tmp_path / "elsewhere"
@@ -96,6 +98,11 @@ def test_a_report_folder_that_is_a_symlink_is_refused(tmp_path: Path, command: l
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and str(link) in lines[0] and "symbolic link" in lines[0], result.output
     assert list(elsewhere.iterdir()) == [] and _mode(elsewhere) == 0o755
+    # Refused before anything was sent: no outcome is left without a report.
+    for store in tmp_path.glob("*.sqlite"):
+        with sqlite3.connect(store) as db:
+            tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            assert "records" not in tables or db.execute("SELECT count(*) FROM records").fetchone() == (0,)
 
 
 def test_private_dir_refuses_a_link_and_leaves_existing_folders_alone(tmp_path: Path, open_umask: None) -> None:
