@@ -401,7 +401,7 @@ def load_files(
     t0 = time.perf_counter()
     prepared = prepare_files(paths, settings, timings, progress)
     rows = pl.concat([_base_rows(p) for p in prepared]).pipe(_dedupe_across_files)
-    folder = private_dir(_report_dir(settings, run_id))  # refused now, not after sending, if it cannot be used
+    folder = _report_dir(settings, run_id)
     extra: dict[str, Any] = {"load": True}
     if settings.dry_run:
         with _existing_state(settings) as state:
@@ -410,16 +410,14 @@ def load_files(
         target = settings.base_url or "embedded sandbox"
     else:
         # One load per state store at a time: two would both send what neither has recorded yet.
-        with state_lock(settings.state, wait=settings.wait, on_wait=progress.note), _target(settings) as (
-            base_url,
-            key,
-            identity,
-        ):
-            target = base_url if settings.base_url else "embedded sandbox"
-            rows, load_extra = _load(
-                prepared, rows, base_url, key, identity, settings, run_id, progress, timings, job
-            )
-            extra.update(load_extra)
+        with state_lock(settings.state, wait=settings.wait, on_wait=progress.note):
+            private_dir(folder)  # made, or refused (a symbolic link), before anything is sent: not after
+            with _target(settings) as (base_url, key, identity):
+                target = base_url if settings.base_url else "embedded sandbox"
+                rows, load_extra = _load(
+                    prepared, rows, base_url, key, identity, settings, run_id, progress, timings, job
+                )
+                extra.update(load_extra)
     timings["total"] = time.perf_counter() - t0
     crosswalk = extra.pop("_crosswalk", None)
     disappeared = extra.pop("_disappeared", None)

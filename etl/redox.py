@@ -426,22 +426,21 @@ def load_redox(
     rows = _check_all(rows)
     timings["transform"] = timings.get("transform", 0.0) + t2 - t1
     timings["fhir"] = time.perf_counter() - t2
-    folder = private_dir(pipeline._report_dir(settings, run_id))  # refused now, not after sending
+    folder = pipeline._report_dir(settings, run_id)
     extra: dict[str, Any] = {"load": True, "destination": {"type": "redox", "route": route}}
     state_path = redox_state_path(settings)
     if settings.dry_run:
         extra["requests_planned"] = _dry_run(_shown(rows, shown) if shown else rows, folder, route)
         target = (settings.redox_base_url or "embedded sandbox") + route
     else:
-        with (
-            state_lock(state_path, wait=settings.wait, on_wait=show.note),
-            _redox_target(settings, state_path, route) as (base_url, token, identity),
-        ):
-            target = (base_url if settings.redox_base_url else "embedded sandbox") + route
-            t3 = time.perf_counter()
-            rows, sent = _send(rows, base_url, token, identity, state_path, route, settings, run_id, show, job)
-            timings["load"] = time.perf_counter() - t3
-            extra.update(sent)
+        with state_lock(state_path, wait=settings.wait, on_wait=show.note):
+            private_dir(folder)  # made, or refused (a symbolic link), before anything is sent: not after
+            with _redox_target(settings, state_path, route) as (base_url, token, identity):
+                target = (base_url if settings.redox_base_url else "embedded sandbox") + route
+                t3 = time.perf_counter()
+                rows, sent = _send(rows, base_url, token, identity, state_path, route, settings, run_id, show, job)
+                timings["load"] = time.perf_counter() - t3
+                extra.update(sent)
     timings["total"] = time.perf_counter() - t0
     summary = pipeline._summary(run_id, prepared, rows, target, settings, timings, extra)
     report = RunReport(run_id, rows.rename({"patient_key": "patient_id"}).select(ROW_COLUMNS), summary)
