@@ -43,7 +43,7 @@ from typing import Literal
 import polars as pl
 
 from etl.errors import InputError
-from etl.files import unguard_formulas
+from etl.files import unguard_formulas, unguarded
 
 __all__ = [
     "ROW",
@@ -216,8 +216,11 @@ def read_batches(
 
 
 def is_own_rejects(columns: list[str]) -> bool:
-    """Whether a table with these headers is a ``rejects.csv`` the tool wrote (perhaps fixed by hand since)."""
-    return len(columns) >= 3 and columns[:2] == ["source_file", "source_row"] and columns[-1] == "reasons"
+    """Whether a table with these headers is a ``rejects.csv`` the tool wrote (perhaps fixed by hand since),
+    whose formula guard comes off on reading."""
+    shaped = len(columns) >= 3 and columns[:2] == ["source_file", "source_row"] and columns[-1] == "reasons"
+    # A hand-edited header could unguard onto another one; then the file is read as written.
+    return shaped and len({unguarded(c) for c in columns}) == len(columns)
 
 
 def _then(batches: Iterator[pl.DataFrame], done: Callable[[], None]) -> Iterator[pl.DataFrame]:

@@ -356,6 +356,10 @@ def test_a_rejects_file_imported_again_reads_as_the_source_did(tmp_path: Path) -
     again = read_table(tmp_path / "r" / "rejects.csv").frame
     assert again.columns[1:] == ["source_file", "source_row", *HOSTILE_HEADER, "reasons"]
     assert again.row(0)[3:-1] == tuple(HOSTILE[1])  # every cell as it was in the source
+    # A header edited by hand onto another's unguarded name: read as written, not refused.
+    edited = tmp_path / "edited.csv"
+    edited.write_text("source_file,source_row,'=a,=a,reasons\nx,2,'-1,'-1,bad\n", encoding="utf-8")
+    assert read_table(edited).columns == ["source_file", "source_row", "'=a", "=a", "reasons"]
     # A plain input with the same quote-led cells is read as written: only the tool's own files are unguarded.
     plain = tmp_path / "plain.csv"
     plain.write_text("Record ID,Notes\n'=x,'-1\n", encoding="utf-8")
