@@ -40,18 +40,17 @@ from typing import TYPE_CHECKING, Any
 import polars as pl
 
 from etl import pipeline
+from etl.files import guard_formulas, private_dir, private_file, private_text, scratch_dir, write_csv
 from etl.keyindex import KeyIndex
 from etl.mapping import Mapped, apply_profile
 from etl.progress import Progress
 from etl.readers import ROW, Batches, read_batches
+from etl.redaction import left_out, redact, redact_bodies
 from etl.report import (
     PROBLEM_STATES,
     ROW_COLUMNS,
     SAMPLE_PER_GROUP,
     RunReport,
-    _private_dir,
-    _private_file,
-    neutralise,
     write_summary,
 )
 from etl.report_html import TALLY_KEYS, tally_of, write_html
@@ -136,7 +135,7 @@ class _Written:
 
 def _rows_csv(rows: pl.DataFrame, csv: Path) -> _Written:
     rows = rows.rename({"patient_key": "patient_id"}).select(ROW_COLUMNS)
-    rows.pipe(neutralise).write_csv(csv, include_header=False)
+    rows.pipe(guard_formulas).write_csv(csv, include_header=False)
     problems = rows.filter(pl.col("state").is_in(PROBLEM_STATES))
     return _Written(csv, rows.group_by("kind", "state").len(), _sampled(problems), tally_of(problems))
 
@@ -234,12 +233,14 @@ class _Payloads:
         for stage in sorted(self.parts):
             yield stage, parts(stage)
 
-    def write(self, path: Path) -> dict[str, int]:
-        """``payloads.ndjson``, stage by stage; the number of creates per kind."""
+    def write(self, path: Path, *, redacted: bool = False) -> dict[str, int]:
+        """``payloads.ndjson``, stage by stage (bodies ``redacted`` or not); the number of creates per kind."""
         counts: dict[str, int] = {}
-        with _private_file(path).open("w", encoding="utf-8") as fh:
+        with private_text(path) as fh:
             for _, parts in self.stages():
                 for lines in parts:
+                    if redacted:
+                        lines = lines.with_columns(redact_bodies(pl.col("body")))
                     for kind, key, row, body in lines.select("kind", "source_key", ROW, "body").iter_rows():
                         fh.write(pipeline.payload_line(kind, key, row, body))
                         counts[kind] = counts.get(kind, 0) + 1
@@ -315,7 +316,8 @@ def validate_in_batches(
     with planned_in_batches(paths, settings, progress, batch_rows=batch_rows, payloads=payloads, state=state) as run:
         extra: dict[str, Any] = {}
         if run.keys.payloads is not None:
-            extra["requests_planned"] = run.keys.payloads.write(run.folder / "payloads.ndjson")
+            path = run.folder / "payloads.ndjson"
+            extra["requests_planned"] = run.keys.payloads.write(path, redacted=settings.redact)
             return run.write(extra, command="load", target=settings.base_url or "embedded sandbox")
         return run.write(extra, command="validate", target="none (validate)")
 
@@ -389,9 +391,8 @@ def planned_in_batches(
     )
     known_frame = pl.DataFrame(list(known), schema={"kind": pl.String, "value": pl.String}, orient="row")
     folder = pipeline._report_dir(settings, run_id)
-    _private_dir(folder)
-    work = folder / ".batches"
-    _private_dir(work)
+    private_dir(folder)
+    work = scratch_dir(folder, ".batches-")  # made afresh: nothing planted in an earlier run's can be followed
     writer = _RowsWriter(rows_csv)
     keys.payloads = _Payloads(work) if payloads else None
     today = dt.date.today()  # one date for every batch, though the run may pass midnight
@@ -440,7 +441,7 @@ def _batch(
     timings["validate"] = timings.get("validate", 0.0) + t1 - t0
     timings["transform"] = timings.get("transform", 0.0) + time.perf_counter() - t1
     if settings.redact:
-        pipeline._redact(mapped, validation)
+        redact(mapped, validation)
     p = pipeline.Prepared(mapped, validation, planned)
     rows = _skip_seen(pipeline._base_rows(p), keys.firsts.get(x.kind))
     x.rows += prepared.height
@@ -636,7 +637,7 @@ def _write(
     """rows.csv, rejects.csv, summary.json and report.html, from the parts on disk, a part at a time."""
     counts, tallies = [], []
     problems = pl.DataFrame(schema=dict.fromkeys(ROW_COLUMNS, pl.String))
-    with _private_file(folder / "rows.csv").open("wb") as out:
+    with private_file(folder / "rows.csv") as out:
         out.write((",".join(ROW_COLUMNS) + "\n").encode())
         for part in (p for x in inputs for p in x.parts):
             done = writer.written.get(part)
@@ -646,7 +647,7 @@ def _write(
             counts.append(written.counts)
             tallies.append(written.tally)
             problems = _sampled(pl.concat([problems, written.problems], how="vertical_relaxed"))
-    _write_rejects(inputs, folder)
+    _write_rejects(inputs, folder, redacted=settings.redact)
     held = problems.with_columns(pl.col("source_row").cast(pl.UInt32))
     tally = (
         pl.concat(tallies).group_by(TALLY_KEYS, maintain_order=True).agg(pl.col("rows").sum())
@@ -677,28 +678,31 @@ def _write(
     summary["report_dir"] = str(folder)
     report = RunReport(run_id, None, summary, folder, held_problems=held, held_tally=tally)
     write_summary(summary, folder)
-    write_html(summary, held, _private_file(folder / "report.html"), tally)
+    write_html(summary, held, folder / "report.html", tally)
     return report
 
 
-def _write_rejects(inputs: list[_Input], folder: Path) -> None:
-    """rejects.csv: every input's rejected rows in row order, under the union of the inputs' columns."""
+def _write_rejects(inputs: list[_Input], folder: Path, *, redacted: bool = False) -> None:
+    """rejects.csv: every input's rejected rows in row order, under the union of the inputs' columns
+    (but those a ``redacted`` report leaves out)."""
     columns: list[str] = []
     for x in inputs:
         if x.reject_parts:
-            for name in ["source_file", "source_row", *x.batches.table.columns, "reasons"]:
+            gone = set(left_out(x.mapped)) if redacted else set()
+            source = [c for c in x.batches.table.columns if c not in gone]
+            for name in ["source_file", "source_row", *source, "reasons"]:
                 if name not in columns:
                     columns.append(name)
-    path = _private_file(folder / "rejects.csv")
+    path = folder / "rejects.csv"
     if not columns:
-        pl.DataFrame(schema={"source_file": pl.String, "source_row": pl.UInt32, "reasons": pl.String}).write_csv(path)
+        write_csv(pl.DataFrame(schema={"source_file": pl.String, "source_row": pl.UInt32, "reasons": pl.String}), path)
         return
     first = True
-    with path.open("w", encoding="utf-8", newline="") as out:
+    with private_file(path) as out:
         for x in inputs:
             for frame in _in_row_order(x.reject_parts):
                 missing = [pl.lit(None, dtype=pl.String).alias(c) for c in columns if c not in frame.columns]
-                frame.with_columns(missing).select(columns).pipe(neutralise).write_csv(out, include_header=first)
+                frame.with_columns(missing).select(columns).pipe(guard_formulas).write_csv(out, include_header=first)
                 first = False
 
 

@@ -12,6 +12,8 @@ Exceptions are for what stops a run altogether::
     │                            another target's, corrupt)
     ├── NoAnswerError            the target answered nothing before anything
     │                            was sent (timeouts, connections lost or refused)
+    ├── OutputError              a report folder or file that cannot be
+    │                            written safely (a symbolic link, a file)
     └── ApiError                 the API refused the whole run (exit 4)
         └── AuthError            401/403: a bad key or scope
 
@@ -81,6 +83,17 @@ class NoAnswerError(EtlError):
     """
 
     retryable = True
+
+
+@dataclass
+class OutputError(EtlError):
+    """A folder or file the run would write that cannot be written safely, and why."""
+
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}"
 
 
 @dataclass

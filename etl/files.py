@@ -1,22 +1,126 @@
-"""Owner-only folders for what a run leaves on disk.
+"""Owner-only folders and files for what a run leaves on disk, and CSV cells a spreadsheet cannot run.
 
 State stores, their locks, the embedded sandbox's database and reports hold
-PHI or PHI-adjacent ids, so every folder the tool creates for them is
-readable by its owner only (0700), whatever the umask. A folder that already
-exists is not this tool's to change: a state store's parent may be the
-working directory or a shared one.
+PHI or PHI-adjacent ids, so:
+
+- **Folders** (:func:`private_dir`): a folder given as a symbolic link is
+  refused (:class:`~etl.errors.OutputError`, exit 2), so a planted link never
+  sends a report or a state store somewhere else. Every missing folder is
+  created readable by its owner only (0700), whatever the umask. A folder that
+  already exists is not this tool's to change: its mode is left as it is (a
+  shared 1777 folder keeps its sticky bit).
+- **Files** (:func:`private_file`, :func:`private_text`, :func:`write_csv`):
+  never written in place and never through a link. Each is written to a new
+  file, created exclusively (``O_CREAT | O_EXCL | O_NOFOLLOW``) as 0600 in
+  the same folder, and renamed onto its name when complete: a symbolic link
+  planted under that name is replaced, its target untouched; a reader never
+  sees half a file; a second run into the same folder replaces the first
+  run's files.
+- **CSV cells** (:func:`guard_formulas`): every text cell and header that a
+  spreadsheet would run as a formula gets a leading ``'``; the tool removes it
+  again (:func:`unguard_formulas`) when it reads one of its own files back.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
+import secrets
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO, TextIO, TypeVar
 
-__all__ = ["private_dir"]
+import polars as pl
+
+from etl.errors import OutputError
+
+__all__ = [
+    "FORMULA_GUARD",
+    "FORMULA_STARTS",
+    "guard_formulas",
+    "guarded",
+    "private_dir",
+    "private_file",
+    "private_text",
+    "scratch_dir",
+    "unguard_formulas",
+    "unguarded",
+    "write_csv",
+]
+
+#: First characters that make a spreadsheet treat a cell as a formula (OWASP's list: ``=``, ``+``,
+#: ``-``, ``@``, tab, carriage return), and their fullwidth forms, which some spreadsheets fold to them.
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r", "\uff1d", "\uff0b", "\uff0d", "\uff20")
+
+#: What a guarded cell starts with.
+FORMULA_GUARD = "'"
+
+_Frame = TypeVar("_Frame", pl.DataFrame, pl.LazyFrame)
+
+# A cell is guarded when it starts with a formula character after any number of quotes: quoting
+# "'=x" too (as "''=x") makes unguarding exact, so a value survives a write and a read unchanged.
+_TRIGGER = "[" + "".join(f"\\x{{{ord(c):x}}}" for c in FORMULA_STARTS) + "]"
+_RISKY = f"^'*{_TRIGGER}"
+_GUARDED = f"^'+{_TRIGGER}"
+
+
+def guarded(value: str) -> str:
+    """One text cell (or header) as :func:`guard_formulas` writes it."""
+    return FORMULA_GUARD + value if value.lstrip(FORMULA_GUARD).startswith(FORMULA_STARTS) else value
+
+
+def unguarded(value: str) -> str:
+    """One cell (or header) of a file the tool wrote, as it was before :func:`guarded`."""
+    rest = value.lstrip(FORMULA_GUARD)
+    return value[1:] if rest != value and rest.startswith(FORMULA_STARTS) else value
+
+
+def guard_formulas(frame: _Frame) -> _Frame:
+    """``frame`` with every text cell and every column name that a spreadsheet would run prefixed with ``'``.
+
+    The rule: a text cell that starts with one of :data:`FORMULA_STARTS`, after any number of
+    ``'``, gets one more ``'`` in front. Only text columns are touched: a number column's ``-0.5``
+    stays a number. :func:`unguard_formulas` undoes it exactly.
+    """
+    schema = frame.collect_schema()
+    cells = [
+        pl.when(pl.col(name).str.contains(_RISKY)).then(pl.lit(FORMULA_GUARD) + pl.col(name))
+        .otherwise(pl.col(name)).alias(name)
+        for name, dtype in schema.items()
+        if dtype == pl.String
+    ]
+    frame = frame.with_columns(cells) if cells else frame
+    names = {name: guarded(name) for name in schema.names() if guarded(name) != name}
+    return frame.rename(names) if names else frame
+
+
+def unguard_formulas(frame: _Frame) -> _Frame:
+    """A frame read from a CSV the tool wrote, with :func:`guard_formulas` undone (cells and column names)."""
+    schema = frame.collect_schema()
+    cells = [
+        pl.when(pl.col(name).str.contains(_GUARDED)).then(pl.col(name).str.slice(1))
+        .otherwise(pl.col(name)).alias(name)
+        for name, dtype in schema.items()
+        if dtype == pl.String
+    ]
+    frame = frame.with_columns(cells) if cells else frame
+    names = {name: unguarded(name) for name in schema.names() if unguarded(name) != name}
+    return frame.rename(names) if names else frame
+
+
+def _refuse_link(path: Path) -> None:
+    if path.is_symlink():
+        raise OutputError(str(path), "is a symbolic link; give the folder itself")
 
 
 def private_dir(path: Path) -> Path:
-    """Make ``path`` a folder: it and any missing parents are created owner-only; existing ones stay as they are."""
+    """Make ``path`` a folder: it and any missing parents are created owner-only; existing ones stay as they are.
+
+    Raises :class:`~etl.errors.OutputError` when ``path`` is a symbolic link or not a folder.
+    """
+    _refuse_link(path)
     missing: list[Path] = []
     for folder in (path, *path.parents):
         if folder.is_dir():
@@ -26,9 +130,89 @@ def private_dir(path: Path) -> Path:
         try:
             folder.mkdir(mode=0o700)
         except FileExistsError:
+            # Made meanwhile, by another process (not ours to change) or planted (refused).
+            _refuse_link(folder)
             if not folder.is_dir():
-                raise
-            continue  # another process made it meanwhile: not ours to change
+                raise OutputError(str(folder), "is a file, not a folder") from None
+            continue
+        except OSError as exc:
+            raise OutputError(str(folder), f"cannot be created: {exc.strerror or exc}") from exc
         # mkdir's mode passes through the umask, which could leave even the owner out.
-        os.chmod(folder, 0o700)
+        _tighten(folder)
+    return path
+
+
+def _tighten(folder: Path) -> None:
+    """Make a folder this process just created 0700, opened without following a link."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        os.fchmod(fd, 0o700)
+    finally:
+        os.close(fd)
+
+
+def scratch_dir(folder: Path, prefix: str) -> Path:
+    """A new, empty, owner-only folder inside ``folder`` (named ``prefix`` and a random tail), made exclusively.
+
+    Nothing there can have been planted beforehand: scratch files may be written into it plainly.
+    """
+    try:
+        made = Path(tempfile.mkdtemp(prefix=prefix, dir=folder))
+    except OSError as exc:
+        raise OutputError(str(folder), f"cannot be written to: {exc.strerror or exc}") from exc
+    _tighten(made)
+    return made
+
+
+@contextlib.contextmanager
+def private_file(path: Path) -> Iterator[BinaryIO]:
+    """Write ``path`` (binary) owner-only, never in place and never through a link.
+
+    The block writes to a new 0600 file created exclusively in ``path``'s folder (opened without
+    following a link); when the block ends normally it is renamed onto ``path``, replacing whatever
+    had that name (a planted link is replaced, not followed). If the block raises, the new file is
+    removed and ``path`` is left as it was.
+    """
+    try:
+        folder = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        raise OutputError(str(path.parent), f"cannot be written to: {exc.strerror or exc}") from exc
+    try:
+        temp = f".{path.name}.{secrets.token_hex(6)}.tmp"
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            fd = os.open(temp, flags, 0o600, dir_fd=folder)
+        except OSError as exc:
+            raise OutputError(str(path), f"cannot be written: {exc.strerror or exc}") from exc
+        try:
+            os.fchmod(fd, 0o600)  # the umask may have taken the owner's bits too
+            with os.fdopen(fd, "wb") as fh:
+                yield fh
+            try:
+                os.replace(temp, path.name, src_dir_fd=folder, dst_dir_fd=folder)
+            except OSError as exc:  # a folder of that name, say
+                raise OutputError(str(path), f"cannot be written: {exc.strerror or exc}") from exc
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temp, dir_fd=folder)
+            raise
+    finally:
+        os.close(folder)
+
+
+@contextlib.contextmanager
+def private_text(path: Path) -> Iterator[TextIO]:
+    """:func:`private_file` for UTF-8 text (no newline translation)."""
+    with private_file(path) as raw:
+        fh = io.TextIOWrapper(raw, encoding="utf-8", newline="")
+        try:
+            yield fh
+        finally:
+            fh.detach()  # flushed; the binary file is closed by private_file
+
+
+def write_csv(frame: pl.DataFrame, path: Path) -> Path:
+    """Write ``frame`` as a CSV file at ``path``: owner-only (:func:`private_file`), formulas guarded."""
+    with private_file(path) as fh:
+        guard_formulas(frame).write_csv(fh)
     return path

@@ -27,15 +27,16 @@ from urllib.parse import quote
 import polars as pl
 
 from etl.errors import InputError, NoAnswerError, UsageError
-from etl.files import private_dir
+from etl.files import private_dir, private_text, unguard_formulas, write_csv
 from etl.mapping import Mapped, Profile, apply_profile, default_profile, key_field, load_profile
 from etl.progress import LoadEstimate, Progress, as_progress
 from etl.readers import ROW, Notice, read_table
-from etl.report import ROW_COLUMNS, RunReport, _private_dir, _private_file, count_states, write_report
+from etl.redaction import redact, redact_bodies
+from etl.report import ROW_COLUMNS, RunReport, count_states, write_report
 from etl.settings import NO_ANSWER_LIMIT, Settings
 from etl.transform import Planned, plan, readable_refs, references
 from etl.validate import Validation, validate
-from schemas.canonical import KIND_SPECS, PHI_FIELDS
+from schemas.canonical import KIND_SPECS
 from schemas.limits import ROUTES
 
 if TYPE_CHECKING:  # the loader and its HTTP client are imported when something is sent: validate needs neither
@@ -110,22 +111,10 @@ def prepare_files(
         timings["validate"] = timings.get("validate", 0.0) + t2 - t1
         timings["transform"] = timings.get("transform", 0.0) + t3 - t2
         if settings.redact:
-            _redact(mapped, validation)
+            redact(mapped, validation)
         out.append(Prepared(mapped, validation, planned))
     show.finish("read")
     return sorted(out, key=lambda p: KIND_SPECS[p.mapped.kind].stage)
-
-
-def _redact(mapped: Mapped, validation: Validation) -> None:
-    """Leave names, birth dates and contact details out of everything the report shows (``--redact``)."""
-    hidden = pl.col("field").is_in(list(PHI_FIELDS))
-    for name in ("rejects", "warnings"):
-        frame = getattr(validation, name)
-        setattr(validation, name, frame.with_columns(
-            pl.when(hidden & pl.col("value").is_not_null()).then(pl.lit("[redacted]")).otherwise(pl.col("value"))
-            .alias("value")))
-    phi_columns = [source for canonical, source in mapped.sources.items() if canonical in PHI_FIELDS]
-    mapped.table.frame = mapped.table.frame.drop(phi_columns)
 
 
 def _quoted(value: pl.Expr, limit: int = 100) -> pl.Expr:
@@ -421,20 +410,18 @@ def load_files(
     if settings.dry_run:
         with _existing_state(settings) as state:
             rows = _resolve_references(prepared, rows, read_crosswalk(settings.crosswalk), state, None)
-        extra["requests_planned"] = _dry_run(prepared, rows, folder)
+        extra["requests_planned"] = _dry_run(prepared, rows, folder, redacted=settings.redact)
         target = settings.base_url or "embedded sandbox"
     else:
         # One load per state store at a time: two would both send what neither has recorded yet.
-        with state_lock(settings.state, wait=settings.wait, on_wait=progress.note), _target(settings) as (
-            base_url,
-            key,
-            identity,
-        ):
-            target = base_url if settings.base_url else "embedded sandbox"
-            rows, load_extra = _load(
-                prepared, rows, base_url, key, identity, settings, run_id, progress, timings, job
-            )
-            extra.update(load_extra)
+        with state_lock(settings.state, wait=settings.wait, on_wait=progress.note):
+            private_dir(folder)  # made, or refused (a symbolic link), before anything is sent: not after
+            with _target(settings) as (base_url, key, identity):
+                target = base_url if settings.base_url else "embedded sandbox"
+                rows, load_extra = _load(
+                    prepared, rows, base_url, key, identity, settings, run_id, progress, timings, job
+                )
+                extra.update(load_extra)
     timings["total"] = time.perf_counter() - t0
     crosswalk = extra.pop("_crosswalk", None)
     disappeared = extra.pop("_disappeared", None)
@@ -442,9 +429,9 @@ def load_files(
     report = RunReport(run_id, rows.rename({"patient_key": "patient_id"}).select(ROW_COLUMNS), summary)
     write_report(report, folder, rejects={p.file: _rejects_file(p, rows) for p in prepared})
     if crosswalk is not None:
-        crosswalk.sort("kind", "source_key").write_csv(_private_file(folder / "crosswalk.csv"))
+        write_csv(crosswalk.sort("kind", "source_key"), folder / "crosswalk.csv")
     if disappeared is not None and disappeared.height:
-        disappeared.write_csv(_private_file(folder / "disappeared.csv"))
+        write_csv(disappeared, folder / "disappeared.csv")
     return report
 
 
@@ -482,17 +469,24 @@ def _aliases(prepared: list[Prepared]) -> dict[tuple[str, str], str]:
 
 
 def read_crosswalk(path: Path | None) -> dict[tuple[str, str], str]:
-    """A user's crosswalk file: ``kind, source_id, clinikapi_id`` per line (CSV with a header)."""
+    """A crosswalk file: ``kind, source_id, clinikapi_id`` per line (CSV with a header).
+
+    A run's own ``crosswalk.csv`` (``kind, source_key, resource_id``) is read too. Either way the
+    ``'`` the tool puts before a formula character (:func:`etl.files.guard_formulas`) is taken off.
+    """
     if path is None:
         return {}
     table = read_table(path)
+    frame = unguard_formulas(table.frame)
+    if {"kind", "source_key", "resource_id"} <= set(frame.columns) and "source_id" not in frame.columns:
+        frame = frame.rename({"source_key": "source_id", "resource_id": "clinikapi_id"})
     wanted = {"kind", "source_id", "clinikapi_id"}
-    if not wanted <= set(table.columns):
+    if not wanted <= set(frame.columns):
         raise InputError(str(path), f"a crosswalk needs the columns {', '.join(sorted(wanted))}", row=1)
-    bad = table.frame.filter(~pl.col("kind").is_in(list(KIND_SPECS)))
+    bad = frame.filter(~pl.col("kind").is_in(list(KIND_SPECS)))
     if bad.height:
         raise InputError(str(path), f"unknown kind {bad['kind'][0]!r}", row=int(bad[ROW][0]), column="kind")
-    return {(k, s): c for k, s, c in table.frame.select("kind", "source_id", "clinikapi_id").drop_nulls().iter_rows()}
+    return {(k, s): c for k, s, c in frame.select("kind", "source_id", "clinikapi_id").drop_nulls().iter_rows()}
 
 
 def _resolve_references(
@@ -623,9 +617,20 @@ def _stop_on_signals(loader: Loader) -> Iterator[None]:
             loop.remove_signal_handler(sig)
 
 
-def _dry_run(prepared: list[Prepared], rows: pl.DataFrame, folder: Path) -> dict[str, int]:
-    """Write ``payloads.ndjson`` (one line per request a load would send)."""
-    _private_dir(folder)
+def _dry_run(prepared: list[Prepared], rows: pl.DataFrame, folder: Path, *, redacted: bool = False) -> dict[str, int]:
+    """Write ``payloads.ndjson`` (one line per request a load would send; with ``redacted``, bodies redacted)."""
+    private_dir(folder)
+    if redacted:
+        body = redact_bodies(pl.col("body"))
+        prepared = [
+            replace(p, planned=replace(
+                p.planned,
+                rows=p.planned.rows.with_columns(body),
+                patients=p.planned.patients.with_columns(body),
+                practitioners=p.planned.practitioners.with_columns(body),
+            ))
+            for p in prepared
+        ]
     first_row: dict[tuple[str, str], int] = {}
     for p in prepared:
         for key, row in p.planned.rows.select("source_key", ROW).iter_rows():
@@ -635,7 +640,7 @@ def _dry_run(prepared: list[Prepared], rows: pl.DataFrame, folder: Path) -> dict
         for key, row in p.planned.practitioners.select("practitioner_key", ROW).iter_rows():
             first_row.setdefault(("practitioner", key), row)
     counts: dict[str, int] = {}
-    with _private_file(folder / "payloads.ndjson").open("w", encoding="utf-8") as fh:
+    with private_text(folder / "payloads.ndjson") as fh:
         for stage in _sends(prepared, rows):
             for s in stage:
                 fh.write(payload_line(s.kind, s.source_key, first_row[(s.kind, s.source_key)], s.body))
@@ -928,6 +933,7 @@ def reconcile_state(settings: Settings, *, verify: bool = False) -> RunReport:
     bound = StateStore.existing(settings.state)
     target = bound.target
     bound.close()
+    folder = private_dir(_report_dir(settings, run_id))  # refused now, not after settling, if it cannot be used
     if target.startswith("embedded-sandbox:"):
         if settings.base_url:
             raise UsageError(f"{settings.state} records loads into the embedded sandbox, not {settings.base_url}")
@@ -1000,13 +1006,11 @@ def reconcile_state(settings: Settings, *, verify: bool = False) -> RunReport:
         extra = {"run_id": run_id, "command": "reconcile", "target": target, "in_doubt": in_doubt,
                  "states": counts, "verified": checked if verify else None, "unresponsive": unresponsive}
         state.finish_run(run_id, {"states": counts})
-    folder = _report_dir(settings, run_id)
-    _private_dir(folder)
     frame = pl.DataFrame(rows, schema={"kind": pl.String, "source_key": pl.String, "before": pl.String,
                                        "state": pl.String, "resource_id": pl.String, "message": pl.String})
-    frame.write_csv(_private_file(folder / "reconcile.csv"))
+    write_csv(frame, folder / "reconcile.csv")
     extra["report_dir"] = str(folder)
-    with _private_file(folder / "summary.json").open("w", encoding="utf-8") as fh:
+    with private_text(folder / "summary.json") as fh:
         json.dump(extra, fh, indent=2)
         fh.write("\n")
     extra["rows_total"] = frame.height

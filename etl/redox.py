@@ -41,7 +41,7 @@ import polars as pl
 from pydantic import ValidationError
 
 from etl.errors import UsageError
-from etl.files import private_dir
+from etl.files import private_dir, private_text
 from etl.load.client import check_target_url, http_client, mask
 from etl.load.loader import Loader, LoadOptions, Result, Send
 from etl.load.redox import RedoxClient
@@ -49,7 +49,8 @@ from etl.load.state import StateStore
 from etl.load.throttle import Throttle
 from etl.mapping import Mapped
 from etl.readers import ROW
-from etl.report import ROW_COLUMNS, RunReport, _private_dir, _private_file, count_states, write_report
+from etl.redaction import masked
+from etl.report import ROW_COLUMNS, RunReport, count_states, write_report
 from etl.settings import DEFAULT_REDOX_STATE, DEFAULT_STATE, Settings
 from etl.transform import json_body, obj, one_of, sha256_hex, source_keys
 from schemas.codes import CVX_OID, CVX_SYSTEM, NCI_OID, ROUTE_SYSTEM, SITE_SYSTEM, displays, table
@@ -400,7 +401,7 @@ def load_redox(
     prepared = pipeline.prepare_files(paths, settings, timings, show)
     stamp = dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
     t1 = time.perf_counter()
-    parts = []
+    parts, shown = [], []
     for p in prepared:
         bundles = plan_bundles(p.mapped, p.validation.valid, settings, stamp)
         parts.append(
@@ -410,6 +411,12 @@ def load_redox(
                 how="left",
             )
         )
+        if settings.dry_run and settings.redact:  # payloads.ndjson shows bundles built from masked values
+            shown.append(
+                plan_bundles(p.mapped, masked(p.validation.valid), settings, stamp).select(
+                    pl.lit(p.file).alias("source_file"), pl.col(ROW).alias("source_row"), "body"
+                )
+            )
     rows = pl.concat(parts).pipe(pipeline._dedupe_across_files)
     t2 = time.perf_counter()
     rows = _check_all(rows)
@@ -419,23 +426,28 @@ def load_redox(
     extra: dict[str, Any] = {"load": True, "destination": {"type": "redox", "route": route}}
     state_path = redox_state_path(settings)
     if settings.dry_run:
-        extra["requests_planned"] = _dry_run(rows, folder, route)
+        extra["requests_planned"] = _dry_run(_shown(rows, shown) if shown else rows, folder, route)
         target = (settings.redox_base_url or "embedded sandbox") + route
     else:
-        with (
-            state_lock(state_path, wait=settings.wait, on_wait=show.note),
-            _redox_target(settings, state_path, route) as (base_url, token, identity),
-        ):
-            target = (base_url if settings.redox_base_url else "embedded sandbox") + route
-            t3 = time.perf_counter()
-            rows, sent = _send(rows, base_url, token, identity, state_path, route, settings, run_id, show, job)
-            timings["load"] = time.perf_counter() - t3
-            extra.update(sent)
+        with state_lock(state_path, wait=settings.wait, on_wait=show.note):
+            private_dir(folder)  # made, or refused (a symbolic link), before anything is sent: not after
+            with _redox_target(settings, state_path, route) as (base_url, token, identity):
+                target = (base_url if settings.redox_base_url else "embedded sandbox") + route
+                t3 = time.perf_counter()
+                rows, sent = _send(rows, base_url, token, identity, state_path, route, settings, run_id, show, job)
+                timings["load"] = time.perf_counter() - t3
+                extra.update(sent)
     timings["total"] = time.perf_counter() - t0
     summary = pipeline._summary(run_id, prepared, rows, target, settings, timings, extra)
     report = RunReport(run_id, rows.rename({"patient_key": "patient_id"}).select(ROW_COLUMNS), summary)
     write_report(report, folder, rejects={p.file: pipeline._rejects_file(p, rows) for p in prepared})
     return report
+
+
+def _shown(rows: pl.DataFrame, bodies: list[pl.DataFrame]) -> pl.DataFrame:
+    """``rows`` with the bodies a redacted dry run shows (``source_file, source_row, body``) for their own."""
+    shown = pl.concat(bodies).with_columns(pl.col("source_row").cast(rows.schema["source_row"]))
+    return rows.drop("body").join(shown, on=["source_file", "source_row"], how="left").select(rows.columns)
 
 
 def _planned(rows: pl.DataFrame) -> list[dict[str, Any]]:
@@ -450,9 +462,9 @@ def _planned(rows: pl.DataFrame) -> list[dict[str, Any]]:
 
 def _dry_run(rows: pl.DataFrame, folder: Path, route: str) -> int:
     """Write ``payloads.ndjson``: one line per bundle a load would send."""
-    _private_dir(folder)
+    private_dir(folder)
     planned = _planned(rows)
-    with _private_file(folder / "payloads.ndjson").open("w", encoding="utf-8") as fh:
+    with private_text(folder / "payloads.ndjson") as fh:
         for r in planned:
             line = {
                 "method": "POST",

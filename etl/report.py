@@ -14,25 +14,26 @@ A report folder holds:
 - ``report.html``: the same as one self-contained page, with charts
   (``etl.report_html``).
 
-Reports hold PHI: the folder and its files are created readable by the owner
-only, and cells that a spreadsheet would run as a formula are neutralised.
+Reports hold PHI: a folder the tool creates is readable by its owner only, a
+folder given as a symbolic link is refused, and every file is created afresh,
+owner-only, never through a link (``etl.files``); cells and headers that a
+spreadsheet would run as a formula are guarded with a ``'``.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import polars as pl
 
-from etl.files import private_dir
+from etl.files import private_dir, private_text, unguard_formulas, write_csv
 from etl.report_html import tally_of, write_html
 
-__all__ = ["FINAL_STATES", "PROBLEM_STATES", "ROW_COLUMNS", "RunReport", "neutralise", "read_rows", "write_report"]
+__all__ = ["FINAL_STATES", "PROBLEM_STATES", "ROW_COLUMNS", "RunReport", "read_rows", "write_report"]
 
 FINAL_STATES = ("created", "skipped", "rejected", "failed", "unknown", "planned", "changed", "updated")
 ROW_COLUMNS = (
@@ -47,8 +48,6 @@ ROW_COLUMNS = (
     "field",
     "message",
 )
-_Frame = TypeVar("_Frame", pl.DataFrame, pl.LazyFrame)
-_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
 
 #: States a report lists row by row in its page and summary: the rows that need someone's attention.
@@ -125,34 +124,12 @@ class RunReport:
 
 
 def read_rows(path: Path) -> pl.DataFrame:
-    """A report's ``rows.csv`` read back, typed as written."""
-    return pl.read_csv(path, infer_schema=False).with_columns(pl.col("source_row").cast(pl.UInt32))
-
-
-def neutralise(frame: _Frame) -> _Frame:
-    """Prefix text cells that a spreadsheet would evaluate (``=``, ``+``, ``-``, ``@``) with a quote."""
-
-    def safe(name: str) -> pl.Expr:
-        col = pl.col(name)
-        risky = pl.any_horizontal(col.str.starts_with(start) for start in _FORMULA_START)
-        return pl.when(risky).then(pl.lit("'") + col).otherwise(col).alias(name)
-
-    schema = frame.collect_schema()
-    return frame.with_columns(safe(name) for name, dtype in schema.items() if dtype == pl.String)
-
-
-def _private_dir(path: Path) -> None:
-    private_dir(path)
-    # Unlike a state store's parent, a report folder is the report's own: tighten it even if it existed.
-    os.chmod(path, 0o700)
-
-
-def _private_file(path: Path) -> Path:
-    """Create (or truncate) a file that only its owner can read."""
-    fd = os.open(path, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600)
-    os.close(fd)
-    os.chmod(path, 0o600)
-    return path
+    """A report's ``rows.csv`` read back, typed and valued as before it was written (formula guard removed)."""
+    return (
+        pl.read_csv(path, infer_schema=False)
+        .pipe(unguard_formulas)
+        .with_columns(pl.col("source_row").cast(pl.UInt32))
+    )
 
 
 def write_report(
@@ -162,18 +139,18 @@ def write_report(
     rejects: Mapping[str, pl.DataFrame] | None = None,
 ) -> Path:
     """Write ``summary.json``, ``rows.csv`` and ``rejects.csv`` into ``folder``."""
-    _private_dir(folder)
+    private_dir(folder)
     report.folder = folder
-    report.rows.select(ROW_COLUMNS).pipe(neutralise).write_csv(_private_file(folder / "rows.csv"))
+    write_csv(report.rows.select(ROW_COLUMNS), folder / "rows.csv")
     frames = [f for f in (rejects or {}).values() if f.height]
     if frames:
         combined = pl.concat(frames, how="diagonal_relaxed")
     else:
         combined = pl.DataFrame(schema={"source_file": pl.String, "source_row": pl.UInt32, "reasons": pl.String})
-    combined.pipe(neutralise).write_csv(_private_file(folder / "rejects.csv"))
+    write_csv(combined, folder / "rejects.csv")
     report.summary["report_dir"] = str(folder)
     write_summary(report.summary, folder)
-    write_html(report.summary, report.problems, _private_file(folder / "report.html"), report.tally)
+    write_html(report.summary, report.problems, folder / "report.html", report.tally)
     return folder
 
 
@@ -183,8 +160,8 @@ SAMPLE_PER_GROUP = 200
 
 def write_summary(summary: dict[str, Any], folder: Path) -> Path:
     """``summary.json``, owner-only."""
-    path = _private_file(folder / "summary.json")
-    with path.open("w", encoding="utf-8") as fh:
+    path = folder / "summary.json"
+    with private_text(path) as fh:
         json.dump(summary, fh, indent=2, sort_keys=False)
         fh.write("\n")
     return path

@@ -21,6 +21,8 @@ from typing import Any
 
 import polars as pl
 
+from etl.files import private_text
+
 __all__ = ["FIRST_REJECTS", "bar_chart", "render_html", "write_html"]
 
 FIRST_REJECTS = 50  # rejected rows listed in full; rejects.csv has them all
@@ -311,6 +313,7 @@ def render_html(summary: dict[str, Any], rows: pl.DataFrame, tally: pl.DataFrame
 
 
 def write_html(summary: dict[str, Any], rows: pl.DataFrame, path: Path, tally: pl.DataFrame | None = None) -> Path:
-    """Write the page to ``path`` (which the caller created owner-only)."""
-    path.write_text(render_html(summary, rows, tally), encoding="utf-8")
+    """Write the page to ``path``, owner-only and never through a link (:func:`etl.files.private_text`)."""
+    with private_text(path) as fh:
+        fh.write(render_html(summary, rows, tally))
     return path

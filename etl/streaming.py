@@ -33,8 +33,9 @@ import polars as pl
 
 from etl import pipeline
 from etl.batches import Run, planned_in_batches
+from etl.files import write_csv
 from etl.progress import LoadEstimate, Progress
-from etl.report import RunReport, _private_file
+from etl.report import RunReport
 from etl.settings import Settings
 from schemas.canonical import KIND_SPECS
 from schemas.limits import ROUTES
@@ -98,9 +99,9 @@ def load_in_batches(
             extra["disappeared"] = disappeared.height
             report = run.write({"load": True, **extra}, command="load", target=target)
             if crosswalk is not None:  # as a whole-file load: written even when empty
-                crosswalk.sort("kind", "source_key").write_csv(_private_file(run.folder / "crosswalk.csv"))
+                write_csv(crosswalk.sort("kind", "source_key"), run.folder / "crosswalk.csv")
             if disappeared.height:
-                disappeared.write_csv(_private_file(run.folder / "disappeared.csv"))
+                write_csv(disappeared, run.folder / "disappeared.csv")
             state.finish_run(run_id, {"states": report.states})
     return report
 

@@ -567,6 +567,24 @@ PHI_FIELDS = frozenset(
 )
 
 
+#: A text field whose documented limit is at least this many characters is prose (a note, a reason,
+#: a description, a document's text), which may name anyone; shorter ones hold codes and names.
+FREE_TEXT_MIN_LENGTH = 500
+
+
+def _free_text(f: CanonicalField) -> bool:
+    prose = f.value in ("text", "list") and f.enum is None and f.normaliser is None and f.ref is None
+    return prose and (f.max_length or 0) >= FREE_TEXT_MIN_LENGTH
+
+
+#: Fields that may hold free text, by their limits (:data:`FREE_TEXT_MIN_LENGTH`): a ``--redact``
+#: report leaves their values out too.
+FREE_TEXT_FIELDS = frozenset(f.name for fields in KINDS.values() for f in fields if _free_text(f))
+
+#: Everything a ``--redact`` report leaves out: :data:`PHI_FIELDS` and :data:`FREE_TEXT_FIELDS`.
+REDACTED_FIELDS = PHI_FIELDS | FREE_TEXT_FIELDS
+
+
 def fields_of(kind: str) -> tuple[CanonicalField, ...]:
     """The canonical fields of ``kind``."""
     return KINDS[kind]

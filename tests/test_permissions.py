@@ -12,6 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from etl.cli import main
+from etl.errors import OutputError
 from etl.files import private_dir
 from etl.load.lock import state_lock
 from etl.load.state import StateStore
@@ -102,5 +103,5 @@ def test_a_private_dir_is_owner_only_whatever_the_umask(tmp_path: Path) -> None:
     assert made == tmp_path / "a" / "b" and _mode(made) == 0o700 and _mode(tmp_path / "a") == 0o700
     assert private_dir(made) == made  # already there: nothing to do
     (tmp_path / "file").write_text("x", encoding="utf-8")
-    with pytest.raises(FileExistsError):
+    with pytest.raises(OutputError, match="is a file, not a folder"):
         private_dir(tmp_path / "file")

@@ -10,13 +10,13 @@ import polars as pl
 import pytest
 
 from etl.errors import ExitCode
+from etl.files import guard_formulas
 from etl.report import (
     FINAL_STATES,
     PROBLEM_STATES,
     ROW_COLUMNS,
     RunReport,
     count_states,
-    neutralise,
     read_rows,
     write_report,
 )
@@ -157,10 +157,10 @@ def test_a_report_reads_its_rows_back_from_its_folder(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("lazy", [False, True])
-def test_neutralise_quotes_what_a_spreadsheet_would_run(lazy: bool) -> None:
+def test_guard_formulas_quotes_what_a_spreadsheet_would_run(lazy: bool) -> None:
     cells = ["=SUM(A1)", "+1", "-2", "@cmd", "\tx", "\rx", "plain", "a=b", None]
     frame = pl.DataFrame({"text": cells, "number": [-1, 2, 3, 4, 5, 6, 7, 8, 9]})
-    out = neutralise(frame.lazy()).collect() if lazy else neutralise(frame)
+    out = guard_formulas(frame.lazy()).collect() if lazy else guard_formulas(frame)
     assert out.get_column("text").to_list() == [
         "'=SUM(A1)", "'+1", "'-2", "'@cmd", "'\tx", "'\rx", "plain", "a=b", None
     ]
@@ -171,9 +171,12 @@ def test_rows_csv_neutralises_formulas_but_rows_stay_as_given(tmp_path: Path) ->
     risky = rows_of(("a.csv", 2, "immunization", "=HYPERLINK(1)", "rejected", None, None, "c", "f", "-bad"))
     report = RunReport("r", risky, summary_for(risky))
     write_report(report, tmp_path / "r")
-    back = read_rows(tmp_path / "r" / "rows.csv")
-    assert back.get_column("source_key").to_list() == ["'=HYPERLINK(1)"]
-    assert back.get_column("message").to_list() == ["'-bad"]
+    raw = pl.read_csv(tmp_path / "r" / "rows.csv", infer_schema=False)
+    assert raw.get_column("source_key").to_list() == ["'=HYPERLINK(1)"]  # guarded on disk
+    assert raw.get_column("message").to_list() == ["'-bad"]
+    back = read_rows(tmp_path / "r" / "rows.csv")  # and unguarded when the tool reads it back
+    assert back.get_column("source_key").to_list() == ["=HYPERLINK(1)"]
+    assert back.get_column("message").to_list() == ["-bad"]
     assert report.held is not None and report.held.get_column("source_key").to_list() == ["=HYPERLINK(1)"]
 
 

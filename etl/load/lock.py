@@ -50,8 +50,12 @@ def state_lock(
     """Hold the state store's lock for the block; fail at once (or, with ``wait``, wait) if another run has it."""
     path = lock_path(state)
     private_dir(path.parent)
-    # The file names a process and a start time only; still owner-only, like the store.
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    # The file names a process and a start time only; still owner-only, like the store, and
+    # never opened through a link planted under its name.
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise StateError(f"{path}: cannot be used as the state store's lock: {exc.strerror or exc}") from exc
     try:
         told = False
         while True:

@@ -85,9 +85,11 @@ class StateStore:
     def __init__(self, path: str | Path, *, target: str) -> None:
         self.path = Path(path)
         private_dir(self.path.parent)
+        if self.path.is_symlink():  # sqlite would follow it wherever it points
+            raise StateError(f"{self.path}: is a symbolic link; give the state store itself")
         if not self.path.exists():
             # It holds PHI-adjacent ids and messages: owner-only from the first byte.
-            os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
+            os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
         try:
             self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")

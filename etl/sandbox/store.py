@@ -268,9 +268,12 @@ def _create_private(path: str) -> None:
     """Create the database file owner-only (0600) if it is new: it holds
     PHI-shaped data, and SQLite would create it 0644 (its WAL files follow
     the database file's mode)."""
-    if path == ":memory:" or path.startswith("file:") or Path(path).exists():
+    if path == ":memory:" or path.startswith("file:"):
         return
-    os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+    if Path(path).is_symlink():  # SQLite would follow it wherever it points
+        raise UsageError(f"the sandbox database {path} is a symbolic link; give the database itself")
+    if not Path(path).exists():
+        os.close(os.open(path, os.O_CREAT | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
 
 
 def _loads(text: str) -> dict[str, Any]:
