@@ -21,6 +21,7 @@ XML). Memory stays at a few megabytes whatever the workbook holds.
 
 from __future__ import annotations
 
+import functools
 import re
 import struct
 import zipfile
@@ -56,6 +57,7 @@ _RUN_BLOCK = 512 * 1024  # a run this long without '<' may be refused; twice thi
 _LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, (22 bytes), name length, extra length
 _WHITESPACE = bytes.maketrans(b"\t\r\n", b"   ")
 _LOOSE_ROW = re.compile(rb'<row(?:>|/| (?!r="))')
+_REFERENCE = re.compile(rb"""r=["']([A-Z]*)0*([0-9]*)""")
 _ANY_REFERENCE = re.compile(rb"""\sr *= *["'] *([A-Z]*)0*([0-9]+)""")
 
 
@@ -194,7 +196,6 @@ class _XmlScan:
         self.cells = self.strings = 0
         self.loose_cells = self.loose_rows = 0  # without a plain r="..." reference: placed one after another
         self.column, self.row = 0, 0  # the largest column seen; the row bound (see _round_up)
-        self.pattern, self.quoted = _beyond(0, 0, '"'), _beyond(0, 0, "'")
 
     def feed(self, data: bytes) -> None:
         last = data.rfind(b"<")
@@ -234,9 +235,9 @@ class _XmlScan:
         # The usual sheet: every cell <c r="A1" ...> and every row <row r="1" ...>. Anything else
         # (no reference, attributes in another order, a namespace prefix) is counted as loose.
         plain = text.count(b'<c r="')
-        cells = text.count(b"<c ")
-        if b"<c>" in text or b"<c/" in text:
-            cells += text.count(b"<c>") + text.count(b"<c/")
+        cells = text.count(b"<c")  # cells, and in a rich-text cell <color .../>: an upper bound
+        if cells > plain:  # some are not plain: count exactly
+            cells = text.count(b"<c ") + text.count(b"<c>") + text.count(b"<c/")
         rows = loose_rows = 0
         if _LOOSE_ROW.search(text):
             rows = text.count(b"<row ") + text.count(b"<row>") + text.count(b"<row/")
@@ -274,15 +275,15 @@ class _XmlScan:
         A search for a reference beyond the largest so far is one scan in C; it finds something
         only when a bound grows, which happens a few hundred times in a whole sheet.
         """
-        for pattern in (self.pattern, self.quoted) if b"'" in text else (self.pattern,):
+        for quote in ('"', "'") if b"'" in text else ('"',):
             pos = 0
-            while match := pattern.search(text, pos):
-                if match.group(1):
-                    self.column = max(self.column, _column_number(match.group(1)))
-                if match.group(2):
-                    self.row = max(self.row, _round_up(int(match.group(2))))
-                self.pattern, self.quoted = _beyond(self.column, self.row, '"'), _beyond(self.column, self.row, "'")
-                pattern = self.quoted if pattern.pattern.startswith(b"r='") else self.pattern
+            while match := _beyond(self.column, self.row, quote).search(text, pos):
+                # The reference whole: one past the column may be past the row too.
+                whole = _REFERENCE.match(text, match.start())
+                assert whole is not None  # what _beyond matched starts as a reference
+                letters, digits = whole.groups()
+                self.column = max(self.column, _column_number(letters))
+                self.row = max(self.row, _round_up(int(digits or b"0")))
                 pos = match.start() + 1
 
 
@@ -321,6 +322,7 @@ def _greater(value: str, alphabet: str) -> str:
     return "|".join(options)
 
 
+@functools.lru_cache(maxsize=64)
 def _beyond(column: int, row: int, quote: str) -> re.Pattern[bytes]:
     """A reference (``r="AB12"``, or a row's ``r="12"``) past ``column`` (group 1: its letters) or
     past ``row`` (group 2: the row)."""

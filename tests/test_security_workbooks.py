@@ -280,6 +280,23 @@ def test_two_cells_at_opposite_corners_are_refused_not_allocated(tmp_path: Path)
     assert_refused(code, output, path, "spans a grid of over 100,000,000 cells", "CLINIK_ETL_XLSX_MAX_CELLS")
 
 
+@pytest.mark.parametrize(
+    ("refs", "grid"),
+    [
+        (["A1", "B1", "A2", "B2"], 2 * 2),
+        (["AA3", "Z5", "B10", "A1"], 27 * 10),  # out of order: the largest column and row still count
+        (["ZZ1", "AAA2", "ZY99"], 703 * 99),
+        (["B7", "XFC3", "XFD1", "A0010"], 16384 * 10),  # leading zeros in the row
+        (["C123456", "D99999"], 4 * 129_999),  # rows past 99 are rounded up: at most 10% more
+    ],
+)
+def test_the_grid_bound_is_the_largest_column_times_the_largest_row(tmp_path: Path, refs: list[str], grid: int) -> None:
+    cells = "".join(f'<c r="{ref}"><v>1</v></c>' for ref in refs)
+    path = workbook(tmp_path / "refs.xlsx", sheet(row(1) + f'<row r="1">{cells}</row>'))
+    scan = scan_workbook(path, WorkbookLimits(max_cells=10**12))
+    assert (scan.problem, scan.grid) == (None, grid)
+
+
 def test_a_sheet_part_is_told_by_its_content_not_its_name(tmp_path: Path) -> None:
     ok = workbook(tmp_path / "ok.xlsx", sheet(HEADER_ROW + row(2, cell("A2", "R1"))), part="data.bin")
     assert read_table(ok).frame["Record ID"].to_list() == ["R1"]  # the reader follows the relationship
