@@ -18,9 +18,12 @@ import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
+import fastexcel
 import pytest
 import xlsxwriter
 from click.testing import CliRunner
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from etl.cli import main
 from etl.errors import InputError
@@ -295,6 +298,53 @@ def test_the_grid_bound_is_the_largest_column_times_the_largest_row(tmp_path: Pa
     path = workbook(tmp_path / "refs.xlsx", sheet(row(1) + f'<row r="1">{cells}</row>'))
     scan = scan_workbook(path, WorkbookLimits(max_cells=10**12))
     assert (scan.problem, scan.grid) == (None, grid)
+
+
+REFERENCE_FORMS = {
+    "plain": '<c r="{ref}"><v>1</v></c>',
+    "quoted": "<c r='{ref}'><v>1</v></c>",
+    "spaced": '<c t="n" r = "{ref}"><v>1</v></c>',
+    "none": "<c><v>1</v></c>",
+}
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    rows=st.lists(
+        st.tuples(
+            st.integers(1, 300),  # the row's own number
+            st.booleans(),  # whether the <row> says it
+            st.lists(
+                st.tuples(st.sampled_from(sorted(REFERENCE_FORMS)), st.integers(1, 800), st.integers(1, 300)),
+                min_size=1,
+                max_size=4,
+            ),
+        ),
+        min_size=1,
+        max_size=6,
+    )
+)
+def test_the_grid_bound_is_never_below_what_the_reader_allocates(
+    tmp_path: Path, rows: list[tuple[int, bool, list[tuple[str, int, int]]]]
+) -> None:
+    xml = ""
+    for number, numbered, cells in rows:
+        inner = "".join(REFERENCE_FORMS[form].format(ref=f"{_letters(column)}{at}") for form, column, at in cells)
+        xml += (f'<row r="{number}">' if numbered else "<row>") + inner + "</row>"
+    path = workbook(tmp_path / "random.xlsx", sheet(xml))
+    scan = scan_workbook(path, WorkbookLimits(max_cells=10**12))
+    assert scan.problem is None
+    reader = fastexcel.read_excel(str(path))
+    frame = reader.load_sheet(reader.sheet_names[0], header_row=None, skip_rows=0).to_polars()
+    assert scan.grid >= frame.height * frame.width
+
+
+def _letters(column: int) -> str:
+    letters = ""
+    while column:
+        column, rest = divmod(column - 1, 26)
+        letters = chr(65 + rest) + letters
+    return letters
 
 
 def test_a_sheet_part_is_told_by_its_content_not_its_name(tmp_path: Path) -> None:
