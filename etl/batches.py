@@ -378,7 +378,7 @@ def planned_in_batches(
     rows_per_batch = batch_rows or settings.batch_rows
     inputs = []
     for order, path in enumerate(paths):
-        batches = read_batches(path, sheet=settings.sheet, rows=rows_per_batch)
+        batches = read_batches(path, sheet=settings.sheet, rows=rows_per_batch, limits=settings.workbook_limits)
         inputs.append(_Input(order, batches, apply_profile(batches.table, profile)))
     inputs.sort(key=lambda x: KIND_SPECS[x.kind].stage)
     known = pipeline.read_crosswalk(settings.crosswalk)

@@ -634,7 +634,7 @@ def profile_init(file: Path, kind: str | None, output: Path | None, sheet: str |
     from etl.mapping import starter_profile
     from etl.readers import read_table
 
-    text = starter_profile(read_table(file, sheet=sheet), kind)
+    text = starter_profile(read_table(file, sheet=sheet, limits=Settings(sheet=sheet).workbook_limits), kind)
     if output is None:
         click.echo(text)
     else:

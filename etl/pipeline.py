@@ -94,7 +94,7 @@ def prepare_files(
     for path in paths:
         t0 = time.perf_counter()
         show.start("read")
-        table = read_table(path, sheet=settings.sheet)
+        table = read_table(path, sheet=settings.sheet, limits=settings.workbook_limits)
         mapped = apply_profile(table, profile)
         height = mapped.frame.height
         show.advance("read", height)

@@ -12,6 +12,9 @@ the file, and the row where one is to blame; never another exception:
 
 - a password-protected workbook or a legacy ``.xls`` (an OLE container), a
   ZIP that is not a workbook, gzip, PDF or images, binary bytes: refused;
+- a workbook past its limits (a zip bomb, a forged ZIP header, a grid of
+  billions of cells: :mod:`etl.workbooks`), or with a cell longer than Excel's
+  32,767 characters: refused, before or after the Excel reader sees it;
 - a ``.csv`` that is really a workbook is read as one, with a notice;
 - UTF-8 (with or without BOM), UTF-16 (with a BOM, or recognisably without),
   else Windows-1252 with a notice, also when bad bytes come late in a file;
@@ -44,6 +47,7 @@ import polars as pl
 
 from etl.errors import InputError
 from etl.files import unguard_formulas, unguarded
+from etl.workbooks import EXCEL_MAX_CELL_CHARS, WorkbookLimits, scan_workbook
 
 __all__ = [
     "ROW",
@@ -121,9 +125,11 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def read_table(path: str | Path, *, sheet: str | None = None) -> Table:
+def read_table(path: str | Path, *, sheet: str | None = None, limits: WorkbookLimits | None = None) -> Table:
     """Read a CSV (any of ``, ; tab |``) or an ``.xlsx`` file as text.
 
+    A workbook is first checked against ``limits`` (:func:`etl.workbooks.scan_workbook`; the
+    defaults when ``None``), and a cell longer than Excel's 32,767 characters refuses it.
     Raises :class:`InputError` naming the file (and row or column when known)
     for anything that cannot be read as a table, and nothing else.
     """
@@ -131,7 +137,7 @@ def read_table(path: str | Path, *, sheet: str | None = None) -> Table:
     head = _head(path)
     try:
         if _is_workbook(path, head):
-            table = _read_xlsx(path, sheet)
+            table = _read_xlsx(path, sheet, limits)
             if path.suffix.lower() not in _EXCEL_SUFFIXES:
                 named = f"named {path.suffix}" if path.suffix else "named without an extension"
                 message = f"{named} but is an Excel workbook: read as one"
@@ -166,7 +172,12 @@ class Batches:
 
 
 def read_batches(
-    path: str | Path, *, sheet: str | None = None, rows: int = 75_000, stream_from: int | None = None
+    path: str | Path,
+    *,
+    sheet: str | None = None,
+    rows: int = 75_000,
+    stream_from: int | None = None,
+    limits: WorkbookLimits | None = None,
 ) -> Batches:
     """Read a table in batches of at most ``rows`` rows, each with its ``__row`` numbers.
 
@@ -189,7 +200,7 @@ def read_batches(
         and not _has_bare_cr(path)
     )
     if not streamable:
-        table = read_table(path, sheet=sheet)
+        table = read_table(path, sheet=sheet, limits=limits)
         frame, table.frame = table.frame, table.frame.clear()
         return Batches(table, (frame.slice(i, rows) for i in range(0, max(frame.height, 1), rows)))
     sample = head.decode("utf-8", errors="ignore").lstrip("\ufeff")
@@ -197,7 +208,7 @@ def read_batches(
     body = head.removeprefix(codecs.BOM_UTF8)
     header_end = _first_record_end(body)
     if header_end < 0:  # a header longer than the sniffed head: not the migration-sized case
-        return read_batches(path, sheet=sheet, rows=rows, stream_from=size + 1)
+        return read_batches(path, sheet=sheet, rows=rows, stream_from=size + 1, limits=limits)
     header_line = body[:header_end]
     header = _parse_chunk(path, header_line, b"", delimiter).with_row_index(ROW, offset=2)
     table = Table(path, "csv", header, "", encoding="utf-8", delimiter=delimiter)
@@ -540,9 +551,14 @@ def _locate(text: str, delimiter: str) -> tuple[int | None, str]:
 # -- Excel -------------------------------------------------------------------------
 
 
-def _read_xlsx(path: Path, sheet: str | None) -> Table:
+def _read_xlsx(path: Path, sheet: str | None, limits: WorkbookLimits | None) -> Table:
     import fastexcel
 
+    # Before the Excel reader sees it: a zip bomb, or a grid of billions of cells, would abort the
+    # process (a Rust backtrace, no message) after taking gigabytes of memory.
+    scan = scan_workbook(path, limits)
+    if scan.problem is not None:
+        raise InputError(str(path), scan.problem)
     try:
         reader = fastexcel.read_excel(str(path))
         names = list(reader.sheet_names)
@@ -562,10 +578,32 @@ def _read_xlsx(path: Path, sheet: str | None) -> Table:
             str(path), f"cannot be read as an Excel workbook (damaged, truncated or not a workbook): {first}"
         ) from exc
     frame = _sheet_table(path, grid.select(pl.all().cast(pl.String)))
+    _refuse_long_cells(path, chosen, frame)
     notices = []
     if sheet is None and len(names) > 1:
         notices.append(Notice("other-sheets", f"read sheet {chosen!r}; not read: {', '.join(names[1:])}", str(path)))
     return Table(path, "xlsx", frame, "", sheet=chosen, notices=notices)
+
+
+def _refuse_long_cells(path: Path, sheet: str, frame: pl.DataFrame) -> None:
+    """Refuse a sheet with a cell (or header) longer than Excel allows: Excel cannot have written it."""
+    for name in frame.columns:
+        if len(name) > EXCEL_MAX_CELL_CHARS:
+            raise InputError(str(path), f"sheet {sheet!r}: a header holds {len(name):,} characters, {_OVER_EXCEL}")
+    cells = [c for c in frame.columns if c != ROW]
+    longest = frame.select(pl.col(cells).str.len_chars().max().fill_null(0))
+    over = [c for c in cells if longest[c][0] > EXCEL_MAX_CELL_CHARS]
+    if over:
+        row = frame.filter(pl.col(over[0]).str.len_chars() > EXCEL_MAX_CELL_CHARS)[ROW][0]
+        raise InputError(
+            str(path),
+            f"sheet {sheet!r}: a cell holds {longest[over[0]][0]:,} characters, {_OVER_EXCEL}",
+            row=int(row),
+            column=over[0],
+        )
+
+
+_OVER_EXCEL = f"over Excel's limit of {EXCEL_MAX_CELL_CHARS:,} (a crafted or damaged workbook)"
 
 
 def _sheet_table(path: Path, grid: pl.DataFrame) -> pl.DataFrame:

@@ -81,6 +81,7 @@ RULES: dict[str, Rule] = {
             "keep at most the documented number of ';'-separated items",
         ),
         Rule("maximum", "reject", "above the documented maximum", "correct the number"),
+        Rule("minimum", "reject", "below the smallest allowed number (a negative dose, say)", "correct the number"),
         Rule("future-date", "reject", "a date in the future", "correct the date; a dose cannot be given tomorrow"),
         Rule(
             "expiration-before-occurrence",

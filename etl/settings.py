@@ -24,6 +24,7 @@ from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from etl.errors import UsageError
+from etl.workbooks import WORKBOOK_MAX_BYTES, WORKBOOK_MAX_CELLS, WORKBOOK_MAX_RATIO, WorkbookLimits
 from schemas.limits import API_KEY_PATTERN, BULK_OPERATIONS_PER_HOUR
 
 #: Rows ``validate`` checks at a time by default.
@@ -92,6 +93,11 @@ class Settings(BaseSettings):
     # Load in batches, in bounded memory (etl.streaming); None: a dry run always, a load when the inputs
     # exceed 64 MiB together; False: plan whole files in memory (quicker for small inputs).
     stream: bool | None = None
+    # What an .xlsx may hold before it is read (etl.workbooks): a zip bomb, or a grid of billions of
+    # cells, stops the run with a message. Defaults well above a 1,000,000-row, 50-column sheet.
+    xlsx_max_bytes: int = Field(default=WORKBOOK_MAX_BYTES, ge=1)  # all parts inflated, together
+    xlsx_max_cells: int = Field(default=WORKBOOK_MAX_CELLS, ge=1)  # a sheet's cells, and rows x columns
+    xlsx_max_ratio: int = Field(default=WORKBOOK_MAX_RATIO, ge=1)  # a part's compression ratio past 64 MiB
     wait: bool = False  # another run holds the state store: wait for it (else stop at once)
     # request: a POST per create; bulk: NDJSON imports (etl.load.bulk); auto: bulk when the window cannot hold the plan
     mode: Literal["request", "bulk", "auto"] = "request"
@@ -108,6 +114,11 @@ class Settings(BaseSettings):
     redox_source_name: str | None = "clinik-etl"
     redox_mrn_system: str = "urn:clinik-etl:mrn"  # Patient.identifier system of the source patient id
     redox_identifier_system: str = "urn:clinik-etl:immunization"  # Immunization.identifier system of the row key
+
+    @property
+    def workbook_limits(self) -> WorkbookLimits:
+        """The ``xlsx_max_*`` settings, as the readers take them."""
+        return WorkbookLimits(self.xlsx_max_bytes, self.xlsx_max_cells, self.xlsx_max_ratio)
 
     @field_validator("base_url", "redox_base_url")
     @classmethod

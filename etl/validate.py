@@ -451,6 +451,12 @@ def _rules(kind: str, today: dt.date, redacted: bool = False) -> list[_Rule]:
         if f.maximum is not None and parsed in ("__int", "__num"):
             value = pl.col(f.name + parsed)
             rules.append(_Rule(f.name, "maximum", value.is_null() | (value <= f.maximum), f"at most {f.maximum:g}"))
+        if f.minimum is not None and parsed in ("__int", "__num"):
+            value = pl.col(f.name + parsed)
+            rules.append(_Rule(f.name, "minimum", value.is_null() | (value >= f.minimum), f"at least {f.minimum:g}"))
+        if f.exclusive_minimum is not None and parsed in ("__int", "__num"):
+            value, floor = pl.col(f.name + parsed), f.exclusive_minimum
+            rules.append(_Rule(f.name, "minimum", value.is_null() | (value > floor), f"above {floor:g}"))
     rules += _domain_rules(kind, fields, today)
     return rules
 

@@ -2,7 +2,7 @@
 
 A mapping profile renames a registry's headers to these names; validation and
 transformation work only with them. Each field names the create-body path it
-feeds (``target``), so its limits (max length, enum, array sizes, maximum) are
+feeds (``target``), so its limits (max length, enum, array sizes, maximum, minimum) are
 looked up in :mod:`schemas.limits` and never restated here.
 """
 
@@ -76,6 +76,18 @@ class CanonicalField:
         """Largest allowed number."""
         spec = self.spec
         return spec.maximum if spec is not None else None
+
+    @property
+    def minimum(self) -> float | None:
+        """Smallest allowed number."""
+        spec = self.spec
+        return spec.minimum if spec is not None else None
+
+    @property
+    def exclusive_minimum(self) -> float | None:
+        """The number an allowed one must be above."""
+        spec = self.spec
+        return spec.exclusive_minimum if spec is not None else None
 
 
 def F(name: str, value: ValueType = "text", target: str | None = None, *aliases: str, **kw: object) -> CanonicalField:  # noqa: N802

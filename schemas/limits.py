@@ -8,6 +8,12 @@ test that cross-checks this table against the published OpenAPI description.
 A :class:`Spec` describes one JSON value: its type, whether it is required in
 its parent object, and the limits the API documents for it. Objects carry
 their properties, arrays their item spec.
+
+A few limits are ours, where the OpenAPI file is silent (:data:`OUR_LIMITS`):
+the class codes the prose of the docs names, and the lower bounds of amounts
+and counts that cannot be negative (a dose amount is above 0; a visit's
+length, a dose number, a series' doses, a rank and a repetition count are at
+least 0).
 """
 
 from __future__ import annotations
@@ -30,6 +36,8 @@ class Spec:
     min_items: int | None = None
     max_items: int | None = None
     maximum: float | None = None
+    minimum: float | None = None
+    exclusive_minimum: float | None = None  # the value must be above it
     format: Literal["date-time", "email", "uri"] | None = None
     properties: Mapping[str, Spec] = field(default_factory=dict)
     items: Spec | None = None
@@ -46,9 +54,14 @@ def S(  # noqa: N802 - short constructors keep the table readable
     return Spec("string", required=required, max_length=max_length, enum=enum, format=format)
 
 
-def I(maximum: float | None = None, *, required: bool = False) -> Spec:  # noqa: E743, N802
+def I(maximum: float | None = None, *, minimum: float | None = None, required: bool = False) -> Spec:  # noqa: E743, N802
     """An integer."""
-    return Spec("integer", required=required, maximum=maximum)
+    return Spec("integer", required=required, maximum=maximum, minimum=minimum)
+
+
+def N(*, exclusive_minimum: float | None = None) -> Spec:  # noqa: N802
+    """A number."""
+    return Spec("number", exclusive_minimum=exclusive_minimum)
 
 
 def B() -> Spec:  # noqa: N802
@@ -135,10 +148,10 @@ ENCOUNTER = O(
     priority=S(50),
     reasonCode=S(500),
     period=_PERIOD_DT,
-    lengthMinutes=I(10080),
+    lengthMinutes=I(10080, minimum=0),
     location=S(200),
     serviceProvider=S(200),
-    diagnosis=A(O(condition=S(), use=S(), rank=I()), max_items=20),
+    diagnosis=A(O(condition=S(), use=S(), rank=I(minimum=0)), max_items=20),
     appointmentId=S(),
     basedOnId=S(),
     partOfId=S(),
@@ -171,7 +184,7 @@ IMMUNIZATION = O(
     expirationDate=S(50),
     site=S(200),
     route=S(200),
-    doseQuantity=O(value=Spec("number"), unit=S(50)),
+    doseQuantity=O(value=N(exclusive_minimum=0), unit=S(50)),
     performer=A(O(function=S(200), actorId=S(128, required=True)), max_items=10),
     note=S(5000),
     reasonCode=A(S(500), max_items=10),
@@ -181,8 +194,8 @@ IMMUNIZATION = O(
     protocolApplied=A(
         O(
             series=S(200),
-            doseNumber=I(),
-            seriesDoses=I(),
+            doseNumber=I(minimum=0),
+            seriesDoses=I(minimum=0),
             targetDisease=A(S(200), max_items=10),
         ),
         max_items=10,
@@ -285,7 +298,7 @@ TASK = O(
     partOf=A(S()),
     input=A(_TASK_IO),
     output=A(_TASK_IO),
-    restriction=O(repetitions=I(), period=_PERIOD, recipientIds=A(S())),
+    restriction=O(repetitions=I(minimum=0), period=_PERIOD, recipientIds=A(S())),
 )
 
 #: Create-body schema name -> its spec, for the six resources an import writes.
@@ -297,6 +310,20 @@ CREATE_SCHEMAS: Mapping[str, Spec] = {
     "DocumentCreate": DOCUMENT,
     "TaskCreate": TASK,
 }
+
+#: Limits the OpenAPI file does not carry, as (schema, path, OpenAPI keyword): the API documents
+#: them in prose, or the value cannot mean anything below them.
+OUR_LIMITS: frozenset[tuple[str, str, str]] = frozenset(
+    {
+        ("EncounterCreate", "class", "enum"),
+        ("EncounterCreate", "lengthMinutes", "minimum"),
+        ("EncounterCreate", "diagnosis[].rank", "minimum"),
+        ("ImmunizationCreate", "doseQuantity.value", "exclusiveMinimum"),
+        ("ImmunizationCreate", "protocolApplied[].doseNumber", "minimum"),
+        ("ImmunizationCreate", "protocolApplied[].seriesDoses", "minimum"),
+        ("TaskCreate", "restriction.repetitions", "minimum"),
+    }
+)
 
 #: Create-body schema name -> the route it is posted to.
 ROUTES: Mapping[str, str] = {

@@ -29,9 +29,9 @@ def _annotation(spec: Spec, name: str) -> Any:
             return Literal[spec.enum]
         return Annotated[str, Field(max_length=spec.max_length)]
     if spec.type == "integer":
-        return Annotated[StrictInt, Field(le=spec.maximum)]
+        return Annotated[StrictInt, Field(le=spec.maximum, ge=spec.minimum, gt=spec.exclusive_minimum)]
     if spec.type == "number":
-        return Annotated[StrictInt | StrictFloat, Field(le=spec.maximum)]
+        return Annotated[StrictInt | StrictFloat, Field(le=spec.maximum, ge=spec.minimum, gt=spec.exclusive_minimum)]
     if spec.type == "boolean":
         return StrictBool
     if spec.type == "object":

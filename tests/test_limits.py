@@ -7,11 +7,8 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from schemas.limits import CREATE_SCHEMAS, Spec, spec_at, walk
+from schemas.limits import CREATE_SCHEMAS, OUR_LIMITS, Spec, spec_at, walk
 from schemas.models import model_for, validation_issues
-
-# Limits the OpenAPI file does not carry but the API documents in prose.
-PROSE_ONLY = {("EncounterCreate", "class", "enum")}
 
 
 def _resolve(node: dict[str, Any], doc: dict[str, Any]) -> dict[str, Any]:
@@ -39,12 +36,14 @@ def _compare(schema: str, path: str, spec: Spec, node: dict[str, Any], doc: dict
         ("maxItems", spec.max_items),
         ("minItems", spec.min_items),
         ("maximum", spec.maximum),
+        ("minimum", spec.minimum),
+        ("exclusiveMinimum", spec.exclusive_minimum),
         ("format", spec.format),
     ):
-        if node.get(key) != ours:
+        if node.get(key) != ours and (schema, path, key) not in OUR_LIMITS:
             diffs.append(f"{schema}.{path}: {key} {node.get(key)} != {ours}")
     published_enum = tuple(node["enum"]) if "enum" in node else None
-    if published_enum != spec.enum and (schema, path, "enum") not in PROSE_ONLY:
+    if published_enum != spec.enum and (schema, path, "enum") not in OUR_LIMITS:
         diffs.append(f"{schema}.{path}: enum {published_enum} != {spec.enum}")
     if expected_type == "object":
         _compare_object(schema, path, spec, node, doc, diffs)
@@ -74,9 +73,54 @@ def test_limit_table_matches_openapi(schema: str, openapi: dict[str, Any]) -> No
     assert diffs == []
 
 
-def test_prose_only_limits_are_really_absent_from_openapi(openapi: dict[str, Any]) -> None:
-    for schema, path, key in PROSE_ONLY:
-        assert key not in openapi["components"]["schemas"][schema]["properties"][path]
+def _node_at(openapi: dict[str, Any], schema: str, path: str) -> dict[str, Any]:
+    node = _resolve(openapi["components"]["schemas"][schema], openapi)
+    for part in path.split("."):
+        node = _resolve(node["properties"][part.rstrip("[]")], openapi)
+        for _ in range(part.count("[]")):
+            node = _resolve(node["items"], openapi)
+    return node
+
+
+def test_our_limits_are_really_absent_from_openapi_and_in_the_table(openapi: dict[str, Any]) -> None:
+    attribute = {"enum": "enum", "minimum": "minimum", "exclusiveMinimum": "exclusive_minimum"}
+    for schema, path, key in OUR_LIMITS:
+        assert key not in _node_at(openapi, schema, path), (schema, path, key)
+        assert getattr(spec_at(schema, path), attribute[key]) is not None, (schema, path, key)
+
+
+def test_every_lower_bound_is_ours() -> None:
+    # A minimum in the table that OUR_LIMITS does not name would be compared with the OpenAPI file
+    # and fail there; this names the rule: every lower bound is one of ours, stated in one place.
+    bounds = {
+        (schema, path, key)
+        for schema, root in CREATE_SCHEMAS.items()
+        for path, spec in walk(root)
+        for key, value in (("minimum", spec.minimum), ("exclusiveMinimum", spec.exclusive_minimum))
+        if value is not None
+    }
+    assert bounds == {limit for limit in OUR_LIMITS if limit[2] != "enum"}
+
+
+def test_a_dose_amount_must_be_above_zero_and_counts_not_negative() -> None:
+    model = model_for("ImmunizationCreate")
+    base = {"status": "completed", "vaccineCode": "08", "patientId": "p"}
+    model.model_validate({**base, "doseQuantity": {"value": 0.5, "unit": "mL"}})
+    model.model_validate({**base, "protocolApplied": [{"doseNumber": 0, "seriesDoses": 0}]})
+    for bad, where in (
+        ({"doseQuantity": {"value": -0.5}}, "doseQuantity.value"),
+        ({"doseQuantity": {"value": 0}}, "doseQuantity.value"),
+        ({"protocolApplied": [{"doseNumber": -1}]}, "protocolApplied.0.doseNumber"),
+        ({"protocolApplied": [{"seriesDoses": -2}]}, "protocolApplied.0.seriesDoses"),
+    ):
+        with pytest.raises(ValidationError) as info:
+            model.model_validate({**base, **bad})
+        assert validation_issues(info.value)[0]["diagnostics"].startswith(f"{where}:")
+    encounter = model_for("EncounterCreate")
+    visit = {"status": "finished", "class": "AMB", "patientId": "p"}
+    encounter.model_validate({**visit, "lengthMinutes": 0})
+    with pytest.raises(ValidationError):
+        encounter.model_validate({**visit, "lengthMinutes": -5})
 
 
 def test_spec_at_and_walk_agree() -> None:

@@ -69,6 +69,10 @@ def _limits(f: CanonicalField) -> list[tuple[str, str, str]]:
         out.append(("max-length", "a" * f.max_length, "a" * (f.max_length + 1)))
     if f.maximum is not None:
         out.append(("maximum", str(int(f.maximum)), str(int(f.maximum) + 1)))
+    if f.minimum is not None:
+        out.append(("minimum", str(int(f.minimum)), str(int(f.minimum) - 1)))
+    if f.exclusive_minimum is not None:
+        out.append(("minimum", f"{f.exclusive_minimum + 0.001:g}", f"{f.exclusive_minimum:g}"))
     return out
 
 
@@ -105,11 +109,13 @@ def _model_cases() -> list[Any]:
             if "[]" in path.rstrip("[]") or path.count(".") > 0:
                 continue
             if spec.type == "array" and (spec.max_items or spec.min_items):
-                cases.append(pytest.param(schema, path, spec, id=f"{schema}.{path}.items"))
+                cases.append(pytest.param(schema, path, spec, "items", id=f"{schema}.{path}.items"))
             if spec.type == "integer" and spec.maximum is not None:
-                cases.append(pytest.param(schema, path, spec, id=f"{schema}.{path}.maximum"))
+                cases.append(pytest.param(schema, path, spec, "maximum", id=f"{schema}.{path}.maximum"))
+            if spec.type == "integer" and spec.minimum is not None:
+                cases.append(pytest.param(schema, path, spec, "minimum", id=f"{schema}.{path}.minimum"))
             if spec.type == "string" and spec.enum:
-                cases.append(pytest.param(schema, path, spec, id=f"{schema}.{path}.enum"))
+                cases.append(pytest.param(schema, path, spec, "enum", id=f"{schema}.{path}.enum"))
     return cases
 
 
@@ -129,13 +135,17 @@ def _base(schema: str) -> dict[str, Any]:
     return body
 
 
-@pytest.mark.parametrize(("schema", "path", "spec"), _model_cases())
-def test_payload_models_enforce_every_array_size_maximum_and_enum(schema: str, path: str, spec: Any) -> None:
+@pytest.mark.parametrize(("schema", "path", "spec", "bound"), _model_cases())
+def test_payload_models_enforce_every_array_size_maximum_minimum_and_enum(
+    schema: str, path: str, spec: Any, bound: str
+) -> None:
     model = model_for(schema)
     if spec.type == "array":
         at, past = [_item(spec)] * (spec.max_items or 1), [_item(spec)] * ((spec.max_items or 0) + 1)
         if spec.max_items is None:  # only a minimum (sections: 1..)
             at, past = [_item(spec)], []
+    elif bound == "minimum":
+        at, past = int(spec.minimum), int(spec.minimum) - 1
     elif spec.type == "integer":
         at, past = int(spec.maximum), int(spec.maximum) + 1
     else:

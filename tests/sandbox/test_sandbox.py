@@ -228,6 +228,17 @@ def test_too_long_lot_number_is_422_naming_the_field(client: httpx.Client) -> No
     assert page(client, "/v1/immunizations", patientId=pat)["total"] == 0
 
 
+def test_a_negative_dose_amount_is_422_naming_the_field(client: httpx.Client) -> None:
+    pat = patient(client)["id"]
+    body = {"status": "completed", "vaccineCode": "208", "patientId": pat, "doseQuantity": {"value": -0.5}}
+    response = client.post("/v1/immunizations", json=body)
+    assert response.status_code == 422
+    assert diagnostics(response) == ["doseQuantity.value: Input should be greater than 0"]
+    assert page(client, "/v1/immunizations", patientId=pat)["total"] == 0
+    body["doseQuantity"] = {"value": 0.5, "unit": "mL"}
+    create(client, "/v1/immunizations", body)
+
+
 def test_missing_first_name_is_422(client: httpx.Client) -> None:
     response = client.post("/v1/patients", json={"lastName": "Lima"})
     assert response.status_code == 422
