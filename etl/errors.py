@@ -9,7 +9,11 @@ Exceptions are for what stops a run altogether::
     │                            (file, row and column when known)
     ├── ProfileError             a mapping profile that cannot be used
     ├── StateError               a state store that cannot be used (locked,
-    │                            another target's, corrupt)
+    │                            another target's, corrupt, another version's)
+    ├── UnsafeFileError          a file for PHI that is not safely this user's
+    │                            (a symlink, not a regular file, another owner's)
+    ├── OutputError              a report that cannot be written (a read-only
+    │                            folder, a full disk)
     └── ApiError                 the API refused the whole run (exit 4)
         └── AuthError            401/403: a bad key or scope
 
@@ -69,6 +73,15 @@ class ProfileError(EtlError):
 
 class StateError(EtlError):
     """A state store that cannot be used for this run."""
+
+
+class UnsafeFileError(EtlError):
+    """A file that holds PHI (a state store, its lock, a sandbox database) and is not safely this user's:
+    a symbolic link, not a regular file, or another user's. Refused, never adopted."""
+
+
+class OutputError(EtlError):
+    """A report file or folder that cannot be written: a read-only folder, a full disk."""
 
 
 @dataclass
