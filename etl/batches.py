@@ -52,6 +52,7 @@ from etl.report import (
     _private_dir,
     _private_file,
     neutralise,
+    report_output,
     write_summary,
 )
 from etl.report_html import TALLY_KEYS, tally_of, write_html
@@ -315,7 +316,8 @@ def validate_in_batches(
     with planned_in_batches(paths, settings, progress, batch_rows=batch_rows, payloads=payloads, state=state) as run:
         extra: dict[str, Any] = {}
         if run.keys.payloads is not None:
-            extra["requests_planned"] = run.keys.payloads.write(run.folder / "payloads.ndjson")
+            with report_output(run.folder):
+                extra["requests_planned"] = run.keys.payloads.write(run.folder / "payloads.ndjson")
             return run.write(extra, command="load", target=settings.base_url or "embedded sandbox")
         return run.write(extra, command="validate", target="none (validate)")
 
@@ -347,8 +349,9 @@ class Run:
     def write(self, extra: dict[str, Any], *, command: str, target: str) -> RunReport:
         """The report, from the parts."""
         self.timings["total"] = time.perf_counter() - self.t0
-        return _write(self.run_id, self.inputs, self.folder, self.settings, self.timings, self.writer, extra,
-                      command=command, target=target)
+        with report_output(self.folder):
+            return _write(self.run_id, self.inputs, self.folder, self.settings, self.timings, self.writer, extra,
+                          command=command, target=target)
 
 
 @contextlib.contextmanager
@@ -400,9 +403,10 @@ def planned_in_batches(
         progress.start("validate")
         for x in inputs:
             for n, (mapped, prepared) in enumerate(x.prepared(today)):
-                pending.append(
-                    _batch(x, n, mapped, prepared, keys, known_frame, settings, work, timings, writer, today)
-                )
+                with report_output(folder):  # each batch's rows are kept under the report folder until the end
+                    pending.append(
+                        _batch(x, n, mapped, prepared, keys, known_frame, settings, work, timings, writer, today)
+                    )
                 progress.advance("validate", prepared.height)
             if x.kind in keys.shared:
                 _remember_firsts(x, keys)

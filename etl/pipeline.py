@@ -31,7 +31,16 @@ from etl.files import private_dir
 from etl.mapping import Mapped, Profile, apply_profile, default_profile, key_field, load_profile
 from etl.progress import LoadEstimate, Progress, as_progress
 from etl.readers import ROW, Notice, read_table
-from etl.report import ROW_COLUMNS, RunReport, _private_dir, _private_file, count_states, write_report
+from etl.report import (
+    ROW_COLUMNS,
+    RunReport,
+    _private_dir,
+    _private_file,
+    count_states,
+    report_folder,
+    report_output,
+    write_report,
+)
 from etl.settings import Settings
 from etl.transform import Planned, plan, readable_refs, references
 from etl.validate import Validation, validate
@@ -421,11 +430,10 @@ def load_files(
         target = settings.base_url or "embedded sandbox"
     else:
         # One load per state store at a time: two would both send what neither has recorded yet.
-        with state_lock(settings.state, wait=settings.wait, on_wait=progress.note), _target(settings) as (
-            base_url,
-            key,
-            identity,
-        ):
+        # The report folder first: one that cannot take the report stops the run before anything is sent.
+        with state_lock(settings.state, wait=settings.wait, on_wait=progress.note), report_folder(folder), _target(
+            settings
+        ) as (base_url, key, identity):
             target = base_url if settings.base_url else "embedded sandbox"
             rows, load_extra = _load(
                 prepared, rows, base_url, key, identity, settings, run_id, progress, timings, job
@@ -910,6 +918,7 @@ def reconcile_state(settings: Settings, *, verify: bool = False) -> RunReport:
     bound = StateStore.existing(settings.state)
     target = bound.target
     bound.close()
+    folder = _report_dir(settings, run_id)
     if target.startswith("embedded-sandbox:"):
         if settings.base_url:
             raise UsageError(f"{settings.state} records loads into the embedded sandbox, not {settings.base_url}")
@@ -917,7 +926,10 @@ def reconcile_state(settings: Settings, *, verify: bool = False) -> RunReport:
         settings = settings.model_copy(update={"base_url": target})
     rows: list[dict[str, Any]] = []
     extra: dict[str, Any] = {}
-    with _target(settings) as (base_url, key, _), StateStore(settings.state, target=target) as state:
+    # The report folder first: one that cannot take the report stops the run before anything is sent.
+    with report_folder(folder), _target(settings) as (base_url, key, _), StateStore(
+        settings.state, target=target
+    ) as state:
         state.start_run(run_id, "reconcile")
         items: list[Send] = []
         for kind in state.kinds():
@@ -974,15 +986,14 @@ def reconcile_state(settings: Settings, *, verify: bool = False) -> RunReport:
         extra = {"run_id": run_id, "command": "reconcile", "target": target, "in_doubt": in_doubt,
                  "states": counts, "verified": checked if verify else None}
         state.finish_run(run_id, {"states": counts})
-    folder = _report_dir(settings, run_id)
-    _private_dir(folder)
     frame = pl.DataFrame(rows, schema={"kind": pl.String, "source_key": pl.String, "before": pl.String,
                                        "state": pl.String, "resource_id": pl.String, "message": pl.String})
-    frame.write_csv(_private_file(folder / "reconcile.csv"))
     extra["report_dir"] = str(folder)
-    with _private_file(folder / "summary.json").open("w", encoding="utf-8") as fh:
-        json.dump(extra, fh, indent=2)
-        fh.write("\n")
+    with report_output(folder):
+        frame.write_csv(_private_file(folder / "reconcile.csv"))
+        with _private_file(folder / "summary.json").open("w", encoding="utf-8") as fh:
+            json.dump(extra, fh, indent=2)
+            fh.write("\n")
     extra["rows_total"] = frame.height
     return RunReport(run_id, frame, extra, folder)
 

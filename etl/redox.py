@@ -50,7 +50,15 @@ from etl.load.state import StateStore
 from etl.load.throttle import Throttle
 from etl.mapping import Mapped
 from etl.readers import ROW
-from etl.report import ROW_COLUMNS, RunReport, _private_dir, _private_file, count_states, write_report
+from etl.report import (
+    ROW_COLUMNS,
+    RunReport,
+    _private_dir,
+    _private_file,
+    count_states,
+    report_folder,
+    write_report,
+)
 from etl.settings import DEFAULT_REDOX_STATE, DEFAULT_STATE, Settings
 from etl.transform import json_body, obj, one_of, sha256_hex, source_keys
 from schemas.codes import CVX_OID, CVX_SYSTEM, NCI_OID, ROUTE_SYSTEM, SITE_SYSTEM, displays, table
@@ -428,6 +436,8 @@ def load_redox(
     else:
         with (
             state_lock(state_path, wait=settings.wait, on_wait=show.note),
+            # The report folder first: one that cannot take the report stops the run before anything is sent.
+            report_folder(folder),
             _redox_target(settings, state_path, route) as (base_url, token, identity),
         ):
             target = (base_url if settings.redox_base_url else "embedded sandbox") + route

@@ -16,23 +16,37 @@ A report folder holds:
 
 Reports hold PHI: the folder and its files are created readable by the owner
 only, and cells that a spreadsheet would run as a formula are neutralised.
+A folder or file that cannot be written (read-only, a full disk) is an
+:class:`~etl.errors.OutputError` naming it (:func:`report_output`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 import polars as pl
 
+from etl.errors import OutputError
 from etl.files import private_dir
 from etl.report_html import tally_of, write_html
 
-__all__ = ["FINAL_STATES", "PROBLEM_STATES", "ROW_COLUMNS", "RunReport", "neutralise", "read_rows", "write_report"]
+__all__ = [
+    "FINAL_STATES",
+    "PROBLEM_STATES",
+    "ROW_COLUMNS",
+    "RunReport",
+    "neutralise",
+    "read_rows",
+    "report_folder",
+    "report_output",
+    "write_report",
+]
 
 FINAL_STATES = ("created", "skipped", "rejected", "failed", "unknown", "planned", "changed", "updated")
 ROW_COLUMNS = (
@@ -141,17 +155,48 @@ def neutralise(frame: _Frame) -> _Frame:
     return frame.with_columns(safe(name) for name, dtype in schema.items() if dtype == pl.String)
 
 
+@contextlib.contextmanager
+def report_output(folder: Path) -> Iterator[None]:
+    """Writing into the report ``folder``: an OSError (a read-only folder, a full disk) becomes an
+    :class:`~etl.errors.OutputError` that names the folder, or the file when the system said which."""
+    try:
+        yield
+    except OSError as exc:
+        where = f"{exc.filename}: " if exc.filename is not None else ""
+        raise OutputError(
+            f"cannot write the report in {folder}: {where}{exc.strerror or exc}"
+            " (give --report-dir a writable folder with room)"
+        ) from exc
+
+
+@contextlib.contextmanager
+def report_folder(folder: Path) -> Iterator[Path]:
+    """Make the report folder before a run sends anything, so that one that cannot be written stops the run
+    first (an :class:`~etl.errors.OutputError`); if the run fails before writing into it, it is removed again."""
+    existed = folder.is_dir()
+    _private_dir(folder)
+    try:
+        yield folder
+    except BaseException:
+        if not existed:
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only if still empty
+        raise
+
+
 def _private_dir(path: Path) -> None:
-    private_dir(path)
-    # Unlike a state store's parent, a report folder is the report's own: tighten it even if it existed.
-    os.chmod(path, 0o700)
+    with report_output(path):
+        private_dir(path)
+        # Unlike a state store's parent, a report folder is the report's own: tighten it even if it existed.
+        os.chmod(path, 0o700)
 
 
 def _private_file(path: Path) -> Path:
     """Create (or truncate) a file that only its owner can read."""
-    fd = os.open(path, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600)
-    os.close(fd)
-    os.chmod(path, 0o600)
+    with report_output(path.parent):
+        fd = os.open(path, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600)
+        os.close(fd)
+        os.chmod(path, 0o600)
     return path
 
 
@@ -164,16 +209,17 @@ def write_report(
     """Write ``summary.json``, ``rows.csv`` and ``rejects.csv`` into ``folder``."""
     _private_dir(folder)
     report.folder = folder
-    report.rows.select(ROW_COLUMNS).pipe(neutralise).write_csv(_private_file(folder / "rows.csv"))
-    frames = [f for f in (rejects or {}).values() if f.height]
-    if frames:
-        combined = pl.concat(frames, how="diagonal_relaxed")
-    else:
-        combined = pl.DataFrame(schema={"source_file": pl.String, "source_row": pl.UInt32, "reasons": pl.String})
-    combined.pipe(neutralise).write_csv(_private_file(folder / "rejects.csv"))
-    report.summary["report_dir"] = str(folder)
-    write_summary(report.summary, folder)
-    write_html(report.summary, report.problems, _private_file(folder / "report.html"), report.tally)
+    with report_output(folder):
+        report.rows.select(ROW_COLUMNS).pipe(neutralise).write_csv(_private_file(folder / "rows.csv"))
+        frames = [f for f in (rejects or {}).values() if f.height]
+        if frames:
+            combined = pl.concat(frames, how="diagonal_relaxed")
+        else:
+            combined = pl.DataFrame(schema={"source_file": pl.String, "source_row": pl.UInt32, "reasons": pl.String})
+        combined.pipe(neutralise).write_csv(_private_file(folder / "rejects.csv"))
+        report.summary["report_dir"] = str(folder)
+        write_summary(report.summary, folder)
+        write_html(report.summary, report.problems, _private_file(folder / "report.html"), report.tally)
     return folder
 
 
@@ -184,7 +230,7 @@ SAMPLE_PER_GROUP = 200
 def write_summary(summary: dict[str, Any], folder: Path) -> Path:
     """``summary.json``, owner-only."""
     path = _private_file(folder / "summary.json")
-    with path.open("w", encoding="utf-8") as fh:
+    with report_output(folder), path.open("w", encoding="utf-8") as fh:
         json.dump(summary, fh, indent=2, sort_keys=False)
         fh.write("\n")
     return path

@@ -190,3 +190,15 @@ db.execute("BEGIN EXCLUSIVE")
 print("holding", flush=True)
 sys.stdin.read()
 """
+
+
+def test_a_store_that_holds_the_bulk_ledger_is_still_a_store(tmp_path: Path) -> None:
+    path = tmp_path / "s.sqlite"
+    StateStore(path, target="t").close()
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        db.execute("CREATE TABLE bulk_batches (batch_id TEXT PRIMARY KEY)")  # the bulk loader's ledger
+    StateStore(path, target="t").close()
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        db.execute("CREATE TABLE extra (x)")
+    with pytest.raises(StateError, match=r"not a clinik-etl state store \(its tables: bulk_batches, extra, meta"):
+        StateStore(path, target="t")

@@ -42,6 +42,10 @@ def _warn(note: str) -> None:
     print(f"warning: {note}", file=sys.stderr, flush=True)
 
 
+def _unusable(path: Path, exc: OSError) -> StateError:
+    return StateError(f"{path}: cannot use the state store's lock file: {exc.strerror or exc}")
+
+
 def _holder(path: Path) -> str:
     try:
         text = path.read_text(encoding="utf-8").strip()
@@ -60,7 +64,10 @@ def state_lock(
     if note := check_private_file(path, "state store's lock file"):
         _warn(note)
     # The file names a process and a start time only; still owner-only, like the store.
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    except OSError as exc:
+        raise _unusable(path, exc) from exc
     try:
         told = False
         while True:
@@ -79,8 +86,11 @@ def state_lock(
                     told = True
                 time.sleep(poll)
         stamp = dt.datetime.now().astimezone().isoformat(timespec="seconds")
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()}, started {stamp}\n".encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()}, started {stamp}\n".encode(), 0)
+        except OSError as exc:  # a full disk: the store could not be written either
+            raise _unusable(path, exc) from exc
         try:
             yield path
         finally:

@@ -73,6 +73,8 @@ CREATE TABLE IF NOT EXISTS runs (
 #: ``StateStore._migrate`` the step, whenever the tables change.
 LAYOUT_VERSION = 1
 _TABLES = frozenset({"meta", "records", "runs"})
+# Kept in the store's file by other modules: the bulk loader's ledger of imports (etl.load.bulk).
+_OTHER_TABLES = frozenset({"bulk_batches"})
 # Columns added to layout 1 before layouts were stamped: a store written by an older release gains them.
 _ADDED_COLUMNS = (("records", ("body", "source_file")), ("runs", ("job",)))
 _CHUNK = 500  # SQLite's bound-parameter limit is far above this
@@ -99,13 +101,13 @@ def _check_ours(path: Path, db: sqlite3.Connection, tables: set[str], *, stamped
     A store from before the layout stamp is recognised by its tables (some of ``meta``, ``records``
     and ``runs``, ``meta`` always) and by what ``meta`` says (version 1, when it says any).
     """
-    if "meta" not in tables or tables - _TABLES:
+    if "meta" not in tables or tables - _TABLES - _OTHER_TABLES:
         raise _not_a_store(path, tables)
     columns = {row[1] for row in db.execute("PRAGMA table_info(meta)")}
     if columns != {"key", "value"}:
         raise _not_a_store(path, tables)
     if stamped:
-        if tables != _TABLES:
+        if _TABLES - tables:
             raise StateError(f"{path}: a damaged state store (it lacks the {', '.join(sorted(_TABLES - tables))} "
                              "table); use another --state file")
         return
