@@ -21,7 +21,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 from etl.cli import main
-from etl.errors import ExitCode, OutputError, UnsafeFileError
+from etl.errors import ExitCode, OutputError, StateError, UnsafeFileError
 from etl.files import check_private_file
 from etl.load.lock import lock_path, state_lock
 from etl.load.state import StateStore
@@ -203,15 +203,26 @@ def _full_disk(where: Path, keep: Sequence[str] = ()) -> Iterator[Path]:
         for name in keep:
             (mounted / name).write_bytes(b"\n" * 64)
             os.chmod(mounted / name, 0o600)
-        fd = os.open(mounted / "filler", os.O_WRONLY | os.O_CREAT, 0o600)
-        try:
-            while True:
-                os.write(fd, b"\0" * 4096)
-        except OSError as exc:
-            assert exc.errno == errno.ENOSPC
-        finally:
-            os.close(fd)
-        yield mounted
+        with _full_disk_now(mounted):
+            yield mounted
+
+
+@contextlib.contextmanager
+def _full_disk_now(mounted: Path) -> Iterator[None]:
+    """Fill the file system under ``mounted`` up to the last byte for the block."""
+    filler = mounted / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        while True:
+            os.write(fd, b"\0" * 4096)
+    except OSError as exc:
+        assert exc.errno == errno.ENOSPC
+    finally:
+        os.close(fd)
+    try:
+        yield
+    finally:
+        filler.unlink()
 
 
 @pytest.mark.parametrize("command", ["load", "validate"])
@@ -254,6 +265,19 @@ def test_a_full_disk_under_the_state_store_is_one_line_and_exit_2(
     else:
         assert line == f"error: {state}.lock: cannot use the state store's lock file: No space left on device"
     assert sandbox.sandbox.store.search(ROUTES["PatientCreate"], {}).total == 0  # nothing was sent
+
+
+def test_a_disk_that_fills_up_under_an_open_state_store_is_a_state_error_naming_it(tmp_path: Path) -> None:
+    with _tmpfs(tmp_path / "small", "size=64k") as small:
+        path = small / "state.sqlite"
+        with StateStore(path, target="t") as store:
+            with _full_disk_now(small), pytest.raises(StateError) as caught:
+                store.mark_pending("immunization", [("VX-1", "h", "x" * 200_000)], "r1")
+            assert str(caught.value) == (
+                f"{path}: the disk is full; free some space and run again (each request was recorded before it "
+                "was sent: a re-run looks up those in doubt)"
+            )
+            assert store.get("immunization", ["VX-1"]) == {}  # the intent was not half-written
 
 
 def test_report_output_names_the_folder_and_the_file_the_system_named(tmp_path: Path) -> None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sqlite3
 import sys
 import time
@@ -133,6 +134,13 @@ def _not_a_store(path: Path, tables: set[str]) -> StateError:
     )
 
 
+def _disk_full(path: Path) -> bool:
+    try:
+        return os.statvfs(path.parent).f_bavail == 0
+    except OSError:
+        return False
+
+
 def _sqlite_problem(path: Path, exc: sqlite3.Error) -> StateError:
     """A one-line StateError naming the store, for an error SQLite raised while using it."""
     name = str(getattr(exc, "sqlite_errorname", ""))
@@ -141,8 +149,12 @@ def _sqlite_problem(path: Path, exc: sqlite3.Error) -> StateError:
             "it is locked by another process (a program holding it in a transaction); "
             "run again when that process has let go of it"
         )
-    elif name.startswith("SQLITE_FULL"):
-        why = "the disk is full; free some space and run again (rows already sent are recorded)"
+    elif name.startswith("SQLITE_FULL") or (name.startswith("SQLITE_IOERR") and _disk_full(path)):
+        # In WAL mode a full disk shows as an I/O error on the WAL file: the free space tells them apart.
+        why = (
+            "the disk is full; free some space and run again (each request was recorded before it was sent: "
+            "a re-run looks up those in doubt)"
+        )
     elif name.startswith("SQLITE_READONLY") or name == "SQLITE_CANTOPEN":
         why = f"cannot write to it ({exc}); check the file and its folder"
     elif name.startswith(("SQLITE_NOTADB", "SQLITE_CORRUPT")):
@@ -313,15 +325,17 @@ class StateStore:
             except sqlite3.Error as exc:
                 raise _sqlite_problem(self.path, exc) from exc
 
-        def __exit__(self, exc_type: object, *rest: object) -> None:
+        def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
             try:
                 self.db.execute("ROLLBACK" if exc_type else "COMMIT")
-            except sqlite3.Error as exc:
+            except sqlite3.Error as failure:
                 if self.db.in_transaction:
                     with contextlib.suppress(sqlite3.Error):
                         self.db.execute("ROLLBACK")
                 if exc_type is None:
-                    raise _sqlite_problem(self.path, exc) from exc
+                    raise _sqlite_problem(self.path, failure) from failure
+            if isinstance(exc, sqlite3.Error):  # a write in the block failed (a full disk): say which store
+                raise _sqlite_problem(self.path, exc) from exc
 
     def transaction(self) -> StateStore._Tx:
         """A write transaction: ``with store.transaction(): ...``; SQLite's errors become a StateError."""
