@@ -51,6 +51,7 @@ from etl.report import (
     ROW_COLUMNS,
     SAMPLE_PER_GROUP,
     RunReport,
+    report_output,
     write_summary,
 )
 from etl.report_html import TALLY_KEYS, tally_of, write_html
@@ -316,8 +317,9 @@ def validate_in_batches(
     with planned_in_batches(paths, settings, progress, batch_rows=batch_rows, payloads=payloads, state=state) as run:
         extra: dict[str, Any] = {}
         if run.keys.payloads is not None:
-            path = run.folder / "payloads.ndjson"
-            extra["requests_planned"] = run.keys.payloads.write(path, redacted=settings.redact)
+            with report_output(run.folder):
+                path = run.folder / "payloads.ndjson"
+                extra["requests_planned"] = run.keys.payloads.write(path, redacted=settings.redact)
             return run.write(extra, command="load", target=settings.base_url or "embedded sandbox")
         return run.write(extra, command="validate", target="none (validate)")
 
@@ -349,8 +351,9 @@ class Run:
     def write(self, extra: dict[str, Any], *, command: str, target: str) -> RunReport:
         """The report, from the parts."""
         self.timings["total"] = time.perf_counter() - self.t0
-        return _write(self.run_id, self.inputs, self.folder, self.settings, self.timings, self.writer, extra,
-                      command=command, target=target)
+        with report_output(self.folder):
+            return _write(self.run_id, self.inputs, self.folder, self.settings, self.timings, self.writer, extra,
+                          command=command, target=target)
 
 
 @contextlib.contextmanager
@@ -401,9 +404,10 @@ def planned_in_batches(
         progress.start("validate")
         for x in inputs:
             for n, (mapped, prepared) in enumerate(x.prepared(today)):
-                pending.append(
-                    _batch(x, n, mapped, prepared, keys, known_frame, settings, work, timings, writer, today)
-                )
+                with report_output(folder):  # each batch's rows are kept under the report folder until the end
+                    pending.append(
+                        _batch(x, n, mapped, prepared, keys, known_frame, settings, work, timings, writer, today)
+                    )
                 progress.advance("validate", prepared.height)
             if x.kind in keys.shared:
                 _remember_firsts(x, keys)

@@ -12,6 +12,7 @@ import difflib
 import functools
 import json
 import math
+import sqlite3
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -45,7 +46,8 @@ Exit codes:
   0  every row created, skipped or planned (validate: every row valid)
   1  some rows were rejected by validation
   2  usage error, unreadable input, unusable profile or state store
-     (including one that another run is using)
+     (including one that another run is using), or the environment
+     failing (a read-only report folder, a full disk, a port in use)
   3  some rows failed at the API or have an unknown outcome
   4  the API refused the run (bad key or scope); nothing more was sent
   130 interrupted (SIGINT/SIGTERM); state and report written: run again to resume
@@ -91,8 +93,29 @@ def handle_errors(func: F) -> F:
             problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors(include_input=False))
             err.print(f"[bold red]error:[/] invalid setting: {problems}", markup=True, soft_wrap=True)
             sys.exit(ExitCode.USAGE)
+        except (OSError, sqlite3.Error, RecursionError, MemoryError) as exc:
+            # The last resort for the environment failing under a run (a full disk, a file that vanished):
+            # where the library knows the file it names it; here one line says what the system said.
+            if debug:
+                raise
+            err.print(f"[bold red]error:[/] {escape(environment_failure(exc))}", markup=True, soft_wrap=True)
+            sys.exit(ExitCode.USAGE)
 
     return wrapper  # type: ignore[return-value]
+
+
+def environment_failure(exc: BaseException) -> str:
+    """One line for an operating-system, SQLite, recursion or memory failure that no library layer explained."""
+    if isinstance(exc, OSError):
+        files = " -> ".join(str(f) for f in (exc.filename, exc.filename2) if f is not None)
+        text = f"{files}: {exc.strerror or exc}" if files else str(exc.strerror or exc)
+    elif isinstance(exc, sqlite3.Error):
+        text = f"SQLite: {exc}"
+    elif isinstance(exc, RecursionError):
+        text = "input nested too deeply to read"
+    else:
+        text = "out of memory; try a smaller --batch-rows"
+    return " ".join(f"{text} ({type(exc).__name__}; --debug shows where)".split())
 
 
 def input_options(func: F) -> F:
@@ -609,6 +632,7 @@ def reconcile(state: Path, base_url: str | None, api_key_file: Path | None, live
     sys.exit(ExitCode.FAILED if bad else ExitCode.OK)
 
 @main.command()
+@handle_errors
 def profiles() -> None:
     """List the built-in mapping profiles (use one with --profile NAME)."""
     from etl.mapping import builtin_profiles

@@ -9,11 +9,13 @@ Exceptions are for what stops a run altogether::
     │                            (file, row and column when known)
     ├── ProfileError             a mapping profile that cannot be used
     ├── StateError               a state store that cannot be used (locked,
-    │                            another target's, corrupt)
+    │                            another target's, corrupt, another version's)
+    ├── UnsafeFileError          a file for PHI that is not safely this user's
+    │                            (a symlink, not a regular file, another owner's)
     ├── NoAnswerError            the target answered nothing before anything
     │                            was sent (timeouts, connections lost or refused)
-    ├── OutputError              a report folder or file that cannot be
-    │                            written safely (a symbolic link, a file)
+    ├── OutputError              a report folder or file that cannot be written
+    │                            (a symbolic link, a read-only folder, a full disk)
     └── ApiError                 the API refused the whole run (exit 4)
         └── AuthError            401/403: a bad key or scope
 
@@ -73,6 +75,11 @@ class ProfileError(EtlError):
 
 class StateError(EtlError):
     """A state store that cannot be used for this run."""
+
+
+class UnsafeFileError(EtlError):
+    """A file that holds PHI (a state store, its lock, a sandbox database) and is not safely this user's:
+    a symbolic link, not a regular file, or another user's. Refused, never adopted."""
 
 
 class NoAnswerError(EtlError):

@@ -115,6 +115,9 @@ def load_job(path: str | Path) -> Job:
         raise UsageError(f"{path}: cannot read the job file: {exc.strerror}") from exc
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise UsageError(f"{path}: not valid TOML: {exc}") from exc
+    except RecursionError:
+        # tomllib parses nested arrays and tables by recursion: a hostile file runs it out of stack.
+        raise UsageError(f"{path}: not a usable job file: its values are nested too deeply to read") from None
     if secret := sorted(k for k in raw if k.lower() in _KEY_NAMES):
         raise UsageError(
             f"{path}: {secret[0]} does not belong in a job file; use api_key_file or CLINIKAPI_SECRET_KEY"

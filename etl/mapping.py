@@ -182,6 +182,9 @@ def load_profile(name_or_path: str | Path) -> Profile:
         raw: Any = yaml.safe_load(text) if path.suffix.lower() in {".yaml", ".yml"} else tomllib.loads(text)
     except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
         raise ProfileError(f"{path}: not valid {path.suffix.lstrip('.').upper() or 'TOML'}: {exc}") from exc
+    except RecursionError:
+        # Both parsers recurse into nested values: a hostile file runs them out of stack.
+        raise ProfileError(f"{path}: not a usable profile: its values are nested too deeply to read") from None
     return _parse_profile(raw, str(path), default_name=path.stem)
 
 

@@ -32,7 +32,7 @@ from etl.mapping import Mapped, Profile, apply_profile, default_profile, key_fie
 from etl.progress import LoadEstimate, Progress, as_progress
 from etl.readers import ROW, Notice, read_table
 from etl.redaction import redact, redact_bodies
-from etl.report import ROW_COLUMNS, RunReport, count_states, write_report
+from etl.report import ROW_COLUMNS, RunReport, count_states, report_folder, report_output, write_report
 from etl.settings import NO_ANSWER_LIMIT, Settings
 from etl.transform import Planned, plan, readable_refs, references
 from etl.validate import Validation, validate
@@ -414,14 +414,15 @@ def load_files(
         target = settings.base_url or "embedded sandbox"
     else:
         # One load per state store at a time: two would both send what neither has recorded yet.
-        with state_lock(settings.state, wait=settings.wait, on_wait=progress.note):
-            private_dir(folder)  # made, or refused (a symbolic link), before anything is sent: not after
-            with _target(settings) as (base_url, key, identity):
-                target = base_url if settings.base_url else "embedded sandbox"
-                rows, load_extra = _load(
-                    prepared, rows, base_url, key, identity, settings, run_id, progress, timings, job
-                )
-                extra.update(load_extra)
+        # The report folder first: one that cannot take the report stops the run before anything is sent.
+        with state_lock(settings.state, wait=settings.wait, on_wait=progress.note), report_folder(folder), _target(
+            settings
+        ) as (base_url, key, identity):
+            target = base_url if settings.base_url else "embedded sandbox"
+            rows, load_extra = _load(
+                prepared, rows, base_url, key, identity, settings, run_id, progress, timings, job
+            )
+            extra.update(load_extra)
     timings["total"] = time.perf_counter() - t0
     crosswalk = extra.pop("_crosswalk", None)
     disappeared = extra.pop("_disappeared", None)
@@ -941,7 +942,10 @@ def reconcile_state(settings: Settings, *, verify: bool = False) -> RunReport:
         settings = settings.model_copy(update={"base_url": target})
     rows: list[dict[str, Any]] = []
     extra: dict[str, Any] = {}
-    with _target(settings) as (base_url, key, _), StateStore(settings.state, target=target) as state:
+    # The report folder first: one that cannot take the report stops the run before anything is sent.
+    with report_folder(folder), _target(settings) as (base_url, key, _), StateStore(
+        settings.state, target=target
+    ) as state:
         state.start_run(run_id, "reconcile")
         items: list[Send] = []
         for kind in state.kinds():
@@ -1008,11 +1012,12 @@ def reconcile_state(settings: Settings, *, verify: bool = False) -> RunReport:
         state.finish_run(run_id, {"states": counts})
     frame = pl.DataFrame(rows, schema={"kind": pl.String, "source_key": pl.String, "before": pl.String,
                                        "state": pl.String, "resource_id": pl.String, "message": pl.String})
-    write_csv(frame, folder / "reconcile.csv")
     extra["report_dir"] = str(folder)
-    with private_text(folder / "summary.json") as fh:
-        json.dump(extra, fh, indent=2)
-        fh.write("\n")
+    with report_output(folder):
+        write_csv(frame, folder / "reconcile.csv")
+        with private_text(folder / "summary.json") as fh:
+            json.dump(extra, fh, indent=2)
+            fh.write("\n")
     extra["rows_total"] = frame.height
     return RunReport(run_id, frame, extra, folder)
 

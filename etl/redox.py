@@ -50,7 +50,7 @@ from etl.load.throttle import Throttle
 from etl.mapping import Mapped
 from etl.readers import ROW
 from etl.redaction import masked
-from etl.report import ROW_COLUMNS, RunReport, count_states, write_report
+from etl.report import ROW_COLUMNS, RunReport, count_states, report_folder, write_report
 from etl.settings import DEFAULT_REDOX_STATE, DEFAULT_STATE, Settings
 from etl.transform import json_body, obj, one_of, sha256_hex, source_keys
 from schemas.codes import CVX_OID, CVX_SYSTEM, NCI_OID, ROUTE_SYSTEM, SITE_SYSTEM, displays, table
@@ -429,14 +429,17 @@ def load_redox(
         extra["requests_planned"] = _dry_run(_shown(rows, shown) if shown else rows, folder, route)
         target = (settings.redox_base_url or "embedded sandbox") + route
     else:
-        with state_lock(state_path, wait=settings.wait, on_wait=show.note):
-            private_dir(folder)  # made, or refused (a symbolic link), before anything is sent: not after
-            with _redox_target(settings, state_path, route) as (base_url, token, identity):
-                target = (base_url if settings.redox_base_url else "embedded sandbox") + route
-                t3 = time.perf_counter()
-                rows, sent = _send(rows, base_url, token, identity, state_path, route, settings, run_id, show, job)
-                timings["load"] = time.perf_counter() - t3
-                extra.update(sent)
+        with (
+            state_lock(state_path, wait=settings.wait, on_wait=show.note),
+            # The report folder first: one that cannot take the report stops the run before anything is sent.
+            report_folder(folder),
+            _redox_target(settings, state_path, route) as (base_url, token, identity),
+        ):
+            target = (base_url if settings.redox_base_url else "embedded sandbox") + route
+            t3 = time.perf_counter()
+            rows, sent = _send(rows, base_url, token, identity, state_path, route, settings, run_id, show, job)
+            timings["load"] = time.perf_counter() - t3
+            extra.update(sent)
     timings["total"] = time.perf_counter() - t0
     summary = pipeline._summary(run_id, prepared, rows, target, settings, timings, extra)
     report = RunReport(run_id, rows.rename({"patient_key": "patient_id"}).select(ROW_COLUMNS), summary)

@@ -18,22 +18,35 @@ Reports hold PHI: a folder the tool creates is readable by its owner only, a
 folder given as a symbolic link is refused, and every file is created afresh,
 owner-only, never through a link (``etl.files``); cells and headers that a
 spreadsheet would run as a formula are guarded with a ``'``.
+A folder or file that cannot be written (read-only, a full disk) is an
+:class:`~etl.errors.OutputError` naming it (:func:`report_output`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import polars as pl
 
+from etl.errors import OutputError
 from etl.files import private_dir, private_text, unguard_formulas, write_csv
 from etl.report_html import tally_of, write_html
 
-__all__ = ["FINAL_STATES", "PROBLEM_STATES", "ROW_COLUMNS", "RunReport", "read_rows", "write_report"]
+__all__ = [
+    "FINAL_STATES",
+    "PROBLEM_STATES",
+    "ROW_COLUMNS",
+    "RunReport",
+    "read_rows",
+    "report_folder",
+    "report_output",
+    "write_report",
+]
 
 FINAL_STATES = ("created", "skipped", "rejected", "failed", "unknown", "planned", "changed", "updated")
 ROW_COLUMNS = (
@@ -132,6 +145,36 @@ def read_rows(path: Path) -> pl.DataFrame:
     )
 
 
+@contextlib.contextmanager
+def report_output(folder: Path) -> Iterator[None]:
+    """Writing into the report ``folder``: an OSError (a read-only folder, a full disk) becomes an
+    :class:`~etl.errors.OutputError` that names the folder, or the file when the system said which."""
+    try:
+        yield
+    except OSError as exc:
+        where = f"{exc.filename}: " if exc.filename is not None else ""
+        raise OutputError(
+            str(folder),
+            f"cannot write the report: {where}{exc.strerror or exc} (give --report-dir a writable folder with room)",
+        ) from exc
+
+
+@contextlib.contextmanager
+def report_folder(folder: Path) -> Iterator[Path]:
+    """Make the report folder before a run sends anything, so that one that cannot be written stops the run
+    first (an :class:`~etl.errors.OutputError`); if the run fails before writing into it, it is removed again."""
+    existed = folder.is_dir()
+    with report_output(folder):
+        private_dir(folder)
+    try:
+        yield folder
+    except BaseException:
+        if not existed:
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only if still empty
+        raise
+
+
 def write_report(
     report: RunReport,
     folder: Path,
@@ -141,16 +184,17 @@ def write_report(
     """Write ``summary.json``, ``rows.csv`` and ``rejects.csv`` into ``folder``."""
     private_dir(folder)
     report.folder = folder
-    write_csv(report.rows.select(ROW_COLUMNS), folder / "rows.csv")
-    frames = [f for f in (rejects or {}).values() if f.height]
-    if frames:
-        combined = pl.concat(frames, how="diagonal_relaxed")
-    else:
-        combined = pl.DataFrame(schema={"source_file": pl.String, "source_row": pl.UInt32, "reasons": pl.String})
-    write_csv(combined, folder / "rejects.csv")
-    report.summary["report_dir"] = str(folder)
-    write_summary(report.summary, folder)
-    write_html(report.summary, report.problems, folder / "report.html", report.tally)
+    with report_output(folder):
+        write_csv(report.rows.select(ROW_COLUMNS), folder / "rows.csv")
+        frames = [f for f in (rejects or {}).values() if f.height]
+        if frames:
+            combined = pl.concat(frames, how="diagonal_relaxed")
+        else:
+            combined = pl.DataFrame(schema={"source_file": pl.String, "source_row": pl.UInt32, "reasons": pl.String})
+        write_csv(combined, folder / "rejects.csv")
+        report.summary["report_dir"] = str(folder)
+        write_summary(report.summary, folder)
+        write_html(report.summary, report.problems, folder / "report.html", report.tally)
     return folder
 
 
@@ -161,7 +205,7 @@ SAMPLE_PER_GROUP = 200
 def write_summary(summary: dict[str, Any], folder: Path) -> Path:
     """``summary.json``, owner-only."""
     path = folder / "summary.json"
-    with private_text(path) as fh:
+    with report_output(folder), private_text(path) as fh:
         json.dump(summary, fh, indent=2, sort_keys=False)
         fh.write("\n")
     return path

@@ -22,7 +22,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 from etl.cli import main
-from etl.errors import OutputError, StateError
+from etl.errors import OutputError, StateError, UnsafeFileError
 from etl.files import (
     FORMULA_STARTS,
     guard_formulas,
@@ -154,7 +154,7 @@ def test_a_state_store_or_its_lock_planted_as_a_link_is_refused(tmp_path: Path) 
     (folder / "s.sqlite").unlink()
     (folder / "s.sqlite.lock").unlink(missing_ok=True)  # the refused load's own lock
     (folder / "s.sqlite.lock").symlink_to(victim)
-    with pytest.raises(StateError, match="lock"), state_lock(folder / "s.sqlite"):
+    with pytest.raises(UnsafeFileError, match="lock"), state_lock(folder / "s.sqlite"):
         pass
     # The embedded sandbox's database beside it, too.
     for left in folder.iterdir():  # the lock, the first load's sandbox database

@@ -9,7 +9,9 @@ leaves a stale lock behind. The file itself stays: deleting it while another
 process waits on it would let a third take a different file.
 
 The holder writes its pid and start time into the file so that the run that
-is refused can say who holds it. POSIX only (``fcntl``).
+is refused can say who holds it. The file is opened like the store itself:
+never through a symbolic link (the holder truncates it), owner-only, another
+user's refused (:func:`etl.files.check_private_file`). POSIX only (``fcntl``).
 """
 
 from __future__ import annotations
@@ -18,12 +20,13 @@ import contextlib
 import datetime as dt
 import fcntl
 import os
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from etl.errors import StateError
-from etl.files import private_dir
+from etl.files import check_private_file, private_dir
 
 __all__ = ["lock_path", "state_lock"]
 
@@ -33,6 +36,14 @@ _POLL = 0.2  # seconds between attempts while waiting
 def lock_path(state: Path) -> Path:
     """The lock file of a state store: ``<state>.lock`` beside it."""
     return state.with_name(state.name + ".lock")
+
+
+def _warn(note: str) -> None:
+    print(f"warning: {note}", file=sys.stderr, flush=True)
+
+
+def _unusable(path: Path, exc: OSError) -> StateError:
+    return StateError(f"{path}: cannot use the state store's lock file: {exc.strerror or exc}")
 
 
 def _holder(path: Path) -> str:
@@ -50,12 +61,13 @@ def state_lock(
     """Hold the state store's lock for the block; fail at once (or, with ``wait``, wait) if another run has it."""
     path = lock_path(state)
     private_dir(path.parent)
-    # The file names a process and a start time only; still owner-only, like the store, and
-    # never opened through a link planted under its name.
+    if note := check_private_file(path, "state store's lock file"):
+        _warn(note)
+    # The file names a process and a start time only; still owner-only, like the store.
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     except OSError as exc:
-        raise StateError(f"{path}: cannot be used as the state store's lock: {exc.strerror or exc}") from exc
+        raise _unusable(path, exc) from exc
     try:
         told = False
         while True:
@@ -74,8 +86,11 @@ def state_lock(
                     told = True
                 time.sleep(poll)
         stamp = dt.datetime.now().astimezone().isoformat(timespec="seconds")
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()}, started {stamp}\n".encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()}, started {stamp}\n".encode(), 0)
+        except OSError as exc:  # a full disk: the store could not be written either
+            raise _unusable(path, exc) from exc
         try:
             yield path
         finally:

@@ -8,6 +8,17 @@ said no: safe to send again after a fix) or ``unknown`` (sent, no answer).
 
 Rows of kind ``patient`` are the crosswalk: source patient id -> ClinikAPI id.
 The API key is never written here.
+
+The file holds PHI while a row is in doubt (the request body is kept for
+``reconcile``), so it is opened only if it is safely this user's (see
+:mod:`etl.files`): never through a symbolic link, tightened to 0600 (with a
+warning) when its mode lets others in, refused when another user owns it.
+
+Its layout is stamped in SQLite's ``PRAGMA user_version``
+(:data:`LAYOUT_VERSION`). A store from before the stamp (user_version 0, its
+``meta`` table saying version 1) is recognised by its tables, migrated in
+place and stamped; a newer layout, or a SQLite file that is not a state store,
+is refused with :class:`~etl.errors.StateError` rather than adopted.
 """
 
 from __future__ import annotations
@@ -16,16 +27,17 @@ import contextlib
 import json
 import os
 import sqlite3
+import sys
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 from etl.errors import StateError
-from etl.files import private_dir
+from etl.files import check_private_file, create_private_file, private_dir
 
-__all__ = ["Record", "StateStore", "StoredState"]
+__all__ = ["LAYOUT_VERSION", "Record", "StateStore", "StoredState", "store_files"]
 
 StoredState = Literal["pending", "created", "failed", "unknown"]
 
@@ -58,8 +70,98 @@ CREATE TABLE IF NOT EXISTS runs (
     job TEXT
 );
 """
-_VERSION = "1"
+#: The layout this code reads and writes, stamped in the file's ``PRAGMA user_version``. Bump it, and teach
+#: ``StateStore._migrate`` the step, whenever the tables change.
+LAYOUT_VERSION = 1
+_TABLES = frozenset({"meta", "records", "runs"})
+# Kept in the store's file by other modules: the bulk loader's ledger of imports (etl.load.bulk).
+_OTHER_TABLES = frozenset({"bulk_batches"})
+# Columns added to layout 1 before layouts were stamped: a store written by an older release gains them.
+_ADDED_COLUMNS = (("records", ("body", "source_file")), ("runs", ("job",)))
 _CHUNK = 500  # SQLite's bound-parameter limit is far above this
+_BUSY_MS = 5000  # how long to wait for another connection's write to end before calling the store locked
+
+
+def store_files(path: Path) -> tuple[Path, ...]:
+    """The files a state store at ``path`` lives in: the database and SQLite's WAL and shared-memory files."""
+    return (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm"))
+
+
+def _warn(note: str) -> None:
+    print(f"warning: {note}", file=sys.stderr, flush=True)
+
+
+def _tables(db: sqlite3.Connection) -> set[str]:
+    return {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+            if not r[0].startswith("sqlite_")}
+
+
+def _check_ours(path: Path, db: sqlite3.Connection, tables: set[str], *, stamped: bool) -> None:
+    """Refuse a SQLite file that is not a state store: other tables, or no ``meta`` table of ours.
+
+    A store from before the layout stamp is recognised by its tables (some of ``meta``, ``records``
+    and ``runs``, ``meta`` always) and by what ``meta`` says (version 1, when it says any).
+    """
+    if "meta" not in tables or tables - _TABLES - _OTHER_TABLES:
+        raise _not_a_store(path, tables)
+    columns = {row[1] for row in db.execute("PRAGMA table_info(meta)")}
+    if columns != {"key", "value"}:
+        raise _not_a_store(path, tables)
+    if stamped:
+        if _TABLES - tables:
+            raise StateError(f"{path}: a damaged state store (it lacks the {', '.join(sorted(_TABLES - tables))} "
+                             "table); use another --state file")
+        return
+    stored = db.execute("SELECT value FROM meta WHERE key = 'version'").fetchone()
+    if stored is not None and stored[0] != "1":
+        raise StateError(
+            f"{path}: a state store of an unknown layout (version {stored[0]!r}): "
+            "use the clinik-etl that wrote it, or another --state file"
+        )
+
+
+def _newer(path: Path, version: int) -> StateError:
+    return StateError(
+        f"{path}: written by a newer clinik-etl (state-store layout {version}; this version reads layout "
+        f"{LAYOUT_VERSION} and older): upgrade clinik-etl, or use another --state file"
+    )
+
+
+def _not_a_store(path: Path, tables: set[str]) -> StateError:
+    return StateError(
+        f"{path}: a SQLite file that is not a clinik-etl state store (its tables: {', '.join(sorted(tables))}); "
+        "give --state a new file, or the one a load made"
+    )
+
+
+def _disk_full(path: Path) -> bool:
+    try:
+        return os.statvfs(path.parent).f_bavail == 0
+    except OSError:
+        return False
+
+
+def _sqlite_problem(path: Path, exc: sqlite3.Error) -> StateError:
+    """A one-line StateError naming the store, for an error SQLite raised while using it."""
+    name = str(getattr(exc, "sqlite_errorname", ""))
+    if name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")):
+        why = (
+            "it is locked by another process (a program holding it in a transaction); "
+            "run again when that process has let go of it"
+        )
+    elif name.startswith("SQLITE_FULL") or (name.startswith("SQLITE_IOERR") and _disk_full(path)):
+        # In WAL mode a full disk shows as an I/O error on the WAL file: the free space tells them apart.
+        why = (
+            "the disk is full; free some space and run again (each request was recorded before it was sent: "
+            "a re-run looks up those in doubt)"
+        )
+    elif name.startswith("SQLITE_READONLY") or name == "SQLITE_CANTOPEN":
+        why = f"cannot write to it ({exc}); check the file and its folder"
+    elif name.startswith(("SQLITE_NOTADB", "SQLITE_CORRUPT")):
+        why = f"not a usable state store ({exc})"
+    else:
+        why = f"the state store cannot be used ({exc})"
+    return StateError(f"{path}: {why}")
 
 
 @dataclass(frozen=True)
@@ -82,38 +184,89 @@ class Record:
 class StateStore:
     """A SQLite state store bound to one target."""
 
-    def __init__(self, path: str | Path, *, target: str) -> None:
+    def __init__(self, path: str | Path, *, target: str, warn: Callable[[str], None] | None = None) -> None:
+        """Open (or create) the store at ``path`` for loads into ``target``.
+
+        ``warn`` is told of a file whose loose mode was tightened (default: a line on stderr).
+        """
         self.path = Path(path)
         private_dir(self.path.parent)
-        if self.path.is_symlink():  # sqlite would follow it wherever it points
-            raise StateError(f"{self.path}: is a symbolic link; give the state store itself")
-        if not self.path.exists():
-            # It holds PHI-adjacent ids and messages: owner-only from the first byte.
-            os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
+        # Owner-only from the first byte, and never through a symbolic link.
+        create_private_file(self.path)
+        for file, what in zip(store_files(self.path), ("state store", "state store's WAL file",
+                                                         "state store's shared-memory file"), strict=True):
+            if note := check_private_file(file, what):
+                (warn or _warn)(note)
         try:
             self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            # WAL + NORMAL survives a killed process (not a power cut) and keeps commits cheap.
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.execute("PRAGMA busy_timeout=5000")
-            self._db.executescript(_SCHEMA)
-            # Columns added since the first release: a store written by an older version gains them.
-            for table, added in (("records", ("body", "source_file")), ("runs", ("job",))):
-                columns = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
-                for column in added:
-                    if column not in columns:
-                        self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} TEXT")
-        except sqlite3.DatabaseError as exc:
-            raise StateError(f"{self.path}: not a usable state store ({exc})") from exc
-        self._bind(target)
+        except sqlite3.Error as exc:
+            raise _sqlite_problem(self.path, exc) from exc
+        try:
+            with self._errors():
+                self._db.execute(f"PRAGMA busy_timeout={_BUSY_MS}")
+                # A write transaction from the start: a store another process holds is found out here,
+                # before anything is sent, and two processes never migrate one store at once. It comes
+                # before the journal mode, which writes to the file: a file refused is left as it was.
+                with self.transaction():
+                    self._upgrade()
+                    self._bind(target)
+                self._db.execute("PRAGMA journal_mode=WAL")
+                # WAL + NORMAL survives a killed process (not a power cut) and keeps commits cheap.
+                self._db.execute("PRAGMA synchronous=NORMAL")
+        except BaseException:
+            self._db.close()
+            raise
+
+    @contextlib.contextmanager
+    def _errors(self) -> Iterator[None]:
+        """SQLite's errors as a one-line StateError naming this store."""
+        try:
+            yield
+        except sqlite3.Error as exc:
+            raise _sqlite_problem(self.path, exc) from exc
+
+    def _upgrade(self) -> None:
+        """Check the layout; create it in a new file, or migrate a store of an older layout in place."""
+        version = int(self._db.execute("PRAGMA user_version").fetchone()[0])
+        if version > LAYOUT_VERSION:
+            raise _newer(self.path, version)
+        tables = _tables(self._db)
+        if version == 0 and not tables:
+            self._create_tables()
+            self._db.execute(f"PRAGMA user_version = {LAYOUT_VERSION}")
+            return
+        _check_ours(self.path, self._db, tables, stamped=version > 0)
+        if version < LAYOUT_VERSION:
+            self._migrate()
+
+    def _create_tables(self) -> None:
+        # executescript would commit the transaction the store is opened in: one statement at a time.
+        for statement in _SCHEMA.split(";"):
+            if statement.strip():
+                self._db.execute(statement)
+
+    def _migrate(self) -> None:
+        """Bring a store written before layouts were stamped (layout 1, unstamped) to :data:`LAYOUT_VERSION`."""
+        self._create_tables()  # the early releases made some tables only when first needed
+        for table, added in _ADDED_COLUMNS:
+            columns = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
+            for column in added:
+                if column not in columns:
+                    self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} TEXT")
+        self._db.execute(
+            "INSERT INTO meta (key, value) VALUES ('version', ?)"
+            " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            (str(LAYOUT_VERSION),),
+        )
+        self._db.execute(f"PRAGMA user_version = {LAYOUT_VERSION}")
 
     def _bind(self, target: str) -> None:
-        stored = dict(self._db.execute("SELECT key, value FROM meta").fetchall())
+        stored = dict(self._db.execute("SELECT key, value FROM meta WHERE key = 'target'").fetchall())
         if not stored:
-            with self.transaction():
-                self._db.executemany(
-                    "INSERT INTO meta (key, value) VALUES (?, ?)", [("target", target), ("version", _VERSION)]
-                )
+            self._db.executemany(
+                "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO NOTHING",
+                [("target", target), ("version", str(LAYOUT_VERSION))],
+            )
         elif stored.get("target") != target:
             raise StateError(
                 f"{self.path} records loads into {stored.get('target')!r}, not {target!r}; "
@@ -121,19 +274,29 @@ class StateStore:
             )
 
     @classmethod
-    def existing(cls, path: str | Path) -> StateStore:
+    def existing(cls, path: str | Path, *, warn: Callable[[str], None] | None = None) -> StateStore:
         """Open a store that a load already created, bound to its own target (for ``history``)."""
         path = Path(path)
+        # Checked before it is read: a link, a device or another user's file is refused unread.
+        if note := check_private_file(path, "state store"):
+            (warn or _warn)(note)
         if not path.is_file():
             raise StateError(f"{path}: no state store here (a load creates it; see --state)")
         try:
             with contextlib.closing(sqlite3.connect(path)) as db:
+                tables = _tables(db)
+                if not tables:
+                    raise StateError(f"{path}: an empty file, not a state store (a load creates it; see --state)")
+                version = int(db.execute("PRAGMA user_version").fetchone()[0])
+                if version > LAYOUT_VERSION:
+                    raise _newer(path, version)
+                _check_ours(path, db, tables, stamped=version > 0)
                 row = db.execute("SELECT value FROM meta WHERE key = 'target'").fetchone()
-        except sqlite3.DatabaseError as exc:
-            raise StateError(f"{path}: not a usable state store ({exc})") from exc
+        except sqlite3.Error as exc:
+            raise _sqlite_problem(path, exc) from exc
         if row is None:
             raise StateError(f"{path}: a state store that no load has used yet")
-        return cls(path, target=str(row[0]))
+        return cls(path, target=str(row[0]), warn=warn)
 
     @property
     def target(self) -> str:
@@ -152,18 +315,31 @@ class StateStore:
         self.close()
 
     class _Tx:
-        def __init__(self, db: sqlite3.Connection) -> None:
+        def __init__(self, db: sqlite3.Connection, path: Path) -> None:
             self.db = db
+            self.path = path
 
         def __enter__(self) -> None:
-            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                self.db.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as exc:
+                raise _sqlite_problem(self.path, exc) from exc
 
-        def __exit__(self, exc_type: object, *rest: object) -> None:
-            self.db.execute("ROLLBACK" if exc_type else "COMMIT")
+        def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
+            try:
+                self.db.execute("ROLLBACK" if exc_type else "COMMIT")
+            except sqlite3.Error as failure:
+                if self.db.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        self.db.execute("ROLLBACK")
+                if exc_type is None:
+                    raise _sqlite_problem(self.path, failure) from failure
+            if isinstance(exc, sqlite3.Error):  # a write in the block failed (a full disk): say which store
+                raise _sqlite_problem(self.path, exc) from exc
 
     def transaction(self) -> StateStore._Tx:
-        """A write transaction: ``with store.transaction(): ...``."""
-        return StateStore._Tx(self._db)
+        """A write transaction: ``with store.transaction(): ...``; SQLite's errors become a StateError."""
+        return StateStore._Tx(self._db, self.path)
 
     # --- reads ---------------------------------------------------------------
 

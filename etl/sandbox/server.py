@@ -10,6 +10,7 @@ loopback addresses unless told otherwise.
 
 from __future__ import annotations
 
+import errno
 import signal
 import socket
 import threading
@@ -47,6 +48,15 @@ def _bind(host: str, port: int) -> socket.socket:
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        hint = (
+            "another process is listening there: stop it, or pick another port (0: any free one)"
+            if exc.errno == errno.EADDRINUSE
+            else "pick another --host or --port"
+        )
+        raise UsageError(f"cannot serve the sandbox on {where}: {exc.strerror or exc}; {hint}") from exc
     except BaseException:
         sock.close()
         raise

@@ -15,8 +15,8 @@ share one connection.
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
+import sys
 import tempfile
 import threading
 from collections.abc import Collection, Iterable, Mapping
@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from etl.errors import UsageError
+from etl.files import check_private_file, create_private_file
 from schemas.limits import ROUTES
 
 __all__ = ["FILTERS", "Page", "Store"]
@@ -153,6 +154,9 @@ class Store:
         except (sqlite3.Error, OSError) as exc:
             self._discard_tmpdir()
             raise UsageError(f"cannot open the sandbox database {path}: {exc}") from exc
+        except BaseException:
+            self._discard_tmpdir()
+            raise
         try:
             self._db.execute("PRAGMA journal_mode=WAL")
             # NORMAL in WAL mode survives a crash of the process, which is what
@@ -267,13 +271,15 @@ class Store:
 def _create_private(path: str) -> None:
     """Create the database file owner-only (0600) if it is new: it holds
     PHI-shaped data, and SQLite would create it 0644 (its WAL files follow
-    the database file's mode)."""
+    the database file's mode). An existing one, and its WAL files, must be
+    safely this user's: never a symbolic link; a loose mode is tightened."""
     if path == ":memory:" or path.startswith("file:"):
         return
-    if Path(path).is_symlink():  # SQLite would follow it wherever it points
-        raise UsageError(f"the sandbox database {path} is a symbolic link; give the database itself")
-    if not Path(path).exists():
-        os.close(os.open(path, os.O_CREAT | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
+    create_private_file(Path(path))
+    for suffix, what in (("", "sandbox database"), ("-wal", "sandbox database's WAL file"),
+                         ("-shm", "sandbox database's shared-memory file")):
+        if note := check_private_file(Path(path + suffix), what):
+            print(f"warning: {note}", file=sys.stderr, flush=True)
 
 
 def _loads(text: str) -> dict[str, Any]:
