@@ -288,9 +288,8 @@ def test_report_output_names_the_folder_and_the_file_the_system_named(tmp_path: 
         f"{tmp_path}: cannot write the report: {tmp_path / 'rows.csv'}: No space left on device"
         " (give --report-dir a writable folder with room)"
     )
-    with pytest.raises(OutputError, match=r"cannot write the report: No space left on device \(os error 28\) \("), report_output(
-        tmp_path
-    ):
+    full = r"cannot write the report: No space left on device \(os error 28\) \("
+    with pytest.raises(OutputError, match=full), report_output(tmp_path):
         raise OSError("No space left on device (os error 28)")  # as polars words it: no errno, no file
 
 

@@ -22,7 +22,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 from etl.cli import main
-from etl.errors import OutputError, StateError, UnsafeFileError
+from etl.errors import OutputError, UnsafeFileError
 from etl.files import (
     FORMULA_STARTS,
     guard_formulas,
