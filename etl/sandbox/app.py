@@ -29,7 +29,6 @@ import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from types import MappingProxyType
 from typing import Any, Final
 
@@ -45,6 +44,7 @@ from starlette.types import ASGIApp, Lifespan, Message, Receive, Scope, Send
 
 from etl.errors import UsageError
 from etl.sandbox.faults import FaultGate, FaultPlan, LaggingStore, check_fault_settings
+from etl.sandbox.problems import REQUEST_ID, ApiProblemError, issue, now_iso, request_id
 from etl.sandbox.redox import RedoxGate, check_redox_tokens, new_redox_token
 from etl.sandbox.store import Store
 from schemas.limits import (
@@ -71,7 +71,6 @@ _PUBLIC_PATHS: Final = frozenset({"/health", "/v1/metadata"})
 _BULK_WINDOW: Final = 3600.0
 
 # Per-request values the gate leaves in the ASGI scope for the handlers.
-_REQUEST_ID: Final = "clinik.request_id"
 _QUOTA: Final = "clinik.quota"
 _API_KEY: Final = "clinik.api_key"
 
@@ -244,67 +243,12 @@ class FixedWindow:
 
 # -- responses -----------------------------------------------------------------
 
-_TITLES: Final = {
-    400: "Bad Request",
-    401: "Unauthorized",
-    403: "Forbidden",
-    404: "Not Found",
-    405: "Method Not Allowed",
-    413: "Payload Too Large",
-    422: "Validation Error",
-    429: "Too Many Requests",
-    500: "Internal Server Error",
-}
 
-
-def now_iso() -> str:
-    """The current UTC time as ISO 8601 with milliseconds and ``Z``."""
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def issue(diagnostics: str) -> dict[str, str]:
-    """One entry of an error's ``issues``."""
-    return {"severity": "error", "code": "invalid", "diagnostics": diagnostics}
-
-
-class ApiProblemError(Exception):
-    """An error answer: raised by handlers, rendered as the API's error body."""
-
-    def __init__(
-        self,
-        status: int,
-        code: str,
-        message: str,
-        issues: Sequence[Mapping[str, str]] = (),
-        headers: Mapping[str, str] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.issues = list(issues)
-        self.headers = dict(headers or {})
-
-    def response(self, request_id: str) -> JSONResponse:
-        """The error body and headers."""
-        body = {
-            "error": _TITLES.get(self.status, "Error"),
-            "message": self.message,
-            "code": self.code,
-            "requestId": request_id,
-            "issues": self.issues,
-        }
-        return JSONResponse(body, status_code=self.status, headers=self.headers)
-
-
-def _request_id(scope: Scope) -> str:
-    rid = scope.get(_REQUEST_ID)
-    return rid if isinstance(rid, str) else "req_" + secrets.token_hex(8)
 
 
 def envelope(request: Request, data: Any, status: int = 200) -> JSONResponse:
     """A success answer: ``data`` plus ``meta`` with the rate-limit numbers."""
-    meta: dict[str, Any] = {"requestId": _request_id(request.scope), "timestamp": now_iso(), "status": status}
+    meta: dict[str, Any] = {"requestId": request_id(request.scope), "timestamp": now_iso(), "status": status}
     quota = request.scope.get(_QUOTA)
     if isinstance(quota, Quota):
         meta.update(quota.meta())
@@ -339,7 +283,7 @@ class ApiGate:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        request_id = scope[_REQUEST_ID] = "req_" + secrets.token_hex(8)
+        request_id = scope[REQUEST_ID] = "req_" + secrets.token_hex(8)
         started = False
 
         async def send_with_headers(message: Message) -> None:
@@ -803,7 +747,7 @@ class Sandbox:
 
 async def _on_problem(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ApiProblemError)
-    return exc.response(_request_id(request.scope))
+    return exc.response(request_id(request.scope))
 
 
 _HTTP_CODES: Final = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED"}
@@ -815,7 +759,7 @@ async def _on_http_error(request: Request, exc: Exception) -> Response:
     code = _HTTP_CODES.get(exc.status_code, "BAD_REQUEST" if exc.status_code < 500 else "INTERNAL_ERROR")
     message = f"No route for {request.method} {request.url.path}" if exc.status_code in _HTTP_CODES else exc.detail
     problem = ApiProblemError(exc.status_code, code, message, headers=exc.headers)
-    return problem.response(_request_id(request.scope))
+    return problem.response(request_id(request.scope))
 
 
 def build_app(sandbox: Sandbox, lifespan: Lifespan[Starlette] | None = None) -> Starlette:

@@ -43,6 +43,7 @@ from starlette.responses import PlainTextResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from etl.errors import UsageError
+from etl.sandbox.problems import ApiProblemError, request_id
 from etl.sandbox.store import Page, Store
 
 __all__ = ["FAULT_STATUSES", "Fault", "FaultGate", "FaultPlan", "LaggingStore", "check_fault_settings"]
@@ -198,11 +199,8 @@ class FaultGate:
         # Nothing reaches the handler, so nothing is written.
         await _drain(receive)
         if status == 500:
-            # The API's own error body. Imported here: app imports this module.
-            from etl.sandbox.app import ApiProblemError, _request_id
-
             problem = ApiProblemError(500, "INTERNAL_ERROR", "The sandbox failed to handle the request (injected)")
-            await problem.response(_request_id(scope))(scope, receive, send)
+            await problem.response(request_id(scope))(scope, receive, send)
             return
         # 502 and 503 come from the gateway in front of an API, not the API:
         # plain text, not the error envelope.

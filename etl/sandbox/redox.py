@@ -32,7 +32,7 @@ import re
 import secrets
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, Final, NamedTuple
+from typing import Any, Final, NamedTuple, Protocol
 
 from starlette.datastructures import MutableHeaders
 from starlette.requests import Request
@@ -40,12 +40,9 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from etl.errors import UsageError
-from etl.sandbox.faults import FaultGate
+from etl.sandbox.faults import FaultGate, FaultPlan
+from etl.sandbox.store import Store
 from schemas.limits import MAX_BODY_BYTES
-
-if TYPE_CHECKING:
-    from etl.sandbox.app import Sandbox
-    from etl.sandbox.store import Store
 
 __all__ = [
     "EVENT_CODE",
@@ -54,12 +51,43 @@ __all__ = [
     "RECEIPTS",
     "Problem",
     "RedoxGate",
+    "RedoxHost",
     "bundle_problems",
     "check_redox_tokens",
     "new_redox_token",
     "outcome",
     "receipts",
 ]
+
+
+class _Quota(Protocol):
+    @property
+    def exceeded(self) -> bool: ...
+    @property
+    def reset(self) -> int: ...
+    def headers(self) -> dict[str, str]: ...
+
+
+class _Limiter(Protocol):
+    def hit(self, key: str, cost: int = 1) -> _Quota: ...
+
+
+class _Config(Protocol):
+    @property
+    def redox_tokens(self) -> tuple[str, ...]: ...
+
+
+class RedoxHost(Protocol):
+    """What the Redox route uses of the sandbox it is part of (``etl.sandbox.app.Sandbox``)."""
+
+    @property
+    def config(self) -> _Config: ...
+    @property
+    def store(self) -> Store: ...
+    @property
+    def faults(self) -> FaultPlan: ...
+    @property
+    def limiter(self) -> _Limiter: ...
 
 _log = logging.getLogger(__name__)
 
@@ -236,7 +264,7 @@ def receipts(store: Store) -> int:
 class RedoxWrite:
     """The ``$write`` handler, as a bare ASGI app (the gate has admitted the request)."""
 
-    def __init__(self, sandbox: Sandbox) -> None:
+    def __init__(self, sandbox: RedoxHost) -> None:
         self.store = sandbox.store
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -294,7 +322,7 @@ class RedoxGate:
     headers, and a FHIR 500 for anything the handler did not expect.
     """
 
-    def __init__(self, app: ASGIApp, sandbox: Sandbox) -> None:
+    def __init__(self, app: ASGIApp, sandbox: RedoxHost) -> None:
         self.app = app
         self.sandbox = sandbox
         self.write = FaultGate(RedoxWrite(sandbox), plan=sandbox.faults)
