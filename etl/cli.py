@@ -85,7 +85,8 @@ def handle_errors(func: F) -> F:
         except EtlError as exc:
             if debug:
                 raise
-            err.print(f"[bold red]error:[/] {exc}", markup=True, soft_wrap=True)
+            later = " (transient: the same command may succeed later)" if exc.retryable else ""
+            err.print(f"[bold red]error:[/] {escape(str(exc))}{later}", markup=True, soft_wrap=True)
             sys.exit(exc.exit_code)
         except ValidationError as exc:
             if debug:

@@ -16,12 +16,20 @@ Exceptions are for what stops a run altogether::
     │                            was sent (timeouts, connections lost or refused)
     ├── OutputError              a report folder or file that cannot be written
     │                            (a symbolic link, a read-only folder, a full disk)
-    └── ApiError                 the API refused the whole run (exit 4)
-        └── AuthError            401/403: a bad key or scope
+    ├── ApiError                 the API refused the whole run (exit 4)
+    │   └── AuthError            401/403: a bad key or scope
+    └── LoadSignal               an answer the loader settles row by row; it
+        │                        never ends a run by itself
+        ├── LookupFailed         a read or search could not be completed: the
+        │                        row stays unknown (transient)
+        └── BulkRefused          the API refused a bulk import: its rows fail
+                                 with its status and code
 
-Each carries a ``retryable`` flag: whether trying again later, unchanged,
-could succeed. httpx's own exceptions are translated in ``etl.load.client``
-only, and never leave it.
+Each carries a ``retryable`` flag: True when the failure is transient (the
+same command, unchanged, may succeed later: a target that did not answer, a
+429, a 5xx), False when it is terminal (something must change first: an
+option, a file, a key). The CLI says so on the error's line. httpx's own
+exceptions are translated in ``etl.load.client`` only, and never leave it.
 """
 
 from __future__ import annotations
@@ -44,6 +52,7 @@ class EtlError(Exception):
     """Base of every exception the toolkit raises on purpose."""
 
     exit_code: int = ExitCode.USAGE
+    #: Transient (True) or terminal (False): see the module's docstring.
     retryable: bool = False
 
 
@@ -119,3 +128,26 @@ class ApiError(EtlError):
 
 class AuthError(ApiError):
     """401 or 403: the key is missing, malformed, revoked or lacks the scope."""
+
+
+class LoadSignal(EtlError):  # noqa: N818 - a signal the loader settles, not an error that ends a run
+    """An answer from the load's HTTP layer that the loader settles row by row (never a run's end)."""
+
+
+class LookupFailed(LoadSignal):
+    """A read or search could not be completed; the caller keeps the row unknown."""
+
+    retryable = True
+
+
+class BulkRefused(LoadSignal):
+    """The API refused an import: ``status`` 0 when it was never sent; ``retry_after`` is set for a 429."""
+
+    def __init__(self, status: int, code: str, message: str, retry_after: float | None = None) -> None:
+        super().__init__(f"HTTP {status} {code}: {message}")
+        self.status, self.code, self.message, self.retry_after = status, code, message, retry_after
+
+    @property
+    def retryable(self) -> bool:  # type: ignore[override]
+        """Never sent, rate-limited or a server failure: the same import may go through later."""
+        return self.status == 0 or self.status == 429 or self.status >= 500

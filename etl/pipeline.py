@@ -739,7 +739,7 @@ async def target_has(client: ApiClient, kind: str, value: str, *, no_answer_limi
     :class:`~etl.errors.NoAnswerError` ends the run (nothing was sent) rather than wait on a silent target
     for every reference.
     """
-    from etl.load.client import LookupFailed
+    from etl.errors import LookupFailed
 
     route = ROUTES[KIND_SPECS[kind].schema]
     try:
@@ -925,7 +925,8 @@ def reconcile_state(settings: Settings, *, verify: bool = False) -> RunReport:
     Writes ``summary.json`` and ``reconcile.csv`` (kind, source_key, before, state, resource_id,
     message) to the report folder.
     """
-    from etl.load.client import ApiClient, LookupFailed, http_client
+    from etl.errors import LookupFailed
+    from etl.load.client import ApiClient, http_client
     from etl.load.loader import Loader, LoadOptions, Send
     from etl.load.state import StateStore
     from etl.load.throttle import Throttle

@@ -14,8 +14,9 @@ import polars as pl
 import pytest
 
 from bench.generate import GHOST_ID, Generated, generate
+from etl.errors import LookupFailed
 from etl.load.bulk import BULK_RECORD_ERROR, BulkClient, BulkLoader, BulkOptions, choose_mode, line_results
-from etl.load.client import ApiClient, LookupFailed
+from etl.load.client import ApiClient
 from etl.load.loader import LoadOptions, Result, Send
 from etl.load.state import StateStore
 from etl.load.throttle import Throttle

@@ -16,7 +16,8 @@ from typing import Any, TypeVar
 import httpx
 import pytest
 
-from etl.load.client import ApiClient, Created, LookupFailed, Refused, RetryLater, Unknown
+from etl.errors import LookupFailed
+from etl.load.client import ApiClient, Created, Refused, RetryLater, Unknown
 from etl.sandbox import SandboxConfig, SandboxServer
 from etl.sandbox.faults import FAULT_STATUSES
 from etl.sandbox.store import Store

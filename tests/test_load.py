@@ -15,7 +15,8 @@ import httpx
 import polars as pl
 import pytest
 
-from etl.load.bulk import BulkClient, BulkRefused, remaining_requests
+from etl.errors import BulkRefused
+from etl.load.bulk import BulkClient, remaining_requests
 from etl.load.client import ApiClient, RetryLater, Unknown, exchange, mask
 from etl.load.loader import Loader, LoadOptions, Send
 from etl.load.redox import RedoxClient

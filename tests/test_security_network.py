@@ -489,6 +489,7 @@ def test_a_silent_target_met_while_looking_up_references_ends_the_run_before_any
                    "--no-answer-limit", "1", "--consistency-window", "0")
     line = _one_line_exit_2(result, KEY)
     assert "did not answer" in line and "nothing was sent" in line
+    assert line.endswith("(transient: the same command may succeed later)")  # NoAnswerError.retryable
     # One lookup (a read, tried four times), not one per reference; no create.
     assert silent.requests_seen(4) == 4
 

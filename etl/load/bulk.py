@@ -39,8 +39,8 @@ from typing import Any
 
 import httpx
 
-from etl.errors import AuthError
-from etl.load.client import LookupFailed, RetryLater, Unknown, exchange, mask, refusal, server_wait
+from etl.errors import AuthError, BulkRefused, LookupFailed
+from etl.load.client import RetryLater, Unknown, exchange, mask, refusal, server_wait
 from etl.load.loader import Client, Loader, LoadOptions, Result, Send
 from etl.load.state import Record, StateStore, StoredState
 from etl.load.throttle import Throttle
@@ -80,14 +80,6 @@ class BulkOptions:
     poll_first: float = 0.1  # seconds before the first poll; doubles up to poll_max
     poll_max: float = 2.0
     job_timeout: float = 3600.0  # a job not final by then leaves its rows pending, to be polled on resume
-
-
-class BulkRefused(Exception):  # noqa: N818 - an answer, not a crash: the batch's rows fail with it
-    """The API refused an import (4xx): ``retry_after`` is set for a 429."""
-
-    def __init__(self, status: int, code: str, message: str, retry_after: float | None = None) -> None:
-        super().__init__(f"HTTP {status} {code}: {message}")
-        self.status, self.code, self.message, self.retry_after = status, code, message, retry_after
 
 
 class BulkClient:

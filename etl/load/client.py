@@ -34,7 +34,7 @@ from typing import Any
 
 import httpx
 
-from etl.errors import UsageError
+from etl.errors import LookupFailed, UsageError
 from etl.settings import Settings, secret_problem
 from schemas.limits import API_KEY_PATTERN, RATE_WINDOW_SECONDS
 
@@ -340,10 +340,6 @@ class ApiClient:
             cursor = page.get("cursor")
             if not page.get("hasMore") or not cursor:
                 return found
-
-
-class LookupFailed(Exception):  # noqa: N818 - internal signal, caught by the loader
-    """A read or search could not be completed; the caller keeps the row unknown."""
 
 
 def server_wait(value: str | None, default: float = 1.0) -> float:

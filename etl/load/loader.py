@@ -29,8 +29,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
-from etl.errors import ApiError, AuthError
-from etl.load.client import UNTRUSTED, Created, LookupFailed, Outcome, Refused, RetryLater, Unknown
+from etl.errors import ApiError, AuthError, LookupFailed
+from etl.load.client import UNTRUSTED, Created, Outcome, Refused, RetryLater, Unknown
 from etl.load.state import Record, StateStore
 from etl.load.throttle import Throttle
 from etl.progress import Progress, as_progress

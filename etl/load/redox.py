@@ -20,10 +20,10 @@ from typing import Any
 
 import httpx
 
+from etl.errors import LookupFailed
 from etl.load.client import (
     UNTRUSTED,
     Created,
-    LookupFailed,
     Outcome,
     Refused,
     RetryLater,
