@@ -20,8 +20,10 @@ only, and cells that a spreadsheet would run as a formula are neutralised.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
+import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +34,8 @@ import polars as pl
 from etl.files import private_dir
 from etl.report_html import tally_of, write_html
 
-__all__ = ["FINAL_STATES", "PROBLEM_STATES", "ROW_COLUMNS", "RunReport", "neutralise", "read_rows", "write_report"]
+__all__ = ["FINAL_STATES", "PROBLEM_STATES", "ROW_COLUMNS", "RunReport", "neutralise", "new_run_id", "read_rows",
+           "report_folder", "write_report"]
 
 FINAL_STATES = ("created", "skipped", "rejected", "failed", "unknown", "planned", "changed", "updated")
 ROW_COLUMNS = (
@@ -202,3 +205,16 @@ def count_states(rows: pl.DataFrame) -> tuple[dict[str, int], dict[str, dict[str
         overall[state] += n
         per_kind.setdefault(kind, {s: 0 for s in FINAL_STATES})[state] = n
     return overall, per_kind
+
+
+def new_run_id() -> str:
+    """A run's id: its UTC start time and six random hex digits (``20250102T030405Z-a1b2c3``)."""
+    return dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
+
+
+def report_folder(report_dir: Path | None, run_id: str) -> Path:
+    """A run's report folder: ``reports/<run id>`` by default; ``{run_id}`` in ``report_dir`` is replaced
+    (a scheduled job gives each run its own folder under one root)."""
+    if report_dir is None:
+        return Path("reports") / run_id
+    return Path(str(report_dir).replace("{run_id}", run_id))
