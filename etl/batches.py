@@ -465,15 +465,18 @@ def planned_in_batches(
     today = dt.date.today()  # one date for every batch, though the run may pass midnight
     try:
         pending: list[pl.DataFrame] = []
-        progress.start("validate")
+        progress.start("read")
         for x in inputs:
             for n, (mapped, prepared) in enumerate(x.prepared(today)):
-                unexplained = _batch(x, n, mapped, prepared, keys, known_frame, settings, work, timings, writer, today)
+                progress.advance("read", prepared.height)
+                progress.start("validate", prepared.height)
+                unexplained = _batch(x, n, mapped, prepared, keys, known_frame, settings, work, timings, writer, today,
+                                     progress)
                 if unexplained is not None:
                     pending.append(unexplained)
-                progress.advance("validate", prepared.height)
             if x.kind in keys.shared:
                 _remember_firsts(x, keys)
+        progress.finish("read")
         unexplained = pl.concat(pending) if pending else None
         for stage in sorted({KIND_SPECS[x.kind].stage for x in inputs}):
             members = [x for x in inputs if KIND_SPECS[x.kind].stage == stage]
@@ -499,14 +502,18 @@ def _batch(
     timings: dict[str, float],
     writer: _RowsWriter,
     today: dt.date,
+    progress: Progress,
 ) -> pl.DataFrame | None:
     """Validate, plan and report one batch; return its references that nothing explains yet (None: a
     destination whose references need not resolve)."""
     t0 = time.perf_counter()
     validation = validate(mapped, carry=x.carry, prepared=prepared, today=today)
     t1 = time.perf_counter()
+    progress.advance("validate", prepared.height)
+    progress.start("transform", validation.valid.height)
     payloads = keys.payloads
     planned = plan(mapped, validation.valid, bodies=payloads is not None and payloads.destination.builds_bodies)
+    progress.advance("transform", validation.valid.height)
     timings["validate"] = timings.get("validate", 0.0) + t1 - t0
     timings["transform"] = timings.get("transform", 0.0) + time.perf_counter() - t1
     if settings.redact:

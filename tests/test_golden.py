@@ -6,7 +6,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 
 from .golden import CASES, MODES, expected, normalised, run
@@ -32,12 +32,17 @@ def test_a_report_is_its_golden_one(tmp_path: Path, mode: str, group: str) -> No
     assert not _diff(normalised(tmp_path), want)
 
 
-@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# A run of the clinic files in batches of one row takes ~40 s here: few examples, and no shrinking
+# (each example would be re-run dozens of times); a failure prints its mode, group and batch size.
+@settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.too_slow],
+          phases=[Phase.explicit, Phase.reuse, Phase.generate])
 @given(
     mode=st.sampled_from(["validate", "dry-run", "redox-dry-run"]),
     group=st.sampled_from(MODES["validate"]),
-    batch_rows=st.one_of(st.just(1), st.integers(2, 60), st.just(37), st.just(1_000_000)),
+    batch_rows=st.one_of(st.sampled_from([1, 2, 37, 1_000_000]), st.integers(3, 60)),
 )
+# A row failing two rules on one cell listed them in an order that depended on the batch's size.
+@example(mode="validate", group="cvrs", batch_rows=1)
 def test_the_batch_size_never_changes_a_report(mode: str, group: str, batch_rows: int) -> None:
     if group not in MODES[mode]:
         group = MODES[mode][0]
