@@ -81,6 +81,8 @@ EVENT_CODE = "Immunization-New"
 MVX_OID = "urn:oid:2.16.840.1.113883.12.227"
 IDENTIFIER_TYPE_SYSTEM = "http://terminology.hl7.org/CodeSystem/v2-0203"
 PRACTITIONER_SYSTEM = "urn:clinik-etl:practitioner"
+#: Rows whose bundles are built and checked at a time (bounds a Redox plan's memory within a batch).
+BUNDLE_SLICE = 20_000
 #: The destination slug in the path when the embedded sandbox is the target.
 SANDBOX_SLUG = "sandbox"
 
@@ -338,33 +340,24 @@ def bundle_shape(body: pl.Expr) -> pl.Expr:
     return strings.str.replace_all(r"[1-9][0-9]*", "1")
 
 
-def check_bundles(rows: pl.DataFrame) -> pl.DataFrame:
-    """Reject planned rows whose bundle (``body``) is not valid FHIR, with the path in ``field`` and the reason.
+def check_bundles(bodies: pl.Series) -> pl.DataFrame:
+    """The bundles of ``bodies`` that are not valid FHIR: ``index`` (their position), ``fhir_path``, ``fhir_reason``.
 
     Parsing a bundle with ``fhir.resources`` costs about 330 us, so one bundle of each distinct
     :func:`bundle_shape` is parsed, not every one: the bundles are built by the same expressions
     from rows already validated. When that one fails, every bundle of its shape is parsed, so a
     row is rejected only for its own bundle's fault.
     """
-    rows = rows.with_row_index("__i")
-    shape = bundle_shape(pl.col("body")).alias("shape")
-    planned = rows.filter(pl.col("state") == "planned").select("__i", "body", shape)
-    samples = planned.unique("shape", keep="first", maintain_order=True)
-    broken = [shape for shape, body in samples.select("shape", "body").iter_rows() if check_bundle(body) is not None]
-    suspects = planned.filter(pl.col("shape").is_in(broken)) if broken else planned.clear()
-    found = [(i, *v) for i, body in suspects.select("__i", "body").iter_rows() if (v := check_bundle(body)) is not None]
-    bad = pl.DataFrame(found, schema={"__i": pl.UInt32, "fhir_path": pl.String, "fhir_reason": pl.String}, orient="row")
-    hit = pl.col("fhir_path").is_not_null()
-    return (
-        rows.join(bad, on="__i", how="left", maintain_order="left")
-        .with_columns(
-            pl.when(hit).then(pl.lit("rejected")).otherwise(pl.col("state")).alias("state"),
-            pl.when(hit).then(pl.lit("fhir-invalid")).otherwise(pl.col("error_code")).alias("error_code"),
-            pl.when(hit).then(pl.col("fhir_path")).otherwise(pl.col("field")).alias("field"),
-            pl.when(hit).then(pl.col("fhir_reason")).otherwise(pl.col("message")).alias("message"),
-        )
-        .drop("__i", "fhir_path", "fhir_reason")
+    frame = pl.DataFrame({"body": bodies}).with_row_index("index").with_columns(
+        bundle_shape(pl.col("body")).alias("shape")
     )
+    samples = frame.unique("shape", keep="first", maintain_order=True)
+    broken = [shape for shape, body in samples.select("shape", "body").iter_rows() if check_bundle(body) is not None]
+    suspects = frame.filter(pl.col("shape").is_in(broken)) if broken else frame.clear()
+    found = [(i, *v) for i, body in suspects.select("index", "body").iter_rows()
+             if (v := check_bundle(body)) is not None]
+    return pl.DataFrame(found, schema={"index": pl.UInt32, "fhir_path": pl.String, "fhir_reason": pl.String},
+                        orient="row")
 
 
 # --- the run -----------------------------------------------------------------------
@@ -434,28 +427,36 @@ class RedoxBundles(Destination):
     def plan_batch(
         self, mapped: Mapped, valid: pl.DataFrame, planned: Planned, rows: pl.DataFrame
     ) -> tuple[pl.DataFrame, list[tuple[str, pl.DataFrame]]]:
-        bundles = plan_bundles(mapped, valid, self.settings, self.stamp)
-        rows = rows.join(
-            bundles.select(pl.col(ROW).alias("source_row"), "body", "body_hash"),
-            on="source_row",
-            how="left",
-            maintain_order="left",
-        )
-        t0 = time.perf_counter()
-        rows = check_bundles(rows)
-        self.fhir_seconds += time.perf_counter() - t0
-        creates = (
-            rows.filter(pl.col("state") == "planned")
-            .unique("source_key", keep="first", maintain_order=True)
-            .select(
-                "source_key",
-                pl.col("source_row").alias(ROW),
-                "body",
-                "body_hash",
-                pl.lit(None, dtype=pl.String).alias("source_file"),
+        """The planned rows' bundles, :data:`BUNDLE_SLICE` rows at a time (a bundle is ~2 KB of text,
+        and building one holds its entries twice); a row whose bundle is not FHIR is rejected."""
+        live = rows.filter(pl.col("state") == "planned").select(pl.col("source_row").alias(ROW))
+        failures, creates = [], []
+        for start in range(0, valid.height, BUNDLE_SLICE):
+            part = valid.slice(start, BUNDLE_SLICE).join(live, on=ROW, how="semi")
+            if part.is_empty():
+                continue
+            bundles = plan_bundles(mapped, part, self.settings, self.stamp)
+            t0 = time.perf_counter()
+            bad = check_bundles(bundles.get_column("body"))
+            self.fhir_seconds += time.perf_counter() - t0
+            rows_bad = bundles.get_column(ROW).gather(bad.get_column("index"))
+            failures.append(bad.drop("index").with_columns(rows_bad.alias("source_row")))
+            good = bundles.filter(~pl.col(ROW).is_in(rows_bad.implode())) if bad.height else bundles
+            creates.append((KIND, good.unique("source_key", keep="first", maintain_order=True).select(
+                "source_key", ROW, "body", "body_hash", pl.lit(None, dtype=pl.String).alias("source_file"))))
+        if failures and (bad := pl.concat(failures)).height:
+            hit = pl.col("fhir_path").is_not_null()
+            rows = (
+                rows.join(bad, on="source_row", how="left", maintain_order="left")
+                .with_columns(
+                    pl.when(hit).then(pl.lit("rejected")).otherwise(pl.col("state")).alias("state"),
+                    pl.when(hit).then(pl.lit("fhir-invalid")).otherwise(pl.col("error_code")).alias("error_code"),
+                    pl.when(hit).then(pl.col("fhir_path")).otherwise(pl.col("field")).alias("field"),
+                    pl.when(hit).then(pl.col("fhir_reason")).otherwise(pl.col("message")).alias("message"),
+                )
+                .drop("fhir_path", "fhir_reason")
             )
-        )
-        return rows.drop("body", "body_hash"), [(KIND, creates)]
+        return rows, creates
 
     def stage(self, kind: str) -> int:
         return 0  # one kind, one stage
