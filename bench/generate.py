@@ -39,12 +39,12 @@ class Generated:
 
 def _templates() -> tuple[list[str], list[list[str]]]:
     """The sample's header and the vaccine half of its valid, warning-free rows."""
-    from etl.pipeline import prepare_files
-    from etl.readers import ROW
-    from etl.settings import Settings
+    from etl.mapping import apply_profile, default_profile
+    from etl.readers import ROW, read_table
+    from etl.validate import validate
 
-    prepared = prepare_files([SAMPLE], Settings(), {})[0]
-    good = set(prepared.validation.valid[ROW].to_list()) - set(prepared.validation.warnings[ROW].to_list())
+    validation = validate(apply_profile(read_table(SAMPLE), default_profile()))
+    good = set(validation.valid[ROW].to_list()) - set(validation.warnings[ROW].to_list())
     with SAMPLE.open(newline="", encoding="utf-8") as fh:
         rows = list(csv.reader(fh))
     # Admin dates after 2015 only, so a generated birth date (<= 2014) is always before them.

@@ -7,7 +7,9 @@
     same bodies at the same concurrency (requests/s);
 (c) the loader against a sandbox that allows 600 requests per 10 s: achieved / allowed, 429s;
 (d) bulk mode on ``--bulk-rows`` rows;
-(e) a real load of ``--load-rows`` rows (bulk mode) in batches and planned whole: peak RSS.
+(e) a real load of ``--load-rows`` rows (bulk mode), planned and sent in batches: peak RSS;
+(f) with ``--redox-rows N``: a dry run to Redox of N rows next to the ClinikAPI dry run of the same
+    file (time, peak RSS, the ratio of the times); run with ``--quick`` too when asked for.
 
 Benchmarks are not tests: nothing here asserts a time. ``--quick`` runs (a) and a small (b) only.
 """
@@ -193,26 +195,43 @@ def bench_bulk(data: Path, rows: int, work: Path) -> dict[str, Any]:
 
 
 def bench_streamed_load(data: Path, rows: int, work: Path) -> dict[str, Any]:
-    """(e): a real load (bulk mode, to be quick) of ``rows`` rows in a child process, in batches
-    (``--stream``) and planned whole (``--no-stream``): peak RSS of each, the sandbox outside it."""
+    """(e): a real load (bulk mode, to be quick) of ``rows`` rows in a child process, planned and sent
+    in batches as every load is: its peak RSS, the sandbox outside it."""
     from etl.sandbox import SandboxConfig, SandboxServer
 
     csv = data / f"registry-{rows}.csv"
     if not csv.is_file():
         generate(csv, rows)
+    with SandboxServer(SandboxConfig(bulk_operations_per_hour=10_000)) as server:
+        folder = work / "load"
+        result = _child(
+            _cli("load", str(csv), "--mode", "bulk", "-q", "--base-url", server.base_url,
+                 "--state", str(work / "load.sqlite"), "--report-dir", str(folder)),
+            env={"CLINIKAPI_SECRET_KEY": server.api_key, "CLINIK_ETL_BULK_PER_HOUR": "10000"},
+        )
+    summary = json.loads((folder / "summary.json").read_text())
+    result["rows_per_s"] = round(rows / result["seconds"])
+    result["states"] = {k: v for k, v in summary["states"].items() if v}
+    return {"rows": rows, "in_batches": result}
+
+
+def bench_redox_dry_run(data: Path, rows: int, work: Path) -> dict[str, Any]:
+    """(f): ``load --target redox --dry-run`` of ``rows`` rows next to the ClinikAPI dry run of the
+    same file, each in a child process: wall time, peak RSS, and the ratio of the times."""
+    csv = data / f"registry-{rows}.csv"
+    if not csv.is_file():
+        generate(csv, rows)
     out: dict[str, Any] = {"rows": rows}
-    for how in ("stream", "no-stream"):
-        with SandboxServer(SandboxConfig(bulk_operations_per_hour=10_000)) as server:
-            folder = work / f"load-{how}"
-            result = _child(
-                _cli("load", str(csv), f"--{how}", "--mode", "bulk", "-q", "--base-url", server.base_url,
-                     "--state", str(work / f"load-{how}.sqlite"), "--report-dir", str(folder)),
-                env={"CLINIKAPI_SECRET_KEY": server.api_key, "CLINIK_ETL_BULK_PER_HOUR": "10000"},
-            )
+    for name, extra in (("clinikapi", []), ("redox", ["--target", "redox"])):
+        folder = work / f"dry-{name}"
+        result = _child(_cli("load", str(csv), "--dry-run", *extra, "-q", "--report-dir", str(folder),
+                             "--state", str(work / f"dry-{name}.sqlite")))
         summary = json.loads((folder / "summary.json").read_text())
         result["rows_per_s"] = round(rows / result["seconds"])
+        result["stages"] = summary.get("timings", {})
         result["states"] = {k: v for k, v in summary["states"].items() if v}
-        out[how.replace("-", "_")] = result
+        out[name] = result
+    out["redox_vs_clinikapi"] = round(out["redox"]["seconds"] / out["clinikapi"]["seconds"], 2)
     return out
 
 
@@ -223,7 +242,8 @@ def machine() -> dict[str, Any]:
 
 
 def run(rows: int, *, quick: bool, http_rows: int, limited_seconds: float, bulk_rows: int,
-        out: Path, data: Path, scale_rows: int = 0, load_rows: int = 0, repeat: int = 3) -> dict[str, Any]:
+        out: Path, data: Path, scale_rows: int = 0, load_rows: int = 0, repeat: int = 3,
+        redox_rows: int = 0) -> dict[str, Any]:
     """Run the benchmarks and write ``out``."""
     csv = data / f"registry-{rows}.csv"
     if not csv.is_file():
@@ -237,6 +257,7 @@ def run(rows: int, *, quick: bool, http_rows: int, limited_seconds: float, bulk_
         results["rate_limited"] = None if quick else bench_limited(data, limited_seconds, work)
         results["bulk"] = None if quick else bench_bulk(data, bulk_rows, work)
         results["streamed_load"] = bench_streamed_load(data, load_rows, work) if load_rows and not quick else None
+        results["redox_dry_run"] = bench_redox_dry_run(data, redox_rows, work) if redox_rows else None
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     return results
@@ -275,11 +296,16 @@ def show(results: dict[str, Any]) -> None:
         table.add_row(f"bulk mode ({b['rows']:,} rows, {b['jobs']} jobs)", f"{b['load_seconds']:.1f}",
                       f"{b['rows_per_s']:,} rows/s", "", states)
     if (sl := results.get("streamed_load")) is not None:
-        for how, label in (("stream", "in batches (--stream)"), ("no_stream", "planned whole (--no-stream)")):
-            r = sl[how]
-            table.add_row(f"load --mode bulk, {sl['rows']:,} rows, {label}", f"{r['seconds']:.1f}",
-                          f"{r['rows_per_s']:,} rows/s", f"{r['peak_rss_mb']:,.0f}",
-                          ", ".join(f"{v:,} {k}" for k, v in r["states"].items()))
+        r = sl["in_batches"]
+        table.add_row(f"load --mode bulk, {sl['rows']:,} rows, in batches", f"{r['seconds']:.1f}",
+                      f"{r['rows_per_s']:,} rows/s", f"{r['peak_rss_mb']:,.0f}",
+                      ", ".join(f"{v:,} {k}" for k, v in r["states"].items()))
+    if (rd := results.get("redox_dry_run")) is not None:
+        for name, label in (("clinikapi", "ClinikAPI"), ("redox", "Redox (--target redox)")):
+            r = rd[name]
+            note = f"{rd['redox_vs_clinikapi']}x ClinikAPI" if name == "redox" else "baseline"
+            table.add_row(f"dry run to {label}, {rd['rows']:,} rows", f"{r['seconds']:.1f}",
+                          f"{r['rows_per_s']:,} rows/s", f"{r['peak_rss_mb']:,.0f}", note)
     Console().print(table)
 
 
@@ -293,7 +319,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limited-seconds", type=float, default=15.0, help="about how long (c) runs")
     parser.add_argument("--bulk-rows", type=int, default=100_000, help="rows loaded in bulk mode for (d)")
     parser.add_argument("--load-rows", type=int, default=300_000,
-                        help="rows of a real load (bulk mode) run in batches and whole, for peak RSS (0: skip)")
+                        help="rows of a real load (bulk mode) run in batches, for peak RSS (0: skip)")
+    parser.add_argument("--redox-rows", type=int, default=0,
+                        help="rows of a dry run to Redox and to ClinikAPI, side by side (0: skip; runs with --quick)")
     parser.add_argument("--repeat", type=int, default=3,
                         help="runs of read_csv and validate in (a), in turns; the quickest of each counts")
     parser.add_argument("--quick", action="store_true", help="(a) and a small (b) only")
@@ -302,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     results = run(args.rows, quick=args.quick, http_rows=args.http_rows, limited_seconds=args.limited_seconds,
                   bulk_rows=args.bulk_rows, out=args.out, data=args.data, scale_rows=args.scale_rows,
-                  load_rows=args.load_rows, repeat=args.repeat)
+                  load_rows=args.load_rows, repeat=args.repeat, redox_rows=args.redox_rows)
     show(results)
     print(f"results: {args.out}")
     return 0

@@ -18,8 +18,9 @@ in memory grows with the number of distinct keys, not with the file:
   their stage, when every file of it has been read, and only then become
   ``unresolved-reference`` or ``parent-rejected`` rejections.
 
-The outcome is the report a whole-file validation writes (a test compares
-them on every sample file, with batches of a few rows). A documents file is
+Every run takes this plan (validate, a dry run, a load, Redox): a file that
+fits one batch is one batch, and the batch size never changes the report
+(tests/golden, and a property test over batch sizes). A documents file is
 validated whole: a document's sections are one create and may be anywhere in
 the file.
 """
@@ -28,42 +29,59 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import json
 import shutil
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import polars as pl
 
-from etl import pipeline
-from etl.files import guard_formulas, private_dir, private_file, private_text, scratch_dir, write_csv
+from etl.errors import InputError, UsageError
+from etl.files import guard_formulas, private_dir, private_file, private_text, scratch_dir, unguard_formulas, write_csv
 from etl.keyindex import KeyIndex
-from etl.mapping import Mapped, apply_profile
+from etl.mapping import Mapped, Profile, apply_profile, default_profile, key_field, load_profile
 from etl.progress import Progress
-from etl.readers import ROW, Batches, read_batches
+from etl.readers import ROW, Batches, read_batches, read_table
 from etl.redaction import left_out, redact, redact_bodies
 from etl.report import (
     PROBLEM_STATES,
     ROW_COLUMNS,
     SAMPLE_PER_GROUP,
     RunReport,
+    count_states,
+    new_run_id,
     report_output,
+    report_path,
     write_summary,
 )
 from etl.report_html import TALLY_KEYS, tally_of, write_html
 from etl.settings import Settings
-from etl.transform import Planned, plan, references
-from etl.validate import Carry, precheck, prepare, validate
+from etl.transform import Planned, plan, readable_refs, references
+from etl.validate import Carry, Validation, precheck, prepare, validate
 from schemas.canonical import KIND_SPECS, fields_of
+from schemas.limits import ROUTES
 
 if TYPE_CHECKING:
     from etl.load.state import StateStore
 
-__all__ = ["Run", "planned_in_batches", "validate_in_batches"]
+__all__ = [
+    "Run",
+    "base_rows",
+    "created_in_store",
+    "payload_line",
+    "planned_in_batches",
+    "read_crosswalk",
+    "redact",
+    "reject_document_siblings",
+    "rejects_frame",
+    "run_profile",
+    "validate_in_batches",
+]
 
 # Which (kind, id) pairs the target holds, of those asked.
 Lookup = Callable[[list[tuple[str, str]]], set[tuple[str, str]]]
@@ -180,41 +198,81 @@ class _RowsWriter:
         self._pool.shutdown(wait=True)
 
 
-class _Payloads:
-    """A dry run's ``payloads.ndjson``, planned a batch at a time.
+class Destination:
+    """Where a run's creates go: ClinikAPI, unless a subclass says otherwise (``etl.redox``).
 
-    Each batch's creates (its rows' bodies, and the patients and practitioners its rows describe)
-    go to a part on disk, by stage; a key already planned by an earlier batch is not planned again
-    (the first row wins, as in a whole-file plan). Rows that the end of a stage rejects are
-    withdrawn, and their lines left out when the parts are joined, stage by stage, at the end.
+    The plan is the same for every destination (read, map, validate, key, de-duplicate, report);
+    a destination says what a batch's planned rows become (:meth:`plan_batch`), whether their
+    references must resolve in the run, and how a dry run writes a create.
     """
 
-    def __init__(self, work: Path) -> None:
-        self.work = work
-        self.parts: dict[int, list[Path]] = {}
-        self.planned: dict[str, KeyIndex] = {}
-        self.withdrawn: list[pl.DataFrame] = []
+    #: References between rows must resolve (a child names a created parent); Redox sends each
+    #: row's patient inside its own bundle, so nothing there waits for another row.
+    resolves_references = True
+    #: The transform builds ClinikAPI JSON bodies for the planned rows.
+    builds_bodies = True
 
-    def add(self, x: _Input, n: int, planned: Planned, live: pl.DataFrame) -> None:
-        """A batch's creates; ``live``: the ``source_key`` of its rows still planned."""
+    def check(self, mapped: Mapped) -> None:
+        """Refuse an input this destination cannot take (a usage error), before any row is read."""
+
+    def plan_batch(
+        self, mapped: Mapped, valid: pl.DataFrame, planned: Planned, rows: pl.DataFrame
+    ) -> tuple[pl.DataFrame, list[tuple[str, pl.DataFrame]]]:
+        """A batch's report ``rows`` (a destination may reject more of them) and its creates: per kind,
+        ``source_key, __row, body, body_hash, source_file`` of what its planned rows send."""
+        live = rows.filter(pl.col("state") == "planned").select("source_key").unique()
         none = pl.lit(None, dtype=pl.String).alias("source_file")
         creates = [  # a patients file's own rows and the patients a registry row describes: both "patient"
             (
-                x.kind,
+                mapped.kind,
                 planned.rows.filter(pl.col("body").is_not_null())
-                .join(live.select("source_key").unique(), on="source_key", how="semi")
-                .select("source_key", ROW, "body", "body_hash", pl.lit(Path(x.file).name).alias("source_file")),
+                .join(live, on="source_key", how="semi")
+                .select("source_key", ROW, "body", "body_hash",
+                        pl.lit(Path(str(mapped.table.path)).name).alias("source_file")),
             ),
             ("patient", planned.patients.select(pl.col("patient_key").alias("source_key"), ROW, "body", "body_hash",
                                                 none)),
             ("practitioner", planned.practitioners.select(pl.col("practitioner_key").alias("source_key"), ROW, "body",
                                                           "body_hash", none)),
         ]
+        return rows, creates
+
+    def stage(self, kind: str) -> int:
+        """When a kind's creates go: parents' stages before their children's."""
+        return KIND_SPECS[kind].stage
+
+    def payload_line(self, kind: str, source_key: str, source_row: int, body: str) -> str:
+        """One line of a dry run's ``payloads.ndjson``."""
+        return payload_line(kind, source_key, source_row, body)
+
+    def requests_planned(self, counts: dict[str, int]) -> Any:
+        """The summary's ``requests_planned`` of a dry run: the creates per kind."""
+        return counts
+
+
+class _Payloads:
+    """A dry run's ``payloads.ndjson``, planned a batch at a time.
+
+    Each batch's creates (its rows' bodies, and the patients and practitioners its rows describe)
+    go to a part on disk, by stage; a key already planned by an earlier batch is not planned again
+    (the first row wins). Rows that the end of a stage rejects are
+    withdrawn, and their lines left out when the parts are joined, stage by stage, at the end.
+    """
+
+    def __init__(self, work: Path, destination: Destination) -> None:
+        self.work = work
+        self.destination = destination
+        self.parts: dict[int, list[Path]] = {}
+        self.planned: dict[str, KeyIndex] = {}
+        self.withdrawn: list[pl.DataFrame] = []
+
+    def add(self, x: _Input, n: int, creates: list[tuple[str, pl.DataFrame]]) -> None:
+        """A batch's creates (:meth:`Destination.plan_batch`), a frame per kind."""
         for i, (kind, frame) in enumerate(creates):
             index = self.planned.setdefault(kind, KeyIndex())
             fresh = frame.filter(~index.insert(frame.select(pl.col("source_key").alias("key"))).get_column("found"))
             if fresh.height:
-                stage = KIND_SPECS[kind].stage
+                stage = self.destination.stage(kind)
                 part = self.work / f"payloads-{stage}-{x.order:04d}-{n:06d}-{i}.ipc"
                 fresh.with_columns(pl.lit(kind).alias("kind")).write_ipc(part)
                 self.parts.setdefault(stage, []).append(part)
@@ -243,7 +301,7 @@ class _Payloads:
                     if redacted:
                         lines = lines.with_columns(redact_bodies(pl.col("body")))
                     for kind, key, row, body in lines.select("kind", "source_key", ROW, "body").iter_rows():
-                        fh.write(pipeline.payload_line(kind, key, row, body))
+                        fh.write(self.destination.payload_line(kind, key, row, body))
                         counts[kind] = counts.get(kind, 0) + 1
         return counts
 
@@ -263,6 +321,7 @@ class _Keys:
     known: dict[tuple[str, str], str] = field(default_factory=dict)  # (kind, reference) -> id, from outside the run
     state: StateStore | None = None  # a reference to what an earlier run created is explained
     lookup: Lookup | None = None  # a real load: which (kind, id) the target has, for what nothing else explains
+    resolves: bool = True  # references must resolve in the run (not for Redox: see Destination)
 
 
     def _add(self, store: dict[str, KeyIndex], kind: str, keys: pl.Series) -> None:
@@ -307,19 +366,22 @@ def validate_in_batches(
     batch_rows: int | None = None,
     payloads: bool = False,
     state: StateStore | None = None,
+    destination: Destination | None = None,
 ) -> RunReport:
-    """Validate inputs a batch at a time; write the report (the entry point is ``pipeline.validate_files``).
+    """Validate inputs a batch at a time; write the report (the entry point is ``validate_files``).
 
     ``payloads``: plan the creates too and write ``payloads.ndjson``, a dry run's report
-    (``pipeline.load_files`` with ``dry_run``); ``state``: the state store, whose created keys
+    (``load_files`` with ``dry_run``); ``state``: the state store, whose created keys
     explain references.
     """
-    with planned_in_batches(paths, settings, progress, batch_rows=batch_rows, payloads=payloads, state=state) as run:
+    with planned_in_batches(
+        paths, settings, progress, batch_rows=batch_rows, payloads=payloads, state=state, destination=destination
+    ) as run:
         extra: dict[str, Any] = {}
         if run.keys.payloads is not None:
             with report_output(run.folder):
-                path = run.folder / "payloads.ndjson"
-                extra["requests_planned"] = run.keys.payloads.write(path, redacted=settings.redact)
+                counts = run.keys.payloads.write(run.folder / "payloads.ndjson", redacted=settings.redact)
+            extra["requests_planned"] = run.keys.payloads.destination.requests_planned(counts)
             return run.write(extra, command="load", target=settings.base_url or "embedded sandbox")
         return run.write(extra, command="validate", target="none (validate)")
 
@@ -368,23 +430,27 @@ def planned_in_batches(
     lookup: Lookup | None = None,
     rows_csv: bool = True,
     run_id: str | None = None,
+    destination: Destination | None = None,
 ) -> Iterator[Run]:
     """Validate and plan inputs a batch at a time; the run, its parts on disk until the block ends.
 
     ``lookup``: which (kind, id) pairs the target holds, asked at the end of a stage about the
     references nothing else explains (a real load). ``rows_csv``: write each batch's rows.csv
-    lines as it goes (not when a load will change them).
+    lines as it goes (not when a load will change them). ``destination``: where the creates go
+    (ClinikAPI by default), asked to refuse the inputs it cannot take before a row is read.
     """
-    run_id, timings = run_id or pipeline._new_run_id(), dict[str, float]()
+    destination = destination or Destination()
+    run_id, timings = run_id or new_run_id(), dict[str, float]()
     t0 = time.perf_counter()
-    profile = pipeline.run_profile(settings)
+    profile = run_profile(settings)
     rows_per_batch = batch_rows or settings.batch_rows
     inputs = []
     for order, path in enumerate(paths):
         batches = read_batches(path, sheet=settings.sheet, rows=rows_per_batch, limits=settings.workbook_limits)
         inputs.append(_Input(order, batches, apply_profile(batches.table, profile)))
+        destination.check(inputs[-1].mapped)
     inputs.sort(key=lambda x: KIND_SPECS[x.kind].stage)
-    known = pipeline.read_crosswalk(settings.crosswalk)
+    known = read_crosswalk(settings.crosswalk)
     keys = _Keys(
         referenced=frozenset(f.ref for x in inputs for f in fields_of(x.kind) if f.ref),
         shared=frozenset(k for k, n in Counter(x.kind for x in inputs).items() if n > 1),
@@ -393,24 +459,29 @@ def planned_in_batches(
         lookup=lookup,
     )
     known_frame = pl.DataFrame(list(known), schema={"kind": pl.String, "value": pl.String}, orient="row")
-    folder = pipeline._report_dir(settings, run_id)
+    folder = report_path(settings.report_dir, run_id)
     private_dir(folder)
     work = scratch_dir(folder, ".batches-")  # made afresh: nothing planted in an earlier run's can be followed
     writer = _RowsWriter(rows_csv)
-    keys.payloads = _Payloads(work) if payloads else None
+    keys.payloads = _Payloads(work, destination) if payloads else None
+    keys.resolves = destination.resolves_references
     today = dt.date.today()  # one date for every batch, though the run may pass midnight
     try:
         pending: list[pl.DataFrame] = []
-        progress.start("validate")
+        progress.start("read")
         for x in inputs:
             for n, (mapped, prepared) in enumerate(x.prepared(today)):
+                progress.advance("read", prepared.height)
+                progress.start("validate", prepared.height)
                 with report_output(folder):  # each batch's rows are kept under the report folder until the end
-                    pending.append(
-                        _batch(x, n, mapped, prepared, keys, known_frame, settings, work, timings, writer, today)
+                    unexplained = _batch(
+                        x, n, mapped, prepared, keys, known_frame, settings, work, timings, writer, today, progress
                     )
-                progress.advance("validate", prepared.height)
+                if unexplained is not None:
+                    pending.append(unexplained)
             if x.kind in keys.shared:
                 _remember_firsts(x, keys)
+        progress.finish("read")
         unexplained = pl.concat(pending) if pending else None
         for stage in sorted({KIND_SPECS[x.kind].stage for x in inputs}):
             members = [x for x in inputs if KIND_SPECS[x.kind].stage == stage]
@@ -436,26 +507,32 @@ def _batch(
     timings: dict[str, float],
     writer: _RowsWriter,
     today: dt.date,
-) -> pl.DataFrame:
-    """Validate, plan and report one batch; return its references that nothing explains yet."""
+    progress: Progress,
+) -> pl.DataFrame | None:
+    """Validate, plan and report one batch; return its references that nothing explains yet (None: a
+    destination whose references need not resolve)."""
     t0 = time.perf_counter()
     validation = validate(mapped, carry=x.carry, prepared=prepared, today=today)
     t1 = time.perf_counter()
-    planned = plan(mapped, validation.valid, bodies=keys.payloads is not None)
+    progress.advance("validate", prepared.height)
+    progress.start("transform", validation.valid.height)
+    payloads = keys.payloads
+    planned = plan(mapped, validation.valid, bodies=payloads is not None and payloads.destination.builds_bodies)
+    progress.advance("transform", validation.valid.height)
     timings["validate"] = timings.get("validate", 0.0) + t1 - t0
     timings["transform"] = timings.get("transform", 0.0) + time.perf_counter() - t1
     if settings.redact:
         redact(mapped, validation)
-    p = pipeline.Prepared(mapped, validation, planned)
-    rows = _skip_seen(pipeline._base_rows(p), keys.firsts.get(x.kind))
+    rows = _skip_seen(base_rows(mapped, validation, planned), keys.firsts.get(x.kind))
+    if payloads is not None:
+        rows, creates = payloads.destination.plan_batch(mapped, validation.valid, planned, rows)
+        payloads.add(x, n, creates)
     x.rows += prepared.height
     for (code,), found in validation.warnings.group_by("code", maintain_order=True):
         count, first = x.warnings.get(str(code), (0, []))
         x.warnings[str(code)] = (count + found.height, (first + found.get_column(ROW).to_list())[:20])
 
     planned_rows = rows.filter(pl.col("state") == "planned")
-    if keys.payloads is not None:
-        keys.payloads.add(x, n, planned, planned_rows)
     keys.add_available(x.kind, planned_rows.get_column("source_key"))
     keys.add_rejected(x.kind, rows.filter(pl.col("state") == "rejected").get_column("row_key"))
     if planned_rows.height:  # rows that describe a patient or a performer create them
@@ -467,6 +544,28 @@ def _batch(
         )
         keys.aliases = pl.concat([keys.aliases, found_aliases]).unique(maintain_order=True)
 
+    unexplained = _unexplained(x, mapped, validation, planned, planned_rows, keys, known) if keys.resolves else None
+    part = work / f"{x.order:04d}-{n:06d}"
+    x.parts.append(part.with_suffix(".rows"))
+    rows.write_ipc(x.parts[-1])
+    writer.submit(x.parts[-1], rows)
+    rejects = rejects_frame(x.file, mapped.table.frame, rows)
+    if rejects.height:
+        x.reject_parts.append(part.with_suffix(".rejects"))
+        rejects.write_ipc(x.reject_parts[-1])
+    return unexplained
+
+
+def _unexplained(
+    x: _Input,
+    mapped: Mapped,
+    validation: Validation,
+    planned: Planned,
+    planned_rows: pl.DataFrame,
+    keys: _Keys,
+    known: pl.DataFrame,
+) -> pl.DataFrame:
+    """A batch's references that nothing explains yet (they wait for the end of their stage)."""
     live = planned_rows.select(pl.col("source_row").alias(ROW), "source_key", "row_key")
     unexplained = (
         references(mapped, validation.valid)
@@ -497,21 +596,13 @@ def _batch(
     waits = ~keys.has(keys.available, unexplained, "key") | keys.has(keys.tentative, unexplained, "key")
     unexplained = unexplained.filter(waits).join(known, on=["kind", "value"], how="anti").select(_PENDING)
     if keys.state is not None and unexplained.height:
-        unexplained = unexplained.join(pipeline.created_in_store(keys.state, unexplained), on=["kind", "key"],
+        unexplained = unexplained.join(created_in_store(keys.state, unexplained), on=["kind", "key"],
                                        how="anti")
     keys.add_tentative(x.kind, unexplained.get_column("source_key"))
     if unexplained.height or x.kind == "document":
         held = mapped.table.frame if x.kind == "document" else mapped.table.frame.join(unexplained, on=ROW, how="semi")
         x.held.append(held)
 
-    part = work / f"{x.order:04d}-{n:06d}"
-    x.parts.append(part.with_suffix(".rows"))
-    rows.write_ipc(x.parts[-1])
-    writer.submit(x.parts[-1], rows)
-    rejects = pipeline._rejects_file(p, rows)
-    if rejects.height:
-        x.reject_parts.append(part.with_suffix(".rejects"))
-        rejects.write_ipc(x.reject_parts[-1])
     return unexplained
 
 
@@ -609,7 +700,7 @@ def _reject_late(x: _Input, failures: pl.DataFrame, keys: _Keys, work: Path, wri
             .drop("code", "field_ref", "message_ref")
         )
         if x.kind == "document":
-            rows = pipeline._reject_document_siblings(rows)
+            rows = reject_document_siblings(rows)
         changed = rows.filter((pl.col("state") == "rejected") & (before != "rejected"))
         if changed.height:
             writer.forget(part)
@@ -620,7 +711,7 @@ def _reject_late(x: _Input, failures: pl.DataFrame, keys: _Keys, work: Path, wri
     changed = pl.concat(late)
     keys.withdraw(x.kind, changed.get_column("source_key"))
     source = pl.concat(x.held, how="diagonal_relaxed").unique(ROW, keep="first", maintain_order=True)
-    rejects = pipeline.rejects_frame(x.file, source, changed)
+    rejects = rejects_frame(x.file, source, changed)
     part = work / f"{x.order:04d}-late"
     x.reject_parts.append(part.with_suffix(".rejects"))
     rejects.write_ipc(x.reject_parts[-1])
@@ -662,16 +753,16 @@ def _write(
         pl.concat(counts) if counts else pl.DataFrame(schema={"kind": pl.String, "state": pl.String, "len": pl.UInt32})
     )
 
-    warnings: list[dict[str, Any]] = [w for x in inputs for w in pipeline.notice_facts(x.mapped)]
+    warnings: list[dict[str, Any]] = [w for x in inputs for w in notice_facts(x.mapped)]
     warnings += [
         {"file": x.file, "code": code, "rows": first, "count": count}
         for x in inputs
         for code, (count, first) in x.warnings.items()
     ]
-    summary = pipeline.summary_of(
+    summary = summary_of(
         run_id,
         command=command,
-        inputs=[pipeline.input_facts(x.mapped, x.rows) for x in inputs],
+        inputs=[input_facts(x.mapped, x.rows) for x in inputs],
         warnings=warnings,
         counts=counts_frame,
         target=target,
@@ -729,3 +820,187 @@ def _in_row_order(parts: list[Path]) -> Iterator[pl.DataFrame]:
         yield frame
     if extra is not None and extra.height:
         yield extra
+
+
+# --- the rows of a batch, and what the report says of them --------------------------
+
+
+def run_profile(settings: Settings) -> Profile:
+    """The profile a run maps its inputs with (``--profile``, narrowed by ``--kind``)."""
+    profile = load_profile(settings.profile) if settings.profile else default_profile()
+    if settings.kind is not None:
+        if settings.kind not in KIND_SPECS:
+            raise UsageError(f"unknown --kind {settings.kind!r}; kinds: {', '.join(KIND_SPECS)}")
+        profile = replace(profile, kind=settings.kind)
+    return profile
+
+
+def read_crosswalk(path: Path | None) -> dict[tuple[str, str], str]:
+    """A crosswalk file: ``kind, source_id, clinikapi_id`` per line (CSV with a header).
+
+    A run's own ``crosswalk.csv`` (``kind, source_key, resource_id``) is read too. Either way the
+    ``'`` the tool puts before a formula character (:func:`etl.files.guard_formulas`) is taken off.
+    """
+    if path is None:
+        return {}
+    table = read_table(path)
+    frame = unguard_formulas(table.frame)
+    if {"kind", "source_key", "resource_id"} <= set(frame.columns) and "source_id" not in frame.columns:
+        frame = frame.rename({"source_key": "source_id", "resource_id": "clinikapi_id"})
+    wanted = {"kind", "source_id", "clinikapi_id"}
+    if not wanted <= set(frame.columns):
+        raise InputError(str(path), f"a crosswalk needs the columns {', '.join(sorted(wanted))}", row=1)
+    bad = frame.filter(~pl.col("kind").is_in(list(KIND_SPECS)))
+    if bad.height:
+        raise InputError(str(path), f"unknown kind {bad['kind'][0]!r}", row=int(bad[ROW][0]), column="kind")
+    return {(k, s): c for k, s, c in frame.select("kind", "source_id", "clinikapi_id").drop_nulls().iter_rows()}
+
+
+def _quoted(value: pl.Expr, limit: int = 100) -> pl.Expr:
+    """A cell's value as a message quotes it: cut to ``limit`` characters."""
+    cut = value.str.slice(0, limit - 1) + pl.lit("…")
+    return pl.when(value.str.len_chars() > limit).then(cut).otherwise(value).fill_null("")
+
+
+def base_rows(mapped: Mapped, validation: Validation, planned: Planned) -> pl.DataFrame:
+    """Every input row of a batch, with rejected ones already in their final state."""
+    sources = pl.DataFrame(
+        {"field": list(mapped.sources), "source_field": list(mapped.sources.values())},
+        schema={"field": pl.String, "source_field": pl.String},
+    )
+    reasons = (
+        validation.rejects.join(sources, on="field", how="left")
+        .with_columns(pl.col("source_field").fill_null(pl.col("field")).alias("column"))
+        .group_by(ROW, maintain_order=True)
+        .agg(
+            pl.col("code").first().alias("error_code"),
+            pl.col("column").first().alias("field"),
+            # A cell may be megabytes long: the message quotes its start only.
+            pl.format("{} {} ({}): {}", "column", "code", _quoted(pl.col("value")), "message")
+            .str.join("; ")
+            .alias("message"),
+        )
+    )
+    planned_rows = planned.rows.select(ROW, "source_key", pl.col("patient_key"))
+    key = key_field(mapped.kind)
+    return (
+        mapped.frame.select(ROW, pl.col(key).str.strip_chars().alias("row_key"))
+        .join(reasons, on=ROW, how="left")
+        .join(planned_rows, on=ROW, how="left")
+        .select(
+            pl.lit(str(mapped.table.path)).alias("source_file"),
+            pl.col(ROW).alias("source_row"),
+            pl.lit(mapped.kind).alias("kind"),
+            "source_key",
+            pl.when(pl.col("error_code").is_not_null())
+            .then(pl.lit("rejected"))
+            .otherwise(pl.lit("planned"))
+            .alias("state"),
+            pl.lit(None, dtype=pl.String).alias("resource_id"),
+            pl.col("patient_key"),
+            "error_code",
+            "field",
+            "message",
+            "row_key",
+        )
+    )
+
+
+def rejects_frame(file: str, source: pl.DataFrame, rows: pl.DataFrame) -> pl.DataFrame:
+    """The rows of ``rows`` rejected in ``file``, with their ``source`` cells and the reasons appended."""
+    reasons = rows.filter((pl.col("source_file") == file) & (pl.col("state") == "rejected")).select(
+        pl.col("source_row").alias(ROW), pl.col("message").alias("reasons")
+    )
+    columns = [c for c in source.columns if c != ROW]
+    if reasons.is_empty():  # the usual batch: no join with every source row
+        source = source.clear()
+    return (
+        source.join(reasons, on=ROW, how="inner")
+        .sort(ROW)
+        .select(pl.lit(file).alias("source_file"), pl.col(ROW).alias("source_row"), *columns, "reasons")
+    )
+
+
+def reject_document_siblings(rows: pl.DataFrame) -> pl.DataFrame:
+    """A document is one create: when one of its rows is rejected, so are the others."""
+    doc = pl.col("kind") == "document"
+    bad = rows.filter(doc & (pl.col("state") == "rejected")).select("source_file", "row_key").unique()
+    sibling = rows.join(bad.with_columns(pl.lit(True).alias("__bad")), on=["source_file", "row_key"], how="left")
+    hit = doc & pl.col("__bad").fill_null(False) & (pl.col("state") == "planned")
+    return sibling.with_columns(
+        pl.when(hit).then(pl.lit("rejected")).otherwise(pl.col("state")).alias("state"),
+        pl.when(hit).then(pl.lit("document-rejected")).otherwise(pl.col("error_code")).alias("error_code"),
+        pl.when(hit).then(pl.lit("another row of this document is rejected")).otherwise(pl.col("message"))
+        .alias("message"),
+    ).drop("__bad")
+
+
+def created_in_store(state: StateStore, refs: pl.DataFrame) -> pl.DataFrame:
+    """The (kind, key) pairs of ``refs`` that an earlier run created, by the state store."""
+    found: list[tuple[str, str]] = []
+    for (kind,), mine in refs.group_by("kind"):
+        wanted = mine.get_column("key").drop_nulls().unique().to_list()
+        found += [(str(kind), k) for k, rec in state.get(str(kind), wanted).items() if rec.state == "created"]
+    return pl.DataFrame(found, schema={"kind": pl.String, "key": pl.String}, orient="row")
+
+
+def payload_line(kind: str, source_key: str, source_row: int, body: str) -> str:
+    """One line of ``payloads.ndjson``: the request a load would send for a planned create."""
+    head = json.dumps(
+        {"method": "POST", "path": ROUTES[KIND_SPECS[kind].schema], "source_row": source_row, "kind": kind,
+         "source_key": source_key},
+        ensure_ascii=False,
+    )
+    # The body is JSON already: spliced in, not parsed and re-encoded (that was ~40% of a dry run).
+    return f'{head[:-1]}, "body": {readable_refs(body)}}}\n'
+
+
+def input_facts(mapped: Mapped, rows: int) -> dict[str, Any]:
+    """What a summary says about one input file."""
+    table = mapped.table
+    return {
+        "path": str(table.path),
+        "sha256": table.sha256,
+        "format": table.format,
+        "encoding": table.encoding,
+        "delimiter": table.delimiter,
+        "sheet": table.sheet,
+        "kind": mapped.kind,
+        "profile": mapped.profile.name,
+        "rows": rows,
+        "columns_mapped": mapped.sources,
+    }
+
+
+def notice_facts(mapped: Mapped) -> list[dict[str, Any]]:
+    """A file's reader and mapping notices, as a summary lists them."""
+    return [{"file": n.file, "code": n.code, "message": n.message} for n in mapped.table.notices]
+
+
+def summary_of(
+    run_id: str,
+    *,
+    command: str,
+    inputs: list[dict[str, Any]],
+    warnings: list[dict[str, Any]],
+    counts: pl.DataFrame,
+    target: str,
+    settings: Settings,
+    timings: dict[str, float],
+    extra: dict[str, Any],
+) -> dict[str, Any]:
+    """A run's ``summary.json``; ``counts`` holds ``kind, state, len`` of the report's rows."""
+    states, per_kind = count_states(counts)
+    return {
+        "run_id": run_id,
+        "command": command,
+        "dry_run": settings.dry_run,
+        "target": target,
+        "inputs": inputs,
+        "rows_total": sum(states.values()),
+        "states": states,
+        "kinds": per_kind,
+        "warnings": warnings,
+        "timings": {k: round(v, 4) for k, v in timings.items()},
+        **{k: v for k, v in extra.items() if k != "load"},
+    }

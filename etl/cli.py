@@ -307,14 +307,12 @@ def validate(
 @click.option(
     "--stream/--no-stream",
     default=None,
-    help="Plan and send in batches, in bounded memory (a migration of millions of rows), or plan whole files "
-    "in memory (quicker for small ones). Default: --stream for a dry run, and for a load when the inputs "
-    "exceed 64 MiB together.",
+    help="Deprecated, ignored (a warning says so): every run is planned and sent in batches of --batch-rows.",
 )
 @click.option(
     "--batch-rows",
     type=click.IntRange(min=1),
-    help=f"Rows checked at a time when streaming (default {BATCH_ROWS}).",
+    help=f"Rows checked, planned and sent at a time (default {BATCH_ROWS}); memory is bounded by it.",
 )
 @output_options
 @handle_errors
@@ -353,8 +351,8 @@ def load(
     resumes a run that was killed. With --target redox each valid
     immunization row is a FHIR message bundle for Redox instead.
 
-    Large inputs (over 64 MiB together) and every dry run are planned and sent a batch at a
-    time, so a migration of millions of rows stays in bounded memory (see --stream).
+    Every run is planned and sent a batch at a time (--batch-rows), so a migration of millions
+    of rows stays in bounded memory. Redox has no bulk endpoint: --mode bulk is refused there.
     """
     from etl.pipeline import load_files
 

@@ -1,15 +1,17 @@
 """Redox as a destination: each valid vaccine row as a FHIR R4 message bundle
 for Redox's ``Immunization/$write``.
 
-The rows come from the same read → map → validate stages as a ClinikAPI
-load (:func:`etl.pipeline.prepare_files`); only the transform, the send and
-the target differ::
+The rows take the one plan of every run (:mod:`etl.batches`: read → map →
+validate, a batch at a time) and are sent a part at a time as a ClinikAPI
+load's are (:mod:`etl.streaming`); only the transform, the check, the send
+and the target differ (:class:`RedoxBundles`, the plan's destination)::
 
     valid frame ─ plan_bundles ─► one Bundle (type message) per row, as JSON text:
                                   MessageHeader, Immunization, Patient
                                   (and a Practitioner when the row names a performer)
-                ─ check_bundle ─► parsed with fhir.resources (R4B: the package's
-                                  nearest to R4); a failure is a ``fhir-invalid``
+                ─ check_bundles ► parsed with fhir.resources (R4B: the package's
+                                  nearest to R4), one bundle per distinct shape
+                                  (bundle_shape); a failure is a ``fhir-invalid``
                                   rejection naming the FHIR path
                 ─ Loader + RedoxClient ─► POST {base}/fhir/R4/{slug}/{env}/Immunization/$write
 
@@ -40,26 +42,32 @@ from typing import Any
 import polars as pl
 from pydantic import ValidationError
 
+from etl.batches import Destination, Run, planned_in_batches
 from etl.errors import UsageError
-from etl.files import private_dir, private_text
+from etl.files import private_dir
 from etl.load.client import check_target_url, http_client, mask
-from etl.load.loader import Loader, LoadOptions, Result, Send
+from etl.load.loader import Loader, LoadOptions
 from etl.load.redox import RedoxClient
 from etl.load.state import StateStore
 from etl.load.throttle import Throttle
 from etl.mapping import Mapped
+from etl.progress import Progress
 from etl.readers import ROW
 from etl.redaction import masked
-from etl.report import ROW_COLUMNS, RunReport, count_states, report_folder, write_report
+from etl.report import RunReport, new_run_id, report_folder, report_path
 from etl.settings import DEFAULT_REDOX_STATE, DEFAULT_STATE, Settings
-from etl.transform import json_body, obj, one_of, sha256_hex, source_keys
+from etl.streaming import apply_outcomes, creates_in_parts, loader_stats, results_table, sends_of, stop_on_signals
+from etl.transform import Planned, json_body, obj, one_of, sha256_hex, source_keys
 from schemas.codes import CVX_OID, CVX_SYSTEM, NCI_OID, ROUTE_SYSTEM, SITE_SYSTEM, displays, table
 
 __all__ = [
     "EVENT_CODE",
     "EVENT_SYSTEM",
     "KIND",
+    "RedoxBundles",
+    "bundle_shape",
     "check_bundle",
+    "check_bundles",
     "load_redox",
     "plan_bundles",
     "redox_state_path",
@@ -73,6 +81,8 @@ EVENT_CODE = "Immunization-New"
 MVX_OID = "urn:oid:2.16.840.1.113883.12.227"
 IDENTIFIER_TYPE_SYSTEM = "http://terminology.hl7.org/CodeSystem/v2-0203"
 PRACTITIONER_SYSTEM = "urn:clinik-etl:practitioner"
+#: Rows whose bundles are built and checked at a time (bounds a Redox plan's memory within a batch).
+BUNDLE_SLICE = 20_000
 #: The destination slug in the path when the embedded sandbox is the target.
 SANDBOX_SLUG = "sandbox"
 
@@ -322,23 +332,32 @@ def check_bundle(body: str) -> tuple[str, str] | None:
     return None
 
 
-def _check_all(rows: pl.DataFrame) -> pl.DataFrame:
-    """Reject planned rows whose bundle is not valid FHIR, with the path in ``field`` and the reason."""
-    rows = rows.with_row_index("__i")
-    planned = rows.filter(pl.col("state") == "planned").select("__i", "body")
-    found = [(i, *v) for i, body in planned.iter_rows() if (v := check_bundle(body)) is not None]
-    bad = pl.DataFrame(found, schema={"__i": pl.UInt32, "fhir_path": pl.String, "fhir_reason": pl.String}, orient="row")
-    hit = pl.col("fhir_path").is_not_null()
-    return (
-        rows.join(bad, on="__i", how="left")
-        .with_columns(
-            pl.when(hit).then(pl.lit("rejected")).otherwise(pl.col("state")).alias("state"),
-            pl.when(hit).then(pl.lit("fhir-invalid")).otherwise(pl.col("error_code")).alias("error_code"),
-            pl.when(hit).then(pl.col("fhir_path")).otherwise(pl.col("field")).alias("field"),
-            pl.when(hit).then(pl.col("fhir_reason")).otherwise(pl.col("message")).alias("message"),
-        )
-        .drop("__i", "fhir_path", "fhir_reason")
+def bundle_shape(body: pl.Expr) -> pl.Expr:
+    """What a bundle's validity depends on, beyond the values the row checks already vouch for: its
+    JSON with every non-empty string value written ``"s"`` and every run of digits from 1 to 9 as
+    ``1`` (so the fields present, the array lengths, empty strings, zero and negative numbers stay)."""
+    strings = body.str.replace_all(r'"(?:[^"\\]|\\.)+"([,}\]])', '"s"${1}')
+    return strings.str.replace_all(r"[1-9][0-9]*", "1")
+
+
+def check_bundles(bodies: pl.Series) -> pl.DataFrame:
+    """The bundles of ``bodies`` that are not valid FHIR: ``index`` (their position), ``fhir_path``, ``fhir_reason``.
+
+    Parsing a bundle with ``fhir.resources`` costs about 330 us, so one bundle of each distinct
+    :func:`bundle_shape` is parsed, not every one: the bundles are built by the same expressions
+    from rows already validated. When that one fails, every bundle of its shape is parsed, so a
+    row is rejected only for its own bundle's fault.
+    """
+    frame = pl.DataFrame({"body": bodies}).with_row_index("index").with_columns(
+        bundle_shape(pl.col("body")).alias("shape")
     )
+    samples = frame.unique("shape", keep="first", maintain_order=True)
+    broken = [shape for shape, body in samples.select("shape", "body").iter_rows() if check_bundle(body) is not None]
+    suspects = frame.filter(pl.col("shape").is_in(broken)) if broken else frame.clear()
+    found = [(i, *v) for i, body in suspects.select("index", "body").iter_rows()
+             if (v := check_bundle(body)) is not None]
+    return pl.DataFrame(found, schema={"index": pl.UInt32, "fhir_path": pl.String, "fhir_reason": pl.String},
+                        orient="row")
 
 
 # --- the run -----------------------------------------------------------------------
@@ -383,183 +402,152 @@ def _redox_target(settings: Settings, state_path: Path, route: str) -> Iterator[
         yield server.base_url, token, f"embedded-redox-sandbox:{db.resolve()}"
 
 
+class RedoxBundles(Destination):
+    """Redox as the destination of the one plan (:mod:`etl.batches`): each planned immunization row
+    is a message bundle (:func:`plan_bundles`), checked as FHIR (:func:`check_bundles`), sent to
+    ``route``. The bundle carries its patient and performer, so no reference waits for another row."""
+
+    resolves_references = False
+    builds_bodies = False
+
+    def __init__(self, settings: Settings, route: str) -> None:
+        self.settings, self.route = settings, route
+        self.stamp = dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        self.fhir_seconds = 0.0
+
+    def check(self, mapped: Mapped) -> None:
+        if mapped.kind != "immunization":
+            raise UsageError(f"--target redox sends immunization rows; {mapped.table.path} holds {mapped.kind} rows")
+
+    def plan_batch(
+        self, mapped: Mapped, valid: pl.DataFrame, planned: Planned, rows: pl.DataFrame
+    ) -> tuple[pl.DataFrame, list[tuple[str, pl.DataFrame]]]:
+        """The planned rows' bundles, :data:`BUNDLE_SLICE` rows at a time (a bundle is ~2 KB of text,
+        and building one holds its entries twice); a row whose bundle is not FHIR is rejected."""
+        live = rows.filter(pl.col("state") == "planned").select(pl.col("source_row").alias(ROW))
+        failures, creates = [], []
+        for start in range(0, valid.height, BUNDLE_SLICE):
+            part = valid.slice(start, BUNDLE_SLICE).join(live, on=ROW, how="semi")
+            if part.is_empty():
+                continue
+            bundles = plan_bundles(mapped, part, self.settings, self.stamp)
+            t0 = time.perf_counter()
+            bad = check_bundles(bundles.get_column("body"))
+            self.fhir_seconds += time.perf_counter() - t0
+            rows_bad = bundles.get_column(ROW).gather(bad.get_column("index"))
+            failures.append(bad.drop("index").with_columns(rows_bad.alias("source_row")))
+            good = bundles.filter(~pl.col(ROW).is_in(rows_bad.implode())) if bad.height else bundles
+            if self.settings.dry_run and self.settings.redact:
+                # payloads.ndjson shows bundles built from masked values; the real ones were checked above.
+                shown = plan_bundles(mapped, masked(part), self.settings, self.stamp)
+                good = good.drop("body").join(shown.select(ROW, "body"), on=ROW, how="left", maintain_order="left")
+            creates.append((KIND, good.unique("source_key", keep="first", maintain_order=True).select(
+                "source_key", ROW, "body", "body_hash", pl.lit(None, dtype=pl.String).alias("source_file"))))
+        if failures and (bad := pl.concat(failures)).height:
+            hit = pl.col("fhir_path").is_not_null()
+            rows = (
+                rows.join(bad, on="source_row", how="left", maintain_order="left")
+                .with_columns(
+                    pl.when(hit).then(pl.lit("rejected")).otherwise(pl.col("state")).alias("state"),
+                    pl.when(hit).then(pl.lit("fhir-invalid")).otherwise(pl.col("error_code")).alias("error_code"),
+                    pl.when(hit).then(pl.col("fhir_path")).otherwise(pl.col("field")).alias("field"),
+                    pl.when(hit).then(pl.col("fhir_reason")).otherwise(pl.col("message")).alias("message"),
+                )
+                .drop("fhir_path", "fhir_reason")
+            )
+        return rows, creates
+
+    def stage(self, kind: str) -> int:
+        return 0  # one kind, one stage
+
+    def payload_line(self, kind: str, source_key: str, source_row: int, body: str) -> str:
+        head = json.dumps(
+            {"method": "POST", "path": self.route, "source_row": source_row, "kind": kind, "source_key": source_key},
+            ensure_ascii=False,
+        )
+        return f'{head[:-1]}, "body": {body}}}\n'  # the bundle is JSON already: spliced in, not re-encoded
+
+    def requests_planned(self, counts: dict[str, int]) -> Any:
+        return sum(counts.values())
+
+
 def load_redox(
     paths: Sequence[str | Path], settings: Settings, *, progress: Any = None, job: str | None = None
 ) -> RunReport:
-    """Send every valid immunization row to Redox as a message bundle (or plan it, with ``dry_run``)."""
-    from etl import pipeline
+    """Send every valid immunization row to Redox as a message bundle (or plan it, with ``dry_run``).
+
+    The run is the one plan (:mod:`etl.batches`), a batch at a time in bounded memory, then the
+    sends a part at a time, as a ClinikAPI load (:mod:`etl.streaming`). Redox has no bulk endpoint:
+    ``--mode bulk`` is refused.
+    """
     from etl.load.lock import state_lock
     from etl.progress import as_progress
 
+    if settings.mode == "bulk":
+        raise UsageError("--mode bulk: Redox has no bulk endpoint; load into Redox with --mode request (the default)")
     show = as_progress(progress)
-    run_id, timings = pipeline._new_run_id(), dict[str, float]()
-    t0 = time.perf_counter()
     if settings.redox_base_url:  # before anything: a dry run's report names the URL too
         check_target_url(settings.redox_base_url, "--redox-base-url")
     slug, environment = _destination(settings)
     route = write_route(slug, environment)
-    prepared = pipeline.prepare_files(paths, settings, timings, show)
-    stamp = dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-    t1 = time.perf_counter()
-    parts, shown = [], []
-    for p in prepared:
-        bundles = plan_bundles(p.mapped, p.validation.valid, settings, stamp)
-        parts.append(
-            pipeline._base_rows(p).join(
-                bundles.select(pl.col(ROW).alias("source_row"), "bundle_id", "body", "body_hash"),
-                on="source_row",
-                how="left",
-            )
-        )
-        if settings.dry_run and settings.redact:  # payloads.ndjson shows bundles built from masked values
-            shown.append(
-                plan_bundles(p.mapped, masked(p.validation.valid), settings, stamp).select(
-                    pl.lit(p.file).alias("source_file"), pl.col(ROW).alias("source_row"), "body"
-                )
-            )
-    rows = pl.concat(parts).pipe(pipeline._dedupe_across_files)
-    t2 = time.perf_counter()
-    rows = _check_all(rows)
-    timings["transform"] = timings.get("transform", 0.0) + t2 - t1
-    timings["fhir"] = time.perf_counter() - t2
-    folder = pipeline._report_dir(settings, run_id)
+    bundles = RedoxBundles(settings, route)
     extra: dict[str, Any] = {"load": True, "destination": {"type": "redox", "route": route}}
-    state_path = redox_state_path(settings)
     if settings.dry_run:
-        extra["requests_planned"] = _dry_run(_shown(rows, shown) if shown else rows, folder, route)
-        target = (settings.redox_base_url or "embedded sandbox") + route
-    else:
-        with (
-            state_lock(state_path, wait=settings.wait, on_wait=show.note),
-            # The report folder first: one that cannot take the report stops the run before anything is sent.
-            report_folder(folder),
-            _redox_target(settings, state_path, route) as (base_url, token, identity),
-        ):
-            target = (base_url if settings.redox_base_url else "embedded sandbox") + route
-            t3 = time.perf_counter()
-            rows, sent = _send(rows, base_url, token, identity, state_path, route, settings, run_id, show, job)
-            timings["load"] = time.perf_counter() - t3
-            extra.update(sent)
-    timings["total"] = time.perf_counter() - t0
-    summary = pipeline._summary(run_id, prepared, rows, target, settings, timings, extra)
-    report = RunReport(run_id, rows.rename({"patient_key": "patient_id"}).select(ROW_COLUMNS), summary)
-    write_report(report, folder, rejects={p.file: pipeline._rejects_file(p, rows) for p in prepared})
+        with planned_in_batches(paths, settings, show, payloads=True, destination=bundles) as run:
+            payloads = run.keys.payloads
+            counts = payloads.write(run.folder / "payloads.ndjson") if payloads else {}
+            extra["requests_planned"] = bundles.requests_planned(counts)
+            run.timings["fhir"] = round(bundles.fhir_seconds, 4)
+            target = (settings.redox_base_url or "embedded sandbox") + route
+            return run.write(extra, command="load", target=target)
+    state_path = redox_state_path(settings)
+    run_id = new_run_id()
+    with (
+        state_lock(state_path, wait=settings.wait, on_wait=show.note),
+        # The report folder first: one that cannot take the report stops the run before anything is opened.
+        report_folder(report_path(settings.report_dir, run_id)),
+        _redox_target(settings, state_path, route) as (base_url, token, identity),
+        StateStore(state_path, target=identity) as state,
+        planned_in_batches(paths, settings, show, payloads=True, rows_csv=False, run_id=run_id,
+                           destination=bundles) as run,
+    ):
+        target = (base_url if settings.redox_base_url else "embedded sandbox") + route
+        state.start_run(run_id, "run" if job else "load", job=job)
+        t0 = time.perf_counter()
+        table, loader = asyncio.run(_send(run, base_url, token, route, state, settings, show))
+        run.timings["load"] = time.perf_counter() - t0
+        run.timings["fhir"] = bundles.fhir_seconds
+        # The results are kept under the state store's kind; the report's rows are immunizations.
+        apply_outcomes(run, table.with_columns(pl.lit("immunization").alias("kind")))
+        extra.update(loader_stats(loader))
+        report = run.write(extra, command="load", target=target)
+        state.finish_run(run_id, {"states": report.states})
     return report
 
 
-def _shown(rows: pl.DataFrame, bodies: list[pl.DataFrame]) -> pl.DataFrame:
-    """``rows`` with the bodies a redacted dry run shows (``source_file, source_row, body``) for their own."""
-    shown = pl.concat(bodies).with_columns(pl.col("source_row").cast(rows.schema["source_row"]))
-    return rows.drop("body").join(shown, on=["source_file", "source_row"], how="left").select(rows.columns)
-
-
-def _planned(rows: pl.DataFrame) -> list[dict[str, Any]]:
-    """The planned rows, one per key (rows of one file may share a content key), in input order."""
-    return (
-        rows.filter(pl.col("state") == "planned")
-        .unique("source_key", keep="first", maintain_order=True)
-        .select("source_row", "source_key", "body", "body_hash")
-        .to_dicts()
+async def _send(
+    run: Run, base_url: str, token: str, route: str, state: StateStore, settings: Settings, progress: Progress
+) -> tuple[pl.DataFrame, Loader]:
+    """Send the planned bundles a part at a time; the results table and the loader."""
+    throttle = Throttle(settings.rate)
+    # No search to wait for: an unknown outcome cannot be looked up anyway.
+    options = LoadOptions(
+        settings.rate, settings.concurrency, consistency_window=0.0, no_answer_limit=settings.no_answer_limit
     )
-
-
-def _dry_run(rows: pl.DataFrame, folder: Path, route: str) -> int:
-    """Write ``payloads.ndjson``: one line per bundle a load would send."""
-    private_dir(folder)
-    planned = _planned(rows)
-    with private_text(folder / "payloads.ndjson") as fh:
-        for r in planned:
-            line = {
-                "method": "POST",
-                "path": route,
-                "source_row": r["source_row"],
-                "kind": KIND,
-                "source_key": r["source_key"],
-                "body": json.loads(r["body"]),
-            }
-            fh.write(json.dumps(line, ensure_ascii=False) + "\n")
-    return len(planned)
-
-
-def _send(
-    rows: pl.DataFrame,
-    base_url: str,
-    token: str,
-    identity: str,
-    state_path: Path,
-    route: str,
-    settings: Settings,
-    run_id: str,
-    progress: Any,
-    job: str | None = None,
-) -> tuple[pl.DataFrame, dict[str, Any]]:
-    sends = [Send(KIND, route, r["source_key"], r["body"], r["body_hash"]) for r in _planned(rows)]
-    with StateStore(state_path, target=identity) as state:
-        state.start_run(run_id, "run" if job else "load", job=job)
-        throttle = Throttle(settings.rate)
-        # No search to wait for: an unknown outcome cannot be looked up anyway.
-        options = LoadOptions(
-            settings.rate, settings.concurrency, consistency_window=0.0, no_answer_limit=settings.no_answer_limit
-        )
+    parts: list[Path] = []
+    async with http_client(base_url, settings) as http:
+        client = RedoxClient(http, token, on_response=throttle.observe)
         # The loader starts the KIND stage itself, with the number it really sends (not the skipped).
-
-        async def go() -> tuple[dict[str, Result], Loader]:
-            async with http_client(base_url, settings) as http:
-                client = RedoxClient(http, token, on_response=throttle.observe)
-                loader = Loader(client, state, throttle, options, run_id, progress=progress)
-                results, _ = await loader.run([], sends)
-                return results, loader
-
-        results, loader = asyncio.run(go())
-        progress.finish(KIND)
-        out = _merge(rows, results)
-        counts, _ = count_states(out)
-        state.finish_run(run_id, {"states": counts})
-    from etl.pipeline import loader_stats
-
-    extra = loader_stats(loader)
-    return out, extra
-
-
-def _merge(rows: pl.DataFrame, results: dict[str, Result]) -> pl.DataFrame:
-    """Each planned row takes its send's result (the ack id as ``resource_id``)."""
-    table = pl.DataFrame(
-        [
-            {
-                "source_key": k,
-                "r_state": r.state,
-                "r_id": r.resource_id,
-                "r_status": r.http_status,
-                "r_code": r.error_code,
-                "r_field": r.field,
-                "r_message": r.message,
-            }
-            for k, r in results.items()
-        ],
-        schema={
-            "source_key": pl.String,
-            "r_state": pl.String,
-            "r_id": pl.String,
-            "r_status": pl.Int64,
-            "r_code": pl.String,
-            "r_field": pl.String,
-            "r_message": pl.String,
-        },
-    )
-    planned = pl.col("state") == "planned"
-    message = (
-        pl.when(pl.col("r_status").is_not_null())
-        .then(pl.format("HTTP {}: {}", "r_status", pl.col("r_message").fill_null("")))
-        .otherwise(pl.col("r_message"))
-    )
-    return (
-        rows.join(table, on="source_key", how="left")
-        .with_columns(
-            pl.when(planned).then(pl.col("r_state").fill_null("failed")).otherwise(pl.col("state")).alias("state"),
-            pl.when(planned).then(pl.col("r_id")).otherwise(pl.col("resource_id")).alias("resource_id"),
-            pl.when(planned).then(pl.col("r_code")).otherwise(pl.col("error_code")).alias("error_code"),
-            pl.when(planned).then(pl.col("r_field")).otherwise(pl.col("field")).alias("field"),
-            pl.when(planned).then(message).otherwise(pl.col("message")).alias("message"),
-        )
-        .select(rows.columns)
-    )
+        loader = Loader(client, state, throttle, options, run.run_id, progress=progress)
+        await loader.begin()
+        try:
+            with stop_on_signals(loader):
+                for frame in creates_in_parts(run):
+                    results = await loader.run_part(sends_of(frame, lambda _kind: route))
+                    parts.append(run.work / f"results-{len(parts):06d}.ipc")
+                    results_table(results).write_ipc(parts[-1])
+        finally:
+            loader.end()
+    progress.finish(KIND)
+    table = pl.concat([pl.read_ipc(p) for p in parts]) if parts else results_table({})
+    return table, loader

@@ -25,7 +25,9 @@ A folder or file that cannot be written (read-only, a full disk) is an
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import json
+import secrets
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,9 +44,11 @@ __all__ = [
     "PROBLEM_STATES",
     "ROW_COLUMNS",
     "RunReport",
+    "new_run_id",
     "read_rows",
     "report_folder",
     "report_output",
+    "report_path",
     "write_report",
 ]
 
@@ -223,3 +227,16 @@ def count_states(rows: pl.DataFrame) -> tuple[dict[str, int], dict[str, dict[str
         overall[state] += n
         per_kind.setdefault(kind, {s: 0 for s in FINAL_STATES})[state] = n
     return overall, per_kind
+
+
+def new_run_id() -> str:
+    """A run's id: its UTC start time and six random hex digits (``20250102T030405Z-a1b2c3``)."""
+    return dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
+
+
+def report_path(report_dir: Path | None, run_id: str) -> Path:
+    """A run's report folder: ``reports/<run id>`` by default; ``{run_id}`` in ``report_dir`` is replaced
+    (a scheduled job gives each run its own folder under one root)."""
+    if report_dir is None:
+        return Path("reports") / run_id
+    return Path(str(report_dir).replace("{run_id}", run_id))

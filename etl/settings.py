@@ -90,8 +90,8 @@ class Settings(BaseSettings):
     report_dir: Path | None = None  # None: reports/<run id>; "{run_id}" in it is replaced by the run's id
     # Rows validated at a time: bounds the memory a file takes (75,000 keep 5,000,000 registry rows under 1 GiB).
     batch_rows: int = Field(default=BATCH_ROWS, ge=1)
-    # Load in batches, in bounded memory (etl.streaming); None: a dry run always, a load when the inputs
-    # exceed 64 MiB together; False: plan whole files in memory (quicker for small inputs).
+    # Deprecated and ignored (a one-line warning when set): every run is planned and sent in batches.
+    # Kept so that old commands (--stream/--no-stream) and job files ("stream") still run.
     stream: bool | None = None
     # What an .xlsx may hold before it is read (etl.workbooks): a zip bomb, or a grid of billions of
     # cells, stops the run with a message. Defaults well above a 1,000,000-row, 50-column sheet.

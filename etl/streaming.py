@@ -1,13 +1,13 @@
 """A load in bounded memory: planned in batches, sent a part at a time, reported from disk.
 
-``pipeline.load_files`` takes this road for large inputs (``--stream``, by default when the
-inputs exceed :data:`STREAM_BYTES`). The run is the batched validation (``etl.batches``) with its
-creates planned as it goes, then the sends:
+Every ClinikAPI load takes this road (``load_files``; a file that fits one batch is one
+batch). The run is the batched plan (``etl.batches``) with its creates planned as it goes, then
+the sends:
 
 1. **Plan.** Each batch is validated and planned; its report rows and its creates (JSON bodies)
    go to disk. A reference that the run, the crosswalk and the state store cannot explain waits
    for the end of its stage; then the target is asked about it (``GET /v1/<kind>/<id>``), once
-   per distinct value, as a whole-file load does.
+   per distinct value.
 2. **Send.** Stage by stage, the creates are read back :data:`SEND_PART` at a time and given to
    the loader (:meth:`etl.load.loader.Loader.run_part`). Each part's results go to disk; the
    loader keeps only those that did not create (a child names them in its failure), and reads a
@@ -16,55 +16,70 @@ creates planned as it goes, then the sends:
    and the report is written from the parts, as validate's is.
 
 What stays in memory grows with the number of distinct keys (see ``etl.batches``) and the
-results table (about 100 bytes a create), not with the file. The outcome is the report a
-whole-file load writes: a test loads every sample both ways and compares them row by row.
+results table (about 100 bytes a create), not with the file. The golden reports
+(``tests/golden``) prove the batch size never changes the outcome.
+
+The load's shared parts live here too, public for :mod:`etl.redox` and ``reconcile_state``:
+the target (:func:`open_target`), the loader (:func:`new_loader`), the results table and how report
+rows take it (:func:`results_table`, :func:`with_outcomes`), the summary's extras.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import signal
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
 import polars as pl
 
-from etl import pipeline
 from etl.batches import Run, planned_in_batches
-from etl.files import write_csv
+from etl.errors import LookupFailed, NoAnswerError, UsageError
+from etl.files import private_dir, write_csv
 from etl.progress import LoadEstimate, Progress
-from etl.report import RunReport
-from etl.settings import Settings
+from etl.report import RunReport, new_run_id, report_folder, report_path
+from etl.settings import NO_ANSWER_LIMIT, Settings
 from schemas.canonical import KIND_SPECS
 from schemas.limits import ROUTES
 
 if TYPE_CHECKING:
-    from etl.load.loader import Send
+    import httpx
+
+    from etl.load.client import ApiClient
+    from etl.load.loader import Loader, LoadOptions, Result, Send
     from etl.load.state import StateStore
+    from etl.load.throttle import Throttle
 
-__all__ = ["SEND_PART", "STREAM_BYTES", "load_in_batches", "streams"]
-
-# Inputs larger than this together are loaded in batches (about 250,000 registry rows); a smaller
-# load is planned whole, which is quicker, and holds a few hundred MB at most.
-STREAM_BYTES = 64 * 2**20
+__all__ = [
+    "GONE",
+    "SEND_PART",
+    "apply_outcomes",
+    "creates_in_parts",
+    "disappeared_from",
+    "existing_state",
+    "load_extra",
+    "load_in_batches",
+    "loader_stats",
+    "new_loader",
+    "open_target",
+    "outcome_patients",
+    "results_table",
+    "sandbox_db",
+    "sends_of",
+    "stop_on_signals",
+    "target_has",
+    "target_identity",
+    "unsent_count",
+    "with_outcomes",
+]
 # Creates given to the loader at a time: a multiple of a bulk import's 10,000 records, so parts
 # do not cut bulk batches short.
 SEND_PART = 100_000
-
-
-def streams(paths: Sequence[str | Path], settings: Settings) -> bool:
-    """Whether a load of ``paths`` goes in batches (``settings.stream``; None: by the inputs' size)."""
-    if settings.stream is not None:
-        return settings.stream
-    size = 0
-    for path in paths:
-        try:
-            size += Path(path).stat().st_size
-        except OSError:
-            return False  # the reader names the missing file
-    return size > STREAM_BYTES
 
 
 def load_in_batches(
@@ -74,31 +89,31 @@ def load_in_batches(
     *,
     job: str | None = None,
 ) -> RunReport:
-    """Import inputs in bounded memory (``pipeline.load_files`` decides when); write the report."""
+    """Import inputs in bounded memory, a batch at a time; write the report."""
     from etl.load.lock import state_lock
     from etl.load.state import StateStore
 
-    run_id = pipeline._new_run_id()
-    with state_lock(settings.state, wait=settings.wait, on_wait=progress.note), pipeline._target(settings) as (
-        base_url,
-        key,
-        identity,
-    ), StateStore(settings.state, target=identity) as state:
+    run_id = new_run_id()
+    # The report folder first, under the lock: one that cannot take the report stops the run before the
+    # sandbox or the state store is opened, and long before anything is sent.
+    with state_lock(settings.state, wait=settings.wait, on_wait=progress.note), report_folder(
+        report_path(settings.report_dir, run_id)
+    ), open_target(settings) as (base_url, key, identity), StateStore(settings.state, target=identity) as state:
         target = base_url if settings.base_url else "embedded sandbox"
         lookup = _Lookup(base_url, key, settings)
         with planned_in_batches(
             paths, settings, progress, payloads=True, state=state, lookup=lookup, rows_csv=False, run_id=run_id
         ) as run:
-            state.start_run(run_id, "run" if job else "load", job=job)  # as a whole-file load: once planned
+            state.start_run(run_id, "run" if job else "load", job=job)  # once planned
             t0 = time.perf_counter()
             results, extra = asyncio.run(_send(run, base_url, key, state, settings, progress, lookup))
             run.timings["load"] = time.perf_counter() - t0
-            _apply(run, results)
+            apply_outcomes(run, results)
             crosswalk = extra.pop("_crosswalk")
             disappeared = _disappeared(run, state)
             extra["disappeared"] = disappeared.height
             report = run.write({"load": True, **extra}, command="load", target=target)
-            if crosswalk is not None:  # as a whole-file load: written even when empty
+            if crosswalk is not None:  # written even when empty
                 write_csv(crosswalk.sort("kind", "source_key"), run.folder / "crosswalk.csv")
             if disappeared.height:
                 write_csv(disappeared, run.folder / "disappeared.csv")
@@ -124,7 +139,7 @@ class _Lookup:
                 client.protocols = self.protocols
                 try:
                     for kind, value in new:
-                        self.answers[(kind, value)] = await pipeline.target_has(
+                        self.answers[(kind, value)] = await target_has(
                             client, kind, value, no_answer_limit=self.settings.no_answer_limit
                         )
                 finally:
@@ -158,24 +173,24 @@ async def _send(
         client.protocols = protocols
         unsent = _unsent(run, state)
         estimate.plan(unsent)
-        loader = await pipeline._loader(settings, http, key, client, state, throttle, options, run.run_id, progress,
+        loader = await new_loader(settings, http, key, client, state, throttle, options, run.run_id, progress,
                                         unsent)
         aliases = {(k, v): a for k, v, a in run.keys.aliases.iter_rows() if v != a}
         await loader.begin(aliases=aliases, known_ids=run.keys.known)
         try:
-            with pipeline._stop_on_signals(loader):
-                for frame in _creates(run):
-                    results = await loader.run_part(_sends(frame))
+            with stop_on_signals(loader):
+                for frame in creates_in_parts(run):
+                    results = await loader.run_part(sends_of(frame))
                     parts.append(run.work / f"results-{len(parts):06d}.ipc")
-                    pipeline.results_table(results).write_ipc(parts[-1])
+                    results_table(results).write_ipc(parts[-1])
         finally:
             loader.end()
             loader.stats.requests += lookup.requests
-    table = pl.concat([pl.read_ipc(p) for p in parts]) if parts else pipeline.results_table({})
-    return table, pipeline.load_extra(loader, table, protocols)
+    table = pl.concat([pl.read_ipc(p) for p in parts]) if parts else results_table({})
+    return table, load_extra(loader, table, protocols)
 
 
-def _creates(run: Run) -> Iterator[pl.DataFrame]:
+def creates_in_parts(run: Run) -> Iterator[pl.DataFrame]:
     """The planned creates, stage by stage, :data:`SEND_PART` at a time (a part never spans two stages)."""
     assert run.keys.payloads is not None
     for _, frames in run.keys.payloads.stages():
@@ -193,11 +208,14 @@ def _creates(run: Run) -> Iterator[pl.DataFrame]:
             yield pl.concat(held)
 
 
-def _sends(frame: pl.DataFrame) -> list[Send]:
+def sends_of(frame: pl.DataFrame, route: Callable[[str], str] | None = None) -> list[Send]:
+    """A part of planned creates (:func:`creates_in_parts`) as the loader's sends; ``route``: the path of
+    a kind's creates (by default its ClinikAPI route)."""
     from etl.load.loader import Send
 
+    route = route or (lambda kind: ROUTES[KIND_SPECS[kind].schema])
     return [
-        Send(kind, ROUTES[KIND_SPECS[kind].schema], key, body, body_hash, source_file=file)
+        Send(kind, route(kind), key, body, body_hash, source_file=file)
         for kind, key, body, body_hash, file in frame.select(
             "kind", "source_key", "body", "body_hash", "source_file"
         ).iter_rows()
@@ -207,25 +225,243 @@ def _sends(frame: pl.DataFrame) -> list[Send]:
 def _unsent(run: Run, state: StateStore) -> int:
     """About how many creates the load will send: those the state store does not hold as created."""
     return sum(
-        pipeline.unsent_count(state, str(kind), mine.get_column("source_key").to_list())
-        for frame in _creates(run)
+        unsent_count(state, str(kind), mine.get_column("source_key").to_list())
+        for frame in creates_in_parts(run)
         for (kind,), mine in frame.group_by("kind")
     )
 
 
-def _apply(run: Run, table: pl.DataFrame) -> None:
+def apply_outcomes(run: Run, table: pl.DataFrame) -> None:
     """Each part's report rows with their creates' outcomes."""
-    patients = pipeline.outcome_patients(table)
+    patients = outcome_patients(table)
     for part in list(run.parts):
         rows = pl.read_ipc(part)
         # The part's own results first (a semi join hashes the part, not the whole table): a third
         # less memory at 1,000,000 rows than joining with everything, and quicker.
         mine = table.join(rows.select("kind", "source_key"), on=["kind", "source_key"], how="semi")
         theirs = patients.join(rows.select("patient_key"), on="patient_key", how="semi")
-        run.rewrite(part, pipeline.with_outcomes(rows, mine, theirs))
+        run.rewrite(part, with_outcomes(rows, mine, theirs))
 
 
 def _disappeared(run: Run, state: StateStore) -> pl.DataFrame:
     """Rows an earlier run created from a file of the same name that this copy no longer has (never deleted)."""
-    found = (pipeline.disappeared_from(state, x.file, x.kind, pl.scan_ipc(x.parts)) for x in run.inputs if x.parts)
-    return pl.concat([pl.DataFrame(schema=pipeline.GONE), *found])
+    found = (disappeared_from(state, x.file, x.kind, pl.scan_ipc(x.parts)) for x in run.inputs if x.parts)
+    return pl.concat([pl.DataFrame(schema=GONE), *found])
+
+
+def sandbox_db(settings: Settings) -> Path:
+    return settings.state.with_name(settings.state.stem + ".sandbox.sqlite")
+
+
+def target_identity(settings: Settings) -> str:
+    """What a state store is bound to: the base URL, or the embedded sandbox's database."""
+    return settings.base_url or f"embedded-sandbox:{sandbox_db(settings).resolve()}"
+
+
+@contextlib.contextmanager
+def existing_state(settings: Settings) -> Iterator[StateStore | None]:
+    """The state store, read for what is already loaded, only if it exists (a dry run creates nothing)."""
+    from etl.load.state import StateStore
+
+    if not settings.state.is_file():
+        yield None
+        return
+    with StateStore(settings.state, target=target_identity(settings)) as state:
+        yield state
+
+
+@contextlib.contextmanager
+def open_target(settings: Settings) -> Iterator[tuple[str, str, str]]:
+    """(base URL, API key, state-store identity) of the run's target; the embedded sandbox if none."""
+    from etl.load.client import check_target
+
+    if settings.base_url:
+        if settings.api_key is None:
+            raise UsageError("set CLINIKAPI_SECRET_KEY (or --api-key-file) to load into " + settings.base_url)
+        key = settings.api_key.get_secret_value()
+        check_target(settings.base_url, key, live=settings.live)
+        yield settings.base_url, key, settings.base_url
+        return
+    from etl.sandbox import SandboxConfig, SandboxServer
+
+    db = sandbox_db(settings)
+    private_dir(db.parent)
+    with SandboxServer(SandboxConfig(db_path=str(db))) as server:
+        yield server.base_url, server.api_key, target_identity(settings)
+
+
+async def target_has(client: ApiClient, kind: str, value: str, *, no_answer_limit: int = NO_ANSWER_LIMIT) -> bool:
+    """Whether the target holds a ``kind`` with this ClinikAPI id (a reference nothing in the run explains).
+
+    These lookups come before any create: once ``no_answer_limit`` requests in a row got no answer at all,
+    :class:`~etl.errors.NoAnswerError` ends the run (nothing was sent) rather than wait on a silent target
+    for every reference.
+    """
+    route = ROUTES[KIND_SPECS[kind].schema]
+    try:
+        return await client.get(f"{route}/{quote(value, safe='')}") is not None
+    except LookupFailed:
+        if client.silent >= no_answer_limit:
+            raise NoAnswerError(
+                f"the target did not answer {client.silent} requests in a row (timeouts, connections lost or "
+                "refused) while looking up references; nothing was sent"
+            ) from None
+        return False
+
+
+_RESULTS = {"kind": pl.String, "source_key": pl.String, "r_state": pl.String, "r_id": pl.String,
+            "r_status": pl.Int64, "r_code": pl.String, "r_field": pl.String, "r_message": pl.String}
+
+
+def results_table(results: dict[tuple[str, str], Result]) -> pl.DataFrame:
+    """The loader's results, a line per (kind, source_key)."""
+    return pl.DataFrame(
+        [(k, sk, r.state, r.resource_id, r.http_status, r.error_code, r.field, r.message)
+         for (k, sk), r in results.items()],
+        schema=_RESULTS,
+        orient="row",
+    )
+
+
+def outcome_patients(table: pl.DataFrame) -> pl.DataFrame:
+    """The ClinikAPI id of each patient key the load created or found."""
+    return table.filter(pl.col("kind") == "patient").select(
+        pl.col("source_key").alias("patient_key"), pl.col("r_id").alias("patient_id")
+    )
+
+
+def with_outcomes(rows: pl.DataFrame, table: pl.DataFrame, patients: pl.DataFrame) -> pl.DataFrame:
+    """Report rows with the load's outcomes: a planned row takes its create's (failed when it has none)."""
+    planned = pl.col("state") == "planned"
+    return (
+        rows.join(table, on=["kind", "source_key"], how="left", maintain_order="left")
+        .join(patients, on="patient_key", how="left", maintain_order="left")
+        .with_columns(
+            pl.when(planned).then(pl.col("r_state").fill_null("failed")).otherwise(pl.col("state")).alias("state"),
+            pl.when(planned).then(pl.col("r_id")).otherwise(pl.col("resource_id")).alias("resource_id"),
+            pl.when(planned).then(pl.col("r_code")).otherwise(pl.col("error_code")).alias("error_code"),
+            pl.when(planned).then(pl.col("r_field")).otherwise(pl.col("field")).alias("field"),
+            pl.when(planned)
+            .then(
+                pl.when(pl.col("r_status").is_not_null() & (pl.col("r_state") != "created"))
+                .then(pl.format("HTTP {}: {}", "r_status", pl.col("r_message").fill_null("")))
+                .otherwise(pl.col("r_message"))
+            )
+            .otherwise(pl.col("message"))
+            .alias("message"),
+            pl.coalesce("patient_id", "patient_key").alias("patient_key"),
+        )
+        .select(rows.columns)
+    )
+
+
+def load_extra(loader: Loader, table: pl.DataFrame, protocols: Counter[str]) -> dict[str, Any]:
+    """What a load adds to the summary (``_crosswalk``: the ids it learnt, for crosswalk.csv)."""
+    per_kind: dict[str, dict[str, int]] = {}
+    for kind, state, n in table.group_by("kind", "r_state", maintain_order=True).len().iter_rows():
+        per_kind.setdefault(kind, {})[state] = n
+    crosswalk = table.filter(pl.col("r_id").is_not_null()).select(
+        "kind", "source_key", pl.col("r_id").alias("resource_id")
+    )
+    return {
+        "patients": per_kind.get("patient", {}),
+        "resources": per_kind,
+        **loader_stats(loader),
+        "http_versions": dict(protocols),
+        "creates_sent": loader.stats.creates,
+        "interrupted": loader.stopping,
+        **_bulk_extra(loader),
+        "_crosswalk": crosswalk,
+    }
+
+
+def loader_stats(loader: Loader) -> dict[str, Any]:
+    """What any load's summary says of its sending: requests, 429s, the rate achieved, an abort."""
+    return {
+        "requests": loader.stats.requests,
+        "responses_429": loader.stats.retries_429,
+        "achieved_rate": round(loader.stats.requests / loader.stats.send_seconds, 2)
+        if loader.stats.send_seconds
+        else None,
+        "aborted": str(loader.aborted) if loader.aborted else None,
+        "unresponsive": loader.unresponsive,  # the run stopped: the target answered nothing for too long
+    }
+
+
+async def new_loader(
+    settings: Settings, http: httpx.AsyncClient, key: str, client: ApiClient, state: StateStore, throttle: Throttle,
+    options: LoadOptions, run_id: str, progress: Progress, unsent: int,
+) -> Loader:
+    """A per-request loader, or a bulk one (``--mode bulk``, or ``auto`` when the window cannot hold the plan)."""
+    from etl.load.bulk import BulkClient, BulkLoader, BulkOptions, choose_mode, remaining_requests
+    from etl.load.loader import Loader
+
+    remaining = await remaining_requests(http, key) if settings.mode == "auto" else None
+    if choose_mode(settings.mode, unsent, remaining) == "request":
+        return Loader(client, state, throttle, options, run_id, progress=progress)
+    if settings.mode == "auto":
+        progress.note(f"{unsent} creates planned, {remaining} requests left in the window: bulk mode")
+    bulk = BulkClient(http, key, on_response=throttle.observe)
+    return BulkLoader(client, bulk, state, throttle, options, run_id, progress=progress,
+                      bulk_options=BulkOptions(operations_per_hour=settings.bulk_per_hour))
+
+
+def _bulk_extra(loader: Loader) -> dict[str, Any]:
+    """The summary's ``mode`` (and, in bulk mode, its jobs and any hourly-limit stop)."""
+    jobs = getattr(loader, "jobs", None)
+    if jobs is None:
+        return {"mode": "request"}
+    return {"mode": "bulk", "bulk_jobs": list(jobs), "bulk_limit": getattr(loader, "limit_note", None)}
+
+
+GONE = {"source_file": pl.String, "kind": pl.String, "source_key": pl.String, "resource_id": pl.String}
+
+
+def disappeared_from(state: StateStore, file: str, kind: str, rows: pl.LazyFrame) -> pl.DataFrame:
+    """What an earlier run created from a file named as ``file`` that its report ``rows`` (``row_key``,
+    ``source_key``) no longer hold; the state store is read a part at a time (a first load's own
+    creates are there too: millions)."""
+    name = Path(file).name
+    gone = [pl.DataFrame(schema=GONE)]
+    present: pl.DataFrame | None = None
+    for part in state.created_from(kind, name):
+        if present is None:
+            present = (
+                rows.select(pl.concat_list("row_key", "source_key").alias("source_key"))
+                .explode("source_key")
+                .drop_nulls()
+                .unique()
+                .collect()
+            )
+        earlier = pl.DataFrame(part, schema={"source_key": pl.String, "resource_id": pl.String}, orient="row")
+        gone.append(
+            earlier.join(present, on="source_key", how="anti", maintain_order="left").select(
+                pl.lit(name).alias("source_file"), pl.lit(kind).alias("kind"), "source_key", "resource_id"
+            )
+        )
+    return pl.concat(gone)
+
+
+def unsent_count(state: StateStore, kind: str, keys: list[str]) -> int:
+    """How many of a kind's keys the state store does not hold as created (a load will send them)."""
+    stored = state.get(kind, keys)
+    return sum(1 for k in keys if k not in stored or stored[k].state != "created")
+
+
+@contextlib.contextmanager
+def stop_on_signals(loader: Loader) -> Iterator[None]:
+    """SIGINT/SIGTERM stop taking new rows; what is in flight finishes and is recorded."""
+    loop = asyncio.get_running_loop()
+    signals = (signal.SIGINT, signal.SIGTERM)
+    installed = []
+    for sig in signals:
+        try:
+            loop.add_signal_handler(sig, loader.stop)
+            installed.append(sig)
+        except (NotImplementedError, RuntimeError, ValueError):  # not the main thread, or no signals here
+            pass
+    try:
+        yield
+    finally:
+        for sig in installed:
+            loop.remove_signal_handler(sig)

@@ -676,7 +676,8 @@ def check(prepared: pl.DataFrame, kind: str, *, today: dt.date) -> pl.DataFrame:
         .join(texts, on=["field", "code"], how="left")
         .select(ROW, "code", "field", pl.lit(None, dtype=pl.String).alias("value"), "message")
         .pipe(_conflicts_only_where_cell_valid)
-        .sort(ROW, "field")
+        # Stable: a cell's failures keep the rules' order, however many rows the batch holds.
+        .sort(ROW, "field", maintain_order=True)
     )
 
 

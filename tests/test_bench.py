@@ -24,10 +24,21 @@ def test_quick_bench_writes_results(tmp_path: Path) -> None:
     assert results["rate_limited"] is None and results["bulk"] is None  # --quick skips them
 
 
-def test_the_load_bench_runs_a_real_load_both_ways(tmp_path: Path) -> None:
+def test_the_load_bench_runs_a_real_load_in_batches(tmp_path: Path) -> None:
     from bench.run import bench_streamed_load
 
     result = bench_streamed_load(tmp_path / "data", 600, tmp_path)
-    for how in ("stream", "no_stream"):  # each a child process against its own sandbox
-        assert result[how]["states"] == {"created": 600}
-        assert result[how]["peak_rss_mb"] > 0 and result[how]["exit"] == 0
+    loaded = result["in_batches"]  # a child process against its own sandbox
+    assert loaded["states"] == {"created": 600}
+    assert loaded["peak_rss_mb"] > 0 and loaded["exit"] == 0
+
+
+def test_the_redox_bench_runs_both_dry_runs_of_one_file(tmp_path: Path) -> None:
+    from bench.run import bench_redox_dry_run
+
+    result = bench_redox_dry_run(tmp_path / "data", 300, tmp_path)
+    for name in ("clinikapi", "redox"):  # each a child process
+        assert result[name]["states"] == {"planned": 300} and result[name]["exit"] == 0
+        assert result[name]["peak_rss_mb"] > 0
+    assert result["redox_vs_clinikapi"] > 0
+    assert "fhir" in result["redox"]["stages"]

@@ -280,10 +280,25 @@ def test_a_job_run_is_recorded_as_the_jobs_run_from_its_start(tmp_path: Path) ->
     def progress(stage: str, n: int) -> None:  # called while rows are being sent
         if not seen and (tmp_path / "state.sqlite").is_file():
             with StateStore.existing(tmp_path / "state.sqlite") as store:
-                latest = store.runs()[-1]
-            if latest["finished_at"] is None:
+                runs = store.runs()  # none while the rows are planned: the run starts once they are
+            if runs and (latest := runs[-1])["finished_at"] is None:
                 seen.append((latest["command"], latest["job"], latest["finished_at"]))
 
     report = run_job(job, progress=progress)
     assert report.states["created"] == 532
     assert seen == [("run", "nightly", None)]
+
+
+def test_an_old_job_with_the_stream_key_still_runs_with_a_warning(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from etl.jobs import run_job
+    from etl.pipeline import STREAM_DEPRECATED
+
+    few = tmp_path / "few.csv"
+    few.write_text("Record ID,Patient ID,First Name,Last Name,CVX,Admin Date\nR1,P1,Ann,Lee,08,2021-03-04\n",
+                   encoding="utf-8")
+    job = load_job(_job(tmp_path, 'inputs = ["few.csv"]\nstream = false\nbatch_rows = 7\n'))
+    report = run_job(job)
+    assert report.states["created"] == 1 and report.summary["batch_rows"] == 7  # in batches all the same
+    assert STREAM_DEPRECATED in capsys.readouterr().err

@@ -257,18 +257,18 @@ def _cli(*args: str, key: str, timeout: float = 120) -> subprocess.Popen[str]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("route", "at", "stream"),
+    ("route", "at", "small_batches"),
     [("/v1/patients", 60, False), ("/v1/immunizations", 250, False), ("/v1/immunizations", 250, True)],
-    ids=["patients", "immunizations", "immunizations-streamed"],
+    ids=["patients", "immunizations", "immunizations-in-batches-of-50"],
 )
 def test_sigkill_halfway_then_resume_ends_with_the_uninterrupted_count(
-    tmp_path: Path, route: str, at: int, stream: bool
+    tmp_path: Path, route: str, at: int, small_batches: bool
 ) -> None:
     key = "clk_test_killtest0123456789"
     with SandboxServer(SandboxConfig(api_keys={key: "*"})) as server:
         common = ["--base-url", server.base_url, "--state", str(tmp_path / "state.sqlite"), "--consistency-window", "0"]
-        if stream:  # planned in batches of 50 rows, sent a part at a time
-            common += ["--stream", "--batch-rows", "50"]
+        if small_batches:  # planned in batches of 50 rows, sent a part at a time
+            common += ["--batch-rows", "50"]
         proc = _cli(
             "load", str(SAMPLE / "registry.csv"), *common, "--rate=200", "--report-dir", str(tmp_path / "r1"), key=key
         )
@@ -433,9 +433,9 @@ def test_reconcile_settles_unknowns_without_the_input_files(tmp_path: Path) -> N
         assert again.summary["in_doubt"] == 0
 
 
-@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+@pytest.mark.parametrize("batch_rows", [100_000, 1], ids=["one-batch", "batches-of-one"])
 def test_a_newer_copy_skips_unchanged_reports_changed_and_lists_what_left(
-    tmp_path: Path, sandbox: Any, stream: bool
+    tmp_path: Path, sandbox: Any, batch_rows: int
 ) -> None:
     from etl.pipeline import load_files
     from etl.settings import Settings
@@ -450,7 +450,7 @@ def test_a_newer_copy_skips_unchanged_reports_changed_and_lists_what_left(
     week2.write_text(header + "R1,P1,Ann,Lee,08,2021-03-04,A1\nR2,P1,Ann,Lee,20,2021-03-05,B2\n"
                      "R4,P2,Bo,Ray,03,2021-04-01,D1\n", encoding="utf-8")
     base = {"base_url": sandbox.base_url, "api_key": sandbox.api_key, "consistency_window": 0,
-            "state": tmp_path / "s.sqlite", "stream": stream, "batch_rows": 1}
+            "state": tmp_path / "s.sqlite", "batch_rows": batch_rows}
     first = load_files([week1], Settings(**base, report_dir=tmp_path / "r1"))
     assert first.states["created"] == 3
     second = load_files([week2], Settings(**base, report_dir=tmp_path / "r2"))
@@ -471,8 +471,10 @@ def test_a_newer_copy_skips_unchanged_reports_changed_and_lists_what_left(
     assert set(fourth.rows["state"]) == {"skipped"}
 
 
-@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
-def test_a_patient_whose_details_changed_still_takes_its_new_rows(tmp_path: Path, sandbox: Any, stream: bool) -> None:
+@pytest.mark.parametrize("batch_rows", [100_000, 1], ids=["one-batch", "batches-of-one"])
+def test_a_patient_whose_details_changed_still_takes_its_new_rows(
+    tmp_path: Path, sandbox: Any, batch_rows: int
+) -> None:
     """A weekly file where a patient's phone changed: the patient is reported changed, and the
     new immunizations are created for it (its id is known), not failed as if it were missing."""
     from etl.pipeline import load_files
@@ -484,7 +486,7 @@ def test_a_patient_whose_details_changed_still_takes_its_new_rows(tmp_path: Path
     week2.write_text(header + "R1,P1,Ann,Lee,(303) 555-0199,08,2021-03-04\n"
                      "R2,P1,Ann,Lee,(303) 555-0199,20,2021-04-04\n", encoding="utf-8")
     base = {"base_url": sandbox.base_url, "api_key": sandbox.api_key, "consistency_window": 0,
-            "state": tmp_path / "s.sqlite", "stream": stream, "batch_rows": 1}
+            "state": tmp_path / "s.sqlite", "batch_rows": batch_rows}
     first = load_files([week1], Settings(**base, report_dir=tmp_path / "r1"))
     patient_id = first.rows["patient_id"][0]
     second = load_files([week2], Settings(**base, report_dir=tmp_path / "r2"))

@@ -225,6 +225,70 @@ def test_a_bundle_that_is_not_fhir_is_rejected_with_its_path(tmp_path: Path) -> 
     assert rejects["Record ID"].to_list() == ["R2"] and "doseNumberPositiveInt" in rejects["reasons"][0]
 
 
+def test_a_broken_bundle_shape_is_caught_though_one_bundle_a_shape_is_parsed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every bundle here has the same shape; the shape itself is broken (a MessageHeader without its
+    eventCoding), so every row is rejected, each naming the path, though few bundles are parsed."""
+    from etl import redox
+
+    parsed: list[str] = []
+    real_check, real_plan = redox.check_bundle, redox.plan_bundles
+
+    def counting(body: str) -> tuple[str, str] | None:
+        parsed.append(body)
+        return real_check(body)
+
+    def broken(*args: Any) -> pl.DataFrame:  # every header loses its eventCoding
+        return real_plan(*args).with_columns(pl.col("body").str.replace(r'"eventCoding":\{[^}]*\},', ""))
+
+    monkeypatch.setattr(redox, "check_bundle", counting)
+    report = load_files([SAMPLE / "registry.csv"], _settings(tmp_path, dry_run=True, batch_rows=100_000))
+    assert report.states["planned"] == 532 and len(parsed) < 50  # a bundle per shape, not per row
+    parsed.clear()
+    monkeypatch.setattr(redox, "plan_bundles", broken)
+    report = load_files([SAMPLE / "registry.csv"], _settings(tmp_path, dry_run=True, report_dir=tmp_path / "b"))
+    assert report.states["planned"] == 0 and report.states["rejected"] == 560
+    fhir = report.rows.filter(pl.col("error_code") == "fhir-invalid")
+    assert fhir.height == 532 and set(fhir["field"]) == {"entry[0].resource"}
+    assert fhir["message"].str.contains("eventCoding").all()
+    assert _payloads(tmp_path / "b") == []
+
+
+def test_a_shape_check_rejects_only_the_bundles_that_are_wrong() -> None:
+    from etl.redox import bundle_shape, check_bundles
+
+    good = json.dumps({"resourceType": "Bundle", "type": "message", "timestamp": "2024-01-02T03:04:05Z"},
+                      separators=(",", ":"))
+    bad = good.replace("2024-01-02T03:04:05Z", "not a time")
+    assert pl.select(bundle_shape(pl.lit(good))).item() == pl.select(bundle_shape(pl.lit(bad))).item()
+    found = check_bundles(pl.Series([bad, good, bad]))  # the shape's first bundle fails: each one is parsed
+    assert found["index"].to_list() == [0, 2] and set(found["fhir_path"]) == {"timestamp"}
+    assert check_bundles(pl.Series([good, bad])).is_empty()  # a shape's first passing stands for the rest
+
+
+def test_redox_refuses_bulk_mode_with_exit_2(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from etl.cli import main
+
+    result = CliRunner().invoke(main, ["load", str(SAMPLE / "registry.csv"), "--target", "redox", "--mode", "bulk",
+                                       "--dry-run", "--report-dir", str(tmp_path / "r")])
+    assert result.exit_code == 2
+    assert "Redox has no bulk endpoint" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "r").exists()
+
+
+def test_a_redox_load_in_batches_sends_each_bundle_once_and_created_rows_carry_no_message(tmp_path: Path) -> None:
+    with SandboxServer(SandboxConfig(redox_tokens=(TOKEN,))) as server:
+        settings = _settings(tmp_path, server, batch_rows=50)
+        report = load_files([SAMPLE / "registry.csv"], settings)
+        assert (report.states["created"], report.states["rejected"]) == (532, 28)
+        assert receipts(server.sandbox.store) == 532 and report.summary["batch_rows"] == 50
+        created = report.rows.filter(pl.col("state") == "created")
+        assert created["message"].is_null().all() and created["error_code"].is_null().all()
+
+
 # -- the load -----------------------------------------------------------------------
 
 

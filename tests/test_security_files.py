@@ -21,6 +21,7 @@ import polars as pl
 import pytest
 from click.testing import CliRunner, Result
 
+from etl.batches import read_crosswalk
 from etl.cli import main
 from etl.errors import OutputError, UnsafeFileError
 from etl.files import (
@@ -35,7 +36,6 @@ from etl.files import (
 )
 from etl.load.lock import state_lock
 from etl.load.state import StateStore
-from etl.pipeline import read_crosswalk
 from etl.readers import read_table
 
 from .conftest import SAMPLE
@@ -82,9 +82,9 @@ def open_umask() -> Iterator[None]:
 
 @pytest.mark.parametrize(
     "command",
-    [["validate"], ["load", "--dry-run"], ["load", "--dry-run", "--no-stream"], ["load", "--no-stream"],
-     ["load", "--stream"], ["load", "--target", "redox"]],
-    ids=["validate", "dry-run", "dry-run-whole", "load-whole", "load-streamed", "redox"],
+    [["validate"], ["load", "--dry-run"], ["load"], ["load", "--mode", "bulk"], ["load", "--target", "redox"],
+     ["load", "--target", "redox", "--dry-run"]],
+    ids=["validate", "dry-run", "load", "load-bulk", "redox", "redox-dry-run"],
 )
 def test_a_report_folder_that_is_a_symlink_is_refused(tmp_path: Path, command: list[str]) -> None:
     elsewhere = tmp_path / "elsewhere"
@@ -122,7 +122,7 @@ def test_private_dir_refuses_a_link_and_leaves_existing_folders_alone(tmp_path: 
     assert not (shared / "state.sqlite").exists()
 
 
-@pytest.mark.parametrize("command", [["validate"], ["load", "--dry-run", "--no-stream"]], ids=["validate", "dry-run"])
+@pytest.mark.parametrize("command", [["validate"], ["load", "--dry-run"]], ids=["validate", "dry-run"])
 def test_an_existing_report_folder_keeps_its_mode(tmp_path: Path, open_umask: None, command: list[str]) -> None:
     shared = tmp_path / "shared"
     shared.mkdir()
@@ -201,9 +201,8 @@ def test_planted_links_are_replaced_never_written_through(tmp_path: Path) -> Non
     runs = [
         ["validate", str(first)],
         ["load", "--dry-run", str(first)],
-        ["load", "--dry-run", "--no-stream", str(first)],
-        ["load", "--no-stream", str(first)],
-        ["load", "--stream", str(first)],
+        ["load", str(first)],
+        ["load", str(first)],
     ]
     for args in runs:
         result = _cli(*args, "--report-dir", str(report), "--state", str(state))
@@ -298,13 +297,14 @@ def _hostile(path: Path, rows: list[list[str]] = HOSTILE) -> Path:
     return path
 
 
-@pytest.mark.parametrize("stream", ["--no-stream", "--stream"])
-def test_no_csv_the_tool_writes_holds_a_formula_and_its_own_files_read_back(tmp_path: Path, stream: str) -> None:
+@pytest.mark.parametrize("batch_rows", ["1", "75000"])
+def test_no_csv_the_tool_writes_holds_a_formula_and_its_own_files_read_back(tmp_path: Path, batch_rows: str) -> None:
     (tmp_path / "in").mkdir()
     source = _hostile(tmp_path / "in" / "hostile.csv")
     state = str(tmp_path / "s.sqlite")
     checked = []
-    for name, args in [("v", ["validate"]), ("d", ["load", "--dry-run", stream]), ("l", ["load", stream])]:
+    cut = ["--batch-rows", batch_rows]
+    for name, args in [("v", ["validate", *cut]), ("d", ["load", "--dry-run", *cut]), ("l", ["load", *cut])]:
         result = _cli(*args, str(source), "--report-dir", str(tmp_path / name), "--state", state)
         assert result.exit_code == 1, result.output  # the second row is rejected
         assert _formula_cells(tmp_path / name) == [], name
@@ -318,7 +318,7 @@ def test_no_csv_the_tool_writes_holds_a_formula_and_its_own_files_read_back(tmp_
             ("patient", "+P3")} <= set(crosswalk)
     # A newer copy of the file without @SUM(A1): disappeared.csv, guarded too.
     _hostile(source, HOSTILE[1:])
-    result = _cli("load", stream, str(source), "--report-dir", str(tmp_path / "again"), "--state", state)
+    result = _cli("load", *cut, str(source), "--report-dir", str(tmp_path / "again"), "--state", state)
     assert result.exit_code == 1, result.output
     assert pl.read_csv(tmp_path / "again" / "disappeared.csv", infer_schema=False)["source_key"].to_list() == [
         "'@SUM(A1)"
@@ -339,12 +339,12 @@ def test_no_csv_the_tool_writes_holds_a_formula_and_its_own_files_read_back(tmp_
 
 
 def test_a_report_read_back_from_rows_csv_holds_the_values_themselves(tmp_path: Path) -> None:
-    from etl.pipeline import validate_files, validate_whole
+    from etl.pipeline import validate_files
     from etl.settings import Settings
 
     source = _hostile(tmp_path / "hostile.csv")
     batched = validate_files([source], Settings(report_dir=tmp_path / "batched", batch_rows=1))
-    whole = validate_whole([source], Settings(report_dir=tmp_path / "whole"))
+    whole = validate_files([source], Settings(report_dir=tmp_path / "whole"))  # one batch
     assert batched.held is None  # rows.csv is read back
     assert batched.rows.equals(whole.rows)
     assert "@SUM(A1)" in batched.rows["source_key"].to_list()
@@ -421,8 +421,8 @@ def _leaked(folder: Path) -> set[str]:
 
 @pytest.mark.parametrize(
     "command",
-    [["validate"], ["load", "--dry-run"], ["load", "--dry-run", "--no-stream"]],
-    ids=["validate", "dry-run", "dry-run-whole"],
+    [["validate"], ["load", "--dry-run"], ["load", "--dry-run", "--batch-rows", "1"]],
+    ids=["validate", "dry-run", "dry-run-in-1-row-batches"],
 )
 def test_redact_leaves_no_name_or_free_text_in_any_output(tmp_path: Path, command: list[str]) -> None:
     inputs = _redaction_inputs(tmp_path / "in")

@@ -1,4 +1,4 @@
-"""A load in batches (etl.streaming) ends where a whole-file load ends, in bounded memory."""
+"""A load in batches (etl.streaming): sent a part at a time, in bounded memory (its reports: tests/golden)."""
 
 from __future__ import annotations
 
@@ -10,58 +10,28 @@ from typing import Any
 import httpx
 import polars as pl
 import pytest
+from click.testing import CliRunner
 
-from etl import streaming
+from etl.cli import main
+from etl.errors import ExitCode
 from etl.load.client import ApiClient
 from etl.load.loader import Loader, LoadOptions, Send
 from etl.load.state import StateStore
 from etl.load.throttle import Throttle
-from etl.pipeline import load_files
+from etl.pipeline import STREAM_DEPRECATED, load_files
+from etl.report import read_rows
 from etl.sandbox import SandboxConfig, SandboxServer
 from etl.settings import Settings
 
 from .conftest import SAMPLE
-from .test_batches import GROUPS, _payloads, _report
+from .test_batches import _payloads
 from .test_load import patient_ref
 from .test_pipeline import count
 
 
-def _comparable(rows: pl.DataFrame) -> pl.DataFrame:
-    """Report rows with the ids each sandbox chose reduced to whether there is one (and its prefix)."""
-    return rows.with_columns(pl.col("resource_id").is_not_null(), pl.col("patient_id").str.slice(0, 4))
-
-
-@pytest.mark.parametrize(("name", "paths", "profile"), GROUPS, ids=[g[0] for g in GROUPS])
-def test_a_load_in_batches_ends_where_a_whole_file_load_ends(
-    tmp_path: Path, name: str, paths: list[Path], profile: str | None
-) -> None:
-    reports, summaries = {}, {}
-    for how in ("whole", "batched"):  # each into its own embedded sandbox (the one beside its state store)
-        settings = Settings(profile=profile, state=tmp_path / how / "state.sqlite", report_dir=tmp_path / how / "r",
-                            stream=how == "batched", batch_rows=37)
-        report = load_files(paths, settings)
-        reports[how], summaries[how] = _report(tmp_path / how / "r"), report.summary
-    whole, batched = reports["whole"], reports["batched"]
-    assert whole["states"]["created"] > 0 and whole["states"]["rejected"] > 0
-    assert summaries["batched"]["batch_rows"] == 37 and "batch_rows" not in summaries["whole"]  # two roads taken
-    assert _comparable(batched["rows"]).equals(_comparable(whole["rows"]))
-    assert batched["rejects"] == whole["rejects"]
-    assert (batched["states"], batched["kinds"], batched["warnings"]) == (
-        whole["states"], whole["kinds"], whole["warnings"]
-    )
-    for key in ("resources", "patients", "creates_sent", "requests", "mode", "disappeared", "interrupted"):
-        assert summaries["batched"][key] == summaries["whole"][key], key
-    # Every created row names the id its sandbox holds, and crosswalk.csv lists exactly those.
-    rows = batched["rows"].filter(pl.col("state") == "created")
-    crosswalk = pl.read_csv(tmp_path / "batched" / "r" / "crosswalk.csv", infer_schema=False)
-    assert set(rows["resource_id"]) <= set(crosswalk["resource_id"])
-    assert crosswalk.height == sum(n for k in summaries["batched"]["resources"].values() for n in [k.get("created", 0)])
-    assert not list((tmp_path / "batched" / "r").glob(".batches*"))
-
-
 def test_a_second_load_in_batches_sends_nothing(tmp_path: Path, sandbox: Any) -> None:
     base = {"base_url": sandbox.base_url, "api_key": sandbox.api_key, "consistency_window": 0,
-            "state": tmp_path / "s.sqlite", "stream": True, "batch_rows": 50}
+            "state": tmp_path / "s.sqlite", "batch_rows": 50}
     paths = [SAMPLE / "registry.csv", SAMPLE / "providers.csv", SAMPLE / "visits.csv"]
     first = load_files(paths, Settings(**base, report_dir=tmp_path / "r1"))
     created = first.states["created"]
@@ -87,27 +57,26 @@ def test_a_reference_to_an_id_the_target_holds_is_looked_up_while_planning(tmp_p
         encoding="utf-8",
     )
     report = load_files([visits], Settings(base_url=sandbox.base_url, api_key=sandbox.api_key, consistency_window=0,
-                                           state=tmp_path / "s.sqlite", report_dir=tmp_path / "r", stream=True))
+                                           state=tmp_path / "s.sqlite", report_dir=tmp_path / "r"))
     by_key = {r["source_key"]: r for r in report.rows.iter_rows(named=True)}
     assert by_key["V1"]["state"] == "created" and by_key["V1"]["patient_id"] == patient_id
     assert by_key["V2"]["state"] == "rejected" and by_key["V2"]["error_code"] == "unresolved-reference"
     assert report.summary["requests"] == 3  # two lookups while planning, one create
 
 
-def test_a_dry_run_against_a_state_store_plans_what_a_whole_file_dry_run_plans(tmp_path: Path) -> None:
+def test_a_dry_run_against_a_state_store_explains_references_to_what_it_created(tmp_path: Path) -> None:
     state = tmp_path / "s.sqlite"
     load_files([SAMPLE / "registry.csv", SAMPLE / "providers.csv"], Settings(state=state, report_dir=tmp_path / "r0"))
     children = [SAMPLE / n for n in ("visits.csv", "documents.csv", "tasks.csv")]  # they name loaded patients
-    batched = load_files(children, Settings(dry_run=True, state=state, report_dir=tmp_path / "a", batch_rows=37))
-    whole = load_files(children, Settings(dry_run=True, state=state, report_dir=tmp_path / "b", stream=False))
-    assert batched.summary["batch_rows"] == 37 and "batch_rows" not in whole.summary
+    got = load_files(children, Settings(dry_run=True, state=state, report_dir=tmp_path / "a", batch_rows=37))
+    load_files(children, Settings(dry_run=True, state=state, report_dir=tmp_path / "b"))  # one batch a file
+    assert got.summary["batch_rows"] == 37
     assert _payloads(tmp_path / "a") == _payloads(tmp_path / "b")
-    expected, got = _report(tmp_path / "b"), _report(tmp_path / "a")
-    assert got["rows"].equals(expected["rows"]) and got["states"] == expected["states"]
+    assert read_rows(tmp_path / "a" / "rows.csv").equals(read_rows(tmp_path / "b" / "rows.csv"))
     # The references to patients the first load created resolve: fewer rejections than with no store.
     alone = load_files(children, Settings(dry_run=True, state=tmp_path / "none.sqlite", report_dir=tmp_path / "c"))
-    assert got["states"]["rejected"] < alone.states["rejected"]
-    assert got["states"]["planned"] > alone.states["planned"]
+    assert got.states["rejected"] < alone.states["rejected"]
+    assert got.states["planned"] > alone.states["planned"]
 
 
 def test_a_later_part_finds_an_earlier_parts_parent_in_the_state_store(tmp_path: Path) -> None:
@@ -148,15 +117,20 @@ def test_a_later_part_finds_an_earlier_parts_parent_in_the_state_store(tmp_path:
         assert loader.stats.requests == 3
 
 
-def test_a_load_goes_in_batches_when_its_inputs_are_large(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    paths = [SAMPLE / "registry.csv"]
-    size = (SAMPLE / "registry.csv").stat().st_size
-    monkeypatch.setattr(streaming, "STREAM_BYTES", size - 1)
-    assert streaming.streams(paths, Settings())
-    assert not streaming.streams(paths, Settings(stream=False))
-    monkeypatch.setattr(streaming, "STREAM_BYTES", size)
-    assert not streaming.streams(paths, Settings())
-    assert streaming.streams(paths, Settings(stream=True))
-    monkeypatch.setattr(streaming, "STREAM_BYTES", 0)
-    report = load_files(paths, Settings(state=tmp_path / "s.sqlite", report_dir=tmp_path / "r", batch_rows=100))
-    assert report.summary["batch_rows"] == 100 and report.states["created"] > 0
+@pytest.mark.parametrize("flag", ["--stream", "--no-stream"])
+def test_the_stream_flags_are_accepted_no_ops_with_a_warning(tmp_path: Path, flag: str) -> None:
+    args = ["load", str(SAMPLE / "registry.csv"), "--dry-run", flag, "--batch-rows", "100",
+            "--state", str(tmp_path / "s.sqlite"), "--report-dir", str(tmp_path / "r"), "-q"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == ExitCode.REJECTED, result.output
+    assert STREAM_DEPRECATED in result.stderr
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert summary["batch_rows"] == 100  # planned in batches all the same
+
+
+def test_a_load_without_the_stream_flag_says_nothing_of_it(tmp_path: Path) -> None:
+    args = ["load", str(SAMPLE / "registry.csv"), "--dry-run", "--state", str(tmp_path / "s.sqlite"),
+            "--report-dir", str(tmp_path / "r"), "-q"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == ExitCode.REJECTED, result.output
+    assert "deprecated" not in result.stderr
