@@ -37,7 +37,7 @@ import os
 import secrets
 import stat
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO, TextIO, TypeVar
 
@@ -95,29 +95,24 @@ def guard_formulas(frame: _Frame) -> _Frame:
     ``'``, gets one more ``'`` in front. Only text columns are touched: a number column's ``-0.5``
     stays a number. :func:`unguard_formulas` undoes it exactly.
     """
-    schema = frame.collect_schema()
-    cells = [
-        pl.when(pl.col(name).str.contains(_RISKY)).then(pl.lit(FORMULA_GUARD) + pl.col(name))
-        .otherwise(pl.col(name)).alias(name)
-        for name, dtype in schema.items()
-        if dtype == pl.String
-    ]
-    frame = frame.with_columns(cells) if cells else frame
-    names = {name: guarded(name) for name in schema.names() if guarded(name) != name}
-    return frame.rename(names) if names else frame
+    return _rewrite(frame, _RISKY, lambda cell: pl.lit(FORMULA_GUARD) + cell, guarded)
 
 
 def unguard_formulas(frame: _Frame) -> _Frame:
     """A frame read from a CSV the tool wrote, with :func:`guard_formulas` undone (cells and column names)."""
+    return _rewrite(frame, _GUARDED, lambda cell: cell.str.slice(1), unguarded)
+
+
+def _rewrite(frame: _Frame, pattern: str, cell: Callable[[pl.Expr], pl.Expr], name: Callable[[str], str]) -> _Frame:
+    """``frame`` with ``cell`` applied to each text cell matching ``pattern``, and ``name`` to each column name."""
     schema = frame.collect_schema()
     cells = [
-        pl.when(pl.col(name).str.contains(_GUARDED)).then(pl.col(name).str.slice(1))
-        .otherwise(pl.col(name)).alias(name)
-        for name, dtype in schema.items()
+        pl.when(pl.col(c).str.contains(pattern)).then(cell(pl.col(c))).otherwise(pl.col(c)).alias(c)
+        for c, dtype in schema.items()
         if dtype == pl.String
     ]
     frame = frame.with_columns(cells) if cells else frame
-    names = {name: unguarded(name) for name in schema.names() if unguarded(name) != name}
+    names = {c: name(c) for c in schema.names() if name(c) != c}
     return frame.rename(names) if names else frame
 
 

@@ -11,6 +11,14 @@ ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "sample_data"
 REFERENCE = ROOT.parent / "shared" / "reference"
 OPENAPI = REFERENCE / "clinikapi-openapi.yaml"
+#: Each sample file that holds one kind, and that kind.
+SAMPLE_KINDS = [
+    ("registry.csv", "immunization"),
+    ("providers.csv", "practitioner"),
+    ("visits.csv", "encounter"),
+    ("documents.csv", "document"),
+    ("tasks.csv", "task"),
+]
 
 
 @pytest.fixture(scope="session")

@@ -22,7 +22,7 @@ from etl.readers import ROW, Table, read_table
 from etl.validate import prepare
 from schemas.canonical import DEFAULTS, field_map
 
-from .conftest import SAMPLE
+from .conftest import SAMPLE, SAMPLE_KINDS
 
 REGISTRY_HEADER = "Record ID,Patient ID,First Name,Last Name,DOB,Sex,Admin Date,CVX,Lot Number"
 
@@ -176,13 +176,7 @@ def test_numbered_columns_make_one_list_field(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("name", "kind"),
-    [
-        ("registry.csv", "immunization"),
-        ("providers.csv", "practitioner"),
-        ("visits.csv", "encounter"),
-        ("documents.csv", "document"),
-        ("tasks.csv", "task"),
-    ],
+    SAMPLE_KINDS,
 )
 def test_detect_kind_tells_the_samples_apart(name: str, kind: str) -> None:
     t = read_table(SAMPLE / name)

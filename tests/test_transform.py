@@ -28,7 +28,7 @@ from schemas.codes import CVX_SYSTEM, displays
 from schemas.limits import spec_at
 from schemas.models import model_for
 
-from .conftest import SAMPLE
+from .conftest import SAMPLE, SAMPLE_KINDS
 
 SCHEMA = {
     "patient": "PatientCreate",
@@ -295,13 +295,7 @@ def test_obj_one_of_and_json_body_drop_what_is_absent() -> None:
 
 @pytest.mark.parametrize(
     ("name", "kind"),
-    [
-        ("registry.csv", "immunization"),
-        ("providers.csv", "practitioner"),
-        ("visits.csv", "encounter"),
-        ("documents.csv", "document"),
-        ("tasks.csv", "task"),
-    ],
+    SAMPLE_KINDS,
 )
 def test_every_sample_body_passes_the_payload_model(name: str, kind: str) -> None:
     mapped = apply_profile(read_table(SAMPLE / name), default_profile())
