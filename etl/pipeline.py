@@ -88,7 +88,7 @@ def load_files(
         # The plan is made a batch at a time in bounded memory, like validate; the state store, if
         # any, explains references to what earlier runs created.
         from etl.batches import validate_in_batches
-        from etl.streaming import existing_state
+        from etl.clinikapi import existing_state
 
         with existing_state(settings) as state:
             return validate_in_batches(paths, settings, shown, payloads=True, state=state)
@@ -103,12 +103,12 @@ def reconcile_state(settings: Settings, *, verify: bool = False) -> RunReport:
     Writes ``summary.json`` and ``reconcile.csv`` (kind, source_key, before, state, resource_id,
     message) to the report folder.
     """
+    from etl.clinikapi import open_target
     from etl.errors import LookupFailed
     from etl.load.client import ApiClient, http_client
     from etl.load.loader import Loader, LoadOptions, Send
     from etl.load.state import StateStore
     from etl.load.throttle import Throttle
-    from etl.streaming import open_target
 
     run_id = new_run_id()
     bound = StateStore.existing(settings.state)
