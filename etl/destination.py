@@ -141,11 +141,12 @@ class Destination(abc.ABC):
 
     # --- the target -------------------------------------------------------------
 
-    def check_mode(self, settings: Settings) -> None:
+    @classmethod
+    def check_mode(cls, settings: Settings) -> None:
         """Refuse a ``--mode`` this destination cannot do, by its capabilities, before anything is opened."""
-        if settings.mode == "bulk" and not self.has_bulk:
+        if settings.mode == "bulk" and not cls.has_bulk:
             raise UsageError(
-                f"--mode bulk: {self.name} has no bulk endpoint; load into {self.name} with --mode request "
+                f"--mode bulk: {cls.name} has no bulk endpoint; load into {cls.name} with --mode request "
                 "(the default)"
             )
 

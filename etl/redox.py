@@ -510,12 +510,12 @@ def load_redox(
     """
     from etl.progress import as_progress
 
+    RedoxBundles.check_mode(settings)  # first: no bulk endpoint (has_bulk)
     show = as_progress(progress)
     if settings.redox_base_url:  # before anything: a dry run's report names the URL too
         check_target_url(settings.redox_base_url, "--redox-base-url")
     slug, environment = _destination(settings)
     bundles = RedoxBundles(settings, write_route(slug, environment))
-    bundles.check_mode(settings)
     extra: dict[str, Any] = {"destination": {"type": "redox", "route": bundles.write_route}}
     if settings.dry_run:
         with planned_in_batches(paths, settings, show, payloads=True, destination=bundles) as run:
