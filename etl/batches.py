@@ -29,11 +29,10 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import json
 import shutil
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -41,6 +40,8 @@ from typing import TYPE_CHECKING, Any
 
 import polars as pl
 
+from etl.clinikapi import ClinikApi
+from etl.destination import Destination, Lookup
 from etl.errors import InputError, UsageError
 from etl.files import guard_formulas, private_dir, private_file, private_text, scratch_dir, unguard_formulas, write_csv
 from etl.keyindex import KeyIndex
@@ -61,10 +62,9 @@ from etl.report import (
 )
 from etl.report_html import TALLY_KEYS, tally_of, write_html
 from etl.settings import Settings
-from etl.transform import Planned, plan, readable_refs, references
+from etl.transform import Planned, plan, references
 from etl.validate import Carry, Validation, precheck, prepare, validate
 from schemas.canonical import KIND_SPECS, fields_of
-from schemas.limits import ROUTES
 
 if TYPE_CHECKING:
     from etl.load.state import StateStore
@@ -73,7 +73,6 @@ __all__ = [
     "Run",
     "base_rows",
     "created_in_store",
-    "payload_line",
     "planned_in_batches",
     "read_crosswalk",
     "redact",
@@ -82,9 +81,6 @@ __all__ = [
     "run_profile",
     "validate_in_batches",
 ]
-
-# Which (kind, id) pairs the target holds, of those asked.
-Lookup = Callable[[list[tuple[str, str]]], set[tuple[str, str]]]
 
 _ALIASES = {"kind": pl.String, "value": pl.String, "alias": pl.String}
 _KIND_KEY = {"kind": pl.String, "source_key": pl.String}
@@ -196,58 +192,6 @@ class _RowsWriter:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
-
-
-class Destination:
-    """Where a run's creates go: ClinikAPI, unless a subclass says otherwise (``etl.redox``).
-
-    The plan is the same for every destination (read, map, validate, key, de-duplicate, report);
-    a destination says what a batch's planned rows become (:meth:`plan_batch`), whether their
-    references must resolve in the run, and how a dry run writes a create.
-    """
-
-    #: References between rows must resolve (a child names a created parent); Redox sends each
-    #: row's patient inside its own bundle, so nothing there waits for another row.
-    resolves_references = True
-    #: The transform builds ClinikAPI JSON bodies for the planned rows.
-    builds_bodies = True
-
-    def check(self, mapped: Mapped) -> None:
-        """Refuse an input this destination cannot take (a usage error), before any row is read."""
-
-    def plan_batch(
-        self, mapped: Mapped, valid: pl.DataFrame, planned: Planned, rows: pl.DataFrame
-    ) -> tuple[pl.DataFrame, list[tuple[str, pl.DataFrame]]]:
-        """A batch's report ``rows`` (a destination may reject more of them) and its creates: per kind,
-        ``source_key, __row, body, body_hash, source_file`` of what its planned rows send."""
-        live = rows.filter(pl.col("state") == "planned").select("source_key").unique()
-        none = pl.lit(None, dtype=pl.String).alias("source_file")
-        creates = [  # a patients file's own rows and the patients a registry row describes: both "patient"
-            (
-                mapped.kind,
-                planned.rows.filter(pl.col("body").is_not_null())
-                .join(live, on="source_key", how="semi")
-                .select("source_key", ROW, "body", "body_hash",
-                        pl.lit(Path(str(mapped.table.path)).name).alias("source_file")),
-            ),
-            ("patient", planned.patients.select(pl.col("patient_key").alias("source_key"), ROW, "body", "body_hash",
-                                                none)),
-            ("practitioner", planned.practitioners.select(pl.col("practitioner_key").alias("source_key"), ROW, "body",
-                                                          "body_hash", none)),
-        ]
-        return rows, creates
-
-    def stage(self, kind: str) -> int:
-        """When a kind's creates go: parents' stages before their children's."""
-        return KIND_SPECS[kind].stage
-
-    def payload_line(self, kind: str, source_key: str, source_row: int, body: str) -> str:
-        """One line of a dry run's ``payloads.ndjson``."""
-        return payload_line(kind, source_key, source_row, body)
-
-    def requests_planned(self, counts: dict[str, int]) -> Any:
-        """The summary's ``requests_planned`` of a dry run: the creates per kind."""
-        return counts
 
 
 class _Payloads:
@@ -382,7 +326,7 @@ def validate_in_batches(
             with report_output(run.folder):
                 counts = run.keys.payloads.write(run.folder / "payloads.ndjson", redacted=settings.redact)
             extra["requests_planned"] = run.keys.payloads.destination.requests_planned(counts)
-            return run.write(extra, command="load", target=settings.base_url or "embedded sandbox")
+            return run.write(extra, command="load", target=run.keys.payloads.destination.dry_run_target(settings))
         return run.write(extra, command="validate", target="none (validate)")
 
 
@@ -439,7 +383,7 @@ def planned_in_batches(
     lines as it goes (not when a load will change them). ``destination``: where the creates go
     (ClinikAPI by default), asked to refuse the inputs it cannot take before a row is read.
     """
-    destination = destination or Destination()
+    destination = destination or ClinikApi()
     run_id, timings = run_id or new_run_id(), dict[str, float]()
     t0 = time.perf_counter()
     profile = run_profile(settings)
@@ -942,17 +886,6 @@ def created_in_store(state: StateStore, refs: pl.DataFrame) -> pl.DataFrame:
         wanted = mine.get_column("key").drop_nulls().unique().to_list()
         found += [(str(kind), k) for k, rec in state.get(str(kind), wanted).items() if rec.state == "created"]
     return pl.DataFrame(found, schema={"kind": pl.String, "key": pl.String}, orient="row")
-
-
-def payload_line(kind: str, source_key: str, source_row: int, body: str) -> str:
-    """One line of ``payloads.ndjson``: the request a load would send for a planned create."""
-    head = json.dumps(
-        {"method": "POST", "path": ROUTES[KIND_SPECS[kind].schema], "source_row": source_row, "kind": kind,
-         "source_key": source_key},
-        ensure_ascii=False,
-    )
-    # The body is JSON already: spliced in, not parsed and re-encoded (that was ~40% of a dry run).
-    return f'{head[:-1]}, "body": {readable_refs(body)}}}\n'
 
 
 def input_facts(mapped: Mapped, rows: int) -> dict[str, Any]:

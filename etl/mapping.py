@@ -35,7 +35,7 @@ import yaml
 
 from etl.errors import InputError, ProfileError
 from etl.readers import ROW, Notice, Table
-from schemas.canonical import DEFAULTS, KIND_SPECS, KINDS, LIST_SEPARATOR, field_map, fields_of
+from schemas.canonical import DEFAULTS, KIND_SPECS, LIST_SEPARATOR, field_map, fields_of
 
 __all__ = [
     "Mapped",
@@ -138,10 +138,9 @@ _KNOWN = {
 
 
 def key_field(kind: str) -> str:
-    """The canonical field whose value keys a row of ``kind``."""
-    return {"patient": "patient_id", "practitioner": "practitioner_id", "document": "document_id"}.get(
-        kind, "record_id"
-    )
+    """The canonical field whose value keys a row of ``kind`` (its :attr:`schemas.canonical.Kind.key`)."""
+    spec = KIND_SPECS.get(kind)
+    return spec.key if spec is not None else "record_id"
 
 
 def normalise_header(header: str) -> str:
@@ -194,9 +193,9 @@ def _parse_profile(raw: Any, where: str, default_name: str | None = None, kind: 
     if unknown := sorted(set(raw) - _KNOWN):
         raise ProfileError(f"{where}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(_KNOWN))}")
     kind = str(raw["kind"]) if "kind" in raw else kind
-    if kind is not None and kind not in KINDS:
-        raise ProfileError(f"{where}: unknown kind {kind!r}; kinds: {', '.join(KINDS)}")
-    names = set(field_map(kind)) if kind else {f.name for fs in KINDS.values() for f in fs}
+    if kind is not None and kind not in KIND_SPECS:
+        raise ProfileError(f"{where}: unknown kind {kind!r}; kinds: {', '.join(KIND_SPECS)}")
+    names = set(field_map(kind)) if kind else {f.name for k in KIND_SPECS.values() for f in k.fields}
     columns = {str(k): str(v) for k, v in (raw.get("columns") or {}).items()}
     defaults = {str(k): str(v) for k, v in (raw.get("defaults") or {}).items()}
     values = {str(k): {str(a): str(b) for a, b in v.items()} for k, v in (raw.get("values") or {}).items()}

@@ -31,7 +31,6 @@ from etl.progress import Progress, as_progress
 from etl.report import RunReport, new_run_id, report_folder, report_output, report_path
 from etl.settings import Settings
 from schemas.canonical import KIND_SPECS
-from schemas.limits import ROUTES
 
 if TYPE_CHECKING:  # the loader and its HTTP client are imported when something is sent: validate needs neither
     from etl.load.loader import Result, Send
@@ -88,7 +87,7 @@ def load_files(
         # The plan is made a batch at a time in bounded memory, like validate; the state store, if
         # any, explains references to what earlier runs created.
         from etl.batches import validate_in_batches
-        from etl.streaming import existing_state
+        from etl.clinikapi import existing_state
 
         with existing_state(settings) as state:
             return validate_in_batches(paths, settings, shown, payloads=True, state=state)
@@ -103,12 +102,12 @@ def reconcile_state(settings: Settings, *, verify: bool = False) -> RunReport:
     Writes ``summary.json`` and ``reconcile.csv`` (kind, source_key, before, state, resource_id,
     message) to the report folder.
     """
+    from etl.clinikapi import kind_route, open_target
     from etl.errors import LookupFailed
     from etl.load.client import ApiClient, http_client
     from etl.load.loader import Loader, LoadOptions, Send
     from etl.load.state import StateStore
     from etl.load.throttle import Throttle
-    from etl.streaming import open_target
 
     run_id = new_run_id()
     bound = StateStore.existing(settings.state)
@@ -133,7 +132,7 @@ def reconcile_state(settings: Settings, *, verify: bool = False) -> RunReport:
                 continue  # Redox has no search: its unknowns stay unknown
             doubtful = state.in_state(kind, "pending", "unknown")
             bodies = state.bodies(kind, [r.source_key for r in doubtful])
-            route = ROUTES[KIND_SPECS[kind].schema]
+            route = kind_route(kind)
             for rec in doubtful:
                 if rec.source_key in bodies:
                     items.append(Send(kind, route, rec.source_key, bodies[rec.source_key], rec.body_hash or ""))
@@ -157,7 +156,7 @@ def reconcile_state(settings: Settings, *, verify: bool = False) -> RunReport:
                     for kind in state.kinds():
                         if kind not in KIND_SPECS:
                             continue
-                        route = ROUTES[KIND_SPECS[kind].schema]
+                        route = kind_route(kind)
                         for rec in state.in_state(kind, "created"):
                             found = None
                             if client.silent < settings.no_answer_limit:  # a silent target is asked no more

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 import polars as pl
 
-from schemas.canonical import KINDS, REDACTED_FIELDS
+from schemas.canonical import KIND_SPECS, REDACTED_FIELDS
 
 if TYPE_CHECKING:
     from etl.mapping import Mapped
@@ -37,7 +37,7 @@ def _body_keys() -> list[str]:
     """The create-body keys that redacted fields feed (the last step of their target paths)."""
     keys = {
         f.target.split(":")[1].split(".")[-1].removesuffix("[]")
-        for fields in KINDS.values()
+        for fields in (k.fields for k in KIND_SPECS.values())
         for f in fields
         if f.name in REDACTED_FIELDS and f.target
     }

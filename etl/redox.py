@@ -30,35 +30,36 @@ target. Redox has no search: a send without an answer stays ``unknown``.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import datetime as dt
-import json
 import time
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import polars as pl
 from pydantic import ValidationError
 
-from etl.batches import Destination, Run, planned_in_batches
+from etl.batches import planned_in_batches
+from etl.destination import Destination, OnResponse, Target
 from etl.errors import UsageError
 from etl.files import private_dir
-from etl.load.client import check_target_url, http_client, mask
-from etl.load.loader import Loader, LoadOptions
+from etl.load.client import check_target_url, mask
 from etl.load.redox import RedoxClient
-from etl.load.state import StateStore
-from etl.load.throttle import Throttle
 from etl.mapping import Mapped
-from etl.progress import Progress
 from etl.readers import ROW
 from etl.redaction import masked
-from etl.report import RunReport, new_run_id, report_folder, report_path
+from etl.report import RunReport
 from etl.settings import DEFAULT_REDOX_STATE, DEFAULT_STATE, Settings
-from etl.streaming import apply_outcomes, creates_in_parts, loader_stats, results_table, sends_of, stop_on_signals
+from etl.streaming import load_in_batches
 from etl.transform import Planned, json_body, obj, one_of, sha256_hex, source_keys
 from schemas.codes import CVX_OID, CVX_SYSTEM, NCI_OID, ROUTE_SYSTEM, SITE_SYSTEM, displays, table
+
+if TYPE_CHECKING:
+    import httpx
+
+    from etl.load.loader import Client, Loader
 
 __all__ = [
     "EVENT_CODE",
@@ -71,6 +72,7 @@ __all__ = [
     "load_redox",
     "plan_bundles",
     "redox_state_path",
+    "redox_target",
     "write_route",
 ]
 
@@ -382,15 +384,15 @@ def _check_redox_target(settings: Settings) -> None:
 
 
 @contextlib.contextmanager
-def _redox_target(settings: Settings, state_path: Path, route: str) -> Iterator[tuple[str, str, str]]:
-    """(base URL, bearer token, state-store identity); the embedded sandbox without ``redox_base_url``."""
+def redox_target(settings: Settings, state_path: Path, route: str) -> Iterator[Target]:
+    """The Redox target (its bearer token as the key); the embedded sandbox without ``redox_base_url``."""
     token = settings.redox_token.get_secret_value() if settings.redox_token is not None else None
     url = settings.redox_base_url
     if url:
         if not token:
             raise UsageError(f"set REDOX_API_TOKEN (or --redox-token-file) to load into {url}")
         _check_redox_target(settings)
-        yield url, token, f"redox:{url}{route}"
+        yield Target(url, token, f"redox:{url}{route}", url + route)
         return
     from etl.sandbox import SandboxConfig, SandboxServer
     from etl.sandbox.redox import new_redox_token
@@ -399,7 +401,7 @@ def _redox_target(settings: Settings, state_path: Path, route: str) -> Iterator[
     private_dir(db.parent)
     token = token or new_redox_token()
     with SandboxServer(SandboxConfig(db_path=str(db), redox_tokens=(token,))) as server:
-        yield server.base_url, token, f"embedded-redox-sandbox:{db.resolve()}"
+        yield Target(server.base_url, token, f"embedded-redox-sandbox:{db.resolve()}", "embedded sandbox" + route)
 
 
 class RedoxBundles(Destination):
@@ -407,11 +409,14 @@ class RedoxBundles(Destination):
     is a message bundle (:func:`plan_bundles`), checked as FHIR (:func:`check_bundles`), sent to
     ``route``. The bundle carries its patient and performer, so no reference waits for another row."""
 
+    name = "Redox"
     resolves_references = False
     builds_bodies = False
+    can_search = False  # a send without an answer stays unknown
+    has_bulk = False
 
     def __init__(self, settings: Settings, route: str) -> None:
-        self.settings, self.route = settings, route
+        self.settings, self.write_route = settings, route
         self.stamp = dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
         self.fhir_seconds = 0.0
 
@@ -460,15 +465,38 @@ class RedoxBundles(Destination):
     def stage(self, kind: str) -> int:
         return 0  # one kind, one stage
 
-    def payload_line(self, kind: str, source_key: str, source_row: int, body: str) -> str:
-        head = json.dumps(
-            {"method": "POST", "path": self.route, "source_row": source_row, "kind": kind, "source_key": source_key},
-            ensure_ascii=False,
-        )
-        return f'{head[:-1]}, "body": {body}}}\n'  # the bundle is JSON already: spliced in, not re-encoded
+    def route(self, kind: str) -> str:
+        return self.write_route
 
     def requests_planned(self, counts: dict[str, int]) -> Any:
         return sum(counts.values())
+
+    def timings(self) -> dict[str, float]:
+        return {"fhir": self.fhir_seconds}
+
+    def report_kind(self, kind: str) -> str:
+        return "immunization" if kind == KIND else kind  # kept under KIND, reported as the rows' kind
+
+    def dry_run_target(self, settings: Settings) -> str:
+        return (settings.redox_base_url or "embedded sandbox") + self.write_route
+
+    def state_path(self, settings: Settings) -> Path:
+        return redox_state_path(settings)
+
+    def open(self, settings: Settings) -> contextlib.AbstractContextManager[Target]:
+        return redox_target(settings, self.state_path(settings), self.write_route)
+
+    def opened_url(self, settings: Settings) -> str | None:
+        return settings.redox_base_url
+
+    def client(
+        self, http: httpx.AsyncClient, key: str, *, on_response: OnResponse | None = None,
+        protocols: Counter[str] | None = None,
+    ) -> Client:
+        return RedoxClient(http, key, on_response=on_response)
+
+    def load_extra(self, loader: Loader, table: pl.DataFrame, protocols: Counter[str]) -> dict[str, Any]:
+        return {}
 
 
 def load_redox(
@@ -477,77 +505,23 @@ def load_redox(
     """Send every valid immunization row to Redox as a message bundle (or plan it, with ``dry_run``).
 
     The run is the one plan (:mod:`etl.batches`), a batch at a time in bounded memory, then the
-    sends a part at a time, as a ClinikAPI load (:mod:`etl.streaming`). Redox has no bulk endpoint:
-    ``--mode bulk`` is refused.
+    sends a part at a time, as a ClinikAPI load (:func:`etl.streaming.load_in_batches`). Redox has no
+    bulk endpoint (:attr:`RedoxBundles.has_bulk`): ``--mode bulk`` is refused.
     """
-    from etl.load.lock import state_lock
     from etl.progress import as_progress
 
-    if settings.mode == "bulk":
-        raise UsageError("--mode bulk: Redox has no bulk endpoint; load into Redox with --mode request (the default)")
+    RedoxBundles.check_mode(settings)  # first: no bulk endpoint (has_bulk)
     show = as_progress(progress)
     if settings.redox_base_url:  # before anything: a dry run's report names the URL too
         check_target_url(settings.redox_base_url, "--redox-base-url")
     slug, environment = _destination(settings)
-    route = write_route(slug, environment)
-    bundles = RedoxBundles(settings, route)
-    extra: dict[str, Any] = {"load": True, "destination": {"type": "redox", "route": route}}
+    bundles = RedoxBundles(settings, write_route(slug, environment))
+    extra: dict[str, Any] = {"destination": {"type": "redox", "route": bundles.write_route}}
     if settings.dry_run:
         with planned_in_batches(paths, settings, show, payloads=True, destination=bundles) as run:
             payloads = run.keys.payloads
             counts = payloads.write(run.folder / "payloads.ndjson") if payloads else {}
             extra["requests_planned"] = bundles.requests_planned(counts)
-            run.timings["fhir"] = round(bundles.fhir_seconds, 4)
-            target = (settings.redox_base_url or "embedded sandbox") + route
-            return run.write(extra, command="load", target=target)
-    state_path = redox_state_path(settings)
-    run_id = new_run_id()
-    with (
-        state_lock(state_path, wait=settings.wait, on_wait=show.note),
-        # The report folder first: one that cannot take the report stops the run before anything is opened.
-        report_folder(report_path(settings.report_dir, run_id)),
-        _redox_target(settings, state_path, route) as (base_url, token, identity),
-        StateStore(state_path, target=identity) as state,
-        planned_in_batches(paths, settings, show, payloads=True, rows_csv=False, run_id=run_id,
-                           destination=bundles) as run,
-    ):
-        target = (base_url if settings.redox_base_url else "embedded sandbox") + route
-        state.start_run(run_id, "run" if job else "load", job=job)
-        t0 = time.perf_counter()
-        table, loader = asyncio.run(_send(run, base_url, token, route, state, settings, show))
-        run.timings["load"] = time.perf_counter() - t0
-        run.timings["fhir"] = bundles.fhir_seconds
-        # The results are kept under the state store's kind; the report's rows are immunizations.
-        apply_outcomes(run, table.with_columns(pl.lit("immunization").alias("kind")))
-        extra.update(loader_stats(loader))
-        report = run.write(extra, command="load", target=target)
-        state.finish_run(run_id, {"states": report.states})
-    return report
-
-
-async def _send(
-    run: Run, base_url: str, token: str, route: str, state: StateStore, settings: Settings, progress: Progress
-) -> tuple[pl.DataFrame, Loader]:
-    """Send the planned bundles a part at a time; the results table and the loader."""
-    throttle = Throttle(settings.rate)
-    # No search to wait for: an unknown outcome cannot be looked up anyway.
-    options = LoadOptions(
-        settings.rate, settings.concurrency, consistency_window=0.0, no_answer_limit=settings.no_answer_limit
-    )
-    parts: list[Path] = []
-    async with http_client(base_url, settings) as http:
-        client = RedoxClient(http, token, on_response=throttle.observe)
-        # The loader starts the KIND stage itself, with the number it really sends (not the skipped).
-        loader = Loader(client, state, throttle, options, run.run_id, progress=progress)
-        await loader.begin()
-        try:
-            with stop_on_signals(loader):
-                for frame in creates_in_parts(run):
-                    results = await loader.run_part(sends_of(frame, lambda _kind: route))
-                    parts.append(run.work / f"results-{len(parts):06d}.ipc")
-                    results_table(results).write_ipc(parts[-1])
-        finally:
-            loader.end()
-    progress.finish(KIND)
-    table = pl.concat([pl.read_ipc(p) for p in parts]) if parts else results_table({})
-    return table, loader
+            run.timings.update({k: round(v, 4) for k, v in bundles.timings().items()})
+            return run.write({"load": True, **extra}, command="load", target=bundles.dry_run_target(settings))
+    return load_in_batches(paths, settings, show, destination=bundles, job=job, extra=extra)

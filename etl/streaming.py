@@ -1,6 +1,7 @@
 """A load in bounded memory: planned in batches, sent a part at a time, reported from disk.
 
-Every ClinikAPI load takes this road (``load_files``; a file that fits one batch is one
+Every load takes this road, whatever its destination (:class:`etl.destination.Destination`:
+ClinikAPI by default, Redox with ``--target redox``; a file that fits one batch is one
 batch). The run is the batched plan (``etl.batches``) with its creates planned as it goes, then
 the sends:
 
@@ -19,9 +20,10 @@ What stays in memory grows with the number of distinct keys (see ``etl.batches``
 results table (about 100 bytes a create), not with the file. The golden reports
 (``tests/golden``) prove the batch size never changes the outcome.
 
-The load's shared parts live here too, public for :mod:`etl.redox` and ``reconcile_state``:
-the target (:func:`open_target`), the loader (:func:`new_loader`), the results table and how report
-rows take it (:func:`results_table`, :func:`with_outcomes`), the summary's extras.
+What differs per destination (routes, target, client, lookups, bulk, the summary's extras) is
+asked of the destination; the send loop, the state store, the report, progress and signals are
+the same for all. The results table and how report rows take it (:func:`results_table`,
+:func:`with_outcomes`) are public for ``reconcile_state`` and the tests.
 """
 
 from __future__ import annotations
@@ -34,26 +36,20 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import quote
 
 import polars as pl
 
 from etl.batches import Run, planned_in_batches
-from etl.errors import LookupFailed, NoAnswerError, UsageError
-from etl.files import private_dir, write_csv
+from etl.clinikapi import ClinikApi
+from etl.destination import Destination, Lookup, Target, loader_stats
+from etl.files import write_csv
 from etl.progress import LoadEstimate, Progress
 from etl.report import RunReport, new_run_id, report_folder, report_path
-from etl.settings import NO_ANSWER_LIMIT, Settings
-from schemas.canonical import KIND_SPECS
-from schemas.limits import ROUTES
+from etl.settings import Settings
 
 if TYPE_CHECKING:
-    import httpx
-
-    from etl.load.client import ApiClient
-    from etl.load.loader import Loader, LoadOptions, Result, Send
+    from etl.load.loader import Loader, Result, Send
     from etl.load.state import StateStore
-    from etl.load.throttle import Throttle
 
 __all__ = [
     "GONE",
@@ -61,19 +57,11 @@ __all__ = [
     "apply_outcomes",
     "creates_in_parts",
     "disappeared_from",
-    "existing_state",
-    "load_extra",
     "load_in_batches",
-    "loader_stats",
-    "new_loader",
-    "open_target",
     "outcome_patients",
     "results_table",
-    "sandbox_db",
     "sends_of",
     "stop_on_signals",
-    "target_has",
-    "target_identity",
     "unsent_count",
     "with_outcomes",
 ]
@@ -87,107 +75,97 @@ def load_in_batches(
     settings: Settings,
     progress: Progress,
     *,
+    destination: Destination | None = None,
     job: str | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> RunReport:
-    """Import inputs in bounded memory, a batch at a time; write the report."""
+    """Import inputs into ``destination`` (ClinikAPI by default) in bounded memory, a batch at a time;
+    write the report (``extra``: what the summary adds besides the load's own)."""
     from etl.load.lock import state_lock
     from etl.load.state import StateStore
 
+    destination = destination or ClinikApi()
+    destination.check_mode(settings)
+    state_path = destination.state_path(settings)
     run_id = new_run_id()
     # The report folder first, under the lock: one that cannot take the report stops the run before the
     # sandbox or the state store is opened, and long before anything is sent.
-    with state_lock(settings.state, wait=settings.wait, on_wait=progress.note), report_folder(
+    with state_lock(state_path, wait=settings.wait, on_wait=progress.note), report_folder(
         report_path(settings.report_dir, run_id)
-    ), open_target(settings) as (base_url, key, identity), StateStore(settings.state, target=identity) as state:
-        target = base_url if settings.base_url else "embedded sandbox"
-        lookup = _Lookup(base_url, key, settings)
+    ), destination.open(settings) as target, StateStore(state_path, target=target.identity) as state:
+        lookup = destination.lookup(target, settings)
         with planned_in_batches(
-            paths, settings, progress, payloads=True, state=state, lookup=lookup, rows_csv=False, run_id=run_id
+            paths, settings, progress, payloads=True, state=state, lookup=lookup, rows_csv=False, run_id=run_id,
+            destination=destination,
         ) as run:
             state.start_run(run_id, "run" if job else "load", job=job)  # once planned
             t0 = time.perf_counter()
-            results, extra = asyncio.run(_send(run, base_url, key, state, settings, progress, lookup))
+            results, loader, protocols = asyncio.run(_send(run, destination, target, state, settings, progress,
+                                                           lookup))
             run.timings["load"] = time.perf_counter() - t0
-            apply_outcomes(run, results)
-            crosswalk = extra.pop("_crosswalk")
-            disappeared = _disappeared(run, state)
-            extra["disappeared"] = disappeared.height
-            report = run.write({"load": True, **extra}, command="load", target=target)
-            if crosswalk is not None:  # written even when empty
-                write_csv(crosswalk.sort("kind", "source_key"), run.folder / "crosswalk.csv")
-            if disappeared.height:
+            run.timings.update(destination.timings())
+            # The results are kept under the state store's kinds; the report's rows under their own.
+            kinds = results.get_column("kind").replace_strict(
+                {k: destination.report_kind(k) for k in results.get_column("kind").unique()},
+                return_dtype=pl.String,
+            )
+            apply_outcomes(run, results.with_columns(kinds.alias("kind")))
+            summary: dict[str, Any] = {"load": True, **(extra or {}), **loader_stats(loader),
+                                       **destination.load_extra(loader, results, protocols)}
+            disappeared = _disappeared(run, state) if destination.tracks_disappeared else None
+            if disappeared is not None:
+                summary["disappeared"] = disappeared.height
+            report = run.write(summary, command="load", target=target.name)
+            for name, frame in destination.extra_files(results).items():  # written even when empty
+                write_csv(frame, run.folder / name)
+            if disappeared is not None and disappeared.height:
                 write_csv(disappeared, run.folder / "disappeared.csv")
             state.finish_run(run_id, {"states": report.states})
     return report
 
 
-class _Lookup:
-    """Asks the target which of some (kind, id) pairs it holds (between batches: no loop is running)."""
-
-    def __init__(self, base_url: str, key: str, settings: Settings) -> None:
-        self.base_url, self.key, self.settings = base_url, key, settings
-        self.requests = 0
-        self.protocols: Counter[str] = Counter()
-        self.answers: dict[tuple[str, str], bool] = {}  # each pair is asked once a run
-
-    def __call__(self, pairs: list[tuple[str, str]]) -> set[tuple[str, str]]:
-        from etl.load.client import ApiClient, http_client
-
-        async def ask(new: list[tuple[str, str]]) -> None:
-            async with http_client(self.base_url, self.settings) as http:
-                client = ApiClient(http, self.key)
-                client.protocols = self.protocols
-                try:
-                    for kind, value in new:
-                        self.answers[(kind, value)] = await target_has(
-                            client, kind, value, no_answer_limit=self.settings.no_answer_limit
-                        )
-                finally:
-                    self.requests += client.requests
-
-        new = [pair for pair in dict.fromkeys(pairs) if pair not in self.answers]
-        if new:
-            asyncio.run(ask(new))
-        return {pair for pair in pairs if self.answers[pair]}
-
-
 async def _send(
-    run: Run, base_url: str, key: str, state: StateStore, settings: Settings, progress: Progress, lookup: _Lookup
-) -> tuple[pl.DataFrame, dict[str, Any]]:
-    """Send the planned creates stage by stage, a part at a time; the results table and the summary's extras."""
-    from etl.load.client import ApiClient, http_client
-    from etl.load.loader import LoadOptions
+    run: Run, destination: Destination, target: Target, state: StateStore, settings: Settings, progress: Progress,
+    lookup: Lookup | None,
+) -> tuple[pl.DataFrame, Loader, Counter[str]]:
+    """Send the planned creates stage by stage, a part at a time; the results table, the loader, and the HTTP
+    versions of the responses."""
+    from etl.load.client import http_client
     from etl.load.throttle import Throttle
 
     throttle = Throttle(settings.rate)
     estimate = LoadEstimate(progress, settings.rate)
     progress.pace(lambda: throttle.rate)
-    window = settings.consistency_window if settings.base_url else 0.0
-    options = LoadOptions(
-        settings.rate, settings.concurrency, window, update=settings.update, no_answer_limit=settings.no_answer_limit
-    )
-    protocols = lookup.protocols  # the lookups made while planning count too
+    options = destination.load_options(settings)
+    protocols = destination.protocols(lookup)  # the lookups made while planning count too
     parts: list[Path] = []
-    async with http_client(base_url, settings) as http:
-        client = ApiClient(http, key, on_response=estimate.chain(throttle.observe))
-        client.protocols = protocols
+    kinds: dict[str, None] = {}
+    async with http_client(target.base_url, settings) as http:
+        client = destination.client(http, target.key, on_response=estimate.chain(throttle.observe),
+                                    protocols=protocols)
         unsent = _unsent(run, state)
         estimate.plan(unsent)
-        loader = await new_loader(settings, http, key, client, state, throttle, options, run.run_id, progress,
-                                        unsent)
-        aliases = {(k, v): a for k, v, a in run.keys.aliases.iter_rows() if v != a}
-        await loader.begin(aliases=aliases, known_ids=run.keys.known)
+        loader = await destination.new_loader(settings, http, target, client, state, throttle, options, run.run_id,
+                                              progress, unsent)
+        if destination.resolves_references:
+            aliases = {(k, v): a for k, v, a in run.keys.aliases.iter_rows() if v != a}
+            await loader.begin(aliases=aliases, known_ids=run.keys.known)
+        else:  # nothing refers to another create
+            await loader.begin()
         try:
             with stop_on_signals(loader):
                 for frame in creates_in_parts(run):
-                    results = await loader.run_part(sends_of(frame))
+                    kinds.update(dict.fromkeys(frame.get_column("kind").unique(maintain_order=True)))
+                    results = await loader.run_part(sends_of(frame, destination.route))
                     parts.append(run.work / f"results-{len(parts):06d}.ipc")
                     results_table(results).write_ipc(parts[-1])
         finally:
             loader.end()
-            loader.stats.requests += lookup.requests
+            loader.stats.requests += destination.lookup_requests(lookup)
+    for kind in kinds:
+        progress.finish(kind)
     table = pl.concat([pl.read_ipc(p) for p in parts]) if parts else results_table({})
-    return table, load_extra(loader, table, protocols)
+    return table, loader, protocols
 
 
 def creates_in_parts(run: Run) -> Iterator[pl.DataFrame]:
@@ -208,12 +186,11 @@ def creates_in_parts(run: Run) -> Iterator[pl.DataFrame]:
             yield pl.concat(held)
 
 
-def sends_of(frame: pl.DataFrame, route: Callable[[str], str] | None = None) -> list[Send]:
+def sends_of(frame: pl.DataFrame, route: Callable[[str], str]) -> list[Send]:
     """A part of planned creates (:func:`creates_in_parts`) as the loader's sends; ``route``: the path of
-    a kind's creates (by default its ClinikAPI route)."""
+    a kind's creates (:meth:`etl.destination.Destination.route`)."""
     from etl.load.loader import Send
 
-    route = route or (lambda kind: ROUTES[KIND_SPECS[kind].schema])
     return [
         Send(kind, route(kind), key, body, body_hash, source_file=file)
         for kind, key, body, body_hash, file in frame.select(
@@ -247,66 +224,6 @@ def _disappeared(run: Run, state: StateStore) -> pl.DataFrame:
     """Rows an earlier run created from a file of the same name that this copy no longer has (never deleted)."""
     found = (disappeared_from(state, x.file, x.kind, pl.scan_ipc(x.parts)) for x in run.inputs if x.parts)
     return pl.concat([pl.DataFrame(schema=GONE), *found])
-
-
-def sandbox_db(settings: Settings) -> Path:
-    return settings.state.with_name(settings.state.stem + ".sandbox.sqlite")
-
-
-def target_identity(settings: Settings) -> str:
-    """What a state store is bound to: the base URL, or the embedded sandbox's database."""
-    return settings.base_url or f"embedded-sandbox:{sandbox_db(settings).resolve()}"
-
-
-@contextlib.contextmanager
-def existing_state(settings: Settings) -> Iterator[StateStore | None]:
-    """The state store, read for what is already loaded, only if it exists (a dry run creates nothing)."""
-    from etl.load.state import StateStore
-
-    if not settings.state.is_file():
-        yield None
-        return
-    with StateStore(settings.state, target=target_identity(settings)) as state:
-        yield state
-
-
-@contextlib.contextmanager
-def open_target(settings: Settings) -> Iterator[tuple[str, str, str]]:
-    """(base URL, API key, state-store identity) of the run's target; the embedded sandbox if none."""
-    from etl.load.client import check_target
-
-    if settings.base_url:
-        if settings.api_key is None:
-            raise UsageError("set CLINIKAPI_SECRET_KEY (or --api-key-file) to load into " + settings.base_url)
-        key = settings.api_key.get_secret_value()
-        check_target(settings.base_url, key, live=settings.live)
-        yield settings.base_url, key, settings.base_url
-        return
-    from etl.sandbox import SandboxConfig, SandboxServer
-
-    db = sandbox_db(settings)
-    private_dir(db.parent)
-    with SandboxServer(SandboxConfig(db_path=str(db))) as server:
-        yield server.base_url, server.api_key, target_identity(settings)
-
-
-async def target_has(client: ApiClient, kind: str, value: str, *, no_answer_limit: int = NO_ANSWER_LIMIT) -> bool:
-    """Whether the target holds a ``kind`` with this ClinikAPI id (a reference nothing in the run explains).
-
-    These lookups come before any create: once ``no_answer_limit`` requests in a row got no answer at all,
-    :class:`~etl.errors.NoAnswerError` ends the run (nothing was sent) rather than wait on a silent target
-    for every reference.
-    """
-    route = ROUTES[KIND_SPECS[kind].schema]
-    try:
-        return await client.get(f"{route}/{quote(value, safe='')}") is not None
-    except LookupFailed:
-        if client.silent >= no_answer_limit:
-            raise NoAnswerError(
-                f"the target did not answer {client.silent} requests in a row (timeouts, connections lost or "
-                "refused) while looking up references; nothing was sent"
-            ) from None
-        return False
 
 
 _RESULTS = {"kind": pl.String, "source_key": pl.String, "r_state": pl.String, "r_id": pl.String,
@@ -353,65 +270,6 @@ def with_outcomes(rows: pl.DataFrame, table: pl.DataFrame, patients: pl.DataFram
         )
         .select(rows.columns)
     )
-
-
-def load_extra(loader: Loader, table: pl.DataFrame, protocols: Counter[str]) -> dict[str, Any]:
-    """What a load adds to the summary (``_crosswalk``: the ids it learnt, for crosswalk.csv)."""
-    per_kind: dict[str, dict[str, int]] = {}
-    for kind, state, n in table.group_by("kind", "r_state", maintain_order=True).len().iter_rows():
-        per_kind.setdefault(kind, {})[state] = n
-    crosswalk = table.filter(pl.col("r_id").is_not_null()).select(
-        "kind", "source_key", pl.col("r_id").alias("resource_id")
-    )
-    return {
-        "patients": per_kind.get("patient", {}),
-        "resources": per_kind,
-        **loader_stats(loader),
-        "http_versions": dict(protocols),
-        "creates_sent": loader.stats.creates,
-        "interrupted": loader.stopping,
-        **_bulk_extra(loader),
-        "_crosswalk": crosswalk,
-    }
-
-
-def loader_stats(loader: Loader) -> dict[str, Any]:
-    """What any load's summary says of its sending: requests, 429s, the rate achieved, an abort."""
-    return {
-        "requests": loader.stats.requests,
-        "responses_429": loader.stats.retries_429,
-        "achieved_rate": round(loader.stats.requests / loader.stats.send_seconds, 2)
-        if loader.stats.send_seconds
-        else None,
-        "aborted": str(loader.aborted) if loader.aborted else None,
-        "unresponsive": loader.unresponsive,  # the run stopped: the target answered nothing for too long
-    }
-
-
-async def new_loader(
-    settings: Settings, http: httpx.AsyncClient, key: str, client: ApiClient, state: StateStore, throttle: Throttle,
-    options: LoadOptions, run_id: str, progress: Progress, unsent: int,
-) -> Loader:
-    """A per-request loader, or a bulk one (``--mode bulk``, or ``auto`` when the window cannot hold the plan)."""
-    from etl.load.bulk import BulkClient, BulkLoader, BulkOptions, choose_mode, remaining_requests
-    from etl.load.loader import Loader
-
-    remaining = await remaining_requests(http, key) if settings.mode == "auto" else None
-    if choose_mode(settings.mode, unsent, remaining) == "request":
-        return Loader(client, state, throttle, options, run_id, progress=progress)
-    if settings.mode == "auto":
-        progress.note(f"{unsent} creates planned, {remaining} requests left in the window: bulk mode")
-    bulk = BulkClient(http, key, on_response=throttle.observe)
-    return BulkLoader(client, bulk, state, throttle, options, run_id, progress=progress,
-                      bulk_options=BulkOptions(operations_per_hour=settings.bulk_per_hour))
-
-
-def _bulk_extra(loader: Loader) -> dict[str, Any]:
-    """The summary's ``mode`` (and, in bulk mode, its jobs and any hourly-limit stop)."""
-    jobs = getattr(loader, "jobs", None)
-    if jobs is None:
-        return {"mode": "request"}
-    return {"mode": "bulk", "bulk_jobs": list(jobs), "bulk_limit": getattr(loader, "limit_note", None)}
 
 
 GONE = {"source_file": pl.String, "kind": pl.String, "source_key": pl.String, "resource_id": pl.String}

@@ -24,6 +24,7 @@ from schemas.canonical import fields_of
 from schemas.codes import CVX_SYSTEM, displays
 
 __all__ = [
+    "BODY_PLANNERS",
     "REF_PATTERN",
     "Planned",
     "fill_refs",
@@ -34,6 +35,7 @@ __all__ = [
     "plan_immunizations",
     "readable_refs",
     "references",
+    "register_body_planner",
     "sha256_hex",
 ]
 
@@ -347,12 +349,21 @@ def _document_bodies(valid: pl.DataFrame) -> pl.DataFrame:
     return grouped.select("document_id", pl.col(ROW), body.alias("body"))
 
 
-_STRUCTS: dict[str, Callable[[], pl.Expr]] = {
+#: Kind -> its body planner: the polars struct expression of a valid row's create body (built from the
+#: row's canonical columns, vectorised). A new ClinikAPI resource adds its planner here
+#: (:func:`register_body_planner`); immunizations and documents are planned by their own functions
+#: (:func:`plan_immunizations`: a registry row describes its patient too; a document is many rows).
+BODY_PLANNERS: dict[str, Callable[[], pl.Expr]] = {
     "practitioner": practitioner_struct,
     "encounter": encounter_struct,
     "task": task_struct,
     "patient": lambda: patient_struct(),
 }
+
+
+def register_body_planner(kind: str, planner: Callable[[], pl.Expr]) -> None:
+    """Plan the create bodies of ``kind`` with ``planner`` (see :data:`BODY_PLANNERS`)."""
+    BODY_PLANNERS[kind] = planner
 
 
 def _encoded(body: pl.Expr, bodies: bool) -> pl.Expr:
@@ -377,7 +388,7 @@ def plan(mapped: Mapped, valid: pl.DataFrame, *, bodies: bool = True) -> Planned
             how="left",
         )
     else:
-        body = _encoded(_STRUCTS[kind](), bodies)
+        body = _encoded(BODY_PLANNERS[kind](), bodies)
         rows = valid.select(pl.col(ROW), keys.alias("source_key"), body.alias("body")).with_columns(
             sha256_hex(pl.col("body")).alias("body_hash")
         )

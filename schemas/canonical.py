@@ -498,14 +498,16 @@ class Kind:
     fields: tuple[CanonicalField, ...]
     stage: int  # load order: parents first
     distinctive: tuple[str, ...]  # fields whose headers tell this kind apart
+    key: str = "record_id"  # the field whose value keys a row (its source key)
 
 
 KIND_SPECS: Mapping[str, Kind] = {
     k.name: k
     for k in (
-        Kind("patient", "PatientCreate", PATIENT_FIELDS, 0, ("patient_first_name", "patient_marital_status")),
+        Kind("patient", "PatientCreate", PATIENT_FIELDS, 0, ("patient_first_name", "patient_marital_status"),
+             key="patient_id"),
         Kind("practitioner", "PractitionerCreate", PRACTITIONER_FIELDS, 0,
-             ("npi", "specialty", "practitioner_name", "practitioner_id")),
+             ("npi", "specialty", "practitioner_name", "practitioner_id"), key="practitioner_id"),
         Kind(
             "encounter",
             "EncounterCreate",
@@ -520,7 +522,8 @@ KIND_SPECS: Mapping[str, Kind] = {
             2,
             ("vaccine_code", "lot_number", "dose_number", "occurrence"),
         ),
-        Kind("document", "DocumentCreate", DOCUMENT_FIELDS, 2, ("document_id", "section_text", "section_title")),
+        Kind("document", "DocumentCreate", DOCUMENT_FIELDS, 2, ("document_id", "section_text", "section_title"),
+             key="document_id"),
         Kind("task", "TaskCreate", TASK_FIELDS, 2, ("intent", "owner_id", "requester_id", "execution_end")),
     )
 }
@@ -599,9 +602,9 @@ REDACTED_FIELDS = PHI_FIELDS | FREE_TEXT_FIELDS
 
 def fields_of(kind: str) -> tuple[CanonicalField, ...]:
     """The canonical fields of ``kind``."""
-    return KINDS[kind]
+    return KIND_SPECS[kind].fields
 
 
 def field_map(kind: str) -> dict[str, CanonicalField]:
     """Canonical field name -> field, for ``kind``."""
-    return {f.name: f for f in KINDS[kind]}
+    return {f.name: f for f in KIND_SPECS[kind].fields}

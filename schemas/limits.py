@@ -335,6 +335,17 @@ ROUTES: Mapping[str, str] = {
     "TaskCreate": "/v1/tasks",
 }
 
+#: Create-body schema name -> the FHIR resource type it is (a bulk import names it; the sandbox
+#: serves it; a document is a Composition).
+RESOURCE_TYPES: Mapping[str, str] = {
+    "PatientCreate": "Patient",
+    "PractitionerCreate": "Practitioner",
+    "EncounterCreate": "Encounter",
+    "ImmunizationCreate": "Immunization",
+    "DocumentCreate": "Composition",
+    "TaskCreate": "Task",
+}
+
 #: Limits of the transport rather than of one field.
 MAX_BODY_BYTES = 1024 * 1024  # the SDK refuses larger bodies before sending
 PAGE_SIZE_MAX = 100  # search `count` is clamped to this

@@ -16,7 +16,7 @@ from etl.errors import OutputError
 from etl.files import private_dir
 from etl.load.lock import state_lock
 from etl.load.state import StateStore
-from etl.redox import _redox_target
+from etl.redox import redox_target
 from etl.sandbox.store import Store
 from etl.settings import Settings
 
@@ -79,7 +79,7 @@ def _take_lock(state: Path) -> None:
 
 
 def _start_redox_sandbox(state: Path) -> None:
-    with _redox_target(Settings(), state, "/fhir/R4/sandbox/development/Immunization/$write"):
+    with redox_target(Settings(), state, "/fhir/R4/sandbox/development/Immunization/$write"):
         pass
 
 

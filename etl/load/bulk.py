@@ -46,7 +46,7 @@ from etl.load.state import Record, StateStore, StoredState
 from etl.load.throttle import Throttle
 from etl.progress import Progress
 from schemas.canonical import KIND_SPECS
-from schemas.limits import BULK_MAX_RECORDS, BULK_OPERATIONS_PER_HOUR
+from schemas.limits import BULK_MAX_RECORDS, BULK_OPERATIONS_PER_HOUR, RESOURCE_TYPES
 
 __all__ = ["BULK_RECORD_ERROR", "BulkClient", "BulkLoader", "BulkOptions", "choose_mode", "remaining_requests"]
 
@@ -54,9 +54,6 @@ BULK_RECORD_ERROR = "BULK_RECORD_ERROR"
 _HOUR = 3600.0
 _LINE = re.compile(r"^line (\d+): (.*)$", re.S)
 _FINAL = frozenset({"completed", "failed"})
-# The FHIR type a bulk import names, by create schema (a document is a Composition).
-RESOURCE_TYPES = {"PatientCreate": "Patient", "PractitionerCreate": "Practitioner", "EncounterCreate": "Encounter",
-                  "ImmunizationCreate": "Immunization", "DocumentCreate": "Composition", "TaskCreate": "Task"}
 _STORED: dict[str, StoredState] = {"created": "created", "unknown": "unknown"}
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS bulk_batches (

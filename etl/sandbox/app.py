@@ -54,6 +54,7 @@ from schemas.limits import (
     BULK_OPERATIONS_PER_HOUR,
     MAX_BODY_BYTES,
     PAGE_SIZE_MAX,
+    RESOURCE_TYPES,
     ROUTES,
 )
 from schemas.models import model_for, validation_issues
@@ -161,15 +162,20 @@ class ResourceKind:
     prefix: str
 
 
-_TYPES: Final = {
-    "PatientCreate": ("Patient", "pat_"),
-    "PractitionerCreate": ("Practitioner", "prac_"),
-    "EncounterCreate": ("Encounter", "enc_"),
-    "ImmunizationCreate": ("Immunization", "imm_"),
-    "DocumentCreate": ("Composition", "doc_"),
-    "TaskCreate": ("Task", "task_"),
+# The prefix of the ids the sandbox draws, by create schema (the resource types: schemas.limits).
+_PREFIXES: Final = {
+    "PatientCreate": "pat_",
+    "PractitionerCreate": "prac_",
+    "EncounterCreate": "enc_",
+    "ImmunizationCreate": "imm_",
+    "DocumentCreate": "doc_",
+    "TaskCreate": "task_",
 }
-KINDS: Final = tuple(ResourceKind(schema, route, *_TYPES[schema]) for schema, route in ROUTES.items())
+KINDS: Final = tuple(
+    ResourceKind(schema, route, RESOURCE_TYPES[schema],
+                 _PREFIXES.get(schema, RESOURCE_TYPES[schema].lower() + "_"))
+    for schema, route in ROUTES.items()
+)
 _BY_SCHEMA: Final = {kind.schema: kind for kind in KINDS}
 _BY_TYPE: Final = {kind.resource_type: kind for kind in KINDS}
 
