@@ -60,6 +60,7 @@ from etl.report import (
     write_summary,
 )
 from etl.report_html import TALLY_KEYS, tally_of, write_html
+from etl.rules import RULES
 from etl.settings import Settings
 from etl.transform import Planned, plan, readable_refs, references
 from etl.validate import Carry, Validation, precheck, prepare, validate
@@ -647,18 +648,11 @@ def _settle(members: list[_Input], pending: pl.DataFrame, keys: _Keys, work: Pat
         keys.known.update({pair: pair[1] for pair in found})
         there = pl.DataFrame(list(found), schema={"kind": pl.String, "value": pl.String}, orient="row")
         rest = rest.join(there, on=["kind", "value"], how="anti")
+    named = {"column": pl.col("column"), "value": pl.col("value"), "kind": pl.col("kind")}
     failures = pl.concat(
         [
-            is_rejected.with_columns(
-                pl.lit("parent-rejected").alias("code"),
-                pl.format("{} ({}): the {} row it names was rejected", "column", "value", "kind").alias("message"),
-            ),
-            rest.with_columns(
-                pl.lit("unresolved-reference").alias("code"),
-                pl.format(
-                    "{} ({}): no {} with this id in the inputs, the crosswalk or the target", "column", "value", "kind"
-                ).alias("message"),
-            ),
+            frame.with_columns(pl.lit(rule.code).alias("code"), rule.message(**named).alias("message"))
+            for rule, frame in ((RULES["parent-rejected"], is_rejected), (RULES["unresolved-reference"], rest))
         ]
     )
     first = (
@@ -927,11 +921,11 @@ def reject_document_siblings(rows: pl.DataFrame) -> pl.DataFrame:
     bad = rows.filter(doc & (pl.col("state") == "rejected")).select("source_file", "row_key").unique()
     sibling = rows.join(bad.with_columns(pl.lit(True).alias("__bad")), on=["source_file", "row_key"], how="left")
     hit = doc & pl.col("__bad").fill_null(False) & (pl.col("state") == "planned")
+    rule = RULES["document-rejected"]
     return sibling.with_columns(
         pl.when(hit).then(pl.lit("rejected")).otherwise(pl.col("state")).alias("state"),
-        pl.when(hit).then(pl.lit("document-rejected")).otherwise(pl.col("error_code")).alias("error_code"),
-        pl.when(hit).then(pl.lit("another row of this document is rejected")).otherwise(pl.col("message"))
-        .alias("message"),
+        pl.when(hit).then(pl.lit(rule.code)).otherwise(pl.col("error_code")).alias("error_code"),
+        pl.when(hit).then(rule.message("sibling")).otherwise(pl.col("message")).alias("message"),
     ).drop("__bad")
 
 

@@ -55,6 +55,7 @@ from etl.progress import Progress
 from etl.readers import ROW
 from etl.redaction import masked
 from etl.report import RunReport, new_run_id, report_folder, report_path
+from etl.rules import RULES
 from etl.settings import DEFAULT_REDOX_STATE, DEFAULT_STATE, Settings
 from etl.streaming import apply_outcomes, creates_in_parts, loader_stats, results_table, sends_of, stop_on_signals
 from etl.transform import Planned, json_body, obj, one_of, sha256_hex, source_keys
@@ -444,14 +445,15 @@ class RedoxBundles(Destination):
             creates.append((KIND, good.unique("source_key", keep="first", maintain_order=True).select(
                 "source_key", ROW, "body", "body_hash", pl.lit(None, dtype=pl.String).alias("source_file"))))
         if failures and (bad := pl.concat(failures)).height:
-            hit = pl.col("fhir_path").is_not_null()
+            hit, invalid = pl.col("fhir_path").is_not_null(), RULES["fhir-invalid"]
             rows = (
                 rows.join(bad, on="source_row", how="left", maintain_order="left")
                 .with_columns(
                     pl.when(hit).then(pl.lit("rejected")).otherwise(pl.col("state")).alias("state"),
-                    pl.when(hit).then(pl.lit("fhir-invalid")).otherwise(pl.col("error_code")).alias("error_code"),
+                    pl.when(hit).then(pl.lit(invalid.code)).otherwise(pl.col("error_code")).alias("error_code"),
                     pl.when(hit).then(pl.col("fhir_path")).otherwise(pl.col("field")).alias("field"),
-                    pl.when(hit).then(pl.col("fhir_reason")).otherwise(pl.col("message")).alias("message"),
+                    pl.when(hit).then(invalid.message(reason=pl.col("fhir_reason"))).otherwise(pl.col("message"))
+                    .alias("message"),
                 )
                 .drop("fhir_path", "fhir_reason")
             )
