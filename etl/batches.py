@@ -37,7 +37,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import polars as pl
 
@@ -52,7 +52,12 @@ from etl.report import (
     PROBLEM_STATES,
     ROW_COLUMNS,
     SAMPLE_PER_GROUP,
+    InputFacts,
+    NoticeFacts,
+    RowWarnings,
+    RunFacts,
     RunReport,
+    Summary,
     count_states,
     new_run_id,
     report_output,
@@ -378,13 +383,12 @@ def validate_in_batches(
     with planned_in_batches(
         paths, settings, progress, batch_rows=batch_rows, payloads=payloads, state=state, destination=destination
     ) as run:
-        extra: dict[str, Any] = {}
         if run.keys.payloads is not None:
             with report_output(run.folder):
                 counts = run.keys.payloads.write(run.folder / "payloads.ndjson", redacted=settings.redact)
-            extra["requests_planned"] = run.keys.payloads.destination.requests_planned(counts)
-            return run.write(extra, command="load", target=settings.base_url or "embedded sandbox")
-        return run.write(extra, command="validate", target="none (validate)")
+            planned = RunFacts(requests_planned=run.keys.payloads.destination.requests_planned(counts))
+            return run.write(planned, command="load", target=settings.base_url or "embedded sandbox")
+        return run.write(RunFacts(), command="validate", target="none (validate)")
 
 
 @dataclass
@@ -411,11 +415,11 @@ class Run:
         self.writer.forget(part)
         rows.write_ipc(part)
 
-    def write(self, extra: dict[str, Any], *, command: str, target: str) -> RunReport:
-        """The report, from the parts."""
+    def write(self, facts: RunFacts, *, command: Literal["validate", "load"], target: str) -> RunReport:
+        """The report, from the parts; ``facts``: what this kind of run adds to its summary."""
         self.timings["total"] = time.perf_counter() - self.t0
         with report_output(self.folder):
-            return _write(self.run_id, self.inputs, self.folder, self.settings, self.timings, self.writer, extra,
+            return _write(self.run_id, self.inputs, self.folder, self.settings, self.timings, self.writer, facts,
                           command=command, target=target)
 
 
@@ -718,9 +722,9 @@ def _write(
     settings: Settings,
     timings: dict[str, float],
     writer: _RowsWriter,
-    extra: dict[str, Any],
+    facts: RunFacts,
     *,
-    command: str,
+    command: Literal["validate", "load"],
     target: str,
 ) -> RunReport:
     """rows.csv, rejects.csv, summary.json and report.html, from the parts on disk, a part at a time."""
@@ -747,9 +751,9 @@ def _write(
         pl.concat(counts) if counts else pl.DataFrame(schema={"kind": pl.String, "state": pl.String, "len": pl.UInt32})
     )
 
-    warnings: list[dict[str, Any]] = [w for x in inputs for w in notice_facts(x.mapped)]
+    warnings: list[NoticeFacts | RowWarnings] = [w for x in inputs for w in notice_facts(x.mapped)]
     warnings += [
-        {"file": x.file, "code": code, "rows": first, "count": count}
+        RowWarnings(file=x.file, code=code, rows=first, count=count)
         for x in inputs
         for code, (count, first) in x.warnings.items()
     ]
@@ -762,12 +766,12 @@ def _write(
         target=target,
         settings=settings,
         timings=timings,
-        extra={**extra, "batch_rows": settings.batch_rows},
+        facts=facts,
     )
-    summary["report_dir"] = str(folder)
-    report = RunReport(run_id, None, summary, folder, held_problems=held, held_tally=tally)
-    write_summary(summary, folder)
-    write_html(summary, held, folder / "report.html", tally)
+    summary.report_dir = str(folder)
+    report = RunReport(run_id, None, summary.to_json(), folder, held_problems=held, held_tally=tally)
+    write_summary(report.summary, folder)
+    write_html(report.summary, held, folder / "report.html", tally)
     return report
 
 
@@ -949,52 +953,52 @@ def payload_line(kind: str, source_key: str, source_row: int, body: str) -> str:
     return f'{head[:-1]}, "body": {readable_refs(body)}}}\n'
 
 
-def input_facts(mapped: Mapped, rows: int) -> dict[str, Any]:
+def input_facts(mapped: Mapped, rows: int) -> InputFacts:
     """What a summary says about one input file."""
     table = mapped.table
-    return {
-        "path": str(table.path),
-        "sha256": table.sha256,
-        "format": table.format,
-        "encoding": table.encoding,
-        "delimiter": table.delimiter,
-        "sheet": table.sheet,
-        "kind": mapped.kind,
-        "profile": mapped.profile.name,
-        "rows": rows,
-        "columns_mapped": mapped.sources,
-    }
+    return InputFacts(
+        path=str(table.path),
+        sha256=table.sha256,
+        format=table.format,
+        encoding=table.encoding,
+        delimiter=table.delimiter,
+        sheet=table.sheet,
+        kind=mapped.kind,
+        profile=mapped.profile.name,
+        rows=rows,
+        columns_mapped=mapped.sources,
+    )
 
 
-def notice_facts(mapped: Mapped) -> list[dict[str, Any]]:
+def notice_facts(mapped: Mapped) -> list[NoticeFacts]:
     """A file's reader and mapping notices, as a summary lists them."""
-    return [{"file": n.file, "code": n.code, "message": n.message} for n in mapped.table.notices]
+    return [NoticeFacts(file=n.file, code=n.code, message=n.message) for n in mapped.table.notices]
 
 
 def summary_of(
     run_id: str,
     *,
-    command: str,
-    inputs: list[dict[str, Any]],
-    warnings: list[dict[str, Any]],
+    command: Literal["validate", "load"],
+    inputs: list[InputFacts],
+    warnings: list[NoticeFacts | RowWarnings],
     counts: pl.DataFrame,
     target: str,
     settings: Settings,
     timings: dict[str, float],
-    extra: dict[str, Any],
-) -> dict[str, Any]:
+    facts: RunFacts,
+) -> Summary:
     """A run's ``summary.json``; ``counts`` holds ``kind, state, len`` of the report's rows."""
     states, per_kind = count_states(counts)
-    return {
-        "run_id": run_id,
-        "command": command,
-        "dry_run": settings.dry_run,
-        "target": target,
-        "inputs": inputs,
-        "rows_total": sum(states.values()),
-        "states": states,
-        "kinds": per_kind,
-        "warnings": warnings,
-        "timings": {k: round(v, 4) for k, v in timings.items()},
-        **{k: v for k, v in extra.items() if k != "load"},
-    }
+    return Summary(
+        run_id=run_id,
+        command=command,
+        dry_run=settings.dry_run,
+        target=target,
+        inputs=inputs,
+        rows_total=sum(states.values()),
+        states=states,
+        kinds=per_kind,
+        warnings=warnings,
+        timings={k: round(v, 4) for k, v in timings.items()},
+        batch_rows=settings.batch_rows,
+    ).updated(facts)

@@ -54,7 +54,7 @@ from etl.mapping import Mapped
 from etl.progress import Progress
 from etl.readers import ROW
 from etl.redaction import masked
-from etl.report import RunReport, new_run_id, report_folder, report_path
+from etl.report import RunFacts, RunReport, new_run_id, report_folder, report_path
 from etl.rules import RULES
 from etl.settings import DEFAULT_REDOX_STATE, DEFAULT_STATE, Settings
 from etl.streaming import apply_outcomes, creates_in_parts, loader_stats, results_table, sends_of, stop_on_signals
@@ -493,15 +493,15 @@ def load_redox(
     slug, environment = _destination(settings)
     route = write_route(slug, environment)
     bundles = RedoxBundles(settings, route)
-    extra: dict[str, Any] = {"load": True, "destination": {"type": "redox", "route": route}}
+    facts = RunFacts(destination={"type": "redox", "route": route})
     if settings.dry_run:
         with planned_in_batches(paths, settings, show, payloads=True, destination=bundles) as run:
             payloads = run.keys.payloads
             counts = payloads.write(run.folder / "payloads.ndjson") if payloads else {}
-            extra["requests_planned"] = bundles.requests_planned(counts)
+            facts.requests_planned = bundles.requests_planned(counts)
             run.timings["fhir"] = round(bundles.fhir_seconds, 4)
             target = (settings.redox_base_url or "embedded sandbox") + route
-            return run.write(extra, command="load", target=target)
+            return run.write(facts, command="load", target=target)
     state_path = redox_state_path(settings)
     run_id = new_run_id()
     with (
@@ -521,8 +521,7 @@ def load_redox(
         run.timings["fhir"] = bundles.fhir_seconds
         # The results are kept under the state store's kind; the report's rows are immunizations.
         apply_outcomes(run, table.with_columns(pl.lit("immunization").alias("kind")))
-        extra.update(loader_stats(loader))
-        report = run.write(extra, command="load", target=target)
+        report = run.write(facts.updated(loader_stats(loader)), command="load", target=target)
         state.finish_run(run_id, {"states": report.states})
     return report
 

@@ -33,7 +33,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 from urllib.parse import quote
 
 import polars as pl
@@ -42,7 +42,7 @@ from etl.batches import Run, planned_in_batches
 from etl.errors import LookupFailed, NoAnswerError, UsageError
 from etl.files import private_dir, write_csv
 from etl.progress import LoadEstimate, Progress
-from etl.report import RunReport, new_run_id, report_folder, report_path
+from etl.report import RunFacts, RunReport, new_run_id, report_folder, report_path
 from etl.settings import NO_ANSWER_LIMIT, Settings
 from schemas.canonical import KIND_SPECS
 from schemas.limits import ROUTES
@@ -60,6 +60,7 @@ __all__ = [
     "SEND_PART",
     "apply_outcomes",
     "creates_in_parts",
+    "crosswalk_of",
     "disappeared_from",
     "existing_state",
     "load_extra",
@@ -106,15 +107,14 @@ def load_in_batches(
         ) as run:
             state.start_run(run_id, "run" if job else "load", job=job)  # once planned
             t0 = time.perf_counter()
-            results, extra = asyncio.run(_send(run, base_url, key, state, settings, progress, lookup))
+            results, facts = asyncio.run(_send(run, base_url, key, state, settings, progress, lookup))
             run.timings["load"] = time.perf_counter() - t0
             apply_outcomes(run, results)
-            crosswalk = extra.pop("_crosswalk")
             disappeared = _disappeared(run, state)
-            extra["disappeared"] = disappeared.height
-            report = run.write({"load": True, **extra}, command="load", target=target)
-            if crosswalk is not None:  # written even when empty
-                write_csv(crosswalk.sort("kind", "source_key"), run.folder / "crosswalk.csv")
+            facts.disappeared = disappeared.height
+            report = run.write(facts, command="load", target=target)
+            # Written even when empty.
+            write_csv(crosswalk_of(results).sort("kind", "source_key"), run.folder / "crosswalk.csv")
             if disappeared.height:
                 write_csv(disappeared, run.folder / "disappeared.csv")
             state.finish_run(run_id, {"states": report.states})
@@ -153,7 +153,7 @@ class _Lookup:
 
 async def _send(
     run: Run, base_url: str, key: str, state: StateStore, settings: Settings, progress: Progress, lookup: _Lookup
-) -> tuple[pl.DataFrame, dict[str, Any]]:
+) -> tuple[pl.DataFrame, RunFacts]:
     """Send the planned creates stage by stage, a part at a time; the results table and the summary's extras."""
     from etl.load.client import ApiClient, http_client
     from etl.load.loader import LoadOptions
@@ -355,37 +355,37 @@ def with_outcomes(rows: pl.DataFrame, table: pl.DataFrame, patients: pl.DataFram
     )
 
 
-def load_extra(loader: Loader, table: pl.DataFrame, protocols: Counter[str]) -> dict[str, Any]:
-    """What a load adds to the summary (``_crosswalk``: the ids it learnt, for crosswalk.csv)."""
+def load_extra(loader: Loader, table: pl.DataFrame, protocols: Counter[str]) -> RunFacts:
+    """What a ClinikAPI load adds to the summary, from its loader and its results table."""
     per_kind: dict[str, dict[str, int]] = {}
     for kind, state, n in table.group_by("kind", "r_state", maintain_order=True).len().iter_rows():
         per_kind.setdefault(kind, {})[state] = n
-    crosswalk = table.filter(pl.col("r_id").is_not_null()).select(
-        "kind", "source_key", pl.col("r_id").alias("resource_id")
+    facts = RunFacts(
+        patients=per_kind.get("patient", {}),
+        resources=per_kind,
+        http_versions=dict(protocols),
+        creates_sent=loader.stats.creates,
+        interrupted=loader.stopping,
     )
-    return {
-        "patients": per_kind.get("patient", {}),
-        "resources": per_kind,
-        **loader_stats(loader),
-        "http_versions": dict(protocols),
-        "creates_sent": loader.stats.creates,
-        "interrupted": loader.stopping,
-        **_bulk_extra(loader),
-        "_crosswalk": crosswalk,
-    }
+    return facts.updated(loader_stats(loader)).updated(_bulk_extra(loader))
 
 
-def loader_stats(loader: Loader) -> dict[str, Any]:
+def crosswalk_of(table: pl.DataFrame) -> pl.DataFrame:
+    """The ids a load learnt (``kind, source_key, resource_id``), from its results table: crosswalk.csv."""
+    return table.filter(pl.col("r_id").is_not_null()).select("kind", "source_key", pl.col("r_id").alias("resource_id"))
+
+
+def loader_stats(loader: Loader) -> RunFacts:
     """What any load's summary says of its sending: requests, 429s, the rate achieved, an abort."""
-    return {
-        "requests": loader.stats.requests,
-        "responses_429": loader.stats.retries_429,
-        "achieved_rate": round(loader.stats.requests / loader.stats.send_seconds, 2)
+    return RunFacts(
+        requests=loader.stats.requests,
+        responses_429=loader.stats.retries_429,
+        achieved_rate=round(loader.stats.requests / loader.stats.send_seconds, 2)
         if loader.stats.send_seconds
         else None,
-        "aborted": str(loader.aborted) if loader.aborted else None,
-        "unresponsive": loader.unresponsive,  # the run stopped: the target answered nothing for too long
-    }
+        aborted=str(loader.aborted) if loader.aborted else None,
+        unresponsive=loader.unresponsive,  # the run stopped: the target answered nothing for too long
+    )
 
 
 async def new_loader(
@@ -406,12 +406,12 @@ async def new_loader(
                       bulk_options=BulkOptions(operations_per_hour=settings.bulk_per_hour))
 
 
-def _bulk_extra(loader: Loader) -> dict[str, Any]:
+def _bulk_extra(loader: Loader) -> RunFacts:
     """The summary's ``mode`` (and, in bulk mode, its jobs and any hourly-limit stop)."""
     jobs = getattr(loader, "jobs", None)
     if jobs is None:
-        return {"mode": "request"}
-    return {"mode": "bulk", "bulk_jobs": list(jobs), "bulk_limit": getattr(loader, "limit_note", None)}
+        return RunFacts(mode="request")
+    return RunFacts(mode="bulk", bulk_jobs=list(jobs), bulk_limit=getattr(loader, "limit_note", None))
 
 
 GONE = {"source_file": pl.String, "kind": pl.String, "source_key": pl.String, "resource_id": pl.String}
