@@ -217,3 +217,26 @@ def test_an_unknown_code_exits_2_with_a_suggestion() -> None:
     assert "unknown code 'max-lenght'" in result.output
     assert "Did you mean max-length?" in result.output and "`clinik-etl explain` lists every code" in result.output
     assert explain("max-lenght") is None
+
+
+def test_a_run_words_its_messages_as_the_catalogue_does(tmp_path: Path) -> None:
+    """The raise sites build their messages through the entries: change a template, and the report follows."""
+    from etl.pipeline import validate_files
+    from etl.settings import Settings
+    from schemas.canonical import field_map
+
+    limit = field_map("immunization")["lot_number"].max_length
+    assert limit is not None
+    source = tmp_path / "shots.csv"
+    source.write_text(
+        "record_id,patient_id,first_name,last_name,dob,cvx,administration_date,lot_number\n"
+        f"R1,P1,Ann,Lee,2001-02-03,08,2024-03-01,{'L' * (limit + 1)}\n"
+        "R2,P2,Bo,Ng,2002-02-03,08,2999-03-02,L2\n"
+        "R1,P3,Cy,Ho,2003-02-03,08,2024-03-02,L3\n",
+        encoding="utf-8",
+    )
+    report = validate_files([source], Settings(report_dir=tmp_path / "r"))
+    messages = dict(zip(report.rows["error_code"], report.rows["message"], strict=True))
+    assert messages["max-length"].endswith(": " + RULES["max-length"].text(limit=limit))
+    assert messages["future-date"].endswith(": " + RULES["future-date"].text(today=dt.date.today()))
+    assert messages["duplicate-key"].endswith(": " + RULES["duplicate-key"].text())
