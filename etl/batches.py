@@ -36,7 +36,7 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Literal
 
 import polars as pl
 
@@ -53,7 +53,12 @@ from etl.report import (
     PROBLEM_STATES,
     ROW_COLUMNS,
     SAMPLE_PER_GROUP,
+    InputFacts,
+    NoticeFacts,
+    RowWarnings,
+    RunFacts,
     RunReport,
+    Summary,
     count_states,
     new_run_id,
     report_output,
@@ -61,6 +66,7 @@ from etl.report import (
     write_summary,
 )
 from etl.report_html import TALLY_KEYS, tally_of, write_html
+from etl.rules import RULES
 from etl.settings import Settings
 from etl.transform import Planned, plan, references
 from etl.validate import Carry, Validation, precheck, prepare, validate
@@ -321,13 +327,12 @@ def validate_in_batches(
     with planned_in_batches(
         paths, settings, progress, batch_rows=batch_rows, payloads=payloads, state=state, destination=destination
     ) as run:
-        extra: dict[str, Any] = {}
         if run.keys.payloads is not None:
             with report_output(run.folder):
                 counts = run.keys.payloads.write(run.folder / "payloads.ndjson", redacted=settings.redact)
-            extra["requests_planned"] = run.keys.payloads.destination.requests_planned(counts)
-            return run.write(extra, command="load", target=run.keys.payloads.destination.dry_run_target(settings))
-        return run.write(extra, command="validate", target="none (validate)")
+            planned = RunFacts(requests_planned=run.keys.payloads.destination.requests_planned(counts))
+            return run.write(planned, command="load", target=run.keys.payloads.destination.dry_run_target(settings))
+        return run.write(RunFacts(), command="validate", target="none (validate)")
 
 
 @dataclass
@@ -354,11 +359,11 @@ class Run:
         self.writer.forget(part)
         rows.write_ipc(part)
 
-    def write(self, extra: dict[str, Any], *, command: str, target: str) -> RunReport:
-        """The report, from the parts."""
+    def write(self, facts: RunFacts, *, command: Literal["validate", "load"], target: str) -> RunReport:
+        """The report, from the parts; ``facts``: what this kind of run adds to its summary."""
         self.timings["total"] = time.perf_counter() - self.t0
         with report_output(self.folder):
-            return _write(self.run_id, self.inputs, self.folder, self.settings, self.timings, self.writer, extra,
+            return _write(self.run_id, self.inputs, self.folder, self.settings, self.timings, self.writer, facts,
                           command=command, target=target)
 
 
@@ -591,18 +596,11 @@ def _settle(members: list[_Input], pending: pl.DataFrame, keys: _Keys, work: Pat
         keys.known.update({pair: pair[1] for pair in found})
         there = pl.DataFrame(list(found), schema={"kind": pl.String, "value": pl.String}, orient="row")
         rest = rest.join(there, on=["kind", "value"], how="anti")
+    named = {"column": pl.col("column"), "value": pl.col("value"), "kind": pl.col("kind")}
     failures = pl.concat(
         [
-            is_rejected.with_columns(
-                pl.lit("parent-rejected").alias("code"),
-                pl.format("{} ({}): the {} row it names was rejected", "column", "value", "kind").alias("message"),
-            ),
-            rest.with_columns(
-                pl.lit("unresolved-reference").alias("code"),
-                pl.format(
-                    "{} ({}): no {} with this id in the inputs, the crosswalk or the target", "column", "value", "kind"
-                ).alias("message"),
-            ),
+            frame.with_columns(pl.lit(rule.code).alias("code"), rule.message(**named).alias("message"))
+            for rule, frame in ((RULES["parent-rejected"], is_rejected), (RULES["unresolved-reference"], rest))
         ]
     )
     first = (
@@ -668,9 +666,9 @@ def _write(
     settings: Settings,
     timings: dict[str, float],
     writer: _RowsWriter,
-    extra: dict[str, Any],
+    facts: RunFacts,
     *,
-    command: str,
+    command: Literal["validate", "load"],
     target: str,
 ) -> RunReport:
     """rows.csv, rejects.csv, summary.json and report.html, from the parts on disk, a part at a time."""
@@ -697,9 +695,9 @@ def _write(
         pl.concat(counts) if counts else pl.DataFrame(schema={"kind": pl.String, "state": pl.String, "len": pl.UInt32})
     )
 
-    warnings: list[dict[str, Any]] = [w for x in inputs for w in notice_facts(x.mapped)]
+    warnings: list[NoticeFacts | RowWarnings] = [w for x in inputs for w in notice_facts(x.mapped)]
     warnings += [
-        {"file": x.file, "code": code, "rows": first, "count": count}
+        RowWarnings(file=x.file, code=code, rows=first, count=count)
         for x in inputs
         for code, (count, first) in x.warnings.items()
     ]
@@ -712,12 +710,12 @@ def _write(
         target=target,
         settings=settings,
         timings=timings,
-        extra={**extra, "batch_rows": settings.batch_rows},
+        facts=facts,
     )
-    summary["report_dir"] = str(folder)
-    report = RunReport(run_id, None, summary, folder, held_problems=held, held_tally=tally)
-    write_summary(summary, folder)
-    write_html(summary, held, folder / "report.html", tally)
+    summary.report_dir = str(folder)
+    report = RunReport(run_id, None, summary.to_json(), folder, held_problems=held, held_tally=tally)
+    write_summary(report.summary, folder)
+    write_html(report.summary, held, folder / "report.html", tally)
     return report
 
 
@@ -871,11 +869,11 @@ def reject_document_siblings(rows: pl.DataFrame) -> pl.DataFrame:
     bad = rows.filter(doc & (pl.col("state") == "rejected")).select("source_file", "row_key").unique()
     sibling = rows.join(bad.with_columns(pl.lit(True).alias("__bad")), on=["source_file", "row_key"], how="left")
     hit = doc & pl.col("__bad").fill_null(False) & (pl.col("state") == "planned")
+    rule = RULES["document-rejected"]
     return sibling.with_columns(
         pl.when(hit).then(pl.lit("rejected")).otherwise(pl.col("state")).alias("state"),
-        pl.when(hit).then(pl.lit("document-rejected")).otherwise(pl.col("error_code")).alias("error_code"),
-        pl.when(hit).then(pl.lit("another row of this document is rejected")).otherwise(pl.col("message"))
-        .alias("message"),
+        pl.when(hit).then(pl.lit(rule.code)).otherwise(pl.col("error_code")).alias("error_code"),
+        pl.when(hit).then(rule.message("sibling")).otherwise(pl.col("message")).alias("message"),
     ).drop("__bad")
 
 
@@ -888,52 +886,52 @@ def created_in_store(state: StateStore, refs: pl.DataFrame) -> pl.DataFrame:
     return pl.DataFrame(found, schema={"kind": pl.String, "key": pl.String}, orient="row")
 
 
-def input_facts(mapped: Mapped, rows: int) -> dict[str, Any]:
+def input_facts(mapped: Mapped, rows: int) -> InputFacts:
     """What a summary says about one input file."""
     table = mapped.table
-    return {
-        "path": str(table.path),
-        "sha256": table.sha256,
-        "format": table.format,
-        "encoding": table.encoding,
-        "delimiter": table.delimiter,
-        "sheet": table.sheet,
-        "kind": mapped.kind,
-        "profile": mapped.profile.name,
-        "rows": rows,
-        "columns_mapped": mapped.sources,
-    }
+    return InputFacts(
+        path=str(table.path),
+        sha256=table.sha256,
+        format=table.format,
+        encoding=table.encoding,
+        delimiter=table.delimiter,
+        sheet=table.sheet,
+        kind=mapped.kind,
+        profile=mapped.profile.name,
+        rows=rows,
+        columns_mapped=mapped.sources,
+    )
 
 
-def notice_facts(mapped: Mapped) -> list[dict[str, Any]]:
+def notice_facts(mapped: Mapped) -> list[NoticeFacts]:
     """A file's reader and mapping notices, as a summary lists them."""
-    return [{"file": n.file, "code": n.code, "message": n.message} for n in mapped.table.notices]
+    return [NoticeFacts(file=n.file, code=n.code, message=n.message) for n in mapped.table.notices]
 
 
 def summary_of(
     run_id: str,
     *,
-    command: str,
-    inputs: list[dict[str, Any]],
-    warnings: list[dict[str, Any]],
+    command: Literal["validate", "load"],
+    inputs: list[InputFacts],
+    warnings: list[NoticeFacts | RowWarnings],
     counts: pl.DataFrame,
     target: str,
     settings: Settings,
     timings: dict[str, float],
-    extra: dict[str, Any],
-) -> dict[str, Any]:
+    facts: RunFacts,
+) -> Summary:
     """A run's ``summary.json``; ``counts`` holds ``kind, state, len`` of the report's rows."""
     states, per_kind = count_states(counts)
-    return {
-        "run_id": run_id,
-        "command": command,
-        "dry_run": settings.dry_run,
-        "target": target,
-        "inputs": inputs,
-        "rows_total": sum(states.values()),
-        "states": states,
-        "kinds": per_kind,
-        "warnings": warnings,
-        "timings": {k: round(v, 4) for k, v in timings.items()},
-        **{k: v for k, v in extra.items() if k != "load"},
-    }
+    return Summary(
+        run_id=run_id,
+        command=command,
+        dry_run=settings.dry_run,
+        target=target,
+        inputs=inputs,
+        rows_total=sum(states.values()),
+        states=states,
+        kinds=per_kind,
+        warnings=warnings,
+        timings={k: round(v, 4) for k, v in timings.items()},
+        batch_rows=settings.batch_rows,
+    ).updated(facts)

@@ -22,7 +22,7 @@ import contextlib
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 from urllib.parse import quote
 
 import polars as pl
@@ -33,6 +33,7 @@ from etl.files import private_dir
 from etl.mapping import Mapped
 from etl.progress import Progress
 from etl.readers import ROW
+from etl.report import RunFacts
 from etl.settings import NO_ANSWER_LIMIT, Settings
 from etl.transform import Planned, readable_refs
 from schemas.canonical import KIND_SPECS
@@ -236,23 +237,22 @@ class ClinikApi(Destination):
         return BulkLoader(client, bulk, state, throttle, options, run_id, progress=progress,
                           bulk_options=BulkOptions(operations_per_hour=settings.bulk_per_hour))
 
-    def load_extra(self, loader: Loader, table: pl.DataFrame, protocols: Counter[str]) -> dict[str, Any]:
+    def load_extra(self, loader: Loader, table: pl.DataFrame, protocols: Counter[str]) -> RunFacts:
         per_kind: dict[str, dict[str, int]] = {}
         for kind, state, n in table.group_by("kind", "r_state", maintain_order=True).len().iter_rows():
             per_kind.setdefault(kind, {})[state] = n
         jobs = getattr(loader, "jobs", None)
-        mode: dict[str, Any] = (
-            {"mode": "request"} if jobs is None
-            else {"mode": "bulk", "bulk_jobs": list(jobs), "bulk_limit": getattr(loader, "limit_note", None)}
+        mode = (
+            RunFacts(mode="request") if jobs is None
+            else RunFacts(mode="bulk", bulk_jobs=list(jobs), bulk_limit=getattr(loader, "limit_note", None))
         )
-        return {
-            "patients": per_kind.get("patient", {}),
-            "resources": per_kind,
-            "http_versions": dict(protocols),
-            "creates_sent": loader.stats.creates,
-            "interrupted": loader.stopping,
-            **mode,
-        }
+        return RunFacts(
+            patients=per_kind.get("patient", {}),
+            resources=per_kind,
+            http_versions=dict(protocols),
+            creates_sent=loader.stats.creates,
+            interrupted=loader.stopping,
+        ).updated(mode)
 
     def extra_files(self, table: pl.DataFrame) -> dict[str, pl.DataFrame]:
         """``crosswalk.csv``: the ids the load learnt (written even when empty)."""

@@ -42,6 +42,7 @@ import polars as pl
 from etl.errors import UsageError
 from etl.mapping import Mapped
 from etl.progress import Progress
+from etl.report import RunFacts
 from etl.settings import Settings
 from etl.transform import Planned
 from schemas.canonical import KIND_SPECS
@@ -199,9 +200,9 @@ class Destination(abc.ABC):
 
         return Loader(client, state, throttle, options, run_id, progress=progress)
 
-    def load_extra(self, loader: Loader, table: pl.DataFrame, protocols: Counter[str]) -> dict[str, Any]:
+    def load_extra(self, loader: Loader, table: pl.DataFrame, protocols: Counter[str]) -> RunFacts:
         """What a load adds to the summary (beyond :func:`loader_stats`), from the results ``table``."""
-        return {}
+        return RunFacts()
 
     def extra_files(self, table: pl.DataFrame) -> dict[str, pl.DataFrame]:
         """Report files a load adds (name -> frame, written as CSV even when empty)."""
@@ -213,15 +214,15 @@ class Destination(abc.ABC):
         return False
 
 
-def loader_stats(loader: Loader) -> dict[str, Any]:
+def loader_stats(loader: Loader) -> RunFacts:
     """What any load's summary says of its sending: requests, 429s, the rate achieved, an abort."""
-    return {
-        "requests": loader.stats.requests,
-        "responses_429": loader.stats.retries_429,
-        "achieved_rate": round(loader.stats.requests / loader.stats.send_seconds, 2)
+    return RunFacts(
+        requests=loader.stats.requests,
+        responses_429=loader.stats.retries_429,
+        achieved_rate=round(loader.stats.requests / loader.stats.send_seconds, 2)
         if loader.stats.send_seconds
         else None,
-        "aborted": str(loader.aborted) if loader.aborted else None,
-        "unresponsive": loader.unresponsive,  # the run stopped: the target answered nothing for too long
-    }
+        aborted=str(loader.aborted) if loader.aborted else None,
+        unresponsive=loader.unresponsive,  # the run stopped: the target answered nothing for too long
+    )
 

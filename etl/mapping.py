@@ -35,6 +35,7 @@ import yaml
 
 from etl.errors import InputError, ProfileError
 from etl.readers import ROW, Notice, Table
+from etl.rules import RULES
 from schemas.canonical import DEFAULTS, KIND_SPECS, LIST_SEPARATOR, field_map, fields_of
 
 __all__ = [
@@ -326,7 +327,7 @@ def apply_profile(table: Table, profile: Profile, kind: str | None = None) -> Ma
     used = set(sources.values()) | {h for hs in numbered.values() for h in hs}
     unmapped = [c for c in table.columns if c not in used]
     if unmapped:
-        table.notices.append(Notice("unmapped-columns", _not_imported(unmapped), str(table.path), row=1))
+        table.notices.append(Notice(RULES["unmapped-columns"].code, _not_imported(unmapped), str(table.path), row=1))
     return Mapped(table, narrowed, frame, sources, unmapped, select)
 
 
@@ -334,7 +335,8 @@ def _not_imported(columns: list[str]) -> str:
     """The unmapped-columns message: a file may have thousands of columns, the summary names a few."""
     named = ", ".join(columns[:_UNMAPPED_NAMED])
     more = len(columns) - _UNMAPPED_NAMED
-    return f"not imported: {named}" + (f" and {more} more" if more > 0 else "")
+    rule = RULES["unmapped-columns"]
+    return rule.text("more", columns=named, more=more) if more > 0 else rule.text(columns=named)
 
 
 def starter_profile(table: Table, kind: str | None = None) -> str:

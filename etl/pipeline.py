@@ -28,7 +28,7 @@ import polars as pl
 from etl.errors import UsageError
 from etl.files import private_text, write_csv
 from etl.progress import Progress, as_progress
-from etl.report import RunReport, new_run_id, report_folder, report_output, report_path
+from etl.report import ReconcileSummary, RunReport, new_run_id, report_folder, report_output, report_path
 from etl.settings import Settings
 from schemas.canonical import KIND_SPECS
 
@@ -120,7 +120,6 @@ def reconcile_state(settings: Settings, *, verify: bool = False) -> RunReport:
     elif not settings.base_url:
         settings = settings.model_copy(update={"base_url": target})
     rows: list[dict[str, Any]] = []
-    extra: dict[str, Any] = {}
     # The report folder first: one that cannot take the report stops the run before anything is sent.
     with report_folder(folder), open_target(settings) as (base_url, key, _), StateStore(
         settings.state, target=target
@@ -186,16 +185,16 @@ def reconcile_state(settings: Settings, *, verify: bool = False) -> RunReport:
         for row in rows:
             counts[row["state"]] = counts.get(row["state"], 0) + 1
         in_doubt = len(items) + without_body
-        extra = {"run_id": run_id, "command": "reconcile", "target": target, "in_doubt": in_doubt,
-                 "states": counts, "verified": checked if verify else None, "unresponsive": unresponsive}
+        summary = ReconcileSummary(run_id=run_id, command="reconcile", target=target, in_doubt=in_doubt, states=counts,
+                                   verified=checked if verify else None, unresponsive=unresponsive,
+                                   report_dir=str(folder))
         state.finish_run(run_id, {"states": counts})
     frame = pl.DataFrame(rows, schema={"kind": pl.String, "source_key": pl.String, "before": pl.String,
                                        "state": pl.String, "resource_id": pl.String, "message": pl.String})
-    extra["report_dir"] = str(folder)
     with report_output(folder):
         write_csv(frame, folder / "reconcile.csv")
         with private_text(folder / "summary.json") as fh:
-            json.dump(extra, fh, indent=2)
+            json.dump(summary.to_json(), fh, indent=2)
             fh.write("\n")
-    extra["rows_total"] = frame.height
-    return RunReport(run_id, frame, extra, folder)
+    # RunReport.rows_total reads the summary: a reconcile's rows are reconcile.csv's (not in its summary.json).
+    return RunReport(run_id, frame, {**summary.to_json(), "rows_total": frame.height}, folder)

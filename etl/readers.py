@@ -47,6 +47,7 @@ import polars as pl
 
 from etl.errors import InputError
 from etl.files import unguard_formulas, unguarded
+from etl.rules import RULES
 from etl.workbooks import EXCEL_MAX_CELL_CHARS, WorkbookLimits, scan_workbook
 
 __all__ = [
@@ -140,8 +141,8 @@ def read_table(path: str | Path, *, sheet: str | None = None, limits: WorkbookLi
             table = _read_xlsx(path, sheet, limits)
             if path.suffix.lower() not in _EXCEL_SUFFIXES:
                 named = f"named {path.suffix}" if path.suffix else "named without an extension"
-                message = f"{named} but is an Excel workbook: read as one"
-                table.notices.append(Notice("format-mismatch", message, str(path)))
+                mismatch = RULES["format-mismatch"]
+                table.notices.append(Notice(mismatch.code, mismatch.text(named=named), str(path)))
         else:
             if path.suffix.lower() in _EXCEL_SUFFIXES:
                 raise InputError(
@@ -377,7 +378,8 @@ def _decode_choice(path: Path, head: bytes) -> tuple[str, list[Notice]]:
         guess = _utf16_without_bom(head)
         if guess is None:
             raise InputError(str(path), "this looks like a binary file, not a CSV (it holds NUL bytes)")
-        notice = Notice("encoding-guessed", f"no byte-order mark; read as {guess.upper()}", str(path))
+        guessed = RULES["encoding-guessed"]
+        notice = Notice(guessed.code, guessed.text(encoding=guess.upper()), str(path))
         return guess, [notice]
     controls = len(head) - len(head.translate(None, _CONTROL))
     if controls > max(8, len(head) // 100):
@@ -406,11 +408,8 @@ def _utf16_without_bom(head: bytes) -> str | None:
 
 def _fallback_notice(path: Path, data: bytes, offset: int) -> Notice:
     line = data.count(b"\n", 0, offset) + 1
-    return Notice(
-        "encoding-fallback",
-        f"not valid UTF-8 (line {line}, byte {offset}); read as Windows-1252 (cp1252): check accented characters",
-        str(path),
-    )
+    fallback = RULES["encoding-fallback"]
+    return Notice(fallback.code, fallback.text(line=line, offset=offset), str(path))
 
 
 def sniff_delimiter(sample: str) -> str:
@@ -481,7 +480,7 @@ def _read_csv(path: Path, head: bytes) -> Table:
     text = text.removeprefix("\ufeff")
     if "\r" in text:
         if _BARE_CR_TEXT_ALONE.search(text):
-            notices.append(Notice("line-endings", "lone \\r line endings, each read as a line break", str(path)))
+            notices.append(Notice(RULES["line-endings"].code, RULES["line-endings"].text(), str(path)))
         text = _BARE_CR_TEXT.sub("\n", text)
     return _parse_csv(path, io.BytesIO(text.encode("utf-8")), text[:_SNIFF_BYTES], encoding, notices)
 
@@ -581,7 +580,8 @@ def _read_xlsx(path: Path, sheet: str | None, limits: WorkbookLimits | None) -> 
     _refuse_long_cells(path, chosen, frame)
     notices = []
     if sheet is None and len(names) > 1:
-        notices.append(Notice("other-sheets", f"read sheet {chosen!r}; not read: {', '.join(names[1:])}", str(path)))
+        others = RULES["other-sheets"]
+        notices.append(Notice(others.code, others.text(sheet=chosen, others=", ".join(names[1:])), str(path)))
     return Table(path, "xlsx", frame, "", sheet=chosen, notices=notices)
 
 

@@ -50,7 +50,8 @@ from etl.load.redox import RedoxClient
 from etl.mapping import Mapped
 from etl.readers import ROW
 from etl.redaction import masked
-from etl.report import RunReport
+from etl.report import RunFacts, RunReport
+from etl.rules import RULES
 from etl.settings import DEFAULT_REDOX_STATE, DEFAULT_STATE, Settings
 from etl.streaming import load_in_batches
 from etl.transform import Planned, json_body, obj, one_of, sha256_hex, source_keys
@@ -449,14 +450,15 @@ class RedoxBundles(Destination):
             creates.append((KIND, good.unique("source_key", keep="first", maintain_order=True).select(
                 "source_key", ROW, "body", "body_hash", pl.lit(None, dtype=pl.String).alias("source_file"))))
         if failures and (bad := pl.concat(failures)).height:
-            hit = pl.col("fhir_path").is_not_null()
+            hit, invalid = pl.col("fhir_path").is_not_null(), RULES["fhir-invalid"]
             rows = (
                 rows.join(bad, on="source_row", how="left", maintain_order="left")
                 .with_columns(
                     pl.when(hit).then(pl.lit("rejected")).otherwise(pl.col("state")).alias("state"),
-                    pl.when(hit).then(pl.lit("fhir-invalid")).otherwise(pl.col("error_code")).alias("error_code"),
+                    pl.when(hit).then(pl.lit(invalid.code)).otherwise(pl.col("error_code")).alias("error_code"),
                     pl.when(hit).then(pl.col("fhir_path")).otherwise(pl.col("field")).alias("field"),
-                    pl.when(hit).then(pl.col("fhir_reason")).otherwise(pl.col("message")).alias("message"),
+                    pl.when(hit).then(invalid.message(reason=pl.col("fhir_reason"))).otherwise(pl.col("message"))
+                    .alias("message"),
                 )
                 .drop("fhir_path", "fhir_reason")
             )
@@ -495,8 +497,8 @@ class RedoxBundles(Destination):
     ) -> Client:
         return RedoxClient(http, key, on_response=on_response)
 
-    def load_extra(self, loader: Loader, table: pl.DataFrame, protocols: Counter[str]) -> dict[str, Any]:
-        return {}
+    def load_extra(self, loader: Loader, table: pl.DataFrame, protocols: Counter[str]) -> RunFacts:
+        return RunFacts()
 
 
 def load_redox(
@@ -516,12 +518,12 @@ def load_redox(
         check_target_url(settings.redox_base_url, "--redox-base-url")
     slug, environment = _destination(settings)
     bundles = RedoxBundles(settings, write_route(slug, environment))
-    extra: dict[str, Any] = {"destination": {"type": "redox", "route": bundles.write_route}}
+    facts = RunFacts(destination={"type": "redox", "route": bundles.write_route})
     if settings.dry_run:
         with planned_in_batches(paths, settings, show, payloads=True, destination=bundles) as run:
             payloads = run.keys.payloads
             counts = payloads.write(run.folder / "payloads.ndjson") if payloads else {}
-            extra["requests_planned"] = bundles.requests_planned(counts)
+            facts.requests_planned = bundles.requests_planned(counts)
             run.timings.update({k: round(v, 4) for k, v in bundles.timings().items()})
-            return run.write({"load": True, **extra}, command="load", target=bundles.dry_run_target(settings))
-    return load_in_batches(paths, settings, show, destination=bundles, job=job, extra=extra)
+            return run.write(facts, command="load", target=bundles.dry_run_target(settings))
+    return load_in_batches(paths, settings, show, destination=bundles, job=job, extra=facts)

@@ -5,7 +5,9 @@ A report folder holds:
 - ``summary.json``: run id, inputs (path, sha256, rows), target, dry-run
   flag, ``rows_total``, ``states`` (count per final state, summing to
   ``rows_total``), the same per kind, the patients created or reused,
-  timings and the achieved request rate;
+  timings and the achieved request rate; built as a :class:`Summary`
+  (:class:`ReconcileSummary` for ``reconcile``), whose fields are its keys,
+  in order;
 - ``rows.csv``: one line per input row (``source_file, source_row, kind,
   source_key, state, resource_id, patient_id, error_code, field, message``);
 - ``rejects.csv``: the rejected rows with their original columns and the
@@ -31,9 +33,10 @@ import secrets
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal, Self
 
 import polars as pl
+from pydantic import BaseModel, ConfigDict
 
 from etl.errors import OutputError
 from etl.files import private_dir, private_text, unguard_formulas, write_csv
@@ -43,7 +46,13 @@ __all__ = [
     "FINAL_STATES",
     "PROBLEM_STATES",
     "ROW_COLUMNS",
+    "InputFacts",
+    "NoticeFacts",
+    "ReconcileSummary",
+    "RowWarnings",
+    "RunFacts",
     "RunReport",
+    "Summary",
     "new_run_id",
     "read_rows",
     "report_folder",
@@ -71,12 +80,130 @@ ROW_COLUMNS = (
 PROBLEM_STATES = ("rejected", "failed", "unknown")
 
 
+# --- summary.json, typed -------------------------------------------------------------------------
+# Its keys are a public interface: a field is added, never renamed or removed, and the fields are
+# declared in the order the file lists them. A field a run does not set is left out of the file
+# (a validate has no "requests", only a Redox run a "destination"): see :meth:`Summary.to_json`.
+
+
+class _Facts(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON object, in field order, with only the fields that were set (``None`` included when set)."""
+        return self.model_dump(mode="json", exclude_unset=True)
+
+
+class InputFacts(_Facts):
+    """What a summary says about one input file."""
+
+    path: str
+    sha256: str
+    format: str
+    encoding: str | None
+    delimiter: str | None
+    sheet: str | None
+    kind: str
+    profile: str
+    rows: int
+    columns_mapped: dict[str, str]
+
+
+class NoticeFacts(_Facts):
+    """A reader or mapping warning about a whole file (``unmapped-columns``, ``encoding-fallback`` ...)."""
+
+    file: str
+    code: str
+    message: str
+
+
+class RowWarnings(_Facts):
+    """A warning's rows in one file (``unknown-cvx`` ...): how many, and the first row numbers."""
+
+    file: str
+    code: str
+    rows: list[int]
+    count: int
+
+
+class RunFacts(_Facts):
+    """What a kind of run adds to its summary: a dry run its ``requests_planned``, a load what it sent.
+
+    Every field is optional; only those set appear in ``summary.json``, in this order.
+    """
+
+    destination: dict[str, str] | None = None  # Redox: {"type": "redox", "route": ...}
+    patients: dict[str, int] | None = None  # a load: patients per outcome
+    resources: dict[str, dict[str, int]] | None = None  # a load: creates per kind and outcome
+    requests: int | None = None
+    responses_429: int | None = None
+    achieved_rate: float | None = None
+    aborted: str | None = None  # why the run stopped (a refusal that stops every send)
+    unresponsive: str | None = None  # the run stopped: the target answered nothing for too long
+    http_versions: dict[str, int] | None = None
+    creates_sent: int | None = None
+    interrupted: bool | None = None
+    mode: Literal["request", "bulk"] | None = None
+    bulk_jobs: list[str] | None = None
+    bulk_limit: str | None = None
+    disappeared: int | None = None  # rows an earlier load created that this copy of the file no longer has
+    requests_planned: dict[str, int] | int | None = None  # a dry run: creates per kind (Redox: bundles)
+
+    def updated(self, other: RunFacts) -> Self:
+        """These facts with those ``other`` sets."""
+        return self.model_copy(update={name: getattr(other, name) for name in other.model_fields_set})
+
+
+class Summary(RunFacts):
+    """``summary.json`` of a validate, dry run or load (see the module's notes and the README)."""
+
+    run_id: str
+    command: Literal["validate", "load"]
+    dry_run: bool
+    target: str
+    inputs: list[InputFacts]
+    rows_total: int
+    states: dict[str, int]  # every final state, summing to rows_total
+    kinds: dict[str, dict[str, int]]
+    warnings: list[NoticeFacts | RowWarnings]
+    timings: dict[str, float]
+    batch_rows: int
+    report_dir: str | None = None  # set once the report folder is known
+
+    # The run's own facts first, then what its kind adds (RunFacts), then batch_rows and report_dir.
+    _ORDER: ClassVar[tuple[str, ...]] = (
+        "run_id", "command", "dry_run", "target", "inputs", "rows_total", "states", "kinds", "warnings", "timings",
+        *RunFacts.model_fields, "batch_rows", "report_dir",
+    )
+
+    def to_json(self) -> dict[str, Any]:
+        dumped = super().to_json()
+        return {name: dumped[name] for name in self._ORDER if name in dumped}
+
+
+class ReconcileSummary(_Facts):
+    """``summary.json`` of ``clinik-etl reconcile``."""
+
+    run_id: str
+    command: Literal["reconcile"]
+    target: str
+    in_doubt: int
+    states: dict[str, int]
+    verified: dict[str, int] | None
+    unresponsive: str | None
+    report_dir: str
+
+
 @dataclass
 class RunReport:
     """What a validate or load run did, row by row.
 
     ``held`` is the row table when the run kept it in memory; a run in batches leaves it out
     (it may have millions of lines) and :attr:`rows` reads ``rows.csv`` back on demand.
+
+    ``summary`` is ``summary.json`` as a plain dict (:meth:`Summary.to_json`): the runs build the typed
+    :class:`Summary`, and this is its JSON form, so what a notebook reads (``report.summary["states"]``)
+    is exactly what the file holds, and ``json.dumps``, ``.get`` and ``in`` work on it as on any dict.
     """
 
     run_id: str

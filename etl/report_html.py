@@ -22,6 +22,7 @@ from typing import Any
 import polars as pl
 
 from etl.files import private_text
+from etl.rules import explain
 
 __all__ = ["FIRST_REJECTS", "bar_chart", "render_html", "write_html"]
 
@@ -257,6 +258,19 @@ def _warnings(summary: dict[str, Any]) -> str:
     )
 
 
+def _explanations(tally: pl.DataFrame, summary: dict[str, Any]) -> str:
+    """What each code on the page means and how to fix it: the catalogue's entries (``etl.rules``), as
+    ``clinik-etl explain`` says them. A code the catalogue does not hold (an API's new one) is left out."""
+    shown = tally.get_column("error_code").drop_nulls().to_list() if tally.height else []
+    shown += [w.get("code") for w in summary.get("warnings") or []]
+    rules = [rule for c in sorted({str(c) for c in shown if c is not None}) if (rule := explain(c)) is not None]
+    if not rules:
+        return ""
+    return '<h2 id="codes">What the codes mean</h2>' + _table(
+        ["code", "kind", "meaning", "fix"], ([r.code, r.kind, r.title, r.fix] for r in rules), table_id="code-meanings"
+    )
+
+
 def _timings(summary: dict[str, Any]) -> str:
     timings: dict[str, float] = summary.get("timings") or {}
     rows = [[stage, f"{seconds:.3f}"] for stage, seconds in timings.items()]
@@ -304,6 +318,7 @@ def render_html(summary: dict[str, Any], rows: pl.DataFrame, tally: pl.DataFrame
             _rejects(rows, counted),
             _problems(rows, counted),
             _warnings(summary),
+            _explanations(counted, summary),
             _timings(summary),
             f"<footer>Written by clinik-etl {_e(_version())}. This page holds patient data: keep it private, "
             "as the rest of the report folder.</footer>",

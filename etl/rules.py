@@ -1,26 +1,96 @@
-"""The catalogue of row outcomes' codes: each stable, kebab-case, explained.
+"""The catalogue of row outcomes' codes: each stable, kebab-case, explained, worded once.
+
+Each code a report can hold is one :class:`Rule`: what it means (``title``),
+what to do about it (``fix``) and the message a row carries (``template``,
+with named placeholders, and any ``variants``: other wordings of the same
+outcome). Code that rejects, warns about or fails a row builds the row's code
+and message through its entry, ``RULES["max-items"]``: :meth:`Rule.text` for
+one message (a notice, a load result), :meth:`Rule.message` for a column of
+them (a polars expression over the rows). ``clinik-etl explain`` and
+``report.html`` read the same entries, so a message's wording and its
+explanation live here and nowhere else.
 
 Rejections (``reject``) come from validation; warnings (``warning``) leave the
 row valid; ``load`` codes explain rows that failed or were not sent. API error
 codes (``api``: ``VALIDATION_ERROR``, ``RATE_LIMITED`` ...) are the API's own
-and pass through unchanged; they are listed so that ``clinik-etl explain``
-can say what to do about them too.
+and pass through unchanged, with the API's message; they are listed so that
+``clinik-etl explain`` can say what to do about them too.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import string
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Literal
+
+import polars as pl
+
+__all__ = ["API_RULES", "RULES", "Rule", "catalogue", "explain"]
+
+Kind = Literal["reject", "warning", "load", "api"]
+
+_FORMATTER = string.Formatter()
 
 
 @dataclass(frozen=True)
 class Rule:
-    """One code: what it means and what to do about it."""
+    """One code: what it means, what to do about it, and how a row's message says it.
+
+    ``template`` (and each of ``variants``) is :meth:`str.format` text whose placeholders are named,
+    ``"at most {limit} characters"``; a code without a fixed wording (an API's own) has none.
+    """
 
     code: str
-    kind: Literal["reject", "warning", "load", "api"]
+    kind: Kind
     title: str
     fix: str
+    template: str = ""
+    variants: Mapping[str, str] = field(default_factory=dict)
+
+    def template_of(self, variant: str = "") -> str:
+        """The wording of ``variant`` (``""``: the usual one)."""
+        if not variant:
+            return self.template
+        try:
+            return self.variants[variant]
+        except KeyError:
+            raise KeyError(f"{self.code} has no message variant {variant!r}") from None
+
+    def placeholders(self, variant: str = "") -> tuple[str, ...]:
+        """The names a wording needs, in order of first use."""
+        names = (name for _, name, _, _ in _FORMATTER.parse(self.template_of(variant)) if name is not None)
+        return tuple(dict.fromkeys(names))
+
+    def text(self, variant: str = "", /, **values: object) -> str:
+        """One row's message: the wording with ``values`` put in."""
+        return self.template_of(variant).format(**values)
+
+    def message(self, variant: str = "", /, **values: pl.Expr | object) -> pl.Expr:
+        """The message of every row, as an expression: a value may be a column (an expression), or one
+        value for all rows. As :func:`polars.format`, a row where a column is null has a null message.
+
+        A column's value is put in as its text: a format spec (``{limit:g}``) or conversion
+        (``{reference!r}``) needs a plain value.
+        """
+        parts: list[pl.Expr] = []
+        literal: list[str] = []
+        for text, name, spec, conversion in _FORMATTER.parse(self.template_of(variant)):
+            literal.append(text)
+            if name is None:
+                continue
+            value = values[name]
+            if isinstance(value, pl.Expr):
+                if spec or conversion:
+                    raise ValueError(f"{self.code}: {{{name}}} has a format; give it a plain value, not a column")
+                parts += [pl.lit("".join(literal)), value]
+                literal = []
+            else:
+                literal.append(_FORMATTER.format_field(_FORMATTER.convert_field(value, conversion), spec or ""))
+        if not parts:
+            return pl.lit("".join(literal), dtype=pl.String)
+        parts.append(pl.lit("".join(literal)))
+        return pl.format("{}" * len(parts), *parts)
 
 
 API_RULES = (
@@ -58,153 +128,277 @@ API_RULES = (
 )
 
 
-RULES: dict[str, Rule] = {
-    r.code: r
-    for r in (
-        Rule("required", "reject", "a required value is empty", "fill the cell, or set a default in the profile"),
-        Rule("max-length", "reject", "longer than the API allows", "shorten the value to the documented maximum"),
-        Rule("enum", "reject", "not one of the allowed values", "use one of the values listed in the message"),
+def catalogue(rules: Iterable[Rule]) -> dict[str, Rule]:
+    """The entries by code; a code written twice is a mistake (the second would silently win)."""
+    found: dict[str, Rule] = {}
+    for rule in rules:
+        if rule.code in found:
+            raise ValueError(f"the code {rule.code!r} has two catalogue entries")
+        found[rule.code] = rule
+    return found
+
+
+RULES: dict[str, Rule] = catalogue(
+    (
+        # --- validation: the row is rejected ----------------------------------------------------
+        Rule(
+            "required",
+            "reject",
+            "a required value is empty",
+            "fill the cell, or set a default in the profile",
+            "a value is required",
+            {"with-patient": "required when the row names a patient's details"},
+        ),
+        Rule(
+            "max-length",
+            "reject",
+            "longer than the API allows",
+            "shorten the value to the documented maximum",
+            "at most {limit} characters",
+            {"item": "each item at most {limit} characters"},
+        ),
+        Rule(
+            "enum",
+            "reject",
+            "not one of the allowed values",
+            "use one of the values listed in the message",
+            "one of {allowed}",
+        ),
         Rule(
             "date-format",
             "reject",
             "not a date the toolkit can read",
             "write dates as YYYY-MM-DD (or YYYY-MM-DDTHH:MM:SS with an offset)",
+            "a date such as 2024-03-31",
         ),
-        Rule("number-format", "reject", "not a number", "write a plain decimal number such as 0.5"),
-        Rule("integer-format", "reject", "not a whole number", "write a whole number such as 2"),
-        Rule("boolean-format", "reject", "not true or false", "write true/false, yes/no or 1/0"),
-        Rule("email-format", "reject", "not an e-mail address", "correct the address or leave the cell empty"),
+        Rule("number-format", "reject", "not a number", "write a plain decimal number such as 0.5", "a number"),
+        Rule("integer-format", "reject", "not a whole number", "write a whole number such as 2", "a whole number"),
+        Rule("boolean-format", "reject", "not true or false", "write true/false, yes/no or 1/0", "true or false"),
+        Rule(
+            "email-format",
+            "reject",
+            "not an e-mail address",
+            "correct the address or leave the cell empty",
+            "an e-mail address",
+        ),
         Rule(
             "max-items",
             "reject",
             "too many items in a list cell",
             "keep at most the documented number of ';'-separated items",
+            "at most {limit} items",
+            {"document": "the document has {sections} sections; at most {limit}"},
         ),
-        Rule("maximum", "reject", "above the documented maximum", "correct the number"),
-        Rule("minimum", "reject", "below the smallest allowed number (a negative dose, say)", "correct the number"),
-        Rule("future-date", "reject", "a date in the future", "correct the date; a dose cannot be given tomorrow"),
+        Rule("maximum", "reject", "above the documented maximum", "correct the number", "at most {limit:g}"),
+        Rule(
+            "minimum",
+            "reject",
+            "below the smallest allowed number (a negative dose, say)",
+            "correct the number",
+            "at least {limit:g}",
+            {"exclusive": "above {limit:g}"},
+        ),
+        Rule(
+            "future-date",
+            "reject",
+            "a date in the future",
+            "correct the date; a dose cannot be given tomorrow",
+            "not after {today}",
+        ),
         Rule(
             "expiration-before-occurrence",
             "reject",
             "the lot expired before the dose was given",
             "check the expiration and administration dates",
+            "not before the administration date",
         ),
         Rule(
             "dose-number-above-series",
             "reject",
             "dose number above the doses in the series",
             "check the dose number and the series doses",
+            "not above the series doses",
         ),
         Rule(
             "occurrence-before-birth",
             "reject",
             "the dose was given before the patient was born",
             "check the administration date and the date of birth",
+            "not before the patient's birth date",
+        ),
+        Rule(
+            "end-before-start",
+            "reject",
+            "an end before its start (an encounter's period, a task's window)",
+            "check the start and end date-times",
+            "not before the start",
         ),
         Rule(
             "duplicate-key",
             "reject",
             "the same record id appears earlier in the input",
             "remove the repeated row or give it its own record id",
+            "appears earlier in the file",
         ),
         Rule(
             "patient-conflict",
             "reject",
             "the same patient id appears earlier with different demographics",
             "make the patient's name, birth date and contact details agree on every row",
+            "differs from this patient's earlier row",
         ),
+        Rule(
+            "redacted",
+            "reject",
+            "the cell holds a redaction marker, not a value",
+            "get an export with this column unredacted, or stop mapping the column in the profile",
+            "withheld in a redacted extract",
+        ),
+        Rule(
+            "document-rejected",
+            "reject",
+            "another row of the same document was rejected, so the whole document is",
+            "fix the rejected row with the same document id and re-run",
+            "another row of this document is rejected (row {row})",
+            {"sibling": "another row of this document is rejected"},
+        ),
+        # --- the plan: references between rows ---------------------------------------------------
+        Rule(
+            "parent-rejected",
+            "reject",
+            "the row it refers to (patient, practitioner, encounter) was rejected",
+            "fix the referenced row first; this one goes through with it",
+            "{column} ({value}): the {kind} row it names was rejected",
+        ),
+        Rule(
+            "unresolved-reference",
+            "reject",
+            "refers to an id found nowhere: not in the inputs, the crosswalk, the state store or the target",
+            "include the referenced rows in the run, or map the id with --crosswalk",
+            "{column} ({value}): no {kind} with this id in the inputs, the crosswalk or the target",
+            # The loader's last check, when a reference has no id at send time.
+            {"at-send": "no id for {kind} {reference!r}"},
+        ),
+        Rule(
+            "fhir-invalid",
+            "reject",
+            "the row's Redox message bundle is not valid FHIR R4 (the field names the FHIR path)",
+            "correct the source value that feeds that path (a dose number of 0, say) and re-run",
+            "{reason}",  # the FHIR check's own words
+        ),
+        # --- reading and mapping: the row stays valid --------------------------------------------
         Rule(
             "unknown-cvx",
             "warning",
             "a CVX code the toolkit's table does not list",
             "check the code; it is sent as written",
+            "not in the CVX table; sent as is",
         ),
         Rule(
             "unmapped-code",
             "warning",
             "a route or site spelling the toolkit does not know",
             "it is sent as written; use a standard code to normalise it",
+            "not a known {field} spelling; sent as written",
         ),
         Rule(
             "encoding-fallback",
             "warning",
             "the file is not UTF-8 and was read as Windows-1252",
             "save the file as UTF-8 to be sure accents are right",
+            "not valid UTF-8 (line {line}, byte {offset}); read as Windows-1252 (cp1252): check accented characters",
         ),
-        Rule("other-sheets", "warning", "the workbook has more sheets than the one read", "use --sheet NAME"),
+        Rule(
+            "other-sheets",
+            "warning",
+            "the workbook has more sheets than the one read",
+            "use --sheet NAME",
+            "read sheet {sheet!r}; not read: {others}",
+        ),
         Rule(
             "encoding-guessed",
             "warning",
             "the file is UTF-16 without a byte-order mark, recognised by its zero bytes",
             "check accented characters; save the file as UTF-8 to be sure",
+            "no byte-order mark; read as {encoding}",
         ),
         Rule(
             "line-endings",
             "warning",
             "some lines end in a lone carriage return (old Mac files, or mixed endings); each was read as a line break",
             "nothing, if the row count is right; else save the file with one kind of line ending",
+            "lone \\r line endings, each read as a line break",
         ),
         Rule(
             "format-mismatch",
             "warning",
             "the file's name says CSV but it is an Excel workbook; it was read as a workbook",
             "give the file the .xlsx extension",
+            "{named} but is an Excel workbook: read as one",
         ),
-        Rule("unmapped-columns", "warning", "some columns are not imported", "map them in a profile if they matter"),
+        Rule(
+            "unmapped-columns",
+            "warning",
+            "some columns are not imported",
+            "map them in a profile if they matter",
+            "not imported: {columns}",
+            {"more": "not imported: {columns} and {more} more"},
+        ),
+        # --- the load: the row failed or was not sent --------------------------------------------
         Rule(
             "parent-failed",
             "load",
-            "a resource the row refers to (its patient, visit, practitioner) could not be created",
-            "see the parent row's error; fix it and re-run",
+            "the row it refers to could not be created at the API",
+            "see that row's error (same id) in rows.csv; fix it and re-run",
+            "{kind} {reference!r} not created ({code}: {reason})",
         ),
         Rule(
             "parent-unknown",
             "load",
-            "a resource the row refers to has an unknown outcome",
-            "re-run: the loader resolves unknown outcomes before sending",
-        ),
-        Rule(
-            "unresolved-reference",
-            "reject",
-            "a reference (patient, visit, practitioner ...) matches nothing",
-            "load the parent's file in the same run, pass --crosswalk, or use an existing ClinikAPI id",
-        ),
-        Rule(
-            "parent-rejected",
-            "reject",
-            "the row refers to a row that was rejected",
-            "fix the parent row (see its reasons) and import both again",
-        ),
-        Rule(
-            "document-rejected",
-            "reject",
-            "another row (section) of the same document is rejected",
-            "fix the document's rejected row; a document is sent whole or not at all",
-        ),
-        Rule(
-            "end-before-start",
-            "reject",
-            "a period ends before it starts",
-            "check the start and end date-times",
-        ),
-        Rule(
-            "redacted",
-            "reject",
-            "the value is withheld in a redacted extract",
-            "load the identified extract; a patient cannot be created without a name",
+            "the row it refers to has an unknown outcome",
+            "re-run: unknown outcomes are resolved before anything is sent",
+            "the {kind} {reference!r} has an unknown outcome; re-run to resolve it",
         ),
         Rule(
             "unknown-outcome",
             "load",
             "sent, but no answer came back (timeout, 5xx, dropped connection)",
             "re-run or run `clinik-etl reconcile`: the row is looked up before anything is re-sent",
+            "{reason}",  # what the client saw: "timeout", "HTTP 502" ...
+            {
+                "not-looked-up": "not looked up: run stopped: {why}",
+                "answer-lost": "the import's answer was lost",
+                "no-ids": "imported by bulk job {job}, which returns no ids",
+                "unknown-job": "bulk job {job} is unknown to the API",
+            },
         ),
-        Rule("not-sent", "load", "not sent because the run stopped early", "fix the cause and re-run"),
+        Rule(
+            "not-sent",
+            "load",
+            "not sent because the run stopped early",
+            "fix the cause and re-run",
+            "run stopped: {why}",
+            {
+                "interrupted": "run interrupted before sending",
+                "bulk-interrupted": "run interrupted",
+                "bulk-limit": "{why}",  # the bulk loader's note on the hourly limit says it all
+            },
+        ),
         Rule(
             "untrusted-certificate",
             "load",
             "the target's TLS certificate did not verify, so nothing was sent and the run stopped",
             "check --base-url; for a private CA, set SSL_CERT_FILE to its bundle (verification stays on)",
+            "the target's TLS certificate is not trusted (certificates are always verified: for a private CA, "
+            "set SSL_CERT_FILE to its bundle)",
+        ),
+        Rule(
+            "not-updated",
+            "load",
+            "the row changed since it was created, and the update (--update) could not be made",
+            "see the message; fix the cause and re-run with --update",
+            "{reason}",  # what the client saw
+            {"cannot": "this target cannot update", "no-id": "no id for {kind} {reference!r}"},
         ),
         Rule(
             "BULK_RECORD_ERROR",
@@ -212,77 +406,28 @@ RULES: dict[str, Rule] = {
             "a bulk import (--mode bulk) refused this row's line; the message is the API's, such as "
             "`patientId: Patient pat_... not found`",
             "correct the row (or the crosswalk id it names) and re-run: only refused rows are sent again",
+            "{reason}",  # the import's errors for the line, joined by "; "
+            {"no-reason": "refused by the import, no reason given"},
         ),
         Rule(
             "BULK_JOB_FAILED",
             "load",
             "the bulk job stopped before it reached this row",
             "re-run: the row was not imported and is sent again",
+            "bulk job {job}: {reason}",
         ),
         Rule(
             "bulk-pending",
             "load",
             "the row's bulk job had not finished (or could not be read) when the run ended",
             "re-run with the same --state: the job is polled, not submitted again",
-        ),
-        Rule(
-            "fhir-invalid",
-            "reject",
-            "the row's Redox message bundle is not valid FHIR R4 (the field names the FHIR path)",
-            "correct the source value that feeds that path (a dose number of 0, say) and re-run",
-        ),
-        Rule(
-            "redacted",
-            "reject",
-            "the cell holds a redaction marker, not a value",
-            "get an export with this column unredacted, or stop mapping the column in the profile",
-        ),
-        Rule(
-            "end-before-start",
-            "reject",
-            "an end before its start (an encounter's period, a task's window)",
-            "check the start and end date-times",
-        ),
-        Rule(
-            "document-rejected",
-            "reject",
-            "another row of the same document was rejected, so the whole document is",
-            "fix the rejected row with the same document id and re-run",
-        ),
-        Rule(
-            "parent-rejected",
-            "reject",
-            "the row it refers to (patient, practitioner, encounter) was rejected",
-            "fix the referenced row first; this one goes through with it",
-        ),
-        Rule(
-            "unresolved-reference",
-            "reject",
-            "refers to an id found nowhere: not in the inputs, the crosswalk, the state store or the target",
-            "include the referenced rows in the run, or map the id with --crosswalk",
-        ),
-        Rule(
-            "parent-failed",
-            "load",
-            "the row it refers to could not be created at the API",
-            "see that row's error (same id) in rows.csv; fix it and re-run",
-        ),
-        Rule(
-            "parent-unknown",
-            "load",
-            "the row it refers to has an unknown outcome",
-            "re-run: unknown outcomes are resolved before anything is sent",
-        ),
-        Rule(
-            "not-updated",
-            "load",
-            "the row changed since it was created, and the update (--update) could not be made",
-            "see the message; fix the cause and re-run with --update",
+            "bulk job {job}: {reason}; re-run to poll it",
+            {"running": "bulk job {job} still running; re-run to poll it"},
         ),
         # The API's own codes, as rows.csv shows them for failed rows.
         *API_RULES,
     )
-}
+)
 
 
 def explain(code: str) -> Rule | None:

@@ -35,7 +35,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import polars as pl
 
@@ -44,7 +44,7 @@ from etl.clinikapi import ClinikApi
 from etl.destination import Destination, Lookup, Target, loader_stats
 from etl.files import write_csv
 from etl.progress import LoadEstimate, Progress
-from etl.report import RunReport, new_run_id, report_folder, report_path
+from etl.report import RunFacts, RunReport, new_run_id, report_folder, report_path
 from etl.settings import Settings
 
 if TYPE_CHECKING:
@@ -77,7 +77,7 @@ def load_in_batches(
     *,
     destination: Destination | None = None,
     job: str | None = None,
-    extra: dict[str, Any] | None = None,
+    extra: RunFacts | None = None,
 ) -> RunReport:
     """Import inputs into ``destination`` (ClinikAPI by default) in bounded memory, a batch at a time;
     write the report (``extra``: what the summary adds besides the load's own)."""
@@ -110,12 +110,13 @@ def load_in_batches(
                 return_dtype=pl.String,
             )
             apply_outcomes(run, results.with_columns(kinds.alias("kind")))
-            summary: dict[str, Any] = {"load": True, **(extra or {}), **loader_stats(loader),
-                                       **destination.load_extra(loader, results, protocols)}
+            facts = (extra or RunFacts()).updated(loader_stats(loader)).updated(
+                destination.load_extra(loader, results, protocols)
+            )
             disappeared = _disappeared(run, state) if destination.tracks_disappeared else None
             if disappeared is not None:
-                summary["disappeared"] = disappeared.height
-            report = run.write(summary, command="load", target=target.name)
+                facts.disappeared = disappeared.height
+            report = run.write(facts, command="load", target=target.name)
             for name, frame in destination.extra_files(results).items():  # written even when empty
                 write_csv(frame, run.folder / name)
             if disappeared is not None and disappeared.height:

@@ -26,6 +26,7 @@ import polars as pl
 from etl.keyindex import KeyIndex
 from etl.mapping import Mapped
 from etl.readers import ROW
+from etl.rules import RULES, Rule
 from schemas.canonical import ENCOUNTER_CLASS_WORDS, CanonicalField, field_map, fields_of
 from schemas.codes import CVX_SYSTEM, displays, spellings
 from schemas.limits import spec_at
@@ -380,6 +381,21 @@ class _Rule:
     message: str
 
 
+def _check(field: str, rule: Rule, passes: pl.Expr, variant: str = "", /, **values: object) -> _Rule:
+    """A check of ``field``: its code and its message (with this field's limits put in) are ``rule``'s."""
+    return _Rule(field, rule.code, passes, rule.text(variant, **values))
+
+
+# Each parsed value type: the companion column the parse fills, and the code of a cell it cannot parse.
+_PARSED = {
+    "date": ("__date", RULES["date-format"]),
+    "datetime": ("__date", RULES["date-format"]),
+    "integer": ("__int", RULES["integer-format"]),
+    "number": ("__num", RULES["number-format"]),
+    "boolean": ("__bool", RULES["boolean-format"]),
+}
+
+
 def _rules(kind: str, today: dt.date, redacted: bool = False) -> list[_Rule]:
     fields = field_map(kind)
     rules: list[_Rule] = []
@@ -388,75 +404,58 @@ def _rules(kind: str, today: dt.date, redacted: bool = False) -> list[_Rule]:
         absent = c.is_null()
         if redacted and f.value == "text":
             withheld = pl.col(f"{f.name}__redacted")
-            rules.append(_Rule(f.name, "redacted", ~withheld, "withheld in a redacted extract"))
+            rules.append(_check(f.name, RULES["redacted"], ~withheld))
             absent = absent & ~withheld
         if f.required:
-            rules.append(_Rule(f.name, "required", ~absent, "a value is required"))
+            rules.append(_check(f.name, RULES["required"], ~absent))
         elif f.required_with:
             others = pl.any_horizontal(pl.col(o).is_not_null() for o in f.required_with if o in fields)
             rules.append(
-                _Rule(f.name, "required", ~absent | ~others, "required when the row names a patient's details")
+                _check(f.name, RULES["required"], ~absent | ~others, "with-patient")
             )
         if f.value == "list":
             items = pl.col(f"{f.name}__list")
             if f.max_items is not None:
                 rules.append(
-                    _Rule(
+                    _check(
                         f.name,
-                        "max-items",
+                        RULES["max-items"],
                         items.is_null() | (items.list.len() <= f.max_items),
-                        f"at most {f.max_items} items",
+                        limit=f.max_items,
                     )
                 )
             if f.max_length is not None:
                 longest = items.list.eval(pl.element().str.len_chars()).list.max()
                 rules.append(
-                    _Rule(
+                    _check(
                         f.name,
-                        "max-length",
+                        RULES["max-length"],
                         items.is_null() | (longest <= f.max_length),
-                        f"each item at most {f.max_length} characters",
+                        "item",
+                        limit=f.max_length,
                     )
                 )
         elif f.max_length is not None:
             rules.append(
-                _Rule(
-                    f.name,
-                    "max-length",
-                    absent | (c.str.len_chars() <= f.max_length),
-                    f"at most {f.max_length} characters",
-                )
+                _check(f.name, RULES["max-length"], absent | (c.str.len_chars() <= f.max_length), limit=f.max_length)
             )
         if f.enum:
-            rules.append(_Rule(f.name, "enum", absent | c.is_in(f.enum), f"one of {', '.join(f.enum)}"))
+            rules.append(_check(f.name, RULES["enum"], absent | c.is_in(f.enum), allowed=", ".join(f.enum)))
         spec = f.spec
         if spec is not None and spec.format == "email":
-            rules.append(_Rule(f.name, "email-format", absent | c.str.contains(_EMAIL), "an e-mail address"))
-        parsed = {
-            "date": "__date",
-            "datetime": "__date",
-            "integer": "__int",
-            "number": "__num",
-            "boolean": "__bool",
-        }.get(f.value)
-        if parsed:
-            code = {"date": "date-format", "datetime": "date-format"}.get(f.value, f"{f.value}-format")
-            what = {
-                "date-format": "a date such as 2024-03-31",
-                "integer-format": "a whole number",
-                "number-format": "a number",
-                "boolean-format": "true or false",
-            }[code]
-            rules.append(_Rule(f.name, code, absent | pl.col(f.name + parsed).is_not_null(), what))
+            rules.append(_check(f.name, RULES["email-format"], absent | c.str.contains(_EMAIL)))
+        parsed, unparsed = _PARSED.get(f.value, ("", None))
+        if unparsed is not None:
+            rules.append(_check(f.name, unparsed, absent | pl.col(f.name + parsed).is_not_null()))
         if f.maximum is not None and parsed in ("__int", "__num"):
             value = pl.col(f.name + parsed)
-            rules.append(_Rule(f.name, "maximum", value.is_null() | (value <= f.maximum), f"at most {f.maximum:g}"))
+            rules.append(_check(f.name, RULES["maximum"], value.is_null() | (value <= f.maximum), limit=f.maximum))
         if f.minimum is not None and parsed in ("__int", "__num"):
             value = pl.col(f.name + parsed)
-            rules.append(_Rule(f.name, "minimum", value.is_null() | (value >= f.minimum), f"at least {f.minimum:g}"))
+            rules.append(_check(f.name, RULES["minimum"], value.is_null() | (value >= f.minimum), limit=f.minimum))
         if f.exclusive_minimum is not None and parsed in ("__int", "__num"):
             value, floor = pl.col(f.name + parsed), f.exclusive_minimum
-            rules.append(_Rule(f.name, "minimum", value.is_null() | (value > floor), f"above {floor:g}"))
+            rules.append(_check(f.name, RULES["minimum"], value.is_null() | (value > floor), "exclusive", limit=floor))
     rules += _domain_rules(kind, fields, today)
     return rules
 
@@ -472,32 +471,29 @@ def _domain_rules(kind: str, fields: dict[str, CanonicalField], today: dt.date) 
 
     for name in ("occurrence", "patient_birth_date", "recorded"):
         if name in fields:
-            rules.append(_Rule(name, "future-date", ok_unless(date(name) > pl.lit(today)), f"not after {today}"))
+            rules.append(_check(name, RULES["future-date"], ok_unless(date(name) > pl.lit(today)), today=today))
     if {"occurrence", "expiration_date"} <= fields.keys():
         rules.append(
-            _Rule(
+            _check(
                 "expiration_date",
-                "expiration-before-occurrence",
+                RULES["expiration-before-occurrence"],
                 ok_unless(date("expiration_date") < date("occurrence")),
-                "not before the administration date",
             )
         )
     if {"occurrence", "patient_birth_date"} <= fields.keys():
         rules.append(
-            _Rule(
+            _check(
                 "occurrence",
-                "occurrence-before-birth",
+                RULES["occurrence-before-birth"],
                 ok_unless(date("occurrence") < date("patient_birth_date")),
-                "not before the patient's birth date",
             )
         )
     if {"dose_number", "series_doses"} <= fields.keys():
         rules.append(
-            _Rule(
+            _check(
                 "dose_number",
-                "dose-number-above-series",
+                RULES["dose-number-above-series"],
                 ok_unless(pl.col("dose_number__int") > pl.col("series_doses__int")),
-                "not above the series doses",
             )
         )
     for start, end in (
@@ -508,18 +504,13 @@ def _domain_rules(kind: str, fields: dict[str, CanonicalField], today: dt.date) 
     ):
         if {start, end} <= fields.keys():
             rules.append(
-                _Rule(
-                    end,
-                    "end-before-start",
-                    ok_unless(pl.col(f"{end}__instant") < pl.col(f"{start}__instant")),
-                    "not before the start",
+                _check(
+                    end, RULES["end-before-start"], ok_unless(pl.col(f"{end}__instant") < pl.col(f"{start}__instant"))
                 )
             )
     if "record_id" in fields:
         rules.append(
-            _Rule(
-                "record_id", "duplicate-key", ~pl.col("__seen_before").fill_null(False), "appears earlier in the file"
-            ),
+            _check("record_id", RULES["duplicate-key"], ~pl.col("__seen_before").fill_null(False)),
         )
     demographics = _demographics(fields)
     if demographics:
@@ -528,12 +519,7 @@ def _domain_rules(kind: str, fields: dict[str, CanonicalField], today: dt.date) 
         for f in demographics:
             same = pl.col(f"__hash_{f.name}").eq_missing(pl.col(f"__first_{f.name}"))
             rules.append(
-                _Rule(
-                    f.name,
-                    "patient-conflict",
-                    pl.col("patient_id").is_null() | ~carries | same,
-                    "differs from this patient's earlier row",
-                )
+                _check(f.name, RULES["patient-conflict"], pl.col("patient_id").is_null() | ~carries | same)
             )
     return rules
 
@@ -683,9 +669,10 @@ def check(prepared: pl.DataFrame, kind: str, *, today: dt.date) -> pl.DataFrame:
 
 def _conflicts_only_where_cell_valid(failures: pl.DataFrame) -> pl.DataFrame:
     """A cell that breaks its own rule also differs from the patient's other rows; report the rule only."""
-    own = failures.filter(pl.col("code") != "patient-conflict").select(ROW, "field").unique()
-    conflicts = failures.filter(pl.col("code") == "patient-conflict").join(own, on=[ROW, "field"], how="anti")
-    return pl.concat([failures.filter(pl.col("code") != "patient-conflict"), conflicts])
+    conflict = pl.col("code") == RULES["patient-conflict"].code
+    own = failures.filter(~conflict).select(ROW, "field").unique()
+    conflicts = failures.filter(conflict).join(own, on=[ROW, "field"], how="anti")
+    return pl.concat([failures.filter(~conflict), conflicts])
 
 
 def with_source_values(failures: pl.DataFrame, mapped: Mapped) -> pl.DataFrame:
@@ -711,10 +698,10 @@ def _document_groups(prepared: pl.DataFrame, rejects: pl.DataFrame) -> pl.DataFr
         .filter(pl.col("document_id").is_not_null() & (pl.col("sections") > most))
         .select(
             pl.col(ROW),
-            pl.lit("max-items").alias("code"),
+            pl.lit(RULES["max-items"].code).alias("code"),
             pl.lit("section_title").alias("field"),
             pl.lit(None, dtype=pl.String).alias("value"),
-            pl.format("the document has {} sections; at most {}", "sections", pl.lit(most)).alias("message"),
+            RULES["max-items"].message("document", sections=pl.col("sections"), limit=most).alias("message"),
         )
     )
     rejects = pl.concat([rejects, too_many])
@@ -729,10 +716,10 @@ def _document_groups(prepared: pl.DataFrame, rejects: pl.DataFrame) -> pl.DataFr
         .join(rejects.select(ROW).unique(), on=ROW, how="anti")
         .select(
             pl.col(ROW),
-            pl.lit("document-rejected").alias("code"),
+            pl.lit(RULES["document-rejected"].code).alias("code"),
             pl.lit("document_id").alias("field"),
             pl.lit(None, dtype=pl.String).alias("value"),
-            pl.format("another row of this document is rejected (row {})", "first_bad").alias("message"),
+            RULES["document-rejected"].message(row=pl.col("first_bad")).alias("message"),
         )
     )
     return pl.concat([rejects, siblings]).sort(ROW, "field")
@@ -745,7 +732,7 @@ def _warnings(prepared: pl.DataFrame, kind: str) -> pl.DataFrame:
         is_cvx = pl.col("vaccine_system").fill_null(CVX_SYSTEM) == CVX_SYSTEM
         unknown = pl.col("vaccine_code").is_not_null() & is_cvx & ~pl.col("vaccine_code").is_in(list(displays("cvx")))
         parts.append(
-            _warning_rows(prepared, unknown, "vaccine_code", "unknown-cvx", "not in the CVX table; sent as is")
+            _warning_rows(prepared, unknown, "vaccine_code", RULES["unknown-cvx"])
         )
     for name in ("route", "site"):
         if name in fields:
@@ -755,18 +742,18 @@ def _warnings(prepared: pl.DataFrame, kind: str) -> pl.DataFrame:
                     prepared,
                     pl.col(name).is_not_null() & ~known,
                     name,
-                    "unmapped-code",
-                    f"not a known {name} spelling; sent as written",
+                    RULES["unmapped-code"],
+                    field=name,
                 )
             )
     return pl.concat(parts) if parts else pl.DataFrame(schema=REJECT_SCHEMA)
 
 
-def _warning_rows(prepared: pl.DataFrame, when: pl.Expr, field: str, code: str, message: str) -> pl.DataFrame:
+def _warning_rows(prepared: pl.DataFrame, when: pl.Expr, field: str, rule: Rule, /, **values: object) -> pl.DataFrame:
     return prepared.filter(when).select(
         pl.col(ROW),
-        pl.lit(code).alias("code"),
+        pl.lit(rule.code).alias("code"),
         pl.lit(field).alias("field"),
         pl.lit(None, dtype=pl.String).alias("value"),
-        pl.lit(message).alias("message"),
+        rule.message(**values).alias("message"),
     )

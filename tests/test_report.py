@@ -8,6 +8,7 @@ from typing import Any
 
 import polars as pl
 import pytest
+from pydantic import ValidationError
 
 from etl.errors import ExitCode
 from etl.files import guard_formulas
@@ -15,7 +16,10 @@ from etl.report import (
     FINAL_STATES,
     PROBLEM_STATES,
     ROW_COLUMNS,
+    ReconcileSummary,
+    RunFacts,
     RunReport,
+    Summary,
     count_states,
     read_rows,
     write_report,
@@ -207,3 +211,93 @@ def test_the_page_lists_inputs_kinds_and_warnings() -> None:
     assert "patients: created 1, reused 2" in text
     assert "unknown-cvx" in text and "rows 7, 9" in text
     assert "Per kind" in text and "immunization" in text and "patient" in text
+
+
+# --- summary.json, typed (etl.report.Summary) ----------------------------------------------------
+
+RUN_KEYS = ["run_id", "command", "dry_run", "target", "inputs", "rows_total", "states", "kinds", "warnings", "timings"]
+SENT_KEYS = ["requests", "responses_429", "achieved_rate", "aborted", "unresponsive"]
+LOAD_KEYS = ["patients", "resources", *SENT_KEYS, "http_versions", "creates_sent", "interrupted", "mode"]
+
+
+def _summary(**facts: Any) -> Summary:
+    base = Summary(run_id="r", command="load", dry_run=False, target="t", inputs=[], rows_total=0, states={},
+                   kinds={}, warnings=[], timings={}, batch_rows=10)
+    return base.updated(RunFacts(**facts))
+
+
+@pytest.mark.parametrize(
+    ("facts", "middle"),
+    [
+        ({}, []),  # validate
+        ({"requests_planned": {"patient": 2}}, ["requests_planned"]),  # a dry run
+        (
+            {"patients": {}, "resources": {}, "requests": 3, "responses_429": 0, "achieved_rate": None,
+             "aborted": None, "unresponsive": None, "http_versions": {}, "creates_sent": 3, "interrupted": False,
+             "mode": "request", "disappeared": 0},
+            [*LOAD_KEYS, "disappeared"],
+        ),
+        (
+            {"patients": {}, "resources": {}, "requests": 3, "responses_429": 0, "achieved_rate": 1.0,
+             "aborted": None, "unresponsive": None, "http_versions": {}, "creates_sent": 3, "interrupted": False,
+             "mode": "bulk", "bulk_jobs": ["j1"], "bulk_limit": None, "disappeared": 0},
+            [*LOAD_KEYS, "bulk_jobs", "bulk_limit", "disappeared"],
+        ),
+        ({"destination": {"type": "redox", "route": "/x"}, "requests_planned": 4}, ["destination", "requests_planned"]),
+        (
+            {"destination": {"type": "redox", "route": "/x"}, "requests": 1, "responses_429": 0,
+             "achieved_rate": None, "aborted": None, "unresponsive": None},
+            ["destination", *SENT_KEYS],
+        ),
+    ],
+)
+def test_summary_keys_appear_in_their_order_and_only_when_set(facts: dict[str, Any], middle: list[str]) -> None:
+    # Set in a shuffled order: the file's order is the model's, not the order facts arrive in.
+    summary = _summary(**dict(reversed(list(facts.items()))))
+    summary.report_dir = "reports/r"
+    dumped = summary.to_json()
+    assert list(dumped) == [*RUN_KEYS, *middle, "batch_rows", "report_dir"]
+    assert {k: dumped[k] for k in facts} == facts  # None kept where a fact was set to None
+
+
+def test_run_facts_merge_and_refuse_unknown_keys() -> None:
+    sent = RunFacts(requests=5, aborted=None)
+    merged = RunFacts(mode="request").updated(sent)
+    assert merged.to_json() == {"requests": 5, "aborted": None, "mode": "request"}
+    with pytest.raises(ValidationError):
+        RunFacts(**{"request": 5})  # a misspelt key is an error, not a new summary field
+    with pytest.raises(ValidationError):
+        RunFacts(mode="stream")  # type: ignore[arg-type]
+
+
+def test_reconcile_summary_keys() -> None:
+    summary = ReconcileSummary(run_id="r", command="reconcile", target="t", in_doubt=1, states={"created": 1},
+                               verified=None, unresponsive=None, report_dir="reports/r")
+    assert list(summary.to_json()) == ["run_id", "command", "target", "in_doubt", "states", "verified",
+                                       "unresponsive", "report_dir"]
+
+
+def test_summary_json_of_a_validate_and_a_dry_run(tmp_path: Path) -> None:
+    """The real runs write the typed summary: its keys in order, its warnings in both shapes."""
+    from etl.pipeline import load_files, validate_files
+    from etl.settings import Settings
+
+    source = tmp_path / "shots.csv"
+    source.write_text(
+        "record_id,patient_id,first_name,last_name,dob,cvx,administration_date,extra_column\n"
+        "R1,P1,Ann,Lee,2001-02-03,999,2024-03-01,x\n"
+        "R2,P2,Bo,Ng,2002-02-03,08,2024-03-02,y\n",
+        encoding="utf-8",
+    )
+    validated = validate_files([source], Settings(report_dir=tmp_path / "v"))
+    written = json.loads((tmp_path / "v" / "summary.json").read_text(encoding="utf-8"))
+    assert list(written) == [*RUN_KEYS, "batch_rows", "report_dir"]
+    assert written == validated.summary
+    by_code = {w["code"]: w for w in written["warnings"]}
+    assert list(by_code["unmapped-columns"]) == ["file", "code", "message"]
+    assert by_code["unknown-cvx"]["rows"] == [2] and by_code["unknown-cvx"]["count"] == 1
+    assert list(written["inputs"][0]) == ["path", "sha256", "format", "encoding", "delimiter", "sheet", "kind",
+                                          "profile", "rows", "columns_mapped"]
+    dry = load_files([source], Settings(report_dir=tmp_path / "d", dry_run=True, state=tmp_path / "s.sqlite"))
+    assert list(dry.summary) == [*RUN_KEYS, "requests_planned", "batch_rows", "report_dir"]
+    assert dry.summary["dry_run"] is True and sum(dry.summary["requests_planned"].values()) >= 2

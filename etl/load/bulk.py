@@ -41,16 +41,17 @@ import httpx
 
 from etl.errors import AuthError, BulkRefused, LookupFailed
 from etl.load.client import RetryLater, Unknown, exchange, mask, refusal, server_wait
-from etl.load.loader import Client, Loader, LoadOptions, Result, Send
+from etl.load.loader import Client, Loader, LoadOptions, Result, Send, failure
 from etl.load.state import Record, StateStore, StoredState
 from etl.load.throttle import Throttle
 from etl.progress import Progress
+from etl.rules import RULES
 from schemas.canonical import KIND_SPECS
 from schemas.limits import BULK_MAX_RECORDS, BULK_OPERATIONS_PER_HOUR, RESOURCE_TYPES
 
 __all__ = ["BULK_RECORD_ERROR", "BulkClient", "BulkLoader", "BulkOptions", "choose_mode", "remaining_requests"]
 
-BULK_RECORD_ERROR = "BULK_RECORD_ERROR"
+BULK_RECORD_ERROR = RULES["BULK_RECORD_ERROR"].code
 _HOUR = 3600.0
 _LINE = re.compile(r"^line (\d+): (.*)$", re.S)
 _FINAL = frozenset({"completed", "failed"})
@@ -199,16 +200,15 @@ def line_results(job: Mapping[str, Any], count: int) -> list[Result]:
         elif line in errors:
             first = errors[line][0]
             field = first.split(":", 1)[0].strip() if ":" in first else None
-            out.append(Result("failed", error_code=BULK_RECORD_ERROR, field=field, message="; ".join(errors[line])))
+            out.append(failure("failed", RULES["BULK_RECORD_ERROR"], field=field, reason="; ".join(errors[line])))
         elif ids is None and job.get("status") == "completed":
             # Created, but this API names no ids: reconcile looks each one up.
-            out.append(Result("unknown", error_code="unknown-outcome",
-                              message=f"imported by bulk job {job.get('id')}, which returns no ids"))
+            out.append(failure("unknown", RULES["unknown-outcome"], "no-ids", job=job.get("id")))
         elif job.get("status") == "completed" or line <= processed:
-            out.append(Result("failed", error_code=BULK_RECORD_ERROR, message="refused by the import, no reason given"))
+            out.append(failure("failed", RULES["BULK_RECORD_ERROR"], "no-reason"))
         else:
             why = "; ".join(general) or "the job ended before this line"
-            out.append(Result("failed", error_code="BULK_JOB_FAILED", message=f"bulk job {job.get('id')}: {why}"))
+            out.append(failure("failed", RULES["BULK_JOB_FAILED"], job=job.get("id"), reason=why))
     return out
 
 
@@ -317,9 +317,8 @@ class BulkLoader(Loader):
             for start in range(0, len(group), size):
                 batch = group[start : start + size]
                 if self.stopping or self.aborted is not None or self.limit_note is not None or not self._room():
-                    why = self.limit_note or (f"run stopped: {self.aborted}" if self.aborted else "run interrupted")
                     for item in batch:
-                        results[(kind, item.source_key)] = Result("failed", error_code="not-sent", message=why)
+                        results[(kind, item.source_key)] = self._not_sent_now()
                     continue
                 results.update(await self._send_batch(kind, batch, body_of))
                 self.progress(kind, len(batch))
@@ -356,7 +355,7 @@ class BulkLoader(Loader):
                             message=refused.message)
             return self._record(batch, [failed] * len(batch))
         if job_id is None:
-            unknown = Result("unknown", error_code="unknown-outcome", message="the import's answer was lost")
+            unknown = failure("unknown", RULES["unknown-outcome"], "answer-lost")
             return self._record(batch, [unknown] * len(batch))
         self._ledger.set_job(batch_id, job_id)
         self.jobs.append(job_id)
@@ -365,22 +364,29 @@ class BulkLoader(Loader):
         except LookupFailed as exc:
             # The job exists but cannot be read now: the batch stays open, its rows pending, and the
             # next run polls the job instead of resubmitting.
-            return self._open(batch, f"bulk job {job_id}: {exc}; re-run to poll it")
+            return self._open(batch, failure("unknown", RULES["bulk-pending"], job=job_id, reason=exc))
         if job is not None and job.get("status") not in _FINAL:
-            return self._open(batch, f"bulk job {job_id} still running; re-run to poll it")
+            return self._open(batch, failure("unknown", RULES["bulk-pending"], "running", job=job_id))
         if job is None:
             self._ledger.finish(batch_id)  # the API does not know the job: the rows are looked up next time
-            why = f"bulk job {job_id} is unknown to the API"
-            unknown = Result("unknown", error_code="unknown-outcome", message=why)
+            unknown = failure("unknown", RULES["unknown-outcome"], "unknown-job", job=job_id)
             return self._record(batch, [unknown] * len(batch))
         self._ledger.finish(batch_id)
         return self._record(batch, line_results(job, len(batch)))
 
     @staticmethod
-    def _open(batch: Sequence[Send], why: str) -> dict[tuple[str, str], Result]:
-        """Results for the report only: the state store keeps the rows pending under their open batch."""
-        result = Result("unknown", error_code="bulk-pending", message=why)
+    def _open(batch: Sequence[Send], result: Result) -> dict[tuple[str, str], Result]:
+        """Results for the report only (``bulk-pending``): the state store keeps the rows pending under their
+        open batch."""
         return {(i.kind, i.source_key): result for i in batch}
+
+    def _not_sent_now(self) -> Result:
+        """A batch the run stopped before: the hourly limit, a refusal, or a signal."""
+        if self.limit_note:
+            return failure("failed", RULES["not-sent"], "bulk-limit", why=self.limit_note)
+        if self.aborted:
+            return failure("failed", RULES["not-sent"], why=self.aborted)
+        return failure("failed", RULES["not-sent"], "bulk-interrupted")
 
     def _record(self, batch: Sequence[Send], outcomes: Sequence[Result]) -> dict[tuple[str, str], Result]:
         for item, result in zip(batch, outcomes, strict=True):

@@ -35,6 +35,7 @@ from typing import Any
 import httpx
 
 from etl.errors import LookupFailed, UsageError
+from etl.rules import RULES
 from etl.settings import Settings, secret_problem
 from schemas.limits import API_KEY_PATTERN, RATE_WINDOW_SECONDS
 
@@ -181,10 +182,7 @@ Outcome = Created | Refused | RetryLater | Unknown
 
 
 #: Why a connection was refused before anything was sent: retrying cannot help, so a load stops.
-UNTRUSTED = (
-    "the target's TLS certificate is not trusted (certificates are always verified: for a private CA, "
-    "set SSL_CERT_FILE to its bundle)"
-)
+UNTRUSTED = RULES["untrusted-certificate"].text()
 
 
 def _untrusted(exc: BaseException) -> bool:

@@ -34,10 +34,11 @@ from etl.load.client import UNTRUSTED, Created, Outcome, Refused, RetryLater, Un
 from etl.load.state import Record, StateStore
 from etl.load.throttle import Throttle
 from etl.progress import Progress, as_progress
+from etl.rules import RULES, Rule
 from etl.settings import NO_ANSWER_LIMIT
 from etl.transform import fill_refs
 
-__all__ = ["LoadOptions", "Loader", "Result", "Send"]
+__all__ = ["LoadOptions", "Loader", "Result", "Send", "failure"]
 
 ResultState = Literal["created", "skipped", "failed", "unknown", "changed", "updated"]
 
@@ -95,6 +96,22 @@ class Result:
     error_code: str | None = None
     field: str | None = None
     message: str | None = None
+
+
+def failure(
+    state: ResultState,
+    rule: Rule,
+    variant: str = "",
+    /,
+    *,
+    resource_id: str | None = None,
+    http_status: int | None = None,
+    field: str | None = None,
+    **values: object,
+) -> Result:
+    """A row that was not created as planned, for the reason ``rule`` names (an entry of ``etl.rules.RULES``):
+    its code, and its message in the rule's wording (``variant``) with ``values`` put in."""
+    return Result(state, resource_id, http_status, rule.code, field, rule.text(variant, **values))
 
 
 @dataclass
@@ -282,9 +299,13 @@ class Loader:
             return Result("changed", resource_id, message="differs from what was created; --update patches it")
         patch = getattr(self.client, "patch", None)
         body, missing = self._fill(item)
-        if patch is None or missing:
-            why = "this target cannot update" if patch is None else f"no id for {missing[0][0]} {missing[0][1]!r}"
-            return Result("failed", resource_id, error_code="not-updated", message=why)
+        if patch is None:
+            return failure("failed", RULES["not-updated"], "cannot", resource_id=resource_id)
+        if missing:
+            kind, reference = missing[0]
+            return failure(
+                "failed", RULES["not-updated"], "no-id", resource_id=resource_id, kind=kind, reference=reference
+            )
         await self.throttle.acquire()
         outcome = await patch(item.route, resource_id, body.encode())
         self._listen()
@@ -293,14 +314,14 @@ class Loader:
             return Result("updated", resource_id, outcome.status)
         if isinstance(outcome, Refused):
             return Result("failed", resource_id, outcome.status, outcome.code, outcome.field, outcome.message)
-        return Result("failed", resource_id, error_code="not-updated", message=getattr(outcome, "reason", ""))
+        return failure("failed", RULES["not-updated"], resource_id=resource_id, reason=getattr(outcome, "reason", ""))
 
     def _not_sent(self) -> Result:
         """The result of a row never sent because the run stopped (a refusal, silence, a signal)."""
         why = self.aborted or self.unresponsive
-        return Result(
-            "failed", error_code="not-sent", message=f"run stopped: {why}" if why else "run interrupted before sending"
-        )
+        if why:
+            return failure("failed", RULES["not-sent"], why=why)
+        return failure("failed", RULES["not-sent"], "interrupted")
 
     def _listen(self) -> None:
         """Stop the run once the target has left ``no_answer_limit`` requests in a row without any answer."""
@@ -319,14 +340,13 @@ class Loader:
             return self._not_sent()
         parent = self._results.get((kind, self._aliases.get((kind, reference), reference)))
         if parent is not None and parent.state == "unknown":
-            return Result("failed", error_code="parent-unknown",
-                          message=f"the {kind} {reference!r} has an unknown outcome; re-run to resolve it")
+            return failure("failed", RULES["parent-unknown"], kind=kind, reference=reference)
         if self.unresponsive is not None:
             return self._not_sent()
         if parent is not None:
-            return Result("failed", http_status=parent.http_status, error_code="parent-failed", field=parent.field,
-                          message=f"{kind} {reference!r} not created ({parent.error_code}: {parent.message})")
-        return Result("failed", error_code="unresolved-reference", message=f"no id for {kind} {reference!r}")
+            return failure("failed", RULES["parent-failed"], http_status=parent.http_status, field=parent.field,
+                           kind=kind, reference=reference, code=parent.error_code, reason=parent.message)
+        return failure("failed", RULES["unresolved-reference"], "at-send", kind=kind, reference=reference)
 
     # --- resolving doubt -----------------------------------------------------
 
@@ -344,8 +364,8 @@ class Loader:
         taken: set[str] = set()  # found in this loop, not yet recorded as claimed
         for item in items:
             if self.unresponsive is not None:
-                results[item.source_key] = Result(
-                    "unknown", error_code="unknown-outcome", message=f"not looked up: run stopped: {self.unresponsive}"
+                results[item.source_key] = failure(
+                    "unknown", RULES["unknown-outcome"], "not-looked-up", why=self.unresponsive
                 )
                 continue
             body_text, missing = self._fill(item)
@@ -356,7 +376,7 @@ class Loader:
             try:
                 resource_id = await self._find(item, json.loads(body_text), taken)
             except LookupFailed as exc:
-                results[item.source_key] = Result("unknown", error_code="unknown-outcome", message=str(exc))
+                results[item.source_key] = failure("unknown", RULES["unknown-outcome"], reason=exc)
                 self._listen()
                 continue
             if resource_id is not None:
@@ -460,8 +480,8 @@ class Loader:
                 return self._not_sent()
             if outcome.reason == UNTRUSTED:  # every request would meet the same certificate
                 if self.aborted is None:
-                    self.aborted = ApiError(0, "untrusted-certificate", UNTRUSTED)
-                return Result("failed", None, None, "untrusted-certificate", message=UNTRUSTED)
+                    self.aborted = ApiError(0, RULES["untrusted-certificate"].code, UNTRUSTED)
+                return failure("failed", RULES["untrusted-certificate"])
             if outcome.reason == "RATE_LIMITED":
                 self.stats.retries_429 += 1
                 self.throttle.pause(outcome.seconds)
@@ -483,7 +503,7 @@ class Loader:
                 outcome.reason,
                 message=f"gave up after {self.options.max_retries} retries",
             )
-        return Result("unknown", None, outcome.status, "unknown-outcome", message=outcome.reason)
+        return failure("unknown", RULES["unknown-outcome"], http_status=outcome.status, reason=outcome.reason)
 
     def _note(self, item: Send, result: Result) -> None:
         stored = "failed" if result.state == "failed" else result.state
