@@ -1,7 +1,7 @@
 """The Destination interface: what differs from one target of a run to another.
 
-Every run is one plan (:mod:`etl.batches`: read → map → validate → plan, a batch at a
-time) and, for a load, one send loop (:mod:`etl.streaming`: the creates a part at a time
+Every run is one plan (:mod:`etl.plan`: read → map → validate → plan, a batch at a
+time) and, for a load, one send loop (:mod:`etl.send`: the creates a part at a time
 through the :class:`~etl.load.loader.Loader`, the state store, the report). What differs per
 target is a :class:`Destination`, in the spirit of dlt's destination clients:
 

@@ -8,8 +8,8 @@ the CLI is a thin layer over them and a notebook can call them the same way::
     report.summary["states"]
 
 Every run takes one road, a batch of ``settings.batch_rows`` rows at a time
-(a file that fits one batch is one batch): the plan is :mod:`etl.batches`,
-the sends to ClinikAPI :mod:`etl.streaming`, to Redox :mod:`etl.redox`.
+(a file that fits one batch is one batch): the plan is :mod:`etl.plan`,
+the sends to ClinikAPI :mod:`etl.send`, to Redox :mod:`etl.redox`.
 """
 
 from __future__ import annotations
@@ -51,10 +51,10 @@ def validate_files(
 ) -> RunReport:
     """Validate inputs without sending anything; write the report.
 
-    Inputs are read and checked a batch of ``settings.batch_rows`` rows at a time (``etl.batches``),
+    Inputs are read and checked a batch of ``settings.batch_rows`` rows at a time (``etl.plan``),
     so a file of any size is validated in bounded memory.
     """
-    from etl.batches import validate_in_batches
+    from etl.plan import validate_in_batches
 
     return validate_in_batches(paths, settings or Settings(), as_progress(progress))
 
@@ -86,12 +86,12 @@ def load_files(
     if settings.dry_run:
         # The plan is made a batch at a time in bounded memory, like validate; the state store, if
         # any, explains references to what earlier runs created.
-        from etl.batches import validate_in_batches
         from etl.clinikapi import existing_state
+        from etl.plan import validate_in_batches
 
         with existing_state(settings) as state:
             return validate_in_batches(paths, settings, shown, payloads=True, state=state)
-    from etl.streaming import load_in_batches
+    from etl.send import load_in_batches
 
     return load_in_batches(paths, settings, shown, job=job)
 

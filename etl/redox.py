@@ -1,9 +1,9 @@
 """Redox as a destination: each valid vaccine row as a FHIR R4 message bundle
 for Redox's ``Immunization/$write``.
 
-The rows take the one plan of every run (:mod:`etl.batches`: read → map →
+The rows take the one plan of every run (:mod:`etl.plan`: read → map →
 validate, a batch at a time) and are sent a part at a time as a ClinikAPI
-load's are (:mod:`etl.streaming`); only the transform, the check, the send
+load's are (:mod:`etl.send`); only the transform, the check, the send
 and the target differ (:class:`RedoxBundles`, the plan's destination)::
 
     valid frame ─ plan_bundles ─► one Bundle (type message) per row, as JSON text:
@@ -41,19 +41,19 @@ from typing import TYPE_CHECKING, Any
 import polars as pl
 from pydantic import ValidationError
 
-from etl.batches import planned_in_batches
 from etl.destination import Destination, OnResponse, Target
 from etl.errors import UsageError
 from etl.files import private_dir
 from etl.load.client import check_target_url, mask
 from etl.load.redox import RedoxClient
 from etl.mapping import Mapped
+from etl.plan import planned_in_batches
 from etl.readers import ROW
 from etl.redaction import masked
 from etl.report import RunFacts, RunReport
 from etl.rules import RULES
+from etl.send import load_in_batches
 from etl.settings import DEFAULT_REDOX_STATE, DEFAULT_STATE, Settings
-from etl.streaming import load_in_batches
 from etl.transform import Planned, json_body, obj, one_of, sha256_hex, source_keys
 from schemas.codes import CVX_OID, CVX_SYSTEM, NCI_OID, ROUTE_SYSTEM, SITE_SYSTEM, displays, table
 
@@ -406,7 +406,7 @@ def redox_target(settings: Settings, state_path: Path, route: str) -> Iterator[T
 
 
 class RedoxBundles(Destination):
-    """Redox as the destination of the one plan (:mod:`etl.batches`): each planned immunization row
+    """Redox as the destination of the one plan (:mod:`etl.plan`): each planned immunization row
     is a message bundle (:func:`plan_bundles`), checked as FHIR (:func:`check_bundles`), sent to
     ``route``. The bundle carries its patient and performer, so no reference waits for another row."""
 
@@ -506,8 +506,8 @@ def load_redox(
 ) -> RunReport:
     """Send every valid immunization row to Redox as a message bundle (or plan it, with ``dry_run``).
 
-    The run is the one plan (:mod:`etl.batches`), a batch at a time in bounded memory, then the
-    sends a part at a time, as a ClinikAPI load (:func:`etl.streaming.load_in_batches`). Redox has no
+    The run is the one plan (:mod:`etl.plan`), a batch at a time in bounded memory, then the
+    sends a part at a time, as a ClinikAPI load (:func:`etl.send.load_in_batches`). Redox has no
     bulk endpoint (:attr:`RedoxBundles.has_bulk`): ``--mode bulk`` is refused.
     """
     from etl.progress import as_progress

@@ -32,8 +32,8 @@ from etl.progress import as_progress
 from etl.readers import ROW
 from etl.redox import RedoxBundles
 from etl.report import FINAL_STATES, read_rows
+from etl.send import load_in_batches
 from etl.settings import Settings
-from etl.streaming import load_in_batches
 from etl.transform import BODY_PLANNERS, Planned, register_body_planner
 from schemas import limits
 from schemas.canonical import KIND_SPECS, F, Kind

@@ -21,7 +21,6 @@ import polars as pl
 import pytest
 from click.testing import CliRunner, Result
 
-from etl.batches import read_crosswalk
 from etl.cli import main
 from etl.errors import OutputError, UnsafeFileError
 from etl.files import (
@@ -36,6 +35,7 @@ from etl.files import (
 )
 from etl.load.lock import state_lock
 from etl.load.state import StateStore
+from etl.plan import read_crosswalk
 from etl.readers import read_table
 
 from .conftest import SAMPLE

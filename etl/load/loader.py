@@ -203,7 +203,7 @@ class Loader:
     async def run_part(self, items: Sequence[Send]) -> dict[tuple[str, str], Result]:
         """Load a part of a stage (between :meth:`begin` and :meth:`end`); its results.
 
-        Every part of a stage goes before any part of the next. A load in parts (``etl.streaming``)
+        Every part of a stage goes before any part of the next. A load in parts (``etl.send``)
         keeps in memory only the results a later reference needs to explain itself (those that
         did not create); created ones are read back from the state store when a child needs the id.
         """

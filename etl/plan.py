@@ -1,4 +1,4 @@
-"""Validation in batches: a file of any size checked in bounded memory.
+"""The plan stage: every run planned in batches, a file of any size in bounded memory.
 
 ``clinik-etl validate`` reads each input a batch of rows at a time
 (:func:`etl.readers.read_batches`), validates the batch with what the earlier

@@ -213,7 +213,7 @@ def test_a_file_where_every_row_is_rejected_keeps_a_sample_in_memory_and_counts_
 ) -> None:
     from click.testing import CliRunner
 
-    from etl import batches
+    from etl import plan as batches
     from etl.cli import main
 
     monkeypatch.setattr(batches, "SAMPLE_PER_GROUP", 20)

@@ -1,4 +1,4 @@
-"""A load in batches (etl.streaming): sent a part at a time, in bounded memory (its reports: tests/golden)."""
+"""A load in batches (etl.send): sent a part at a time, in bounded memory (its reports: tests/golden)."""
 
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
-"""A load in bounded memory: planned in batches, sent a part at a time, reported from disk.
+"""The send stage: a load in bounded memory, planned in batches, sent a part at a time, reported from disk.
 
 Every load takes this road, whatever its destination (:class:`etl.destination.Destination`:
 ClinikAPI by default, Redox with ``--target redox``; a file that fits one batch is one
-batch). The run is the batched plan (``etl.batches``) with its creates planned as it goes, then
+batch). The run is the batched plan (``etl.plan``) with its creates planned as it goes, then
 the sends:
 
 1. **Plan.** Each batch is validated and planned; its report rows and its creates (JSON bodies)
@@ -16,7 +16,7 @@ the sends:
 3. **Report.** Each batch's report rows take their creates' outcomes (a join with the results),
    and the report is written from the parts, as validate's is.
 
-What stays in memory grows with the number of distinct keys (see ``etl.batches``) and the
+What stays in memory grows with the number of distinct keys (see ``etl.plan``) and the
 results table (about 100 bytes a create), not with the file. The golden reports
 (``tests/golden``) prove the batch size never changes the outcome.
 
@@ -39,10 +39,10 @@ from typing import TYPE_CHECKING
 
 import polars as pl
 
-from etl.batches import Run, planned_in_batches
 from etl.clinikapi import ClinikApi
 from etl.destination import Destination, Lookup, Target, loader_stats
 from etl.files import write_csv
+from etl.plan import Run, planned_in_batches
 from etl.progress import LoadEstimate, Progress
 from etl.report import RunFacts, RunReport, new_run_id, report_folder, report_path
 from etl.settings import Settings
