@@ -24,7 +24,7 @@ from etl.sandbox import SandboxConfig, SandboxServer
 from etl.settings import Settings
 
 from .conftest import SAMPLE
-from .test_batches import _payloads
+from .test_plan import _payloads
 from .test_load import patient_ref
 from .test_pipeline import count
 
