@@ -24,9 +24,9 @@ from etl.sandbox import SandboxConfig, SandboxServer
 from etl.settings import Settings
 
 from .conftest import SAMPLE
-from .test_plan import _payloads
 from .test_load import patient_ref
 from .test_pipeline import count
+from .test_plan import _payloads
 
 
 def test_a_second_load_in_batches_sends_nothing(tmp_path: Path, sandbox: Any) -> None:
