@@ -253,7 +253,13 @@ def validate(
 @click.option("--update", is_flag=True,
               help="Patch rows that changed since an earlier run created them (default: report them as changed).")
 @click.option("--rate", type=float, help="Requests per second. Default: paced by the server's rate-limit headers.")
-@click.option("--concurrency", type=int, default=8, show_default=True, help="Requests in flight at once.")
+@click.option(
+    "--concurrency",
+    type=click.IntRange(min=1, max=64),
+    metavar="N",
+    help=f"Requests in flight at once. Default {Settings.model_fields['concurrency'].default} "
+    "(CLINIK_ETL_CONCURRENCY), at most 64.",
+)
 @click.option(
     "--timeout",
     type=Seconds(min=0, min_open=True, max=MAX_TIMEOUT),
@@ -283,10 +289,8 @@ def validate(
 @click.option(
     "--state",
     type=click.Path(dir_okay=False, path_type=Path),
-    default=DEFAULT_STATE,
-    show_default=True,
-    help="State store (SQLite): what was sent and the ids that came back. Reuse it to resume. "
-    "With --target redox the default is .clinik-etl/redox-state.sqlite.",
+    help=f"State store (SQLite): what was sent and the ids that came back. Reuse it to resume. Default {DEFAULT_STATE} "
+    "(CLINIK_ETL_STATE); with --target redox, .clinik-etl/redox-state.sqlite.",
 )
 @click.option(
     "--target",
@@ -330,12 +334,12 @@ def load(
     dry_run: bool,
     update: bool,
     rate: float | None,
-    concurrency: int,
+    concurrency: int | None,
     timeout: float | None,
     no_answer_limit: int | None,
     consistency_window: float | None,
     mode: str | None,
-    state: Path,
+    state: Path | None,
     target: str | None,
     redox_base_url: str | None,
     redox_token_file: Path | None,

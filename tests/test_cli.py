@@ -105,3 +105,19 @@ def test_profile_maps_odd_headers(tmp_path: Path) -> None:
     bad.write_text('[columns]\n"Vx" = "vaccine_kode"\n', encoding="utf-8")
     result = CliRunner().invoke(main, ["validate", str(data), "--profile", str(bad)])
     assert result.exit_code == 2 and "vaccine_kode" in result.output
+
+
+def test_load_leaves_concurrency_and_state_to_the_environment_when_not_given(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A click default would override CLINIK_ETL_*: an impossible concurrency there must be refused ...
+    monkeypatch.setenv("CLINIK_ETL_CONCURRENCY", "65")
+    args = ["load", str(SAMPLE / "registry.csv"), "--dry-run", "-q", "--report-dir", str(tmp_path / "r")]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2 and "concurrency" in result.output, result.output
+    # ... and the state store named there is the one a run uses.
+    monkeypatch.setenv("CLINIK_ETL_CONCURRENCY", "4")
+    monkeypatch.setenv("CLINIK_ETL_STATE", str(tmp_path / "from-env.sqlite"))
+    load = ["load", str(SAMPLE / "registry.csv"), "-q", "--report-dir", str(tmp_path / "l")]
+    assert CliRunner().invoke(main, load).exit_code == 1  # the sample's planted rejects
+    assert (tmp_path / "from-env.sqlite").is_file()
