@@ -140,6 +140,10 @@ class Destination(abc.ABC):
         """Seconds spent in this destination's own steps (the summary's ``timings``)."""
         return {}
 
+    def run_facts(self) -> RunFacts:
+        """What every run to this destination, a dry run or a load, adds to its summary."""
+        return RunFacts()
+
     # --- the target -------------------------------------------------------------
 
     @classmethod

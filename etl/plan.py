@@ -330,8 +330,10 @@ def validate_in_batches(
         if run.keys.payloads is not None:
             with report_output(run.folder):
                 counts = run.keys.payloads.write(run.folder / "payloads.ndjson", redacted=settings.redact)
-            planned = RunFacts(requests_planned=run.keys.payloads.destination.requests_planned(counts))
-            return run.write(planned, command="load", target=run.keys.payloads.destination.dry_run_target(settings))
+            planner = run.keys.payloads.destination
+            run.timings.update(planner.timings())
+            planned = planner.run_facts().updated(RunFacts(requests_planned=planner.requests_planned(counts)))
+            return run.write(planned, command="load", target=planner.dry_run_target(settings))
         return run.write(RunFacts(), command="validate", target="none (validate)")
 
 

@@ -47,7 +47,7 @@ from etl.files import private_dir
 from etl.load.client import check_target_url, mask
 from etl.load.redox import RedoxClient
 from etl.mapping import Mapped
-from etl.plan import planned_in_batches
+from etl.plan import validate_in_batches
 from etl.readers import ROW
 from etl.redaction import masked
 from etl.report import RunFacts, RunReport
@@ -500,6 +500,10 @@ class RedoxBundles(Destination):
     def load_extra(self, loader: Loader, table: pl.DataFrame, protocols: Counter[str]) -> RunFacts:
         return RunFacts()
 
+    def run_facts(self) -> RunFacts:
+        """Every Redox run's summary names the destination and its ``$write`` route."""
+        return RunFacts(destination={"type": "redox", "route": self.write_route})
+
 
 def load_redox(
     paths: Sequence[str | Path], settings: Settings, *, progress: Any = None, job: str | None = None
@@ -518,12 +522,6 @@ def load_redox(
         check_target_url(settings.redox_base_url, "--redox-base-url")
     slug, environment = _destination(settings)
     bundles = RedoxBundles(settings, write_route(slug, environment))
-    facts = RunFacts(destination={"type": "redox", "route": bundles.write_route})
     if settings.dry_run:
-        with planned_in_batches(paths, settings, show, payloads=True, destination=bundles) as run:
-            payloads = run.keys.payloads
-            counts = payloads.write(run.folder / "payloads.ndjson") if payloads else {}
-            facts.requests_planned = bundles.requests_planned(counts)
-            run.timings.update({k: round(v, 4) for k, v in bundles.timings().items()})
-            return run.write(facts, command="load", target=bundles.dry_run_target(settings))
-    return load_in_batches(paths, settings, show, destination=bundles, job=job, extra=facts)
+        return validate_in_batches(paths, settings, show, payloads=True, destination=bundles)
+    return load_in_batches(paths, settings, show, destination=bundles, job=job)

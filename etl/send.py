@@ -44,7 +44,7 @@ from etl.destination import Destination, Lookup, Target, loader_stats
 from etl.files import write_csv
 from etl.plan import Run, planned_in_batches
 from etl.progress import LoadEstimate, Progress
-from etl.report import RunFacts, RunReport, new_run_id, report_folder, report_path
+from etl.report import RunReport, new_run_id, report_folder, report_path
 from etl.settings import Settings
 
 if TYPE_CHECKING:
@@ -77,10 +77,9 @@ def load_in_batches(
     *,
     destination: Destination | None = None,
     job: str | None = None,
-    extra: RunFacts | None = None,
 ) -> RunReport:
     """Import inputs into ``destination`` (ClinikAPI by default) in bounded memory, a batch at a time;
-    write the report (``extra``: what the summary adds besides the load's own)."""
+    write the report (the destination adds its own facts to the summary: :meth:`Destination.run_facts`)."""
     from etl.load.lock import state_lock
     from etl.load.state import StateStore
 
@@ -110,7 +109,7 @@ def load_in_batches(
                 return_dtype=pl.String,
             )
             apply_outcomes(run, results.with_columns(kinds.alias("kind")))
-            facts = (extra or RunFacts()).updated(loader_stats(loader)).updated(
+            facts = destination.run_facts().updated(loader_stats(loader)).updated(
                 destination.load_extra(loader, results, protocols)
             )
             disappeared = _disappeared(run, state) if destination.tracks_disappeared else None
