@@ -144,7 +144,7 @@ def secret_problem(value: str, *, token: bool = False) -> str | None:
 
     A key or token must be printable ASCII with no space or control character (a header cannot carry
     anything else); an API key must also have the documented shape (``clk_test_`` or ``clk_live_``,
-    then letters and digits). The message describes the value, never quotes it.
+    then a header token: :data:`schemas.limits.API_KEY_PATTERN`). The message describes the value, never quotes it.
     """
     what = "the Redox token" if token else "the API key"
     if not value:
@@ -156,7 +156,9 @@ def secret_problem(value: str, *, token: bool = False) -> str | None:
     if not value.isprintable():
         return f"{what} holds a control character"
     if not token and not _API_KEY.fullmatch(value):
-        return f"{what} is not a ClinikAPI key: keys are clk_test_ or clk_live_ followed by letters and digits"
+        return (
+            f"{what} is not a ClinikAPI key: keys are clk_test_ or clk_live_ followed by letters, digits and - . _ ~ + /"
+        )
     return None
 
 

@@ -355,10 +355,14 @@ BULK_OPERATIONS_PER_HOUR = 5
 #: The rate-limit window the API documents (seconds): no server-announced wait is longer.
 RATE_WINDOW_SECONDS = 3600.0
 
-#: The shape of a ClinikAPI key: ``clk_live_`` (production, real patient data) or ``clk_test_``, then letters
-#: and digits. The API refuses any other (401 ``INVALID_KEY_FORMAT``); the sandbox admits, the settings check
-#: and the diagnostics masks find keys by this one pattern.
-API_KEY_PATTERN = r"clk_(live|test)_[A-Za-z0-9]+"
+#: The shape of a ClinikAPI key: ``clk_live_`` (production, real patient data) or ``clk_test_``, then a
+#: token. The docs show ``clk_live_<...>`` and say the API refuses any key of another shape (401
+#: ``INVALID_KEY_FORMAT``); neither they nor the official SDK (which only requires a non-empty key) say
+#: which characters follow the prefix. So the rest is any HTTP ``token68`` (RFC 7235: letters, digits and
+#: ``- . _ ~ + /``, then ``=`` padding), what a header value can carry, not only letters and digits: a
+#: real key with a ``-`` or ``_`` in it is not refused here on a guess. The sandbox admits, the settings
+#: check and the diagnostics masks find keys by this one pattern.
+API_KEY_PATTERN = r"clk_(live|test)_[A-Za-z0-9._~+/-]+=*"
 
 
 def spec_at(schema: str, path: str) -> Spec:

@@ -24,7 +24,7 @@ from etl.cli import main
 from etl.errors import UsageError
 from etl.jobs import load_job
 from etl.load import client as client_module
-from etl.load.client import check_target_url, is_loopback_host, retry_after, server_wait
+from etl.load.client import check_target_url, is_loopback_host, mask, retry_after, server_wait
 from etl.load.throttle import Throttle
 from etl.pipeline import load_files
 from etl.report import read_rows
@@ -275,7 +275,7 @@ BAD_KEYS = {
     "control": "clk_test_MARK\x07123",
     "zero-width": "\u200bclk_test_MARK123",
     "no prefix": "sk_live_MARK123",
-    "other characters": "clk_test_MARK-123",
+    "other characters": "clk_test_MARK!123",  # printable, but not a header token (RFC 7235 token68)
 }
 
 
@@ -507,3 +507,10 @@ def test_a_target_that_refuses_connections_stops_the_load_with_nothing_sent_or_c
     assert summary["patients"] == {"failed": 160}
     rows = read_rows(tmp_path / "report" / "rows.csv")
     assert set(rows.filter(pl.col("state") != "rejected")["error_code"]) == {"not-sent"}
+
+
+@pytest.mark.parametrize("key", ["clk_test_MARK123", "clk_live_ab-cd_ef.gh", "clk_test_YWJj+ZGVm/Z2g=="])
+def test_a_key_shaped_as_a_header_token_is_accepted(key: str) -> None:
+    # The docs show clk_live_<...> and the SDK checks nothing: what follows the prefix may be any token68.
+    assert secret_problem(key) is None
+    assert mask(f"refused {key}, try again") == "refused [key], try again"  # and masks still find all of it

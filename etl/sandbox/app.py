@@ -127,7 +127,7 @@ class SandboxConfig:
             raise UsageError("the sandbox needs at least one API key")
         for key, scope in self.api_keys.items():
             if not KEY_FORMAT.fullmatch(key):
-                raise UsageError("sandbox API keys must look like clk_test_<letters and digits>")
+                raise UsageError("sandbox API keys must look like clk_test_<token>")
             if scope not in KEY_SCOPES:
                 raise UsageError(f"an API key's scope must be one of {sorted(KEY_SCOPES)}, not {scope!r}")
         if self.rate_limit is not None and self.rate_limit < 1:
