@@ -157,7 +157,8 @@ def secret_problem(value: str, *, token: bool = False) -> str | None:
         return f"{what} holds a control character"
     if not token and not _API_KEY.fullmatch(value):
         return (
-            f"{what} is not a ClinikAPI key: keys are clk_test_ or clk_live_ followed by letters, digits and - . _ ~ + /"
+            f"{what} is not a ClinikAPI key: keys are clk_test_ or clk_live_ followed by letters, digits "
+            "and - . _ ~ + /"
         )
     return None
 
