@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -38,3 +39,13 @@ def sandbox() -> Iterator[object]:
 
     with SandboxServer(SandboxConfig()) as server:
         yield server
+
+
+@pytest.fixture()
+def open_umask() -> Iterator[None]:
+    """umask 000 for the test: any file not created owner-only on purpose would be 0666."""
+    previous = os.umask(0)
+    try:
+        yield
+    finally:
+        os.umask(previous)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -21,16 +21,6 @@ from etl.sandbox.store import Store
 from etl.settings import Settings
 
 from .conftest import SAMPLE
-
-
-@pytest.fixture()
-def open_umask() -> Iterator[None]:
-    """umask 000 for the test: any file not created owner-only on purpose would be 0666."""
-    previous = os.umask(0)
-    try:
-        yield
-    finally:
-        os.umask(previous)
 
 
 def _mode(path: Path) -> int:
