@@ -66,7 +66,7 @@ OBSERVATIONS = {
 #: Every column an HL7 table has, in order (``__row`` aside), with what each holds.
 COLUMNS: dict[str, str] = {
     "MSH-10": "message control id",
-    "PID-3": "patient identifier: the PID-3 repetition whose type (PID-3.5) is MR, else the first",
+    "PID-3": "patient identifier: the PID-3 repetition whose type (PID-3.5) is MR, else the first not SS",
     "PID-3.4": "assigning authority of that identifier",
     "PID-5.1": "family name",
     "PID-5.2": "given name",
@@ -280,6 +280,7 @@ def _doses(path: str, start: int, segments: list[tuple[int, str]]) -> Iterator[d
             if dose is not None:
                 yield dose
             dose = {**common, **order, **_rxa(segment), "__line": str(line)}
+            order = {}  # an ORC orders the one RXA after it; a second RXA without its own has no ORC-3
         elif kind == "RXR" and dose is not None:
             dose.setdefault("RXR-1", _get(segment, 1))
             dose.setdefault("RXR-2", _get(segment, 2))
@@ -293,12 +294,14 @@ def _doses(path: str, start: int, segments: list[tuple[int, str]]) -> Iterator[d
 
 def _pid(segment: Any) -> dict[str, str]:
     ids = _repetitions(segment, 3)
-    mr = next((r for r in ids if _get(segment, 3, r, 5).upper() == "MR"), 1)
+    # The medical record number; else the first id that is not a social security number (never read).
+    types = {r: _get(segment, 3, r, 5).upper() for r in ids}
+    mr = next((r for r, t in types.items() if t == "MR"), next((r for r, t in types.items() if t != "SS"), 0))
     area, local = _get(segment, 13, 1, 6), _get(segment, 13, 1, 7)
     phone = f"{area}{local}" if local else _get(segment, 13, 1, 1)
     return {
-        "PID-3": _get(segment, 3, mr, 1),
-        "PID-3.4": _get(segment, 3, mr, 4),
+        "PID-3": _get(segment, 3, mr, 1) if mr else "",
+        "PID-3.4": _get(segment, 3, mr, 4) if mr else "",
         "PID-5.1": _get(segment, 5, 1, 1),
         "PID-5.2": _get(segment, 5, 1, 2),
         "PID-5.3": _get(segment, 5, 1, 3),

@@ -15,6 +15,7 @@ import polars as pl
 import pytest
 
 from etl.errors import InputError
+from etl.hl7 import COLUMNS
 from etl.mapping import apply_profile, default_profile, load_profile
 from etl.pipeline import load_files, validate_files
 from etl.readers import ROW, read_batches, read_table
@@ -139,6 +140,30 @@ def test_read_in_batches_keeps_the_line_numbers() -> None:
     assert batches.table.format == "hl7"
     rows = [r for b in batches.batches for r in b.get_column(ROW).to_list()]
     assert rows == _rxa_lines(HL7 / "redacted_33.hl7")
+
+
+def test_a_second_rxa_without_its_own_orc_has_no_record_id_and_an_ssn_is_never_the_patient_id(
+    tmp_path: Path,
+) -> None:
+    lines = (HL7 / "nist_style.hl7").read_bytes().decode("utf-8").split("\r\n")
+    rxa = next(line for line in lines if line.startswith("RXA|"))
+    pid = next(line for line in lines if line.startswith("PID|"))
+    ssn_only = pid.replace("NT48210^^^CLINIC-7^MR~", "")
+    path = tmp_path / "two.hl7"
+    path.write_text("\n".join(ssn_only if line == pid else line for line in lines) + f"{rxa}\n", encoding="utf-8")
+    frame = read_table(path).frame
+    assert frame["ORC-3"].to_list() == ["ORD-90003", None]
+    assert frame["PID-3"].to_list() == [None, None]
+
+
+def test_docs_list_every_column_the_reader_gives() -> None:
+    docs = (ROOT / "docs" / "hl7.md").read_text(encoding="utf-8")
+    profile = load_profile("hl7")
+    for column in COLUMNS:
+        line = next((x for x in docs.splitlines() if x.startswith(f"| `{column}` |")), None)
+        assert line is not None, column
+        if column in profile.columns:
+            assert f"`{profile.columns[column]}`" in line, line
 
 
 # -- mapping and validation ------------------------------------------------------------
