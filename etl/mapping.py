@@ -383,7 +383,7 @@ def _not_imported(columns: list[str]) -> str:
 
 def starter_profile(table: Table, kind: str | None = None) -> str:
     """A TOML profile for an unknown layout: every header matched to a field, or marked as unmatched."""
-    profile = default_profile()
+    profile = for_hl7(default_profile()) if table.format == "hl7" else default_profile()
     try:
         kind = kind or detect_kind(table, profile)
     except InputError:

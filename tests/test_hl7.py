@@ -16,7 +16,7 @@ import pytest
 
 from etl.errors import InputError
 from etl.hl7 import COLUMNS
-from etl.mapping import apply_profile, default_profile, load_profile
+from etl.mapping import apply_profile, default_profile, load_profile, starter_profile
 from etl.pipeline import load_files, validate_files
 from etl.readers import ROW, read_batches, read_table
 from etl.sandbox import SandboxConfig, SandboxServer
@@ -179,6 +179,12 @@ def test_the_mapping_needs_no_profile_and_names_what_it_does_not_carry() -> None
     for column in ("PID-10", "PID-22", "ORC-12", "RXA-11", "OBX-5 64994-7", "OBX-5 30963-3", "OBX-5 69764-9"):
         assert column in unmapped
     assert "RXA-21" not in unmapped  # it decides the row's state
+
+
+def test_a_starter_profile_for_an_hl7_file_starts_from_the_built_in_mapping() -> None:
+    text = starter_profile(read_table(HL7 / "nist_style.hl7"))
+    assert '"RXA-5" = "vaccine_code"' in text and '"ORC-3" = "record_id"' in text
+    assert '# "PID-10" = ?   # UNMATCHED' in text
 
 
 def test_33_redacted_messages_validate_with_no_profile_flagged_only_for_redaction(tmp_path: Path) -> None:
