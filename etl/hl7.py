@@ -1,19 +1,19 @@
 """HL7 v2 VXU messages (v2.5.1, the CDC immunization guide) read as a table of doses.
 
-A file is HL7 when, after any byte-order mark and blank lines, it starts with ``MSH``, ``FHS`` or
-``BHS`` followed by a field separator (:func:`is_hl7`); the CSV/Excel readers hand it here. Each
-message is parsed by python-hl7 (``hl7``): its own encoding characters (MSH-1, MSH-2), repetitions,
-components and subcomponents, and escape sequences (``\\F\\ \\S\\ \\T\\ \\R\\ \\E\\``, ``\\Xhh..\\``)
-decoded. Segments may end in CR, LF or CRLF; a file may hold many messages, bare or inside
-``FHS/BHS ... BTS/FTS`` batch wrappers (those carry no doses and are skipped).
+A file is HL7 when, after any byte-order mark and blank lines, it starts with ``MSH|``, ``FHS|`` or
+``BHS|`` (:func:`is_hl7`); the CSV/Excel readers hand it here. Each message's encoding characters
+(MSH-1, MSH-2) are read by python-hl7 (``hl7``), which also decodes escape sequences (``\\F\\
+\\S\\ \\T\\ \\R\\ \\E\\``, ``\\Xhh..\\``); fields are split into repetitions, components and
+subcomponents with those characters when they are read (a full parse of every segment cost
+milliseconds a message). Segments may end in CR, LF or CRLF; a file may hold many messages, bare or
+inside ``FHS/BHS ... BTS/FTS`` batch wrappers (those carry no doses and are skipped).
 
 Every RXA segment is one row, whose ``__row`` is the line the RXA segment is on, so a report
-sends a reader to it. The row carries its message's PID, the ORC that orders it (the nearest one
-before it) and the RXR and OBX segments after it (up to the next ORC or RXA). The columns are
-named by field position (``PID-5.1``, ``RXA-5``, ``OBX-5 30973-2``: the OBX whose OBX-3 is that
-LOINC code), listed in :data:`COLUMNS`; the built-in ``hl7`` profile (``etl/profiles/hl7.toml``)
-maps them to canonical fields, and a user's profile can map any of them otherwise. docs/hl7.md
-has the table.
+sends a reader to it. The row carries its message's PID, the ORC that orders it (just before it)
+and the RXR and OBX segments after it (up to the next ORC or RXA). The columns are named by field
+position (``PID-5.1``, ``RXA-5``, ``OBX-5 30973-2``: the OBX whose OBX-3 is that LOINC code),
+listed in :data:`COLUMNS`; the built-in ``hl7`` profile (``etl/profiles/hl7.toml``) maps them to
+canonical fields, and a user's profile can map any of them otherwise. docs/hl7.md has the table.
 
 Values are text as for CSV, with HL7's dates (``YYYYMMDD``, ``YYYYMMDDHHMM[SS][+ZZZZ]``) written
 as ISO dates and date-times so the usual checks read them; a partial or malformed date is left as
@@ -25,6 +25,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 import hl7
@@ -248,7 +249,7 @@ def _messages(path: str, text: str) -> Iterator[tuple[int, list[tuple[int, str]]
                 yield current[0][0], current
             current = [(number, segment)]
         elif not current:
-            raise InputError(path, f"line {number}: segment {kind!r} comes before any MSH segment", row=number)
+            raise InputError(path, f"segment {kind!r} comes before any MSH segment", row=number)
         else:
             current.append((number, segment))
     if current:
@@ -258,17 +259,22 @@ def _messages(path: str, text: str) -> Iterator[tuple[int, list[tuple[int, str]]
 def _doses(path: str, start: int, segments: list[tuple[int, str]]) -> Iterator[dict[str, str]]:
     """The rows of one message: one per RXA."""
     try:
-        message = hl7.parse("\r".join(s for _, s in segments))
+        # The MSH alone: python-hl7 reads its encoding characters; each segment is then split lazily
+        # with them (a full parse of every segment cost milliseconds a message).
+        msh = segments[0][1]
+        header = _header(msh[: msh.find(msh[3], 4) + 1] if msh.find(msh[3], 4) > 0 else msh)
+        separators = str(header.separators)
+        escape = str(header.esc)
+        if len(separators) < 5 or not escape or len(set(separators[1:] + escape)) < 5:
+            raise ValueError(f"its separators {segments[0][1][3:8]!r} are not five distinct characters")
     except Exception as exc:  # python-hl7 raises plain exceptions on a broken MSH
-        raise InputError(path, f"line {start}: not a readable HL7 message: {exc}", row=start) from exc
-    parsed = list(message)
-    if len(parsed) != len(segments):  # python-hl7 keeps every non-empty segment: a mismatch is a bug
-        raise InputError(path, f"line {start}: segments could not be told apart", row=start)
+        raise InputError(path, f"not a readable HL7 message header (MSH): {exc}", row=start) from exc
+    parsed = [_Segment(text, separators, escape, header) for _, text in segments]
     common: dict[str, str] = {"MSH-10": _get(parsed[0], 10)}
     order: dict[str, str] = {}
     dose: dict[str, str] | None = None
     for (line, _), segment in zip(segments, parsed, strict=True):
-        kind = str(segment[0])
+        kind = segment.kind
         if kind == "PID":
             common.update(_pid(segment))
         elif kind == "ORC":
@@ -292,7 +298,7 @@ def _doses(path: str, start: int, segments: list[tuple[int, str]]) -> Iterator[d
         yield dose
 
 
-def _pid(segment: Any) -> dict[str, str]:
+def _pid(segment: _Segment) -> dict[str, str]:
     ids = _repetitions(segment, 3)
     # The medical record number; else the first id that is not a social security number (never read).
     types = {r: _get(segment, 3, r, 5).upper() for r in ids}
@@ -318,7 +324,7 @@ def _pid(segment: Any) -> dict[str, str]:
     }
 
 
-def _rxa(segment: Any) -> dict[str, str]:
+def _rxa(segment: _Segment) -> dict[str, str]:
     cvx, cvx_text = _coded(segment, 5, "CVX")
     ndc, _ = _coded(segment, 5, "NDC")
     if not cvx and not _get(segment, 5, 1, 3) and not _get(segment, 5, 1, 6):
@@ -350,7 +356,7 @@ def _rxa(segment: Any) -> dict[str, str]:
     }
 
 
-def _coded(segment: Any, number: int, system: str) -> tuple[str, str]:
+def _coded(segment: _Segment, number: int, system: str) -> tuple[str, str]:
     """The (code, text) of a coded field's triplet (1-3 or its alternate 4-6) in ``system``, any repetition."""
     for rep in _repetitions(segment, number):
         for code, text, named in ((1, 2, 3), (4, 5, 6)):
@@ -359,21 +365,52 @@ def _coded(segment: Any, number: int, system: str) -> tuple[str, str]:
     return "", ""
 
 
-def _repetitions(segment: Any, number: int) -> range:
-    if number >= len(segment):
-        return range(1, 2)
-    value = segment(number)
-    return range(1, max(1, len(value)) + 1) if isinstance(value, hl7.Field) and _repeated(value) else range(1, 2)
+@lru_cache(maxsize=64)
+def _header(msh: str) -> Any:
+    """The start of an MSH segment (up to MSH-2) parsed by python-hl7: the message's encoding characters,
+    and what unescapes its values. Most files use one set, parsed once."""
+    return hl7.parse(msh)
 
 
-def _repeated(value: Any) -> bool:
-    return len(value) > 0 and isinstance(value[0], hl7.Repetition)
+class _Segment:
+    """One segment, split into fields; a field is split into repetitions, components and subcomponents
+    when it is read, and its value unescaped by python-hl7 with the message's own characters."""
+
+    __slots__ = ("escape", "fields", "header", "kind", "separators")
+
+    def __init__(self, text: str, separators: str, escape: str, header: Any) -> None:
+        self.separators, self.escape, self.header = separators, escape, header
+        self.fields = text.split(separators[1])
+        self.kind = self.fields[0]
+        if self.kind == "MSH":  # MSH-1 is the field separator itself: MSH-2 is the first field after it
+            self.fields.insert(1, separators[1])
+
+    def field(self, number: int) -> str:
+        return self.fields[number] if number < len(self.fields) else ""
+
+    def repetitions(self, number: int) -> int:
+        return len(self.field(number).split(self.separators[2]))
+
+    def get(self, number: int, rep: int, component: int, sub: int) -> str:
+        reps = self.field(number).split(self.separators[2])
+        if rep > len(reps):
+            return ""
+        components = reps[rep - 1].split(self.separators[3])
+        if component > len(components):
+            return ""
+        subs = components[component - 1].split(self.separators[4])
+        if sub > len(subs):
+            return ""
+        value = subs[sub - 1]
+        if self.escape in value:
+            value = str(self.header.unescape(value))
+        return value.strip()
 
 
-def _get(segment: Any, number: int, rep: int = 1, component: int = 1, sub: int = 1) -> str:
+def _repetitions(segment: _Segment, number: int) -> range:
+    return range(1, segment.repetitions(number) + 1)
+
+
+def _get(segment: _Segment, number: int, rep: int = 1, component: int = 1, sub: int = 1) -> str:
     """A field's value, unescaped, or ``""`` when the message does not reach it."""
-    try:
-        return str(segment.extract_field(1, number, rep, component, sub)).strip()
-    except (IndexError, ValueError, TypeError):
-        return ""
-
+    return segment.get(number, rep, component, sub)

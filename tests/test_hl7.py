@@ -133,6 +133,10 @@ def test_a_segment_before_any_msh_is_an_input_error_naming_its_line(tmp_path: Pa
     with pytest.raises(InputError) as caught:
         read_table(path)
     assert caught.value.row == 2 and "before any MSH" in str(caught.value)
+    path.write_text("MSH|^~\\&|A|B\nRXA|0|1|20240101\nMSH|^^^^|A\n", encoding="utf-8")
+    with pytest.raises(InputError) as caught:
+        read_table(path)
+    assert caught.value.row == 3 and "not five distinct" in str(caught.value)
 
 
 def test_read_in_batches_keeps_the_line_numbers() -> None:
