@@ -114,6 +114,7 @@ DATE_COLUMNS = ("PID-7", "RXA-16", "OBX-5 29768-9", "OBX-5 29769-7")
 DATETIME_COLUMNS = ("RXA-3", "RXA-22")
 
 _DATE = r"^(\d{4})(\d{2})(\d{2})$"
+_DATE_AND_TIME = r"^(\d{4})(\d{2})(\d{2})(?:\d{2}(?:\d{2}(?:\d{2}(?:\.\d{1,4})?)?)?)?(?:[+-]\d{4})?$"
 _DATETIME = r"^(\d{4})(\d{2})(\d{2})(\d{2})(\d{2})(\d{2})?(?:\.\d{1,4})?$"
 _DATETIME_TZ = r"^(\d{4})(\d{2})(\d{2})(\d{2})(\d{2})(\d{2})?(?:\.\d{1,4})?([+-]\d{2})(\d{2})$"
 
@@ -205,7 +206,13 @@ def _iso_dates() -> list[pl.Expr]:
     out = []
     for name in DATE_COLUMNS:
         c = pl.col(name)
-        out.append(pl.when(c.str.contains(_DATE)).then(c.str.replace(_DATE, "$1-$2-$3")).otherwise(c).alias(name))
+        # A date may be sent as a date-time (a birth "20180417000000-0500"): the day is the date.
+        out.append(
+            pl.when(c.str.contains(_DATE_AND_TIME))
+            .then(c.str.replace(_DATE_AND_TIME, "$1-$2-$3"))
+            .otherwise(c)
+            .alias(name)
+        )
     for name in DATETIME_COLUMNS:
         c = pl.col(name)
         seconds = c.str.replace(_DATETIME, "$6")

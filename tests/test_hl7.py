@@ -117,6 +117,9 @@ def test_hl7_date_times_become_iso_and_a_bad_one_stays_as_written(tmp_path: Path
         path = tmp_path / "one.hl7"
         path.write_text(text.replace("|20240212||133", f"|{written}||133"), encoding="utf-8")
         assert read_table(path).frame["RXA-3"][0] == read, written
+    for written, read in (("20180417", "2018-04-17"), ("201804171230-0500", "2018-04-17"), ("2018", "2018")):
+        path.write_text(text.replace("|20180417|M|", f"|{written}|M|"), encoding="utf-8")
+        assert read_table(path).frame["PID-7"][0] == read, written
 
 
 def test_an_acknowledgement_gives_no_row_and_a_notice_names_its_line() -> None:
