@@ -110,8 +110,9 @@ def _amended_in_source(mapped: Mapped, rejects: pl.DataFrame) -> pl.DataFrame:
 
     A dose the sender deleted (``D``), or that a later message of the file updates or deletes, comes
     first among its row's outcomes: the report skips it (a deleted one is rejected instead when the
-    profile's ``hl7_deletes`` says so), whatever else it holds. An update or delete repeats the record
-    id of the dose it amends: that is not a duplicate.
+    profile's ``hl7_deletes`` says so), whatever else it holds. An update or delete repeats the
+    record id of the dose it amends: that is not a duplicate. A dose without a record id (ORC-3) is
+    rejected as ``required``.
     """
     frame = mapped.table.frame
     outcomes = []
@@ -126,6 +127,19 @@ def _amended_in_source(mapped: Mapped, rejects: pl.DataFrame) -> pl.DataFrame:
                 (rule.message(line=pl.col(SUPERSEDED_COLUMN)) if which is later else pl.lit(rule.text())).alias(
                     "message"
                 ),
+            )
+        )
+    if mapped.keyed_by_record:
+        # A dose is keyed by its ORC-3; one without (no ORC, or an empty ORC-3) could not be told
+        # apart from a re-sent copy, so it is rejected rather than sent unkeyed.
+        required = RULES["required"]
+        outcomes.append(
+            mapped.frame.filter(pl.col("record_id").str.strip_chars().fill_null("") == "").select(
+                pl.col(ROW).cast(pl.UInt32),
+                pl.lit(required.code).alias("code"),
+                pl.lit("record_id").alias("field"),
+                pl.lit(None, dtype=pl.String).alias("value"),
+                pl.lit(required.text()).alias("message"),
             )
         )
     amending = frame.filter(amends()).get_column(ROW).cast(pl.UInt32).implode()

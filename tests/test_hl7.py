@@ -255,6 +255,14 @@ def test_a_refusal_is_not_done_with_its_reason_and_updates_and_deletes_follow_rx
     assert report.exit_code() == 0
 
 
+def test_a_dose_without_an_orc_3_is_rejected_naming_it_rather_than_sent_unkeyed(tmp_path: Path) -> None:
+    lines = (HL7 / "nist_style.hl7").read_bytes().decode("utf-8").split("\r\n")
+    path = tmp_path / "no-orc.hl7"
+    path.write_text("\r".join(line for line in lines if not line.startswith("ORC|")), encoding="utf-8")
+    row = validate_files([path], Settings(report_dir=tmp_path / "r")).rows.row(0, named=True)
+    assert (row["state"], row["error_code"], row["field"]) == ("rejected", "required", "ORC-3")
+
+
 def test_a_profile_can_reject_deletes(tmp_path: Path) -> None:
     profile = tmp_path / "strict.toml"
     profile.write_text('name = "strict"\nhl7_deletes = "reject"\n', encoding="utf-8")
