@@ -34,6 +34,7 @@ import polars as pl
 import yaml
 
 from etl.errors import InputError, ProfileError
+from etl.hl7 import STATE_COLUMNS
 from etl.readers import ROW, Notice, Table
 from etl.rules import RULES
 from schemas.canonical import DEFAULTS, KIND_SPECS, LIST_SEPARATOR, field_map, fields_of
@@ -45,6 +46,7 @@ __all__ = [
     "builtin_profiles",
     "default_profile",
     "detect_kind",
+    "for_hl7",
     "key_field",
     "load_profile",
     "normalise_header",
@@ -70,6 +72,7 @@ class Profile:
     auto: bool = True
     list_separator: str = LIST_SEPARATOR
     kinds: dict[str, Profile] = field(default_factory=dict)
+    hl7_deletes: str = "skip"  # an HL7 dose whose RXA-21 is D: "skip" it, or "reject" it
 
     def for_kind(self, kind: str) -> Profile:
         """This profile narrowed to one kind, with the kind's built-in defaults underneath."""
@@ -135,7 +138,9 @@ _KNOWN = {
     "redacted",
     "kinds",
     "description",
+    "hl7_deletes",
 }
+_HL7_DELETES = ("skip", "reject")
 
 
 def key_field(kind: str) -> str:
@@ -214,6 +219,9 @@ def _parse_profile(raw: Any, where: str, default_name: str | None = None, kind: 
     kinds = {
         str(k): _parse_profile(v, f"{where} [kinds.{k}]", kind=str(k)) for k, v in (raw.get("kinds") or {}).items()
     }
+    deletes = str(raw.get("hl7_deletes", "skip"))
+    if deletes not in _HL7_DELETES:
+        raise ProfileError(f"{where}: hl7_deletes is {deletes!r}; one of {', '.join(_HL7_DELETES)}")
     return Profile(
         name=str(raw.get("name", default_name or "profile")),
         kind=kind,
@@ -225,6 +233,7 @@ def _parse_profile(raw: Any, where: str, default_name: str | None = None, kind: 
         auto=bool(raw.get("auto", True)),
         list_separator=str(raw.get("list_separator", LIST_SEPARATOR)),
         kinds=kinds,
+        hl7_deletes=deletes,
     )
 
 
@@ -265,9 +274,11 @@ def numbered_columns(headers: list[str], kind: str, taken: set[str]) -> dict[str
 
 
 def detect_kind(table: Table, profile: Profile) -> str:
-    """The kind of rows a table holds: the profile's, or the best match of the headers."""
+    """The kind of rows a table holds: the profile's, or the best match of the headers (HL7: immunizations)."""
     if profile.kind is not None:
         return profile.kind
+    if table.format == "hl7":
+        return "immunization"  # one row per RXA segment: a dose
     candidates = list(profile.kinds) or list(KIND_SPECS)
     scores: dict[str, int] = {}
     for kind in candidates:
@@ -288,7 +299,12 @@ def detect_kind(table: Table, profile: Profile) -> str:
 
 
 def apply_profile(table: Table, profile: Profile, kind: str | None = None) -> Mapped:
-    """Rename a table's columns to canonical fields; absent fields become null columns."""
+    """Rename a table's columns to canonical fields; absent fields become null columns.
+
+    An HL7 table is mapped by the built-in ``hl7`` profile under ``profile`` (:func:`for_hl7`).
+    """
+    if table.format == "hl7":
+        profile = for_hl7(profile)
     kind = kind or detect_kind(table, profile)
     narrowed = profile.for_kind(kind)
     fields = field_map(kind)
@@ -325,10 +341,36 @@ def apply_profile(table: Table, profile: Profile, kind: str | None = None) -> Ma
     for name, headers in numbered.items():
         sources.setdefault(name, headers[0])
     used = set(sources.values()) | {h for hs in numbered.values() for h in hs}
+    if table.format == "hl7":
+        used |= set(STATE_COLUMNS)  # RXA-21 and what it implies decide a row's state (etl.validate)
     unmapped = [c for c in table.columns if c not in used]
     if unmapped:
         table.notices.append(Notice(RULES["unmapped-columns"].code, _not_imported(unmapped), str(table.path), row=1))
     return Mapped(table, narrowed, frame, sources, unmapped, select)
+
+
+def for_hl7(profile: Profile) -> Profile:
+    """The profile an HL7 table is mapped with: the built-in ``hl7`` profile, with ``profile`` over it.
+
+    The default profile gives the built-in one as it is. Another profile's ``[columns]`` (HL7 field
+    positions such as ``"RXA-5"`` or ``"PID-5.1"``, as :data:`etl.hl7.COLUMNS` names them) take the
+    fields they name from the built-in mapping; its ``[values]``, ``[defaults]``, ``redacted``
+    markers, ``timezone`` and ``hl7_deletes`` are added to or replace the built-in ones.
+    """
+    base = load_profile("hl7")
+    if replace(profile, kind=None) == default_profile():
+        return replace(base, kind=profile.kind or base.kind)
+    if profile.name == base.name:
+        return profile
+    named = set(profile.columns.values()) | {c for k in profile.kinds.values() for c in k.columns.values()}
+    return replace(
+        profile,
+        kind=profile.kind or base.kind,
+        columns={**{h: c for h, c in base.columns.items() if c not in named}, **profile.columns},
+        values={**base.values, **profile.values},
+        defaults={**base.defaults, **profile.defaults},
+        redacted=tuple(dict.fromkeys((*base.redacted, *profile.redacted))),
+    )
 
 
 def _not_imported(columns: list[str]) -> str:
@@ -341,7 +383,7 @@ def _not_imported(columns: list[str]) -> str:
 
 def starter_profile(table: Table, kind: str | None = None) -> str:
     """A TOML profile for an unknown layout: every header matched to a field, or marked as unmatched."""
-    profile = default_profile()
+    profile = for_hl7(default_profile()) if table.format == "hl7" else default_profile()
     try:
         kind = kind or detect_kind(table, profile)
     except InputError:

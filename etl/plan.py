@@ -836,7 +836,12 @@ def base_rows(mapped: Mapped, validation: Validation, planned: Planned) -> pl.Da
             pl.col(ROW).alias("source_row"),
             pl.lit(mapped.kind).alias("kind"),
             "source_key",
-            pl.when(pl.col("error_code").is_not_null())
+            pl.when(
+                ((pl.col("error_code") == RULES["deleted-in-source"].code) & (mapped.profile.hl7_deletes == "skip"))
+                | (pl.col("error_code") == RULES["superseded-in-source"].code)
+            )
+            .then(pl.lit("skipped"))  # an HL7 dose its sender deleted or amended (etl.hl7): not sent, no error
+            .when(pl.col("error_code").is_not_null())
             .then(pl.lit("rejected"))
             .otherwise(pl.lit("planned"))
             .alias("state"),

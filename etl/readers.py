@@ -1,4 +1,4 @@
-"""Readers: CSV and Excel files into polars frames of text.
+"""Readers: CSV, Excel and HL7 v2 files into polars frames of text.
 
 Every column is read as text, so ``08`` (a CVX code) and ``02134`` (a ZIP)
 keep their zeros and a bad value becomes a rejected row later rather than a
@@ -18,6 +18,8 @@ the file, and the row where one is to blame; never another exception:
 - a ``.csv`` that is really a workbook is read as one, with a notice;
 - UTF-8 (with or without BOM), UTF-16 (with a BOM, or recognisably without),
   else Windows-1252 with a notice, also when bad bytes come late in a file;
+- a file that starts with an HL7 segment (``MSH|``, or the batch wrappers ``FHS|``, ``BHS|``) is
+  read as HL7 v2 VXU messages, one row per RXA segment (:mod:`etl.hl7`), whatever its name;
 - ``\\r\\n``, ``\\n`` and lone ``\\r`` line endings, even mixed, are all line breaks;
 - a row with more cells than the header, or a quote never closed, is refused
   with the row it starts on; a row with fewer cells reads the rest as empty;
@@ -47,6 +49,7 @@ import polars as pl
 
 from etl.errors import InputError
 from etl.files import unguard_formulas, unguarded
+from etl.hl7 import is_hl7, parse_hl7
 from etl.rules import RULES
 from etl.workbooks import EXCEL_MAX_CELL_CHARS, WorkbookLimits, scan_workbook
 
@@ -103,7 +106,7 @@ class Table:
     """One input file read as text."""
 
     path: Path
-    format: Literal["csv", "xlsx"]
+    format: Literal["csv", "xlsx", "hl7"]
     frame: pl.DataFrame
     sha256: str
     encoding: str | None = None
@@ -137,7 +140,11 @@ def read_table(path: str | Path, *, sheet: str | None = None, limits: WorkbookLi
     path = Path(path)
     head = _head(path)
     try:
-        if _is_workbook(path, head):
+        if is_hl7(head):
+            if sheet is not None:
+                raise InputError(str(path), "--sheet applies to Excel files only")
+            table = _read_hl7(path)
+        elif _is_workbook(path, head):
             table = _read_xlsx(path, sheet, limits)
             if path.suffix.lower() not in _EXCEL_SUFFIXES:
                 named = f"named {path.suffix}" if path.suffix else "named without an extension"
@@ -196,6 +203,7 @@ def read_batches(
         size >= threshold
         and sheet is None
         and path.suffix.lower() not in _EXCEL_SUFFIXES
+        and not is_hl7(head)
         and not _is_workbook(path, head)
         and _decode_choice(path, head) == ("utf-8", [])
         and not _has_bare_cr(path)
@@ -362,6 +370,23 @@ def _is_workbook(path: Path, head: bytes) -> bool:
         if head.startswith(magic):
             raise InputError(str(path), f"is {what}, not a CSV or an Excel workbook")
     return False
+
+
+# -- HL7 ---------------------------------------------------------------------------
+
+
+def _read_hl7(path: Path) -> Table:
+    """An HL7 v2 file (:mod:`etl.hl7`): one row per RXA segment, numbered by the line it is on."""
+    data = path.read_bytes()
+    parsed = parse_hl7(data, str(path), row_column=ROW)
+    notices = []
+    if parsed.bad_byte is not None:
+        notices.append(_fallback_notice(path, data, parsed.bad_byte))
+    if parsed.empty_messages:
+        rule, lines = RULES["message-without-dose"], parsed.empty_messages
+        shown = ", ".join(map(str, lines[:10])) + (f" and {len(lines) - 10} more" if len(lines) > 10 else "")
+        notices.append(Notice(rule.code, rule.text(count=len(lines), lines=shown), str(path), row=lines[0]))
+    return Table(path, "hl7", parsed.frame, "", encoding=parsed.encoding, notices=notices)
 
 
 # -- CSV ---------------------------------------------------------------------------

@@ -344,6 +344,28 @@ RULES: dict[str, Rule] = catalogue(
             "not imported: {columns}",
             {"more": "not imported: {columns} and {more} more"},
         ),
+        Rule(
+            "message-without-dose",
+            "warning",
+            "some HL7 messages hold no RXA segment (no dose): they give no row",
+            "nothing, if they are acknowledgements or queries; else check the sending system's export",
+            "{count} HL7 message(s) hold no RXA segment, so no row: the message(s) at line(s) {lines}",
+        ),
+        Rule(
+            "deleted-in-source",
+            "load",
+            "the sender deleted this dose (HL7 RXA-21 = D): it is not sent",
+            "nothing, if the dose was never loaded; else remove it in the target by hand "
+            "(a profile's hl7_deletes = \"reject\" makes such rows rejected instead)",
+            "RXA-21 = D: the sending system deleted this dose; not sent",
+        ),
+        Rule(
+            "superseded-in-source",
+            "load",
+            "a later message of the same HL7 file updates or deletes this dose (same ORC-3): the later one counts",
+            "nothing: the latest version of the dose is the one sent (or skipped, if deleted)",
+            "the message at line {line} updates or deletes this dose (same ORC-3); not sent",
+        ),
         # --- the load: the row failed or was not sent --------------------------------------------
         Rule(
             "parent-failed",

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Literal
 
 import polars as pl
 
+from etl.hl7 import ACTION_COLUMN, SUPERSEDED_COLUMN, amends, deleted, superseded
 from etl.keyindex import KeyIndex
 from etl.mapping import Mapped
 from etl.readers import ROW
@@ -98,8 +99,52 @@ def validate(
     if mapped.kind == "document":
         rejects = _document_groups(prepared, rejects)
     rejects = with_source_values(rejects, mapped)
+    if mapped.table.format == "hl7":
+        rejects = _amended_in_source(mapped, rejects)
     warnings = with_source_values(_warnings(prepared, mapped.kind), mapped)
     return Validation(mapped, prepared, rejects, warnings)
+
+
+def _amended_in_source(mapped: Mapped, rejects: pl.DataFrame) -> pl.DataFrame:
+    """An HL7 table's rejects, with what its action codes (RXA-21, :mod:`etl.hl7`) say first.
+
+    A dose the sender deleted (``D``), or that a later message of the file updates or deletes, comes
+    first among its row's outcomes: the report skips it (a deleted one is rejected instead when the
+    profile's ``hl7_deletes`` says so), whatever else it holds. An update or delete repeats the
+    record id of the dose it amends: that is not a duplicate. A dose without a record id (ORC-3) is
+    rejected as ``required``.
+    """
+    frame = mapped.table.frame
+    outcomes = []
+    later = superseded()
+    for rule, which in ((RULES["deleted-in-source"], deleted()), (RULES["superseded-in-source"], later)):
+        outcomes.append(
+            frame.filter(which).select(
+                pl.col(ROW).cast(pl.UInt32),
+                pl.lit(rule.code).alias("code"),
+                pl.lit(ACTION_COLUMN).alias("field"),
+                pl.col(ACTION_COLUMN).alias("value"),
+                (rule.message(line=pl.col(SUPERSEDED_COLUMN)) if which is later else pl.lit(rule.text())).alias(
+                    "message"
+                ),
+            )
+        )
+    if mapped.keyed_by_record:
+        # A dose is keyed by its ORC-3; one without (no ORC, or an empty ORC-3) could not be told
+        # apart from a re-sent copy, so it is rejected rather than sent unkeyed.
+        required = RULES["required"]
+        outcomes.append(
+            mapped.frame.filter(pl.col("record_id").str.strip_chars().fill_null("") == "").select(
+                pl.col(ROW).cast(pl.UInt32),
+                pl.lit(required.code).alias("code"),
+                pl.lit("record_id").alias("field"),
+                pl.lit(None, dtype=pl.String).alias("value"),
+                pl.lit(required.text()).alias("message"),
+            )
+        )
+    amending = frame.filter(amends()).get_column(ROW).cast(pl.UInt32).implode()
+    not_duplicates = (pl.col("code") == RULES["duplicate-key"].code) & pl.col(ROW).is_in(amending)
+    return pl.concat([*outcomes, rejects.filter(~not_duplicates)]).unique([ROW, "code", "field"], maintain_order=True)
 
 
 # --- step 1: prepare ---------------------------------------------------------
