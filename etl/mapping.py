@@ -14,6 +14,23 @@ A profile is a TOML or YAML file::
     [defaults]                       # fills empty cells and absent columns
     status = "completed"
 
+    [parse.occurrence]               # how a column's values are written (dates, numbers)
+    format = "%m%d%Y"
+
+    [expressions.patient_last_name]  # a field built from other columns
+    split = "Patient Name"
+    separator = ","
+    part = 1
+
+    [values.route]                   # a built-in map of codes, and the value of any other
+    map = "hl7-route"
+
+    [[skip]]                         # rows left out, each reported as skipped (code ``filtered``)
+    column = "Action"
+    values = ["D"]
+
+Every key, with an example, is in ``docs/profiles.md``.
+
 The built-in default profile (``auto`` only) accepts the obvious header names:
 a header matches a canonical field when, ignoring case, spaces, underscores,
 hyphens and punctuation, it equals the field's name or one of its aliases.
@@ -21,6 +38,7 @@ hyphens and punctuation, it equals the field's name or one of its aliases.
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import re
 import tomllib
@@ -33,22 +51,72 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import polars as pl
 import yaml
 
+from etl.codemaps import CODE_MAPS
 from etl.errors import InputError, ProfileError
 from etl.readers import ROW, Notice, Table
 from etl.rules import RULES
 from schemas.canonical import DEFAULTS, KIND_SPECS, LIST_SEPARATOR, field_map, fields_of
 
 __all__ = [
+    "SKIP",
+    "ColumnParse",
+    "Expression",
     "Mapped",
     "Profile",
+    "RowFilter",
     "apply_profile",
     "builtin_profiles",
     "default_profile",
     "detect_kind",
     "key_field",
+    "kinds_named",
     "load_profile",
     "normalise_header",
 ]
+
+
+#: The column of a mapped frame that holds why a row is left out (a profile's ``[[skip]]``), or null.
+SKIP = "__skip"
+
+
+@dataclass(frozen=True)
+class ColumnParse:
+    """How one field's values are written in the source (a profile's ``[parse.<field>]``).
+
+    The validator parses with these before its usual spellings, so the value it checks and sends
+    is the canonical ISO date (or plain number) and every limit applies as usual.
+    """
+
+    formats: tuple[str, ...] = ()  # strftime patterns: "%m%d%Y", "%Y%m%dT%H%M%S", "%Y-%m-%d %H:%M"
+    timezone: str | None = None  # of local date-times in this column (else the profile's)
+    excel_serial: bool = False  # a number such as 45458 is an Excel date serial
+    decimal_comma: bool | None = None  # "0,5" is 0.5 (None: as the profile says)
+
+
+@dataclass(frozen=True)
+class Expression:
+    """A field built from source columns (a profile's ``[expressions.<field>]``): one of join, split, constant."""
+
+    join: tuple[str, ...] = ()
+    split: str | None = None
+    part: int = 1  # of a split: 1 is the first part, -1 the last
+    separator: str = " "
+    constant: str | None = None
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """The source columns it reads."""
+        return self.join or ((self.split,) if self.split is not None else ())
+
+
+@dataclass(frozen=True)
+class RowFilter:
+    """Rows left out when a source column holds one of ``values`` (any case) or matches ``pattern``."""
+
+    column: str
+    values: tuple[str, ...] = ()
+    pattern: str | None = None
+    reason: str = ""
 
 
 @dataclass(frozen=True)
@@ -70,6 +138,13 @@ class Profile:
     auto: bool = True
     list_separator: str = LIST_SEPARATOR
     kinds: dict[str, Profile] = field(default_factory=dict)
+    parse: dict[str, ColumnParse] = field(default_factory=dict)
+    decimal_comma: bool | None = None  # None: told from a ";" file's values
+    expressions: dict[str, Expression] = field(default_factory=dict)
+    value_defaults: dict[str, str] = field(default_factory=dict)  # a mapped field's value for unlisted words
+    skip: tuple[RowFilter, ...] = ()
+    files: tuple[str, ...] = ()  # in a [kinds.X] section: file-name patterns of this kind
+    sheets: tuple[str, ...] = ()  # in a [kinds.X] section: sheet-name patterns of this kind
 
     def for_kind(self, kind: str) -> Profile:
         """This profile narrowed to one kind, with the kind's built-in defaults underneath."""
@@ -78,6 +153,10 @@ class Profile:
         defaults = {**DEFAULTS.get(kind, {}), **self.defaults, **(base.defaults if base else {})}
         values = {**self.values, **(base.values if base else {})}
         fields = field_map(kind)
+
+        def mine(top: dict[str, Any], section: dict[str, Any]) -> dict[str, Any]:
+            return {k: v for k, v in {**top, **section}.items() if k in fields}
+
         return replace(
             self,
             kind=kind,
@@ -85,6 +164,13 @@ class Profile:
             defaults={k: v for k, v in defaults.items() if k in fields},
             values={k: v for k, v in values.items() if k in fields},
             kinds={},
+            parse=mine(self.parse, base.parse if base else {}),
+            decimal_comma=base.decimal_comma if base and base.decimal_comma is not None else self.decimal_comma,
+            expressions=mine(self.expressions, base.expressions if base else {}),
+            value_defaults=mine(self.value_defaults, base.value_defaults if base else {}),
+            skip=self.skip + (base.skip if base else ()),
+            files=base.files if base else (),
+            sheets=base.sheets if base else (),
         )
 
 
@@ -135,7 +221,18 @@ _KNOWN = {
     "redacted",
     "kinds",
     "description",
+    "parse",
+    "decimal_comma",
+    "expressions",
+    "skip",
+    "files",
+    "sheets",
 }
+_PARSE_KEYS = {"format", "timezone", "excel_serial", "decimal_comma"}
+_EXPRESSION_KEYS = {"join", "split", "part", "separator", "constant"}
+_SKIP_KEYS = {"column", "values", "pattern", "reason"}
+#: Keys of a ``[values.<field>]`` table that are settings, not source words.
+_VALUE_SETTINGS = ("map", "default")
 
 
 def key_field(kind: str) -> str:
@@ -193,27 +290,44 @@ def _parse_profile(raw: Any, where: str, default_name: str | None = None, kind: 
         raise ProfileError(f"{where}: a profile is a table of settings")
     if unknown := sorted(set(raw) - _KNOWN):
         raise ProfileError(f"{where}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(_KNOWN))}")
+    if kind is None and ("files" in raw or "sheets" in raw):
+        raise ProfileError(f"{where}: files and sheets belong in a [kinds.<kind>] section")
     kind = str(raw["kind"]) if "kind" in raw else kind
     if kind is not None and kind not in KIND_SPECS:
         raise ProfileError(f"{where}: unknown kind {kind!r}; kinds: {', '.join(KIND_SPECS)}")
     names = set(field_map(kind)) if kind else {f.name for k in KIND_SPECS.values() for f in k.fields}
-    columns = {str(k): str(v) for k, v in (raw.get("columns") or {}).items()}
-    defaults = {str(k): str(v) for k, v in (raw.get("defaults") or {}).items()}
-    values = {str(k): {str(a): str(b) for a, b in v.items()} for k, v in (raw.get("values") or {}).items()}
-    for section, used in (("columns", columns.values()), ("defaults", defaults), ("values", values)):
+    columns = {str(k): str(v) for k, v in _table(raw, "columns", where).items()}
+    defaults = {str(k): str(v) for k, v in _table(raw, "defaults", where).items()}
+    values: dict[str, dict[str, str]] = {}
+    value_defaults: dict[str, str] = {}
+    for name, words in _table(raw, "values", where).items():
+        values[str(name)], default = _value_map(words, f"{where} [values.{name}]")
+        if default is not None:
+            value_defaults[str(name)] = default
+    parse = {str(k): _column_parse(v, f"{where} [parse.{k}]") for k, v in _table(raw, "parse", where).items()}
+    expressions = {
+        str(k): _expression(v, f"{where} [expressions.{k}]") for k, v in _table(raw, "expressions", where).items()
+    }
+    sections = (
+        ("columns", columns.values()),
+        ("defaults", defaults),
+        ("values", values),
+        ("parse", parse),
+        ("expressions", expressions),
+    )
+    for section, used in sections:
         if bad := sorted(set(used) - names):
             raise ProfileError(
                 f"{where}: [{section}] names unknown field(s) {', '.join(bad)}"
                 + (f" for kind {kind!r}" if kind else "")
             )
-    timezone = str(raw.get("timezone", "UTC"))
-    try:
-        ZoneInfo(timezone)
-    except (ZoneInfoNotFoundError, ValueError) as exc:
-        raise ProfileError(f"{where}: unknown timezone {timezone!r}") from exc
+    timezone = _timezone(raw.get("timezone", "UTC"), where)
     kinds = {
-        str(k): _parse_profile(v, f"{where} [kinds.{k}]", kind=str(k)) for k, v in (raw.get("kinds") or {}).items()
+        str(k): _parse_profile(v, f"{where} [kinds.{k}]", kind=str(k)) for k, v in _table(raw, "kinds", where).items()
     }
+    skip = raw.get("skip", [])
+    if not isinstance(skip, list):
+        raise ProfileError(f"{where}: skip is a list of [[skip]] tables (column, values or pattern, reason)")
     return Profile(
         name=str(raw.get("name", default_name or "profile")),
         kind=kind,
@@ -225,6 +339,121 @@ def _parse_profile(raw: Any, where: str, default_name: str | None = None, kind: 
         auto=bool(raw.get("auto", True)),
         list_separator=str(raw.get("list_separator", LIST_SEPARATOR)),
         kinds=kinds,
+        parse=parse,
+        decimal_comma=_flag(raw, "decimal_comma", where),
+        expressions=expressions,
+        value_defaults=value_defaults,
+        skip=tuple(_row_filter(v, f"{where} [[skip]] {i + 1}") for i, v in enumerate(skip)),
+        files=_patterns(raw, "files", where),
+        sheets=_patterns(raw, "sheets", where),
+    )
+
+
+def _table(raw: dict[str, Any], key: str, where: str) -> dict[str, Any]:
+    value = raw.get(key) or {}
+    if not isinstance(value, dict):
+        raise ProfileError(f"{where}: {key} is a table ([{key}] ...)")
+    return value
+
+
+def _timezone(value: Any, where: str) -> str:
+    timezone = str(value)
+    try:
+        ZoneInfo(timezone)
+    except (ZoneInfoNotFoundError, ValueError) as exc:
+        raise ProfileError(f"{where}: unknown timezone {timezone!r}") from exc
+    return timezone
+
+
+def _flag(raw: dict[str, Any], key: str, where: str) -> bool | None:
+    value = raw.get(key)
+    if value is None or isinstance(value, bool):
+        return value
+    raise ProfileError(f"{where}: {key} is true or false, not {value!r}")
+
+
+def _strings(value: Any, key: str, where: str) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, list) and value and all(isinstance(v, str | int) for v in value):
+        return tuple(str(v) for v in value)
+    raise ProfileError(f"{where}: {key} is a text or a list of texts, not {value!r}")
+
+
+def _patterns(raw: dict[str, Any], key: str, where: str) -> tuple[str, ...]:
+    return _strings(raw[key], key, where) if key in raw else ()
+
+
+def _unknown_keys(raw: Any, known: set[str], where: str) -> dict[str, Any]:
+    if not isinstance(raw, dict):
+        raise ProfileError(f"{where}: a table of settings ({', '.join(sorted(known))}), not {raw!r}")
+    if unknown := sorted(set(raw) - known):
+        raise ProfileError(f"{where}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    return raw
+
+
+def _column_parse(raw: Any, where: str) -> ColumnParse:
+    raw = _unknown_keys(raw, _PARSE_KEYS, where)
+    formats = _patterns(raw, "format", where)
+    for fmt in formats:
+        if "%" not in fmt:
+            raise ProfileError(f"{where}: format {fmt!r} has no % directive (e.g. %m%d%Y, %Y-%m-%d %H:%M)")
+    return ColumnParse(
+        formats=formats,
+        timezone=_timezone(raw["timezone"], where) if "timezone" in raw else None,
+        excel_serial=bool(_flag(raw, "excel_serial", where)),
+        decimal_comma=_flag(raw, "decimal_comma", where),
+    )
+
+
+def _expression(raw: Any, where: str) -> Expression:
+    raw = _unknown_keys(raw, _EXPRESSION_KEYS, where)
+    chosen = [k for k in ("join", "split", "constant") if k in raw]
+    if len(chosen) != 1:
+        raise ProfileError(f"{where}: give exactly one of join, split or constant")
+    part = raw.get("part", 1)
+    if not isinstance(part, int) or isinstance(part, bool) or part == 0:
+        raise ProfileError(f"{where}: part is a whole number, 1 for the first part or -1 for the last, not {part!r}")
+    separator = raw.get("separator", " ")
+    if not isinstance(separator, str) or (separator == "" and "split" in raw):
+        raise ProfileError(f"{where}: separator is a text, not {separator!r}")
+    if "join" in raw:
+        return Expression(join=_strings(raw["join"], "join", where), separator=separator)
+    if "split" in raw:
+        return Expression(split=str(raw["split"]), separator=separator, part=part)
+    return Expression(constant=str(raw["constant"]))
+
+
+def _value_map(raw: Any, where: str) -> tuple[dict[str, str], str | None]:
+    """A ``[values.<field>]`` table: (source word -> value, with any built-in map's underneath; the default)."""
+    if not isinstance(raw, dict):
+        raise ProfileError(f"{where}: a table of source value = value sent")
+    words: dict[str, str] = {}
+    if "map" in raw:
+        name = str(raw["map"])
+        if name not in CODE_MAPS:
+            raise ProfileError(f"{where}: no built-in map {name!r}; built-in maps: {', '.join(CODE_MAPS)}")
+        words.update(CODE_MAPS[name])
+    words.update({str(a): str(b) for a, b in raw.items() if a not in _VALUE_SETTINGS})
+    default = raw.get("default")
+    return words, None if default is None else str(default)
+
+
+def _row_filter(raw: Any, where: str) -> RowFilter:
+    raw = _unknown_keys(raw, _SKIP_KEYS, where)
+    if "column" not in raw or ("values" not in raw and "pattern" not in raw):
+        raise ProfileError(f"{where}: a [[skip]] names a column and its values (or a pattern)")
+    pattern = raw.get("pattern")
+    if pattern is not None:
+        try:
+            re.compile(str(pattern))
+        except re.error as exc:
+            raise ProfileError(f"{where}: pattern {pattern!r} is not a regular expression: {exc}") from None
+    return RowFilter(
+        column=str(raw["column"]),
+        values=_strings(raw["values"], "values", where) if "values" in raw else (),
+        pattern=None if pattern is None else str(pattern),
+        reason=str(raw.get("reason", "")),
     )
 
 
@@ -268,6 +497,13 @@ def detect_kind(table: Table, profile: Profile) -> str:
     """The kind of rows a table holds: the profile's, or the best match of the headers."""
     if profile.kind is not None:
         return profile.kind
+    if named := kinds_named(table, profile):
+        if len(named) > 1:
+            raise InputError(
+                str(table.path),
+                f"the profile's files/sheets patterns of {' and '.join(named)} both match; make them narrower",
+            )
+        return named[0]
     candidates = list(profile.kinds) or list(KIND_SPECS)
     scores: dict[str, int] = {}
     for kind in candidates:
@@ -287,18 +523,42 @@ def detect_kind(table: Table, profile: Profile) -> str:
     return winners[0]
 
 
+def kinds_named(table: Table, profile: Profile) -> list[str]:
+    """The kinds whose ``files`` pattern matches the file's name, or ``sheets`` pattern its sheet (any case)."""
+
+    def matches(name: str | None, patterns: tuple[str, ...]) -> bool:
+        return name is not None and any(fnmatch.fnmatchcase(name.lower(), p.lower()) for p in patterns)
+
+    return [
+        kind
+        for kind, section in profile.kinds.items()
+        if matches(table.path.name, section.files) or matches(table.sheet, section.sheets)
+    ]
+
+
 def apply_profile(table: Table, profile: Profile, kind: str | None = None) -> Mapped:
-    """Rename a table's columns to canonical fields; absent fields become null columns."""
+    """Rename a table's columns to canonical fields; absent fields become null columns.
+
+    The profile's expressions build their fields from source columns, its value maps' defaults
+    replace the words they do not list, and its ``[[skip]]`` filters fill :data:`SKIP`: all of it
+    polars expressions, run on every batch by :meth:`Mapped.with_rows`.
+    """
     kind = kind or detect_kind(table, profile)
     narrowed = profile.for_kind(kind)
     fields = field_map(kind)
     sources = match_headers(table.columns, profile, kind)
+    _check_columns(table, narrowed)
+    for name, expression in narrowed.expressions.items():
+        sources.pop(name, None)
+        if expression.columns:
+            sources[name] = expression.columns[0]
     numbered = numbered_columns(table.columns, kind, set(sources.values()))
     missing = [
         f.name
         for f in fields.values()
         if f.required
         and f.name not in sources
+        and f.name not in narrowed.expressions
         and f.name not in narrowed.defaults
         and f.name not in numbered
         and not (kind == "practitioner" and f.name.startswith("practitioner_") and "practitioner_name" in sources)
@@ -312,6 +572,10 @@ def apply_profile(table: Table, profile: Profile, kind: str | None = None) -> Ma
         )
 
     def column(name: str) -> pl.Expr:
+        if name in narrowed.expressions:
+            return _expression_of(narrowed.expressions[name])
+        if name in narrowed.value_defaults and name in sources:
+            return _with_default(pl.col(sources[name]), narrowed.values.get(name, {}), narrowed.value_defaults[name])
         if name in sources:
             return pl.col(sources[name])
         if name in numbered:
@@ -321,14 +585,72 @@ def apply_profile(table: Table, profile: Profile, kind: str | None = None) -> Ma
         return pl.lit(None, dtype=pl.String)
 
     select = [pl.col(ROW), *[column(name).alias(name) for name in fields]]
+    if narrowed.skip:
+        select.append(_skipped(narrowed.skip).alias(SKIP))
     frame = table.frame.select(select)
     for name, headers in numbered.items():
         sources.setdefault(name, headers[0])
     used = set(sources.values()) | {h for hs in numbered.values() for h in hs}
+    used |= {c for e in narrowed.expressions.values() for c in e.columns} | {f.column for f in narrowed.skip}
     unmapped = [c for c in table.columns if c not in used]
     if unmapped:
         table.notices.append(Notice(RULES["unmapped-columns"].code, _not_imported(unmapped), str(table.path), row=1))
     return Mapped(table, narrowed, frame, sources, unmapped, select)
+
+
+def _check_columns(table: Table, profile: Profile) -> None:
+    """Each column an expression or a filter reads is in the file: a one-line error otherwise."""
+    named = [(f"[expressions.{n}]", c) for n, e in profile.expressions.items() for c in e.columns]
+    named += [("[[skip]]", f.column) for f in profile.skip]
+    for section, column in named:
+        if column not in table.columns:
+            raise InputError(
+                str(table.path),
+                f"the profile's {section} reads column {column!r}, which the file does not have; "
+                f"its columns: {', '.join(table.columns[:_UNMAPPED_NAMED])}",
+                row=1,
+            )
+
+
+def _cell(header: str) -> pl.Expr:
+    """A source cell, trimmed; null when blank."""
+    trimmed = pl.col(header).str.strip_chars()
+    return pl.when(trimmed.str.len_bytes() > 0).then(trimmed)
+
+
+def _expression_of(expression: Expression) -> pl.Expr:
+    if expression.constant is not None:
+        return pl.lit(expression.constant, dtype=pl.String)
+    if expression.split is not None:
+        parts = _cell(expression.split).str.split(expression.separator)
+        index = expression.part - 1 if expression.part > 0 else expression.part
+        return _blank(parts.list.get(index, null_on_oob=True).str.strip_chars())
+    joined = pl.concat_str([_cell(h) for h in expression.join], separator=expression.separator, ignore_nulls=True)
+    return _blank(joined)
+
+
+def _blank(e: pl.Expr) -> pl.Expr:
+    return pl.when(e.str.len_bytes() > 0).then(e)
+
+
+def _with_default(e: pl.Expr, words: dict[str, str], default: str) -> pl.Expr:
+    """A cell the value map does not list (trimmed, any case) becomes ``default``; a blank stays blank."""
+    listed = {w.strip().lower() for w in words} | {v.strip().lower() for v in words.values()}
+    low = e.str.strip_chars().str.to_lowercase()
+    return pl.when(low.str.len_bytes() == 0).then(e).when(low.is_in(sorted(listed))).then(e).otherwise(pl.lit(default))
+
+
+def _skipped(filters: tuple[RowFilter, ...]) -> pl.Expr:
+    """Why a row is left out (the first filter that takes it), or null."""
+    reasons = []
+    for f in filters:
+        low = pl.col(f.column).str.strip_chars().str.to_lowercase()
+        hit = low.is_in([v.strip().lower() for v in f.values]) if f.values else pl.lit(False)
+        if f.pattern is not None:
+            hit = hit | pl.col(f.column).str.contains(f.pattern)
+        why = f.reason or f"{f.column} is " + " or ".join(f.values or (f"like /{f.pattern}/",))
+        reasons.append(pl.when(hit.fill_null(False)).then(pl.lit(why)))
+    return pl.coalesce(reasons)
 
 
 def _not_imported(columns: list[str]) -> str:

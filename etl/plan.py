@@ -45,7 +45,7 @@ from etl.destination import Destination, Lookup
 from etl.errors import InputError, UsageError
 from etl.files import guard_formulas, private_dir, private_file, private_text, scratch_dir, unguard_formulas, write_csv
 from etl.keyindex import KeyIndex
-from etl.mapping import Mapped, Profile, apply_profile, default_profile, key_field, load_profile
+from etl.mapping import SKIP, Mapped, Profile, apply_profile, default_profile, key_field, load_profile
 from etl.progress import Progress
 from etl.readers import ROW, Batches, read_batches, read_table
 from etl.redaction import left_out, redact, redact_bodies
@@ -827,8 +827,11 @@ def base_rows(mapped: Mapped, validation: Validation, planned: Planned) -> pl.Da
     )
     planned_rows = planned.rows.select(ROW, "source_key", pl.col("patient_key"))
     key = key_field(mapped.kind)
+    # A row the profile's [[skip]] leaves out is skipped, code `filtered`, its reason the message.
+    skip = pl.col(SKIP) if SKIP in mapped.frame.columns else pl.lit(None, dtype=pl.String)
+    filtered = RULES["filtered"]
     return (
-        mapped.frame.select(ROW, pl.col(key).str.strip_chars().alias("row_key"))
+        mapped.frame.select(ROW, pl.col(key).str.strip_chars().alias("row_key"), skip.alias(SKIP))
         .join(reasons, on=ROW, how="left")
         .join(planned_rows, on=ROW, how="left")
         .select(
@@ -838,13 +841,17 @@ def base_rows(mapped: Mapped, validation: Validation, planned: Planned) -> pl.Da
             "source_key",
             pl.when(pl.col("error_code").is_not_null())
             .then(pl.lit("rejected"))
+            .when(pl.col(SKIP).is_not_null())
+            .then(pl.lit("skipped"))
             .otherwise(pl.lit("planned"))
             .alias("state"),
             pl.lit(None, dtype=pl.String).alias("resource_id"),
             pl.col("patient_key"),
-            "error_code",
+            pl.when(pl.col(SKIP).is_not_null()).then(pl.lit(filtered.code)).otherwise(pl.col("error_code"))
+            .alias("error_code"),
             "field",
-            "message",
+            pl.when(pl.col(SKIP).is_not_null()).then(filtered.message(reason=pl.col(SKIP))).otherwise(pl.col("message"))
+            .alias("message"),
             "row_key",
         )
     )
