@@ -72,6 +72,8 @@ __all__ = [
     "kinds_named",
     "load_profile",
     "normalise_header",
+    "profile_format",
+    "starter_profile",
 ]
 
 
@@ -477,6 +479,11 @@ def match_headers(headers: list[str], profile: Profile, kind: str) -> dict[str, 
                     lookup.setdefault(normalise_header(f.target.split(":")[1].replace("[]", "")), f.name)
         for header in headers:
             match = lookup.get(normalise_header(header))
+            if "#" in header:
+                # "Dose #" counts doses: it is a number of, never an amount (mL).
+                match = lookup.get(normalise_header(header.replace("#", " number")), match)
+                if match and fields[match].value == "number":
+                    match = None
             if match and match not in sources and header not in sources.values():
                 sources[match] = header
     return sources
@@ -661,37 +668,181 @@ def _not_imported(columns: list[str]) -> str:
     return rule.text("more", columns=named, more=more) if more > 0 else rule.text(columns=named)
 
 
-def starter_profile(table: Table, kind: str | None = None) -> str:
-    """A TOML profile for an unknown layout: every header matched to a field, or marked as unmatched."""
+_COUNTED = re.compile(r"#|\b(number|num|no|count|seq|sequence)\b", re.IGNORECASE)
+_AMOUNT = re.compile(r"\b(ml|amount|volume|quantity|qty)\b", re.IGNORECASE)
+_DATELIKE = re.compile(r"date|dob|birth|time|when|admin|start|stop|end|expir", re.IGNORECASE)
+_SNIFF_ROWS = 1000  # rows whose values profile init looks at
+_FORMATS = (".toml", ".yaml", ".yml")
+
+
+@dataclass
+class _Guess:
+    """profile init's reading of one source column."""
+
+    header: str
+    canonical: str | None = None
+    confidence: str = "high"  # high: the header names the field; medium: the values alone; low: a hint
+    why: list[str] = field(default_factory=list)
+    parse: dict[str, str | bool] = field(default_factory=dict)
+    map: str | None = None
+
+
+def starter_profile(table: Table, kind: str | None = None, fmt: str = "toml") -> str:
+    """A commented profile (``fmt`` ``toml`` or ``yaml``) for an unknown layout, from its headers and values.
+
+    Each column gets a guess with its evidence (sample values, how many fit) and a confidence;
+    columns it cannot place are written as comments. A count (``Dose #``) is never mapped to an
+    amount (``dose_value``, mL).
+    """
+    from etl.sniff import READ_WITHOUT_PATTERN, Shape, sniff
+
     profile = default_profile()
+    told = "given with --kind" if kind else "told from the headers"
     try:
         kind = kind or detect_kind(table, profile)
     except InputError:
-        kind = kind or "immunization"
+        kind, told = "immunization", "the headers did not tell: check it"
     sources = match_headers(table.columns, profile, kind)
     numbered = numbered_columns(table.columns, kind, set(sources.values()))
     by_header = {h: c for c, h in sources.items()} | {h: c for c, hs in numbered.items() for h in hs}
     fields = field_map(kind)
-    lines = [
-        f"# Starter profile for {table.path.name}, written by `clinik-etl profile init`.",
-        "# Check each line; map the columns marked UNMATCHED to a field of this kind, or leave them out.",
-        f'name = "{table.path.stem}"',
-        f'kind = "{kind}"',
-        "",
-        "[columns]",
-    ]
+    sample = table.frame.head(_SNIFF_ROWS)
+    guesses: list[_Guess] = []
+    taken = set(by_header.values())
+
+    def first(shapes: list[Shape], kind_: str) -> Shape | None:
+        return next((sh for sh in shapes if sh.kind == kind_), None)
+
     for header in table.columns:
-        quoted = json.dumps(header, ensure_ascii=False)
-        if header in by_header:
-            lines.append(f'{quoted} = "{by_header[header]}"')
+        matched = by_header.get(header)
+        guess = _Guess(header, matched, why=["header name"] if matched else [])
+        shapes = sniff(sample.get_column(header), datelike=bool(_DATELIKE.search(header)) or (
+            matched is not None and fields[matched].value in ("date", "datetime")))
+        dates = [sh for sh in shapes if sh.kind == "date"]
+        target = fields.get(matched) if matched else None
+        count = first(shapes, "count")
+        if matched == "dose_value" and (_COUNTED.search(header) or (count and not _AMOUNT.search(header))):
+            # A count of doses is not an amount in mL.
+            evidence = f"{count.evidence}, whole numbers" if count else "the header counts"
+            guess.canonical = "dose_number" if "dose_number" in fields and "dose_number" not in taken else None
+            guess.confidence, guess.why = "medium", [f"a count, not an amount in mL ({evidence})"]
+        elif matched is None:
+            _guess_from_values(guess, shapes, fields, taken, header)
+        if guess.canonical:
+            taken.add(guess.canonical)
+            target = fields[guess.canonical]
+        if target is not None and target.value in ("date", "datetime"):
+            if dates:
+                best = dates[0]
+                guess.why.append(f"{best.evidence} read as {best.detail}")
+                if len(dates) > 1 and {d.detail for d in dates} >= {"%m/%d/%Y", "%d/%m/%Y"}:
+                    guess.confidence = "low"
+                    guess.why.append("month and day cannot be told apart in these values: check the pattern")
+                if best.detail not in READ_WITHOUT_PATTERN:
+                    guess.parse["format"] = best.detail
+            elif serial := first(shapes, "excel-serial"):
+                guess.parse["excel_serial"] = True
+                guess.why.append(f"{serial.evidence}: Excel date serials")
+        if target is not None and target.value == "number" and (comma := first(shapes, "decimal-comma")):
+            guess.parse["decimal_comma"] = True
+            guess.why.append(f"{comma.evidence} with a decimal comma")
+        if target is not None and target.normaliser in ("gender", "route", "site", "encounter_class"):
+            wanted = {"gender": "sex"}.get(target.normaliser, target.normaliser.replace("_", "-"))
+            if (found := first(shapes, wanted)) is not None:
+                guess.map = found.detail
+                guess.why.append(f"{found.evidence}: built-in map {found.detail!r}")
+        if target is not None and target.normaliser == "cvx" and (cvx := first(shapes, "cvx")):
+            guess.why.append(f"{cvx.evidence} in the CVX table")
+        if guess.canonical is None and (codes := first(shapes, "codes")):
+            guess.why.append("values: " + ", ".join(codes.samples) + " (a code list; a [[skip]] filter?)")
+        elif guess.canonical is None and shapes:
+            guess.why.append(f"{shapes[0].kind}: {shapes[0].evidence}")
+        guesses.append(guess)
+    return _render(table, kind, told, guesses, fields, fmt)
+
+
+def _guess_from_values(guess: _Guess, shapes: list[Any], fields: dict[str, Any], taken: set[str], header: str) -> None:
+    """A field for a column whose header names none, from the shape of its values (medium confidence)."""
+    by_kind = {sh.kind: sh for sh in shapes}
+    options = [
+        ("cvx", "vaccine_code", "CVX codes"),
+        ("npi", "performer_npi" if "performer_npi" in fields else "npi", "NPIs (10 digits, check digit right)"),
+        ("sex", "patient_gender" if "patient_gender" in fields else "practitioner_gender", "sex codes"),
+        ("route", "route", "route codes"),
+        ("site", "site", "body-site codes"),
+        ("encounter-class", "encounter_class", "encounter classes"),
+    ]
+    for shape_kind, name, what in options:
+        if shape_kind in by_kind and name in fields and name not in taken:
+            guess.canonical, guess.confidence = name, "medium"
+            guess.why.append(f"{by_kind[shape_kind].evidence}: {what}")
+            return
+    if "ndc" in by_kind:
+        guess.why.append(f"{by_kind['ndc'].evidence}: NDC codes (no field carries them; map the CVX column)")
+        return
+    if "date" in by_kind and _DATELIKE.search(header):
+        date_fields = [f for f, spec in fields.items() if spec.value in ("date", "datetime") and f not in taken]
+        if date_fields:
+            guess.canonical, guess.confidence = date_fields[0], "low"
+            guess.why.append(f"dates, and {date_fields[0]} is the first date field not yet mapped")
+
+
+def _render(table: Table, kind: str, told: str, guesses: list[_Guess], fields: dict[str, Any], fmt: str) -> str:
+    yaml_out = fmt in ("yaml", "yml")
+    q = json.dumps  # a JSON string is a valid TOML basic string and a valid YAML double-quoted scalar
+
+    def comment(g: _Guess) -> str:
+        said = "; ".join(g.why) if g.why else "no evidence"
+        return f"  # {g.confidence}: {said}" if g.canonical else f"  # not mapped: {said}"
+
+    lines = [
+        f"# Starter profile for {table.path.name}, written by `clinik-etl profile init` from its headers",
+        f"# and the values of its first {min(table.frame.height, _SNIFF_ROWS)} rows. Beside each guess: how sure "
+        "(high: the header names",
+        "# the field; medium: the values alone; low: a hint) and the evidence. Check each line; docs/profiles.md",
+        "# explains every key.",
+    ]
+    if yaml_out:
+        lines += [f"name: {q(table.path.stem)}", f"kind: {kind}  # {told}", "", "columns:"]
+    else:
+        lines += [f"name = {q(table.path.stem)}", f'kind = "{kind}"  # {told}', "", "[columns]"]
+    for g in guesses:
+        indent = "  " if yaml_out else ""
+        sep = ": " if yaml_out else " = "
+        if g.canonical:
+            lines.append(f"{indent}{q(g.header)}{sep}{q(g.canonical)}{comment(g)}")
         else:
-            lines.append(f"# {quoted} = ?   # UNMATCHED")
+            lines.append(f"{indent}# {q(g.header)}{sep}?{comment(g)}")
+    parsed = [g for g in guesses if g.canonical and g.parse]
+    mapped = [g for g in guesses if g.canonical and g.map]
+    for section, chosen in (("parse", parsed), ("values", mapped)):
+        if not chosen:
+            continue
+        lines += ["", f"{section}:"] if yaml_out else [""]
+        for g in chosen:
+            settings: dict[str, str | bool] = dict(g.parse) if section == "parse" else {"map": str(g.map)}
+            if yaml_out:
+                lines.append(f"  {g.canonical}:  # from {q(g.header)}")
+            else:
+                lines.append(f"[{section}.{g.canonical}]  # from {q(g.header)}")
+            for key, value in settings.items():
+                shown = ("true" if value else "false") if isinstance(value, bool) else q(value)
+                lines.append(f"  {key}: {shown}" if not yaml_out else f"    {key}: {shown}")
+                if not yaml_out:
+                    lines[-1] = f"{key} = {shown}"
+    found = {g.canonical for g in guesses if g.canonical}
     missing = [
-        f.name
-        for f in fields.values()
-        if f.required and f.name not in sources and f.name not in numbered and f.name not in DEFAULTS.get(kind, {})
+        f.name for f in fields.values() if f.required and f.name not in found and f.name not in DEFAULTS.get(kind, {})
     ]
     if missing:
         lines += ["", f"# Required and not found: {', '.join(missing)}"]
     lines += ["", f"# Fields of {kind}: " + ", ".join(fields), ""]
     return "\n".join(lines)
+
+
+def profile_format(path: Path) -> str:
+    """The profile format a file name asks for (``toml`` or ``yaml``); a ProfileError for any other suffix."""
+    suffix = path.suffix.lower()
+    if suffix not in _FORMATS:
+        raise ProfileError(f"{path}: a profile file ends in .toml, .yaml or .yml, not {suffix or 'no suffix'!r}")
+    return suffix.lstrip(".").replace("yml", "yaml")
