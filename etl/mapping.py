@@ -670,7 +670,10 @@ def _not_imported(columns: list[str]) -> str:
 
 _COUNTED = re.compile(r"#|\b(number|num|no|count|seq|sequence)\b", re.IGNORECASE)
 _AMOUNT = re.compile(r"\b(ml|amount|volume|quantity|qty)\b", re.IGNORECASE)
-_DATELIKE = re.compile(r"date|dob|birth|time|when|admin|start|stop|end|expir", re.IGNORECASE)
+_DATELIKE = re.compile(r"date|dob|birth|time|when|admin|start|stop|end|expir|entered|recorded", re.IGNORECASE)
+_PATIENT_ID = re.compile(r"(client|patient|person|recip|member|pt).*(id|no|num|number|mrn)\b", re.IGNORECASE)
+_EVENT_ID = re.compile(r"(event|record|vax|vaccination|visit|encounter).*(id|no|num|number)?$", re.IGNORECASE)
+_NAME = re.compile(r"name", re.IGNORECASE)
 _SNIFF_ROWS = 1000  # rows whose values profile init looks at
 _FORMATS = (".toml", ".yaml", ".yml")
 
@@ -685,6 +688,7 @@ class _Guess:
     why: list[str] = field(default_factory=list)
     parse: dict[str, str | bool] = field(default_factory=dict)
     map: str | None = None
+    expressions: dict[str, dict[str, str | int]] = field(default_factory=dict)  # field -> [expressions.<field>]
 
 
 def starter_profile(table: Table, kind: str | None = None, fmt: str = "toml") -> str:
@@ -721,6 +725,10 @@ def starter_profile(table: Table, kind: str | None = None, fmt: str = "toml") ->
         dates = [sh for sh in shapes if sh.kind == "date"]
         target = fields.get(matched) if matched else None
         count = first(shapes, "count")
+        if matched == "dose_number" and count:
+            guess.why.append(f"{count.evidence}, whole numbers")
+        if matched in ("npi", "performer_npi") and (npi := first(shapes, "npi")):
+            guess.why.append(f"{npi.evidence}, 10 digits with a valid check digit")
         if matched == "dose_value" and (_COUNTED.search(header) or (count and not _AMOUNT.search(header))):
             # A count of doses is not an amount in mL.
             evidence = f"{count.evidence}, whole numbers" if count else "the header counts"
@@ -754,8 +762,9 @@ def starter_profile(table: Table, kind: str | None = None, fmt: str = "toml") ->
         if target is not None and target.normaliser == "cvx" and (cvx := first(shapes, "cvx")):
             guess.why.append(f"{cvx.evidence} in the CVX table")
         if guess.canonical is None and (codes := first(shapes, "codes")):
-            guess.why.append("values: " + ", ".join(codes.samples) + " (a code list; a [[skip]] filter?)")
-        elif guess.canonical is None and shapes:
+            flags = all(len(c) <= 3 and c.isalpha() for c in codes.samples)
+            guess.why.append("values: " + ", ".join(codes.samples) + (" (flags: a [[skip]] filter?)" if flags else ""))
+        elif guess.canonical is None and shapes and not guess.expressions:
             guess.why.append(f"{shapes[0].kind}: {shapes[0].evidence}")
         guesses.append(guess)
     return _render(table, kind, told, guesses, fields, fmt)
@@ -776,6 +785,25 @@ def _guess_from_values(guess: _Guess, shapes: list[Any], fields: dict[str, Any],
         if shape_kind in by_kind and name in fields and name not in taken:
             guess.canonical, guess.confidence = name, "medium"
             guess.why.append(f"{by_kind[shape_kind].evidence}: {what}")
+            return
+    if "last-first" in by_kind and _NAME.search(header):
+        last, first_ = ("patient_last_name", "patient_first_name")
+        if {last, first_} <= fields.keys() and not {last, first_} & taken:
+            guess.expressions = {
+                last: {"split": header, "separator": ",", "part": 1},
+                first_: {"split": header, "separator": ",", "part": -1},
+            }
+            taken.update((last, first_))
+            guess.why.append(f'{by_kind["last-first"].evidence}: "Last, First" names, split in [expressions] below')
+            return
+    if "number" in by_kind and _AMOUNT.search(header) and "dose_value" in fields and "dose_value" not in taken:
+        guess.canonical, guess.confidence = "dose_value", "medium"
+        guess.why.append(f"{by_kind['number'].evidence}: numbers, and the header names an amount")
+        return
+    for pattern, name in ((_PATIENT_ID, "patient_id"), (_EVENT_ID, "record_id")):
+        if pattern.search(header) and name in fields and name not in taken:
+            guess.canonical, guess.confidence = name, "low"
+            guess.why.append("the header looks like an id of this kind")
             return
     if "ndc" in by_kind:
         guess.why.append(f"{by_kind['ndc'].evidence}: NDC codes (no field carries them; map the CVX column)")
@@ -811,8 +839,18 @@ def _render(table: Table, kind: str, told: str, guesses: list[_Guess], fields: d
         sep = ": " if yaml_out else " = "
         if g.canonical:
             lines.append(f"{indent}{q(g.header)}{sep}{q(g.canonical)}{comment(g)}")
+        elif g.expressions:
+            lines.append(f"{indent}# {q(g.header)}: see [expressions]  # medium: {'; '.join(g.why)}")
         else:
             lines.append(f"{indent}# {q(g.header)}{sep}?{comment(g)}")
+    made = [(name, g.header, settings) for g in guesses for name, settings in g.expressions.items()]
+    if made:
+        lines += ["", "expressions:"] if yaml_out else [""]
+        for name, header, built in made:
+            lines.append(f"  {name}:  # from {q(header)}" if yaml_out else f"[expressions.{name}]  # from {q(header)}")
+            for key, value in built.items():
+                shown = str(value) if isinstance(value, int) else q(value)
+                lines.append(f"    {key}: {shown}" if yaml_out else f"{key} = {shown}")
     parsed = [g for g in guesses if g.canonical and g.parse]
     mapped = [g for g in guesses if g.canonical and g.map]
     for section, chosen in (("parse", parsed), ("values", mapped)):
@@ -830,7 +868,7 @@ def _render(table: Table, kind: str, told: str, guesses: list[_Guess], fields: d
                 lines.append(f"  {key}: {shown}" if not yaml_out else f"    {key}: {shown}")
                 if not yaml_out:
                     lines[-1] = f"{key} = {shown}"
-    found = {g.canonical for g in guesses if g.canonical}
+    found = {g.canonical for g in guesses if g.canonical} | {n for g in guesses for n in g.expressions}
     missing = [
         f.name for f in fields.values() if f.required and f.name not in found and f.name not in DEFAULTS.get(kind, {})
     ]

@@ -113,6 +113,8 @@ def sniff(values: pl.Series, *, datelike: bool = False) -> list[Shape]:
         shapes.pop()
     if s.str.contains(r"^[+-]?\d*,\d+$").any() and not s.str.contains(r"\.").any():
         add("decimal-comma", "", v.str.contains(r"^[+-]?\d*,\d+$|^[+-]?\d+$"))
+    add("number", "", v.str.contains(r"^[+-]?(\d+([.,]\d+)?|[.,]\d+)$"))
+    add("last-first", "", v.str.contains(r"^[^,\d]+,\s*[^,\d]+$"))
     if distinct <= 12 and n >= 2 * distinct:
         listed = tuple(s.unique(maintain_order=True).sort().to_list())
         shapes.append(Shape("codes", "", n, n, listed))
