@@ -579,10 +579,13 @@ def apply_profile(table: Table, profile: Profile, kind: str | None = None) -> Ma
         )
 
     def column(name: str) -> pl.Expr:
+        if name in narrowed.value_defaults and (name in sources or name in narrowed.expressions):
+            return _with_default(source(name), narrowed.values.get(name, {}), narrowed.value_defaults[name])
+        return source(name)
+
+    def source(name: str) -> pl.Expr:
         if name in narrowed.expressions:
             return _expression_of(narrowed.expressions[name])
-        if name in narrowed.value_defaults and name in sources:
-            return _with_default(pl.col(sources[name]), narrowed.values.get(name, {}), narrowed.value_defaults[name])
         if name in sources:
             return pl.col(sources[name])
         if name in numbered:

@@ -405,3 +405,11 @@ values = ["D"]
     from_yaml, from_toml = profile(tmp_path, yaml_text, "p.yaml"), profile(tmp_path, toml_text, "p.toml")
     assert from_yaml == from_toml
     assert from_toml.value_defaults == {"route": "IM"} and from_toml.values["route"]["sc"] == "SQ"
+
+
+def test_a_value_map_default_applies_to_an_expression_too(tmp_path: Path) -> None:
+    csv = "patient_id,vaccine_code,occurrence,Flags\nP1,208,2024-06-10,X|Y\nP2,208,2024-06-10,Z|N\n"
+    prof = IMM + '[expressions.status]\nsplit = "Flags"\nseparator = "|"\npart = 2\n'
+    prof += '[values.status]\ny = "not-done"\ndefault = "completed"\n'
+    prepared = prepare(apply_profile(table(tmp_path, csv), profile(tmp_path, prof)))
+    assert prepared.get_column("status").to_list() == ["not-done", "completed"]
