@@ -766,7 +766,9 @@ def starter_profile(table: Table, kind: str | None = None, fmt: str = "toml") ->
             guess.why.append(f"{cvx.evidence} in the CVX table")
         if guess.canonical is None and (codes := first(shapes, "codes")):
             flags = all(len(c) <= 3 and c.isalpha() for c in codes.samples)
-            guess.why.append("values: " + ", ".join(codes.samples) + (" (flags: a [[skip]] filter?)" if flags else ""))
+            listed = ", ".join(codes.samples) if max(len(c) for c in codes.samples) <= 20 else None
+            said = f"values: {listed}" if listed else f"{len(codes.samples)} distinct values in {codes.of} rows"
+            guess.why.append(said + (" (flags: a [[skip]] filter?)" if flags else ""))
         elif guess.canonical is None and shapes and not guess.expressions:
             guess.why.append(f"{shapes[0].kind}: {shapes[0].evidence}")
         guesses.append(guess)
