@@ -413,3 +413,23 @@ def test_a_value_map_default_applies_to_an_expression_too(tmp_path: Path) -> Non
     prof += '[values.status]\ny = "not-done"\ndefault = "completed"\n'
     prepared = prepare(apply_profile(table(tmp_path, csv), profile(tmp_path, prof)))
     assert prepared.get_column("status").to_list() == ["not-done", "completed"]
+
+
+def test_a_real_load_leaves_skipped_rows_skipped_and_sends_nothing_twice(tmp_path: Path) -> None:
+    """Into the embedded sandbox (a real server on loopback): the skipped rows are never sent, on any run."""
+    args = ["load", str(FIXTURES / "county-export.csv"), "--profile", str(FIXTURES / "county-export.toml"),
+            "--state", str(tmp_path / "state.sqlite"), "-q"]
+    for run in ("first", "again"):
+        result = CliRunner().invoke(main, [*args, "--report-dir", str(tmp_path / run)])
+        assert result.exit_code == 1, result.output  # the two bad rows
+        rows = pl.read_csv(tmp_path / run / "rows.csv", infer_schema=False)
+        filtered = rows.filter(pl.col("error_code") == "filtered")
+        assert filtered.select("source_row", "state", "resource_id").rows() == [
+            ("6", "skipped", None), ("11", "skipped", None)
+        ]
+        states = dict(rows.group_by("state").len().rows())
+        # Run again, the created rows are skipped as created already (with their ids): nothing is sent twice.
+        assert states == ({"created": 6, "skipped": 2, "rejected": 2} if run == "first"
+                          else {"skipped": 8, "rejected": 2})
+        summary = json.loads((tmp_path / run / "summary.json").read_text("utf-8"))
+        assert summary["rows_total"] == 10 and sum(summary["states"].values()) == 10
