@@ -73,6 +73,7 @@ __all__ = [
     "load_profile",
     "normalise_header",
     "profile_format",
+    "routed_kinds",
     "starter_profile",
 ]
 
@@ -113,12 +114,24 @@ class Expression:
 
 @dataclass(frozen=True)
 class RowFilter:
-    """Rows left out when a source column holds one of ``values`` (any case) or matches ``pattern``."""
+    """Rows a source column picks: it holds one of ``values`` (any case) or matches ``pattern``.
+
+    In ``[[skip]]`` they are left out (``reason`` says why); in ``[[route]]`` they hold ``kind``.
+    """
 
     column: str
     values: tuple[str, ...] = ()
     pattern: str | None = None
     reason: str = ""
+    kind: str | None = None  # [[route]]: the kind of the rows it picks
+
+    def picks(self) -> pl.Expr:
+        """Whether each row is picked (never null)."""
+        low = pl.col(self.column).str.strip_chars().str.to_lowercase()
+        hit = low.is_in([v.strip().lower() for v in self.values]) if self.values else pl.lit(False)
+        if self.pattern is not None:
+            hit = hit | pl.col(self.column).str.contains(self.pattern)
+        return hit.fill_null(False)
 
 
 @dataclass(frozen=True)
@@ -145,6 +158,7 @@ class Profile:
     expressions: dict[str, Expression] = field(default_factory=dict)
     value_defaults: dict[str, str] = field(default_factory=dict)  # a mapped field's value for unlisted words
     skip: tuple[RowFilter, ...] = ()
+    route: tuple[RowFilter, ...] = ()  # rows of a file that hold another kind than the profile's
     files: tuple[str, ...] = ()  # in a [kinds.X] section: file-name patterns of this kind
     sheets: tuple[str, ...] = ()  # in a [kinds.X] section: sheet-name patterns of this kind
 
@@ -186,9 +200,12 @@ class Mapped:
     sources: dict[str, str]  # canonical field -> source header it came from
     unmapped: list[str]
     select: list[pl.Expr] = field(default_factory=list)  # source frame -> ``frame``
+    only: pl.Expr | None = None  # the rows of the file this kind takes (a profile's [[route]])
 
     def with_rows(self, rows: pl.DataFrame) -> Mapped:
         """The same mapping over other rows of the same file (a batch): the profile is applied once."""
+        if self.only is not None:
+            rows = rows.filter(self.only)
         return replace(self, table=replace(self.table, frame=rows), frame=rows.select(self.select))
 
     @property
@@ -227,12 +244,14 @@ _KNOWN = {
     "decimal_comma",
     "expressions",
     "skip",
+    "route",
     "files",
     "sheets",
 }
 _PARSE_KEYS = {"format", "timezone", "excel_serial", "decimal_comma"}
 _EXPRESSION_KEYS = {"join", "split", "part", "separator", "constant"}
 _SKIP_KEYS = {"column", "values", "pattern", "reason"}
+_ROUTE_KEYS = {"column", "values", "pattern", "kind"}
 #: Keys of a ``[values.<field>]`` table that are settings, not source words.
 _VALUE_SETTINGS = ("map", "default")
 
@@ -294,6 +313,10 @@ def _parse_profile(raw: Any, where: str, default_name: str | None = None, kind: 
         raise ProfileError(f"{where}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(_KNOWN))}")
     if kind is None and ("files" in raw or "sheets" in raw):
         raise ProfileError(f"{where}: files and sheets belong in a [kinds.<kind>] section")
+    if kind is not None and "route" in raw:
+        raise ProfileError(f"{where}: [[route]] belongs at the top of the profile, beside its kind")
+    if "route" in raw and "kind" not in raw:
+        raise ProfileError(f"{where}: [[route]] needs the profile's kind: the kind of the rows no route takes")
     kind = str(raw["kind"]) if "kind" in raw else kind
     if kind is not None and kind not in KIND_SPECS:
         raise ProfileError(f"{where}: unknown kind {kind!r}; kinds: {', '.join(KIND_SPECS)}")
@@ -327,9 +350,11 @@ def _parse_profile(raw: Any, where: str, default_name: str | None = None, kind: 
     kinds = {
         str(k): _parse_profile(v, f"{where} [kinds.{k}]", kind=str(k)) for k, v in _table(raw, "kinds", where).items()
     }
-    skip = raw.get("skip", [])
+    skip, route = raw.get("skip", []), raw.get("route", [])
     if not isinstance(skip, list):
         raise ProfileError(f"{where}: skip is a list of [[skip]] tables (column, values or pattern, reason)")
+    if not isinstance(route, list):
+        raise ProfileError(f"{where}: route is a list of [[route]] tables (column, values or pattern, kind)")
     return Profile(
         name=str(raw.get("name", default_name or "profile")),
         kind=kind,
@@ -346,6 +371,7 @@ def _parse_profile(raw: Any, where: str, default_name: str | None = None, kind: 
         expressions=expressions,
         value_defaults=value_defaults,
         skip=tuple(_row_filter(v, f"{where} [[skip]] {i + 1}") for i, v in enumerate(skip)),
+        route=tuple(_row_filter(v, f"{where} [[route]] {i + 1}", _ROUTE_KEYS) for i, v in enumerate(route)),
         files=_patterns(raw, "files", where),
         sheets=_patterns(raw, "sheets", where),
     )
@@ -441,10 +467,12 @@ def _value_map(raw: Any, where: str) -> tuple[dict[str, str], str | None]:
     return words, None if default is None else str(default)
 
 
-def _row_filter(raw: Any, where: str) -> RowFilter:
-    raw = _unknown_keys(raw, _SKIP_KEYS, where)
+def _row_filter(raw: Any, where: str, known: set[str] = _SKIP_KEYS) -> RowFilter:
+    raw = _unknown_keys(raw, known, where)
     if "column" not in raw or ("values" not in raw and "pattern" not in raw):
-        raise ProfileError(f"{where}: a [[skip]] names a column and its values (or a pattern)")
+        raise ProfileError(f"{where}: name a column and its values (or a pattern)")
+    if "kind" in known and str(raw.get("kind")) not in KIND_SPECS:
+        raise ProfileError(f"{where}: kind is one of {', '.join(KIND_SPECS)}, not {raw.get('kind')!r}")
     pattern = raw.get("pattern")
     if pattern is not None:
         try:
@@ -456,6 +484,7 @@ def _row_filter(raw: Any, where: str) -> RowFilter:
         values=_strings(raw["values"], "values", where) if "values" in raw else (),
         pattern=None if pattern is None else str(pattern),
         reason=str(raw.get("reason", "")),
+        kind=str(raw["kind"]) if "kind" in raw else None,
     )
 
 
@@ -602,16 +631,18 @@ def apply_profile(table: Table, profile: Profile, kind: str | None = None) -> Ma
         sources.setdefault(name, headers[0])
     used = set(sources.values()) | {h for hs in numbered.values() for h in hs}
     used |= {c for e in narrowed.expressions.values() for c in e.columns} | {f.column for f in narrowed.skip}
+    used |= {f.column for f in narrowed.route}
     unmapped = [c for c in table.columns if c not in used]
     if unmapped:
         table.notices.append(Notice(RULES["unmapped-columns"].code, _not_imported(unmapped), str(table.path), row=1))
-    return Mapped(table, narrowed, frame, sources, unmapped, select)
+    only = _routed_to(profile.route, kind, profile.kind or kind) if profile.route else None
+    return Mapped(table, narrowed, frame, sources, unmapped, select, only)
 
 
 def _check_columns(table: Table, profile: Profile) -> None:
     """Each column an expression or a filter reads is in the file: a one-line error otherwise."""
     named = [(f"[expressions.{n}]", c) for n, e in profile.expressions.items() for c in e.columns]
-    named += [("[[skip]]", f.column) for f in profile.skip]
+    named += [("[[skip]]", f.column) for f in profile.skip] + [("[[route]]", f.column) for f in profile.route]
     for section, column in named:
         if column not in table.columns:
             raise InputError(
@@ -654,13 +685,22 @@ def _skipped(filters: tuple[RowFilter, ...]) -> pl.Expr:
     """Why a row is left out (the first filter that takes it), or null."""
     reasons = []
     for f in filters:
-        low = pl.col(f.column).str.strip_chars().str.to_lowercase()
-        hit = low.is_in([v.strip().lower() for v in f.values]) if f.values else pl.lit(False)
-        if f.pattern is not None:
-            hit = hit | pl.col(f.column).str.contains(f.pattern)
         why = f.reason or f"{f.column} is " + " or ".join(f.values or (f"like /{f.pattern}/",))
-        reasons.append(pl.when(hit.fill_null(False)).then(pl.lit(why)))
+        reasons.append(pl.when(f.picks()).then(pl.lit(why)))
     return pl.coalesce(reasons)
+
+
+def routed_kinds(mapped: Mapped) -> list[str]:
+    """The other kinds a profile's ``[[route]]`` sends some of this file's rows to, in the profile's order."""
+    if mapped.only is None:
+        return []
+    return list(dict.fromkeys(r.kind for r in mapped.profile.route if r.kind and r.kind != mapped.kind))
+
+
+def _routed_to(routes: tuple[RowFilter, ...], kind: str, base: str) -> pl.Expr:
+    """Whether a row belongs to ``kind``: the first route that picks it says, else it is ``base``'s."""
+    to = pl.coalesce([pl.when(r.picks()).then(pl.lit(r.kind)) for r in routes])
+    return to.fill_null(pl.lit(base)) == kind
 
 
 def _not_imported(columns: list[str]) -> str:

@@ -433,3 +433,55 @@ def test_a_real_load_leaves_skipped_rows_skipped_and_sends_nothing_twice(tmp_pat
                           else {"skipped": 8, "rejected": 2})
         summary = json.loads((tmp_path / run / "summary.json").read_text("utf-8"))
         assert summary["rows_total"] == 10 and sum(summary["states"].values()) == 10
+
+
+ROUTED_CSV = (
+    "Type,record_id,patient_id,first_name,last_name,cvx,date,class,start\n"
+    "SHOT,I1,P1,Ann,Lee,208,2024-06-10,,\n"
+    "VISIT,V1,P1,Ann,Lee,,,ambulatory,2024-06-10T09:00:00Z\n"
+    "shot,I2,P2,Bo,Li,141,2024-06-11,,\n"
+    "VISIT,V2,P2,Bo,Li,,,bogus,2024-06-11T09:00:00Z\n"
+    "DEL,I3,P3,Cy,Ma,,,,\n"
+)
+ROUTED = """kind = "immunization"
+[[route]]
+column = "Type"
+values = ["VISIT"]
+kind = "encounter"
+[[skip]]
+column = "Type"
+values = ["DEL"]
+[kinds.encounter.columns]
+"class" = "encounter_class"
+"start" = "period_start"
+"""
+
+
+def test_route_sends_rows_to_another_kind_and_each_row_ends_once(tmp_path: Path) -> None:
+    data, prof = write(tmp_path, "mixed.csv", ROUTED_CSV), write(tmp_path, "p.toml", ROUTED)
+    result = CliRunner().invoke(main, ["load", "--dry-run", str(data), "--profile", str(prof), "--report-dir",
+                                       str(tmp_path / "r")])
+    assert result.exit_code == 1, result.output  # V2's class
+    rows = pl.read_csv(tmp_path / "r" / "rows.csv", infer_schema=False).sort(pl.col("source_row").cast(int))
+    assert rows.select("source_row", "kind", "state", "error_code").rows() == [
+        ("2", "immunization", "planned", None),
+        ("3", "encounter", "planned", None),
+        ("4", "immunization", "planned", None),
+        ("5", "encounter", "rejected", "enum"),
+        ("6", "immunization", "skipped", "filtered"),
+    ]
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text("utf-8"))
+    assert summary["rows_total"] == 5
+    assert [(i["kind"], i["rows"]) for i in summary["inputs"]] == [("encounter", 2), ("immunization", 3)]
+    paths = [json.loads(line)["path"] for line in (tmp_path / "r" / "payloads.ndjson").read_text().splitlines()]
+    assert paths.count("/v1/encounters") == 1 and paths.count("/v1/immunizations") == 2
+
+
+def test_a_route_needs_the_profiles_kind_and_a_known_kind(tmp_path: Path) -> None:
+    with pytest.raises(ProfileError, match="needs the profile's kind"):
+        profile(tmp_path, '[[route]]\ncolumn = "T"\nvalues = ["V"]\nkind = "encounter"\n')
+    with pytest.raises(ProfileError, match="kind is one of"):
+        profile(tmp_path, IMM + '[[route]]\ncolumn = "T"\nvalues = ["V"]\nkind = "visit"\n')
+    with pytest.raises(ProfileError, match="belongs at the top"):
+        profile(tmp_path, IMM + '[kinds.encounter]\n[[kinds.encounter.route]]\ncolumn = "T"\nvalues = ["V"]\n'
+                'kind = "encounter"\n')
