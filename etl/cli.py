@@ -655,17 +655,25 @@ def profile() -> None:
 @click.option("--output", type=click.Path(dir_okay=False, path_type=Path),
               help="Write the profile here (default: print it).")
 @click.option("--sheet", metavar="NAME", help="Excel sheet to read (default: the first).")
+@click.option("--force", is_flag=True, help="Overwrite the --output file if it exists.")
 @handle_errors
-def profile_init(file: Path, kind: str | None, output: Path | None, sheet: str | None) -> None:
-    """Write a starter profile for FILE's layout, marking the headers it could not match."""
-    from etl.mapping import starter_profile
+def profile_init(file: Path, kind: str | None, output: Path | None, sheet: str | None, force: bool) -> None:
+    """Write a starter profile for FILE's layout from its headers and values: each guess with its
+    evidence and confidence, unmatched columns as comments. --output writes the format its suffix
+    names (.toml, .yaml, .yml) and never overwrites a file without --force."""
+    from etl.mapping import profile_format, starter_profile
     from etl.readers import read_table
 
-    text = starter_profile(read_table(file, sheet=sheet, limits=Settings(sheet=sheet).workbook_limits), kind)
+    fmt = profile_format(output) if output is not None else "toml"
+    if output is not None and output.exists() and not force:
+        raise UsageError(f"{output} exists; pass --force to overwrite it")
+    table = read_table(file, sheet=sheet, limits=Settings(sheet=sheet).workbook_limits)
+    text = starter_profile(table, kind, fmt)
     if output is None:
         click.echo(text)
     else:
-        output.write_text(text, encoding="utf-8")
+        with output.open("w" if force else "x", encoding="utf-8") as fh:
+            fh.write(text)
         err.print(f"wrote {output}")
 
 

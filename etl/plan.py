@@ -45,7 +45,16 @@ from etl.destination import Destination, Lookup
 from etl.errors import InputError, UsageError
 from etl.files import guard_formulas, private_dir, private_file, private_text, scratch_dir, unguard_formulas, write_csv
 from etl.keyindex import KeyIndex
-from etl.mapping import Mapped, Profile, apply_profile, default_profile, key_field, load_profile
+from etl.mapping import (
+    SKIP,
+    Mapped,
+    Profile,
+    apply_profile,
+    default_profile,
+    key_field,
+    load_profile,
+    routed_kinds,
+)
 from etl.progress import Progress
 from etl.readers import ROW, Batches, read_batches, read_table
 from etl.redaction import left_out, redact, redact_bodies
@@ -97,7 +106,7 @@ _PENDING = [ROW, "source_file", "row_kind", "source_key", "row_key", "field", "c
 class _Input:
     """One input file on its way through the batches."""
 
-    order: int  # position on the command line
+    order: int  # position among the inputs (command-line order; a file's routed kinds follow it)
     batches: Batches
     mapped: Mapped  # the profile applied to the header: no rows
     carry: Carry = field(default_factory=Carry)
@@ -395,11 +404,18 @@ def planned_in_batches(
     t0 = time.perf_counter()
     profile = run_profile(settings)
     rows_per_batch = batch_rows or settings.batch_rows
-    inputs = []
-    for order, path in enumerate(paths):
+    inputs: list[_Input] = []
+    for path in paths:
         batches = read_batches(path, sheet=settings.sheet, rows=rows_per_batch, limits=settings.workbook_limits)
-        inputs.append(_Input(order, batches, apply_profile(batches.table, profile)))
-        destination.check(inputs[-1].mapped)
+        mapped = apply_profile(batches.table, profile)
+        inputs.append(_Input(len(inputs), batches, mapped))
+        destination.check(mapped)
+        for kind in routed_kinds(mapped):
+            # A profile's [[route]] sends some of the file's rows to another kind: the file is read
+            # once more for them, and each input keeps only its own rows (each row ends in one of them).
+            again = read_batches(path, sheet=settings.sheet, rows=rows_per_batch, limits=settings.workbook_limits)
+            inputs.append(_Input(len(inputs), again, apply_profile(again.table, profile, kind)))
+            destination.check(inputs[-1].mapped)
     inputs.sort(key=lambda x: KIND_SPECS[x.kind].stage)
     known = read_crosswalk(settings.crosswalk)
     keys = _Keys(
@@ -437,7 +453,8 @@ def planned_in_batches(
         for stage in sorted({KIND_SPECS[x.kind].stage for x in inputs}):
             members = [x for x in inputs if KIND_SPECS[x.kind].stage == stage]
             if unexplained is not None:
-                here = unexplained.filter(pl.col("source_file").is_in([x.file for x in members]))
+                mine = pl.col("source_file").is_in([x.file for x in members])
+                here = unexplained.filter(mine & pl.col("row_kind").is_in([x.kind for x in members]))
                 _settle(members, here, keys, work, writer)
         progress.finish("validate")
         yield Run(run_id, t0, timings, settings, inputs, keys, folder, work, writer)
@@ -615,10 +632,11 @@ def _settle(members: list[_Input], pending: pl.DataFrame, keys: _Keys, work: Pat
             "code",
             pl.col("column").alias("field_ref"),
             pl.col("message").alias("message_ref"),
+            "row_kind",
         )
     )
     for x in members:
-        mine = first.filter(pl.col("source_file") == x.file)
+        mine = first.filter((pl.col("source_file") == x.file) & (pl.col("row_kind") == x.kind)).drop("row_kind")
         if mine.height:
             _reject_late(x, mine, keys, work, writer)
         x.held.clear()
@@ -827,8 +845,11 @@ def base_rows(mapped: Mapped, validation: Validation, planned: Planned) -> pl.Da
     )
     planned_rows = planned.rows.select(ROW, "source_key", pl.col("patient_key"))
     key = key_field(mapped.kind)
+    # A row the profile's [[skip]] leaves out is skipped, code `filtered`, its reason the message.
+    skip = pl.col(SKIP) if SKIP in mapped.frame.columns else pl.lit(None, dtype=pl.String)
+    filtered = RULES["filtered"]
     return (
-        mapped.frame.select(ROW, pl.col(key).str.strip_chars().alias("row_key"))
+        mapped.frame.select(ROW, pl.col(key).str.strip_chars().alias("row_key"), skip.alias(SKIP))
         .join(reasons, on=ROW, how="left")
         .join(planned_rows, on=ROW, how="left")
         .select(
@@ -843,13 +864,17 @@ def base_rows(mapped: Mapped, validation: Validation, planned: Planned) -> pl.Da
             .then(pl.lit("skipped"))  # an HL7 dose its sender deleted or amended (etl.hl7): not sent, no error
             .when(pl.col("error_code").is_not_null())
             .then(pl.lit("rejected"))
+            .when(pl.col(SKIP).is_not_null())
+            .then(pl.lit("skipped"))
             .otherwise(pl.lit("planned"))
             .alias("state"),
             pl.lit(None, dtype=pl.String).alias("resource_id"),
             pl.col("patient_key"),
-            "error_code",
+            pl.when(pl.col(SKIP).is_not_null()).then(pl.lit(filtered.code)).otherwise(pl.col("error_code"))
+            .alias("error_code"),
             "field",
-            "message",
+            pl.when(pl.col(SKIP).is_not_null()).then(filtered.message(reason=pl.col(SKIP))).otherwise(pl.col("message"))
+            .alias("message"),
             "row_key",
         )
     )

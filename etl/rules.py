@@ -337,6 +337,20 @@ RULES: dict[str, Rule] = catalogue(
             "{named} but is an Excel workbook: read as one",
         ),
         Rule(
+            "decimal-comma",
+            "warning",
+            "a ';'-delimited file writes this number column with a decimal comma (0,5), so it is read as 0.5",
+            "nothing, if that is right; otherwise set decimal_comma = false in the profile",
+            "{column}: decimal commas read as points (0,5 is 0.5)",
+        ),
+        Rule(
+            "filtered",
+            "load",
+            "the profile's [[skip]] filter leaves the row out (an action flag, a record type ...); it is not sent",
+            "nothing, if the filter is right; otherwise change the profile's [[skip]]",
+            "{reason}",
+        ),
+        Rule(
             "unmapped-columns",
             "warning",
             "some columns are not imported",

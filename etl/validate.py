@@ -25,8 +25,8 @@ import polars as pl
 
 from etl.hl7 import ACTION_COLUMN, SUPERSEDED_COLUMN, amends, deleted, superseded
 from etl.keyindex import KeyIndex
-from etl.mapping import Mapped
-from etl.readers import ROW
+from etl.mapping import SKIP, ColumnParse, Mapped
+from etl.readers import ROW, Notice
 from etl.rules import RULES, Rule
 from schemas.canonical import ENCOUNTER_CLASS_WORDS, CanonicalField, field_map, fields_of
 from schemas.codes import CVX_SYSTEM, displays, spellings
@@ -94,7 +94,10 @@ def validate(
     ``prepared`` is ``prepare(mapped)`` when the caller has it already (it needs no carry, so batches
     prepare ahead on another thread).
     """
-    prepared = _compared_across_rows(prepare(mapped) if prepared is None else prepared, mapped.kind, carry or Carry())
+    prepared = prepare(mapped) if prepared is None else prepared
+    if SKIP in prepared.columns:  # rows a profile's [[skip]] leaves out are not checked, nor compared with others
+        prepared = prepared.filter(pl.col(SKIP).is_null())
+    prepared = _compared_across_rows(prepared, mapped.kind, carry or Carry())
     rejects = check(prepared, mapped.kind, today=today or dt.date.today())
     if mapped.kind == "document":
         rejects = _document_groups(prepared, rejects)
@@ -211,9 +214,23 @@ def _normalised(
     return frame.with_columns(mapped)
 
 
-def _parse_naive(s: pl.Expr, excel: bool) -> pl.Expr:
-    """A naive local date-time from the usual spellings, or null."""
+def _declared(s: pl.Expr, formats: tuple[str, ...], aware: bool) -> list[pl.Expr]:
+    """A profile's own patterns for a column (``[parse.<field>] format``): the ones with an offset
+    (``%z``) give UTC, the others a naive local date-time."""
+    out = []
+    for fmt in formats:
+        if ("%z" in fmt or "%:z" in fmt) != aware:
+            continue
+        dtype = pl.Datetime("us", "UTC") if aware else _DT
+        parsed = s.str.strptime(dtype, fmt, strict=False, exact=True)
+        out.append(parsed.dt.replace_time_zone(None) if aware else parsed)
+    return out
+
+
+def _parse_naive(s: pl.Expr, excel: bool, formats: tuple[str, ...] = ()) -> pl.Expr:
+    """A naive local date-time from the profile's patterns for the column, then the usual spellings, or null."""
     forms = [
+        *_declared(s, formats, aware=False),
         s.str.strptime(_DT, "%Y-%m-%d", strict=False, exact=True),
         s.str.strptime(_DT, "%Y-%m-%d %H:%M:%S%.f", strict=False, exact=True),
         s.str.strptime(_DT, "%Y-%m-%dT%H:%M:%S%.f", strict=False, exact=True),
@@ -230,13 +247,14 @@ def _parse_naive(s: pl.Expr, excel: bool) -> pl.Expr:
     return pl.coalesce(forms)
 
 
-def _parse_aware(s: pl.Expr) -> pl.Expr:
+def _parse_aware(s: pl.Expr, formats: tuple[str, ...] = ()) -> pl.Expr:
     """A UTC date-time from a spelling with an offset or Z, or null."""
-    return (
+    usual = (
         s.str.replace(r"[zZ]$", "+00:00")
         .str.strptime(pl.Datetime("us", "UTC"), "%Y-%m-%dT%H:%M:%S%.f%#z", strict=False, exact=True)
         .dt.replace_time_zone(None)
     )
+    return pl.coalesce(*_declared(s, formats, aware=True), usual)
 
 
 def _iso_naive(s: pl.Expr) -> pl.Expr:
@@ -277,8 +295,11 @@ def _plain_date(s: pl.Expr) -> pl.Expr:
     return pl.when(s.str.len_bytes() == 10).then(s.str.to_date("%Y-%m-%d", strict=False))
 
 
-def _temporal_columns(f: CanonicalField, s: pl.Expr, excel: bool, tz: str, spelling: Spelling = "any") -> list[pl.Expr]:
-    """Parsed companions of a date or date-time column, for a column written as ``spelling``."""
+def _temporal_columns(
+    f: CanonicalField, s: pl.Expr, excel: bool, tz: str, spelling: Spelling = "any", formats: tuple[str, ...] = ()
+) -> list[pl.Expr]:
+    """Parsed companions of a date or date-time column, for a column written as ``spelling``
+    (``formats``: the profile's own patterns for it, tried first)."""
     if spelling == "date":
         date = _plain_date(s)
         cols = [date.alias(f"{f.name}__date")]
@@ -290,7 +311,7 @@ def _temporal_columns(f: CanonicalField, s: pl.Expr, excel: bool, tz: str, spell
     if only_iso:
         naive, aware = _iso_naive(s), pl.lit(None, dtype=_DT)
     else:
-        naive, aware = _parse_naive(s, excel), _parse_aware(s)
+        naive, aware = _parse_naive(s, excel, formats), _parse_aware(s, formats)
     date = pl.coalesce(aware.dt.date(), naive.dt.date())
     if f.value == "date":
         out = date.dt.strftime("%Y-%m-%d")
@@ -321,8 +342,9 @@ def prepare(mapped: Mapped) -> pl.DataFrame:
     profile, excel = mapped.profile, mapped.table.format == "xlsx"
     fields = fields_of(mapped.kind)
     # Stripped once, then blanks made null: one expression doing both strips every cell twice.
+    skip = [pl.col(SKIP)] if SKIP in mapped.frame.columns else []
     trimmed = mapped.frame.select(
-        pl.col(ROW), *[pl.col(f.name).str.strip_chars() for f in fields]
+        pl.col(ROW), *[pl.col(f.name).str.strip_chars() for f in fields], *skip
     ).with_columns(_blank_to_null(pl.col(f.name)).alias(f.name) for f in fields)
     if profile.redacted:
         # A redacted extract withholds values: they are not data, and not "missing" either.
@@ -339,12 +361,18 @@ def prepare(mapped: Mapped) -> pl.DataFrame:
     normalised = normalised.pipe(_derive, mapped.kind)
     typed: list[pl.Expr] = []
     temporal = [f.name for f in fields if f.value in ("date", "datetime")]
-    spellings = _spellings(normalised, temporal, excel)
+    parse = profile.parse
+    declared = [n for n in temporal if n in parse and (parse[n].formats or parse[n].excel_serial)]
+    spellings = _spellings(normalised, [n for n in temporal if n not in declared], excel)
+    spellings.update((n, "any") for n in declared)  # a declared pattern is tried before the usual spellings
+    commas = _decimal_commas(mapped, normalised, [f.name for f in fields if f.value == "number"])
     tidy = _tidy_lists(normalised, [f.name for f in fields if f.value == "list"], profile.list_separator)
     for f in fields:
         s = pl.col(f.name)
         if f.value in ("date", "datetime"):
-            typed += _temporal_columns(f, s, excel, profile.timezone, spellings[f.name])
+            own = parse.get(f.name, ColumnParse())
+            tz = own.timezone or profile.timezone
+            typed += _temporal_columns(f, s, excel or own.excel_serial, tz, spellings[f.name], own.formats)
         elif f.value == "integer":
             # polars' own parse takes exactly [+-]digits (no spaces, separators or other scripts).
             whole = s.cast(pl.Int64, strict=False)
@@ -353,6 +381,8 @@ def prepare(mapped: Mapped) -> pl.DataFrame:
                 whole = pl.coalesce(whole, point.cast(pl.Int64, strict=False))
             typed.append(whole.alias(f"{f.name}__int"))
         elif f.value == "number":
+            if f.name in commas:  # "0,5" is 0.5: the decimal comma of a European export
+                s = s.str.replace(r"^([+-]?\d*),(\d+)$", "$1.$2")
             num = s.cast(pl.Float64, strict=False)
             typed.append(pl.when(num.is_finite()).then(num).alias(f"{f.name}__num"))
         elif f.value == "boolean":
@@ -372,6 +402,38 @@ def prepare(mapped: Mapped) -> pl.DataFrame:
         # What the patient-conflict rule compares, hashed here (ahead, on the read-ahead thread).
         prepared = prepared.with_columns(_compared(f).hash().alias(f"__hash_{f.name}") for f in demographics)
     return prepared
+
+
+_DECIMAL_COMMA = r"^[+-]?\d*,\d+$"
+
+
+def _decimal_commas(mapped: Mapped, frame: pl.DataFrame, names: list[str]) -> set[str]:
+    """The number columns whose comma is a decimal point.
+
+    A column the profile declares (``decimal_comma``, per column in ``[parse.<field>]`` or for the
+    whole file), and, when the profile says nothing, a column of a ``;``-delimited file whose values
+    have a comma and never a point (``0,5``), told once in the file's notices.
+    """
+    profile, out, guess = mapped.profile, set(), []
+    for name in names:
+        own = profile.parse.get(name, ColumnParse()).decimal_comma
+        declared = own if own is not None else profile.decimal_comma
+        if declared:
+            out.add(name)
+        elif declared is None and mapped.table.delimiter == ";":
+            guess.append(name)
+    if guess:
+        found = frame.select(
+            (pl.col(n).str.contains(_DECIMAL_COMMA).any() & ~pl.col(n).str.contains(r"\.").any()).alias(n)
+            for n in guess
+        ).row(0, named=True)
+        for name in (n for n in guess if found[n]):
+            out.add(name)
+            rule, column = RULES["decimal-comma"], mapped.source_column(name)
+            if not any(n.code == rule.code and n.column == column for n in mapped.table.notices):
+                mapped.table.notices.append(Notice(rule.code, rule.text(column=column), str(mapped.table.path),
+                                                   row=1, column=column))
+    return out
 
 
 def _tidy_lists(frame: pl.DataFrame, names: list[str], separator: str) -> dict[str, bool]:

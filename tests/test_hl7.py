@@ -191,7 +191,7 @@ def test_the_mapping_needs_no_profile_and_names_what_it_does_not_carry() -> None
 def test_a_starter_profile_for_an_hl7_file_starts_from_the_built_in_mapping() -> None:
     text = starter_profile(read_table(HL7 / "nist_style.hl7"))
     assert '"RXA-5" = "vaccine_code"' in text and '"ORC-3" = "record_id"' in text
-    assert '# "PID-10" = ?   # UNMATCHED' in text
+    assert '# "PID-10" = ?  # not mapped' in text
 
 
 def test_33_redacted_messages_validate_with_no_profile_flagged_only_for_redaction(tmp_path: Path) -> None:
