@@ -130,12 +130,14 @@ class RowWarnings(_Facts):
 
 
 #: Why a source column reaches no payload: no profile field takes it; the field it feeds has no place in
-#: the API's bodies; its whole file is not imported (:class:`NotImported`).
-NOT_CARRIED_REASONS = ("unmapped", "no API field", "file not imported")
+#: the API's bodies; its whole file is not imported (:class:`NotImported`); or ``needs <field>``: the
+#: API takes it only beside a field the file does not give (``etl.transform.COMPANIONS``).
+NOT_CARRIED_REASONS = ("unmapped", "no API field", "file not imported", "needs")
 
 
 class NotCarried(_Facts):
-    """A source column that no payload carries, and why (one of :data:`NOT_CARRIED_REASONS`)."""
+    """A source column that no payload carries, and why (one of :data:`NOT_CARRIED_REASONS`; ``needs``
+    is followed by the field(s) it needs)."""
 
     column: str
     reason: str

@@ -25,6 +25,7 @@ from schemas.codes import CVX_SYSTEM, displays
 
 __all__ = [
     "BODY_PLANNERS",
+    "COMPANIONS",
     "NOT_SENT",
     "REF_PATTERN",
     "Planned",
@@ -500,14 +501,29 @@ def plan_immunizations(mapped: Mapped, valid: pl.DataFrame, *, bodies: bool = Tr
 #: each one), so a mapped column that lands nowhere is always named (:func:`not_carried`).
 NOT_SENT: dict[str, dict[str, str]] = {}
 
+#: Fields a body carries only beside another (the API requires it of the object they share):
+#: kind -> field -> the fields any of which it needs. A file that maps the field and none of these
+#: is told so (:func:`not_carried`).
+COMPANIONS: dict[str, dict[str, tuple[str, ...]]] = {
+    "immunization": {"performer_function": ("performer_id", "performer_npi", "performer_name")},
+    "document": {
+        "attester_id": ("attester_mode",),
+        "attester_time": ("attester_mode",),
+        "relates_to_target": ("relates_to_code",),
+    },
+}
+
 
 def not_carried(mapped: Mapped) -> list[tuple[str, str]]:
     """The source columns of a mapped file that no payload carries, in file order, each with why:
-    ``unmapped`` (no field of the profile takes it) or ``no API field`` (:data:`NOT_SENT`)."""
-    unmapped = set(mapped.unmapped)
-    no_field = {mapped.sources[f] for f in NOT_SENT.get(mapped.kind, {}) if f in mapped.sources}
-    return [
-        (column, "unmapped" if column in unmapped else "no API field")
-        for column in mapped.table.columns
-        if column in unmapped or column in no_field
-    ]
+    ``unmapped`` (no field of the profile takes it), ``no API field`` (:data:`NOT_SENT`) or
+    ``needs <field>`` (a field of :data:`COMPANIONS` whose companion the file does not give)."""
+    why = dict.fromkeys(mapped.unmapped, "unmapped")
+    for name in NOT_SENT.get(mapped.kind, {}):
+        if name in mapped.sources:
+            why.setdefault(mapped.sources[name], "no API field")
+    given = set(mapped.sources) | set(mapped.profile.defaults)
+    for name, needs in COMPANIONS.get(mapped.kind, {}).items():
+        if name in mapped.sources and not given & set(needs):
+            why.setdefault(mapped.sources[name], f"needs {' or '.join(needs)}")
+    return [(column, why[column]) for column in mapped.table.columns if column in why]
