@@ -411,7 +411,7 @@ def _synthea_files() -> dict[str, SideFile]:
             field="service_provider",
         ),
         "payers": SideFile(
-            "Synthea payers", "no ClinikAPI resource holds payers", frozenset({"id", "name", "ownership"})
+            "Synthea payers", "no ClinikAPI resource holds payers", frozenset({"id", "name", "state_headquartered"})
         ),
     }
     for stem in (
@@ -431,7 +431,8 @@ def side_file(table: Table, profile: Profile) -> SideFile | None:
     """The side file ``table`` is, or None for a file of rows to import.
 
     Synthea's organizations and payers are told by their headers (they would otherwise read as
-    practitioners: both have ``Id``, ``NAME`` and an address); with the ``synthea`` profile, its
+    practitioners: both have ``Id``, ``NAME`` and an address; ``REVENUE`` and ``UTILIZATION``,
+    ``STATE_HEADQUARTERED`` are theirs in every Synthea version); with the ``synthea`` profile, its
     other files that no kind imports are told by their names. A profile that names a kind for
     every file (``--kind``) reads every file as that kind.
     """
