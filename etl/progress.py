@@ -35,6 +35,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, ProgressColumn, Task, T
 from rich.progress import Progress as _Bars
 from rich.text import Text
 
+from etl.rules import RULES
+
 __all__ = [
     "PREPARE_STAGES",
     "LoadEstimate",
@@ -332,7 +334,7 @@ def run_notes(summary: Mapping[str, Any]) -> list[str]:
         if "count" in w:
             counts[w["code"]] = counts.get(w["code"], 0) + int(w["count"])
             first.setdefault(w["code"], []).extend(f"{name}:{r}" for r in w["rows"])
-        elif w["code"] != "unmapped-columns":
+        elif w["code"] != RULES["unmapped-columns"].code:
             notices.append(f"  {w['code']:<30} {name}: {w['message']}")
     if counts or notices:
         lines.append("warnings by code:")

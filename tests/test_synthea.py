@@ -277,3 +277,73 @@ def _all(server: Any, route: str) -> list[dict[str, Any]]:
         if not page.get("hasMore"):
             return out
         cursor = page["cursor"]
+
+
+# --- side files: told apart by their headers (organizations, payers) or, with the profile, their names -----
+
+ORG_ROWS = ORGANIZATIONS + (
+    "\no1,Harbor Pediatrics,804 Rempel Mall,Cambridge,MA,02139,42.37,-71.11,617-555-0135,3443.36,9\n"
+)
+OLD_PAYERS = ("Id,NAME,ADDRESS,CITY,STATE_HEADQUARTERED,ZIP,PHONE,AMOUNT_COVERED\n"
+              "p1,Medicaid,7500 Security Blvd,Baltimore,MD,21244,1-877-267-2323,10.0\n")
+
+
+def test_organizations_and_payers_are_never_read_as_practitioners(tmp_path: Path) -> None:
+    """Any profile (the default too), any file name, and payers of an older Synthea (no OWNERSHIP column)."""
+    orgs, payers = tmp_path / "orgs_export.csv", tmp_path / "payers.csv"
+    orgs.write_text(ORG_ROWS, encoding="utf-8")
+    payers.write_text(OLD_PAYERS, encoding="utf-8")
+    for profile in (None, "synthea"):
+        report = validate_files([orgs, payers], Settings(profile=profile, report_dir=tmp_path / str(profile)))
+        assert report.rows_total == 0 and report.summary["inputs"] == []
+        assert [(x["name"], x["rows"]) for x in report.summary["not_imported"]] == [
+            ("Synthea organizations", 1), ("Synthea payers", 1)]
+
+
+def test_a_kind_given_for_every_file_reads_it_as_that_kind(tmp_path: Path) -> None:
+    orgs = tmp_path / "organizations.csv"
+    orgs.write_text(ORG_ROWS, encoding="utf-8")
+    report = validate_files([orgs], Settings(kind="practitioner", report_dir=tmp_path / "r"))
+    assert [i["kind"] for i in report.summary["inputs"]] == ["practitioner"]
+    assert report.summary["not_imported"] == []
+
+
+def test_other_synthea_files_are_named_only_with_the_synthea_profile(tmp_path: Path) -> None:
+    conditions = tmp_path / "conditions.csv"
+    conditions.write_text(CONDITIONS + "\n2020-01-02,,pat1,enc1,http://snomed.info/sct,38822007,Cystitis\n",
+                          encoding="utf-8")
+    report = validate_files([conditions], Settings(profile="synthea", report_dir=tmp_path / "r"))
+    assert [(x["name"], x["rows"]) for x in report.summary["not_imported"]] == [("Synthea conditions", 1)]
+    assert [c["reason"] for c in report.summary["not_carried"][str(conditions)]] == ["file not imported"] * 7
+    from etl.errors import InputError
+
+    with pytest.raises(InputError, match=r"conditions\.csv"):  # no profile: a clear error, not a silent skip
+        validate_files([conditions], Settings(report_dir=tmp_path / "d"))
+
+
+def test_an_organization_id_becomes_its_name_and_an_unknown_one_stays(tmp_path: Path) -> None:
+    orgs, visits, people = tmp_path / "organizations.csv", tmp_path / "encounters.csv", tmp_path / "patients.csv"
+    orgs.write_text(ORG_ROWS, encoding="utf-8")
+    people.write_text("Id,FIRST,LAST,MARITAL\npat1,Ann,Lee,W\n", encoding="utf-8")
+    visits.write_text(ENCOUNTERS + "\n"
+                      "e1,2020-01-02T10:00:00Z,2020-01-02T10:30:00Z,pat1,o1,,,hospice,1,Hospice,1,1,1,,\n"
+                      "e2,2020-01-03T10:00:00Z,2020-01-03T10:30:00Z,pat1,o9,,,snf,1,SNF,1,1,1,,\n", encoding="utf-8")
+    report = load_files([orgs, people, visits], Settings(profile="synthea", dry_run=True, report_dir=tmp_path / "r",
+                                                 state=tmp_path / "s.sqlite"))
+    lines = [json.loads(x) for x in (tmp_path / "r" / "payloads.ndjson").read_text().splitlines()]
+    bodies = {x["source_key"]: x["body"] for x in lines if x["kind"] == "encounter"}
+    assert bodies["e1"]["serviceProvider"] == "Harbor Pediatrics" and bodies["e1"]["class"] == "HH"
+    assert bodies["e2"]["serviceProvider"] == "o9" and bodies["e2"]["class"] == "IMP"
+    assert report.states["rejected"] == 0
+
+
+@pytest.mark.parametrize(("word", "code"), [("hospice", "HH"), ("SNF", "IMP"), ("Skilled Nursing", "IMP")])
+def test_care_settings_map_to_a_class_with_no_profile(tmp_path: Path, word: str, code: str) -> None:
+    visits, people = tmp_path / "visits.csv", tmp_path / "patients.csv"
+    visits.write_text(f"visit_id,patient_id,class,start\nV1,P1,{word},2020-01-02T10:00:00Z\n", encoding="utf-8")
+    people.write_text("patient_id,first_name,last_name\nP1,Ann,Lee\n", encoding="utf-8")
+    settings = Settings(dry_run=True, report_dir=tmp_path / "r", state=tmp_path / "s.sqlite")
+    report = load_files([people, visits], settings)
+    lines = [json.loads(x) for x in (tmp_path / "r" / "payloads.ndjson").read_text().splitlines()]
+    assert [x["body"]["class"] for x in lines if x["kind"] == "encounter"] == [code]
+    assert report.states["rejected"] == 0
