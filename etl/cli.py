@@ -722,6 +722,10 @@ def print_summary(report: RunReport, stream: Console | None = None) -> None:
                              for r in first)
             more = " ..." if count > examples else ""
             console.print(f"  {code:<30} {count:>4}  rows {rows}{more}", soft_wrap=True)
+    from etl.progress import run_notes
+
+    for line in run_notes(s):
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
     counts = ", ".join(f"{v} {k}" for k, v in s["states"].items() if v)
     console.print(f"run {s['run_id']}: {s['rows_total']} rows ({counts})")
     console.print(f"report: {s.get('report_dir')}")

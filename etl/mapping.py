@@ -60,11 +60,13 @@ from schemas.canonical import DEFAULTS, KIND_SPECS, LIST_SEPARATOR, field_map, f
 
 __all__ = [
     "SKIP",
+    "SYNTHEA_SIDE_FILES",
     "ColumnParse",
     "Expression",
     "Mapped",
     "Profile",
     "RowFilter",
+    "SideFile",
     "apply_profile",
     "builtin_profiles",
     "default_profile",
@@ -76,6 +78,7 @@ __all__ = [
     "normalise_header",
     "profile_format",
     "routed_kinds",
+    "side_file",
     "starter_profile",
 ]
 
@@ -969,3 +972,72 @@ def profile_format(path: Path) -> str:
     if suffix not in _FORMATS:
         raise ProfileError(f"{path}: a profile file ends in .toml, .yaml or .yml, not {suffix or 'no suffix'!r}")
     return suffix.lstrip(".").replace("yml", "yaml")
+
+
+# --- files of a multi-file export that hold no rows to import -------------------------------------
+
+
+@dataclass(frozen=True)
+class SideFile:
+    """A file of a multi-file export (Synthea's) that holds no rows to import.
+
+    Either a table other files' values are looked up in (``organizations.csv``: an encounter's
+    ``ORGANIZATION`` id becomes that organization's ``NAME``, sent as ``serviceProvider``), or a
+    file ClinikAPI has no resource for (``payers.csv``, ``conditions.csv`` ...), named as not imported.
+    """
+
+    name: str  # "Synthea organizations"
+    reason: str  # why its rows are not imported, for the summary and the terminal
+    headers: frozenset[str] = frozenset()  # headers that tell it apart whatever its file name
+    key: str | None = None  # the column other files refer to a row by
+    value: str | None = None  # the column whose value replaces that reference
+    kind: str | None = None  # the kind whose rows refer to it ...
+    field: str | None = None  # ... in this canonical field
+
+
+def _synthea_files() -> dict[str, SideFile]:
+    files = {
+        "organizations": SideFile(
+            "Synthea organizations",
+            "a lookup table: each encounter's ORGANIZATION id is sent as that organization's NAME (serviceProvider)",
+            frozenset({"id", "name", "revenue", "utilization"}),
+            key="Id",
+            value="NAME",
+            kind="encounter",
+            field="service_provider",
+        ),
+        "payers": SideFile(
+            "Synthea payers", "no ClinikAPI resource holds payers", frozenset({"id", "name", "state_headquartered"})
+        ),
+    }
+    for stem in (
+        "allergies", "careplans", "claims", "claims_transactions", "conditions", "devices", "imaging_studies",
+        "medications", "observations", "payer_transitions", "procedures", "supplies",
+    ):
+        what = stem.replace("_", " ")
+        files[stem] = SideFile(f"Synthea {what}", f"this toolkit imports no {what}")
+    return files
+
+
+#: Synthea's CSV files that hold no rows to import, by file name (without ``.csv``).
+SYNTHEA_SIDE_FILES: dict[str, SideFile] = _synthea_files()
+
+
+def side_file(table: Table, profile: Profile) -> SideFile | None:
+    """The side file ``table`` is, or None for a file of rows to import.
+
+    Synthea's organizations and payers are told by their headers (they would otherwise read as
+    practitioners: both have ``Id``, ``NAME`` and an address; ``REVENUE`` and ``UTILIZATION``,
+    ``STATE_HEADQUARTERED`` are theirs in every Synthea version); with the ``synthea`` profile, its
+    other files that no kind imports are told by their names. A profile that names a kind for
+    every file (``--kind``) reads every file as that kind.
+    """
+    if profile.kind is not None:
+        return None
+    headers = {h.strip().lower() for h in table.columns}
+    for side in SYNTHEA_SIDE_FILES.values():
+        if side.headers and side.headers <= headers:
+            return side
+    if profile.name == "synthea":
+        return SYNTHEA_SIDE_FILES.get(table.path.stem.lower())
+    return None

@@ -49,11 +49,13 @@ from etl.mapping import (
     SKIP,
     Mapped,
     Profile,
+    SideFile,
     apply_profile,
     default_profile,
     key_field,
     load_profile,
     routed_kinds,
+    side_file,
 )
 from etl.progress import Progress
 from etl.readers import ROW, Batches, read_batches, read_table
@@ -63,7 +65,9 @@ from etl.report import (
     ROW_COLUMNS,
     SAMPLE_PER_GROUP,
     InputFacts,
+    NotCarried,
     NoticeFacts,
+    NotImported,
     RowWarnings,
     RunFacts,
     RunReport,
@@ -77,7 +81,7 @@ from etl.report import (
 from etl.report_html import TALLY_KEYS, tally_of, write_html
 from etl.rules import RULES
 from etl.settings import Settings
-from etl.transform import Planned, plan, references
+from etl.transform import Planned, not_carried, plan, references
 from etl.validate import Carry, Validation, precheck, prepare, validate
 from schemas.canonical import KIND_SPECS, fields_of
 
@@ -115,6 +119,7 @@ class _Input:
     reject_parts: list[Path] = field(default_factory=list)
     warnings: dict[str, tuple[int, list[int]]] = field(default_factory=dict)  # code -> (count, first rows)
     held: list[pl.DataFrame] = field(default_factory=list)  # source cells of rows that may still be rejected
+    looked_up: dict[str, dict[str, str]] = field(default_factory=dict)  # field -> value -> what a side file says
 
     @property
     def file(self) -> str:
@@ -143,6 +148,10 @@ class _Input:
             if frame is None:
                 return None
             mapped = self.mapped.with_rows(frame)
+            if self.looked_up:  # an id another file of the export explains (an organization's name)
+                mapped = replace(mapped, frame=mapped.frame.with_columns(
+                    pl.col(name).replace(values) for name, values in self.looked_up.items()
+                ))
             return mapped, precheck(prepare(mapped), self.kind, today=today)
 
         frames = self.frames()
@@ -359,6 +368,7 @@ class Run:
     folder: Path
     work: Path
     writer: _RowsWriter
+    sides: list[_Side] = field(default_factory=list)  # files read but not imported
 
     @property
     def parts(self) -> Iterator[Path]:
@@ -375,7 +385,7 @@ class Run:
         self.timings["total"] = time.perf_counter() - self.t0
         with report_output(self.folder):
             return _write(self.run_id, self.inputs, self.folder, self.settings, self.timings, self.writer, facts,
-                          command=command, target=target)
+                          command=command, target=target, sides=self.sides)
 
 
 @contextlib.contextmanager
@@ -405,8 +415,13 @@ def planned_in_batches(
     profile = run_profile(settings)
     rows_per_batch = batch_rows or settings.batch_rows
     inputs: list[_Input] = []
+    sides: list[_Side] = []
     for path in paths:
         batches = read_batches(path, sheet=settings.sheet, rows=rows_per_batch, limits=settings.workbook_limits)
+        side = side_file(batches.table, profile)
+        if side is not None:
+            sides.append(_read_side(batches, side))
+            continue
         mapped = apply_profile(batches.table, profile)
         inputs.append(_Input(len(inputs), batches, mapped))
         destination.check(mapped)
@@ -416,6 +431,10 @@ def planned_in_batches(
             again = read_batches(path, sheet=settings.sheet, rows=rows_per_batch, limits=settings.workbook_limits)
             inputs.append(_Input(len(inputs), again, apply_profile(again.table, profile, kind)))
             destination.check(inputs[-1].mapped)
+    for x in inputs:
+        for found in sides:
+            if found.side.kind == x.kind and found.side.field is not None and found.values:
+                x.looked_up.setdefault(found.side.field, {}).update(found.values)
     inputs.sort(key=lambda x: KIND_SPECS[x.kind].stage)
     known = read_crosswalk(settings.crosswalk)
     keys = _Keys(
@@ -457,10 +476,52 @@ def planned_in_batches(
                 here = unexplained.filter(mine & pl.col("row_kind").is_in([x.kind for x in members]))
                 _settle(members, here, keys, work, writer)
         progress.finish("validate")
-        yield Run(run_id, t0, timings, settings, inputs, keys, folder, work, writer)
+        yield Run(run_id, t0, timings, settings, inputs, keys, folder, work, writer, sides)
     finally:
         writer.close()
         shutil.rmtree(work, ignore_errors=True)
+
+
+@dataclass
+class _Side:
+    """A side file of an export (:class:`etl.mapping.SideFile`), read but not imported."""
+
+    file: str
+    columns: list[str]
+    side: SideFile
+    rows: int
+    values: dict[str, str]  # a lookup table's key -> value
+
+
+def _read_side(batches: Batches, side: SideFile) -> _Side:
+    """Count a side file's rows, a batch at a time; keep a lookup table's pairs."""
+    table = batches.table
+    by_name = {c.strip().lower(): c for c in table.columns}
+    key = by_name.get((side.key or "").lower())
+    value = by_name.get((side.value or "").lower())
+    rows, values = 0, dict[str, str]()
+    for frame in batches.batches:
+        rows += frame.height
+        if key is not None and value is not None:
+            pairs = frame.select(key, value).drop_nulls()
+            values.update(zip(pairs.get_column(key).to_list(), pairs.get_column(value).to_list(), strict=True))
+    return _Side(str(table.path), table.columns, side, rows, values)
+
+
+def _not_carried(inputs: list[_Input], sides: list[_Side]) -> dict[str, list[NotCarried]]:
+    """Every file's columns that no payload carries, in full (summary.json's ``not_carried``)."""
+    out: dict[str, list[NotCarried]] = {}
+    for x in sorted(inputs, key=lambda x: x.order):
+        gone = [NotCarried(column=c, reason=why) for c, why in not_carried(x.mapped)]
+        if gone:
+            out[x.file] = gone
+    for found in sides:
+        used = {found.side.key, found.side.value} if found.values else set()
+        why = "no API field" if used else "file not imported"
+        gone = [NotCarried(column=c, reason=why) for c in found.columns if c not in used]
+        if gone:
+            out[found.file] = gone
+    return out
 
 
 def _batch(
@@ -486,6 +547,11 @@ def _batch(
     progress.start("transform", validation.valid.height)
     payloads = keys.payloads
     planned = plan(mapped, validation.valid, bodies=payloads is not None and payloads.destination.builds_bodies)
+    if planned.practitioners.height and keys.aliases.height:
+        # A performer named without an NPI whom a providers file of the run has (by name) is that
+        # practitioner: the row refers to it through the alias, and nothing is created from the row.
+        named = keys.aliases.filter(pl.col("kind") == "practitioner").select(pl.col("value").alias("practitioner_key"))
+        planned.practitioners = planned.practitioners.join(named, on="practitioner_key", how="anti")
     progress.advance("transform", validation.valid.height)
     timings["validate"] = timings.get("validate", 0.0) + t1 - t0
     timings["transform"] = timings.get("transform", 0.0) + time.perf_counter() - t1
@@ -690,6 +756,7 @@ def _write(
     *,
     command: Literal["validate", "load"],
     target: str,
+    sides: list[_Side] | None = None,
 ) -> RunReport:
     """rows.csv, rejects.csv, summary.json and report.html, from the parts on disk, a part at a time."""
     counts, tallies = [], []
@@ -733,6 +800,10 @@ def _write(
         facts=facts,
     )
     summary.report_dir = str(folder)
+    summary.not_carried = _not_carried(inputs, sides or [])
+    summary.not_imported = [
+        NotImported(file=s.file, name=s.side.name, rows=s.rows, reason=s.side.reason) for s in sides or []
+    ]
     report = RunReport(run_id, None, summary.to_json(), folder, held_problems=held, held_tally=tally)
     write_summary(report.summary, folder)
     write_html(report.summary, held, folder / "report.html", tally)

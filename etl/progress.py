@@ -35,6 +35,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, ProgressColumn, Task, T
 from rich.progress import Progress as _Bars
 from rich.text import Text
 
+from etl.rules import RULES
+
 __all__ = [
     "PREPARE_STAGES",
     "LoadEstimate",
@@ -45,9 +47,11 @@ __all__ = [
     "describe_duration",
     "estimate_note",
     "open_progress",
+    "run_notes",
 ]
 
 PREPARE_STAGES = ("read", "validate", "transform")
+WARNING_EXAMPLES = 3  # rows named per warning code at the end of a run
 LONG_LOAD = 60.0  # seconds: a load expected to take longer than this is announced up front
 
 Pace = Callable[[], float | None]
@@ -311,3 +315,43 @@ def open_progress(quiet: bool = False, stream: IO[str] | None = None) -> Progres
     if stream.isatty():
         return RichProgress(Console(file=stream, highlight=False))
     return NotesProgress(stream)
+
+
+def run_notes(summary: Mapping[str, Any]) -> list[str]:
+    """What the end of a run says besides its counts, as plain lines (a validate's, a load's summary):
+
+    - each row warning code, how many rows carry it and the first few (``file:row``), and each other
+      file notice (but ``unmapped-columns``: the columns are named in full below);
+    - each file read but not imported (a Synthea ``payers.csv``), and why;
+    - per file, every column that no payload carries, in full, grouped by reason.
+    """
+    lines: list[str] = []
+    counts: dict[str, int] = {}
+    first: dict[str, list[str]] = {}
+    notices: list[str] = []
+    for w in summary.get("warnings") or []:
+        name = w["file"].replace("\\", "/").rsplit("/", 1)[-1]
+        if "count" in w:
+            counts[w["code"]] = counts.get(w["code"], 0) + int(w["count"])
+            first.setdefault(w["code"], []).extend(f"{name}:{r}" for r in w["rows"])
+        elif w["code"] != RULES["unmapped-columns"].code:
+            notices.append(f"  {w['code']:<30} {name}: {w['message']}")
+    if counts or notices:
+        lines.append("warnings by code:")
+        for code in sorted(counts):
+            rows = first[code][:WARNING_EXAMPLES]
+            more = " ..." if counts[code] > len(rows) else ""
+            lines.append(f"  {code:<30} {counts[code]:>4}  rows {', '.join(rows)}{more}")
+        lines += notices
+    for x in summary.get("not_imported") or []:
+        lines.append(f"not imported: {x['file']} ({x['name']}, {x['rows']} rows): {x['reason']}")
+    carried = summary.get("not_carried") or {}
+    if carried:
+        lines.append("not carried (no payload holds these columns):")
+        for file, columns in carried.items():
+            by_reason: dict[str, list[str]] = {}
+            for c in columns:
+                by_reason.setdefault(c["reason"], []).append(c["column"])
+            for reason, names in by_reason.items():
+                lines.append(f"  {file} ({reason}): {', '.join(names)}")
+    return lines

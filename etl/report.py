@@ -44,9 +44,12 @@ from etl.report_html import tally_of, write_html
 
 __all__ = [
     "FINAL_STATES",
+    "NOT_CARRIED_REASONS",
     "PROBLEM_STATES",
     "ROW_COLUMNS",
     "InputFacts",
+    "NotCarried",
+    "NotImported",
     "NoticeFacts",
     "ReconcileSummary",
     "RowWarnings",
@@ -126,6 +129,30 @@ class RowWarnings(_Facts):
     count: int
 
 
+#: Why a source column reaches no payload: no profile field takes it; the field it feeds has no place in
+#: the API's bodies; its whole file is not imported (:class:`NotImported`); or ``needs <field>``: the
+#: API takes it only beside a field the file does not give (``etl.transform.COMPANIONS``).
+NOT_CARRIED_REASONS = ("unmapped", "no API field", "file not imported", "needs")
+
+
+class NotCarried(_Facts):
+    """A source column that no payload carries, and why (one of :data:`NOT_CARRIED_REASONS`; ``needs``
+    is followed by the field(s) it needs)."""
+
+    column: str
+    reason: str
+
+
+class NotImported(_Facts):
+    """An input file whose rows are not imported (a Synthea ``payers.csv``), or only looked up in
+    (``organizations.csv``): ``rows`` counts them, so every row of every file is accounted for."""
+
+    file: str
+    name: str
+    rows: int
+    reason: str
+
+
 class RunFacts(_Facts):
     """What a kind of run adds to its summary: a dry run its ``requests_planned``, a load what it sent.
 
@@ -169,11 +196,13 @@ class Summary(RunFacts):
     timings: dict[str, float]
     batch_rows: int
     report_dir: str | None = None  # set once the report folder is known
+    not_carried: dict[str, list[NotCarried]] | None = None  # file -> its columns no payload carries, in full
+    not_imported: list[NotImported] | None = None  # files read but not imported (side files of an export)
 
     # The run's own facts first, then what its kind adds (RunFacts), then batch_rows and report_dir.
     _ORDER: ClassVar[tuple[str, ...]] = (
         "run_id", "command", "dry_run", "target", "inputs", "rows_total", "states", "kinds", "warnings", "timings",
-        *RunFacts.model_fields, "batch_rows", "report_dir",
+        *RunFacts.model_fields, "batch_rows", "report_dir", "not_carried", "not_imported",
     )
 
     def to_json(self) -> dict[str, Any]:

@@ -258,6 +258,30 @@ def _warnings(summary: dict[str, Any]) -> str:
     )
 
 
+def _not_carried(summary: dict[str, Any]) -> str:
+    """Every source column no payload carries, in full, and the files read but not imported."""
+    carried: dict[str, list[dict[str, str]]] = summary.get("not_carried") or {}
+    skipped: list[dict[str, Any]] = summary.get("not_imported") or []
+    if not carried and not skipped:
+        return ""
+    out = ['<h2 id="not-carried">Not carried</h2>',
+           "<p>No payload holds these source columns: map them in a profile if they matter "
+           "(<code>unmapped</code>), or keep them elsewhere (the API has no field for them).</p>"]
+    if skipped:
+        out.append(_table(["file", "what", "rows", "why"],
+                          ([x.get("file"), x.get("name"), x.get("rows"), x.get("reason")] for x in skipped),
+                          numeric=[2], table_id="not-imported"))
+    rows = []
+    for file, columns in carried.items():
+        by_reason: dict[str, list[str]] = {}
+        for c in columns:
+            by_reason.setdefault(str(c.get("reason")), []).append(str(c.get("column")))
+        rows += [[file, reason, len(names), ", ".join(names)] for reason, names in by_reason.items()]
+    if rows:
+        out.append(_table(["file", "reason", "count", "columns"], rows, numeric=[2], table_id="not-carried-columns"))
+    return "".join(out)
+
+
 def _explanations(tally: pl.DataFrame, summary: dict[str, Any]) -> str:
     """What each code on the page means and how to fix it: the catalogue's entries (``etl.rules``), as
     ``clinik-etl explain`` says them. A code the catalogue does not hold (an API's new one) is left out."""
@@ -318,6 +342,7 @@ def render_html(summary: dict[str, Any], rows: pl.DataFrame, tally: pl.DataFrame
             _rejects(rows, counted),
             _problems(rows, counted),
             _warnings(summary),
+            _not_carried(summary),
             _explanations(counted, summary),
             _timings(summary),
             f"<footer>Written by clinik-etl {_e(_version())}. This page holds patient data: keep it private, "

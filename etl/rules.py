@@ -351,6 +351,13 @@ RULES: dict[str, Rule] = catalogue(
             "{reason}",
         ),
         Rule(
+            "performer-unlinked",
+            "warning",
+            "the performer is named without an NPI or id, by one name only: no practitioner can be linked or created",
+            "give the performer's NPI, id or full name (a practitioner needs a first and a last name)",
+            "performer named by one name only, without an NPI or id: not linked to a practitioner",
+        ),
+        Rule(
             "unmapped-columns",
             "warning",
             "some columns are not imported",

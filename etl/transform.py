@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
 import polars as pl
@@ -19,16 +19,19 @@ import polars_hash  # noqa: F401 - registers the `chash` expression namespace
 
 from etl.mapping import Mapped, key_field
 from etl.readers import ROW
-from etl.validate import split_name
+from etl.validate import name_key, split_name
 from schemas.canonical import fields_of
 from schemas.codes import CVX_SYSTEM, displays
 
 __all__ = [
     "BODY_PLANNERS",
+    "COMPANIONS",
+    "NOT_SENT",
     "REF_PATTERN",
     "Planned",
     "fill_refs",
     "json_body",
+    "not_carried",
     "obj",
     "one_of",
     "plan",
@@ -83,9 +86,16 @@ def sha256_hex(expr: pl.Expr) -> pl.Expr:
     return expr.chash.sha2_256()  # type: ignore[attr-defined, no-any-return]
 
 
-def patient_struct() -> pl.Expr:
-    """``PatientCreate`` from the ``patient_*`` canonical columns."""
-    c = pl.col
+def patient_struct(columns: Collection[str] | None = None) -> pl.Expr:
+    """``PatientCreate`` from the ``patient_*`` canonical columns.
+
+    ``columns``: the columns the frame has, when it may lack some (a registry row describes its
+    patient without a marital status); an absent one is left out of the body.
+    """
+
+    def c(name: str) -> pl.Expr:
+        return pl.col(name) if columns is None or name in columns else pl.lit(None, dtype=pl.String)
+
     return obj(
         firstName=c("patient_first_name"),
         lastName=c("patient_last_name"),
@@ -100,6 +110,7 @@ def patient_struct() -> pl.Expr:
             postalCode=c("patient_postal_code"),
             country=c("patient_country"),
         ),
+        maritalStatus=c("patient_marital_status"),
     )
 
 
@@ -404,7 +415,15 @@ def plan(mapped: Mapped, valid: pl.DataFrame, *, bodies: bool = True) -> Planned
     )
     aliases = pl.DataFrame(schema={"ref": pl.String, "source_key": pl.String})
     if kind == "practitioner":
-        aliases = valid.select(pl.col("practitioner_id").alias("ref"), keys.alias("source_key")).drop_nulls().unique()
+        # A practitioner is referred to by its source id, and by its full name (a performer named
+        # without an NPI: etl.validate.name_key); a name two practitioners share names neither.
+        full = pl.concat_str([pl.col("practitioner_first_name"), pl.col("practitioner_last_name")], separator=" ")
+        by_name = valid.select(name_key(full).alias("ref"), keys.alias("source_key")).drop_nulls().unique()
+        by_name = by_name.filter(pl.len().over("ref") == 1)
+        aliases = pl.concat([
+            valid.select(pl.col("practitioner_id").alias("ref"), keys.alias("source_key")).drop_nulls().unique(),
+            by_name,
+        ])
     empty = pl.DataFrame(schema={"patient_key": pl.String, "body": pl.String, "body_hash": pl.String, ROW: pl.UInt32})
     return Planned(kind, rows.select(ROW, "source_key", "patient_key", "body", "body_hash"), empty, aliases=aliases)
 
@@ -444,20 +463,27 @@ def plan_immunizations(mapped: Mapped, valid: pl.DataFrame, *, bodies: bool = Tr
         .first()
         .select(
             pl.col("patient_id").alias("patient_key"),
-            _encoded(patient_struct(), bodies).alias("body"),
+            _encoded(patient_struct(valid.columns), bodies).alias("body"),
             pl.col(ROW),
         )
         .with_columns(sha256_hex(pl.col("body")).alias("body_hash"))
         .collect()
     )
     first, last = split_name(pl.col("performer_name"))
+    named = pl.col("performer_name").is_not_null()
+    # A performer with an NPI is keyed by it; one named only by a full name, by the name (the API
+    # takes a practitioner without an NPI). Either is created from the row unless a providers
+    # file has it (the plan drops those: etl.plan).
+    by_name = pl.col("performer_npi").is_null() & (pl.col("performer_id") == name_key(pl.col("performer_name")))
+    key = pl.when(pl.col("performer_npi").is_not_null()).then(pl.lit("npi:") + pl.col("performer_npi"))
     practitioners = (
         valid.lazy()
-        .filter(pl.col("performer_npi").is_not_null() & pl.col("performer_name").is_not_null())
-        .group_by("performer_npi", maintain_order=True)
+        .filter(named & (pl.col("performer_npi").is_not_null() | by_name.fill_null(False)))
+        .with_columns(key.fill_null(pl.col("performer_id")).alias("practitioner_key"))
+        .group_by("practitioner_key", maintain_order=True)
         .first()
         .select(
-            (pl.lit("npi:") + pl.col("performer_npi")).alias("practitioner_key"),
+            pl.col("practitioner_key"),
             _encoded(obj(firstName=first, lastName=last, npi=pl.col("performer_npi")), bodies).alias("body"),
             pl.col(ROW),
         )
@@ -468,3 +494,36 @@ def plan_immunizations(mapped: Mapped, valid: pl.DataFrame, *, bodies: bool = Tr
     return Planned(
         "immunization", rows, patients.select("patient_key", "body", "body_hash", ROW), practitioners=practitioners
     )
+
+
+#: Canonical fields a profile can map that no create body carries: kind -> field -> why. Every other
+#: field of a kind reaches its body, a body it refers to, or the row's key (tests/test_carry.py checks
+#: each one), so a mapped column that lands nowhere is always named (:func:`not_carried`).
+NOT_SENT: dict[str, dict[str, str]] = {}
+
+#: Fields a body carries only beside another (the API requires it of the object they share):
+#: kind -> field -> the fields any of which it needs. A file that maps the field and none of these
+#: is told so (:func:`not_carried`).
+COMPANIONS: dict[str, dict[str, tuple[str, ...]]] = {
+    "immunization": {"performer_function": ("performer_id", "performer_npi", "performer_name")},
+    "document": {
+        "attester_id": ("attester_mode",),
+        "attester_time": ("attester_mode",),
+        "relates_to_target": ("relates_to_code",),
+    },
+}
+
+
+def not_carried(mapped: Mapped) -> list[tuple[str, str]]:
+    """The source columns of a mapped file that no payload carries, in file order, each with why:
+    ``unmapped`` (no field of the profile takes it), ``no API field`` (:data:`NOT_SENT`) or
+    ``needs <field>`` (a field of :data:`COMPANIONS` whose companion the file does not give)."""
+    why = dict.fromkeys(mapped.unmapped, "unmapped")
+    for name in NOT_SENT.get(mapped.kind, {}):
+        if name in mapped.sources:
+            why.setdefault(mapped.sources[name], "no API field")
+    given = set(mapped.sources) | set(mapped.profile.defaults)
+    for name, needs in COMPANIONS.get(mapped.kind, {}).items():
+        if name in mapped.sources and not given & set(needs):
+            why.setdefault(mapped.sources[name], f"needs {' or '.join(needs)}")
+    return [(column, why[column]) for column in mapped.table.columns if column in why]

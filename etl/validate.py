@@ -36,7 +36,7 @@ if TYPE_CHECKING:  # pandera is imported when a batch has a failing row: a clean
     import pandera.polars as pa
     from pandera.api.polars.types import PolarsData
 
-__all__ = ["REJECT_SCHEMA", "Carry", "Validation", "check", "prepare", "validate"]
+__all__ = ["REJECT_SCHEMA", "Carry", "Validation", "check", "name_key", "prepare", "validate"]
 
 #: Columns of every rejects / warnings frame.
 REJECT_SCHEMA = {ROW: pl.UInt32, "code": pl.String, "field": pl.String, "value": pl.String, "message": pl.String}
@@ -465,9 +465,21 @@ def _derive(frame: pl.DataFrame, kind: str) -> pl.DataFrame:
         )
     if kind == "immunization":
         # A performer named only by NPI is the practitioner keyed by that NPI (from a providers
-        # file, or created from this row's performer columns).
-        return frame.with_columns(pl.col("performer_id").fill_null(pl.lit("npi:") + pl.col("performer_npi")))
+        # file, or created from this row's performer columns); one named only by a full name is the
+        # practitioner of that name (from a providers file, or created from the name).
+        first, _ = split_name(pl.col("performer_name"))
+        by_name = pl.when(first.is_not_null()).then(name_key(pl.col("performer_name")))
+        return frame.with_columns(
+            pl.col("performer_id").fill_null(pl.lit("npi:") + pl.col("performer_npi")).fill_null(by_name)
+        )
     return frame
+
+
+def name_key(full: pl.Expr) -> pl.Expr:
+    """``"name:jane q doe"`` from ``"Jane Q. Doe"``: how a practitioner known only by name is keyed
+    (case, dots, commas and repeated spaces aside), so rows naming the same person link to one."""
+    tidy = full.str.to_lowercase().str.replace_all(r"[.,]", " ").str.replace_all(r"\s+", " ").str.strip_chars()
+    return pl.when(tidy.str.len_bytes() > 0).then(pl.lit("name:") + tidy)
 
 
 def split_name(full: pl.Expr) -> tuple[pl.Expr, pl.Expr]:
@@ -841,6 +853,15 @@ def _warnings(prepared: pl.DataFrame, kind: str) -> pl.DataFrame:
         parts.append(
             _warning_rows(prepared, unknown, "vaccine_code", RULES["unknown-cvx"])
         )
+    if "performer_name" in fields:
+        first, _ = split_name(pl.col("performer_name"))
+        unlinked = (
+            pl.col("performer_name").is_not_null()
+            & pl.col("performer_id").is_null()
+            & pl.col("performer_npi").is_null()
+            & first.is_null()
+        )
+        parts.append(_warning_rows(prepared, unlinked, "performer_name", RULES["performer-unlinked"]))
     for name in ("route", "site"):
         if name in fields:
             known = pl.col(name).is_in(list(displays(name)))

@@ -560,6 +560,11 @@ ENCOUNTER_CLASS_WORDS: Mapping[str, str] = {
     "telehealth": "VR",
     "telemedicine": "VR",
     "video": "VR",
+    # Care settings with no class of their own, as Synthea's FHIR export codes them.
+    "hospice": "HH",
+    "snf": "IMP",
+    "skilled nursing": "IMP",
+    "skilled nursing facility": "IMP",
 }
 
 #: Values a profile may leave out: they fill empty cells and absent columns.

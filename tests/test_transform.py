@@ -170,7 +170,10 @@ def test_practitioners_are_keyed_by_npi_with_their_own_id_as_an_alias(tmp_path: 
     assert repeat is None  # the same clinician twice is created once, by the first row
     assert other == {"firstName": "Bo", "lastName": "Ray"}
     aliases = dict(p.aliases.select("ref", "source_key").iter_rows())
-    assert aliases == {"PRV-1": "npi:1234567893", "PRV-2": "PRV-2"}
+    # ... and by full name, for a performer named without an NPI (tests/test_carry.py)
+    assert aliases == {
+        "PRV-1": "npi:1234567893", "PRV-2": "PRV-2", "name:amara okonkwo": "npi:1234567893", "name:bo ray": "PRV-2"
+    }
 
 
 def test_an_encounter_body_carries_refs_period_and_diagnoses(tmp_path: Path) -> None:
