@@ -135,8 +135,10 @@ def input_options(func: F) -> F:
     func = click.option(
         "--crosswalk",
         type=click.Path(dir_okay=False, path_type=Path),
-        help="CSV of kind,source_id,clinikapi_id: references to resources created outside this tool.",
+        help="CSV of kind,source_id,clinikapi_id: references to resources created outside this tool; or the "
+        "crosswalk.csv of an earlier load's report.",
     )(func)
+    func = header_row_option(func)
     func = click.option(
         "--profile",
         metavar="NAME|FILE",
@@ -149,6 +151,17 @@ def input_options(func: F) -> F:
         help="Folder for the report (default: reports/<run id>).",
     )(func)
     return func
+
+
+def header_row_option(func: F) -> F:
+    """``--header-row N``: the row that holds the header, for files with title rows above it."""
+    return click.option(
+        "--header-row",
+        type=click.IntRange(min=1),
+        metavar="N",
+        help="The row holding the header (1 = the first line); rows above it are skipped. Default: the "
+        "profile's header_row, else the first row naming known columns (title rows above it are skipped).",
+    )(func)
 
 
 def output_options(func: F) -> F:
@@ -201,6 +214,12 @@ def main(debug: bool) -> None:
     show_default=True,
     help="Rows checked at a time. Memory grows with this, not with the file: any size validates.",
 )
+@click.option(
+    "--state",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="An earlier load's state store: references to what it created resolve (a staged migration's later "
+    "files). Default: none.",
+)
 @output_options
 @handle_errors
 def validate(
@@ -214,6 +233,8 @@ def validate(
     batch_rows: int,
     quiet: bool,
     as_json: bool,
+    header_row: int | None = None,
+    state: Path | None = None,
 ) -> None:
     """Check FILES against every documented limit; send nothing.
 
@@ -230,9 +251,10 @@ def validate(
         crosswalk=crosswalk,
         redact=redact,
         batch_rows=batch_rows,
+        header_row=header_row,
     )
     with open_progress(quiet) as progress:
-        report = validate_files(list(files), settings, progress=progress)
+        report = validate_files(list(files), settings, progress=progress, state=state)
     show_result(report, quiet, as_json)
     sys.exit(ExitCode.REJECTED if report.states.get("rejected") else ExitCode.OK)
 
@@ -347,6 +369,7 @@ def load(
     batch_rows: int | None,
     quiet: bool,
     as_json: bool,
+    header_row: int | None = None,
 ) -> None:
     """Import FILES into ClinikAPI (by default the embedded sandbox).
 
@@ -380,6 +403,7 @@ def load(
         state=state,
         stream=stream,
         batch_rows=batch_rows,
+        header_row=header_row,
     )
     if api_key_file is not None:
         values["api_key"] = read_key_file(api_key_file)
@@ -655,13 +679,18 @@ def profile() -> None:
 @click.option("--output", type=click.Path(dir_okay=False, path_type=Path),
               help="Write the profile here (default: print it).")
 @click.option("--sheet", metavar="NAME", help="Excel sheet to read (default: the first).")
+@header_row_option
 @handle_errors
-def profile_init(file: Path, kind: str | None, output: Path | None, sheet: str | None) -> None:
+def profile_init(
+    file: Path, kind: str | None, output: Path | None, sheet: str | None, header_row: int | None = None
+) -> None:
     """Write a starter profile for FILE's layout, marking the headers it could not match."""
-    from etl.mapping import starter_profile
-    from etl.readers import read_table
+    from etl.mapping import default_profile, known_header, starter_profile
+    from etl.readers import HeaderHint, read_table
 
-    text = starter_profile(read_table(file, sheet=sheet, limits=Settings(sheet=sheet).workbook_limits), kind)
+    hint = HeaderHint(row=header_row, known=known_header(default_profile(kind)))
+    settings = Settings(sheet=sheet)
+    text = starter_profile(read_table(file, sheet=sheet, limits=settings.workbook_limits, header=hint), kind)
     if output is None:
         click.echo(text)
     else:

@@ -6,6 +6,7 @@ A profile is a TOML or YAML file::
     kind = "immunization"
     timezone = "America/Chicago"     # for date-times written without an offset
     auto = true                      # also match the remaining headers by name
+    header_row = 3                   # the header's row (default: found, below any title rows)
 
     [columns]                        # source header = canonical field
     "Vax Event" = "record_id"
@@ -24,6 +25,7 @@ from __future__ import annotations
 import json
 import re
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
@@ -46,6 +48,7 @@ __all__ = [
     "default_profile",
     "detect_kind",
     "key_field",
+    "known_header",
     "load_profile",
     "normalise_header",
 ]
@@ -70,6 +73,7 @@ class Profile:
     auto: bool = True
     list_separator: str = LIST_SEPARATOR
     kinds: dict[str, Profile] = field(default_factory=dict)
+    header_row: int | None = None  # 1-based; None: the first row naming known columns
 
     def for_kind(self, kind: str) -> Profile:
         """This profile narrowed to one kind, with the kind's built-in defaults underneath."""
@@ -135,6 +139,7 @@ _KNOWN = {
     "redacted",
     "kinds",
     "description",
+    "header_row",
 }
 
 
@@ -214,6 +219,9 @@ def _parse_profile(raw: Any, where: str, default_name: str | None = None, kind: 
     kinds = {
         str(k): _parse_profile(v, f"{where} [kinds.{k}]", kind=str(k)) for k, v in (raw.get("kinds") or {}).items()
     }
+    header_row = raw.get("header_row")
+    if header_row is not None and (isinstance(header_row, bool) or not isinstance(header_row, int) or header_row < 1):
+        raise ProfileError(f"{where}: header_row is a row number from 1, not {header_row!r}")
     return Profile(
         name=str(raw.get("name", default_name or "profile")),
         kind=kind,
@@ -225,7 +233,24 @@ def _parse_profile(raw: Any, where: str, default_name: str | None = None, kind: 
         auto=bool(raw.get("auto", True)),
         list_separator=str(raw.get("list_separator", LIST_SEPARATOR)),
         kinds=kinds,
+        header_row=header_row,
     )
+
+
+def known_header(profile: Profile) -> Callable[[str], bool]:
+    """Whether a header cell names a column this profile knows: a source column of its ``[columns]``
+    (of any kind), or a field's name or alias of its kinds (every kind when it names none).
+
+    What a reader looks for to tell the header from title rows above it (:class:`etl.readers.HeaderHint`).
+    """
+    kinds = [profile.kind] if profile.kind else list(profile.kinds) or list(KIND_SPECS)
+    names = {normalise_header(n) for k in kinds for f in fields_of(k) for n in (f.name, *f.aliases)}
+    names |= {normalise_header(h) for p in (profile, *profile.kinds.values()) for h in p.columns}
+    if profile.name == "clinikapi":  # as match_headers: columns named after the body's own fields
+        names |= {normalise_header(f.target.split(":")[1].replace("[]", "")) for k in kinds for f in fields_of(k)
+                  if f.target}
+    names.discard("")
+    return lambda header: normalise_header(header) in names
 
 
 def match_headers(headers: list[str], profile: Profile, kind: str) -> dict[str, str]:

@@ -45,9 +45,9 @@ from etl.destination import Destination, Lookup
 from etl.errors import InputError, UsageError
 from etl.files import guard_formulas, private_dir, private_file, private_text, scratch_dir, unguard_formulas, write_csv
 from etl.keyindex import KeyIndex
-from etl.mapping import Mapped, Profile, apply_profile, default_profile, key_field, load_profile
+from etl.mapping import Mapped, Profile, apply_profile, default_profile, key_field, known_header, load_profile
 from etl.progress import Progress
-from etl.readers import ROW, Batches, read_batches, read_table
+from etl.readers import ROW, Batches, HeaderHint, read_batches, read_table
 from etl.redaction import left_out, redact, redact_bodies
 from etl.report import (
     PROBLEM_STATES,
@@ -79,6 +79,7 @@ __all__ = [
     "Run",
     "base_rows",
     "created_in_store",
+    "header_hint",
     "planned_in_batches",
     "read_crosswalk",
     "redact",
@@ -396,8 +397,11 @@ def planned_in_batches(
     profile = run_profile(settings)
     rows_per_batch = batch_rows or settings.batch_rows
     inputs = []
+    hint = header_hint(settings, profile)
     for order, path in enumerate(paths):
-        batches = read_batches(path, sheet=settings.sheet, rows=rows_per_batch, limits=settings.workbook_limits)
+        batches = read_batches(
+            path, sheet=settings.sheet, rows=rows_per_batch, limits=settings.workbook_limits, header=hint
+        )
         inputs.append(_Input(order, batches, apply_profile(batches.table, profile)))
         destination.check(inputs[-1].mapped)
     inputs.sort(key=lambda x: KIND_SPECS[x.kind].stage)
@@ -706,6 +710,7 @@ def _write(
     summary = summary_of(
         run_id,
         command=command,
+        blank_rows=sum(x.batches.table.blank_rows for x in inputs),
         inputs=[input_facts(x.mapped, x.rows) for x in inputs],
         warnings=warnings,
         counts=counts_frame,
@@ -767,6 +772,12 @@ def _in_row_order(parts: list[Path]) -> Iterator[pl.DataFrame]:
 
 
 # --- the rows of a batch, and what the report says of them --------------------------
+
+
+def header_hint(settings: Settings, profile: Profile) -> HeaderHint:
+    """Where a run's inputs have their header: ``--header-row``, else the profile's ``header_row``, else
+    the first row naming a column the profile knows (:class:`etl.readers.HeaderHint`)."""
+    return HeaderHint(row=settings.header_row or profile.header_row, known=known_header(profile))
 
 
 def run_profile(settings: Settings) -> Profile:
@@ -914,6 +925,7 @@ def summary_of(
     run_id: str,
     *,
     command: Literal["validate", "load"],
+    blank_rows: int = 0,
     inputs: list[InputFacts],
     warnings: list[NoticeFacts | RowWarnings],
     counts: pl.DataFrame,
@@ -922,7 +934,8 @@ def summary_of(
     timings: dict[str, float],
     facts: RunFacts,
 ) -> Summary:
-    """A run's ``summary.json``; ``counts`` holds ``kind, state, len`` of the report's rows."""
+    """A run's ``summary.json``; ``counts`` holds ``kind, state, len`` of the report's rows; ``blank_rows``:
+    the blank rows the inputs held (no line in rows.csv: the inputs' rows are ``rows_total + blank_rows``)."""
     states, per_kind = count_states(counts)
     return Summary(
         run_id=run_id,
@@ -931,6 +944,7 @@ def summary_of(
         target=target,
         inputs=inputs,
         rows_total=sum(states.values()),
+        blank_rows=blank_rows,
         states=states,
         kinds=per_kind,
         warnings=warnings,
