@@ -716,6 +716,8 @@ def print_summary(report: RunReport, stream: Console | None = None) -> None:
     totals = [str(sum(s["kinds"][k].values())) for k in kinds] if len(kinds) > 1 else []
     table.add_row("[bold]total[/]", *totals, f"[bold]{s['rows_total']}[/]")
     console.print(table)
+    if s.get("blank_rows"):
+        console.print(f"blank rows skipped: {s['blank_rows']} (empty, or only separators: not in rows.csv)")
     if s.get("patients"):
         console.print("patients: " + ", ".join(f"{k} {v}" for k, v in s["patients"].items()))
     if s.get("achieved_rate"):

@@ -3,8 +3,9 @@
 Every column is read as text, so ``08`` (a CVX code) and ``02134`` (a ZIP)
 keep their zeros and a bad value becomes a rejected row later rather than a
 crash now. Each frame gains ``__row``: the row number a spreadsheet user sees
-(the header is row 1 of a CSV; a sheet keeps its own numbering), which is
-what reports cite.
+(a CSV's first line is row 1, and a record whose quoted cell spans lines is
+one row; a sheet keeps its own numbering), which is what reports cite. Rows
+above the header and blank rows are counted too, so the numbers never shift.
 
 A file is read by what it holds, not by what its name says, and anything
 that cannot be read as a table is an :class:`~etl.errors.InputError` naming

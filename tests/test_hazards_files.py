@@ -87,6 +87,7 @@ def test_title_rows_are_passed_over_and_rows_keep_their_spreadsheet_numbers() ->
 def test_the_export_validates_with_no_profile_and_no_options(tmp_path: Path) -> None:
     code, output, summary, rows = _validate(tmp_path, str(EXPORT))
     assert code == 0, output
+    assert f"blank rows skipped: {BLANK_ROWS}" in output
     # Every data row has its line, numbered as the spreadsheet shows it; no blank row has one.
     assert rows.get_column("source_row").cast(pl.Int64).to_list() == DATA_ROWS
     assert set(rows.get_column("state")) == {"planned"}
