@@ -123,7 +123,7 @@ class HeaderHint:
 
 
 #: How many cells a row must name (``HeaderHint.known``) to be taken for the header.
-HEADER_MIN_KNOWN = 2
+_HEADER_MIN_KNOWN = 2
 _HEADER_SCAN_ROWS = 200
 
 
@@ -192,7 +192,7 @@ def read_table(
             if sheet is not None:
                 raise InputError(str(path), "--sheet applies to Excel files only")
             table = _read_csv(path, head, hint)
-        table.frame, table.blank_rows = without_blank_rows(table.frame)
+        table.frame, table.blank_rows = _without_blank_rows(table.frame)
         if is_own_rejects(table.columns):
             table.frame = unguard_formulas(table.frame)
         table.sha256 = file_sha256(path)
@@ -249,7 +249,7 @@ def read_batches(
         frame, table.frame = table.frame, table.frame.clear()
         return Batches(table, (frame.slice(i, rows) for i in range(0, max(frame.height, 1), rows)))
     sample = head.decode("utf-8", errors="ignore").lstrip("\ufeff")
-    at, delimiter = find_header(str(path), _records(sample, max(_HEADER_SCAN_ROWS, hint.row or 0)), hint)
+    at, delimiter = _find_header(str(path), _records(sample, max(_HEADER_SCAN_ROWS, hint.row or 0)), hint)
     body = head.removeprefix(codecs.BOM_UTF8)
     header_start = 0
     for _ in range(at):  # the rows above the header
@@ -260,7 +260,7 @@ def read_batches(
     header_end += header_start
     header_line = body[header_start:header_end]
     first = _parse_chunk(path, header_line, b"", delimiter)
-    names, notices = name_headers(str(path), _raw_names(first.columns), row=at + 1)
+    names, notices = _name_headers(str(path), _raw_names(first.columns), row=at + 1)
     top = first.rename(dict(zip(first.columns, names, strict=True))).with_row_index(ROW, offset=at + 2)
     table = Table(path, "csv", top, "", encoding="utf-8", delimiter=delimiter, notices=notices)
     if at:
@@ -287,20 +287,28 @@ def is_own_rejects(columns: list[str]) -> bool:
     return shaped and len({unguarded(c) for c in columns}) == len(columns)
 
 
-def without_blank_rows(frame: pl.DataFrame) -> tuple[pl.DataFrame, int]:
+def _without_blank_rows(frame: pl.DataFrame) -> tuple[pl.DataFrame, int]:
     """``frame`` without its blank rows (every cell empty or whitespace: an empty line, ``;;;;``), and
     how many there were. Their ``__row`` numbers are not reused: the rows left keep theirs."""
     cells = [c for c in frame.columns if c != ROW]
     if not cells or not frame.height:
         return frame, 0
-    blank = pl.all_horizontal(pl.col(c).str.strip_chars().fill_null("") == "" for c in cells)
-    kept = frame.filter(~blank)
-    return kept, frame.height - kept.height
+    # Column by column, over the rows still blank so far: most rows are ruled out by their first
+    # cells, so a wide batch costs about one column's check, not one per cell.
+    blank = pl.int_range(0, frame.height, dtype=pl.UInt32, eager=True)
+    for name in cells:
+        column = frame.get_column(name)
+        column = column if len(blank) == frame.height else column.gather(blank)
+        blank = blank.filter(column.is_null() | (column.str.strip_chars() == ""))
+        if blank.is_empty():
+            return frame, 0
+    keep = pl.repeat(True, frame.height, dtype=pl.Boolean, eager=True).scatter(blank, False)
+    return frame.filter(keep), len(blank)
 
 
 def _counting_blanks(batches: Iterator[pl.DataFrame], table: Table) -> Iterator[pl.DataFrame]:
     for batch in batches:
-        kept, blank = without_blank_rows(batch)
+        kept, blank = _without_blank_rows(batch)
         table.blank_rows += blank
         yield kept
 
@@ -559,7 +567,7 @@ def _read_csv(path: Path, head: bytes, hint: HeaderHint) -> Table:
 def _parse_csv(
     path: Path, source: Path | io.BytesIO, sample: str, encoding: str, notices: list[Notice], hint: HeaderHint
 ) -> Table:
-    at, delimiter = find_header(str(path), _records(sample, max(_HEADER_SCAN_ROWS, hint.row or 0)), hint)
+    at, delimiter = _find_header(str(path), _records(sample, max(_HEADER_SCAN_ROWS, hint.row or 0)), hint)
     try:
         frame = pl.read_csv(
             source,
@@ -579,7 +587,7 @@ def _parse_csv(
         text = source.getvalue().decode("utf-8") if isinstance(source, io.BytesIO) else _lossy(source)
         row, located = _locate(text, delimiter, at)
         raise InputError(str(path), located or f"cannot be read as CSV: {reason}", row=row) from exc
-    names, renamed = name_headers(str(path), _raw_names(frame.columns), row=at + 1)
+    names, renamed = _name_headers(str(path), _raw_names(frame.columns), row=at + 1)
     frame = frame.rename(dict(zip(frame.columns, names, strict=True))).with_row_index(ROW, offset=at + 2)
     if at:
         notices.append(_title_notice(str(path), at))
@@ -686,14 +694,14 @@ _OVER_EXCEL = f"over Excel's limit of {EXCEL_MAX_CELL_CHARS:,} (a crafted or dam
 
 
 def _sheet_table(path: Path, grid: pl.DataFrame, hint: HeaderHint) -> tuple[pl.DataFrame, list[Notice]]:
-    """The header row (:func:`find_header`) and the rows below it as data; the notices it earns."""
+    """The header row (:func:`_find_header`) and the rows below it as data; the notices it earns."""
     if not grid.width or not grid.height:
         raise InputError(str(path), "the sheet is empty: no header row")
     top = [[cell or "" for cell in row] for row in grid.head(max(_HEADER_SCAN_ROWS, hint.row or 0)).rows()]
     if hint.row is not None and hint.row > grid.height:
         raise InputError(str(path), f"--header-row {hint.row}: the sheet has {grid.height} rows")
-    index, _ = find_header(str(path), top, hint)
-    names, notices = name_headers(str(path), list(grid.row(index)), row=index + 1)
+    index, _ = _find_header(str(path), top, hint)
+    names, notices = _name_headers(str(path), list(grid.row(index)), row=index + 1)
     if index:
         notices.insert(0, _title_notice(str(path), index))
     frame = grid.slice(index + 1).rename(dict(zip(grid.columns, names, strict=True)))
@@ -703,7 +711,7 @@ def _sheet_table(path: Path, grid: pl.DataFrame, hint: HeaderHint) -> tuple[pl.D
 # -- headers -------------------------------------------------------------------------
 
 
-def find_header(file: str, records: list[str] | list[list[str]], hint: HeaderHint) -> tuple[int, str]:
+def _find_header(file: str, records: list[str] | list[list[str]], hint: HeaderHint) -> tuple[int, str]:
     """The header's index among a file's first ``records`` (0-based; rows above it are skipped) and
     the delimiter that splits it (``","`` for a workbook's rows, given as lists of cells).
 
@@ -730,7 +738,7 @@ def find_header(file: str, records: list[str] | list[list[str]], hint: HeaderHin
         score, _, delimiter = max(
             (sum(1 for c in cells if c.strip() and known(c)), len(cells), d) for d, cells in splits
         )
-        if score >= HEADER_MIN_KNOWN:
+        if score >= _HEADER_MIN_KNOWN:
             return i, delimiter
     if first is None:
         raise InputError(file, "the file is empty: no header row")
@@ -738,7 +746,7 @@ def find_header(file: str, records: list[str] | list[list[str]], hint: HeaderHin
     return first, sniff_delimiter(chosen) if isinstance(chosen, str) else ","
 
 
-def name_headers(file: str, cells: list[str | None], *, row: int) -> tuple[list[str], list[Notice]]:
+def _name_headers(file: str, cells: list[str | None], *, row: int) -> tuple[list[str], list[Notice]]:
     """Unique column names for a header row's ``cells``: a blank cell, or one repeating an earlier
     cell (ignoring surrounding spaces), is named ``column_N`` (N: its 1-based position), with one
     ``header-renamed`` notice naming each. A header row with no name at all is refused."""
@@ -758,7 +766,7 @@ def name_headers(file: str, cells: list[str | None], *, row: int) -> tuple[list[
         while name in taken or name in names:
             name += "_"
         why = f"repeats {text.strip()!r}" if text.strip() else "blank"
-        renamed.append(f"{name} ({column_letters(position)}, {why})")
+        renamed.append(f"{name} ({_column_letters(position)}, {why})")
         names.append(name)
     notices = []
     if renamed:
@@ -767,7 +775,7 @@ def name_headers(file: str, cells: list[str | None], *, row: int) -> tuple[list[
     return names, notices
 
 
-def column_letters(position: int) -> str:
+def _column_letters(position: int) -> str:
     """A spreadsheet's letters for a 1-based column position: 1 is A, 27 is AA."""
     letters = ""
     while position > 0:
