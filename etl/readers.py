@@ -567,7 +567,8 @@ def _read_csv(path: Path, head: bytes, hint: HeaderHint) -> Table:
 def _parse_csv(
     path: Path, source: Path | io.BytesIO, sample: str, encoding: str, notices: list[Notice], hint: HeaderHint
 ) -> Table:
-    at, delimiter = _find_header(str(path), _records(sample, max(_HEADER_SCAN_ROWS, hint.row or 0)), hint)
+    records = _records(sample, max(_HEADER_SCAN_ROWS, hint.row or 0))
+    at, delimiter = _find_header(str(path), records, hint)
     try:
         frame = pl.read_csv(
             source,
@@ -576,7 +577,9 @@ def _parse_csv(
             has_header=True,
             quote_char='"',
             raise_if_empty=True,
-            skip_rows=at,
+            # By line, not by record: polars passes over empty lines at the top of its own accord
+            # when it counts records, and the rows above the header are not read as CSV anyway.
+            skip_lines=at + sum(r.count("\n") for r in records[:at]),
         )
     except pl.exceptions.NoDataError as exc:
         raise InputError(str(path), "the file is empty") from exc
@@ -727,9 +730,9 @@ def _find_header(file: str, records: list[str] | list[list[str]], hint: HeaderHi
         return hint.row - 1, sniff_delimiter(chosen) if isinstance(chosen, str) else ","
     first: int | None = None
     for i, record in enumerate(records[:_HEADER_SCAN_ROWS]):
-        splits = [(d, _split(record, d)) for d in DELIMITERS] if isinstance(record, str) else [(",", record)]
-        if all(not c.strip() for _, cells in splits for c in cells):
+        if _BLANK_RECORD.fullmatch(record) if isinstance(record, str) else all(not c.strip() for c in record):
             continue  # a blank row, or bare separators
+        splits = [(d, _split(record, d)) for d in DELIMITERS] if isinstance(record, str) else [(",", record)]
         if first is None:
             first = i
         if hint.known is None:
@@ -789,6 +792,7 @@ def _title_notice(file: str, skipped: int) -> Notice:
     return Notice(rule.code, rule.text(row=skipped + 1, skipped=skipped), file, row=skipped + 1)
 
 
+_BLANK_RECORD = re.compile(r'[\s,;|"]*')  # a record of nothing but separators, quotes and spaces
 _POLARS_DUPLICATE = re.compile(r"^(.*)_duplicated_\d+$")
 
 
