@@ -135,8 +135,10 @@ def input_options(func: F) -> F:
     func = click.option(
         "--crosswalk",
         type=click.Path(dir_okay=False, path_type=Path),
-        help="CSV of kind,source_id,clinikapi_id: references to resources created outside this tool.",
+        help="CSV of kind,source_id,clinikapi_id: references to resources created outside this tool; or the "
+        "crosswalk.csv of an earlier load's report.",
     )(func)
+    func = header_row_option(func)
     func = click.option(
         "--profile",
         metavar="NAME|FILE",
@@ -149,6 +151,17 @@ def input_options(func: F) -> F:
         help="Folder for the report (default: reports/<run id>).",
     )(func)
     return func
+
+
+def header_row_option(func: F) -> F:
+    """``--header-row N``: the row that holds the header, for files with title rows above it."""
+    return click.option(
+        "--header-row",
+        type=click.IntRange(min=1),
+        metavar="N",
+        help="The row holding the header (1 = the first line); rows above it are skipped. Default: the "
+        "profile's header_row, else the first row naming known columns (title rows above it are skipped).",
+    )(func)
 
 
 def output_options(func: F) -> F:
@@ -201,6 +214,12 @@ def main(debug: bool) -> None:
     show_default=True,
     help="Rows checked at a time. Memory grows with this, not with the file: any size validates.",
 )
+@click.option(
+    "--state",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="An earlier load's state store: references to what it created resolve (a staged migration's later "
+    "files). Default: none.",
+)
 @output_options
 @handle_errors
 def validate(
@@ -214,6 +233,8 @@ def validate(
     batch_rows: int,
     quiet: bool,
     as_json: bool,
+    header_row: int | None = None,
+    state: Path | None = None,
 ) -> None:
     """Check FILES against every documented limit; send nothing.
 
@@ -230,9 +251,10 @@ def validate(
         crosswalk=crosswalk,
         redact=redact,
         batch_rows=batch_rows,
+        header_row=header_row,
     )
     with open_progress(quiet) as progress:
-        report = validate_files(list(files), settings, progress=progress)
+        report = validate_files(list(files), settings, progress=progress, state=state)
     show_result(report, quiet, as_json)
     sys.exit(ExitCode.REJECTED if report.states.get("rejected") else ExitCode.OK)
 
@@ -347,6 +369,7 @@ def load(
     batch_rows: int | None,
     quiet: bool,
     as_json: bool,
+    header_row: int | None = None,
 ) -> None:
     """Import FILES into ClinikAPI (by default the embedded sandbox).
 
@@ -380,6 +403,7 @@ def load(
         state=state,
         stream=stream,
         batch_rows=batch_rows,
+        header_row=header_row,
     )
     if api_key_file is not None:
         values["api_key"] = read_key_file(api_key_file)
@@ -656,18 +680,22 @@ def profile() -> None:
               help="Write the profile here (default: print it).")
 @click.option("--sheet", metavar="NAME", help="Excel sheet to read (default: the first).")
 @click.option("--force", is_flag=True, help="Overwrite the --output file if it exists.")
+@header_row_option
 @handle_errors
-def profile_init(file: Path, kind: str | None, output: Path | None, sheet: str | None, force: bool) -> None:
+def profile_init(
+    file: Path, kind: str | None, output: Path | None, sheet: str | None, force: bool, header_row: int | None = None
+) -> None:
     """Write a starter profile for FILE's layout from its headers and values: each guess with its
     evidence and confidence, unmatched columns as comments. --output writes the format its suffix
     names (.toml, .yaml, .yml) and never overwrites a file without --force."""
-    from etl.mapping import profile_format, starter_profile
-    from etl.readers import read_table
+    from etl.mapping import default_profile, known_header, profile_format, starter_profile
+    from etl.readers import HeaderHint, read_table
 
     fmt = profile_format(output) if output is not None else "toml"
     if output is not None and output.exists() and not force:
         raise UsageError(f"{output} exists; pass --force to overwrite it")
-    table = read_table(file, sheet=sheet, limits=Settings(sheet=sheet).workbook_limits)
+    hint = HeaderHint(row=header_row, known=known_header(default_profile(kind)))
+    table = read_table(file, sheet=sheet, limits=Settings(sheet=sheet).workbook_limits, header=hint)
     text = starter_profile(table, kind, fmt)
     if output is None:
         click.echo(text)
@@ -695,6 +723,8 @@ def print_summary(report: RunReport, stream: Console | None = None) -> None:
     totals = [str(sum(s["kinds"][k].values())) for k in kinds] if len(kinds) > 1 else []
     table.add_row("[bold]total[/]", *totals, f"[bold]{s['rows_total']}[/]")
     console.print(table)
+    if s.get("blank_rows"):
+        console.print(f"blank rows skipped: {s['blank_rows']} (empty, or only separators: not in rows.csv)")
     if s.get("patients"):
         console.print("patients: " + ", ".join(f"{k} {v}" for k, v in s["patients"].items()))
     if s.get("achieved_rate"):

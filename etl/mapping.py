@@ -6,6 +6,7 @@ A profile is a TOML or YAML file::
     kind = "immunization"
     timezone = "America/Chicago"     # for date-times written without an offset
     auto = true                      # also match the remaining headers by name
+    header_row = 3                   # the header's row (default: found, below any title rows)
 
     [columns]                        # source header = canonical field
     "Vax Event" = "record_id"
@@ -42,6 +43,7 @@ import fnmatch
 import json
 import re
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
@@ -74,6 +76,7 @@ __all__ = [
     "for_hl7",
     "key_field",
     "kinds_named",
+    "known_header",
     "load_profile",
     "normalise_header",
     "profile_format",
@@ -167,6 +170,7 @@ class Profile:
     route: tuple[RowFilter, ...] = ()  # rows of a file that hold another kind than the profile's
     files: tuple[str, ...] = ()  # in a [kinds.X] section: file-name patterns of this kind
     sheets: tuple[str, ...] = ()  # in a [kinds.X] section: sheet-name patterns of this kind
+    header_row: int | None = None  # 1-based; None: the first row naming known columns
 
     def for_kind(self, kind: str) -> Profile:
         """This profile narrowed to one kind, with the kind's built-in defaults underneath."""
@@ -254,6 +258,7 @@ _KNOWN = {
     "route",
     "files",
     "sheets",
+    "header_row",
 }
 _HL7_DELETES = ("skip", "reject")
 _PARSE_KEYS = {"format", "timezone", "excel_serial", "decimal_comma"}
@@ -366,6 +371,9 @@ def _parse_profile(raw: Any, where: str, default_name: str | None = None, kind: 
         raise ProfileError(f"{where}: skip is a list of [[skip]] tables (column, values or pattern, reason)")
     if not isinstance(route, list):
         raise ProfileError(f"{where}: route is a list of [[route]] tables (column, values or pattern, kind)")
+    header_row = raw.get("header_row")
+    if header_row is not None and (isinstance(header_row, bool) or not isinstance(header_row, int) or header_row < 1):
+        raise ProfileError(f"{where}: header_row is a row number from 1, not {header_row!r}")
     return Profile(
         name=str(raw.get("name", default_name or "profile")),
         kind=kind,
@@ -386,6 +394,7 @@ def _parse_profile(raw: Any, where: str, default_name: str | None = None, kind: 
         route=tuple(_row_filter(v, f"{where} [[route]] {i + 1}", _ROUTE_KEYS) for i, v in enumerate(route)),
         files=_patterns(raw, "files", where),
         sheets=_patterns(raw, "sheets", where),
+        header_row=header_row,
     )
 
 
@@ -498,6 +507,22 @@ def _row_filter(raw: Any, where: str, known: set[str] = _SKIP_KEYS) -> RowFilter
         reason=str(raw.get("reason", "")),
         kind=str(raw["kind"]) if "kind" in raw else None,
     )
+
+
+def known_header(profile: Profile) -> Callable[[str], bool]:
+    """Whether a header cell names a column this profile knows: a source column of its ``[columns]``
+    (of any kind), or a field's name or alias of its kinds (every kind when it names none).
+
+    What a reader looks for to tell the header from title rows above it (:class:`etl.readers.HeaderHint`).
+    """
+    kinds = [profile.kind] if profile.kind else list(profile.kinds) or list(KIND_SPECS)
+    names = {normalise_header(n) for k in kinds for f in fields_of(k) for n in (f.name, *f.aliases)}
+    names |= {normalise_header(h) for p in (profile, *profile.kinds.values()) for h in p.columns}
+    if profile.name == "clinikapi":  # as match_headers: columns named after the body's own fields
+        names |= {normalise_header(f.target.split(":")[1].replace("[]", "")) for k in kinds for f in fields_of(k)
+                  if f.target}
+    names.discard("")
+    return lambda header: normalise_header(header) in names
 
 
 def match_headers(headers: list[str], profile: Profile, kind: str) -> dict[str, str]:

@@ -47,16 +47,27 @@ STREAM_DEPRECATED = (
 
 
 def validate_files(
-    paths: Sequence[str | Path], settings: Settings | None = None, *, progress: ProgressLike | None = None
+    paths: Sequence[str | Path],
+    settings: Settings | None = None,
+    *,
+    progress: ProgressLike | None = None,
+    state: str | Path | None = None,
 ) -> RunReport:
     """Validate inputs without sending anything; write the report.
 
     Inputs are read and checked a batch of ``settings.batch_rows`` rows at a time (``etl.plan``),
-    so a file of any size is validated in bounded memory.
+    so a file of any size is validated in bounded memory. ``state``: an earlier load's state store
+    (``validate --state``); a reference to a resource it records as created resolves, as in a load
+    with that store, so a staged migration's later files validate alone. Nothing is recorded in it.
     """
     from etl.plan import validate_in_batches
 
-    return validate_in_batches(paths, settings or Settings(), as_progress(progress))
+    if state is None:
+        return validate_in_batches(paths, settings or Settings(), as_progress(progress))
+    from etl.load.state import StateStore
+
+    with StateStore.existing(state) as store:
+        return validate_in_batches(paths, settings or Settings(), as_progress(progress), state=store)
 
 
 def load_files(

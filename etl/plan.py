@@ -53,12 +53,13 @@ from etl.mapping import (
     apply_profile,
     default_profile,
     key_field,
+    known_header,
     load_profile,
     routed_kinds,
     side_file,
 )
 from etl.progress import Progress
-from etl.readers import ROW, Batches, read_batches, read_table
+from etl.readers import ROW, Batches, HeaderHint, read_batches, read_table
 from etl.redaction import left_out, redact, redact_bodies
 from etl.report import (
     PROBLEM_STATES,
@@ -92,6 +93,7 @@ __all__ = [
     "Run",
     "base_rows",
     "created_in_store",
+    "header_hint",
     "planned_in_batches",
     "read_crosswalk",
     "redact",
@@ -416,8 +418,11 @@ def planned_in_batches(
     rows_per_batch = batch_rows or settings.batch_rows
     inputs: list[_Input] = []
     sides: list[_Side] = []
+    hint = header_hint(settings, profile)
     for path in paths:
-        batches = read_batches(path, sheet=settings.sheet, rows=rows_per_batch, limits=settings.workbook_limits)
+        batches = read_batches(
+            path, sheet=settings.sheet, rows=rows_per_batch, limits=settings.workbook_limits, header=hint
+        )
         side = side_file(batches.table, profile)
         if side is not None:
             sides.append(_read_side(batches, side))
@@ -428,7 +433,9 @@ def planned_in_batches(
         for kind in routed_kinds(mapped):
             # A profile's [[route]] sends some of the file's rows to another kind: the file is read
             # once more for them, and each input keeps only its own rows (each row ends in one of them).
-            again = read_batches(path, sheet=settings.sheet, rows=rows_per_batch, limits=settings.workbook_limits)
+            again = read_batches(
+                path, sheet=settings.sheet, rows=rows_per_batch, limits=settings.workbook_limits, header=hint
+            )
             inputs.append(_Input(len(inputs), again, apply_profile(again.table, profile, kind)))
             destination.check(inputs[-1].mapped)
     for x in inputs:
@@ -791,6 +798,7 @@ def _write(
     summary = summary_of(
         run_id,
         command=command,
+        blank_rows=sum(x.batches.table.blank_rows for x in inputs),
         inputs=[input_facts(x.mapped, x.rows) for x in inputs],
         warnings=warnings,
         counts=counts_frame,
@@ -856,6 +864,12 @@ def _in_row_order(parts: list[Path]) -> Iterator[pl.DataFrame]:
 
 
 # --- the rows of a batch, and what the report says of them --------------------------
+
+
+def header_hint(settings: Settings, profile: Profile) -> HeaderHint:
+    """Where a run's inputs have their header: ``--header-row``, else the profile's ``header_row``, else
+    the first row naming a column the profile knows (:class:`etl.readers.HeaderHint`)."""
+    return HeaderHint(row=settings.header_row or profile.header_row, known=known_header(profile))
 
 
 def run_profile(settings: Settings) -> Profile:
@@ -1015,6 +1029,7 @@ def summary_of(
     run_id: str,
     *,
     command: Literal["validate", "load"],
+    blank_rows: int = 0,
     inputs: list[InputFacts],
     warnings: list[NoticeFacts | RowWarnings],
     counts: pl.DataFrame,
@@ -1023,7 +1038,8 @@ def summary_of(
     timings: dict[str, float],
     facts: RunFacts,
 ) -> Summary:
-    """A run's ``summary.json``; ``counts`` holds ``kind, state, len`` of the report's rows."""
+    """A run's ``summary.json``; ``counts`` holds ``kind, state, len`` of the report's rows; ``blank_rows``:
+    the blank rows the inputs held (no line in rows.csv: the inputs' rows are ``rows_total + blank_rows``)."""
     states, per_kind = count_states(counts)
     return Summary(
         run_id=run_id,
@@ -1032,6 +1048,7 @@ def summary_of(
         target=target,
         inputs=inputs,
         rows_total=sum(states.values()),
+        blank_rows=blank_rows,
         states=states,
         kinds=per_kind,
         warnings=warnings,

@@ -3,8 +3,9 @@
 Every column is read as text, so ``08`` (a CVX code) and ``02134`` (a ZIP)
 keep their zeros and a bad value becomes a rejected row later rather than a
 crash now. Each frame gains ``__row``: the row number a spreadsheet user sees
-(the header is row 1 of a CSV; a sheet keeps its own numbering), which is
-what reports cite.
+(a CSV's first line is row 1, and a record whose quoted cell spans lines is
+one row; a sheet keeps its own numbering), which is what reports cite. Rows
+above the header and blank rows are counted too, so the numbers never shift.
 
 A file is read by what it holds, not by what its name says, and anything
 that cannot be read as a table is an :class:`~etl.errors.InputError` naming
@@ -23,6 +24,14 @@ the file, and the row where one is to blame; never another exception:
 - ``\\r\\n``, ``\\n`` and lone ``\\r`` line endings, even mixed, are all line breaks;
 - a row with more cells than the header, or a quote never closed, is refused
   with the row it starts on; a row with fewer cells reads the rest as empty;
+- title rows above the header (a report title, an export date, notes, blank lines) are passed
+  over: the header is the first row that names at least two known columns
+  (:class:`HeaderHint`), or the row a user names (``--header-row``), with a ``title-rows``
+  notice; row numbers stay the ones a spreadsheet shows, counted from the top of the file;
+- blank rows, and rows of bare separators (``;;;;``) or whitespace, anywhere, are no rows:
+  left out and counted (:attr:`Table.blank_rows`), never rejected;
+- a blank header cell, or one that repeats an earlier header, is named ``column_N`` (N: its
+  1-based position) with a ``header-renamed`` notice, in a CSV as in a workbook;
 - a ``rejects.csv`` of this tool, fixed and imported again (its header starts
   with ``source_file, source_row`` and ends with ``reasons``), has the ``'``
   the tool put before formula characters taken off again, in cells and
@@ -56,6 +65,7 @@ from etl.workbooks import EXCEL_MAX_CELL_CHARS, WorkbookLimits, scan_workbook
 __all__ = [
     "ROW",
     "Batches",
+    "HeaderHint",
     "Notice",
     "Table",
     "file_sha256",
@@ -101,9 +111,29 @@ class Notice:
     value: str | None = None
 
 
+@dataclass(frozen=True)
+class HeaderHint:
+    """Where a file's header row is.
+
+    ``row``: the row a user names (1-based, as a spreadsheet numbers rows: ``--header-row``, a
+    profile's ``header_row``). Else the header is the first row (of the first 64 KiB, or 200 rows)
+    with at least two cells that ``known`` accepts (a mapping knows those names); else, and when
+    ``known`` is None, the first row that is not blank.
+    """
+
+    row: int | None = None
+    known: Callable[[str], bool] | None = None
+
+
+#: How many cells a row must name (``HeaderHint.known``) to be taken for the header.
+_HEADER_MIN_KNOWN = 2
+_HEADER_SCAN_ROWS = 200
+
+
 @dataclass
 class Table:
-    """One input file read as text."""
+    """One input file read as text; ``blank_rows``: the blank rows below the header left out (so far,
+    for a table read in batches: the count is whole once the batches end)."""
 
     path: Path
     format: Literal["csv", "xlsx", "hl7"]
@@ -113,6 +143,7 @@ class Table:
     delimiter: str | None = None
     sheet: str | None = None
     notices: list[Notice] = field(default_factory=list)
+    blank_rows: int = 0
 
     @property
     def columns(self) -> list[str]:
@@ -129,8 +160,17 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def read_table(path: str | Path, *, sheet: str | None = None, limits: WorkbookLimits | None = None) -> Table:
+def read_table(
+    path: str | Path,
+    *,
+    sheet: str | None = None,
+    limits: WorkbookLimits | None = None,
+    header: HeaderHint | None = None,
+) -> Table:
     """Read a CSV (any of ``, ; tab |``) or an ``.xlsx`` file as text.
+
+    ``header`` says where the header row is (:class:`HeaderHint`; by default the first row that is not
+    blank). Blank rows below it are left out and counted in :attr:`Table.blank_rows`.
 
     A workbook is first checked against ``limits`` (:func:`etl.workbooks.scan_workbook`; the
     defaults when ``None``), and a cell longer than Excel's 32,767 characters refuses it.
@@ -140,12 +180,13 @@ def read_table(path: str | Path, *, sheet: str | None = None, limits: WorkbookLi
     path = Path(path)
     head = _head(path)
     try:
+        hint = header or HeaderHint()
         if is_hl7(head):
             if sheet is not None:
                 raise InputError(str(path), "--sheet applies to Excel files only")
             table = _read_hl7(path)
         elif _is_workbook(path, head):
-            table = _read_xlsx(path, sheet, limits)
+            table = _read_xlsx(path, sheet, limits, hint)
             if path.suffix.lower() not in _EXCEL_SUFFIXES:
                 named = f"named {path.suffix}" if path.suffix else "named without an extension"
                 mismatch = RULES["format-mismatch"]
@@ -157,8 +198,8 @@ def read_table(path: str | Path, *, sheet: str | None = None, limits: WorkbookLi
                 )
             if sheet is not None:
                 raise InputError(str(path), "--sheet applies to Excel files only")
-            table = _read_csv(path, head)
-        _check_headers(table)
+            table = _read_csv(path, head, hint)
+        table.frame, table.blank_rows = _without_blank_rows(table.frame)
         if is_own_rejects(table.columns):
             table.frame = unguard_formulas(table.frame)
         table.sha256 = file_sha256(path)
@@ -186,6 +227,7 @@ def read_batches(
     rows: int = 75_000,
     stream_from: int | None = None,
     limits: WorkbookLimits | None = None,
+    header: HeaderHint | None = None,
 ) -> Batches:
     """Read a table in batches of at most ``rows`` rows, each with its ``__row`` numbers.
 
@@ -193,9 +235,11 @@ def read_batches(
     chunk of whole records at a time (cut where a line break is outside quotes) and parsed by polars,
     so it is never held whole; anything else (a workbook, another encoding, a small file) is read by
     :func:`read_table`, with every check it makes, and then cut. A CSV that turns out to be broken
-    part-way is read again whole, so the error names its row as usual.
+    part-way is read again whole, so the error names its row as usual. Blank rows are left out of
+    the batches and counted in the table's :attr:`~Table.blank_rows` as they go.
     """
     path = Path(path)
+    hint = header or HeaderHint()
     threshold = STREAM_FROM_BYTES if stream_from is None else stream_from
     head = _head(path)
     size = path.stat().st_size
@@ -209,26 +253,34 @@ def read_batches(
         and not _has_bare_cr(path)
     )
     if not streamable:
-        table = read_table(path, sheet=sheet, limits=limits)
+        table = read_table(path, sheet=sheet, limits=limits, header=hint)
         frame, table.frame = table.frame, table.frame.clear()
         return Batches(table, (frame.slice(i, rows) for i in range(0, max(frame.height, 1), rows)))
     sample = head.decode("utf-8", errors="ignore").lstrip("\ufeff")
-    delimiter = sniff_delimiter(sample)
+    at, delimiter = _find_header(str(path), _records(sample, max(_HEADER_SCAN_ROWS, hint.row or 0)), hint)
     body = head.removeprefix(codecs.BOM_UTF8)
-    header_end = _first_record_end(body)
+    header_start = 0
+    for _ in range(at):  # the rows above the header
+        header_start += max(0, _first_record_end(body[header_start:]))
+    header_end = _first_record_end(body[header_start:])
     if header_end < 0:  # a header longer than the sniffed head: not the migration-sized case
-        return read_batches(path, sheet=sheet, rows=rows, stream_from=size + 1, limits=limits)
-    header_line = body[:header_end]
-    header = _parse_chunk(path, header_line, b"", delimiter).with_row_index(ROW, offset=2)
-    table = Table(path, "csv", header, "", encoding="utf-8", delimiter=delimiter)
-    _check_headers(table)
+        return read_batches(path, sheet=sheet, rows=rows, stream_from=size + 1, limits=limits, header=hint)
+    header_end += header_start
+    header_line = body[header_start:header_end]
+    first = _parse_chunk(path, header_line, b"", delimiter)
+    names, notices = _name_headers(str(path), _raw_names(first.columns), row=at + 1)
+    top = first.rename(dict(zip(first.columns, names, strict=True))).with_row_index(ROW, offset=at + 2)
+    table = Table(path, "csv", top, "", encoding="utf-8", delimiter=delimiter, notices=notices)
+    if at:
+        table.notices.insert(0, _title_notice(str(path), at))
     # The file's digest is read beside the batches (hashlib lets go of the GIL) and is there once they end.
     digest = ThreadPoolExecutor(1, thread_name_prefix="sha256")
     future = digest.submit(file_sha256, path)
     digest.shutdown(wait=False)
     per_row = max(1, len(body) - header_end) / max(1, body.count(b"\n", header_end))
     skip = len(head) - len(body) + header_end
-    chunks = _chunked(path, header.columns[1:], skip, delimiter, rows, max(4096, int(per_row * rows)))
+    chunks = _chunked(path, top.columns[1:], skip, delimiter, rows, max(4096, int(per_row * rows)), at + 2)
+    chunks = _counting_blanks(chunks, table)
     if is_own_rejects(table.columns):
         table.frame = unguard_formulas(table.frame)
         chunks = (unguard_formulas(chunk) for chunk in chunks)
@@ -241,6 +293,32 @@ def is_own_rejects(columns: list[str]) -> bool:
     shaped = len(columns) >= 3 and columns[:2] == ["source_file", "source_row"] and columns[-1] == "reasons"
     # A hand-edited header could unguard onto another one; then the file is read as written.
     return shaped and len({unguarded(c) for c in columns}) == len(columns)
+
+
+def _without_blank_rows(frame: pl.DataFrame) -> tuple[pl.DataFrame, int]:
+    """``frame`` without its blank rows (every cell empty or whitespace: an empty line, ``;;;;``), and
+    how many there were. Their ``__row`` numbers are not reused: the rows left keep theirs."""
+    cells = [c for c in frame.columns if c != ROW]
+    if not cells or not frame.height:
+        return frame, 0
+    # Column by column, over the rows still blank so far: most rows are ruled out by their first
+    # cells, so a wide batch costs about one column's check, not one per cell.
+    blank = pl.int_range(0, frame.height, dtype=pl.UInt32, eager=True)
+    for name in cells:
+        column = frame.get_column(name)
+        column = column if len(blank) == frame.height else column.gather(blank)
+        blank = blank.filter(column.is_null() | (column.str.strip_chars() == ""))
+        if blank.is_empty():
+            return frame, 0
+    keep = pl.repeat(True, frame.height, dtype=pl.Boolean, eager=True).scatter(blank, False)
+    return frame.filter(keep), len(blank)
+
+
+def _counting_blanks(batches: Iterator[pl.DataFrame], table: Table) -> Iterator[pl.DataFrame]:
+    for batch in batches:
+        kept, blank = _without_blank_rows(batch)
+        table.blank_rows += blank
+        yield kept
 
 
 def _then(batches: Iterator[pl.DataFrame], done: Callable[[], None]) -> Iterator[pl.DataFrame]:
@@ -277,10 +355,11 @@ def _record_end(data: bytes, start: int = 0) -> int:
 
 
 def _chunked(
-    path: Path, header: list[str], skip: int, delimiter: str, rows: int, chunk_bytes: int
+    path: Path, header: list[str], skip: int, delimiter: str, rows: int, chunk_bytes: int, first_row: int = 2
 ) -> Iterator[pl.DataFrame]:
-    """The records after the header, parsed a chunk of whole records at a time, cut to ``rows``."""
-    next_row = 2  # the header is row 1
+    """The records after the header, parsed a chunk of whole records at a time, cut to ``rows``;
+    the first is row ``first_row`` (the header's row and one)."""
+    next_row = first_row
     with path.open("rb") as fh:
         fh.seek(skip)
         tail = b""
@@ -482,13 +561,13 @@ class _NotUtf8Error(Exception):
     """polars met bytes that are not UTF-8 past the sniffed head."""
 
 
-def _read_csv(path: Path, head: bytes) -> Table:
+def _read_csv(path: Path, head: bytes, hint: HeaderHint) -> Table:
     encoding, notices = _decode_choice(path, head)
     if encoding == "utf-8" and not _has_bare_cr(path):
         # The common case: polars reads the file itself, never held whole in Python.
         sample = head.decode("utf-8", errors="ignore").lstrip("\ufeff")
         try:
-            return _parse_csv(path, path, sample, encoding, notices)
+            return _parse_csv(path, path, sample, encoding, notices, hint)
         except _NotUtf8Error:
             pass  # bad bytes after the sniffed head: read it all as text below
     data = path.read_bytes()
@@ -507,11 +586,14 @@ def _read_csv(path: Path, head: bytes) -> Table:
         if _BARE_CR_TEXT_ALONE.search(text):
             notices.append(Notice(RULES["line-endings"].code, RULES["line-endings"].text(), str(path)))
         text = _BARE_CR_TEXT.sub("\n", text)
-    return _parse_csv(path, io.BytesIO(text.encode("utf-8")), text[:_SNIFF_BYTES], encoding, notices)
+    return _parse_csv(path, io.BytesIO(text.encode("utf-8")), text[:_SNIFF_BYTES], encoding, notices, hint)
 
 
-def _parse_csv(path: Path, source: Path | io.BytesIO, sample: str, encoding: str, notices: list[Notice]) -> Table:
-    delimiter = sniff_delimiter(sample)
+def _parse_csv(
+    path: Path, source: Path | io.BytesIO, sample: str, encoding: str, notices: list[Notice], hint: HeaderHint
+) -> Table:
+    records = _records(sample, max(_HEADER_SCAN_ROWS, hint.row or 0))
+    at, delimiter = _find_header(str(path), records, hint)
     try:
         frame = pl.read_csv(
             source,
@@ -520,6 +602,9 @@ def _parse_csv(path: Path, source: Path | io.BytesIO, sample: str, encoding: str
             has_header=True,
             quote_char='"',
             raise_if_empty=True,
+            # By line, not by record: polars passes over empty lines at the top of its own accord
+            # when it counts records, and the rows above the header are not read as CSV anyway.
+            skip_lines=at + sum(r.count("\n") for r in records[:at]),
         )
     except pl.exceptions.NoDataError as exc:
         raise InputError(str(path), "the file is empty") from exc
@@ -528,10 +613,13 @@ def _parse_csv(path: Path, source: Path | io.BytesIO, sample: str, encoding: str
         if "utf-8" in reason.lower() and encoding == "utf-8" and isinstance(source, Path):
             raise _NotUtf8Error from exc
         text = source.getvalue().decode("utf-8") if isinstance(source, io.BytesIO) else _lossy(source)
-        row, located = _locate(text, delimiter)
+        row, located = _locate(text, delimiter, at)
         raise InputError(str(path), located or f"cannot be read as CSV: {reason}", row=row) from exc
-    frame = frame.with_row_index(ROW, offset=2)
-    return Table(path, "csv", frame, "", encoding=encoding, delimiter=delimiter, notices=notices)
+    names, renamed = _name_headers(str(path), _raw_names(frame.columns), row=at + 1)
+    frame = frame.rename(dict(zip(frame.columns, names, strict=True))).with_row_index(ROW, offset=at + 2)
+    if at:
+        notices.append(_title_notice(str(path), at))
+    return Table(path, "csv", frame, "", encoding=encoding, delimiter=delimiter, notices=[*notices, *renamed])
 
 
 def _lossy(path: Path) -> str:
@@ -547,16 +635,19 @@ def _polars_reason(exc: Exception) -> str:
     return first[:300]
 
 
-def _locate(text: str, delimiter: str) -> tuple[int | None, str]:
+def _locate(text: str, delimiter: str, at: int = 0) -> tuple[int | None, str]:
     """The row (as a spreadsheet counts records) where ``text`` stops being a
-    table, and why; ``(None, "")`` when Python's csv module finds nothing wrong."""
+    table, and why; ``(None, "")`` when Python's csv module finds nothing wrong.
+    The header is row ``at + 1``: the rows above it are not the table's."""
     previous_limit = csv.field_size_limit(sys.maxsize)  # a 10 MB cell is data, not an error here
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
     row, line, width = 0, 1, 0
     name = _DELIMITER_NAMES.get(delimiter, repr(delimiter))
     try:
         for row, record in enumerate(reader, start=1):
-            if row == 1:
+            if row <= at:
+                pass
+            elif row == at + 1:
                 width = len(record)
             elif len(record) > width:
                 return row, (
@@ -575,7 +666,7 @@ def _locate(text: str, delimiter: str) -> tuple[int | None, str]:
 # -- Excel -------------------------------------------------------------------------
 
 
-def _read_xlsx(path: Path, sheet: str | None, limits: WorkbookLimits | None) -> Table:
+def _read_xlsx(path: Path, sheet: str | None, limits: WorkbookLimits | None, hint: HeaderHint) -> Table:
     import fastexcel
 
     # Before the Excel reader sees it: a zip bomb, or a grid of billions of cells, would abort the
@@ -601,9 +692,8 @@ def _read_xlsx(path: Path, sheet: str | None, limits: WorkbookLimits | None) -> 
         raise InputError(
             str(path), f"cannot be read as an Excel workbook (damaged, truncated or not a workbook): {first}"
         ) from exc
-    frame = _sheet_table(path, grid.select(pl.all().cast(pl.String)))
+    frame, notices = _sheet_table(path, grid.select(pl.all().cast(pl.String)), hint)
     _refuse_long_cells(path, chosen, frame)
-    notices = []
     if sheet is None and len(names) > 1:
         others = RULES["other-sheets"]
         notices.append(Notice(others.code, others.text(sheet=chosen, others=", ".join(names[1:])), str(path)))
@@ -631,43 +721,133 @@ def _refuse_long_cells(path: Path, sheet: str, frame: pl.DataFrame) -> None:
 _OVER_EXCEL = f"over Excel's limit of {EXCEL_MAX_CELL_CHARS:,} (a crafted or damaged workbook)"
 
 
-def _sheet_table(path: Path, grid: pl.DataFrame) -> pl.DataFrame:
-    """The grid's first non-blank row as the header, the rows below as data."""
+def _sheet_table(path: Path, grid: pl.DataFrame, hint: HeaderHint) -> tuple[pl.DataFrame, list[Notice]]:
+    """The header row (:func:`_find_header`) and the rows below it as data; the notices it earns."""
     if not grid.width or not grid.height:
         raise InputError(str(path), "the sheet is empty: no header row")
-    filled = grid.select(
-        pl.any_horizontal(pl.col(c).str.strip_chars().str.len_chars().fill_null(0) > 0 for c in grid.columns)
-    ).to_series()
-    header_at = filled.arg_true()
-    if header_at.is_empty():
-        raise InputError(str(path), "the sheet is empty: no header row")
-    index = int(header_at[0])
-    names = [cell if cell is not None and cell.strip() else f"__UNNAMED__{i}" for i, cell in enumerate(grid.row(index))]
-    _refuse_duplicates(path, names, row=index + 1)
-    return (
-        grid.slice(index + 1).rename(dict(zip(grid.columns, names, strict=True))).with_row_index(ROW, offset=index + 2)
-    )
+    top = [[cell or "" for cell in row] for row in grid.head(max(_HEADER_SCAN_ROWS, hint.row or 0)).rows()]
+    if hint.row is not None and hint.row > grid.height:
+        raise InputError(str(path), f"--header-row {hint.row}: the sheet has {grid.height} rows")
+    index, _ = _find_header(str(path), top, hint)
+    names, notices = _name_headers(str(path), list(grid.row(index)), row=index + 1)
+    if index:
+        notices.insert(0, _title_notice(str(path), index))
+    frame = grid.slice(index + 1).rename(dict(zip(grid.columns, names, strict=True)))
+    return frame.with_row_index(ROW, offset=index + 2), notices
 
 
 # -- headers -------------------------------------------------------------------------
 
 
-def _refuse_duplicates(path: Path, names: list[str], row: int) -> None:
-    counts = Counter(c.strip() for c in names)
-    dupes = sorted(c for c, n in counts.items() if n > 1 and c)
-    if dupes:
-        raise InputError(str(path), f"duplicate column header(s): {', '.join(dupes)}", row=row)
+def _find_header(file: str, records: list[str] | list[list[str]], hint: HeaderHint) -> tuple[int, str]:
+    """The header's index among a file's first ``records`` (0-based; rows above it are skipped) and
+    the delimiter that splits it (``","`` for a workbook's rows, given as lists of cells).
+
+    A CSV's records are lines of text: each is split by every candidate delimiter, and the one that
+    names the most known columns (else gives the most cells) splits the header. See :class:`HeaderHint`.
+    """
+    if hint.row is not None:
+        if hint.row < 1:
+            raise InputError(file, f"--header-row {hint.row}: rows are numbered from 1")
+        if hint.row > len(records):
+            raise InputError(file, f"--header-row {hint.row}: the file's first rows hold {len(records)} rows")
+        chosen = records[hint.row - 1]
+        return hint.row - 1, sniff_delimiter(chosen) if isinstance(chosen, str) else ","
+    first: int | None = None
+    for i, record in enumerate(records[:_HEADER_SCAN_ROWS]):
+        if _BLANK_RECORD.fullmatch(record) if isinstance(record, str) else all(not c.strip() for c in record):
+            continue  # a blank row, or bare separators
+        splits = [(d, _split(record, d)) for d in DELIMITERS] if isinstance(record, str) else [(",", record)]
+        if first is None:
+            first = i
+        if hint.known is None:
+            break
+        known = hint.known
+        score, _, delimiter = max(
+            (sum(1 for c in cells if c.strip() and known(c)), len(cells), d) for d, cells in splits
+        )
+        if score >= _HEADER_MIN_KNOWN:
+            return i, delimiter
+    if first is None:
+        raise InputError(file, "the file is empty: no header row")
+    chosen = records[first]
+    return first, sniff_delimiter(chosen) if isinstance(chosen, str) else ","
 
 
-def _check_headers(table: Table) -> None:
-    columns = table.columns
-    if not columns:
-        raise InputError(str(table.path), "no header row")
-    blanks = [c for c in columns if not c.strip() or c.startswith("__UNNAMED__")]
-    if len(blanks) == len(columns):
-        raise InputError(str(table.path), "the header row is empty", row=1)
-    # polars renames the second `a` to `a_duplicated_0`; that is a source error worth naming.
-    renamed = sorted({c.rsplit("_duplicated_", 1)[0] for c in columns if "_duplicated_" in c})
+def _name_headers(file: str, cells: list[str | None], *, row: int) -> tuple[list[str], list[Notice]]:
+    """Unique column names for a header row's ``cells``: a blank cell, or one repeating an earlier
+    cell (ignoring surrounding spaces), is named ``column_N`` (N: its 1-based position), with one
+    ``header-renamed`` notice naming each. A header row with no name at all is refused."""
+    if not cells or all(c is None or not c.strip() for c in cells):
+        raise InputError(file, "the header row is empty", row=row)
+    names: list[str] = []
+    seen: set[str] = set()
+    taken = {c for c in cells if c is not None}
+    renamed: list[str] = []
+    for position, cell in enumerate(cells, start=1):
+        text = cell if cell is not None else ""
+        if text.strip() and text.strip() not in seen:
+            seen.add(text.strip())
+            names.append(text)
+            continue
+        name = f"column_{position}"
+        while name in taken or name in names:
+            name += "_"
+        why = f"repeats {text.strip()!r}" if text.strip() else "blank"
+        renamed.append(f"{name} ({_column_letters(position)}, {why})")
+        names.append(name)
+    notices = []
     if renamed:
-        raise InputError(str(table.path), f"duplicate column header(s): {', '.join(renamed)}", row=1)
-    _refuse_duplicates(table.path, columns, row=1)
+        rule = RULES["header-renamed"]
+        notices.append(Notice(rule.code, rule.text(renamed=", ".join(renamed)), file, row=row))
+    return names, notices
+
+
+def _column_letters(position: int) -> str:
+    """A spreadsheet's letters for a 1-based column position: 1 is A, 27 is AA."""
+    letters = ""
+    while position > 0:
+        position, rest = divmod(position - 1, 26)
+        letters = chr(65 + rest) + letters
+    return letters
+
+
+def _title_notice(file: str, skipped: int) -> Notice:
+    rule = RULES["title-rows"]
+    return Notice(rule.code, rule.text(row=skipped + 1, skipped=skipped), file, row=skipped + 1)
+
+
+_BLANK_RECORD = re.compile(r'[\s,;|"]*')  # a record of nothing but separators, quotes and spaces
+_POLARS_DUPLICATE = re.compile(r"^(.*)_duplicated_\d+$")
+
+
+def _raw_names(columns: list[str]) -> list[str | None]:
+    """A header's cells as the file wrote them, from the names polars gave them (``a_duplicated_0``
+    for a second ``a``, ``_duplicated_0`` for a second blank)."""
+    return [m.group(1) if (m := _POLARS_DUPLICATE.match(c)) else c for c in columns]
+
+
+def _split(line: str, delimiter: str) -> list[str]:
+    """One record of CSV text split into its cells (a damaged one by the delimiter alone)."""
+    try:
+        return next(csv.reader(io.StringIO(line, newline=""), delimiter=delimiter), [])
+    except csv.Error:
+        return line.split(delimiter)
+
+
+def _records(sample: str, limit: int = _HEADER_SCAN_ROWS) -> list[str]:
+    """The whole records at the start of ``sample`` (a line break inside quotes is no record's end);
+    the last, perhaps cut short by the sample's end, is kept."""
+    records: list[str] = []
+    start, in_quotes = 0, False
+    for i, ch in enumerate(sample):
+        if ch == '"':
+            in_quotes = not in_quotes
+        elif ch == "\n" and not in_quotes:
+            records.append(sample[start:i].removesuffix("\r"))
+            start = i + 1
+            if len(records) >= limit:
+                return records
+    if sample[start:].strip("\r\n"):
+        records.append(sample[start:])
+    return records

@@ -190,6 +190,9 @@ class Summary(RunFacts):
     target: str
     inputs: list[InputFacts]
     rows_total: int
+    # Blank rows (empty, or bare separators) the inputs held below their headers: no line in rows.csv,
+    # so the inputs' rows are rows_total + blank_rows.
+    blank_rows: int | None = None
     states: dict[str, int]  # every final state, summing to rows_total
     kinds: dict[str, dict[str, int]]
     warnings: list[NoticeFacts | RowWarnings]
@@ -201,7 +204,8 @@ class Summary(RunFacts):
 
     # The run's own facts first, then what its kind adds (RunFacts), then batch_rows and report_dir.
     _ORDER: ClassVar[tuple[str, ...]] = (
-        "run_id", "command", "dry_run", "target", "inputs", "rows_total", "states", "kinds", "warnings", "timings",
+        "run_id", "command", "dry_run", "target", "inputs", "rows_total", "blank_rows", "states", "kinds", "warnings",
+        "timings",
         *RunFacts.model_fields, "batch_rows", "report_dir", "not_carried", "not_imported",
     )
 

@@ -330,6 +330,20 @@ RULES: dict[str, Rule] = catalogue(
             "lone \\r line endings, each read as a line break",
         ),
         Rule(
+            "title-rows",
+            "warning",
+            "rows above the header (a title, notes, blank lines) were not read",
+            "nothing, if the header was found on the right row; else pass --header-row N (or a profile's header_row)",
+            "header found on row {row}; the {skipped} row(s) above it were not read",
+        ),
+        Rule(
+            "header-renamed",
+            "warning",
+            "a header cell was blank, or repeated an earlier one, and was named column_N (N: its position)",
+            "name the column in the file, or map column_N in a profile's [columns]; its data is not imported otherwise",
+            "header cell(s) renamed: {renamed}",
+        ),
+        Rule(
             "format-mismatch",
             "warning",
             "the file's name says CSV but it is an Excel workbook; it was read as a workbook",

@@ -76,6 +76,9 @@ class Settings(BaseSettings):
     kind: str | None = None  # None: each file's kind from the profile or its headers
     crosswalk: Path | None = None  # kind, source_id, clinikapi_id
     sheet: str | None = None
+    # The header's row, 1-based (rows above it are skipped); None: the profile's header_row, else the
+    # first row naming known columns (etl.readers.HeaderHint).
+    header_row: int | None = Field(default=None, ge=1)
     dry_run: bool = False
     update: bool = False  # PATCH rows that changed since an earlier run created them
     redact: bool = False  # a shareable report: no names, birth dates or contact details

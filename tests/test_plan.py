@@ -149,11 +149,13 @@ def test_a_scanned_csv_broken_late_names_the_row(tmp_path: Path) -> None:
     assert "ragged.csv" in str(caught.value)
 
 
-def test_duplicate_headers_are_refused_before_any_batch(tmp_path: Path) -> None:
+def test_a_repeated_header_is_named_column_n_before_any_batch(tmp_path: Path) -> None:
     path = tmp_path / "dup.csv"
     path.write_text("Record ID,CVX,CVX\nR1,08,09\n")
-    with pytest.raises(InputError, match="duplicate column header"):
-        read_batches(path, rows=1, stream_from=0)
+    batches = read_batches(path, rows=1, stream_from=0)
+    assert batches.table.columns == ["Record ID", "CVX", "column_3"]
+    assert [n.code for n in batches.table.notices] == ["header-renamed"]
+    assert pl.concat(list(batches.batches)).get_column("CVX").to_list() == ["08"]
 
 
 _DATES = st.one_of(

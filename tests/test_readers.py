@@ -10,7 +10,8 @@ import pytest
 import xlsxwriter
 
 from etl.errors import InputError
-from etl.readers import ROW, read_table, sniff_delimiter
+from etl.mapping import default_profile, known_header
+from etl.readers import ROW, HeaderHint, read_table, sniff_delimiter
 
 ROWS = 'id,zip,cvx,note\nr1,02134,08,"two\nlines"\nr2,10003,8,plain\n'
 
@@ -59,7 +60,6 @@ def test_utf16_with_bom(tmp_path: Path) -> None:
         (b"", "empty"),
         (b"   \n", "empty"),
         (b"a,b\n1,2,3\n", "row 2: 3 cells where the header has 2"),
-        (b"a,a\n1,2\n", "duplicate column"),
         (b"\x00\x01\x02garbage", "binary"),
     ],
 )
@@ -108,3 +108,50 @@ def test_not_really_xlsx(tmp_path: Path) -> None:
     path.write_text("a,b\n1,2\n")
     with pytest.raises(InputError, match="not an Excel workbook"):
         read_table(path)
+
+
+# --- the header row: title rows above it, blank rows below it -----------------------------------
+
+KNOWN = HeaderHint(known=known_header(default_profile()))
+
+
+def test_title_rows_of_any_shape_are_passed_over(tmp_path: Path) -> None:
+    """A quoted title spanning two lines, then one with a comma, above a ';' header: the header's
+    delimiter is the one that splits it into known columns, and rows keep the spreadsheet's numbers."""
+    path = tmp_path / "titled.csv"
+    path.write_text(
+        '"Registry export\nweek 11";;\nWeekly export, 03/18/2024\nRecord ID;Patient ID;CVX\nR1;P1;08\n;;\nR2;P2;20\n',
+        encoding="utf-8",
+    )
+    for hint in (KNOWN, HeaderHint(row=3)):
+        table = read_table(path, header=hint)
+        assert (table.delimiter, table.columns) == (";", ["Record ID", "Patient ID", "CVX"])
+        assert table.frame.get_column(ROW).to_list() == [4, 6]
+        assert table.frame.get_column("CVX").to_list() == ["08", "20"]
+        assert table.blank_rows == 1
+        assert [n.code for n in table.notices] == ["title-rows"]
+
+
+def test_without_a_hint_the_first_row_that_is_not_blank_is_the_header(tmp_path: Path) -> None:
+    path = tmp_path / "late.csv"
+    path.write_text("\n,,\nid,cvx,zip\nr1,08,02134\n", encoding="utf-8")
+    table = read_table(path)
+    assert table.columns == ["id", "cvx", "zip"]
+    assert table.frame.get_column(ROW).to_list() == [4]
+    assert table.frame.get_column("zip").to_list() == ["02134"]
+
+
+def test_a_workbook_header_row_is_the_sheet_row(tmp_path: Path) -> None:
+    path = tmp_path / "titled.xlsx"
+    book = xlsxwriter.Workbook(path)
+    sheet = book.add_worksheet("Vax")
+    sheet.write(0, 0, "Patient ID and CVX by clinic")  # a title naming columns in words, in one cell
+    sheet.write_row(2, 0, ["Record ID", "Patient ID", "CVX"])
+    sheet.write_row(3, 0, ["R1", "P1", "08"])
+    book.close()
+    for hint in (KNOWN, HeaderHint(row=3)):
+        table = read_table(path, header=hint)
+        assert table.columns == ["Record ID", "Patient ID", "CVX"]
+        assert table.frame.get_column(ROW).to_list() == [4]
+    with pytest.raises(InputError, match="--header-row 9: the sheet has 4 rows"):
+        read_table(path, header=HeaderHint(row=9))

@@ -291,7 +291,10 @@ def test_summary_json_of_a_validate_and_a_dry_run(tmp_path: Path) -> None:
     )
     validated = validate_files([source], Settings(report_dir=tmp_path / "v"))
     written = json.loads((tmp_path / "v" / "summary.json").read_text(encoding="utf-8"))
-    assert list(written) == [*RUN_KEYS, "batch_rows", "report_dir", "not_carried", "not_imported"]
+    # A run's summary says how many blank rows its inputs held (0 here), after rows_total.
+    assert list(written) == [*RUN_KEYS[:6], "blank_rows", *RUN_KEYS[6:], "batch_rows", "report_dir", "not_carried",
+                             "not_imported"]
+    assert written["blank_rows"] == 0
     assert written == validated.summary
     assert written["not_carried"] == {str(source): [{"column": "extra_column", "reason": "unmapped"}]}
     assert written["not_imported"] == []
@@ -301,6 +304,6 @@ def test_summary_json_of_a_validate_and_a_dry_run(tmp_path: Path) -> None:
     assert list(written["inputs"][0]) == ["path", "sha256", "format", "encoding", "delimiter", "sheet", "kind",
                                           "profile", "rows", "columns_mapped"]
     dry = load_files([source], Settings(report_dir=tmp_path / "d", dry_run=True, state=tmp_path / "s.sqlite"))
-    assert list(dry.summary) == [*RUN_KEYS, "requests_planned", "batch_rows", "report_dir", "not_carried",
-                                 "not_imported"]
+    assert list(dry.summary) == [*RUN_KEYS[:6], "blank_rows", *RUN_KEYS[6:], "requests_planned", "batch_rows",
+                                 "report_dir", "not_carried", "not_imported"]
     assert dry.summary["dry_run"] is True and sum(dry.summary["requests_planned"].values()) >= 2
