@@ -553,8 +553,14 @@ class ResourceApi:
         return self._answer(request, resource, 201)
 
     async def read(self, request: Request) -> Response:
-        """``GET /{id}``."""
+        """``GET /{id}``. ``_revinclude`` / ``_include`` (OpenAPI readPatient; the SDK's ``read(id, {include})``)
+        make the API answer a FHIR Bundle found by search: not imitated (501). Any other parameter: 400."""
         rid = request.path_params["id"]
+        for name in request.query_params:
+            if name in ("_revinclude", "_include"):
+                raise ApiProblemError(501, "NOT_IMPLEMENTED", f"The sandbox does not imitate {name} on a read; "
+                                      "read by id without it, or use a ClinikAPI test tenant")
+            raise _bad_query(name, "a read by id takes no query parameters")
         resource = self.store.get(self.kind.route, rid)
         if resource is None:
             raise self._not_found(rid)

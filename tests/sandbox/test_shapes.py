@@ -242,3 +242,12 @@ def test_routes_not_imitated_are_501_with_an_error_body(client: httpx.Client, me
     assert (status, code) == (501, "NOT_IMPLEMENTED")
     # Still behind the key, like every /v1 route.
     assert client.request(method, path, headers={"x-api-key": ""}).status_code == 401
+
+
+def test_a_read_with_include_is_501_and_with_another_parameter_400(client: httpx.Client) -> None:
+    pat = post(client, "/v1/patients", {"firstName": "In", "lastName": "Clude"})["id"]
+    # sdk patients.read(id, {include}) sends _revinclude: the API answers a Bundle found by search.
+    response = client.get(f"/v1/patients/{pat}", params={"_revinclude": "Encounter:subject"})
+    assert problem(response)[:2] == (501, "NOT_IMPLEMENTED")
+    assert problem(client.get(f"/v1/patients/{pat}", params={"foo": "1"}))[:2] == (400, "VALIDATION_ERROR")
+    assert client.get(f"/v1/patients/{pat}").status_code == 200
