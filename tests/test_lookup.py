@@ -88,12 +88,20 @@ def test_a_patient_summary_with_only_a_full_name_matches() -> None:
     assert matches("patient", fhir_patient, BODIES["patient"][1])
 
 
-def test_a_candidate_lacking_a_key_field_of_the_body_does_not_match() -> None:
+def test_a_candidate_lacking_an_identifying_field_does_not_match_one_lacking_a_detail_does() -> None:
     _, body = BODIES["immunization"]
     answer = render(stored("immunization"), "fhir")
-    del answer["lotNumber"]
-    assert not matches("immunization", answer, body)
+    del answer["lotNumber"]  # a detail the API may leave out of its answer
+    assert matches("immunization", answer, body)
+    for identifying in ("patient", "vaccineCode", "occurrenceDateTime"):
+        assert not matches("immunization", {k: v for k, v in answer.items() if k != identifying}, body)
     assert not matches("immunization", None, body)
+
+
+def test_a_patient_summary_whose_full_name_adds_a_middle_name_matches_on_its_parts() -> None:
+    summary = {"id": PAT, "fullName": "Ana Maria Lima", "firstName": "Ana", "lastName": "Lima",
+               "middleName": "Maria", "birthDate": "1990-04-01"}
+    assert matches("patient", summary, BODIES["patient"][1])
 
 
 def test_normalisers() -> None:

@@ -15,8 +15,9 @@ answers in either shape (``etl.sandbox.shapes``). So a candidate is compared wit
   (``2024-03-15T05:30:00-05:00`` equals ``2024-03-15T10:30:00Z``), one without stays as written;
 * a name: ``firstName``/``lastName``, or FHIR ``name[0].given[0]``/``family``, or only ``fullName``, folded.
 
-A body's key field that is absent from the candidate (or different) rules it out; a key field the body lacks is
-not compared. Everything else the API may reshape, add or drop is ignored: matching "every field echoed back"
+A key field both carry must be equal; an identifying one (:data:`IDENTITY`: the patient, the vaccine, the
+date...) that the body has and the candidate lacks rules the candidate out; a key field the body lacks is not
+compared. Everything else the API may reshape, add or drop is ignored: matching "every field echoed back"
 would never match a reshaped answer, and a row whose create timed out would be judged absent and sent twice.
 """
 
@@ -26,7 +27,7 @@ from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any, Final
 
-__all__ = ["KEY_FIELDS", "key_fields", "matches", "normal_code", "normal_instant", "reference_id"]
+__all__ = ["IDENTITY", "KEY_FIELDS", "key_fields", "matches", "normal_code", "normal_instant", "reference_id"]
 
 Reader = Callable[[Mapping[str, Any]], object]
 
@@ -101,10 +102,14 @@ def _family(r: Mapping[str, Any]) -> object:
 
 
 def _full_name(r: Mapping[str, Any]) -> object:
-    if "fullName" in r:
-        return " ".join(str(r["fullName"]).casefold().split())
+    # The name parts when there are any (a PatientSummary has them too: its fullName may add a middle name
+    # or a prefix); fullName only when they are all the answer has.
     given, family = _given(r), _family(r)
-    return " ".join(str(p) for p in (given, family) if p) or None
+    if given or family:
+        return " ".join(" ".join(str(p).split()) for p in (given, family) if p)
+    if isinstance(r.get("fullName"), str) and r["fullName"].strip():
+        return " ".join(r["fullName"].casefold().split())
+    return None
 
 
 def _npi(r: Mapping[str, Any]) -> object:
@@ -171,6 +176,19 @@ KEY_FIELDS: Final[Mapping[str, Mapping[str, Reader]]] = {
 }
 
 
+#: Kind -> the key fields that identify the resource: a candidate without one of them (that the body has) is
+#: ruled out. The others are compared only when the candidate carries them too, so an API that leaves a
+#: detail out of its answer (a lot number, a gender) does not make a created row look absent and be sent twice.
+IDENTITY: Final[Mapping[str, frozenset[str]]] = {
+    "patient": frozenset({"fullName", "birthDate"}),
+    "practitioner": frozenset({"fullName", "npi"}),
+    "encounter": frozenset({"patient", "start"}),
+    "immunization": frozenset({"patient", "vaccine", "occurrence"}),
+    "document": frozenset({"patient", "title"}),
+    "task": frozenset({"patient", "intent"}),
+}
+
+
 def key_fields(kind: str, resource: Mapping[str, Any]) -> dict[str, object]:
     """The normalised key fields of ``resource`` (a create body, or a resource in either answer shape) that it
     carries."""
@@ -184,11 +202,12 @@ def key_fields(kind: str, resource: Mapping[str, Any]) -> dict[str, object]:
 
 
 def matches(kind: str, candidate: object, body: Mapping[str, Any]) -> bool:
-    """Whether a search result ``candidate`` can be the resource the create ``body`` made: every key field the
-    body carries is in the candidate, equal once normalised. (The caller still makes sure one resource is not
-    claimed by two rows.)"""
+    """Whether a search result ``candidate`` can be the resource the create ``body`` made: every identifying key
+    field (:data:`IDENTITY`) the body carries is in the candidate, and every key field both carry is equal once
+    normalised. (The caller still makes sure one resource is not claimed by two rows.)"""
     if not isinstance(candidate, Mapping):
         return False
     wanted = key_fields(kind, body)
     got = key_fields(kind, candidate)
-    return all(name in got and got[name] == value for name, value in wanted.items())
+    identity = IDENTITY.get(kind, frozenset({"patient"}))
+    return all(got[name] == value if name in got else name not in identity for name, value in wanted.items())
