@@ -16,7 +16,7 @@ import sqlite3
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import click
 from pydantic import ValidationError
@@ -461,6 +461,13 @@ def load(
     metavar="SECONDS",
     help="New resources appear in search only after this many seconds (read by id at once; at most 3600).",
 )
+@click.option(
+    "--responses",
+    type=click.Choice(["fhir", "simple"]),
+    default="fhir",
+    show_default=True,
+    help="Shape of answers: fhir (as the official SDK's types describe) or simple (the create body echoed).",
+)
 @handle_errors
 def sandbox(
     host: str,
@@ -474,6 +481,7 @@ def sandbox(
     slow_seconds: float,
     seed: int | None,
     search_lag: float,
+    responses: Literal["fhir", "simple"],
 ) -> None:
     """Run a local ClinikAPI sandbox until interrupted.
 
@@ -494,6 +502,7 @@ def sandbox(
         slow_seconds=slow_seconds,
         seed=seed,
         search_lag=search_lag,
+        responses=responses,
     )
     serve_forever(config, host, port)
 

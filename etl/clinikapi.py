@@ -102,7 +102,7 @@ def open_target(settings: Settings) -> Iterator[tuple[str, str, str]]:
 
     db = sandbox_db(settings)
     private_dir(db.parent)
-    with SandboxServer(SandboxConfig(db_path=str(db))) as server:
+    with SandboxServer(SandboxConfig(db_path=str(db), responses=settings.sandbox_responses)) as server:
         yield server.base_url, server.api_key, target_identity(settings)
 
 

@@ -105,6 +105,8 @@ class Settings(BaseSettings):
     # request: a POST per create; bulk: NDJSON imports (etl.load.bulk); auto: bulk when the window cannot hold the plan
     mode: Literal["request", "bulk", "auto"] = "request"
     bulk_per_hour: int = Field(default=BULK_OPERATIONS_PER_HOUR, ge=1)  # the plan's bulk imports an hour
+    # The embedded sandbox's answer shape (etl.sandbox.shapes): fhir as the SDK describes, simple the body echoed.
+    sandbox_responses: Literal["fhir", "simple"] = "fhir"
     # --- Redox (target="redox"): FHIR R4 Immunization/$write message bundles (etl.redox)
     target: Literal["clinikapi", "redox"] = "clinikapi"
     redox_base_url: str | None = None  # None: the embedded sandbox

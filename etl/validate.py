@@ -30,7 +30,7 @@ from etl.readers import ROW, Notice
 from etl.rules import RULES, Rule
 from schemas.canonical import ENCOUNTER_CLASS_WORDS, CanonicalField, field_map, fields_of
 from schemas.codes import CVX_SYSTEM, displays, spellings
-from schemas.limits import spec_at
+from schemas.limits import FORMAT_PATTERNS, spec_at
 
 if TYPE_CHECKING:  # pandera is imported when a batch has a failing row: a clean file never waits for it
     import pandera.polars as pa
@@ -42,7 +42,7 @@ __all__ = ["REJECT_SCHEMA", "Carry", "Validation", "check", "name_key", "prepare
 REJECT_SCHEMA = {ROW: pl.UInt32, "code": pl.String, "field": pl.String, "value": pl.String, "message": pl.String}
 
 _DT = pl.Datetime("us")
-_EMAIL = r"^[^@\s]+@[^@\s]+\.[^@\s]+$"
+_EMAIL = FORMAT_PATTERNS["email"]
 _TRUE = ("true", "yes", "y", "1", "t")
 _FALSE = ("false", "no", "n", "0", "f")
 _GENDER = {"m": "male", "f": "female", "u": "unknown", "o": "other", "unk": "unknown"}

@@ -365,6 +365,24 @@ RATE_WINDOW_SECONDS = 3600.0
 API_KEY_PATTERN = r"clk_(live|test)_[A-Za-z0-9._~+/-]+=*"
 
 
+#: The string formats the OpenAPI file names (``format: email | uri | date-time`` on create-body fields),
+#: as the one pattern each that checks them: the sandbox's payload models (``schemas.models``) and the
+#: validation of input rows (``etl.validate``) both use these. ``date-time`` is RFC 3339's (JSON Schema's
+#: meaning of the keyword): a full date, ``T``, a time with seconds, and ``Z`` or an offset. ``uri`` is an
+#: absolute URI (a scheme, ``:``, then no space).
+FORMAT_PATTERNS: Mapping[str, str] = {
+    "email": r"^[^@\s]+@[^@\s]+\.[^@\s]+$",
+    "uri": r"^[A-Za-z][A-Za-z0-9+.-]*:[^\s]+$",
+    "date-time": r"^\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})$",
+}
+
+#: The shortest a required string may be. The OpenAPI file gives no ``minLength``, but the API validates
+#: bodies with Zod (``errors.mdx``: "422 - request body failed Zod validation") and an empty required
+#: string names nothing (a patient whose ``lastName`` is ``""``): the sandbox refuses it with 422 like an
+#: absent one, and validation already treats an empty cell as absent.
+REQUIRED_STRING_MIN_LENGTH = 1
+
+
 def spec_at(schema: str, path: str) -> Spec:
     """The spec at a dotted path, ``[]`` stepping into array items.
 

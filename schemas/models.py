@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, ValidationError, create_model
 
-from schemas.limits import CREATE_SCHEMAS, Spec
+from schemas.limits import CREATE_SCHEMAS, FORMAT_PATTERNS, REQUIRED_STRING_MIN_LENGTH, Spec
 
 __all__ = ["ValidationError", "model_for", "validation_issues"]
 
@@ -27,7 +27,14 @@ def _annotation(spec: Spec, name: str) -> Any:
     if spec.type == "string":
         if spec.enum:
             return Literal[spec.enum]
-        return Annotated[str, Field(max_length=spec.max_length)]
+        return Annotated[
+            str,
+            Field(
+                max_length=spec.max_length,
+                min_length=REQUIRED_STRING_MIN_LENGTH if spec.required else None,
+                pattern=FORMAT_PATTERNS[spec.format] if spec.format else None,
+            ),
+        ]
     if spec.type == "integer":
         return Annotated[StrictInt, Field(le=spec.maximum, ge=spec.minimum, gt=spec.exclusive_minimum)]
     if spec.type == "number":

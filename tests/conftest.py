@@ -41,6 +41,16 @@ def sandbox() -> Iterator[object]:
         yield server
 
 
+@pytest.fixture(params=["fhir", "simple"])
+def shaped_sandbox(request: pytest.FixtureRequest) -> Iterator[object]:
+    """A fresh sandbox server answering in each shape in turn (``etl.sandbox.shapes``): what must work
+    whatever the API returns (lookups after an unknown outcome) is proven on both."""
+    from etl.sandbox import SandboxConfig, SandboxServer
+
+    with SandboxServer(SandboxConfig(responses=request.param)) as server:
+        yield server
+
+
 @pytest.fixture()
 def open_umask() -> Iterator[None]:
     """umask 000 for the test: any file not created owner-only on purpose would be 0666."""

@@ -70,7 +70,7 @@ def test_a_create_answers_the_new_id() -> None:
     with sandbox() as server:
         created, read = with_client(server, go, seen=seen)
         assert stored(server) == 1
-    assert created.status == 201 and created.resource_id.startswith("pat_")
+    assert created.status == 201 and created.resource_id.startswith("pt_")
     assert read["id"] == created.resource_id and read["lastName"] == "Lee"
     # Every response's headers reach the throttle's hook, rate-limit numbers included.
     assert len(seen) == 2 and all("x-ratelimit-remaining" in headers for headers in seen)
@@ -196,8 +196,10 @@ def test_a_patch_updates_in_place() -> None:
     with sandbox() as server:
         created, patched, missing, read = with_client(server, go)
         assert stored(server) == 1
+        # A PatientSummary (the default fhir answers) carries no meta: the version is read from the store.
+        assert server.sandbox.store.get("/v1/patients", created.resource_id)["meta"]["versionId"] == "2"
     assert patched == Created(created.resource_id, 200)
-    assert read["lastName"] == "Lee-Smith" and read["meta"]["versionId"] == "2"
+    assert read["lastName"] == "Lee-Smith"
     assert isinstance(missing, Refused) and missing.status == 404
 
 
@@ -218,8 +220,8 @@ def test_get_returns_data_none_for_404_and_fails_on_other_refusals() -> None:
     async def go(client: ApiClient) -> Any:
         assert await client.get("/v1/patients/pat_0000000000000000") is None
         page = await client.get("/v1/patients", {"count": 5})
-        with pytest.raises(LookupFailed, match="HTTP 400 BAD_REQUEST"):
-            await client.get("/v1/patients", {"dateFrom": "yesterday"})
+        with pytest.raises(LookupFailed, match="HTTP 400 VALIDATION_ERROR"):
+            await client.get("/v1/immunizations", {"dateFrom": "yesterday"})
         return page
 
     with sandbox() as server:

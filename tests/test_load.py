@@ -132,7 +132,8 @@ def _run(
     return asyncio.run(go())
 
 
-def test_a_timeout_is_unknown_never_resent_and_resolved_by_lookup(tmp_path: Path, sandbox: Any) -> None:
+def test_a_timeout_is_unknown_never_resent_and_resolved_by_lookup(tmp_path: Path, shaped_sandbox: Any) -> None:
+    sandbox = shaped_sandbox
     state = StateStore(tmp_path / "s.sqlite", target="t")
     # The sandbox commits the patient, but its answer is lost: the loader cannot know.
     rows, patients, _ = _run(sandbox, state, httpx.Timeout(5.0), "run1", [PATIENT], [DOSE], transport=LoseAnswers(1))
@@ -142,14 +143,15 @@ def test_a_timeout_is_unknown_never_resent_and_resolved_by_lookup(tmp_path: Path
     assert count(sandbox, "/v1/patients") == 1  # it was written after all
 
     rows, patients, _ = _run(sandbox, state, httpx.Timeout(5.0), "run2", [PATIENT], [DOSE])
-    assert patients["P1"].state == "skipped" and patients["P1"].resource_id.startswith("pat_")
+    assert patients["P1"].state == "skipped" and patients["P1"].resource_id.startswith("pt_")
     assert rows["R1"].state == "created"
     assert count(sandbox, "/v1/patients") == 1  # found, not sent again
     assert count(sandbox, "/v1/immunizations") == 1
     state.close()
 
 
-def test_an_absent_unknown_is_sent_again(tmp_path: Path, sandbox: Any) -> None:
+def test_an_absent_unknown_is_sent_again(tmp_path: Path, shaped_sandbox: Any) -> None:
+    sandbox = shaped_sandbox
     state = StateStore(tmp_path / "s.sqlite", target="t")
     state.mark_pending("patient", [("P1", "h1")], "crashed-run")  # intent recorded, request never left
     rows, patients, _ = _run(sandbox, state, httpx.Timeout(5.0), "run2", [PATIENT], [DOSE])

@@ -89,7 +89,7 @@ def test_load_reconciles_and_a_rerun_sends_nothing(tmp_path: Path, sandbox: Any)
     assert count(sandbox, "/v1/patients") == first.summary["patients"]["created"]
     rows = first.rows.filter(pl.col("state") == "created")
     assert rows["resource_id"].str.starts_with("imm_").all()
-    assert rows["patient_id"].str.starts_with("pat_").all()
+    assert rows["patient_id"].str.starts_with("pt_").all()
 
     again = load_files([SAMPLE / "registry.csv"], settings.model_copy(update={"report_dir": tmp_path / "again"}))
     assert again.states["created"] == 0

@@ -58,6 +58,8 @@ MIXES = {
     "none": Mix(),
     "fail5": Mix({"fail_rate": 0.05}),
     "drop5": Mix({"drop_rate": 0.05}),
+    # The same against the echo shape (the others run against the default, FHIR-shaped answers).
+    "drop5-simple": Mix({"drop_rate": 0.05, "responses": "simple"}),
     # Slow answers come after 3 s; the client gives up after 0.5 s.
     "slow3": Mix({"slow_rate": 0.03, "slow_seconds": 3.0}, ("--consistency-window", "0", "--timeout", "0.5")),
     # Search shows a create 0.5 s late; the loader waits 1 s before it trusts a lookup.
@@ -192,12 +194,13 @@ def _post(server: SandboxServer, body: str) -> str:
     return str(response.json()["data"]["id"])
 
 
+@pytest.mark.parametrize("shape", ["fhir", "simple"])
 @pytest.mark.parametrize("left", ["pending", "unknown"])
-def test_a_paced_send_is_given_the_full_window_before_lookup(tmp_path: Path, left: str) -> None:
+def test_a_paced_send_is_given_the_full_window_before_lookup(tmp_path: Path, left: str, shape: str) -> None:
     """A chunk's intent is recorded before the throttle lets its requests out, so a
     request may leave long after its ``sent_at``; killed right after it did (pending),
     or timed out (unknown), it must still be found, not sent again."""
-    config = SandboxConfig(api_keys={KEY: "*"}, search_lag=LAG)
+    config = SandboxConfig(api_keys={KEY: "*"}, search_lag=LAG, responses=shape)
     with SandboxServer(config) as server, StateStore(tmp_path / "s.sqlite", target="t") as state:
         state.mark_pending("patient", [("P1", "h-P1")], "paced-run")
         with state.transaction():  # the chunk was marked a minute before the throttle sent P1
@@ -210,10 +213,11 @@ def test_a_paced_send_is_given_the_full_window_before_lookup(tmp_path: Path, lef
         assert _count(server, "/v1/patients") == 1
 
 
-def test_two_doubtful_rows_never_claim_the_same_resource(tmp_path: Path) -> None:
+@pytest.mark.parametrize("shape", ["fhir", "simple"])
+def test_two_doubtful_rows_never_claim_the_same_resource(tmp_path: Path, shape: str) -> None:
     """Two rows with the same content, both in doubt, only one of them created:
     one lookup finds it, the other must not claim it too."""
-    with SandboxServer(SandboxConfig(api_keys={KEY: "*"})) as server:
+    with SandboxServer(SandboxConfig(api_keys={KEY: "*"}, responses=shape)) as server:
         with StateStore(tmp_path / "s.sqlite", target="t") as state:
             state.mark_pending("patient", [("P1", "h-P1"), ("P2", "h-P2")], "killed-run")
             first = _post(server, ANN)

@@ -30,6 +30,12 @@ def _settings(tmp_path: Path, server: Any | None = None, **kw: Any) -> Settings:
     return Settings(state=tmp_path / "state.sqlite", report_dir=tmp_path / "report", **extra, **kw)
 
 
+def _stored(server: Any, path: str) -> Any:
+    """What the sandbox holds at ``/v1/<route>/<id>``: the create body as sent, whatever shape it answers in."""
+    route, rid = path.rsplit("/", 1)
+    return server.sandbox.store.get(route, rid)
+
+
 def _get(server: Any, path: str, **params: Any) -> Any:
     response = httpx.get(server.base_url + path, params=params, headers={"x-api-key": server.api_key})
     response.raise_for_status()
@@ -107,12 +113,12 @@ def test_synthea_export_loads_with_references_from_the_crosswalk(tmp_path: Path,
     rows = report.rows.filter(pl.col("kind") == "immunization").sort("source_row")
     assert rows.height == source.height
     for src, row in zip(source.iter_rows(named=True), rows.iter_rows(named=True), strict=True):
-        stored = _get(sandbox, f"/v1/immunizations/{row['resource_id']}")
+        stored = _stored(sandbox, f"/v1/immunizations/{row['resource_id']}")
         assert stored["patientId"] == ids[("patient", src["PATIENT"])]
         assert stored["encounterId"] == ids[("encounter", src["ENCOUNTER"])]
     encounters = pl.read_csv(SAMPLE / "synthea" / "encounters.csv", infer_schema=False)
     for src in encounters.head(5).iter_rows(named=True):
-        stored = _get(sandbox, f"/v1/encounters/{ids[('encounter', src['Id'])]}")
+        stored = _stored(sandbox, f"/v1/encounters/{ids[('encounter', src['Id'])]}")
         assert stored["practitionerId"] == ids[("practitioner", src["PROVIDER"])]
         assert stored["class"] in {"AMB", "IMP", "EMER", "HH", "VR"}
         assert stored["lengthMinutes"] >= 0
@@ -177,6 +183,9 @@ def test_practitioners_from_performer_columns_are_created_once_and_shared_by_npi
     assert count(sandbox, "/v1/practitioners") == 2  # Jane Doe once (NPI shared with the providers file), Sam Roe once
     actors = {}
     for row in report.rows.filter(pl.col("kind") == "immunization").iter_rows(named=True):
-        actors[row["source_key"]] = _get(sandbox, f"/v1/immunizations/{row['resource_id']}")["performer"][0]["actorId"]
+        dose = _stored(sandbox, f"/v1/immunizations/{row['resource_id']}")
+        actors[row["source_key"]] = dose["performer"][0]["actorId"]
     assert actors["R1"] == actors["R2"] != actors["R3"] == actors["R4"]
-    assert _get(sandbox, f"/v1/practitioners/{actors['R3']}")["lastName"] == "Roe"
+    assert _stored(sandbox, f"/v1/practitioners/{actors['R3']}")["lastName"] == "Roe"
+    # As the API answers it (FHIR by default): the same practitioner, its family name.
+    assert _get(sandbox, f"/v1/practitioners/{actors['R3']}")["name"][0]["family"] == "Roe"

@@ -27,7 +27,7 @@ EMITTERS = {"lit", "Notice", "Result", "ApiError", "_Rule", "_warning_rows", "fa
 def _modules() -> list[Path]:
     """The code that can put a code in a report: etl/, but the catalogue and the sandbox (the API's side)."""
     etl = ROOT / "etl"
-    return [p for p in sorted(etl.rglob("*.py")) if p.name != "rules.py" and "sandbox" not in p.parts]
+    return [p for p in sorted(etl.rglob("*.py")) if p.name != "rules.py" and "sandbox" not in p.relative_to(ROOT).parts]
 
 
 def _callee(call: ast.Call) -> str:

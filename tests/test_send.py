@@ -16,6 +16,7 @@ from etl.cli import main
 from etl.errors import ExitCode
 from etl.load.client import ApiClient
 from etl.load.loader import Loader, LoadOptions, Send
+from etl.load.lookup import reference_id
 from etl.load.state import StateStore
 from etl.load.throttle import Throttle
 from etl.pipeline import STREAM_DEPRECATED, load_files
@@ -111,7 +112,9 @@ def test_a_later_part_finds_an_earlier_parts_parent_in_the_state_store(tmp_path:
         r1, r2 = children[("immunization", "R1")], children[("immunization", "R2")]
         assert r1.state == "created"
         made = httpx.get(f"{server.base_url}/v1/immunizations/{r1.resource_id}", headers={"x-api-key": key}).json()
-        assert made["data"]["patientId"] == parents[("patient", "P1")].resource_id
+        # patientId (simple answers) or patient.reference (FHIR answers, the default)
+        assert reference_id(made["data"].get("patientId") or made["data"]["patient"]) == parents[
+            ("patient", "P1")].resource_id
         assert (r2.state, r2.error_code) == ("failed", "parent-failed")
         assert count(server, "/v1/immunizations") == 1
         assert loader.stats.requests == 3

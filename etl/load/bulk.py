@@ -14,8 +14,16 @@ For each batch of at most ``BULK_MAX_RECORDS`` rows of one kind:
 2. the job id the API answers is written to the batch;
 3. the job is polled with backoff until ``completed`` or ``failed``; each
    ``errors`` entry (``"line N: ..."``) fails row N of the batch with
-   ``BULK_RECORD_ERROR``; each id of ``resourceIds`` (one per line, a sandbox
-   extension) is recorded as that row's created id.
+   ``BULK_RECORD_ERROR``; each id of ``resourceIds`` (one per line, an
+   extension of the sandbox's ``simple`` answers) is recorded as that row's
+   created id;
+4. the documented job record names no ids (OpenAPI ``getBulkJobStatus``, docs
+   guides/bulk-operations.mdx), so once a kind's batches are done, each line
+   the job imported without an id is looked up like an unknown outcome, after
+   the search consistency window (:meth:`Loader._resolve`, matching on key
+   fields in either answer shape: :mod:`etl.load.lookup`): found, it is
+   ``created`` with that id; not found yet, it stays ``unknown`` and is never
+   sent again on a guess (``reconcile`` or the next run looks again).
 
 On resume, a batch whose job id is known is polled again rather than
 resubmitted; a batch without one (the run died between marking and the
@@ -231,6 +239,7 @@ class BulkLoader(Loader):
         self.bulk = bulk
         self.bulk_options = bulk_options or BulkOptions()
         self.jobs: list[str] = []  # job ids this run submitted or polled
+        self._look_up: list[Send] = []  # lines a completed job imported without naming their ids
         self.limit_note: str | None = None  # set when the hourly limit stopped the run
         self._batches = 0
 
@@ -322,6 +331,9 @@ class BulkLoader(Loader):
                     continue
                 results.update(await self._send_batch(kind, batch, body_of))
                 self.progress(kind, len(batch))
+            if self._look_up:
+                looked, self._look_up = self._look_up, []
+                results.update(await self._settle_by_lookup(kind, looked))
         self.stats.send_seconds += time.monotonic() - started
         return results
 
@@ -372,7 +384,26 @@ class BulkLoader(Loader):
             unknown = failure("unknown", RULES["unknown-outcome"], "unknown-job", job=job_id)
             return self._record(batch, [unknown] * len(batch))
         self._ledger.finish(batch_id)
-        return self._record(batch, line_results(job, len(batch)))
+        outcomes = line_results(job, len(batch))
+        # line_results leaves "unknown" only the lines a completed job imported without naming an id.
+        self._look_up.extend(item for item, r in zip(batch, outcomes, strict=True) if r.state == "unknown")
+        return self._record(batch, outcomes)
+
+    async def _settle_by_lookup(self, kind: str, items: Sequence[Send]) -> dict[tuple[str, str], Result]:
+        """Find the lines a job imported without ids: created with the id found, else still unknown."""
+        self.progress.note(f"looking up {len(items)} {kind} rows the bulk import created without naming their ids")
+        settled = await self._resolve(items, self.state.get(kind, [i.source_key for i in items]))
+        out: dict[tuple[str, str], Result] = {}
+        for item in items:
+            found = settled.get(item.source_key)
+            if found is not None and found.state == "skipped" and found.resource_id is not None:
+                out[(kind, item.source_key)] = Result("created", found.resource_id,
+                                                      message="imported; its id found by lookup")
+            elif found is not None and found.state == "unknown":
+                out[(kind, item.source_key)] = found
+            # Else the job says it imported the line and search does not show it (yet): the line keeps its
+            # "unknown" result and is never re-sent on a guess.
+        return out
 
     @staticmethod
     def _open(batch: Sequence[Send], result: Result) -> dict[tuple[str, str], Result]:

@@ -31,6 +31,7 @@ from typing import Any, Literal, Protocol
 
 from etl.errors import ApiError, AuthError, LookupFailed
 from etl.load.client import UNTRUSTED, Created, Outcome, Refused, RetryLater, Unknown
+from etl.load.lookup import matches
 from etl.load.state import Record, StateStore
 from etl.load.throttle import Throttle
 from etl.progress import Progress, as_progress
@@ -405,7 +406,7 @@ class Loader:
                 params.update(dateFrom=day, dateTo=day)
         elif "patientId" in body:
             params = {"patientId": body["patientId"]}
-        candidates = [c for c in await self.client.search(item.route, params) if _contains(c, body)]
+        candidates = [c for c in await self.client.search(item.route, params) if matches(item.kind, c, body)]
         claimed = taken | self.state.claimed_ids(str(c["id"]) for c in candidates)
         for candidate in candidates:
             if str(candidate["id"]) not in claimed:
@@ -540,18 +541,3 @@ def _last_possible_send(record: Record) -> float:
     if record.state == "pending":
         return time.time()
     return max(record.updated_at or 0.0, record.sent_at or 0.0)
-
-
-def _contains(resource: Any, wanted: Any) -> bool:
-    """Whether ``resource`` holds every value of ``wanted`` (a create body)."""
-    if isinstance(wanted, dict):
-        return isinstance(resource, dict) and all(
-            k in resource and _contains(resource[k], v) for k, v in wanted.items()
-        )
-    if isinstance(wanted, list):
-        return (
-            isinstance(resource, list)
-            and len(resource) == len(wanted)
-            and all(_contains(a, b) for a, b in zip(resource, wanted, strict=True))
-        )
-    return bool(resource == wanted)

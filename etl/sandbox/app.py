@@ -46,7 +46,8 @@ from etl.errors import UsageError
 from etl.sandbox.faults import FaultGate, FaultPlan, LaggingStore, check_fault_settings
 from etl.sandbox.problems import REQUEST_ID, ApiProblemError, issue, now_iso, request_id
 from etl.sandbox.redox import RedoxGate, check_redox_tokens, new_redox_token
-from etl.sandbox.store import Store
+from etl.sandbox.shapes import SHAPES, Shape, render
+from etl.sandbox.store import FILTERS, PAGING, SORTABLE, Store, sort_column
 from schemas.limits import (
     API_KEY_PATTERN,
     BULK_MAX_DATA_BYTES,
@@ -70,6 +71,8 @@ NOMINAL_LIMIT: Final = 10_000_000
 _READ_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS"})
 _PUBLIC_PATHS: Final = frozenset({"/health", "/v1/metadata"})
 _BULK_WINDOW: Final = 3600.0
+# docs errors.mdx: requests carrying any of these are refused (METHOD_OVERRIDE_REJECTED).
+_OVERRIDE_HEADERS: Final = (b"x-http-method-override", b"x-http-method", b"x-method-override")
 
 # Per-request values the gate leaves in the ASGI scope for the handlers.
 _QUOTA: Final = "clinik.quota"
@@ -104,6 +107,10 @@ class SandboxConfig:
     written then cut off without an answer, and written then answered after
     ``slow_seconds``; ``seed`` makes the draws repeatable (None: a fresh one);
     ``search_lag`` hides new resources from search for that many seconds.
+
+    ``responses`` is the shape of what create, read, update and search answer
+    (:mod:`etl.sandbox.shapes`): ``"fhir"`` (the default) as the official
+    SDK's types describe, ``"simple"`` the create body echoed.
     """
 
     db_path: str | None = None
@@ -121,8 +128,11 @@ class SandboxConfig:
     bulk_operations_per_hour: int = BULK_OPERATIONS_PER_HOUR
     # Bearer tokens of the Redox route (etl.sandbox.redox); default: one fresh token.
     redox_tokens: tuple[str, ...] = field(default_factory=lambda: (new_redox_token(),), repr=False)
+    responses: Shape = "fhir"
 
     def __post_init__(self) -> None:
+        if self.responses not in SHAPES:
+            raise UsageError(f"responses must be one of {', '.join(SHAPES)}, not {self.responses!r}")
         if not self.api_keys:
             raise UsageError("the sandbox needs at least one API key")
         for key, scope in self.api_keys.items():
@@ -162,9 +172,11 @@ class ResourceKind:
     prefix: str
 
 
-# The prefix of the ids the sandbox draws, by create schema (the resource types: schemas.limits).
+# The prefix of the ids the sandbox draws, by create schema (the resource types: schemas.limits), as the
+# docs' examples show them (clinikapi/docs: "pt_abc123" in guides/immunizations.mdx and ~300 more,
+# "prac_def456", "enc_xyz789", "imm_", "doc_", "task_"); the SDK's ApiResponse example too ("pt_abc123").
 _PREFIXES: Final = {
-    "PatientCreate": "pat_",
+    "PatientCreate": "pt_",
     "PractitionerCreate": "prac_",
     "EncounterCreate": "enc_",
     "ImmunizationCreate": "imm_",
@@ -177,6 +189,9 @@ KINDS: Final = tuple(
     for schema, route in ROUTES.items()
 )
 _BY_SCHEMA: Final = {kind.schema: kind for kind in KINDS}
+# The kinds with ``active`` (sdk src/types/requests.ts: PatientSummary, PatientUpdateRequest,
+# PractitionerUpdateRequest; src/types/resources.ts: Practitioner.active; OpenAPI: their search's ``active``).
+_HAS_ACTIVE: Final = frozenset({"PatientCreate", "PractitionerCreate"})
 _BY_TYPE: Final = {kind.resource_type: kind for kind in KINDS}
 
 #: Reference fields checked on create and update: field -> the kind it names.
@@ -298,6 +313,8 @@ class ApiGate:
                 started = True
                 headers = MutableHeaders(scope=message)
                 headers["X-Request-Id"] = request_id
+                # The SDK reads the processing time from X-Timestamp (sdk src/index.ts, extractMeta).
+                headers["X-Timestamp"] = now_iso()
                 quota = scope.get(_QUOTA)
                 if isinstance(quota, Quota):
                     headers.update(quota.headers())
@@ -329,6 +346,13 @@ class ApiGate:
             return ApiProblemError(401, "INVALID_KEY", "API key is not valid")
         quota = scope[_QUOTA] = self.sandbox.limiter.hit(key)
         scope[_API_KEY] = key
+        override = next((name for name in _OVERRIDE_HEADERS if _header(scope, name) is not None), None)
+        if override is not None:
+            # docs errors.mdx, "Method Override Is Not Supported": 400 whatever the value.
+            return ApiProblemError(
+                400, "METHOD_OVERRIDE_REJECTED",
+                f"The {override.decode()} header is not supported: send the HTTP method you mean",
+            )
         if quota.exceeded:
             return ApiProblemError(
                 429,
@@ -371,14 +395,15 @@ def _refuse_constant(name: str) -> None:
 
 
 def parse_object(raw: bytes | str, what: str = "Request body") -> dict[str, Any]:
-    """A JSON object, or 400 ``BAD_REQUEST``."""
+    """A JSON object: 400 ``INVALID_JSON`` if it is not JSON (docs errors.mdx: "Request body was not valid
+    JSON"), 422 ``VALIDATION_ERROR`` if it is JSON but not an object (it fails the body's schema)."""
     try:
         # NaN and Infinity are not JSON; Python would accept them.
         value = json.loads(raw, parse_constant=_refuse_constant)
     except ValueError:
-        raise ApiProblemError(400, "BAD_REQUEST", f"{what} is not valid JSON") from None
+        raise ApiProblemError(400, "INVALID_JSON", f"{what} is not valid JSON") from None
     if not isinstance(value, dict):
-        raise ApiProblemError(400, "BAD_REQUEST", f"{what} must be a JSON object")
+        raise _invalid([issue(f"{what} must be a JSON object")])
     return value
 
 
@@ -425,22 +450,62 @@ _DATE: Final = re.compile(r"\d{4}-\d{2}-\d{2}")
 _CURSOR_PREFIX: Final = "seq:"
 
 
-def encode_cursor(after: int) -> str:
-    """An opaque cursor for "the resources created after ``seq``"."""
-    return base64.urlsafe_b64encode(f"{_CURSOR_PREFIX}{after}".encode()).decode().rstrip("=")
+_OFFSET_PREFIX: Final = "off:"
 
 
-def decode_cursor(cursor: str | None) -> int:
-    """The ``seq`` a cursor continues after; 400 when it is not ours."""
+def encode_cursor(after: int, *, sorted_: bool = False) -> str:
+    """An opaque cursor for "the resources created after ``seq``" (or, for a
+    sorted search, "after the first ``after`` matches")."""
+    prefix = _OFFSET_PREFIX if sorted_ else _CURSOR_PREFIX
+    return base64.urlsafe_b64encode(f"{prefix}{after}".encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str | None, *, sorted_: bool = False) -> int:
+    """The ``seq`` (or offset) a cursor continues after; 400 when it is not ours."""
     if cursor is None:
         return 0
+    prefix = _OFFSET_PREFIX if sorted_ else _CURSOR_PREFIX
     try:
         text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        if text.startswith(_CURSOR_PREFIX):
-            return int(text.removeprefix(_CURSOR_PREFIX))
+        if text.startswith(prefix):
+            return int(text.removeprefix(prefix))
     except (binascii.Error, UnicodeDecodeError, ValueError):
         pass
     raise ApiProblemError(400, "BAD_REQUEST", "Invalid cursor: pass back the cursor of the previous page")
+
+
+def _bad_query(name: str, message: str) -> ApiProblemError:
+    # docs errors.mdx: 400 is "malformed JSON or invalid parameters"; of the documented codes,
+    # VALIDATION_ERROR is the one for a request that fails validation. issues name the parameter.
+    return ApiProblemError(400, "VALIDATION_ERROR", "Invalid query parameters", [issue(f"{name}: {message}")])
+
+
+def search_params(route: str, query: Mapping[str, str]) -> dict[str, str]:
+    """The filters (and ``sort``) of a search, checked; 400 ``VALIDATION_ERROR`` for anything else.
+
+    Every parameter the OpenAPI file lists for the route is honoured (:data:`etl.sandbox.store.FILTERS`,
+    ``sort`` where it lists ``QuerySort``); none is silently ignored: the docs say nowhere that unknown
+    parameters are, and a typo'd filter that returned everything would look like a match.
+    """
+    known = FILTERS.get(route, {})
+    params: dict[str, str] = {}
+    for name, value in query.items():
+        if name in PAGING:
+            continue
+        if name == "sort" and route in SORTABLE:
+            if sort_column(route, value.removeprefix("-")) is None:
+                raise _bad_query("sort", "not a field of this resource")
+        elif name not in known:
+            allowed = sorted({*known, *PAGING, *(("sort",) if route in SORTABLE else ())})
+            raise _bad_query(name, f"unknown search parameter; this route takes {', '.join(allowed)}")
+        elif name in ("dateFrom", "dateTo") and not _DATE.fullmatch(value):
+            raise _bad_query(name, "must be a date as YYYY-MM-DD")
+        elif name == "active":
+            if value not in ("true", "false"):
+                raise _bad_query(name, "must be true or false")
+            value = "1" if value == "true" else "0"
+        params[name] = value
+    return params
 
 
 def _page_size(raw: str | None) -> int:
@@ -459,6 +524,10 @@ class ResourceApi:
     def __init__(self, sandbox: Sandbox, kind: ResourceKind) -> None:
         self.store = sandbox.store
         self.kind = kind
+        self.shape = sandbox.config.responses
+
+    def _answer(self, request: Request, resource: Mapping[str, Any], status: int = 200) -> JSONResponse:
+        return envelope(request, render(resource, self.shape), status)
 
     def routes(self) -> list[Route]:
         """The five routes of this kind."""
@@ -481,19 +550,34 @@ class ResourceApi:
         check_body(self.store, self.kind, body, raw)
         resource = stamp(self.kind, body)
         self.store.insert(self.kind.route, resource)
-        return envelope(request, resource, 201)
+        return self._answer(request, resource, 201)
 
     async def read(self, request: Request) -> Response:
-        """``GET /{id}``."""
+        """``GET /{id}``. ``_revinclude`` / ``_include`` (OpenAPI readPatient; the SDK's ``read(id, {include})``)
+        make the API answer a FHIR Bundle found by search: not imitated (501). Any other parameter: 400."""
         rid = request.path_params["id"]
+        for name in request.query_params:
+            if name in ("_revinclude", "_include"):
+                raise ApiProblemError(501, "NOT_IMPLEMENTED", f"The sandbox does not imitate {name} on a read; "
+                                      "read by id without it, or use a ClinikAPI test tenant")
+            raise _bad_query(name, "a read by id takes no query parameters")
         resource = self.store.get(self.kind.route, rid)
         if resource is None:
             raise self._not_found(rid)
-        return envelope(request, resource)
+        return self._answer(request, resource)
 
     async def update(self, request: Request) -> Response:
         """``PATCH /{id}``: a shallow merge (a null removes the field, as in
-        JSON Merge Patch); ``id``, ``resourceType`` and ``meta`` are kept."""
+        JSON Merge Patch); ``id``, ``resourceType`` and ``meta`` are kept.
+
+        The OpenAPI file: ``application/json``, "Partial <resource> fields to
+        update" (an object). The SDK sends the same object but labelled
+        ``application/json-patch+json`` (sdk src/index.ts, ``request``): both
+        are accepted. An RFC 6902 operation list belongs to ``/v1/fhir/*``
+        (docs api-reference/fhir/patch.mdx) and is refused here with 422.
+        ``active`` may be set on patients and practitioners (the SDK's
+        PatientUpdateRequest and PractitionerUpdateRequest), not created.
+        """
         rid = request.path_params["id"]
         patch = parse_object(await read_body(request, MAX_BODY_BYTES))
         stored = self.store.get(self.kind.route, rid)
@@ -508,7 +592,14 @@ class ResourceApi:
                 fields.pop(name, None)
             else:
                 fields[name] = value
+        active = fields.pop("active", None)
+        if active is not None and (self.kind.schema not in _HAS_ACTIVE or not isinstance(active, bool)):
+            has = self.kind.schema in _HAS_ACTIVE
+            what = "Input should be a valid boolean" if has else "Extra inputs are not permitted"
+            raise _invalid([issue(f"active: {what}")])
         check_body(self.store, self.kind, fields)
+        if active is not None:
+            fields["active"] = active
         version = int(stored.get("meta", {}).get("versionId", "1")) + 1
         resource = {
             "resourceType": stored["resourceType"],
@@ -518,7 +609,7 @@ class ResourceApi:
         }
         if not self.store.replace(self.kind.route, resource):
             raise self._not_found(rid)  # deleted meanwhile
-        return envelope(request, resource)
+        return self._answer(request, resource)
 
     async def delete(self, request: Request) -> Response:
         """``DELETE /{id}``: 204."""
@@ -531,16 +622,14 @@ class ResourceApi:
         """``GET``: cursor-paginated search in creation order."""
         query = request.query_params
         count = _page_size(query.get("count"))
-        after = decode_cursor(query.get("cursor"))
-        for name in ("dateFrom", "dateTo"):
-            value = query.get(name)
-            if value is not None and not _DATE.fullmatch(value):
-                raise ApiProblemError(400, "BAD_REQUEST", f"{name} must be a date as YYYY-MM-DD")
-        filters = {name: query[name] for name in query if name not in ("count", "cursor")}
+        filters = search_params(self.kind.route, query)
+        sorted_ = "sort" in filters
+        after = decode_cursor(query.get("cursor"), sorted_=sorted_)
         page = self.store.search(self.kind.route, filters, after=after, limit=count)
-        cursor = None if page.next_after is None else encode_cursor(page.next_after)
+        cursor = None if page.next_after is None else encode_cursor(page.next_after, sorted_=sorted_)
+        items = [render(item, self.shape) for item in page.items]
         return envelope(
-            request, {"data": page.items, "total": page.total, "cursor": cursor, "hasMore": cursor is not None}
+            request, {"data": items, "total": page.total, "cursor": cursor, "hasMore": cursor is not None}
         )
 
 
@@ -560,9 +649,12 @@ class BulkJobs:
 
     A job's record (``GET /v1/bulk/jobs/{id}``) has the documented fields
     ``id``, ``type``, ``status``, ``totalRecords``, ``processedRecords`` and
-    ``errors`` (``"line N: field: message"``), plus a sandbox extension,
-    ``resourceIds``: one entry per NDJSON line, the id the line's resource got
-    or null when the line was refused, so a client can map lines to ids.
+    ``errors`` (``"line N: field: message"``) (OpenAPI ``getBulkJobStatus``;
+    docs guides/bulk-operations.mdx). The store also keeps ``resourceType``
+    and ``resourceIds`` (one entry per NDJSON line, the id the line's resource
+    got or null when it was refused); only ``simple`` answers show them, as a
+    sandbox extension (:func:`job_record`): the documented record names no
+    ids, so a client settles each line by lookup.
     """
 
     def __init__(self, store: Store) -> None:
@@ -693,12 +785,42 @@ class BulkApi:
         return kind, lines
 
     async def status(self, request: Request) -> Response:
-        """A job's progress, errors and resource ids."""
+        """A job's progress and errors (and, in ``simple``, resource ids)."""
         job_id = request.path_params["jobId"]
         job = self.sandbox.store.get_job(job_id)
         if job is None:
             raise ApiProblemError(404, "NOT_FOUND", f"Bulk job {job_id} not found")
-        return envelope(request, job)
+        return envelope(request, job_record(job, self.sandbox.config.responses))
+
+
+#: The fields of a bulk job's record the OpenAPI file documents (``getBulkJobStatus``; ``downloadUrl`` is
+#: for exports only, which the sandbox does not run).
+JOB_FIELDS: Final = ("id", "type", "status", "totalRecords", "processedRecords", "errors")
+
+
+def job_record(job: Mapping[str, Any], shape: Shape) -> dict[str, Any]:
+    """A stored job as ``GET /v1/bulk/jobs/{id}`` answers it: the documented fields only (``fhir``), or
+    with the sandbox's ``resourceType`` and ``resourceIds`` too (``simple``)."""
+    if shape == "simple":
+        return dict(job)
+    return {name: job[name] for name in JOB_FIELDS if name in job}
+
+
+#: Routes of the API the sandbox does not imitate: answered 501 with an error body rather than a bare 404,
+#: so a client can tell "not imitated" from "no such resource" (docs api-reference/fhir/overview.mdx for
+#: the passthrough; OpenAPI ``bulkExport``).
+NOT_IMITATED: Final = (
+    ("/v1/fhir", "the raw FHIR passthrough (/v1/fhir/*)"),
+    ("/v1/fhir/{path:path}", "the raw FHIR passthrough (/v1/fhir/*)"),
+    ("/v1/bulk/export", "bulk export"),
+)
+
+
+def _not_imitated(what: str) -> Callable[[Request], Any]:
+    async def handler(request: Request) -> Response:
+        raise ApiProblemError(501, "NOT_IMPLEMENTED", f"The sandbox does not imitate {what}; "
+                              "use a ClinikAPI test tenant for it")
+    return handler
 
 
 # -- system routes -------------------------------------------------------------
@@ -775,6 +897,8 @@ def build_app(sandbox: Sandbox, lifespan: Lifespan[Starlette] | None = None) -> 
         Route("/v1/metadata", metadata, methods=["GET"]),
         *(r for kind in KINDS for r in ResourceApi(sandbox, kind).routes()),
         *BulkApi(sandbox).routes(),
+        *(Route(path, _not_imitated(what), methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
+          for path, what in NOT_IMITATED),
     ]
     app = Starlette(
         routes=routes,

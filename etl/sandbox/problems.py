@@ -30,6 +30,7 @@ TITLES: Final = {
     422: "Validation Error",
     429: "Too Many Requests",
     500: "Internal Server Error",
+    501: "Not Implemented",
 }
 
 
@@ -69,6 +70,9 @@ class ApiProblemError(Exception):
             "code": self.code,
             "requestId": request_id,
             "issues": self.issues,
+            # The SDK reads FHIR OperationOutcome's ``issue`` (sdk src/errors.ts, parseErrorResponse) where
+            # the docs show ``issues`` (errors.mdx): the sources disagree, so both carry the same list.
+            "issue": self.issues,
         }
         return JSONResponse(body, status_code=self.status, headers=self.headers)
 

@@ -177,6 +177,7 @@ def announce(server: SandboxServer) -> None:
         print(faults.describe(), flush=True)
     if server.config.search_lag:
         print(f"search shows new resources after {server.config.search_lag:g} s", flush=True)
+    print(f"responses: {server.config.responses} (etl.sandbox.shapes)", flush=True)
 
 
 def serve_forever(

@@ -15,6 +15,7 @@ share one connection.
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 import sys
 import tempfile
@@ -26,9 +27,9 @@ from typing import Any
 
 from etl.errors import UsageError
 from etl.files import check_private_file, create_private_file
-from schemas.limits import ROUTES
+from schemas.limits import CREATE_SCHEMAS, ROUTES, walk
 
-__all__ = ["FILTERS", "Page", "Store"]
+__all__ = ["DATE_FIELDS", "FILTERS", "PAGING", "SORTABLE", "Page", "Store", "sort_column"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS resources (
@@ -62,9 +63,34 @@ _VACCINE = (
     "(CASE json_type(body, '$.vaccineCode') WHEN 'text' THEN json_extract(body, '$.vaccineCode') "
     "ELSE json_extract(body, '$.vaccineCode.code') END) = ?"
 )
-_OCCURRED = "substr(json_extract(body, '$.occurrenceDateTime'), 1, 10)"
+# ``active`` is not in a create body: a resource is active until a PATCH says otherwise (the SDK's
+# PatientSummary and FHIR Practitioner carry ``active``; PatientUpdateRequest and PractitionerUpdateRequest
+# set it). The app turns the query's ``true``/``false`` into 1/0.
+_ACTIVE = "coalesce(json_extract(body, '$.active'), 1) = CAST(? AS INTEGER)"
 
-#: Route -> query parameter -> SQL predicate with one ``?`` for the value.
+
+def _day(path: str) -> str:
+    return f"substr(json_extract(body, '$.{path}'), 1, 10)"
+
+
+def _dates(path: str) -> dict[str, str]:
+    # dateFrom/dateTo (OpenAPI QueryDateFrom/QueryDateTo, ``format: date``): whole days, both ends included.
+    return {"dateFrom": f"{_day(path)} >= ?", "dateTo": f"{_day(path)} <= ?"}
+
+
+#: The field each route's ``dateFrom``/``dateTo`` and ``sort=date`` read (the OpenAPI file does not say
+#: which: the resource's own clinical date).
+DATE_FIELDS: Mapping[str, str] = {
+    ROUTES["EncounterCreate"]: "period.start",
+    ROUTES["ImmunizationCreate"]: "occurrenceDateTime",
+    ROUTES["DocumentCreate"]: "date",
+    ROUTES["TaskCreate"]: "authoredOn",
+}
+
+#: Route -> query parameter -> SQL predicate with one ``?`` for the value: exactly the search parameters
+#: the OpenAPI file lists for the route (``paths./v1/<route>.get.parameters``), besides ``count``,
+#: ``cursor`` and ``sort`` (:data:`SORTABLE`), which every search handles itself. A test checks this
+#: table against the OpenAPI file; the app refuses any other parameter with 400.
 FILTERS: Mapping[str, Mapping[str, str]] = {
     ROUTES["PatientCreate"]: {
         "name": _NAME,
@@ -72,29 +98,31 @@ FILTERS: Mapping[str, Mapping[str, str]] = {
         "gender": _eq("gender"),
         "email": _eq("email"),
         "phone": _eq("phone"),
+        "active": _ACTIVE,
     },
     ROUTES["PractitionerCreate"]: {
         "name": _NAME,
         "npi": _eq("npi"),
         "specialty": _eq("specialty"),
+        "active": _ACTIVE,
     },
     ROUTES["EncounterCreate"]: {
         "patientId": _eq("patientId"),
         "status": _eq("status"),
-        "practitionerId": _eq("practitionerId"),
+        **_dates(DATE_FIELDS[ROUTES["EncounterCreate"]]),
     },
     ROUTES["ImmunizationCreate"]: {
         "patientId": _eq("patientId"),
         "status": _eq("status"),
         "vaccineCode": _VACCINE,
-        "dateFrom": f"{_OCCURRED} >= ?",
-        "dateTo": f"{_OCCURRED} <= ?",
+        **_dates(DATE_FIELDS[ROUTES["ImmunizationCreate"]]),
     },
     ROUTES["DocumentCreate"]: {
         "patientId": _eq("patientId"),
         "status": _eq("status"),
         "type": _eq("type"),
         "practitionerId": _eq("practitionerId"),
+        **_dates(DATE_FIELDS[ROUTES["DocumentCreate"]]),
     },
     ROUTES["TaskCreate"]: {
         "patientId": _eq("patientId"),
@@ -103,8 +131,32 @@ FILTERS: Mapping[str, Mapping[str, str]] = {
         "requesterId": _eq("requesterId"),
         "priority": _eq("priority"),
         "code": _eq("code"),
+        **_dates(DATE_FIELDS[ROUTES["TaskCreate"]]),
     },
 }
+
+#: The routes whose search takes ``sort`` (OpenAPI ``QuerySort``: "Sort field (prefix with - for
+#: descending)"): a create-body field (dotted for nested ones, e.g. ``period.start``), ``date`` (the route's
+#: :data:`DATE_FIELDS`) or ``lastUpdated``.
+SORTABLE: frozenset[str] = frozenset({ROUTES["EncounterCreate"], ROUTES["TaskCreate"]})
+#: The parameters of every search: page size and cursor (OpenAPI QueryCount, QueryCursor).
+PAGING: frozenset[str] = frozenset({"count", "cursor"})
+
+
+def sort_column(route: str, field: str) -> str | None:
+    """The SQL expression ``sort=field`` orders ``route`` by, or None if it names no field of the route."""
+    if field == "date" and route in DATE_FIELDS:
+        field = DATE_FIELDS[route]
+    if field == "lastUpdated":
+        return "json_extract(body, '$.meta.lastUpdated')"
+    schema = next(name for name, r in ROUTES.items() if r == route)
+    if not _PATH.fullmatch(field) or field not in {path for path, spec in walk(CREATE_SCHEMAS[schema])
+                                                     if spec.type not in ("object", "array")}:
+        return None
+    return f"json_extract(body, '$.{field}')"
+
+
+_PATH = re.compile(r"[A-Za-z]+(\.[A-Za-z]+)*")
 
 
 @dataclass(frozen=True)
@@ -235,10 +287,21 @@ class Store:
     ) -> Page:
         """Resources of ``route`` matching the known filters in ``params``
         (others are ignored), in creation order, ``limit`` of them after ``seq``,
-        leaving out the ids in ``hidden``."""
+        leaving out the ids in ``hidden``.
+
+        With ``params["sort"]`` (a :func:`sort_column` field, ``-`` first for
+        descending), they come in that order (creation order among equals) and
+        ``after`` is an offset: the number of matches already shown."""
         known = FILTERS.get(route, {})
         where = ["route = ?", *(known[name] for name in params if name in known)]
         args: list[object] = [route, *(value for name, value in params.items() if name in known)]
+        sort = params.get("sort")
+        order = None
+        if sort:
+            column = sort_column(route, sort.removeprefix("-"))
+            if column is None:
+                raise ValueError(f"cannot sort {route} by {sort!r}")
+            order = f"{column} {'DESC' if sort.startswith('-') else 'ASC'}, seq"
         if hidden:
             # One JSON array, not a placeholder per id: no bound-parameter limit.
             where.append("id NOT IN (SELECT value FROM json_each(?))")
@@ -246,13 +309,22 @@ class Store:
         clause = " AND ".join(where)
         with self._lock:
             (total,) = self._db.execute(f"SELECT count(*) FROM resources WHERE {clause}", args).fetchone()  # noqa: S608
-            rows = self._db.execute(
-                f"SELECT seq, body FROM resources WHERE {clause} AND seq > ? ORDER BY seq LIMIT ?",  # noqa: S608
-                [*args, after, limit + 1],
-            ).fetchall()
+            if order is None:
+                rows = self._db.execute(
+                    f"SELECT seq, body FROM resources WHERE {clause} AND seq > ? ORDER BY seq LIMIT ?",  # noqa: S608
+                    [*args, after, limit + 1],
+                ).fetchall()
+            else:
+                rows = self._db.execute(
+                    f"SELECT seq, body FROM resources WHERE {clause} ORDER BY {order} LIMIT ? OFFSET ?",  # noqa: S608
+                    [*args, limit + 1, after],
+                ).fetchall()
         more = len(rows) > limit
         rows = rows[:limit]
-        return Page(items=[_loads(body) for _, body in rows], total=total, next_after=rows[-1][0] if more else None)
+        if not more:
+            return Page(items=[_loads(body) for _, body in rows], total=total, next_after=None)
+        return Page(items=[_loads(body) for _, body in rows], total=total,
+                    next_after=rows[-1][0] if order is None else after + limit)
 
     # -- bulk jobs ---------------------------------------------------------
 

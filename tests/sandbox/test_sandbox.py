@@ -31,7 +31,8 @@ UNKNOWN_KEY = "clk_test_unknown0123456789"
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[SandboxServer]:
-    config = SandboxConfig(api_keys={KEY: "*", READ_KEY: "read", WRITE_KEY: "write"})
+    # The echo shape: these tests compare answers with what was sent (tests/sandbox/test_shapes.py: fhir).
+    config = SandboxConfig(api_keys={KEY: "*", READ_KEY: "read", WRITE_KEY: "write"}, responses="simple")
     with SandboxServer(config) as running:
         yield running
 
@@ -73,7 +74,8 @@ def diagnostics(response: httpx.Response) -> list[str]:
 
 def error_code(response: httpx.Response) -> str:
     body = response.json()
-    assert set(body) == {"error", "message", "code", "requestId", "issues"}
+    assert set(body) == {"error", "message", "code", "requestId", "issues", "issue"}
+    assert body["issue"] == body["issues"]  # docs errors.mdx says issues, the SDK (src/errors.ts) reads issue
     assert body["requestId"].startswith("req_")
     code: str = body["code"]
     return code
@@ -170,7 +172,7 @@ def test_create_returns_201_with_envelope(client: httpx.Client) -> None:
     assert response.status_code == 201
     body = response.json()
     resource, meta = body["data"], body["meta"]
-    assert resource["id"].startswith("pat_") and len(resource["id"]) == len("pat_") + 16
+    assert resource["id"].startswith("pt_") and len(resource["id"]) == len("pt_") + 16
     assert resource["resourceType"] == "Patient"
     assert resource["meta"]["versionId"] == "1"
     assert {k: v for k, v in resource.items() if k not in ("id", "resourceType", "meta")} == sent
@@ -261,11 +263,19 @@ def test_dangling_references_are_422(client: httpx.Client) -> None:
     assert client.post("/v1/immunizations", json=body).status_code == 422
 
 
-@pytest.mark.parametrize("raw", [b'{"firstName": "Ana",', b'["firstName"]', b"", b'{"firstName": NaN}'])
-def test_malformed_body_is_400(client: httpx.Client, raw: bytes) -> None:
+@pytest.mark.parametrize("raw", [b'{"firstName": "Ana",', b"", b'{"firstName": NaN}'])
+def test_malformed_body_is_400_invalid_json(client: httpx.Client, raw: bytes) -> None:
+    # docs errors.mdx: INVALID_JSON, "Request body was not valid JSON".
     response = client.post("/v1/patients", content=raw, headers={"content-type": "application/json"})
     assert response.status_code == 400
-    assert error_code(response) == "BAD_REQUEST"
+    assert error_code(response) == "INVALID_JSON"
+
+
+def test_json_that_is_not_an_object_fails_validation(client: httpx.Client) -> None:
+    response = client.post("/v1/patients", content=b'["firstName"]', headers={"content-type": "application/json"})
+    assert response.status_code == 422
+    assert error_code(response) == "VALIDATION_ERROR"
+    assert diagnostics(response) == ["Request body must be a JSON object"]
 
 
 def test_oversized_body_is_413(client: httpx.Client) -> None:
@@ -361,7 +371,11 @@ def test_patient_filters(client: httpx.Client) -> None:
 
     assert len(ids(name=token.lower())) == 2
     assert ids(name=f"ánna {token}".upper(), birthDate="1980-01-02") == [ana["id"]]
-    assert ids(name=f"NNA {token}", gender="female", lastName="an unknown parameter is ignored") == [ana["id"]]
+    assert ids(name=f"NNA {token}", gender="female") == [ana["id"]]
+    # An unknown parameter is refused, never ignored (a typo'd filter would match everything).
+    response = client.get("/v1/patients", params={"name": token, "lastName": token})
+    assert response.status_code == 400 and error_code(response) == "VALIDATION_ERROR"
+    assert diagnostics(response)[0].startswith("lastName: unknown search parameter")
     assert len(ids(name=token, gender="male")) == 1
     assert ids(name=token, birthDate="1980-01-03") == []
 
@@ -515,8 +529,9 @@ def wait_for_job(client: httpx.Client, job_id: str) -> dict[str, Any]:
         time.sleep(0.02)
 
 
-def test_bulk_import() -> None:
-    with fresh(rate_limit=1000) as client:
+@pytest.mark.parametrize("shape", ["fhir", "simple"])
+def test_bulk_import(shape: str) -> None:
+    with fresh(rate_limit=1000, responses=shape) as client:
         pat = patient(client)["id"]
         lines = [
             json.dumps({"status": "completed", "vaccineCode": "208", "patientId": pat}),
@@ -543,9 +558,13 @@ def test_bulk_import() -> None:
             "line 3: record is not valid JSON",
             "line 4: patientId: Patient pat_0 not found",
         ]
-        ids = job["resourceIds"]
-        assert [i is None for i in ids] == [False, True, True, True, False]
         assert page(client, "/v1/immunizations", patientId=pat)["total"] == 2
+        if shape == "fhir":
+            # The documented record (OpenAPI getBulkJobStatus): no ids, no resourceType.
+            assert set(job) == {"id", "type", "status", "totalRecords", "processedRecords", "errors"}
+            return
+        ids = job["resourceIds"]  # the simple shape's extension
+        assert [i is None for i in ids] == [False, True, True, True, False]
         assert client.get(f"/v1/immunizations/{ids[4]}").json()["data"]["vaccineCode"] == {"code": "141"}
         assert client.get("/v1/bulk/jobs/job_0").status_code == 404
 
