@@ -50,6 +50,8 @@ Exit codes:
      failing (a read-only report folder, a full disk, a port in use)
   3  some rows failed at the API or have an unknown outcome
   4  the API refused the run (bad key or scope); nothing more was sent
+  5  a quota is used up (429 MONTHLY_QUOTA_EXCEEDED or SANDBOX_QUOTA_EXCEEDED):
+     the run stopped at once, the rest is not-sent; run again once it resets
   130 interrupted (SIGINT/SIGTERM); state and report written: run again to resume
 """
 
@@ -396,6 +398,43 @@ def load(
 
 
 @main.command()
+@click.argument("files", nargs=-1, type=click.Path(path_type=Path))
+@click.option("--base-url", metavar="URL", help="ClinikAPI base URL. Default: an embedded sandbox (a temporary one).")
+@click.option("--api-key-file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Read the API key from this file (else from CLINIKAPI_SECRET_KEY).")
+@click.option("--live", is_flag=True, help="Allow a live (clk_live_) key: real patient data.")
+@click.option("--probe", is_flag=True,
+              help="Create (then delete) one synthetic patient to measure the search lag (test keys only).")
+@click.option("--profile", metavar="NAME|FILE", help="Mapping profile of FILES (as for load).")
+@click.option("--kind", type=click.Choice(sorted(KIND_SPECS)), help="What every FILE holds (as for load).")
+@click.option("--json", "as_json", is_flag=True, help="Print the findings as JSON on stdout.")
+@handle_errors
+def doctor(files: tuple[Path, ...], base_url: str | None, api_key_file: Path | None, live: bool, probe: bool,
+           profile: str | None, kind: str | None, as_json: bool) -> None:
+    """Check a target before a long migration: the key and its scope, the plan's rate limit and quota left,
+    the response shape, clock skew and TLS; with FILES, the requests a load of them needs and how long it takes.
+
+    Exit 0 healthy (warnings allowed), 2 unusable target, 4 key refused or without the scope, 5 quota used up.
+    The key is never printed.
+    """
+    from etl.doctor import diagnose
+
+    values: dict[str, Any] = {"base_url": base_url, "live": live, "profile": profile, "kind": kind}
+    if api_key_file is not None:
+        values["api_key"] = read_key_file(api_key_file)
+    settings = Settings(**{k: v for k, v in values.items() if v is not None})
+    found = diagnose(settings, list(files), probe=probe)
+    if as_json:
+        click.echo(json.dumps(found.to_json(), indent=2))
+    else:
+        marks = {"ok": "[green]ok  [/]", "warn": "[yellow]warn[/]", "fail": "[bold red]FAIL[/]", "info": "[dim]info[/]"}
+        out.print(f"clinik-etl doctor: {escape(found.target)}", soft_wrap=True)
+        for check in found.checks:
+            out.print(f"  {marks[check.status]} {escape(check.name)}: {escape(check.text)}", soft_wrap=True)
+    sys.exit(found.exit_code)
+
+
+@main.command()
 @click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on (loopback only).")
 @click.option("--port", type=int, default=8787, show_default=True, help="Port to listen on (0: any free port).")
 @click.option("--db", type=click.Path(dir_okay=False, path_type=Path), help="SQLite file (default: temporary).")
@@ -437,6 +476,15 @@ def load(
     metavar="SECONDS",
     help="New resources appear in search only after this many seconds (read by id at once; at most 3600).",
 )
+@click.option("--quota", type=click.IntRange(min=1), metavar="N",
+              help="Monthly request quota: past N requests, 429 MONTHLY_QUOTA_EXCEEDED (X-Quota-* headers).")
+@click.option("--quota-window", type=Seconds(min=0, min_open=True), metavar="SECONDS",
+              help="The quotas' period in seconds (default: the calendar month, UTC).")
+@click.option("--sandbox-quota", type=click.IntRange(min=1), metavar="N",
+              help="Monthly test-key allowance: past N requests, 429 SANDBOX_QUOTA_EXCEEDED (X-Sandbox-* headers).")
+@click.option("--rolling", is_flag=True,
+              help="Count --rate-limit for every key together over a rolling --window, as the API documents "
+              "(per organisation, 60 s).")
 @handle_errors
 def sandbox(
     host: str,
@@ -450,6 +498,10 @@ def sandbox(
     slow_seconds: float,
     seed: int | None,
     search_lag: float,
+    quota: int | None,
+    quota_window: float | None,
+    sandbox_quota: int | None,
+    rolling: bool,
 ) -> None:
     """Run a local ClinikAPI sandbox until interrupted.
 
@@ -470,6 +522,10 @@ def sandbox(
         slow_seconds=slow_seconds,
         seed=seed,
         search_lag=search_lag,
+        quota=quota,
+        quota_window=quota_window,
+        sandbox_quota=sandbox_quota,
+        rolling=rolling,
     )
     serve_forever(config, host, port)
 
