@@ -43,7 +43,7 @@ import json
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, ClassVar, Literal, Protocol
 
 from etl.errors import ApiError, AuthError, LookupFailed, QuotaExceededError
 from etl.load.client import QUOTA_CODES, UNTRUSTED, Created, Outcome, Refused, RetryLater, Unknown
@@ -149,6 +149,10 @@ class LoadStats:
 
 class Loader:
     """Sends patients and rows through one client, throttle and state store."""
+
+    #: Whether a stage's unknown outcomes are settled in the run (:meth:`_settle`); a loader whose sends are
+    #: not one request per row (bulk jobs) settles its own way and leaves this off.
+    settles_in_run: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -312,6 +316,11 @@ class Loader:
                         )
                     continue
                 to_send.append(item)
+        if doubtful and not self.settles_in_run:
+            # Settled once, before anything is sent (after the consistency window): found, skipped;
+            # certainly absent, sent with the rest of the stage; else left unknown.
+            to_send.extend(await self._settle_before(doubtful))
+            doubtful = []
         ready: list[Send] = []
         for item in to_send:
             _, missing = self._fill(item)
@@ -578,6 +587,8 @@ class Loader:
         """Settle a stage's doubt: ``earlier`` rows an earlier run left in doubt, and those of ``sent`` whose
         outcome is unknown. Each round waits for search (:meth:`_safe_lag`), looks them up, and re-sends the
         certainly absent; at most ``settle_rounds`` rounds."""
+        if not self.settles_in_run:
+            return
         doubt = [*earlier, *(i for i in sent if self._results[(i.kind, i.source_key)].state == "unknown")]
         mine = {(i.kind, i.source_key) for i in sent}  # created by this run when found
         rounds = 0
@@ -625,6 +636,22 @@ class Loader:
             mine.update((i.kind, i.source_key) for i in ready)
             doubt = [*still, *(i for i in ready if self._results[(i.kind, i.source_key)].state == "unknown")]
         self.settle_rounds = max(self.settle_rounds, rounds)
+
+    async def _settle_before(self, earlier: Sequence[Send]) -> list[Send]:
+        """Look up what an earlier run left in doubt; the certainly absent, to be sent."""
+        absent: list[Send] = []
+        by_kind: dict[str, list[Send]] = {}
+        for item in earlier:
+            by_kind.setdefault(item.kind, []).append(item)
+        for kind, group in by_kind.items():
+            stored = self.state.get(kind, [i.source_key for i in group])
+            resolved = await self._resolve(group, stored)
+            for item in group:
+                if resolved[item.source_key].state == "failed":
+                    absent.append(item)
+                else:
+                    self._results[(kind, item.source_key)] = resolved[item.source_key]
+        return absent
 
     async def _safe_lag(self) -> float | None:
         """Seconds after a send when search can be trusted to show it; None when no wait is safe."""
