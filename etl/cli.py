@@ -285,7 +285,8 @@ def validate(
 @click.option(
     "--consistency-window",
     type=Seconds(min=0, max=MAX_CONSISTENCY_WINDOW),
-    help=f"Seconds before search reliably shows a create (used to resolve unknown outcomes). "
+    help=f"Seconds before search reliably shows a create (used to resolve unknown outcomes): a floor, the run "
+    f"waits at least the search lag it measures. "
     f"Default {_default('consistency_window')} (CLINIK_ETL_CONSISTENCY_WINDOW), at most {MAX_CONSISTENCY_WINDOW:g}.",
 )
 @click.option(
@@ -747,9 +748,12 @@ def print_summary(report: RunReport, stream: Console | None = None) -> None:
         console.print("patients: " + ", ".join(f"{k} {v}" for k, v in s["patients"].items()))
     if s.get("achieved_rate"):
         console.print(f"requests: {s.get('requests')} at {s['achieved_rate']}/s, 429s: {s.get('responses_429', 0)}")
-    for why in (s.get("aborted"), s.get("unresponsive")):
+    for why in (s.get("aborted"), s.get("unresponsive"), s.get("settle_problem")):
         if why:
             console.print(f"[red]stopped early:[/] {escape(why)}", soft_wrap=True)
+    if s.get("settle_rounds"):
+        console.print(f"unknown outcomes settled in {s['settle_rounds']} round(s) of lookups; search showed a create "
+                      f"after {s.get('search_lag_seconds', '?')} s")
     if s.get("interrupted"):
         console.print("[yellow]interrupted:[/] rows in flight were finished and recorded; the state and this report "
                       "are written. Run the same command again to resume: nothing is sent twice.")
