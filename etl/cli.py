@@ -748,9 +748,11 @@ def print_summary(report: RunReport, stream: Console | None = None) -> None:
         console.print("patients: " + ", ".join(f"{k} {v}" for k, v in s["patients"].items()))
     if s.get("achieved_rate"):
         console.print(f"requests: {s.get('requests')} at {s['achieved_rate']}/s, 429s: {s.get('responses_429', 0)}")
-    for why in (s.get("aborted"), s.get("unresponsive"), s.get("settle_problem")):
+    for why in (s.get("aborted"), s.get("unresponsive")):
         if why:
             console.print(f"[red]stopped early:[/] {escape(why)}", soft_wrap=True)
+    if s.get("settle_problem"):
+        console.print(f"[yellow]left in doubt:[/] {escape(s['settle_problem'])}", soft_wrap=True)
     if s.get("settle_rounds"):
         console.print(f"unknown outcomes settled in {s['settle_rounds']} round(s) of lookups; search showed a create "
                       f"after {s.get('search_lag_seconds', '?')} s")
