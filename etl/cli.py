@@ -50,6 +50,8 @@ Exit codes:
      failing (a read-only report folder, a full disk, a port in use)
   3  some rows failed at the API or have an unknown outcome
   4  the API refused the run (bad key or scope); nothing more was sent
+  5  a quota is used up (429 MONTHLY_QUOTA_EXCEEDED or SANDBOX_QUOTA_EXCEEDED):
+     the run stopped at once, the rest is not-sent; run again once it resets
   130 interrupted (SIGINT/SIGTERM); state and report written: run again to resume
 """
 
@@ -305,7 +307,8 @@ def validate(
 @click.option(
     "--consistency-window",
     type=Seconds(min=0, max=MAX_CONSISTENCY_WINDOW),
-    help=f"Seconds before search reliably shows a create (used to resolve unknown outcomes). "
+    help=f"Seconds before search reliably shows a create (used to resolve unknown outcomes): a floor, the run "
+    f"waits at least the search lag it measures. "
     f"Default {_default('consistency_window')} (CLINIK_ETL_CONSISTENCY_WINDOW), at most {MAX_CONSISTENCY_WINDOW:g}.",
 )
 @click.option(
@@ -420,6 +423,43 @@ def load(
 
 
 @main.command()
+@click.argument("files", nargs=-1, type=click.Path(path_type=Path))
+@click.option("--base-url", metavar="URL", help="ClinikAPI base URL. Default: an embedded sandbox (a temporary one).")
+@click.option("--api-key-file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Read the API key from this file (else from CLINIKAPI_SECRET_KEY).")
+@click.option("--live", is_flag=True, help="Allow a live (clk_live_) key: real patient data.")
+@click.option("--probe", is_flag=True,
+              help="Create (then delete) one synthetic patient to measure the search lag (test keys only).")
+@click.option("--profile", metavar="NAME|FILE", help="Mapping profile of FILES (as for load).")
+@click.option("--kind", type=click.Choice(sorted(KIND_SPECS)), help="What every FILE holds (as for load).")
+@click.option("--json", "as_json", is_flag=True, help="Print the findings as JSON on stdout.")
+@handle_errors
+def doctor(files: tuple[Path, ...], base_url: str | None, api_key_file: Path | None, live: bool, probe: bool,
+           profile: str | None, kind: str | None, as_json: bool) -> None:
+    """Check a target before a long migration: the key and its scope, the plan's rate limit and quota left,
+    the response shape, clock skew and TLS; with FILES, the requests a load of them needs and how long it takes.
+
+    Exit 0 healthy (warnings allowed), 2 unusable target, 4 key refused or without the scope, 5 quota used up.
+    The key is never printed.
+    """
+    from etl.doctor import diagnose
+
+    values: dict[str, Any] = {"base_url": base_url, "live": live, "profile": profile, "kind": kind}
+    if api_key_file is not None:
+        values["api_key"] = read_key_file(api_key_file)
+    settings = Settings(**{k: v for k, v in values.items() if v is not None})
+    found = diagnose(settings, list(files), probe=probe)
+    if as_json:
+        click.echo(json.dumps(found.to_json(), indent=2))
+    else:
+        marks = {"ok": "[green]ok  [/]", "warn": "[yellow]warn[/]", "fail": "[bold red]FAIL[/]", "info": "[dim]info[/]"}
+        out.print(f"clinik-etl doctor: {escape(found.target)}", soft_wrap=True)
+        for check in found.checks:
+            out.print(f"  {marks[check.status]} {escape(check.name)}: {escape(check.text)}", soft_wrap=True)
+    sys.exit(found.exit_code)
+
+
+@main.command()
 @click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on (loopback only).")
 @click.option("--port", type=int, default=8787, show_default=True, help="Port to listen on (0: any free port).")
 @click.option("--db", type=click.Path(dir_okay=False, path_type=Path), help="SQLite file (default: temporary).")
@@ -468,6 +508,15 @@ def load(
     show_default=True,
     help="Shape of answers: fhir (as the official SDK's types describe) or simple (the create body echoed).",
 )
+@click.option("--quota", type=click.IntRange(min=1), metavar="N",
+              help="Monthly request quota: past N requests, 429 MONTHLY_QUOTA_EXCEEDED (X-Quota-* headers).")
+@click.option("--quota-window", type=Seconds(min=0, min_open=True), metavar="SECONDS",
+              help="The quotas' period in seconds (default: the calendar month, UTC).")
+@click.option("--sandbox-quota", type=click.IntRange(min=1), metavar="N",
+              help="Monthly test-key allowance: past N requests, 429 SANDBOX_QUOTA_EXCEEDED (X-Sandbox-* headers).")
+@click.option("--rolling", is_flag=True,
+              help="Count --rate-limit for every key together over a rolling --window, as the API documents "
+              "(per organisation, 60 s).")
 @handle_errors
 def sandbox(
     host: str,
@@ -482,6 +531,10 @@ def sandbox(
     seed: int | None,
     search_lag: float,
     responses: Literal["fhir", "simple"],
+    quota: int | None,
+    quota_window: float | None,
+    sandbox_quota: int | None,
+    rolling: bool,
 ) -> None:
     """Run a local ClinikAPI sandbox until interrupted.
 
@@ -503,6 +556,10 @@ def sandbox(
         seed=seed,
         search_lag=search_lag,
         responses=responses,
+        quota=quota,
+        quota_window=quota_window,
+        sandbox_quota=sandbox_quota,
+        rolling=rolling,
     )
     serve_forever(config, host, port)
 
@@ -741,6 +798,11 @@ def print_summary(report: RunReport, stream: Console | None = None) -> None:
     for why in (s.get("aborted"), s.get("unresponsive")):
         if why:
             console.print(f"[red]stopped early:[/] {escape(why)}", soft_wrap=True)
+    if s.get("settle_problem"):
+        console.print(f"[yellow]left in doubt:[/] {escape(s['settle_problem'])}", soft_wrap=True)
+    if s.get("settle_rounds"):
+        console.print(f"unknown outcomes settled in {s['settle_rounds']} round(s) of lookups; search showed a create "
+                      f"after {s.get('search_lag_seconds', '?')} s")
     if s.get("interrupted"):
         console.print("[yellow]interrupted:[/] rows in flight were finished and recorded; the state and this report "
                       "are written. Run the same command again to resume: nothing is sent twice.")

@@ -220,7 +220,21 @@ class Destination(abc.ABC):
 
 def loader_stats(loader: Loader) -> RunFacts:
     """What any load's summary says of its sending: requests, 429s, the rate achieved, an abort."""
+    from etl.errors import QuotaExceededError
+
+    settled: dict[str, Any] = {  # set only when they say something: a plain run's summary is unchanged
+        name: value
+        for name, value in (
+            ("quota_exceeded", loader.aborted.message if isinstance(loader.aborted, QuotaExceededError) else None),
+            ("retries", loader.retries or None),
+            ("search_lag_seconds", loader.search_lag),
+            ("settle_rounds", loader.settle_rounds or None),
+            ("settle_problem", loader.settle_problem),
+        )
+        if value is not None
+    }
     return RunFacts(
+        **settled,
         requests=loader.stats.requests,
         responses_429=loader.stats.retries_429,
         achieved_rate=round(loader.stats.requests / loader.stats.send_seconds, 2)

@@ -17,7 +17,10 @@ Exceptions are for what stops a run altogether::
     ├── OutputError              a report folder or file that cannot be written
     │                            (a symbolic link, a read-only folder, a full disk)
     ├── ApiError                 the API refused the whole run (exit 4)
-    │   └── AuthError            401/403: a bad key or scope
+    │   ├── AuthError            401/403: a bad key or scope
+    │   └── QuotaExceededError        429 MONTHLY_QUOTA_EXCEEDED or
+    │                            SANDBOX_QUOTA_EXCEEDED: a month's allowance
+    │                            is used up (exit 5)
     └── LoadSignal               an answer the loader settles row by row; it
         │                        never ends a run by itself
         ├── LookupFailed         a read or search could not be completed: the
@@ -45,6 +48,7 @@ class ExitCode:
     USAGE = 2  # bad options, unreadable input, unusable profile or state
     FAILED = 3  # some rows failed at the API or have an unknown outcome
     API = 4  # the API refused the run (bad key, scope): nothing more was sent
+    QUOTA = 5  # a quota is used up (monthly, or the sandbox allowance): the run stopped, the rest was not sent
     INTERRUPTED = 130  # stopped by SIGINT/SIGTERM; state and report were written
 
 
@@ -128,6 +132,20 @@ class ApiError(EtlError):
 
 class AuthError(ApiError):
     """401 or 403: the key is missing, malformed, revoked or lacks the scope."""
+
+
+class QuotaExceededError(ApiError):
+    """429 with a quota code (``MONTHLY_QUOTA_EXCEEDED``, ``SANDBOX_QUOTA_EXCEEDED``): the plan's allowance for
+    the period is used up. Waiting seconds cannot help, so a load stops at once: the rows not yet sent are
+    ``not-sent``, and the same command finishes them once the quota resets (``resets``: when, if the API said).
+    The message names the quota and when it resets; it never holds a key."""
+
+    exit_code = ExitCode.QUOTA
+    retryable = True
+
+    def __init__(self, status: int, code: str, message: str, resets: str | None = None) -> None:
+        super().__init__(status, code, message)
+        self.resets = resets
 
 
 class LoadSignal(EtlError):  # noqa: N818 - a signal the loader settles, not an error that ends a run

@@ -175,6 +175,11 @@ class RunFacts(_Facts):
     bulk_limit: str | None = None
     disappeared: int | None = None  # rows an earlier load created that this copy of the file no longer has
     requests_planned: dict[str, int] | int | None = None  # a dry run: creates per kind (Redox: bundles)
+    quota_exceeded: str | None = None  # a quota 429 stopped the run (exit 5): which quota, when it resets
+    retries: int | None = None  # retries spent of the run's budget (429 RATE_LIMITED, connections never opened)
+    search_lag_seconds: float | None = None  # measured: how long search took to show one of the run's creates
+    settle_rounds: int | None = None  # rounds of lookup and re-send the run's unknown outcomes took
+    settle_problem: str | None = None  # why unknown outcomes were left unknown (no safe wait for search)
 
     def updated(self, other: RunFacts) -> Self:
         """These facts with those ``other`` sets."""
@@ -290,6 +295,8 @@ class RunReport:
 
         if self.summary.get("interrupted"):
             return ExitCode.INTERRUPTED
+        if self.summary.get("quota_exceeded"):
+            return ExitCode.QUOTA
         if self.summary.get("aborted"):
             return ExitCode.API
         states = self.states

@@ -120,7 +120,8 @@ def load_in_batches(
                 write_csv(frame, run.folder / name)
             if disappeared is not None and disappeared.height:
                 write_csv(disappeared, run.folder / "disappeared.csv")
-            state.finish_run(run_id, {"states": report.states})
+            lag = {"search_lag_seconds": loader.search_lag} if loader.search_lag is not None else {}
+            state.finish_run(run_id, {"states": report.states, **lag})  # a later run's lag when it has none
     return report
 
 

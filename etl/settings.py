@@ -38,6 +38,13 @@ MAX_CONSISTENCY_WINDOW = 3600.0
 MAX_NO_ANSWER_LIMIT = 1000
 #: Default ``no_answer_limit``: four rounds of the default concurrency (a brief outage of a few seconds is ridden out).
 NO_ANSWER_LIMIT = 32
+#: Retries a load may spend in all (429 ``RATE_LIMITED`` and connections never opened), whatever the number of
+#: rows; once spent the run stops and the rows not yet sent are ``not-sent`` (each row still retries at most 8 times).
+RETRY_BUDGET = 200
+#: Rounds in which a load settles its unknown outcomes: wait for search, look each up, re-send the certainly absent.
+SETTLE_ROUNDS = 6
+#: Longest wait for search to show one of the run's own creates (the search-lag probe); past it no wait is safe.
+MAX_SEARCH_LAG = 60.0
 
 __all__ = [
     "BATCH_ROWS",
@@ -45,8 +52,11 @@ __all__ = [
     "DEFAULT_STATE",
     "MAX_CONSISTENCY_WINDOW",
     "MAX_NO_ANSWER_LIMIT",
+    "MAX_SEARCH_LAG",
     "MAX_TIMEOUT",
     "NO_ANSWER_LIMIT",
+    "RETRY_BUDGET",
+    "SETTLE_ROUNDS",
     "Settings",
     "read_key_file",
     "secret_problem",

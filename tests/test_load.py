@@ -115,6 +115,7 @@ def _run(
     rows: list[Send],
     rate: float = 1000.0,
     transport: httpx.AsyncBaseTransport | None = None,
+    settle_rounds: int = LoadOptions.settle_rounds,
 ) -> tuple[dict[str, Any], dict[str, Any], Loader]:
     async def go() -> tuple[dict[str, Any], dict[str, Any], Loader]:
         async with httpx.AsyncClient(base_url=server.base_url, timeout=http_timeout, transport=transport) as http:
@@ -123,7 +124,8 @@ def _run(
                 ApiClient(http, server.api_key, on_response=throttle.observe),
                 state,
                 throttle,
-                LoadOptions(rate=rate, consistency_window=0),
+                # Search in the sandbox shows a create at once: a short bound on the wait for it.
+                LoadOptions(rate=rate, consistency_window=0, lag_limit=2.0, settle_rounds=settle_rounds),
                 run_id,
             )
             row_results, patient_results = await loader.run(patients, rows)
@@ -136,16 +138,20 @@ def test_a_timeout_is_unknown_never_resent_and_resolved_by_lookup(tmp_path: Path
     sandbox = shaped_sandbox
     state = StateStore(tmp_path / "s.sqlite", target="t")
     # The sandbox commits the patient, but its answer is lost: the loader cannot know.
-    rows, patients, _ = _run(sandbox, state, httpx.Timeout(5.0), "run1", [PATIENT], [DOSE], transport=LoseAnswers(1))
-    assert patients["P1"].state == "unknown"
-    assert rows["R1"].state == "failed" and rows["R1"].error_code == "parent-unknown"
-    assert [r.state for r in state.in_state("patient", "unknown")] == ["unknown"]
-    assert count(sandbox, "/v1/patients") == 1  # it was written after all
+    # It is settled in the same run: looked up once search can show it, found, never sent again.
+    rows, patients, loader = _run(sandbox, state, httpx.Timeout(5.0), "run1", [PATIENT], [DOSE],
+                                  transport=LoseAnswers(1))
+    assert patients["P1"].state == "created" and patients["P1"].resource_id.startswith("pt_")
+    assert patients["P1"].message == "found by lookup after an unknown outcome"
+    assert rows["R1"].state == "created"  # the child waited for its parent to settle
+    assert loader.settle_rounds == 1
+    assert state.in_state("patient", "unknown") == []
+    assert count(sandbox, "/v1/patients") == 1  # it was written after all, and once
 
     rows, patients, _ = _run(sandbox, state, httpx.Timeout(5.0), "run2", [PATIENT], [DOSE])
     assert patients["P1"].state == "skipped" and patients["P1"].resource_id.startswith("pt_")
-    assert rows["R1"].state == "created"
-    assert count(sandbox, "/v1/patients") == 1  # found, not sent again
+    assert rows["R1"].state == "skipped"
+    assert count(sandbox, "/v1/patients") == 1
     assert count(sandbox, "/v1/immunizations") == 1
     state.close()
 
@@ -411,11 +417,11 @@ def test_reconcile_settles_unknowns_without_the_input_files(tmp_path: Path) -> N
     key = "clk_test_reconcile0123456789"
     with SandboxServer(SandboxConfig(api_keys={key: "*"})) as server:
         state = StateStore(tmp_path / "s.sqlite", target=server.base_url)
-        # run 1 loses the answers of the patient and of the first dose: both are unknown
+        # run 1 loses the answer of the patient and does not settle it (no rounds): it is left unknown
         second = Send("immunization", "/v1/immunizations", "R2",
                       '{"patientId":' + patient_ref("P1") + ',"status":"completed","vaccineCode":"20"}', "h3")
         _, patients, _ = _run(server, state, httpx.Timeout(5.0), "run1", [PATIENT], [DOSE, second],
-                              transport=LoseAnswers(1))
+                              transport=LoseAnswers(1), settle_rounds=0)
         assert patients["P1"].state == "unknown"
         # A crashed run left R9 pending with its body kept but never sent.
         state.mark_pending("immunization", [("R9", "h9", '{"status":"completed","vaccineCode":"03",'

@@ -223,6 +223,8 @@ def line_results(job: Mapping[str, Any], count: int) -> list[Result]:
 class BulkLoader(Loader):
     """A :class:`Loader` that sends each stage's creates as bulk imports."""
 
+    settles_in_run = False  # a job's lines settle through its record and the next run, not in rounds
+
     def __init__(
         self,
         client: Client,

@@ -6,7 +6,14 @@ What is safe to retry is decided here, in :func:`exchange`, which the other
 clients (bulk imports, Redox) call too:
 
 - a connection that could not be opened never carried the request: retry;
-- a 429 was not processed: wait as told, then retry;
+- a 429 was not processed. ``RATE_LIMITED`` (the per-minute ceiling): wait as
+  told (``Retry-After``), then retry. A quota 429 (``MONTHLY_QUOTA_EXCEEDED``,
+  ``SANDBOX_QUOTA_EXCEEDED``: the month's allowance is used up, errors.mdx
+  "Monthly Quotas & Overage" of the public docs ``clinikapi/docs``) is a
+  :class:`Refused` with that code: no wait of seconds helps, so the loader stops
+  (:func:`quota_problem` reads what the API said about it). The official SDK
+  (``clinikapi/sdk`` src/errors.ts) turns every 429 into ``RATE_LIMITED`` and
+  retries it; we read the body's ``code`` instead;
 - a timeout, a 5xx, or a connection lost after sending may have been
   written: the outcome is :class:`Unknown` and the request is NOT re-sent.
 
@@ -34,12 +41,13 @@ from typing import Any
 
 import httpx
 
-from etl.errors import LookupFailed, UsageError
+from etl.errors import LookupFailed, QuotaExceededError, UsageError
 from etl.rules import RULES
 from etl.settings import Settings, secret_problem
 from schemas.limits import API_KEY_PATTERN, RATE_WINDOW_SECONDS
 
 __all__ = [
+    "QUOTA_CODES",
     "ApiClient",
     "Created",
     "Outcome",
@@ -51,6 +59,7 @@ __all__ = [
     "exchange",
     "is_loopback_host",
     "mask",
+    "quota_problem",
     "retry_after",
     "server_wait",
 ]
@@ -269,7 +278,7 @@ class ApiClient:
             except (ValueError, KeyError, TypeError):
                 return Unknown("a success without a readable id", status)
         if status == 429:
-            return RetryLater(retry_after(response.headers), "RATE_LIMITED", 429)
+            return _too_many(response)
         if status >= 500:
             return Unknown(f"server error {status}", status)
         return refusal(response)
@@ -292,7 +301,7 @@ class ApiClient:
         if response.status_code == 200:
             return Created(resource_id, 200)
         if response.status_code == 429:
-            return RetryLater(retry_after(response.headers), "RATE_LIMITED", 429)
+            return _too_many(response)
         if response.status_code >= 500:
             return Unknown(f"server error {response.status_code}", response.status_code)
         return refusal(response)
@@ -315,6 +324,9 @@ class ApiClient:
                 if response.status_code == 404:
                     return None
                 if response.status_code == 429:
+                    quota = quota_problem(response)
+                    if quota is not None:  # no wait of seconds helps: the caller stops the run
+                        raise quota
                     await asyncio.sleep(retry_after(response.headers))
                     continue
                 if response.status_code < 500:
@@ -362,6 +374,72 @@ def retry_after(headers: Mapping[str, str]) -> float:
         if name in headers:
             return server_wait(headers[name])
     return 1.0
+
+
+#: The codes of a 429 that waiting seconds cannot cure: a month's allowance is used up (errors.mdx, clinikapi/docs).
+QUOTA_CODES = frozenset({"MONTHLY_QUOTA_EXCEEDED", "SANDBOX_QUOTA_EXCEEDED"})
+
+#: What each quota is called in a message, and the headers that describe it (errors.mdx).
+_QUOTAS = {
+    "MONTHLY_QUOTA_EXCEEDED": ("the plan's monthly request quota", "x-quota-limit", "x-quota-used"),
+    "SANDBOX_QUOTA_EXCEEDED": ("the monthly sandbox (test-key) allowance", "x-sandbox-limit", "x-sandbox-used"),
+}
+
+
+def _code_of(response: httpx.Response) -> str | None:
+    try:
+        body = response.json()
+    except ValueError:
+        return None
+    code = body.get("code") if isinstance(body, dict) else None
+    return code if isinstance(code, str) else None
+
+
+def quota_problem(response: httpx.Response) -> QuotaExceededError | None:
+    """A 429 whose ``code`` says a quota is used up, as a :class:`QuotaExceededError` naming the quota, its size
+    (``X-Quota-Limit`` / ``X-Sandbox-Limit``) and when it resets (``X-Quota-Reset``, an ISO time; the docs:
+    the 1st of the month, UTC, when not said); None for any other answer (``RATE_LIMITED`` included)."""
+    if response.status_code != 429:
+        return None
+    code = _code_of(response)
+    if code not in QUOTA_CODES:
+        return None
+    name, limit_header, used_header = _QUOTAS[code]
+    headers = response.headers
+    limit = _header_int(headers.get(limit_header))
+    used = _header_int(headers.get(used_header))
+    size = f" ({used if used is not None else '?'} of {limit} requests used)" if limit is not None else ""
+    reset = _header_time(headers.get("x-quota-reset"))
+    when = f"resets at {reset}" if reset else "resets on the 1st of the month (UTC)"
+    message = (
+        f"{name} is used up{size}; it {when}. Nothing more was sent: run the same command again after "
+        "that (or raise the plan) to send the rest"
+    )
+    return QuotaExceededError(429, code, message, reset)
+
+
+def _header_int(value: str | None) -> int | None:
+    try:
+        return int(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+_ISO_TIME = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}(:\d{2}(\.\d+)?)?(Z|[+-]\d{2}:?\d{2})?")
+
+
+def _header_time(value: str | None) -> str | None:
+    """An ISO timestamp from a header, or None when it is not one (a hostile header is not repeated)."""
+    return value if value is not None and _ISO_TIME.fullmatch(value.strip()) else None
+
+
+def _too_many(response: httpx.Response) -> Outcome:
+    """A 429: a quota's is :class:`Refused` with its code (the run stops); ``RATE_LIMITED`` (or a 429 that says
+    nothing) is :class:`RetryLater` after ``Retry-After``."""
+    quota = quota_problem(response)
+    if quota is not None:
+        return Refused(429, quota.code, quota.message)
+    return RetryLater(retry_after(response.headers), "RATE_LIMITED", 429)
 
 
 def refusal(response: httpx.Response) -> Refused:

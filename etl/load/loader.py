@@ -1,14 +1,30 @@
 """The loader: send planned creates once each, throttled, resumable.
 
-Order of work for one run:
+Order of work for one run, stage by stage (patients, then the rows that refer to them):
 
-1. **Resolve** rows left ``pending`` (a run was killed mid-send) or
-   ``unknown`` (a timeout, 5xx or lost connection): after the API's search
-   consistency window, look each one up by its content. Found: it was created
-   (the id is recorded). Certainly absent: it is sent again. Lookup impossible:
-   it stays unknown and is not sent.
-2. **Patients** that the rows to send need and the crosswalk lacks.
-3. **Rows**, each with its patient's ClinikAPI id filled in.
+1. **Send** what the state store does not hold as created, each with its parents' ClinikAPI ids filled in.
+2. **Settle** the stage's doubt before the next stage starts: rows whose send had no known outcome in this run
+   (a timeout, 5xx or lost connection) and rows an earlier run left ``pending`` (killed mid-send) or ``unknown``.
+   In at most ``settle_rounds`` rounds (default 6): wait until search can be trusted to show them, look each
+   one up by its content; found: it was created (the id is recorded); certainly absent: it is sent again, and
+   its outcome joins the next round if it is unknown again; lookup impossible: it stays unknown, never re-sent.
+   So children are sent once their parent settled, in the same run.
+
+How long search needs to show a create is **measured**, not trusted (the docs: search is eventually
+consistent, "commonly ~10s"): once a run meets doubt, search is polled (backing off, at most ``lag_limit``
+seconds) until it shows one of the run's own creates, and each round waits, after the latest doubtful send, at
+least 1.5 x the lag observed, never less than ``consistency_window`` (a floor). With no create of its own to
+watch, a run uses the largest lag an earlier run on the same state store measured, else ``lag_limit`` (for
+what an earlier run left in doubt with nothing measured: the consistency window, as ``reconcile`` does). When
+search never shows the run's own create within ``lag_limit`` (or cannot be searched), no wait is safe: the
+doubtful rows stay ``unknown`` and :attr:`Loader.settle_problem` says why; nothing is re-sent on a guess.
+
+Answers that say "not processed" are retried within a **budget per run** (``retry_budget``, default 200, and
+at most ``max_retries`` per row): a 429 ``RATE_LIMITED`` after its ``Retry-After``, a connection that never
+opened after a second. Once the budget is spent the run stops; the rows not yet sent are ``not-sent``. A quota
+429 (``MONTHLY_QUOTA_EXCEEDED``, ``SANDBOX_QUOTA_EXCEEDED``) stops the run at once (:attr:`Loader.aborted` is
+an ``etl.errors.QuotaExceededError``, exit 5): the rows not yet sent are ``not-sent``, and the same command sends
+them once the quota resets.
 
 Each send records its intent (``pending``) in the state store before the
 request leaves and its outcome after, in small batched transactions.
@@ -27,16 +43,16 @@ import json
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, ClassVar, Literal, Protocol
 
-from etl.errors import ApiError, AuthError, LookupFailed
-from etl.load.client import UNTRUSTED, Created, Outcome, Refused, RetryLater, Unknown
+from etl.errors import ApiError, AuthError, LookupFailed, QuotaExceededError
+from etl.load.client import QUOTA_CODES, UNTRUSTED, Created, Outcome, Refused, RetryLater, Unknown
 from etl.load.lookup import matches
 from etl.load.state import Record, StateStore
 from etl.load.throttle import Throttle
 from etl.progress import Progress, as_progress
 from etl.rules import RULES, Rule
-from etl.settings import NO_ANSWER_LIMIT
+from etl.settings import MAX_SEARCH_LAG, NO_ANSWER_LIMIT, RETRY_BUDGET, SETTLE_ROUNDS
 from etl.transform import fill_refs
 
 __all__ = ["LoadOptions", "Loader", "Result", "Send", "failure"]
@@ -60,6 +76,9 @@ class Client(Protocol):
         ...
 
 _FLUSH_EVERY = 32
+#: A round waits this many times the search lag observed (one create's lag says little of the next one's).
+LAG_MARGIN = 1.5
+_PROBE_FIRST_POLL = 0.25  # seconds; then a quarter of the time waited so far
 
 
 @dataclass(frozen=True)
@@ -72,6 +91,9 @@ class LoadOptions:
     max_retries: int = 8  # for answers that say "not processed, try later"
     update: bool = False  # PATCH rows that changed since they were created (else report them as changed)
     no_answer_limit: int = NO_ANSWER_LIMIT  # requests in a row without any answer before the run stops
+    retry_budget: int = RETRY_BUDGET  # retries in all per run ("not processed, try later" answers)
+    settle_rounds: int = SETTLE_ROUNDS  # rounds of lookup and re-send for unknown outcomes, per stage
+    lag_limit: float = MAX_SEARCH_LAG  # longest wait for search to show one of the run's own creates
 
 
 @dataclass(frozen=True)
@@ -129,6 +151,10 @@ class LoadStats:
 class Loader:
     """Sends patients and rows through one client, throttle and state store."""
 
+    #: Whether a stage's unknown outcomes are settled in the run (:meth:`_settle`); a loader whose sends are
+    #: not one request per row (bulk jobs) settles its own way and leaves this off.
+    settles_in_run: ClassVar[bool] = True
+
     def __init__(
         self,
         client: Client,
@@ -149,7 +175,17 @@ class Loader:
         self.aborted: ApiError | None = None  # a refusal of the whole run: bad key, untrusted certificate
         self.stopping = False  # set by stop(): send nothing new, finish what is in flight
         self.unresponsive: str | None = None  # why the run stopped: the target answered nothing for too long
+        self.retries = 0  # retries spent (of options.retry_budget)
+        self.budget_spent: str | None = None  # why the run stopped: the retry budget is spent
+        self.search_lag: float | None = None  # seconds search took to show one of this run's creates
+        self.settle_problem: str | None = None  # why unknown outcomes could not be settled (no safe wait)
+        self.settle_rounds = 0  # the most rounds a stage needed to settle its doubt
         self._outcomes: list[Record] = []
+        self._need_lag = False  # doubt met: measure the search lag on the next create
+        self._own_doubt = False  # a send of this run had an unknown outcome
+        self._last_created: tuple[Send, bytes, str, float] | None = None  # a create to watch in search
+        self._probe: asyncio.Task[None] | None = None
+        self._earlier_lag = _earlier_lag(state)
 
     # --- the run -------------------------------------------------------------
 
@@ -199,6 +235,8 @@ class Loader:
 
     def end(self) -> None:
         """The load is over (even when it stopped early)."""
+        if self._probe is not None and not self._probe.done():
+            self._probe.cancel()  # no doubt was left to settle with it
         self.stats.requests = self.client.requests
 
     async def run_part(self, items: Sequence[Send]) -> dict[tuple[str, str], Result]:
@@ -258,19 +296,19 @@ class Loader:
         for item in items:
             by_kind.setdefault(item.kind, []).append(item)
         to_send: list[Send] = []
+        doubtful: list[Send] = []  # left in doubt by an earlier run: settled with this run's doubt
         for kind, group in by_kind.items():
             stored = self.state.get(kind, [i.source_key for i in group])
-            in_doubt = ("pending", "unknown")
-            doubtful = [i for i in group if i.source_key in stored and stored[i.source_key].state in in_doubt]
-            resolved = await self._resolve(doubtful, stored)
             for item in group:
                 rec = stored.get(item.source_key)
-                if item.source_key in resolved:
-                    result = resolved[item.source_key]
-                    if result.state != "failed":  # found, or still unknown: never re-sent blindly
-                        self._results[(kind, item.source_key)] = result
-                        continue
-                elif rec is not None and rec.state == "created":
+                if rec is not None and rec.state in ("pending", "unknown"):
+                    doubtful.append(item)
+                    self._need_lag = True
+                    self._results[(kind, item.source_key)] = failure(
+                        "unknown", RULES["unknown-outcome"], reason=rec.message or "left in doubt by an earlier run"
+                    )
+                    continue
+                if rec is not None and rec.state == "created":
                     if rec.body_hash and rec.body_hash != item.body_hash and rec.resource_id:
                         changed.append((item, rec.resource_id))
                     else:
@@ -279,6 +317,11 @@ class Loader:
                         )
                     continue
                 to_send.append(item)
+        if doubtful and not self.settles_in_run:
+            # Settled once, before anything is sent (after the consistency window): found, skipped;
+            # certainly absent, sent with the rest of the stage; else left unknown.
+            to_send.extend(await self._settle_before(doubtful))
+            doubtful = []
         ready: list[Send] = []
         for item in to_send:
             _, missing = self._fill(item)
@@ -291,6 +334,7 @@ class Loader:
             else:
                 ready.append(item)
         self._results.update(await self._send_all(ready, lambda i: self._fill(i)[0]))
+        await self._settle(doubtful, ready)
         for item, resource_id in changed:
             self._results[(item.kind, item.source_key)] = await self._update(item, resource_id)
 
@@ -319,7 +363,7 @@ class Loader:
 
     def _not_sent(self) -> Result:
         """The result of a row never sent because the run stopped (a refusal, silence, a signal)."""
-        why = self.aborted or self.unresponsive
+        why = self.aborted or self.unresponsive or self.budget_spent
         if why:
             return failure("failed", RULES["not-sent"], why=why)
         return failure("failed", RULES["not-sent"], "interrupted")
@@ -351,12 +395,15 @@ class Loader:
 
     # --- resolving doubt -----------------------------------------------------
 
-    async def _resolve(self, items: Sequence[Send], stored: dict[str, Record]) -> dict[str, Result]:
-        """Look up rows whose earlier send has no known outcome."""
+    async def _resolve(
+        self, items: Sequence[Send], stored: dict[str, Record], lag: float | None = None
+    ) -> dict[str, Result]:
+        """Look up rows whose earlier send has no known outcome, ``lag`` seconds (default: the consistency
+        window) after the latest of those sends."""
         if not items:
             return {}
         newest = max(_last_possible_send(stored[i.source_key]) for i in items)
-        wait = newest + self.options.consistency_window - time.time()
+        wait = newest + (self.options.consistency_window if lag is None else lag) - time.time()
         if wait > 0:
             self.progress(f"waiting {wait:.0f} s for search to show earlier sends", 0)
             await asyncio.sleep(wait)
@@ -376,6 +423,12 @@ class Loader:
                 continue
             try:
                 resource_id = await self._find(item, json.loads(body_text), taken)
+            except QuotaExceededError as exc:
+                self._quota(exc)
+                results[item.source_key] = failure(
+                    "unknown", RULES["unknown-outcome"], "not-looked-up", why=exc
+                )
+                continue
             except LookupFailed as exc:
                 results[item.source_key] = failure("unknown", RULES["unknown-outcome"], reason=exc)
                 self._listen()
@@ -428,7 +481,8 @@ class Loader:
 
         async def produce() -> None:
             for start in range(0, len(items), window):
-                if self.stopping or self.unresponsive:  # the rest was never marked pending, let alone sent
+                if self.stopping or self.unresponsive or self.aborted or self.budget_spent:
+                    # The rest was never marked pending, let alone sent.
                     for item in items[start:]:
                         results[(item.kind, item.source_key)] = self._not_sent()
                     break
@@ -451,7 +505,7 @@ class Loader:
         async def work() -> None:
             while (entry := await queue.get()) is not None:
                 item, body = entry
-                if self.aborted is not None or self.stopping or self.unresponsive is not None:
+                if self.aborted is not None or self.stopping or self.unresponsive is not None or self.budget_spent:
                     # Recorded as pending but never sent: certainly not created, safe to send next time.
                     result = self._not_sent()
                 else:
@@ -483,6 +537,17 @@ class Loader:
                 if self.aborted is None:
                     self.aborted = ApiError(0, RULES["untrusted-certificate"].code, UNTRUSTED)
                 return failure("failed", RULES["untrusted-certificate"])
+            if self.budget_spent is not None or self.aborted is not None:
+                return self._not_sent()  # not processed: safe to send next time
+            if self.retries >= self.options.retry_budget:
+                self.budget_spent = (
+                    f"the run's retry budget ({self.options.retry_budget} retries of requests the API did not "
+                    f"process: 429 RATE_LIMITED, connections never opened) is spent; the rest was not sent. "
+                    f"Run the same command again later"
+                )
+                self.progress.note(f"stopping: {self.budget_spent}")
+                return self._not_sent()
+            self.retries += 1
             if outcome.reason == "RATE_LIMITED":
                 self.stats.retries_429 += 1
                 self.throttle.pause(outcome.seconds)
@@ -491,8 +556,12 @@ class Loader:
                 if self.unresponsive is not None:  # fell silent meanwhile: this one never left either
                     return self._not_sent()
         if isinstance(outcome, Created):
+            self._watch(item, body, outcome.resource_id)
             return Result("created", outcome.resource_id, outcome.status)
         if isinstance(outcome, Refused):
+            if outcome.status == 429 and outcome.code in QUOTA_CODES:
+                self._quota(QuotaExceededError(outcome.status, outcome.code, outcome.message))
+                return self._not_sent()  # refused, not written: the same command sends it once the quota resets
             if outcome.status in (401, 403) and self.aborted is None:
                 self.aborted = AuthError(outcome.status, outcome.code, outcome.message)
             return Result("failed", None, outcome.status, outcome.code, outcome.field, outcome.message)
@@ -504,7 +573,152 @@ class Loader:
                 outcome.reason,
                 message=f"gave up after {self.options.max_retries} retries",
             )
+        self._need_lag = self._own_doubt = True
         return failure("unknown", RULES["unknown-outcome"], http_status=outcome.status, reason=outcome.reason)
+
+    def _quota(self, exc: QuotaExceededError) -> None:
+        """A quota is used up: stop the run (nothing more is sent; what is in flight finishes)."""
+        if self.aborted is None:
+            self.aborted = exc
+            self.progress.note(f"stopping: {exc.message}")
+
+    # --- settling doubt in the run ---------------------------------------------
+
+    async def _settle(self, earlier: Sequence[Send], sent: Sequence[Send]) -> None:
+        """Settle a stage's doubt: ``earlier`` rows an earlier run left in doubt, and those of ``sent`` whose
+        outcome is unknown. Each round waits for search (:meth:`_safe_lag`), looks them up, and re-sends the
+        certainly absent; at most ``settle_rounds`` rounds."""
+        if not self.settles_in_run:
+            return
+        doubt = [*earlier, *(i for i in sent if self._results[(i.kind, i.source_key)].state == "unknown")]
+        mine = {(i.kind, i.source_key) for i in sent}  # created by this run when found
+        rounds = 0
+        while doubt and rounds < self.options.settle_rounds:
+            if self.stopping or self.aborted is not None or self.unresponsive or self.budget_spent:
+                break
+            lag = await self._safe_lag()
+            if lag is None:
+                break
+            rounds += 1
+            self.progress.note(f"settling {len(doubt)} unknown outcomes (round {rounds}): search shows a create "
+                               f"within {lag:.1f} s")
+            absent: list[Send] = []
+            still: list[Send] = []
+            by_kind: dict[str, list[Send]] = {}
+            for item in doubt:
+                by_kind.setdefault(item.kind, []).append(item)
+            for kind, group in by_kind.items():
+                stored = self.state.get(kind, [i.source_key for i in group])
+                resolved = await self._resolve(group, stored, lag)
+                for item in group:
+                    result = resolved[item.source_key]
+                    pair = (kind, item.source_key)
+                    if result.state == "failed":  # certainly absent: sent again
+                        absent.append(item)
+                    elif result.state == "unknown":
+                        still.append(item)
+                        self._results[pair] = result
+                    elif pair in mine:
+                        self._results[pair] = Result(
+                            "created", result.resource_id, message="found by lookup after an unknown outcome"
+                        )
+                    else:
+                        self._results[pair] = result
+            ready: list[Send] = []
+            for item in absent:
+                _, missing = self._fill(item)
+                if missing:
+                    self._results[(item.kind, item.source_key)] = self._blocked(missing[0])
+                elif self.stopping or self.aborted is not None or self.unresponsive or self.budget_spent:
+                    self._results[(item.kind, item.source_key)] = self._not_sent()
+                else:
+                    ready.append(item)
+            self._results.update(await self._send_all(ready, lambda i: self._fill(i)[0]))
+            mine.update((i.kind, i.source_key) for i in ready)
+            doubt = [*still, *(i for i in ready if self._results[(i.kind, i.source_key)].state == "unknown")]
+        self.settle_rounds = max(self.settle_rounds, rounds)
+
+    async def _settle_before(self, earlier: Sequence[Send]) -> list[Send]:
+        """Look up what an earlier run left in doubt; the certainly absent, to be sent."""
+        absent: list[Send] = []
+        by_kind: dict[str, list[Send]] = {}
+        for item in earlier:
+            by_kind.setdefault(item.kind, []).append(item)
+        for kind, group in by_kind.items():
+            stored = self.state.get(kind, [i.source_key for i in group])
+            resolved = await self._resolve(group, stored)
+            for item in group:
+                if resolved[item.source_key].state == "failed":
+                    absent.append(item)
+                else:
+                    self._results[(kind, item.source_key)] = resolved[item.source_key]
+        return absent
+
+    async def _safe_lag(self) -> float | None:
+        """Seconds after a send when search can be trusted to show it; None when no wait is safe."""
+        if self.search_lag is None and self.settle_problem is None:
+            if self._probe is None and self._last_created is not None:
+                self._start_probe()
+            if self._probe is not None:
+                await self._probe
+        floor = self.options.consistency_window
+        if self.settle_problem is not None:
+            return None
+        if self.search_lag is not None:
+            return max(floor, self.search_lag * LAG_MARGIN)
+        if self._earlier_lag is not None:  # nothing of this run's own to watch: what an earlier run measured
+            return max(floor, self._earlier_lag * LAG_MARGIN)
+        # Nothing measured, ever: the bound for this run's own doubt; the window for an earlier run's
+        # (its sends are usually long past, and a resumed run of nothing but doubt has no create to watch).
+        return max(floor, self.options.lag_limit) if self._own_doubt else floor
+
+    def _watch(self, item: Send, body: bytes, resource_id: str) -> None:
+        """A create of this run: the one whose appearance in search measures the lag, once doubt is met."""
+        if self._probe is not None or self.search_lag is not None:
+            return
+        self._last_created = (item, body, resource_id, time.monotonic())
+        if self._need_lag:
+            self._start_probe()
+
+    def _start_probe(self) -> None:
+        """Start watching the latest create in search (when a narrow search can show it)."""
+        assert self._last_created is not None
+        item, body, resource_id, created = self._last_created
+        self._last_created = None
+        try:
+            params = _probe_params(item.kind, json.loads(body))
+        except ValueError:
+            params = None
+        if params is not None:
+            self._probe = asyncio.create_task(self._measure(item, params, resource_id, created))
+
+    async def _measure(self, item: Send, params: dict[str, str], resource_id: str, created: float) -> None:
+        """Poll search until it shows ``resource_id`` (created at ``created``): the search lag, or a problem."""
+        deadline = created + self.options.lag_limit
+        while True:
+            try:
+                found = await self.client.search(item.route, params)
+            except QuotaExceededError as exc:
+                self._quota(exc)
+                self.settle_problem = f"search lag not measured: {exc.message}"
+                return
+            except LookupFailed as exc:
+                self.settle_problem = f"search lag not measured: {exc}; unknown outcomes are left unknown"
+                self.progress.note(self.settle_problem)
+                return
+            now = time.monotonic()
+            if any(str(c.get("id")) == resource_id for c in found if isinstance(c, dict)):
+                self.search_lag = round(now - created, 3)
+                return
+            if now >= deadline:
+                self.settle_problem = (
+                    f"search did not show this run's own create within {self.options.lag_limit:g} s: no wait is "
+                    "safe, so unknown outcomes are left unknown (never re-sent on a guess); run the same command "
+                    "again, or `clinik-etl reconcile`, once search catches up"
+                )
+                self.progress.note(f"stopping the lookups: {self.settle_problem}")
+                return
+            await asyncio.sleep(min(max(_PROBE_FIRST_POLL, (now - created) / 4), max(deadline - now, 0.01)))
 
     def _note(self, item: Send, result: Result) -> None:
         stored = "failed" if result.state == "failed" else result.state
@@ -541,3 +755,28 @@ def _last_possible_send(record: Record) -> float:
     if record.state == "pending":
         return time.time()
     return max(record.updated_at or 0.0, record.sent_at or 0.0)
+
+
+def _probe_params(kind: str, body: dict[str, Any]) -> dict[str, str] | None:
+    """A narrow search that shows a create of ``kind`` made from ``body`` (its id is then looked for among the
+    results, whatever their shape); None when there is none."""
+    if isinstance(body.get("patientId"), str):
+        return {"patientId": body["patientId"]}
+    if kind == "patient" and isinstance(body.get("lastName"), str):
+        return {"name": body["lastName"], **({"birthDate": body["birthDate"]} if isinstance(body.get("birthDate"), str)
+                                             else {})}
+    if isinstance(body.get("npi"), str):
+        return {"npi": body["npi"]}
+    return None
+
+
+def _earlier_lag(state: StateStore) -> float | None:
+    """The largest search lag an earlier load on this state store measured (``search_lag_seconds``), if any."""
+    lags = [
+        float(lag)
+        for run in state.runs()
+        if isinstance(summary := run.get("summary"), dict)
+        and isinstance(lag := summary.get("search_lag_seconds"), int | float)
+    ]
+    return max(lags) if lags else None
+

@@ -45,6 +45,7 @@ from starlette.types import ASGIApp, Lifespan, Message, Receive, Scope, Send
 from etl.errors import UsageError
 from etl.sandbox.faults import FaultGate, FaultPlan, LaggingStore, check_fault_settings
 from etl.sandbox.problems import REQUEST_ID, ApiProblemError, issue, now_iso, request_id
+from etl.sandbox.quota import QuotaGate, Quotas, RollingWindow, check_quota_settings
 from etl.sandbox.redox import RedoxGate, check_redox_tokens, new_redox_token
 from etl.sandbox.shapes import SHAPES, Shape, render
 from etl.sandbox.store import FILTERS, PAGING, SORTABLE, Store, sort_column
@@ -129,6 +130,13 @@ class SandboxConfig:
     # Bearer tokens of the Redox route (etl.sandbox.redox); default: one fresh token.
     redox_tokens: tuple[str, ...] = field(default_factory=lambda: (new_redox_token(),), repr=False)
     responses: Shape = "fhir"
+    # Quotas and the documented rolling window (etl.sandbox.quota): the monthly quota (429 MONTHLY_QUOTA_EXCEEDED),
+    # its period (None: the calendar month, UTC), the test-key allowance (429 SANDBOX_QUOTA_EXCEEDED), and
+    # rate_limit counted for every key together over a rolling window.
+    quota: int | None = None
+    quota_window: float | None = None
+    sandbox_quota: int | None = None
+    rolling: bool = False
 
     def __post_init__(self) -> None:
         if self.responses not in SHAPES:
@@ -155,6 +163,7 @@ class SandboxConfig:
         object.__setattr__(self, "api_keys", MappingProxyType(dict(self.api_keys)))
         object.__setattr__(self, "redox_tokens", tuple(self.redox_tokens))
         check_redox_tokens(self.redox_tokens)
+        check_quota_settings(quota=self.quota, quota_window=self.quota_window, sandbox_quota=self.sandbox_quota)
 
     @property
     def api_key(self) -> str:
@@ -863,7 +872,12 @@ class Sandbox:
         self.config = config
         self.store = LaggingStore(config.db_path, config.search_lag) if config.search_lag else Store(config.db_path)
         self.faults = FaultPlan.from_config(config)
-        self.limiter = FixedWindow(config.rate_limit, config.window)
+        self.limiter: FixedWindow | RollingWindow[Quota] = (
+            RollingWindow(config.rate_limit, config.window, Quota)
+            if config.rolling and config.rate_limit is not None
+            else FixedWindow(config.rate_limit, config.window)
+        )
+        self.quotas = Quotas.from_config(config)
         self.bulk_window = FixedWindow(config.bulk_operations_per_hour, _BULK_WINDOW)
         self.jobs = BulkJobs(self.store)
 
@@ -906,6 +920,7 @@ def build_app(sandbox: Sandbox, lifespan: Lifespan[Starlette] | None = None) -> 
         middleware=[
             Middleware(RedoxGate, sandbox=sandbox),
             Middleware(ApiGate, sandbox=sandbox),
+            Middleware(QuotaGate, quotas=sandbox.quotas),
             Middleware(FaultGate, plan=sandbox.faults),
         ],
         exception_handlers={ApiProblemError: _on_problem, HTTPException: _on_http_error},

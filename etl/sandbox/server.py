@@ -178,6 +178,12 @@ def announce(server: SandboxServer) -> None:
     if server.config.search_lag:
         print(f"search shows new resources after {server.config.search_lag:g} s", flush=True)
     print(f"responses: {server.config.responses} (etl.sandbox.shapes)", flush=True)
+    config = server.config
+    period = f"{config.quota_window:g} s" if config.quota_window else "month (UTC)"
+    if config.quota:
+        print(f"monthly quota: {config.quota} requests per {period}", flush=True)
+    if config.sandbox_quota:
+        print(f"sandbox allowance: {config.sandbox_quota} test requests per {period}", flush=True)
 
 
 def serve_forever(
