@@ -14,6 +14,9 @@ A profile is a TOML or YAML file::
     [defaults]                       # fills empty cells and absent columns
     status = "completed"
 
+    [rules]                          # a domain rule's severity: "error", "warning" or "off"
+    expired-lot = "error"
+
 The built-in default profile (``auto`` only) accepts the obvious header names:
 a header matches a canonical field when, ignoring case, spaces, underscores,
 hyphens and punctuation, it equals the field's name or one of its aliases.
@@ -35,7 +38,7 @@ import yaml
 
 from etl.errors import InputError, ProfileError
 from etl.readers import ROW, Notice, Table
-from etl.rules import RULES
+from etl.rules import RULES, Severity, parse_severities
 from schemas.canonical import DEFAULTS, KIND_SPECS, LIST_SEPARATOR, field_map, fields_of
 
 __all__ = [
@@ -70,6 +73,8 @@ class Profile:
     auto: bool = True
     list_separator: str = LIST_SEPARATOR
     kinds: dict[str, Profile] = field(default_factory=dict)
+    rules: dict[str, Severity] = field(default_factory=dict)  # code -> severity, from [rules]
+    placeholders: tuple[str, ...] = ()  # more words that mean "no value" (see etl.rules.PLACEHOLDERS)
 
     def for_kind(self, kind: str) -> Profile:
         """This profile narrowed to one kind, with the kind's built-in defaults underneath."""
@@ -135,6 +140,8 @@ _KNOWN = {
     "redacted",
     "kinds",
     "description",
+    "rules",
+    "placeholders",
 }
 
 
@@ -214,6 +221,10 @@ def _parse_profile(raw: Any, where: str, default_name: str | None = None, kind: 
     kinds = {
         str(k): _parse_profile(v, f"{where} [kinds.{k}]", kind=str(k)) for k, v in (raw.get("kinds") or {}).items()
     }
+    try:
+        rules = parse_severities(raw.get("rules") or {})
+    except ValueError as exc:
+        raise ProfileError(f"{where}: {exc}") from None
     return Profile(
         name=str(raw.get("name", default_name or "profile")),
         kind=kind,
@@ -225,6 +236,8 @@ def _parse_profile(raw: Any, where: str, default_name: str | None = None, kind: 
         auto=bool(raw.get("auto", True)),
         list_separator=str(raw.get("list_separator", LIST_SEPARATOR)),
         kinds=kinds,
+        rules=rules,
+        placeholders=tuple(str(v) for v in raw.get("placeholders", ())),
     )
 
 

@@ -134,7 +134,8 @@ class _Input:
             if frame is None:
                 return None
             mapped = self.mapped.with_rows(frame)
-            return mapped, precheck(prepare(mapped), self.kind, today=today)
+            prepared = prepare(mapped, today=today)
+            return mapped, precheck(prepared, self.kind, today=today, severity=mapped.profile.rules)
 
         frames = self.frames()
         with ThreadPoolExecutor(1, thread_name_prefix="prepare") as ahead:
