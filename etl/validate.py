@@ -364,6 +364,7 @@ def _placeholders_absent(
     withheld = frame.select(pl.col(n).is_in(markers).any().alias(n) for n in hit).row(0, named=True)
     return frame.with_columns(
         *[pl.col(n).is_in(markers).fill_null(False).alias(f"{n}__redacted") for n in hit if withheld[n]],
+        *[pl.col(n).is_in(words).fill_null(False).alias(f"{n}__placeholder") for n in hit],
         *[pl.when(~pl.col(n).is_in(words)).then(pl.col(n)).alias(n) for n in hit],
     )
 
@@ -711,7 +712,7 @@ def _all_rules(kind: str, today: dt.date, columns: frozenset[str]) -> list[_Rule
         if f.exclusive_minimum is not None and parsed in ("__int", "__num"):
             value, floor = pl.col(f.name + parsed), f.exclusive_minimum
             rules.append(_check(f.name, RULES["minimum"], value.is_null() | (value > floor), "exclusive", limit=floor))
-    rules += _domain_rules(kind, fields, today)
+    rules += _domain_rules(kind, fields, today, columns)
     rules += _code_rules(fields)
     rules += _hazard_warnings(fields, columns)
     return rules
@@ -789,7 +790,9 @@ def _hazard_warnings(fields: Mapping[str, CanonicalField], columns: frozenset[st
     return rules
 
 
-def _domain_rules(kind: str, fields: dict[str, CanonicalField], today: dt.date) -> list[_Rule]:
+def _domain_rules(
+    kind: str, fields: dict[str, CanonicalField], today: dt.date, columns: frozenset[str] = frozenset()
+) -> list[_Rule]:
     rules: list[_Rule] = []
 
     def date(name: str) -> pl.Expr:
@@ -852,6 +855,8 @@ def _domain_rules(kind: str, fields: dict[str, CanonicalField], today: dt.date) 
         carries = _carries_details(demographics)
         for f in demographics:
             same = pl.col(f"__hash_{f.name}").eq_missing(pl.col(f"__first_{f.name}"))
+            if f"{f.name}__placeholder" in columns:  # "N/A" says nothing, so it cannot disagree
+                same = same | pl.col(f"{f.name}__placeholder")
             rules.append(
                 _check(f.name, RULES["patient-conflict"], pl.col("patient_id").is_null() | ~carries | same)
             )
