@@ -574,7 +574,8 @@ def _derive(frame: pl.DataFrame, kind: str) -> pl.DataFrame:
     if kind == "immunization":
         # A performer named only by NPI is the practitioner keyed by that NPI (from a providers
         # file, or created from this row's performer columns).
-        return frame.with_columns(pl.col("performer_id").fill_null(pl.lit("npi:") + pl.col("performer_npi")))
+        performer = field_map(kind)["performer_id"]
+        return frame.with_columns(_derived(performer, pl.col("performer_id"), pl.lit("npi:") + pl.col("performer_npi")))
     return frame
 
 

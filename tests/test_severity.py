@@ -110,3 +110,17 @@ def test_every_domain_rule_has_a_documented_default() -> None:
     for code in ("required", "max-length", "enum", "maximum", "minimum", "max-items", "date-format"):
         assert severity_of(code) is None
     assert parse_severities({"expired-lot": "off"}) == {"expiration-before-occurrence": "off"}
+
+
+def test_explain_says_a_rules_default_severity() -> None:
+    from click.testing import CliRunner
+
+    from etl.cli import main
+
+    result = CliRunner().invoke(main, ["explain", "expiration-before-occurrence"])
+    assert result.exit_code == 0
+    assert 'severity: warning by default; a profile changes it: [rules] expiration-before-occurrence = "error"' in (
+        result.output.replace("\n", " ")
+    )
+    fixed = CliRunner().invoke(main, ["explain", "max-length"])
+    assert fixed.exit_code == 0 and "severity" not in fixed.output

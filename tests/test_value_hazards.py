@@ -206,3 +206,14 @@ def test_prepare_without_today_uses_the_date_now(tmp_path: Path) -> None:
     path.write_text("Record ID,Patient ID,CVX,Admin Date,DOB\nR1,P1,08,2020-01-01,1/2/03\n", encoding="utf-8")
     prepared = prepare(apply_profile(read_table(path), default_profile()))
     assert prepared["patient_birth_date__out"].to_list() == ["2003-01-02"]
+
+
+def test_a_derived_reference_beyond_its_limit_is_left_out_with_a_warning(tmp_path: Path) -> None:
+    # performer_id is derived as "npi:<NPI>" when only the NPI is given; an NPI cell that long is
+    # rejected for itself (max-length), and the derived reference is not what rejects the row.
+    path = tmp_path / "npi.csv"
+    path.write_text(f"Record ID,Patient ID,CVX,Admin Date,Vaccinator NPI\nR1,P1,08,2024-01-01,{'1' * 130}\n", "utf-8")
+    result = _validate(path)
+    assert result.rejects.select("code", "field").rows() == [("max-length", "performer_npi")]
+    assert result.warnings.select("code", "field").rows() == [("derived-dropped", "performer_id")]
+    assert result.prepared["performer_id"].to_list() == [None]
