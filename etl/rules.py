@@ -52,7 +52,8 @@ SEVERITIES: tuple[Severity, ...] = ("error", "warning", "off")
 #: Cell values that stand for "no value": a cell holding one (any case, spaces trimmed) is read as
 #: empty, so no length, format or conflict rule fires on it, and a field that is required reports
 #: ``required``. The redaction markers among them report ``redacted`` instead (:data:`REDACTION_MARKERS`).
-#: A field whose own values include one of these words keeps it (a sex of ``UNK`` is "unknown").
+#: A field whose own values include one of these words keeps it (a sex of ``UNK`` is "unknown"), and
+#: a name column keeps ``Na`` and ``Nil`` (family names).
 PLACEHOLDERS: tuple[str, ...] = (
     "redacted", "[redacted]", "unk", "unknown", "n/a", "na", "n.a.", "null", "none", "nil", "-", "--", "?", "#n/a",
 )

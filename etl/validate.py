@@ -353,20 +353,25 @@ def _placeholders_absent(
     A field whose own values include such a word (sex ``UNK`` is "unknown") keeps it.
     """
     markers = _case_variants([*REDACTION_MARKERS, *redacted])
-    words = _case_variants([*PLACEHOLDERS, *redacted, *extra])
-    names = [f.name for f in fields if f.normaliser != "gender"]
-    if not names:
+    every = _case_variants([*PLACEHOLDERS, *redacted, *extra])
+    # "Na" and "Nil" are family names too: in a name column only the other words are placeholders.
+    in_names = _case_variants([*(w for w in PLACEHOLDERS if w not in _NAMES_TOO), *redacted, *extra])
+    words = {f.name: in_names if f.name.endswith("_name") else every for f in fields if f.normaliser != "gender"}
+    if not words:
         return frame
-    found = frame.select(pl.col(n).is_in(words).any().alias(n) for n in names).row(0, named=True)
-    hit = [n for n in names if found[n]]
+    found = frame.select(pl.col(n).is_in(w).any().alias(n) for n, w in words.items()).row(0, named=True)
+    hit = [n for n in words if found[n]]
     if not hit:
         return frame
     withheld = frame.select(pl.col(n).is_in(markers).any().alias(n) for n in hit).row(0, named=True)
     return frame.with_columns(
         *[pl.col(n).is_in(markers).fill_null(False).alias(f"{n}__redacted") for n in hit if withheld[n]],
-        *[pl.col(n).is_in(words).fill_null(False).alias(f"{n}__placeholder") for n in hit],
-        *[pl.when(~pl.col(n).is_in(words)).then(pl.col(n)).alias(n) for n in hit],
+        *[pl.col(n).is_in(words[n]).fill_null(False).alias(f"{n}__placeholder") for n in hit],
+        *[pl.when(~pl.col(n).is_in(words[n])).then(pl.col(n)).alias(n) for n in hit],
     )
+
+
+_NAMES_TOO = ("na", "nil")
 
 
 #: States whose ZIP codes start with zeros: how many (Puerto Rico and the Virgin Islands: 006xx-009xx).

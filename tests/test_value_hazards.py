@@ -217,3 +217,12 @@ def test_a_derived_reference_beyond_its_limit_is_left_out_with_a_warning(tmp_pat
     assert result.rejects.select("code", "field").rows() == [("max-length", "performer_npi")]
     assert result.warnings.select("code", "field").rows() == [("derived-dropped", "performer_id")]
     assert result.prepared["performer_id"].to_list() == [None]
+
+
+def test_a_family_name_that_is_also_a_placeholder_is_kept(tmp_path: Path) -> None:
+    path = tmp_path / "na.csv"
+    path.write_text("Record ID,Patient ID,First Name,Last Name,DOB,CVX,Admin Date,Lot Number\n"
+                    "R1,P1,Min,Na,1980-01-01,08,2024-01-01,NA\n", encoding="utf-8")
+    result = _validate(path)
+    assert result.rejects.is_empty()
+    assert result.prepared.select("patient_last_name", "lot_number").row(0) == ("Na", None)
