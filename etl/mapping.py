@@ -89,6 +89,7 @@ class Profile:
             columns={h: c for h, c in columns.items() if c in fields},
             defaults={k: v for k, v in defaults.items() if k in fields},
             values={k: v for k, v in values.items() if k in fields},
+            rules={**self.rules, **(base.rules if base else {})},
             kinds={},
         )
 

@@ -124,3 +124,18 @@ def test_explain_says_a_rules_default_severity() -> None:
     )
     fixed = CliRunner().invoke(main, ["explain", "max-length"])
     assert fixed.exit_code == 0 and "severity" not in fixed.output
+
+
+def test_a_kinds_section_changes_severity_for_its_kind_only(tmp_path: Path) -> None:
+    path = tmp_path / "multi.toml"
+    path.write_text(
+        '[rules]\nfuture-date = "warning"\n\n[kinds.immunization.rules]\nexpired-lot = "off"\n\n'
+        '[kinds.encounter]\ncolumns = {}\n',
+        encoding="utf-8",
+    )
+    profile = load_profile(path)
+    assert profile.for_kind("immunization").rules == {
+        "future-date": "warning",
+        "expiration-before-occurrence": "off",
+    }
+    assert profile.for_kind("encounter").rules == {"future-date": "warning"}
