@@ -678,6 +678,13 @@ def explain(code: str | None) -> None:
         raise UsageError(f"unknown code {code!r}.{hint} `clinik-etl explain` lists every code.")
     out.print(f"{found.code} ({found.kind}): {found.title}.", soft_wrap=True, markup=False)
     out.print(f"fix: {found.fix}.", soft_wrap=True, markup=False)
+    if found.severity is not None:
+        out.print(
+            f'severity: {found.severity} by default; a profile changes it: [rules] {found.code} = "error", '
+            '"warning" or "off".',
+            soft_wrap=True,
+            markup=False,
+        )
 
 
 _KIND_ORDER = ("reject", "warning", "load", "api")

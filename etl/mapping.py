@@ -30,6 +30,9 @@ A profile is a TOML or YAML file::
     column = "Action"
     values = ["D"]
 
+    [rules]                          # a domain rule's severity: "error", "warning" or "off"
+    expired-lot = "error"
+
 Every key, with an example, is in ``docs/profiles.md``.
 
 The built-in default profile (``auto`` only) accepts the obvious header names:
@@ -57,7 +60,7 @@ from etl.codemaps import CODE_MAPS
 from etl.errors import InputError, ProfileError
 from etl.hl7 import STATE_COLUMNS
 from etl.readers import ROW, Notice, Table
-from etl.rules import RULES
+from etl.rules import RULES, Severity, parse_severities
 from schemas.canonical import DEFAULTS, KIND_SPECS, LIST_SEPARATOR, field_map, fields_of
 
 __all__ = [
@@ -171,6 +174,8 @@ class Profile:
     files: tuple[str, ...] = ()  # in a [kinds.X] section: file-name patterns of this kind
     sheets: tuple[str, ...] = ()  # in a [kinds.X] section: sheet-name patterns of this kind
     header_row: int | None = None  # 1-based; None: the first row naming known columns
+    rules: dict[str, Severity] = field(default_factory=dict)  # code -> severity, from [rules]
+    placeholders: tuple[str, ...] = ()  # more words that mean "no value" (see etl.rules.PLACEHOLDERS)
 
     def for_kind(self, kind: str) -> Profile:
         """This profile narrowed to one kind, with the kind's built-in defaults underneath."""
@@ -189,6 +194,7 @@ class Profile:
             columns={h: c for h, c in columns.items() if c in fields},
             defaults={k: v for k, v in defaults.items() if k in fields},
             values={k: v for k, v in values.items() if k in fields},
+            rules={**self.rules, **(base.rules if base else {})},
             kinds={},
             parse=mine(self.parse, base.parse if base else {}),
             decimal_comma=base.decimal_comma if base and base.decimal_comma is not None else self.decimal_comma,
@@ -259,6 +265,8 @@ _KNOWN = {
     "files",
     "sheets",
     "header_row",
+    "rules",
+    "placeholders",
 }
 _HL7_DELETES = ("skip", "reject")
 _PARSE_KEYS = {"format", "timezone", "excel_serial", "decimal_comma"}
@@ -374,6 +382,10 @@ def _parse_profile(raw: Any, where: str, default_name: str | None = None, kind: 
     header_row = raw.get("header_row")
     if header_row is not None and (isinstance(header_row, bool) or not isinstance(header_row, int) or header_row < 1):
         raise ProfileError(f"{where}: header_row is a row number from 1, not {header_row!r}")
+    try:
+        rules = parse_severities(raw.get("rules") or {})
+    except ValueError as exc:
+        raise ProfileError(f"{where}: {exc}") from None
     return Profile(
         name=str(raw.get("name", default_name or "profile")),
         kind=kind,
@@ -395,6 +407,8 @@ def _parse_profile(raw: Any, where: str, default_name: str | None = None, kind: 
         files=_patterns(raw, "files", where),
         sheets=_patterns(raw, "sheets", where),
         header_row=header_row,
+        rules=rules,
+        placeholders=tuple(str(v) for v in raw.get("placeholders", ())),
     )
 
 

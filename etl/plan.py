@@ -154,7 +154,8 @@ class _Input:
                 mapped = replace(mapped, frame=mapped.frame.with_columns(
                     pl.col(name).replace(values) for name, values in self.looked_up.items()
                 ))
-            return mapped, precheck(prepare(mapped), self.kind, today=today)
+            prepared = prepare(mapped, today=today)
+            return mapped, precheck(prepared, self.kind, today=today, severity=mapped.profile.rules)
 
         frames = self.frames()
         with ThreadPoolExecutor(1, thread_name_prefix="prepare") as ahead:

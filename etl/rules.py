@@ -11,7 +11,10 @@ them (a polars expression over the rows). ``clinik-etl explain`` and
 explanation live here and nowhere else.
 
 Rejections (``reject``) come from validation; warnings (``warning``) leave the
-row valid; ``load`` codes explain rows that failed or were not sent. API error
+row valid; a domain rule (not one of the API's hard limits) has a default ``severity``,
+``error`` (the row is rejected), ``warning`` (the row goes through, flagged) or ``off``, which a
+profile's ``[rules]`` section changes (:func:`parse_severities`); ``load`` codes explain rows that
+failed or were not sent. API error
 codes (``api``: ``VALIDATION_ERROR``, ``RATE_LIMITED`` ...) are the API's own
 and pass through unchanged, with the API's message; they are listed so that
 ``clinik-etl explain`` can say what to do about them too.
@@ -26,9 +29,41 @@ from typing import Literal
 
 import polars as pl
 
-__all__ = ["API_RULES", "RULES", "Rule", "catalogue", "explain"]
+__all__ = [
+    "API_RULES",
+    "PLACEHOLDERS",
+    "REDACTION_MARKERS",
+    "RULES",
+    "RULE_ALIASES",
+    "SEVERITIES",
+    "Rule",
+    "catalogue",
+    "explain",
+    "parse_severities",
+    "severity_of",
+]
 
 Kind = Literal["reject", "warning", "load", "api"]
+Severity = Literal["error", "warning", "off"]
+
+#: What a profile's ``[rules]`` section may set a domain rule to.
+SEVERITIES: tuple[Severity, ...] = ("error", "warning", "off")
+
+#: Cell values that stand for "no value": a cell holding one (any case, spaces trimmed) is read as
+#: empty, so no length, format or conflict rule fires on it, and a field that is required reports
+#: ``required``. The redaction markers among them report ``redacted`` instead (:data:`REDACTION_MARKERS`).
+#: A field whose own values include one of these words keeps it (a sex of ``UNK`` is "unknown"), and
+#: a name column keeps ``Na`` and ``Nil`` (family names).
+PLACEHOLDERS: tuple[str, ...] = (
+    "redacted", "[redacted]", "unk", "unknown", "n/a", "na", "n.a.", "null", "none", "nil", "-", "--", "?", "#n/a",
+)
+
+#: Placeholders that say a value exists but was withheld (a redacted CVRS extract): a field a
+#: payload needs gives the code ``redacted`` rather than ``required``.
+REDACTION_MARKERS: tuple[str, ...] = ("redacted", "[redacted]")
+
+#: Other names a profile's ``[rules]`` section may use for a code.
+RULE_ALIASES: dict[str, str] = {"expired-lot": "expiration-before-occurrence"}
 
 _FORMATTER = string.Formatter()
 
@@ -47,6 +82,8 @@ class Rule:
     fix: str
     template: str = ""
     variants: Mapping[str, str] = field(default_factory=dict)
+    #: A domain rule's default severity; None for a rule no profile may change (the API's limits).
+    severity: Severity | None = None
 
     def template_of(self, variant: str = "") -> str:
         """The wording of ``variant`` (``""``: the usual one)."""
@@ -201,16 +238,19 @@ RULES: dict[str, Rule] = catalogue(
         Rule(
             "future-date",
             "reject",
-            "a date in the future",
+            "a date in the future (a dose, a birth, a record, an encounter's start)",
             "correct the date; a dose cannot be given tomorrow",
             "not after {today}",
+            severity="error",
         ),
         Rule(
             "expiration-before-occurrence",
             "reject",
-            "the lot expired before the dose was given",
+            "the lot expired before the dose was given (a warning by default: the dose was given and must be on "
+            "record; `expired-lot = \"error\"` in a profile's [rules] rejects it)",
             "check the expiration and administration dates",
             "not before the administration date",
+            severity="warning",
         ),
         Rule(
             "dose-number-above-series",
@@ -218,6 +258,7 @@ RULES: dict[str, Rule] = catalogue(
             "dose number above the doses in the series",
             "check the dose number and the series doses",
             "not above the series doses",
+            severity="error",
         ),
         Rule(
             "occurrence-before-birth",
@@ -225,6 +266,7 @@ RULES: dict[str, Rule] = catalogue(
             "the dose was given before the patient was born",
             "check the administration date and the date of birth",
             "not before the patient's birth date",
+            severity="error",
         ),
         Rule(
             "end-before-start",
@@ -232,6 +274,7 @@ RULES: dict[str, Rule] = catalogue(
             "an end before its start (an encounter's period, a task's window)",
             "check the start and end date-times",
             "not before the start",
+            severity="error",
         ),
         Rule(
             "duplicate-key",
@@ -253,6 +296,47 @@ RULES: dict[str, Rule] = catalogue(
             "the cell holds a redaction marker, not a value",
             "get an export with this column unredacted, or stop mapping the column in the profile",
             "withheld in a redacted extract",
+        ),
+        Rule(
+            "unknown-cvx",
+            "reject",
+            "a CVX code CDC's CVX table does not list (the table ships with the toolkit: `schemas/data/cvx.csv`)",
+            "correct the code; if CDC added it since, refresh the table "
+            "(`python -m schemas.refresh_codes cvx cvx.txt`)",
+            "not in the CVX table",
+            severity="error",
+        ),
+        Rule(
+            "unknown-mvx",
+            "reject",
+            "a manufacturer written as a code (2 to 4 capitals) that the MVX table does not list",
+            "correct the code, or write the manufacturer's name; refresh the table from CDC's mvx.txt "
+            "(`python -m schemas.refresh_codes mvx mvx.txt`) if the code is new",
+            "not in the MVX table",
+            severity="error",
+        ),
+        Rule(
+            "zip-format",
+            "reject",
+            "not a US ZIP code: 5 digits or ZIP+4 (`02134`, `02134-1234`)",
+            "correct the ZIP code; a non-US postal code needs the row's country",
+            "a ZIP code such as 02134 or 02134-1234",
+            severity="error",
+        ),
+        Rule(
+            "scientific-notation-id",
+            "reject",
+            "an id in scientific notation (`3.64992E+12`): a spreadsheet turned it into a number and its last "
+            "digits are lost, so two people could be merged",
+            "export the column as text (in Excel: format the column as Text before saving) and re-run",
+            "an id in scientific notation; its true digits are lost",
+        ),
+        Rule(
+            "ambiguous-year",
+            "reject",
+            "a two-digit year with no plausible reading (before 1900)",
+            "write the year with four digits",
+            "two-digit year with no plausible century",
         ),
         Rule(
             "document-rejected",
@@ -288,11 +372,49 @@ RULES: dict[str, Rule] = catalogue(
         ),
         # --- reading and mapping: the row stays valid --------------------------------------------
         Rule(
-            "unknown-cvx",
+            "code-status",
             "warning",
-            "a CVX code the toolkit's table does not list",
-            "check the code; it is sent as written",
-            "not in the CVX table; sent as is",
+            "a CVX code CDC marks as not in US use (`Non-US`, `Never Active` or `Pending`); `Inactive` codes, "
+            "which CDC keeps for historical doses, pass silently",
+            "nothing if the dose was given abroad; else check the code",
+            "CVX {code} is {status} in CDC's table",
+            severity="warning",
+        ),
+        Rule(
+            "two-digit-year",
+            "warning",
+            "a date written with a two-digit year (`2/14/24`); the century was chosen: a birth year is the latest "
+            "one not in the future and not after the row's event date, any other year the one nearest the "
+            "file's other dates",
+            "check the year; write four digits to be sure",
+            "two-digit year read as {year}",
+            severity="warning",
+        ),
+        Rule(
+            "excel-serial-date",
+            "warning",
+            "a date written as an Excel serial number (`45321`) in a text file; read in Excel's 1900 system "
+            "(serials from 1920 to 2099 only)",
+            "check the date; format the column as a date before saving",
+            "Excel serial number read as {date}",
+            severity="warning",
+        ),
+        Rule(
+            "leading-zero-restored",
+            "warning",
+            "a code that lost its leading zero in a spreadsheet (CVX `8` for `08`, ZIP `2134` in a state whose "
+            "ZIP codes start with 0); the zero was put back",
+            "nothing; format the column as text before saving to keep the zeros",
+            "leading zero restored: {value}",
+            severity="warning",
+        ),
+        Rule(
+            "derived-dropped",
+            "warning",
+            "a value the toolkit derives from other columns (lengthMinutes from an encounter's period) would break "
+            "the API's limit, so it is left out of the payload; the row is sent without it",
+            "nothing: the values it came from are sent (a long stay keeps its period)",
+            "{target} derived from other columns is {why}; left out",
         ),
         Rule(
             "unmapped-code",
@@ -485,6 +607,36 @@ RULES: dict[str, Rule] = catalogue(
         *API_RULES,
     )
 )
+
+
+def severity_of(code: str, overrides: Mapping[str, str] | None = None) -> Severity | None:
+    """The severity of a domain rule under a profile's ``overrides`` (None: not a domain rule)."""
+    rule = RULES[code]
+    if rule.severity is None:
+        return None
+    chosen = (overrides or {}).get(code, rule.severity)
+    return chosen if chosen in SEVERITIES else rule.severity
+
+
+def parse_severities(raw: object) -> dict[str, Severity]:
+    """A profile's ``[rules]`` table (code or alias -> ``error``/``warning``/``off``), by code.
+
+    Raises ValueError naming the first entry that is not a domain rule or not a severity.
+    """
+    if not isinstance(raw, Mapping):
+        raise ValueError("[rules] is a table of code = severity")
+    out: dict[str, Severity] = {}
+    changeable = sorted(code for code, rule in RULES.items() if rule.severity is not None)
+    for name, value in raw.items():
+        code = RULE_ALIASES.get(str(name), str(name))
+        if code not in RULES or RULES[code].severity is None:
+            raise ValueError(
+                f"[rules] {name!r} is not a rule a profile can change; those are: {', '.join(changeable)}"
+            )
+        if value not in SEVERITIES:
+            raise ValueError(f"[rules] {name} = {value!r}: a severity is one of {', '.join(SEVERITIES)}")
+        out[code] = value
+    return out
 
 
 def explain(code: str) -> Rule | None:

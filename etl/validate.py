@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
@@ -27,9 +27,9 @@ from etl.hl7 import ACTION_COLUMN, SUPERSEDED_COLUMN, amends, deleted, supersede
 from etl.keyindex import KeyIndex
 from etl.mapping import SKIP, ColumnParse, Mapped
 from etl.readers import ROW, Notice
-from etl.rules import RULES, Rule
+from etl.rules import PLACEHOLDERS, REDACTION_MARKERS, RULES, Rule, explain, severity_of
 from schemas.canonical import ENCOUNTER_CLASS_WORDS, CanonicalField, field_map, fields_of
-from schemas.codes import CVX_SYSTEM, displays, spellings
+from schemas.codes import CVX_SYSTEM, WARNED_STATUSES, displays, names, spellings, statuses
 from schemas.limits import FORMAT_PATTERNS, spec_at
 
 if TYPE_CHECKING:  # pandera is imported when a batch has a failing row: a clean file never waits for it
@@ -94,17 +94,19 @@ def validate(
     ``prepared`` is ``prepare(mapped)`` when the caller has it already (it needs no carry, so batches
     prepare ahead on another thread).
     """
-    prepared = prepare(mapped) if prepared is None else prepared
+    today = today or dt.date.today()
+    severity = mapped.profile.rules
+    prepared = prepare(mapped, today=today) if prepared is None else prepared
     if SKIP in prepared.columns:  # rows a profile's [[skip]] leaves out are not checked, nor compared with others
         prepared = prepared.filter(pl.col(SKIP).is_null())
     prepared = _compared_across_rows(prepared, mapped.kind, carry or Carry())
-    rejects = check(prepared, mapped.kind, today=today or dt.date.today())
+    rejects = check(prepared, mapped.kind, today=today, severity=severity)
     if mapped.kind == "document":
         rejects = _document_groups(prepared, rejects)
     rejects = with_source_values(rejects, mapped)
     if mapped.table.format == "hl7":
         rejects = _amended_in_source(mapped, rejects)
-    warnings = with_source_values(_warnings(prepared, mapped.kind), mapped)
+    warnings = with_source_values(_warnings(prepared, mapped.kind, today, severity), mapped)
     return Validation(mapped, prepared, rejects, warnings)
 
 
@@ -337,23 +339,24 @@ def _temporal_columns(
     return [*cols, out.alias(f"{f.name}__out")]
 
 
-def prepare(mapped: Mapped) -> pl.DataFrame:
-    """Trim, default, normalise and parse every canonical column, whole frame at once."""
+def prepare(mapped: Mapped, *, today: dt.date | None = None) -> pl.DataFrame:
+    """Trim, default, normalise and parse every canonical column, whole frame at once.
+
+    ``today`` (default: the date now) bounds a two-digit birth year (:func:`_two_digit_years`).
+    """
     profile, excel = mapped.profile, mapped.table.format == "xlsx"
+    today = today or dt.date.today()
     fields = fields_of(mapped.kind)
     # Stripped once, then blanks made null: one expression doing both strips every cell twice.
     skip = [pl.col(SKIP)] if SKIP in mapped.frame.columns else []
     trimmed = mapped.frame.select(
         pl.col(ROW), *[pl.col(f.name).str.strip_chars() for f in fields], *skip
     ).with_columns(_blank_to_null(pl.col(f.name)).alias(f.name) for f in fields)
-    if profile.redacted:
-        # A redacted extract withholds values: they are not data, and not "missing" either.
-        markers = [m.lower() for m in profile.redacted]
-        text_fields = [f.name for f in fields if f.value == "text"]
-        trimmed = trimmed.with_columns(
-            pl.col(name).str.to_lowercase().is_in(markers).fill_null(False).alias(f"{name}__redacted")
-            for name in text_fields
-        ).with_columns(pl.when(~pl.col(f"{name}__redacted")).then(pl.col(name)).alias(name) for name in text_fields)
+    trimmed = _placeholders_absent(trimmed, fields, profile.redacted, profile.placeholders)
+    trimmed = _lost_leading_zeros(trimmed, mapped.kind, excel)
+    if not excel:
+        trimmed = _serial_dates(trimmed, fields)
+    trimmed = _two_digit_years(trimmed, mapped.kind, today)
     defaulted = trimmed.with_columns(
         pl.col(name).fill_null(pl.lit(value)) for name, value in profile.defaults.items() if name in trimmed.columns
     )
@@ -396,7 +399,9 @@ def prepare(mapped: Mapped) -> pl.DataFrame:
     if mapped.kind == "encounter":
         # lengthMinutes from the period when the source leaves it out.
         minutes = (pl.col("period_end__instant") - pl.col("period_start__instant")).dt.total_minutes()
-        prepared = prepared.with_columns(pl.col("length_minutes__int").fill_null(minutes))
+        prepared = prepared.with_columns(
+            _derived(field_map("encounter")["length_minutes"], pl.col("length_minutes__int"), minutes)
+        )
     demographics = _demographics(field_map(mapped.kind))
     if demographics:
         # What the patient-conflict rule compares, hashed here (ahead, on the read-ahead thread).
@@ -436,6 +441,220 @@ def _decimal_commas(mapped: Mapped, frame: pl.DataFrame, names: list[str]) -> se
     return out
 
 
+# --- value hazards: placeholders, lost zeros, serial numbers, two-digit years ---------------
+
+
+def _case_variants(words: Iterable[str]) -> list[str]:
+    """Each word as exports write it (``unk``, ``UNK``, ``Unk``): compared exactly, no cell is lower-cased."""
+    return sorted({v for w in words for v in (w.lower(), w.upper(), w.capitalize(), w.title())})
+
+
+def _placeholders_absent(
+    frame: pl.DataFrame, fields: tuple[CanonicalField, ...], redacted: Iterable[str], extra: Iterable[str] = ()
+) -> pl.DataFrame:
+    """Placeholder cells (:data:`etl.rules.PLACEHOLDERS`, and the profile's own) made empty.
+
+    A cell holding a redaction marker (:data:`etl.rules.REDACTION_MARKERS`, and the profile's
+    ``redacted``) also sets ``<field>__redacted``, so a field a payload needs reports ``redacted``.
+    A field whose own values include such a word (sex ``UNK`` is "unknown") keeps it.
+    """
+    markers = _case_variants([*REDACTION_MARKERS, *redacted])
+    every = _case_variants([*PLACEHOLDERS, *redacted, *extra])
+    # "Na" and "Nil" are family names too: in a name column only the other words are placeholders.
+    in_names = _case_variants([*(w for w in PLACEHOLDERS if w not in _NAMES_TOO), *redacted, *extra])
+    words = {f.name: in_names if f.name.endswith("_name") else every for f in fields if f.normaliser != "gender"}
+    if not words:
+        return frame
+    found = frame.select(pl.col(n).is_in(w).any().alias(n) for n, w in words.items()).row(0, named=True)
+    hit = [n for n in words if found[n]]
+    if not hit:
+        return frame
+    withheld = frame.select(pl.col(n).is_in(markers).any().alias(n) for n in hit).row(0, named=True)
+    return frame.with_columns(
+        *[pl.col(n).is_in(markers).fill_null(False).alias(f"{n}__redacted") for n in hit if withheld[n]],
+        *[pl.col(n).is_in(words[n]).fill_null(False).alias(f"{n}__placeholder") for n in hit],
+        *[pl.when(~pl.col(n).is_in(words[n])).then(pl.col(n)).alias(n) for n in hit],
+    )
+
+
+_NAMES_TOO = ("na", "nil")
+
+
+#: States whose ZIP codes start with zeros: how many (Puerto Rico and the Virgin Islands: 006xx-009xx).
+_ZERO_ZIP_STATES = {
+    **dict.fromkeys(("CT", "MA", "ME", "NH", "NJ", "RI", "VT", "AE"), 1),
+    **dict.fromkeys(("connecticut", "massachusetts", "maine", "new hampshire", "new jersey", "rhode island"), 1),
+    "vermont": 1,
+    **dict.fromkeys(("PR", "VI", "puerto rico", "virgin islands"), 2),
+}
+_ZIP = r"^\d{5}(-\d{4})?$"
+_US = ("us", "usa", "u.s.", "u.s.a.", "united states", "united states of america")
+
+
+def _lost_leading_zeros(frame: pl.DataFrame, kind: str, excel: bool) -> pl.DataFrame:
+    """CVX codes and ZIP codes that a spreadsheet turned into numbers, their zeros put back where certain.
+
+    A one-digit CVX code (``8``) is padded (the normaliser does it) and, in a text file, flagged in
+    ``vaccine_code__zero`` (a workbook's number cell is read as the number it is). A ZIP code of 4
+    (3) digits in a state whose codes start with 0 (00) is padded and flagged in ``<zip>__zero``;
+    elsewhere it is left for the ZIP rule to reject.
+    """
+    fields = field_map(kind)
+    added: list[pl.Expr] = []
+    if "vaccine_code" in fields and not excel:
+        code = pl.col("vaccine_code")
+        padded = code.str.replace(r"^(\d)(\.0+)?$", "0$1")
+        lost = code.str.contains(r"^\d(\.0+)?$") & padded.is_in(list(displays("cvx")))
+        added.append(pl.when(lost.fill_null(False)).then(padded).alias("vaccine_code__zero"))
+    for prefix in ("patient", "practitioner"):
+        name, state = f"{prefix}_postal_code", f"{prefix}_state"
+        if name not in fields or state not in fields:
+            continue
+        zip_ = pl.col(name)
+        zeros = (
+            pl.col(state)
+            .str.to_uppercase()
+            .replace_strict({k.upper(): v for k, v in _ZERO_ZIP_STATES.items()}, default=None, return_dtype=pl.Int64)
+        )
+        digits = zip_.str.extract(r"^(\d{3,4})(-\d{4})?$", 1)
+        lost = (digits.str.len_bytes() + zeros) == 5
+        fixed = pl.when(zeros == 2).then("00" + zip_).otherwise("0" + zip_)
+        added.append(pl.when(lost.fill_null(False)).then(fixed).alias(f"{name}__zero"))
+    if not added:
+        return frame
+    flagged = frame.with_columns(added)
+    zero_columns = [c for c in flagged.columns if c.endswith("__zero")]
+    if not flagged.select(pl.any_horizontal(pl.col(c).is_not_null().any() for c in zero_columns)).item():
+        return frame
+    return flagged.with_columns(
+        pl.coalesce(pl.col(c), pl.col(c.removesuffix("__zero"))).alias(c.removesuffix("__zero")) for c in zero_columns
+    )
+
+
+#: Excel serial numbers read in a text file's date column: 1920-01-01 (7306) to 2099-12-31 (73050).
+#: Below, a 4-digit number is more likely a year than a date; a serial is never more than 5 digits.
+SERIAL_RANGE = (7306, 73050)
+
+
+def _serial_dates(frame: pl.DataFrame, fields: tuple[CanonicalField, ...]) -> pl.DataFrame:
+    """Excel serial numbers in a text file's date columns, rewritten as ISO dates and flagged in ``<field>__serial``."""
+    names = [f.name for f in fields if f.value in ("date", "datetime")]
+    if not names:
+        return frame
+    shaped = r"^\d{4,5}$"
+    found = frame.select(pl.col(n).str.contains(shaped).any().alias(n) for n in names).row(0, named=True)
+    hit = [n for n in names if found[n]]
+    if not hit:
+        return frame
+    low, high = SERIAL_RANGE
+
+    def iso(n: str) -> pl.Expr:
+        serial = pl.when(pl.col(n).str.contains(shaped)).then(pl.col(n).cast(pl.Int64, strict=False))
+        days = pl.when((serial >= low) & (serial <= high)).then(serial)
+        return (pl.lit(_EXCEL_EPOCH.date()) + pl.duration(days=days)).dt.strftime("%Y-%m-%d")
+
+    return frame.with_columns(iso(n).alias(f"{n}__serial") for n in hit).with_columns(
+        pl.coalesce(pl.col(f"{n}__serial"), pl.col(n)).alias(n) for n in hit
+    )
+
+
+_TWO_DIGIT_YEAR = r"^(\d{1,2})[/-](\d{1,2})[/-](\d{2})$"
+_BIRTH = "patient_birth_date"
+
+
+def _two_digit_years(frame: pl.DataFrame, kind: str, today: dt.date) -> pl.DataFrame:
+    """US dates with a two-digit year (``2/14/24``) given their century, never year 0024.
+
+    A birth year is the latest that is neither after ``today`` nor after the row's event date
+    (the dose's date); any other date's year is the one nearest the median year of the column's
+    four-digit dates (today's year when it has none). ``<field>__yy`` holds the year chosen, for the
+    warning; a birth date with no reading from 1900 on is left unread, ``<field>__yy`` -1.
+    """
+    fields = field_map(kind)
+    names = [n for n, f in fields.items() if f.value in ("date", "datetime")]
+    if not names:
+        return frame
+    found = frame.select(pl.col(n).str.contains(_TWO_DIGIT_YEAR).any().alias(n) for n in names).row(0, named=True)
+    hit = [n for n in names if found[n]]
+    if not hit:
+        return frame
+    events = [n for n in hit if n != _BIRTH]
+    medians = frame.select(
+        pl.col(n).str.extract(r"(?:^|\D)((?:19|20)\d{2})(?:\D|$)", 1).cast(pl.Int32).median().alias(n)
+        for n in events
+    ).row(0, named=True) if events else {}
+
+    def parts(n: str) -> tuple[pl.Expr, pl.Expr, pl.Expr]:
+        return tuple(pl.col(n).str.extract(_TWO_DIGIT_YEAR, i) for i in (1, 2, 3))  # type: ignore[return-value]
+
+    def rewritten(n: str, year: pl.Expr) -> pl.Expr:
+        month, day, _ = parts(n)
+        return pl.when(year > 0).then(pl.format("{}/{}/{}", month, day, year)).otherwise(pl.col(n))
+
+    out = frame
+    for n in events:
+        yy = parts(n)[2].cast(pl.Int32)
+        centre = medians[n] if medians[n] is not None else today.year
+        late, early = yy + 2000, yy + 1900
+        year = pl.when((late - centre).abs() <= (early - centre).abs()).then(late).otherwise(early)
+        out = out.with_columns(year.alias(f"{n}__yy")).with_columns(rewritten(n, pl.col(f"{n}__yy")).alias(n))
+    if _BIRTH in hit:
+        month, day, yy_text = parts(_BIRTH)
+        yy = yy_text.cast(pl.Int32)
+        limit = pl.lit(today)
+        if "occurrence" in fields:
+            event = _parse_naive(pl.col("occurrence"), False).dt.date()
+            limit = pl.min_horizontal(limit, event)
+        limit = pl.min_horizontal(limit, pl.lit(today))
+
+        def on(year: pl.Expr) -> pl.Expr:
+            text = pl.format("{}-{}-{}", year, month.str.zfill(2), day.str.zfill(2))
+            return text.str.to_date("%Y-%m-%d", strict=False)
+
+        late = yy + 2000
+        year = (
+            pl.when(on(late) <= limit).then(late)
+            .when(on(late - 100) <= limit).then(late - 100)
+            .when(yy.is_not_null()).then(-1)
+        )
+        out = out.with_columns(year.alias(f"{_BIRTH}__yy")).with_columns(
+            pl.when(pl.col(f"{_BIRTH}__yy") == -1)
+            .then(pl.lit(None, dtype=pl.String))
+            .otherwise(rewritten(_BIRTH, pl.col(f"{_BIRTH}__yy")))
+            .alias(_BIRTH)
+        )
+    return out
+
+
+def _limit_ok(f: CanonicalField, value: pl.Expr) -> pl.Expr:
+    """Whether ``value`` keeps the limits ``f``'s target has in :mod:`schemas.limits` (true where null)."""
+    ok = pl.lit(True)
+    if f.value in ("integer", "number"):
+        if f.maximum is not None:
+            ok = ok & (value <= f.maximum)
+        if f.minimum is not None:
+            ok = ok & (value >= f.minimum)
+        if f.exclusive_minimum is not None:
+            ok = ok & (value > f.exclusive_minimum)
+    elif f.max_length is not None:
+        ok = ok & (value.str.len_chars() <= f.max_length)
+    return value.is_null() | ok
+
+
+def _derived(f: CanonicalField, given: pl.Expr, derived: pl.Expr) -> list[pl.Expr]:
+    """``given`` filled with ``derived`` where it is empty, unless the derived value breaks ``f``'s limit:
+    then it is left out, and ``<f>__dropped`` holds the derived value for the warning. A value the
+    source wrote is never replaced, and a limit it breaks is the source's to fix.
+    """
+    companion = {"integer": "__int", "number": "__num"}.get(f.value, "")
+    name = f.name + companion
+    keep = given.is_not_null() | _limit_ok(f, derived)
+    return [
+        pl.when(keep).then(given.fill_null(derived)).alias(name),
+        pl.when(~keep).then(derived.cast(pl.String)).alias(f"{f.name}__dropped"),
+    ]
+
+
 def _tidy_lists(frame: pl.DataFrame, names: list[str], separator: str) -> dict[str, bool]:
     """Whether each list column splits cleanly: no blank item, no space beside a separator."""
     if not names:
@@ -472,6 +691,9 @@ def _derive(frame: pl.DataFrame, kind: str) -> pl.DataFrame:
         return frame.with_columns(
             pl.col("performer_id").fill_null(pl.lit("npi:") + pl.col("performer_npi")).fill_null(by_name)
         )
+        # file, or created from this row's performer columns).
+        performer = field_map(kind)["performer_id"]
+        return frame.with_columns(_derived(performer, pl.col("performer_id"), pl.lit("npi:") + pl.col("performer_npi")))
     return frame
 
 
@@ -498,6 +720,7 @@ class _Rule:
     code: str
     passes: pl.Expr  # true where the row satisfies the rule
     message: str
+    row_message: pl.Expr | None = None  # a warning's wording per row, when it names the row's values
 
 
 def _check(field: str, rule: Rule, passes: pl.Expr, variant: str = "", /, **values: object) -> _Rule:
@@ -515,23 +738,61 @@ _PARSED = {
 }
 
 
-def _rules(kind: str, today: dt.date, redacted: bool = False) -> list[_Rule]:
+def _rules(
+    kind: str,
+    today: dt.date,
+    columns: Iterable[str] = (),
+    severity: Mapping[str, str] | None = None,
+    level: Literal["error", "warning"] = "error",
+) -> list[_Rule]:
+    """The rules of ``kind`` at ``level`` under a profile's ``severity`` overrides (``[rules]``).
+
+    ``columns`` are the prepared frame's: a hazard rule is there only when its hazard was found
+    (the companion column it reads, ``__yy``, ``__zero`` ..., exists).
+    """
+    chosen: list[_Rule] = []
+    for rule in _all_rules(kind, today, frozenset(columns)):
+        own = severity_of(rule.code, severity)
+        if own is None:  # a fixed rule: its kind says
+            entry = explain(rule.code)
+            own = "error" if entry is not None and entry.kind == "reject" else "warning"
+        if own == level:
+            chosen.append(rule)
+    return chosen
+
+
+#: Encounter statuses whose start may be in the future.
+_NOT_YET = ("planned", "cancelled", "entered-in-error")
+
+_SCIENTIFIC = r"^[+-]?\d+([.,]\d+)?[eE][+-]?\d+$"
+
+
+def _all_rules(kind: str, today: dt.date, columns: frozenset[str]) -> list[_Rule]:
     fields = field_map(kind)
     rules: list[_Rule] = []
     for f in fields.values():
         c = pl.col(f.name)
         absent = c.is_null()
-        if redacted and f.value == "text":
+        missing = absent
+        if f"{f.name}__redacted" in columns:
+            # A value withheld by a redacted extract: not data, and not "missing" either. Only a field a
+            # payload needs says so; any other is left out like an empty cell.
             withheld = pl.col(f"{f.name}__redacted")
-            rules.append(_check(f.name, RULES["redacted"], ~withheld))
-            absent = absent & ~withheld
+            missing = absent & ~withheld
+            if f.required:
+                rules.append(_check(f.name, RULES["redacted"], ~withheld))
+            elif f.required_with:
+                others = pl.any_horizontal(pl.col(o).is_not_null() for o in f.required_with if o in fields)
+                rules.append(_check(f.name, RULES["redacted"], ~withheld | ~others))
         if f.required:
-            rules.append(_check(f.name, RULES["required"], ~absent))
+            rules.append(_check(f.name, RULES["required"], ~missing))
         elif f.required_with:
             others = pl.any_horizontal(pl.col(o).is_not_null() for o in f.required_with if o in fields)
             rules.append(
-                _check(f.name, RULES["required"], ~absent | ~others, "with-patient")
+                _check(f.name, RULES["required"], ~missing | ~others, "with-patient")
             )
+        if f.value == "text" and (f.ref is not None or f.name.endswith("_id")):
+            rules.append(_check(f.name, RULES["scientific-notation-id"], absent | ~c.str.contains(_SCIENTIFIC)))
         if f.value == "list":
             items = pl.col(f"{f.name}__list")
             if f.max_items is not None:
@@ -566,6 +827,8 @@ def _rules(kind: str, today: dt.date, redacted: bool = False) -> list[_Rule]:
         parsed, unparsed = _PARSED.get(f.value, ("", None))
         if unparsed is not None:
             rules.append(_check(f.name, unparsed, absent | pl.col(f.name + parsed).is_not_null()))
+        if f"{f.name}__yy" in columns:
+            rules.append(_check(f.name, RULES["ambiguous-year"], pl.col(f"{f.name}__yy").fill_null(0) != -1))
         if f.maximum is not None and parsed in ("__int", "__num"):
             value = pl.col(f.name + parsed)
             rules.append(_check(f.name, RULES["maximum"], value.is_null() | (value <= f.maximum), limit=f.maximum))
@@ -575,11 +838,87 @@ def _rules(kind: str, today: dt.date, redacted: bool = False) -> list[_Rule]:
         if f.exclusive_minimum is not None and parsed in ("__int", "__num"):
             value, floor = pl.col(f.name + parsed), f.exclusive_minimum
             rules.append(_check(f.name, RULES["minimum"], value.is_null() | (value > floor), "exclusive", limit=floor))
-    rules += _domain_rules(kind, fields, today)
+    rules += _domain_rules(kind, fields, today, columns)
+    rules += _code_rules(fields)
+    rules += _hazard_warnings(fields, columns)
     return rules
 
 
-def _domain_rules(kind: str, fields: dict[str, CanonicalField], today: dt.date) -> list[_Rule]:
+def _code_rules(fields: Mapping[str, CanonicalField]) -> list[_Rule]:
+    """Codes checked against their tables (CVX, MVX) and ZIP codes against their format."""
+    rules: list[_Rule] = []
+    if "vaccine_code" in fields:
+        code = pl.col("vaccine_code")
+        system = pl.col("vaccine_system") if "vaccine_system" in fields else pl.lit(None, dtype=pl.String)
+        is_cvx = system.fill_null(CVX_SYSTEM) == CVX_SYSTEM
+        known = code.is_in(list(displays("cvx")))
+        rules.append(_check("vaccine_code", RULES["unknown-cvx"], code.is_null() | ~is_cvx | known))
+        cvx_status = statuses("cvx")
+        warned = [c for c, st in cvx_status.items() if st in WARNED_STATUSES]
+        status = code.replace_strict(cvx_status, default=None, return_dtype=pl.String)
+        rules.append(
+            _Rule(
+                "vaccine_code",
+                RULES["code-status"].code,
+                code.is_null() | ~is_cvx | ~code.is_in(warned),
+                RULES["code-status"].title,
+                RULES["code-status"].message(code=code, status=status),
+            )
+        )
+    if "manufacturer" in fields:
+        # A manufacturer written as a code must be one; a name (Merck, "Sanofi Pasteur") is sent as written.
+        maker = pl.col("manufacturer")
+        code_shaped = maker.str.contains(r"^[A-Z]{2,4}$")
+        known = maker.is_in(list(names("mvx")))
+        rules.append(_check("manufacturer", RULES["unknown-mvx"], maker.is_null() | ~code_shaped | known))
+    for prefix in ("patient", "practitioner"):
+        name = f"{prefix}_postal_code"
+        if name not in fields:
+            continue
+        zip_ = pl.col(name)
+        country = f"{prefix}_country"
+        if country in fields:
+            us = pl.col(country).is_null() | pl.col(country).str.to_lowercase().is_in(_US)
+        else:
+            us = pl.lit(True)
+        rules.append(_check(name, RULES["zip-format"], zip_.is_null() | ~us | zip_.str.contains(_ZIP)))
+    return rules
+
+
+def _hazard_warnings(fields: Mapping[str, CanonicalField], columns: frozenset[str]) -> list[_Rule]:
+    """The warnings of values repaired or left out in :func:`prepare`, each where its companion column exists."""
+    rules: list[_Rule] = []
+
+    def flagged(name: str, suffix: str, rule: Rule, **values: pl.Expr) -> None:
+        flag = f"{name}__{suffix}"
+        if flag in columns:
+            rules.append(_Rule(name, rule.code, pl.col(flag).is_null(), rule.title, rule.message(**values)))
+
+    for name, f in fields.items():
+        if f.value in ("date", "datetime"):
+            yy = pl.col(f"{name}__yy")
+            if f"{name}__yy" in columns:
+                two = RULES["two-digit-year"]
+                rules.append(_Rule(name, two.code, yy.is_null() | (yy == -1), two.title, two.message(year=yy)))
+            flagged(name, "serial", RULES["excel-serial-date"], date=pl.col(f"{name}__serial"))
+        flagged(name, "zero", RULES["leading-zero-restored"], value=pl.col(f"{name}__zero"))
+        if f"{name}__dropped" in columns:
+            limit = RULES["maximum"].text(limit=f.maximum) if f.maximum is not None else (
+                RULES["max-length"].text(limit=f.max_length) if f.max_length is not None else "out of its limits"
+            )
+            target = (f.target or name).split(":")[-1]
+            why = pl.format("{}, not {}", pl.col(f"{name}__dropped"), pl.lit(limit))
+            dropped = RULES["derived-dropped"]
+            rules.append(
+                _Rule(name, dropped.code, pl.col(f"{name}__dropped").is_null(), dropped.title,
+                      dropped.message(target=target, why=why))
+            )
+    return rules
+
+
+def _domain_rules(
+    kind: str, fields: dict[str, CanonicalField], today: dt.date, columns: frozenset[str] = frozenset()
+) -> list[_Rule]:
     rules: list[_Rule] = []
 
     def date(name: str) -> pl.Expr:
@@ -591,6 +930,11 @@ def _domain_rules(kind: str, fields: dict[str, CanonicalField], today: dt.date) 
     for name in ("occurrence", "patient_birth_date", "recorded"):
         if name in fields:
             rules.append(_check(name, RULES["future-date"], ok_unless(date(name) > pl.lit(today)), today=today))
+    if kind == "encounter":
+        # A visit that has not happened yet is fine while it is planned (or was called off).
+        happened = ~pl.col("status").is_in(_NOT_YET).fill_null(False)
+        future = date("period_start") > pl.lit(today)
+        rules.append(_check("period_start", RULES["future-date"], ok_unless(future & happened), today=today))
     if {"occurrence", "expiration_date"} <= fields.keys():
         rules.append(
             _check(
@@ -637,6 +981,8 @@ def _domain_rules(kind: str, fields: dict[str, CanonicalField], today: dt.date) 
         carries = _carries_details(demographics)
         for f in demographics:
             same = pl.col(f"__hash_{f.name}").eq_missing(pl.col(f"__first_{f.name}"))
+            if f"{f.name}__placeholder" in columns:  # "N/A" says nothing, so it cannot disagree
+                same = same | pl.col(f"{f.name}__placeholder")
             rules.append(
                 _check(f.name, RULES["patient-conflict"], pl.col("patient_id").is_null() | ~carries | same)
             )
@@ -723,18 +1069,22 @@ def _compares_rows(rule: _Rule) -> bool:
     return any(name.startswith(_CROSS_ROW) for name in rule.passes.meta.root_names())
 
 
-def precheck(prepared: pl.DataFrame, kind: str, *, today: dt.date) -> pl.DataFrame:
+def precheck(
+    prepared: pl.DataFrame, kind: str, *, today: dt.date, severity: Mapping[str, str] | None = None
+) -> pl.DataFrame:
     """``prepared`` with :data:`LOCAL_OK`: whether the row passes every rule that reads the row alone.
 
     Those rules need nothing from other batches, so the batches evaluate them on the thread that
     reads and prepares ahead; :func:`check` then evaluates only the rules that compare rows.
     """
-    redacted = any(c.endswith("__redacted") for c in prepared.columns)
-    local = [r.passes.fill_null(False) for r in _rules(kind, today, redacted) if not _compares_rows(r)]
+    rules = _rules(kind, today, prepared.columns, severity)
+    local = [r.passes.fill_null(False) for r in rules if not _compares_rows(r)]
     return prepared.with_columns(pl.all_horizontal(local).alias(LOCAL_OK) if local else pl.lit(True).alias(LOCAL_OK))
 
 
-def check(prepared: pl.DataFrame, kind: str, *, today: dt.date) -> pl.DataFrame:
+def check(
+    prepared: pl.DataFrame, kind: str, *, today: dt.date, severity: Mapping[str, str] | None = None
+) -> pl.DataFrame:
     """Every rule failure of every row, as a rejects frame.
 
     Every rule is one polars expression; all of them are evaluated in a single pass over the
@@ -742,8 +1092,7 @@ def check(prepared: pl.DataFrame, kind: str, *, today: dt.date) -> pl.DataFrame:
     collects each failure named by its column and code without a pass per check over every row.
     A frame that went through :func:`precheck` has its single-row rules' outcome already.
     """
-    redacted = any(c.endswith("__redacted") for c in prepared.columns)
-    rules = _rules(kind, today, redacted)
+    rules = _rules(kind, today, prepared.columns, severity)
     flags = [f"__ok_{i}" for i in range(len(rules))]
     passes = [r.passes.fill_null(False) for r in rules]
     if LOCAL_OK in prepared.columns:
@@ -844,14 +1193,21 @@ def _document_groups(prepared: pl.DataFrame, rejects: pl.DataFrame) -> pl.DataFr
     return pl.concat([rejects, siblings]).sort(ROW, "field")
 
 
-def _warnings(prepared: pl.DataFrame, kind: str) -> pl.DataFrame:
+def _warnings(
+    prepared: pl.DataFrame, kind: str, today: dt.date, severity: Mapping[str, str] | None = None
+) -> pl.DataFrame:
     fields = field_map(kind)
     parts: list[pl.DataFrame] = []
-    if "vaccine_code" in fields:
-        is_cvx = pl.col("vaccine_system").fill_null(CVX_SYSTEM) == CVX_SYSTEM
-        unknown = pl.col("vaccine_code").is_not_null() & is_cvx & ~pl.col("vaccine_code").is_in(list(displays("cvx")))
+    for rule in _rules(kind, today, prepared.columns, severity, "warning"):
+        message = pl.coalesce(rule.row_message, pl.lit(rule.message)) if rule.row_message is not None else None
         parts.append(
-            _warning_rows(prepared, unknown, "vaccine_code", RULES["unknown-cvx"])
+            prepared.filter(~rule.passes.fill_null(False)).select(
+                pl.col(ROW),
+                pl.lit(rule.code).alias("code"),
+                pl.lit(rule.field).alias("field"),
+                pl.lit(None, dtype=pl.String).alias("value"),
+                (message if message is not None else pl.lit(rule.message)).alias("message"),
+            )
         )
     if "performer_name" in fields:
         first, _ = split_name(pl.col("performer_name"))

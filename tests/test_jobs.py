@@ -142,7 +142,7 @@ def test_run_a_job_then_read_its_history(tmp_path: Path) -> None:
     first = runner.invoke(main, ["run", str(job), "--json"])
     assert first.exit_code == 1, first.output  # the sample's planted rows are rejected
     summary = json.loads(first.stdout)
-    assert summary["states"]["created"] == 532
+    assert summary["states"]["created"] == 534
     folder = tmp_path / "reports" / summary["run_id"]
     assert summary["report_dir"] == str(folder) and (folder / "report.html").is_file()
     second = runner.invoke(main, ["run", str(job), "-q"])
@@ -159,7 +159,7 @@ def test_run_a_job_then_read_its_history(tmp_path: Path) -> None:
 
     listed = runner.invoke(main, ["history", "--state", state])
     assert listed.exit_code == 0, listed.output
-    assert summary["run_id"] in listed.output and "532" in listed.output
+    assert summary["run_id"] in listed.output and "534" in listed.output
     lines = [line.split() for line in listed.output.splitlines() if line.lstrip().startswith("20")]
     assert [words[1:3] if words[1] == "run" else words[1:2] for words in lines] == [
         ["run", "weekly-registry"],
@@ -174,8 +174,8 @@ def test_run_a_job_then_read_its_history(tmp_path: Path) -> None:
         ("load", None),
         ("reconcile", None),
     ]
-    assert [r["summary"]["states"]["created"] for r in data["runs"][:3]] == [532, 0, 0]
-    assert [r["summary"]["states"]["skipped"] for r in data["runs"][:3]] == [0, 532, 532]
+    assert [r["summary"]["states"]["created"] for r in data["runs"][:3]] == [534, 0, 0]
+    assert [r["summary"]["states"]["skipped"] for r in data["runs"][:3]] == [0, 534, 534]
     assert data["target"].startswith("embedded-sandbox:")
 
     missing = runner.invoke(main, ["history", "--state", str(tmp_path / "nope.sqlite")])
@@ -259,8 +259,8 @@ def test_overlapping_runs_load_each_row_once(tmp_path: Path) -> None:
         out, _ = third.communicate(timeout=120)
         assert first.returncode == 1 and third.returncode == 1
         summary = json.loads(out)
-        assert summary["states"]["skipped"] == 532 and summary["states"]["created"] == 0
-        assert count(server, "/v1/immunizations") == 532
+        assert summary["states"]["skipped"] == 534 and summary["states"]["created"] == 0
+        assert count(server, "/v1/immunizations") == 534
         assert count(server, "/v1/patients") == 160
 
 
@@ -285,7 +285,7 @@ def test_a_job_run_is_recorded_as_the_jobs_run_from_its_start(tmp_path: Path) ->
                 seen.append((latest["command"], latest["job"], latest["finished_at"]))
 
     report = run_job(job, progress=progress)
-    assert report.states["created"] == 532
+    assert report.states["created"] == 534
     assert seen == [("run", "nightly", None)]
 
 

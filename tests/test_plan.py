@@ -205,7 +205,7 @@ def test_the_cli_validates_in_the_batches_it_is_given(tmp_path: Path) -> None:
     assert result.exit_code == 1, result.output  # the sample's planted rows are rejected
     summary = json.loads((out / "summary.json").read_text())
     assert summary["batch_rows"] == 50
-    assert summary["states"]["rejected"] == 28
+    assert summary["states"]["rejected"] == 26
     bad = CliRunner().invoke(main, ["validate", str(SAMPLE / "registry.csv"), "--batch-rows", "0"])
     assert bad.exit_code == 2 and "batch-rows" in bad.output
 

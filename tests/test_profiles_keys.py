@@ -92,14 +92,17 @@ def test_a_column_time_zone_wins_over_the_profile_one(tmp_path: Path) -> None:
     assert prepared.row(0, named=True)["recorded__out"] == "2024-02-14T09:30:00Z"
 
 
-def test_excel_serials_in_a_csv_are_dates_only_where_declared(tmp_path: Path) -> None:
+def test_excel_serials_in_a_csv_are_dates_declared_or_repaired_with_a_warning(tmp_path: Path) -> None:
     csv = "patient_id,vaccine_code,When,Expiry\nP1,208,45453,45453\n"
     prof = IMM + '[columns]\n"When" = "occurrence"\n"Expiry" = "expiration_date"\n'
     prof += "[parse.occurrence]\nexcel_serial = true\n"
     mapped = apply_profile(table(tmp_path, csv), profile(tmp_path, prof))
     result = validate(mapped, today=TODAY)
     assert result.prepared.get_column("occurrence__out").to_list() == ["2024-06-10"]
-    assert result.rejects.select("field", "code").rows() == [("expiration_date", "date-format")]
+    # An undeclared column's serials are repaired too (etl.validate), each with a warning on its row.
+    assert result.rejects.is_empty()
+    assert result.prepared.get_column("expiration_date__out").to_list() == ["2024-06-10"]
+    assert ("expiration_date", "excel-serial-date") in result.warnings.select("field", "code").rows()
 
 
 # --- decimal commas ---------------------------------------------------------------------------------

@@ -174,9 +174,9 @@ def test_every_dry_run_bundle_is_valid_fhir_and_resolves_inside_itself(tmp_path:
     from fhir.resources.R4B.bundle import Bundle
 
     report = load_files([SAMPLE / "registry.csv"], _settings(tmp_path, dry_run=True))
-    assert report.states["planned"] == 532 and report.states["rejected"] == 28
+    assert report.states["planned"] == 534 and report.states["rejected"] == 26
     lines = _payloads(tmp_path / "report")
-    assert len(lines) == 532
+    assert len(lines) == 534
     assert {(line["method"], line["path"]) for line in lines} == {("POST", write_route("sandbox", "development"))}
     for line in lines:
         Bundle.model_validate(line["body"])  # raises on anything that is not FHIR
@@ -244,13 +244,13 @@ def test_a_broken_bundle_shape_is_caught_though_one_bundle_a_shape_is_parsed(
 
     monkeypatch.setattr(redox, "check_bundle", counting)
     report = load_files([SAMPLE / "registry.csv"], _settings(tmp_path, dry_run=True, batch_rows=100_000))
-    assert report.states["planned"] == 532 and len(parsed) < 50  # a bundle per shape, not per row
+    assert report.states["planned"] == 534 and len(parsed) < 50  # a bundle per shape, not per row
     parsed.clear()
     monkeypatch.setattr(redox, "plan_bundles", broken)
     report = load_files([SAMPLE / "registry.csv"], _settings(tmp_path, dry_run=True, report_dir=tmp_path / "b"))
     assert report.states["planned"] == 0 and report.states["rejected"] == 560
     fhir = report.rows.filter(pl.col("error_code") == "fhir-invalid")
-    assert fhir.height == 532 and set(fhir["field"]) == {"entry[0].resource"}
+    assert fhir.height == 534 and set(fhir["field"]) == {"entry[0].resource"}
     assert fhir["message"].str.contains("eventCoding").all()
     assert _payloads(tmp_path / "b") == []
 
@@ -283,8 +283,8 @@ def test_a_redox_load_in_batches_sends_each_bundle_once_and_created_rows_carry_n
     with SandboxServer(SandboxConfig(redox_tokens=(TOKEN,))) as server:
         settings = _settings(tmp_path, server, batch_rows=50)
         report = load_files([SAMPLE / "registry.csv"], settings)
-        assert (report.states["created"], report.states["rejected"]) == (532, 28)
-        assert receipts(server.sandbox.store) == 532 and report.summary["batch_rows"] == 50
+        assert (report.states["created"], report.states["rejected"]) == (534, 26)
+        assert receipts(server.sandbox.store) == 534 and report.summary["batch_rows"] == 50
         created = report.rows.filter(pl.col("state") == "created")
         assert created["message"].is_null().all() and created["error_code"].is_null().all()
 
@@ -298,12 +298,12 @@ def test_the_sample_loads_into_the_redox_sandbox_and_a_rerun_sends_nothing(tmp_p
         first = load_files([SAMPLE / "registry.csv"], settings)
         states = first.summary["states"]
         assert sum(states.values()) == first.rows_total == 560
-        assert (states["created"], states["rejected"]) == (532, 28)
-        assert receipts(server.sandbox.store) == 532
-        assert first.summary["requests"] == 532 and first.exit_code() == 1
+        assert (states["created"], states["rejected"]) == (534, 26)
+        assert receipts(server.sandbox.store) == 534
+        assert first.summary["requests"] == 534 and first.exit_code() == 1
         rows = pl.read_csv(tmp_path / "report" / "rows.csv", infer_schema=False)
         created = rows.filter(pl.col("state") == "created")
-        assert created.height == 532 and created["resource_id"].str.starts_with("ack-").all()
+        assert created.height == 534 and created["resource_id"].str.starts_with("ack-").all()
         # Each created row records the acknowledgement of its own bundle (sends overlap, so match by content).
         stored = server.sandbox.store.search("redox:Immunization/$write", {}, limit=1000).items
         assert {r["destination"] for r in stored} == {"clinic-dest"}
@@ -316,9 +316,9 @@ def test_the_sample_loads_into_the_redox_sandbox_and_a_rerun_sends_nothing(tmp_p
         assert dict(created.select("source_key", "resource_id").iter_rows()) == ack_of
 
         again = load_files([SAMPLE / "registry.csv"], settings.model_copy(update={"report_dir": tmp_path / "again"}))
-        assert (again.states["skipped"], again.states["rejected"], again.states["created"]) == (532, 28, 0)
+        assert (again.states["skipped"], again.states["rejected"], again.states["created"]) == (534, 26, 0)
         assert again.summary["requests"] == 0
-        assert receipts(server.sandbox.store) == 532
+        assert receipts(server.sandbox.store) == 534
 
 
 def test_clinikapi_and_redox_loads_of_one_file_keep_apart(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -285,7 +285,7 @@ def test_summary_json_of_a_validate_and_a_dry_run(tmp_path: Path) -> None:
     source = tmp_path / "shots.csv"
     source.write_text(
         "record_id,patient_id,first_name,last_name,dob,cvx,administration_date,extra_column\n"
-        "R1,P1,Ann,Lee,2001-02-03,999,2024-03-01,x\n"
+        "R1,P1,Ann,Lee,2001-02-03,170,2024-03-01,x\n"  # a Non-US CVX code: a row warning
         "R2,P2,Bo,Ng,2002-02-03,08,2024-03-02,y\n",
         encoding="utf-8",
     )
@@ -300,7 +300,7 @@ def test_summary_json_of_a_validate_and_a_dry_run(tmp_path: Path) -> None:
     assert written["not_imported"] == []
     by_code = {w["code"]: w for w in written["warnings"]}
     assert list(by_code["unmapped-columns"]) == ["file", "code", "message"]
-    assert by_code["unknown-cvx"]["rows"] == [2] and by_code["unknown-cvx"]["count"] == 1
+    assert by_code["code-status"]["rows"] == [2] and by_code["code-status"]["count"] == 1
     assert list(written["inputs"][0]) == ["path", "sha256", "format", "encoding", "delimiter", "sheet", "kind",
                                           "profile", "rows", "columns_mapped"]
     dry = load_files([source], Settings(report_dir=tmp_path / "d", dry_run=True, state=tmp_path / "s.sqlite"))

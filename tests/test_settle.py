@@ -29,7 +29,7 @@ from .conftest import SAMPLE
 
 KEY = "clk_test_settle0123456789abcdef"
 SEED = 20_261_201
-VALID_ROWS = 532  # sample_data/README.md: 560 rows, 28 planted bad ones
+VALID_ROWS = 534  # sample_data/README.md: 560 rows, 26 planted bad ones (2 expired lots only warn)
 PATIENTS = 160
 
 

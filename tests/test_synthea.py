@@ -219,8 +219,8 @@ def test_a_complete_synthea_export_loads_into_the_sandbox(
     assert s["rows_total"] == sum(counts[f] for f in ("patients", "providers", "encounters", "immunizations"))
 
     rejected = report.rows.filter(pl.col("state") == "rejected")
-    not_derived = rejected.filter(pl.col("field") != "length_minutes")
-    assert not_derived.height <= s["rows_total"] // 1000, not_derived.head(5).to_dicts()  # at most 0.1%
+    assert rejected.filter(pl.col("field") == "length_minutes").height == 0  # a derived value never rejects
+    assert rejected.height <= s["rows_total"] // 1000, rejected.head(5).to_dicts()  # at most 0.1%
     assert s["states"]["failed"] == 0 and s["states"]["unknown"] == 0
     assert count(sandbox, "/v1/patients") == counts["patients"]
     assert count(sandbox, "/v1/practitioners") == counts["providers"]
@@ -248,8 +248,6 @@ def test_a_complete_synthea_export_loads_into_the_sandbox(
     assert {"DEATHDATE", "RACE", "ETHNICITY"} <= {c["column"] for c in patient_columns}
 
 
-@pytest.mark.xfail(strict=True, reason="issue 14 item 4 (never reject a derived value) is another helper's part: "
-                   "long stays are rejected for the lengthMinutes they derive; remove this mark once merged")
 def test_no_synthea_row_is_rejected_for_a_derived_value(export: tuple[Path, dict[str, int]], tmp_path: Path) -> None:
     folder, _ = export
     report = validate_files(_files(folder), Settings(profile="synthea", report_dir=tmp_path / "v"))
