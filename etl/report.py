@@ -61,7 +61,10 @@ __all__ = [
     "write_report",
 ]
 
-FINAL_STATES = ("created", "skipped", "rejected", "failed", "unknown", "planned", "changed", "updated")
+FINAL_STATES = (
+    "created", "skipped", "rejected", "failed", "unknown", "planned", "changed", "updated",
+    "matched", "needs-review", "exists",  # matching what the target holds (etl.matching, etl.dedupe)
+)
 ROW_COLUMNS = (
     "source_file",
     "source_row",
@@ -148,6 +151,8 @@ class RunFacts(_Facts):
     bulk_limit: str | None = None
     disappeared: int | None = None  # rows an earlier load created that this copy of the file no longer has
     requests_planned: dict[str, int] | int | None = None  # a dry run: creates per kind (Redox: bundles)
+    matching_requests: int | None = None  # reads made to match patients, practitioners and doses (etl.matching)
+    matching: dict[str, Any] | None = None  # what matching found: mode, matched, needs-review, exists ...
 
     def updated(self, other: RunFacts) -> Self:
         """These facts with those ``other`` sets."""
@@ -262,7 +267,7 @@ class RunReport:
         states = self.states
         if states.get("failed") or states.get("unknown"):
             return ExitCode.FAILED
-        if states.get("rejected"):
+        if states.get("rejected") or states.get("needs-review"):  # a person must look at them either way
             return ExitCode.REJECTED
         return ExitCode.OK
 

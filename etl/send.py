@@ -58,6 +58,7 @@ __all__ = [
     "creates_in_parts",
     "disappeared_from",
     "load_in_batches",
+    "matcher_for",
     "outcome_patients",
     "results_table",
     "sends_of",
@@ -95,7 +96,7 @@ def load_in_batches(
         lookup = destination.lookup(target, settings)
         with planned_in_batches(
             paths, settings, progress, payloads=True, state=state, lookup=lookup, rows_csv=False, run_id=run_id,
-            destination=destination,
+            destination=destination, matcher=matcher_for(destination, target, settings, progress),
         ) as run:
             state.start_run(run_id, "run" if job else "load", job=job)  # once planned
             t0 = time.perf_counter()
@@ -122,6 +123,23 @@ def load_in_batches(
                 write_csv(disappeared, run.folder / "disappeared.csv")
             state.finish_run(run_id, {"states": report.states})
     return report
+
+
+def matcher_for(
+    destination: Destination, target: Target, settings: Settings, progress: Progress
+) -> Callable[[Run], None] | None:
+    """What matches a load's creates against the target (:class:`etl.matching.Matcher`), when it can search;
+    a destination without search gets the in-file dose check only, and the run says so."""
+    from etl.matching import Matcher
+
+    if not destination.can_search:
+        if settings.dedupe_doses:
+            progress.note(f"{destination.name} has no search: doses are de-duplicated within the run's files only, "
+                          "and patients are not matched against the target")
+        return None
+    if settings.match == "off" and not settings.dedupe_doses:
+        return None
+    return Matcher(target.base_url, target.key, settings)
 
 
 async def _send(
