@@ -103,6 +103,8 @@ _CANDIDATES = {"source_key": pl.String, "id": pl.String, "score": pl.Float64, "r
 def people(frame: pl.DataFrame) -> pl.DataFrame:
     """Patients (``firstName``, ``lastName``, ``birthDate``, ``gender``, ``phone``, ``email``,
     ``address.postalCode`` columns) with the normalised columns matching compares."""
+    frame = frame.with_columns(pl.col(c).cast(pl.String) for c in ("firstName", "lastName", "birthDate", "gender",
+                                                                    "phone", "email"))
     digits = pl.col("phone").str.replace_all(r"\D", "")
     sex = pl.col("gender").str.to_lowercase().str.slice(0, 1)
     first, last = normalised_name(pl.col("firstName")), normalised_name(pl.col("lastName"))
@@ -166,7 +168,7 @@ def match_patients(incoming: pl.DataFrame, existing: pl.DataFrame, mode: str) ->
                             scorer=fuzz.ratio, workers=1)
             candidates.append(
                 pairs.with_columns(pl.Series("score", scores, dtype=pl.Float64).round(1))
-                .filter((pl.col("score") >= NAME_SIMILARITY) & sex_ok & support)
+                .filter((pl.col("score") >= NAME_SIMILARITY) & support)  # sex differs: a person tells
                 .select("source_key", "id", "score", pl.lit(rule).alias("rule"))
             )
     found = (
@@ -523,8 +525,6 @@ def _apply_decisions(outcome: pl.DataFrame, decided: pl.DataFrame) -> pl.DataFra
 def _rewrite_rows(run: Run, final: pl.DataFrame, counts: dict[str, int]) -> None:
     """Each report part with the decisions: a planned row decided becomes its state; a row naming a
     matched patient shows that patient's id."""
-    if final.is_empty():
-        return
     linked = pl.DataFrame(
         [(k, v) for (kind, k), v in run.keys.known.items() if kind == "patient"],
         schema={"patient_key": pl.String, "linked_id": pl.String}, orient="row",
@@ -533,7 +533,7 @@ def _rewrite_rows(run: Run, final: pl.DataFrame, counts: dict[str, int]) -> None
     for part in list(run.parts):
         rows = pl.read_ipc(part)
         mine = decided.join(rows.select("kind", "source_key"), on=["kind", "source_key"], how="semi")
-        if mine.is_empty():
+        if mine.is_empty() and not rows.join(linked, on="patient_key", how="semi").height:
             continue
         hit = (pl.col("state") == "planned") & pl.col("d_state").is_not_null()
         rows = (
