@@ -331,3 +331,12 @@ def test_match_patients_decides_each_rule() -> None:
     assert outcome["twice"]["candidate_ids"] == "c;d" and outcome["twice"]["rules"] == "exact;exact"
     exact_only = match_patients(incoming, tenant, "exact")
     assert dict(exact_only.select("source_key", "outcome").iter_rows())["swapped"] == "create"
+
+
+def test_the_match_bench_runs_on_a_small_tenant(capsys: pytest.CaptureFixture[str]) -> None:
+    from bench.match import main as bench_match
+
+    assert bench_match(["--rows", "300", "--existing", "200"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert sum(printed["outcomes"].values()) == 300
+    assert printed["outcomes"].get("matched", 0) > 0 and printed["outcomes"].get("review", 0) > 0
