@@ -44,7 +44,7 @@ from etl.destination import Destination, Lookup, Target, loader_stats
 from etl.files import write_csv
 from etl.plan import Run, planned_in_batches
 from etl.progress import LoadEstimate, Progress
-from etl.report import RunReport, new_run_id, report_folder, report_path
+from etl.report import RunFacts, RunReport, new_run_id, report_folder, report_path
 from etl.settings import Settings
 
 if TYPE_CHECKING:
@@ -133,10 +133,12 @@ def matcher_for(
     from etl.matching import Matcher
 
     if not destination.can_search:
-        if settings.dedupe_doses:
-            progress.note(f"{destination.name} has no search: doses are de-duplicated within the run's files only, "
-                          "and patients are not matched against the target")
-        return None
+        if not settings.dedupe_doses:
+            return None
+        progress.note(f"{destination.name} has no search: doses are de-duplicated within the run's files only, "
+                      "and patients are not matched against the target")
+        said = {"mode": "off (no search)", "dedupe_doses": "within the run's files only (no search)"}
+        return lambda run: run.add_facts(RunFacts(matching=said))
     if settings.match == "off" and not settings.dedupe_doses:
         return None
     return Matcher(target.base_url, target.key, settings)

@@ -81,6 +81,7 @@ def test_a_destination_without_search_checks_the_files_only_and_says_so(tmp_path
                         progress=lambda message, n: notes.append(message))
     assert report.rows["state"].to_list() == ["created", "exists"]
     assert any("no search" in n and "within the run's files only" in n for n in notes)
+    assert report.summary["matching"]["dedupe_doses"] == "within the run's files only (no search)"
 
 
 def test_every_group_s_codes_are_cvx_codes() -> None:

@@ -340,3 +340,16 @@ def test_the_match_bench_runs_on_a_small_tenant(capsys: pytest.CaptureFixture[st
     printed = json.loads(capsys.readouterr().out)
     assert sum(printed["outcomes"].values()) == 300
     assert printed["outcomes"].get("matched", 0) > 0 and printed["outcomes"].get("review", 0) > 0
+
+
+def test_review_csv_is_formula_safe_and_read_back_as_written(tmp_path: Path, sandbox: Any) -> None:
+    tenant_id = _tenant_patient(sandbox, firstName="@Dorothy")
+    data = _registry(tmp_path / "typo.csv", "R1,P1,@Dorothy,Mitchel,2016-06-05,F,,,,08,2021-03-04,A1")
+    report = load_files([data], _settings(sandbox, tmp_path, "r"))
+    assert report.rows["state"].to_list() == ["needs-review"]
+    review = pl.read_csv(tmp_path / "r" / "review.csv", infer_schema=False)
+    assert review["first_name"].to_list() == ["'@Dorothy"]  # a spreadsheet shows it, never runs it
+    assert review["candidate_names"].to_list() == ["'@Dorothy Mitchell"]
+    decided = review.with_columns(pl.lit(f"link {tenant_id}").alias("decision"))
+    decided.write_csv(tmp_path / "decided.csv")
+    assert read_decisions(tmp_path / "decided.csv").rows() == [("patient", "P1", "link", tenant_id)]
