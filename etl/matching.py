@@ -54,8 +54,9 @@ from rapidfuzz import fuzz
 from rapidfuzz.process import cpdist
 
 from etl.dedupe import dose_identities, normalised_name
-from etl.errors import InputError
+from etl.errors import InputError, LookupFailed
 from etl.files import unguard_formulas, write_csv
+from etl.progress import Progress
 from etl.readers import ROW, read_table
 from etl.report import RunFacts
 from etl.settings import Settings
@@ -257,8 +258,8 @@ class Matcher:
     makes is a read.
     """
 
-    def __init__(self, base_url: str, key: str, settings: Settings) -> None:
-        self.base_url, self.key, self.settings = base_url, key, settings
+    def __init__(self, base_url: str, key: str, settings: Settings, progress: Progress | None = None) -> None:
+        self.base_url, self.key, self.settings, self.progress = base_url, key, settings, progress
         self.requests = 0
         self.counts = {"matched": 0, "needs-review": 0, "exists": 0}
         self.strategy = "none"
@@ -312,6 +313,20 @@ class Matcher:
     # --- the run ----------------------------------------------------------------------------
 
     def __call__(self, run: Run) -> None:
+        """Match the run's creates (see the module's notes). A target that cannot be read (no answer, a
+        refusal, an untrusted certificate) leaves every create as planned: the summary's ``matching``
+        says why (``error``), and the load meets the same target as before."""
+        try:
+            self._match(run)
+        except LookupFailed as exc:
+            if self.progress is not None:
+                self.progress.note(f"matching skipped: could not read the target ({exc})")
+            run.add_facts(RunFacts(matching_requests=self.requests, matching={
+                "mode": self.settings.match, "dedupe_doses": self.settings.dedupe_doses,
+                "error": f"could not read the target: {exc}; nothing was matched",
+            }))
+
+    def _match(self, run: Run) -> None:
         settings = self.settings
         payloads = run.keys.payloads
         if payloads is None:

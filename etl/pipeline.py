@@ -110,7 +110,7 @@ def preview_matcher(settings: Settings, progress: Progress) -> Matcher | None:
         return None
     key = settings.api_key.get_secret_value()
     check_target(settings.base_url, key, live=settings.live)
-    return Matcher(settings.base_url, key, settings)
+    return Matcher(settings.base_url, key, settings, progress)
 
 
 def reconcile_state(settings: Settings, *, verify: bool = False) -> RunReport:

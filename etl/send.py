@@ -141,7 +141,7 @@ def matcher_for(
         return lambda run: run.add_facts(RunFacts(matching=said))
     if settings.match == "off" and not settings.dedupe_doses:
         return None
-    return Matcher(target.base_url, target.key, settings)
+    return Matcher(target.base_url, target.key, settings, progress)
 
 
 async def _send(

@@ -14,6 +14,7 @@ import httpx
 import polars as pl
 import pytest
 from click.testing import CliRunner
+from pydantic import SecretStr
 
 from etl.cli import main
 from etl.errors import ExitCode, InputError
@@ -353,3 +354,16 @@ def test_review_csv_is_formula_safe_and_read_back_as_written(tmp_path: Path, san
     decided = review.with_columns(pl.lit(f"link {tenant_id}").alias("decision"))
     decided.write_csv(tmp_path / "decided.csv")
     assert read_decisions(tmp_path / "decided.csv").rows() == [("patient", "P1", "link", tenant_id)]
+
+
+def test_a_target_that_refuses_the_reads_is_not_matched_and_the_summary_says_why(
+    tmp_path: Path, sandbox: Any
+) -> None:
+    from etl.sandbox.app import new_test_key
+
+    data = _registry(tmp_path / "one.csv", "R1,P1,Dorothy,Mitchell,2016-06-05,F,,,,08,2021-03-04,A1")
+    settings = _settings(sandbox, tmp_path, "r").model_copy(update={"api_key": SecretStr(new_test_key())})
+    report = load_files([data], settings)
+    assert report.exit_code() == ExitCode.API  # the sends meet the same refusal, as before matching
+    assert "nothing was matched" in report.summary["matching"]["error"]
+    assert sandbox.api_key not in json.dumps(report.summary) and everything(sandbox, "/v1/patients") == []
