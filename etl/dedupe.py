@@ -163,6 +163,12 @@ class DoseCheck:
 
     def __init__(self) -> None:
         self.seen = KeyIndex({"first_file": pl.String(), "first_row": pl.UInt32()})
+        self.found: list[pl.DataFrame] = []  # source_file, source_row, first_file, first_row of each duplicate
+
+    def duplicates(self) -> pl.DataFrame:
+        """Each row marked ``exists`` so far, with the row that holds its dose first."""
+        schema = {"source_file": pl.String, "source_row": pl.UInt32, "first_file": pl.String, "first_row": pl.UInt32}
+        return pl.concat(self.found) if self.found else pl.DataFrame(schema=schema)
 
     def mark(self, rows: pl.DataFrame, valid: pl.DataFrame, file: str) -> pl.DataFrame:
         """``rows`` (the batch's report rows) with the doses seen before marked ``exists``."""
@@ -206,6 +212,10 @@ class DoseCheck:
             return rows
         marked = rows.join(dups, on="source_row", how="left", maintain_order="left")
         hit = (pl.col("state") == "planned") & pl.col("dup_row").is_not_null()
+        self.found.append(marked.filter(hit).select(
+            pl.lit(file).alias("source_file"), pl.col("source_row").cast(pl.UInt32),
+            pl.col("dup_file").alias("first_file"), pl.col("dup_row").cast(pl.UInt32).alias("first_row"),
+        ))
         message = pl.format("the same dose (patient, vaccine group, day) as {} row {}: not created twice",
                             "dup_file", "dup_row")
         return marked.with_columns(

@@ -367,6 +367,34 @@ class Run:
         """The report rows' parts (IPC), in input order."""
         return (p for x in self.inputs for p in x.parts)
 
+    def link_duplicates(self) -> None:
+        """After a load: a dose given twice in the run's files (``exists``, :class:`etl.dedupe.DoseCheck`)
+        shows the id its first row's dose has."""
+        dups = self.keys.doses.duplicates()
+        if dups.is_empty():
+            return
+        wanted = dups.select(pl.col("first_file").alias("source_file"), pl.col("first_row").alias("source_row"))
+        firsts = (
+            pl.scan_ipc(list(self.parts))
+            .select("source_file", pl.col("source_row").cast(pl.UInt32), "resource_id")
+            .join(wanted.unique().lazy(), on=["source_file", "source_row"], how="semi")
+            .collect()
+        )
+        link = dups.join(
+            firsts.rename({"source_file": "first_file", "source_row": "first_row", "resource_id": "first_id"}),
+            on=["first_file", "first_row"], how="inner",
+        ).select("source_file", "source_row", "first_id")
+        for part in list(self.parts):
+            rows = pl.read_ipc(part)
+            if not rows.join(link, on=["source_file", "source_row"], how="semi").height:
+                continue
+            mine = pl.col("state") == "exists"
+            rows = rows.join(link, on=["source_file", "source_row"], how="left", maintain_order="left").with_columns(
+                pl.when(mine).then(pl.coalesce("resource_id", "first_id")).otherwise(pl.col("resource_id"))
+                .alias("resource_id")
+            ).drop("first_id")
+            self.rewrite(part, rows)
+
     def rewrite(self, part: Path, rows: pl.DataFrame) -> None:
         """A part's rows changed (a load's outcomes)."""
         self.writer.forget(part)

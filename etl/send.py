@@ -110,6 +110,7 @@ def load_in_batches(
                 return_dtype=pl.String,
             )
             apply_outcomes(run, results.with_columns(kinds.alias("kind")))
+            run.link_duplicates()  # a dose given twice in the files shows its first row's id
             facts = destination.run_facts().updated(loader_stats(loader)).updated(
                 destination.load_extra(loader, results, protocols)
             )

@@ -38,6 +38,7 @@ def test_the_same_dose_twice_in_one_export_is_created_once(tmp_path: Path, sandb
     assert {k: r["state"] for k, r in by_key.items()} == {"R1": "created", "R2": "exists", "R3": "created",
                                                           "R4": "created"}
     assert f"{data} row 2" in by_key["R2"]["message"]
+    assert by_key["R2"]["resource_id"] == by_key["R1"]["resource_id"] is not None  # the first row's dose
     assert count(sandbox, "/v1/immunizations") == 3
     assert report.exit_code() == 0
 
