@@ -254,8 +254,8 @@ class Matcher:
     """Matches a planned run against the target (see the module's notes); called by the plan once every
     file is read (:func:`etl.plan.planned_in_batches`' ``matcher``), before anything is sent.
 
-    ``fetch``: an ``ApiClient`` factory's owner, i.e. the target's base URL and key; every request it
-    makes is a read.
+    ``base_url`` and ``key``: the target it reads (every request it makes is a GET); ``progress``: where
+    a note says why matching was skipped.
     """
 
     def __init__(self, base_url: str, key: str, settings: Settings, progress: Progress | None = None) -> None:
