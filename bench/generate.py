@@ -52,6 +52,13 @@ def _templates() -> tuple[list[str], list[list[str]]]:
     return rows[0], kept
 
 
+def _dose_keys(row: list[str]) -> set[tuple[str, str]]:
+    """(day, vaccine group) of a row's dose (its CVX code when the code has no group)."""
+    from etl.dedupe import VACCINE_GROUPS
+
+    return {(row[12], group) for group in VACCINE_GROUPS.get(row[13], (f"cvx:{row[13]}",))}
+
+
 def _patient(number: int) -> list[str]:
     rng = random.Random(number)  # per patient: the same patient always looks the same
     city, state, zip_code = rng.choice(_CITIES)
@@ -76,6 +83,7 @@ def generate(path: Path, rows: int, *, seed: int = 7, ghosts: int = 0) -> Genera
     ghost_at = set(rng.sample(range(rows), min(ghosts, rows)))
     path.parent.mkdir(parents=True, exist_ok=True)
     cache: dict[int, list[str]] = {}
+    given: dict[int, set[tuple[str, str]]] = {}  # per cached patient: (day, vaccine group) of its doses
     with path.open("w", newline="", encoding="utf-8") as fh:
         out = csv.writer(fh)
         out.writerow(header)
@@ -89,7 +97,17 @@ def generate(path: Path, rows: int, *, seed: int = 7, ghosts: int = 0) -> Genera
                 if number not in cache:
                     if len(cache) > 100_000:
                         cache.clear()
+                        given.clear()
                     cache[number] = _patient(number)
+                # A patient is never given the same vaccine group twice on one day: that would be one
+                # dose recorded twice, which a load de-duplicates (etl.dedupe), not a row of its own.
+                doses = given.setdefault(number, set())
+                for _ in range(50):
+                    if not doses & _dose_keys(row):
+                        break
+                    row = list(rng.choice(templates))
+                    row[0] = f"BX-{i + 1:08d}"
+                doses |= _dose_keys(row)
                 row[_PATIENT_COLUMNS] = cache[number]
             out.writerow(row)
     crosswalk = None

@@ -44,7 +44,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 EXIT_CODES_HELP = """\b
 Exit codes:
   0  every row created, skipped or planned (validate: every row valid)
-  1  some rows were rejected by validation
+  1  some rows were rejected by validation, or need a person's review (review.csv)
   2  usage error, unreadable input, unusable profile or state store
      (including one that another run is using), or the environment
      failing (a read-only report folder, a full disk, a port in use)
@@ -343,6 +343,25 @@ def validate(
     type=click.IntRange(min=1),
     help=f"Rows checked, planned and sent at a time (default {BATCH_ROWS}); memory is bounded by it.",
 )
+@click.option(
+    "--match",
+    "match_mode",
+    type=click.Choice(["off", "exact", "probable"]),
+    help="Match patients (and practitioners, by NPI) the target already holds before creating: exact matches "
+    "are linked (matched), probable ones go to review.csv (needs-review, exit 1); off creates every one. "
+    "Default probable.",
+)
+@click.option(
+    "--dedupe-doses/--no-dedupe-doses",
+    default=None,
+    help="A dose the patient's chart already holds, or an earlier row of the run (same patient, vaccine group, "
+    "day), is 'exists', not created. Default on.",
+)
+@click.option(
+    "--accept-review",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="A review.csv whose decision column a person filled in (link <id>, create or skip): applied to this load.",
+)
 @output_options
 @handle_errors
 def load(
@@ -370,6 +389,9 @@ def load(
     redox_token_file: Path | None,
     stream: bool | None,
     batch_rows: int | None,
+    match_mode: str | None,
+    dedupe_doses: bool | None,
+    accept_review: Path | None,
     quiet: bool,
     as_json: bool,
     header_row: int | None = None,
@@ -407,6 +429,9 @@ def load(
         stream=stream,
         batch_rows=batch_rows,
         header_row=header_row,
+        match=match_mode,
+        dedupe_doses=dedupe_doses,
+        accept_review=accept_review,
     )
     if api_key_file is not None:
         values["api_key"] = read_key_file(api_key_file)
@@ -800,6 +825,11 @@ def print_summary(report: RunReport, stream: Console | None = None) -> None:
         console.print(f"blank rows skipped: {s['blank_rows']} (empty, or only separators: not in rows.csv)")
     if s.get("patients"):
         console.print("patients: " + ", ".join(f"{k} {v}" for k, v in s["patients"].items()))
+    if s.get("matching"):
+        m = s["matching"]
+        console.print(f"matching ({m.get('mode')}): {m.get('matched', 0)} matched, {m.get('needs-review', 0)} rows "
+                      f"need review{' (review.csv)' if m.get('needs-review') else ''}, {m.get('exists', 0)} doses "
+                      f"exist already; {s.get('matching_requests', 0)} requests")
     if s.get("achieved_rate"):
         console.print(f"requests: {s.get('requests')} at {s['achieved_rate']}/s, 429s: {s.get('responses_429', 0)}")
     for why in (s.get("aborted"), s.get("unresponsive")):

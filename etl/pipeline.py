@@ -34,8 +34,9 @@ from schemas.canonical import KIND_SPECS
 
 if TYPE_CHECKING:  # the loader and its HTTP client are imported when something is sent: validate needs neither
     from etl.load.loader import Result, Send
+    from etl.matching import Matcher
 
-__all__ = ["STREAM_DEPRECATED", "load_files", "reconcile_state", "validate_files"]
+__all__ = ["STREAM_DEPRECATED", "load_files", "preview_matcher", "reconcile_state", "validate_files"]
 
 ProgressLike = Progress | Callable[[str, int], None]  # a Progress, or the loader's older (stage, n) callback
 
@@ -101,10 +102,26 @@ def load_files(
         from etl.plan import validate_in_batches
 
         with existing_state(settings) as state:
-            return validate_in_batches(paths, settings, shown, payloads=True, state=state)
+            return validate_in_batches(paths, settings, shown, payloads=True, state=state,
+                                       matcher=preview_matcher(settings, shown))
     from etl.send import load_in_batches
 
     return load_in_batches(paths, settings, shown, job=job)
+
+
+def preview_matcher(settings: Settings, progress: Progress) -> Matcher | None:
+    """A dry run with ``--base-url`` previews matching (reads only) when it has the API key; else it says why not."""
+    from etl.load.client import check_target
+    from etl.matching import Matcher
+
+    if not settings.base_url or (settings.match == "off" and not settings.dedupe_doses):
+        return None
+    if settings.api_key is None:
+        progress.note("matching not previewed: set CLINIKAPI_SECRET_KEY (or --api-key-file) to read the target")
+        return None
+    key = settings.api_key.get_secret_value()
+    check_target(settings.base_url, key, live=settings.live)
+    return Matcher(settings.base_url, key, settings, progress)
 
 
 def reconcile_state(settings: Settings, *, verify: bool = False) -> RunReport:

@@ -32,7 +32,7 @@ import datetime as dt
 import shutil
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Literal
 import polars as pl
 
 from etl.clinikapi import ClinikApi
+from etl.dedupe import DoseCheck
 from etl.destination import Destination, Lookup
 from etl.errors import InputError, UsageError
 from etl.files import guard_formulas, private_dir, private_file, private_text, scratch_dir, unguard_formulas, write_csv
@@ -241,6 +242,8 @@ class _Payloads:
         """A batch's creates (:meth:`Destination.plan_batch`), a frame per kind."""
         for i, (kind, frame) in enumerate(creates):
             index = self.planned.setdefault(kind, KeyIndex())
+            # One create per key, even when two rows of a batch share it (a natural key): the first row's.
+            frame = frame.unique("source_key", keep="first", maintain_order=True)
             fresh = frame.filter(~index.insert(frame.select(pl.col("source_key").alias("key"))).get_column("found"))
             if fresh.height:
                 stage = self.destination.stage(kind)
@@ -293,6 +296,7 @@ class _Keys:
     state: StateStore | None = None  # a reference to what an earlier run created is explained
     lookup: Lookup | None = None  # a real load: which (kind, id) the target has, for what nothing else explains
     resolves: bool = True  # references must resolve in the run (not for Redox: see Destination)
+    doses: DoseCheck = field(default_factory=DoseCheck)  # the doses the run's rows hold so far
 
 
     def _add(self, store: dict[str, KeyIndex], kind: str, keys: pl.Series) -> None:
@@ -338,6 +342,7 @@ def validate_in_batches(
     payloads: bool = False,
     state: StateStore | None = None,
     destination: Destination | None = None,
+    matcher: Callable[[Run], None] | None = None,
 ) -> RunReport:
     """Validate inputs a batch at a time; write the report (the entry point is ``validate_files``).
 
@@ -346,7 +351,8 @@ def validate_in_batches(
     explain references.
     """
     with planned_in_batches(
-        paths, settings, progress, batch_rows=batch_rows, payloads=payloads, state=state, destination=destination
+        paths, settings, progress, batch_rows=batch_rows, payloads=payloads, state=state, destination=destination,
+        matcher=matcher,
     ) as run:
         if run.keys.payloads is not None:
             with report_output(run.folder):
@@ -372,11 +378,44 @@ class Run:
     work: Path
     writer: _RowsWriter
     sides: list[_Side] = field(default_factory=list)  # files read but not imported
+    facts: RunFacts = field(default_factory=RunFacts)  # what a step between plan and send adds (matching)
+
+    def add_facts(self, facts: RunFacts) -> None:
+        """Facts for the summary from a step of the run (``etl.matching``)."""
+        self.facts = self.facts.updated(facts)
 
     @property
     def parts(self) -> Iterator[Path]:
         """The report rows' parts (IPC), in input order."""
         return (p for x in self.inputs for p in x.parts)
+
+    def link_duplicates(self) -> None:
+        """After a load: a dose given twice in the run's files (``exists``, :class:`etl.dedupe.DoseCheck`)
+        shows the id its first row's dose has."""
+        dups = self.keys.doses.duplicates()
+        if dups.is_empty():
+            return
+        wanted = dups.select(pl.col("first_file").alias("source_file"), pl.col("first_row").alias("source_row"))
+        firsts = (
+            pl.scan_ipc(list(self.parts))
+            .select("source_file", pl.col("source_row").cast(pl.UInt32), "resource_id")
+            .join(wanted.unique().lazy(), on=["source_file", "source_row"], how="semi")
+            .collect()
+        )
+        link = dups.join(
+            firsts.rename({"source_file": "first_file", "source_row": "first_row", "resource_id": "first_id"}),
+            on=["first_file", "first_row"], how="inner",
+        ).select("source_file", "source_row", "first_id")
+        for part in list(self.parts):
+            rows = pl.read_ipc(part)
+            if not rows.join(link, on=["source_file", "source_row"], how="semi").height:
+                continue
+            mine = pl.col("state") == "exists"
+            rows = rows.join(link, on=["source_file", "source_row"], how="left", maintain_order="left").with_columns(
+                pl.when(mine).then(pl.coalesce("resource_id", "first_id")).otherwise(pl.col("resource_id"))
+                .alias("resource_id")
+            ).drop("first_id")
+            self.rewrite(part, rows)
 
     def rewrite(self, part: Path, rows: pl.DataFrame) -> None:
         """A part's rows changed (a load's outcomes)."""
@@ -386,6 +425,7 @@ class Run:
     def write(self, facts: RunFacts, *, command: Literal["validate", "load"], target: str) -> RunReport:
         """The report, from the parts; ``facts``: what this kind of run adds to its summary."""
         self.timings["total"] = time.perf_counter() - self.t0
+        facts = self.facts.updated(facts)
         with report_output(self.folder):
             return _write(self.run_id, self.inputs, self.folder, self.settings, self.timings, self.writer, facts,
                           command=command, target=target, sides=self.sides)
@@ -404,6 +444,7 @@ def planned_in_batches(
     rows_csv: bool = True,
     run_id: str | None = None,
     destination: Destination | None = None,
+    matcher: Callable[[Run], None] | None = None,
 ) -> Iterator[Run]:
     """Validate and plan inputs a batch at a time; the run, its parts on disk until the block ends.
 
@@ -411,6 +452,8 @@ def planned_in_batches(
     references nothing else explains (a real load). ``rows_csv``: write each batch's rows.csv
     lines as it goes (not when a load will change them). ``destination``: where the creates go
     (ClinikAPI by default), asked to refuse the inputs it cannot take before a row is read.
+    ``matcher``: called with the planned run before it is handed over (:class:`etl.matching.Matcher`:
+    what the target holds already is linked, sent to review or left out of the creates).
     """
     destination = destination or ClinikApi()
     run_id, timings = run_id or new_run_id(), dict[str, float]()
@@ -484,7 +527,11 @@ def planned_in_batches(
                 here = unexplained.filter(mine & pl.col("row_kind").is_in([x.kind for x in members]))
                 _settle(members, here, keys, work, writer)
         progress.finish("validate")
-        yield Run(run_id, t0, timings, settings, inputs, keys, folder, work, writer, sides)
+        run = Run(run_id, t0, timings, settings, inputs, keys, folder, work, writer, sides)
+        if matcher is not None:
+            with report_output(folder):
+                matcher(run)
+        yield run
     finally:
         writer.close()
         shutil.rmtree(work, ignore_errors=True)
@@ -566,6 +613,8 @@ def _batch(
     if settings.redact:
         redact(mapped, validation)
     rows = _skip_seen(base_rows(mapped, validation, planned), keys.firsts.get(x.kind))
+    if x.kind == "immunization" and settings.dedupe_doses:  # the same dose twice in the run's files
+        rows = keys.doses.mark(rows, validation.valid, x.file)
     if payloads is not None:
         rows, creates = payloads.destination.plan_batch(mapped, validation.valid, planned, rows)
         payloads.add(x, n, creates)

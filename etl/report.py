@@ -64,7 +64,10 @@ __all__ = [
     "write_report",
 ]
 
-FINAL_STATES = ("created", "skipped", "rejected", "failed", "unknown", "planned", "changed", "updated")
+FINAL_STATES = (
+    "created", "skipped", "rejected", "failed", "unknown", "planned", "changed", "updated",
+    "matched", "needs-review", "exists",  # matching what the target holds (etl.matching, etl.dedupe)
+)
 ROW_COLUMNS = (
     "source_file",
     "source_row",
@@ -180,6 +183,8 @@ class RunFacts(_Facts):
     search_lag_seconds: float | None = None  # measured: how long search took to show one of the run's creates
     settle_rounds: int | None = None  # rounds of lookup and re-send the run's unknown outcomes took
     settle_problem: str | None = None  # why unknown outcomes were left unknown (no safe wait for search)
+    matching_requests: int | None = None  # reads made to match patients, practitioners and doses (etl.matching)
+    matching: dict[str, Any] | None = None  # what matching found: mode, matched, needs-review, exists ...
 
     def updated(self, other: RunFacts) -> Self:
         """These facts with those ``other`` sets."""
@@ -302,7 +307,7 @@ class RunReport:
         states = self.states
         if states.get("failed") or states.get("unknown"):
             return ExitCode.FAILED
-        if states.get("rejected"):
+        if states.get("rejected") or states.get("needs-review"):  # a person must look at them either way
             return ExitCode.REJECTED
         return ExitCode.OK
 

@@ -40,6 +40,9 @@ _STATE_COLOURS = {
     "planned": "#1565c0",
     "changed": "#ad1457",
     "updated": "#00838f",
+    "matched": "#558b2f",  # linked to what the target held (etl.matching)
+    "needs-review": "#f9a825",  # a person decides in review.csv
+    "exists": "#78909c",  # the chart held the dose already
 }
 
 _CSS = """

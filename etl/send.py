@@ -44,7 +44,7 @@ from etl.destination import Destination, Lookup, Target, loader_stats
 from etl.files import write_csv
 from etl.plan import Run, planned_in_batches
 from etl.progress import LoadEstimate, Progress
-from etl.report import RunReport, new_run_id, report_folder, report_path
+from etl.report import RunFacts, RunReport, new_run_id, report_folder, report_path
 from etl.settings import Settings
 
 if TYPE_CHECKING:
@@ -58,6 +58,7 @@ __all__ = [
     "creates_in_parts",
     "disappeared_from",
     "load_in_batches",
+    "matcher_for",
     "outcome_patients",
     "results_table",
     "sends_of",
@@ -95,7 +96,7 @@ def load_in_batches(
         lookup = destination.lookup(target, settings)
         with planned_in_batches(
             paths, settings, progress, payloads=True, state=state, lookup=lookup, rows_csv=False, run_id=run_id,
-            destination=destination,
+            destination=destination, matcher=matcher_for(destination, target, settings, progress),
         ) as run:
             state.start_run(run_id, "run" if job else "load", job=job)  # once planned
             t0 = time.perf_counter()
@@ -109,6 +110,7 @@ def load_in_batches(
                 return_dtype=pl.String,
             )
             apply_outcomes(run, results.with_columns(kinds.alias("kind")))
+            run.link_duplicates()  # a dose given twice in the files shows its first row's id
             facts = destination.run_facts().updated(loader_stats(loader)).updated(
                 destination.load_extra(loader, results, protocols)
             )
@@ -123,6 +125,25 @@ def load_in_batches(
             lag = {"search_lag_seconds": loader.search_lag} if loader.search_lag is not None else {}
             state.finish_run(run_id, {"states": report.states, **lag})  # a later run's lag when it has none
     return report
+
+
+def matcher_for(
+    destination: Destination, target: Target, settings: Settings, progress: Progress
+) -> Callable[[Run], None] | None:
+    """What matches a load's creates against the target (:class:`etl.matching.Matcher`), when it can search;
+    a destination without search gets the in-file dose check only, and the run says so."""
+    from etl.matching import Matcher
+
+    if not destination.can_search:
+        if not settings.dedupe_doses:
+            return None
+        progress.note(f"{destination.name} has no search: doses are de-duplicated within the run's files only, "
+                      "and patients are not matched against the target")
+        said = {"mode": "off (no search)", "dedupe_doses": "within the run's files only (no search)"}
+        return lambda run: run.add_facts(RunFacts(matching=said))
+    if settings.match == "off" and not settings.dedupe_doses:
+        return None
+    return Matcher(target.base_url, target.key, settings, progress)
 
 
 async def _send(

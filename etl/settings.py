@@ -129,6 +129,11 @@ class Settings(BaseSettings):
     redox_source_name: str | None = "clinik-etl"
     redox_mrn_system: str = "urn:clinik-etl:mrn"  # Patient.identifier system of the source patient id
     redox_identifier_system: str = "urn:clinik-etl:immunization"  # Immunization.identifier system of the row key
+    # --- matching what the target already holds (etl.matching, etl.dedupe)
+    # off: create every patient; exact: link exact matches; probable: also send probable ones to review.csv
+    match: Literal["off", "exact", "probable"] = "probable"
+    dedupe_doses: bool = True  # a dose the chart (or an earlier row of the run) holds is `exists`, not created
+    accept_review: Path | None = None  # a review.csv whose `decision` column a person filled in
 
     @property
     def workbook_limits(self) -> WorkbookLimits:

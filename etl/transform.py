@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import polars as pl
 import polars_hash  # noqa: F401 - registers the `chash` expression namespace
 
+from etl.dedupe import natural_key
 from etl.mapping import Mapped, key_field
 from etl.readers import ROW
 from etl.validate import name_key, split_name
@@ -156,24 +157,33 @@ def immunization_struct() -> pl.Expr:
 
 
 def source_keys(mapped: Mapped) -> pl.Expr:
-    """The row key: the source id when the profile maps one, else a hash of the row's content.
+    """The row key: the source id when the profile maps one, else the row's natural key
+    (:data:`etl.dedupe.NATURAL_KEYS`), else a hash of the row's content.
 
     A practitioner is keyed by its NPI when it has one, so two files naming the
     same clinician create one Practitioner.
     """
+    columns = set(mapped.sources) | _companions(mapped)  # fields the file has, not those left empty
     if mapped.kind == "practitioner":
         by_id = pl.col("practitioner_id") if mapped.keyed_by_record else pl.lit(None, dtype=pl.String)
-        return pl.coalesce(
-            pl.lit("npi:") + pl.col("npi"),
-            by_id,
-            pl.lit("sha256:")
-            + sha256_hex(
-                pl.concat_str([pl.col(f.name).fill_null("") for f in fields_of("practitioner")], separator="\x1f")
-            ),
-        )
+        return pl.coalesce(pl.lit("npi:") + pl.col("npi"), by_id, _content_key(mapped.kind, columns))
     if mapped.keyed_by_record:
         return pl.col(key_field(mapped.kind))
-    content = pl.concat_str([pl.col(f.name).fill_null("") for f in fields_of(mapped.kind)], separator="\x1f")
+    return _content_key(mapped.kind, columns)
+
+
+def _companions(mapped: Mapped) -> set[str]:
+    """The checked companions (``occurrence__date`` ...) the prepared frame has for the mapped fields."""
+    return {f"{name}__date" for name in mapped.sources}
+
+
+def _content_key(kind: str, columns: set[str]) -> pl.Expr:
+    """A row's key without a record id: its natural key (:data:`etl.dedupe.NATURAL_KEYS`), else a hash of
+    its whole content."""
+    natural = natural_key(kind, columns)
+    if natural is not None:
+        return natural
+    content = pl.concat_str([pl.col(f.name).fill_null("") for f in fields_of(kind)], separator="\x1f")
     return pl.lit("sha256:") + sha256_hex(content)
 
 

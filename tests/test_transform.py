@@ -130,14 +130,14 @@ def test_a_performer_named_by_npi_becomes_a_practitioner_and_a_reference(tmp_pat
     assert "performer" not in third
 
 
-def test_rows_without_an_id_are_keyed_by_their_content(tmp_path: Path) -> None:
+def test_rows_without_an_id_are_keyed_by_their_natural_key(tmp_path: Path) -> None:
     _, p = planned(
         tmp_path,
-        "Patient ID,CVX,Admin Date\nP1,08,2021-01-02\nP1,08,2021-01-02\nP1,08,2021-01-03\n",
+        "Patient ID,CVX,Admin Date,Lot Number\nP1,08,2021-01-02,A1\nP1,08,2021-01-02,A2\nP1,08,2021-01-03,A1\n",
     )
     keys = p.rows.get_column("source_key").to_list()
-    assert all(k.startswith("sha256:") and len(k) == len("sha256:") + 64 for k in keys)
-    assert keys[0] == keys[1] != keys[2]  # the same content, the same key; other content, another key
+    assert all(k.startswith("natural:") and len(k) == len("natural:") + 64 for k in keys)
+    assert keys[0] == keys[1] != keys[2]  # patient, vaccine and day make the key; a lot number does not
     _, again = planned(tmp_path, "Patient ID,CVX,Admin Date\nP1,08,2021-01-03\n")
     assert again.rows.get_column("source_key").to_list() == [keys[2]]  # stable from run to run
 
