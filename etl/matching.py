@@ -54,8 +54,9 @@ from rapidfuzz import fuzz
 from rapidfuzz.process import cpdist
 
 from etl.dedupe import dose_identities, normalised_name
-from etl.errors import InputError, LookupFailed
+from etl.errors import InputError, LookupFailed, QuotaExceededError
 from etl.files import unguard_formulas, write_csv
+from etl.load.lookup import as_simple
 from etl.progress import Progress
 from etl.readers import ROW, read_table
 from etl.report import RunFacts
@@ -300,6 +301,30 @@ class Matcher:
         result: list[dict[str, Any]] = self._ask(work)
         return result
 
+    def _charts(self, patient_ids: list[str]) -> list[dict[str, Any]]:
+        """The immunizations the tenant holds for ``patient_ids`` (either answer shape): a ``patientId``
+        search per patient, or the whole list (100 a page) when that takes fewer requests, as for patients.
+        Reads count against the plan's quota: a run that resumes after a quota stop must not spend it all
+        re-reading the charts of the patients it created."""
+        route = ROUTES["ImmunizationCreate"]
+
+        async def work(client: ApiClient) -> list[dict[str, Any]]:
+            page = await client.get(route, {"count": 1})
+            total = int(page.get("total", 0)) if isinstance(page, dict) else 0
+            if total == 0:
+                return []
+            if math.ceil(total / 100) < len(patient_ids):
+                wanted = set(patient_ids)
+                return [r for r in await client.search(route, {})
+                        if as_simple("immunization", r)["patientId"] in wanted]
+            found: list[dict[str, Any]] = []
+            for patient in patient_ids:
+                found += await client.search(route, {"patientId": patient})
+            return found
+
+        result: list[dict[str, Any]] = self._ask(work)
+        return result
+
     def _search_each(self, route: str, name: str, values: list[str]) -> list[dict[str, Any]]:
         async def work(client: ApiClient) -> list[dict[str, Any]]:
             found: list[dict[str, Any]] = []
@@ -318,6 +343,14 @@ class Matcher:
         says why (``error``), and the load meets the same target as before."""
         try:
             self._match(run)
+        except QuotaExceededError as exc:
+            # Reads count against the quota too: with it used up, nothing may be created unmatched, and
+            # nothing could be: the run stops before sending (exit 5) and the same command resumes later.
+            run.halt = exc
+            run.add_facts(RunFacts(matching_requests=self.requests, matching={
+                "mode": self.settings.match, "dedupe_doses": self.settings.dedupe_doses,
+                "error": f"{exc.message}; nothing was matched or sent",
+            }))
         except LookupFailed as exc:
             if self.progress is not None:
                 self.progress.note(f"matching skipped: could not read the target ({exc})")
@@ -346,6 +379,7 @@ class Matcher:
             if settings.match == "probable":
                 births = pl.concat([births, births.to_frame("b").select(_swapped(pl.col("b"))).to_series()])
             theirs = self._patients(births.drop_nulls().unique().sort().to_list())
+            theirs = [as_simple("patient", r) for r in theirs]  # either answer shape (etl.load.lookup)
             existing = people(pl.from_dicts(theirs, schema=_PATIENT.to_schema()) if theirs
                               else pl.DataFrame(schema=_PATIENT.to_schema()))
             outcome = match_patients(mine, existing, settings.match).join(
@@ -382,7 +416,8 @@ class Matcher:
             npis = practitioners.select("source_key", "npi").drop_nulls("npi")
             theirs = self._search_each(ROUTES["PractitionerCreate"], "npi", npis.get_column("npi").unique().to_list())
             if theirs:
-                held = pl.from_dicts(theirs, schema={"id": pl.String, "npi": pl.String}).unique("npi", keep="first")
+                simple = [as_simple("practitioner", r) for r in theirs]
+                held = pl.from_dicts(simple, schema={"id": pl.String, "npi": pl.String}).unique("npi", keep="first")
                 matched = npis.join(held, on="npi").rename({"id": "resource_id"})
                 decisions.add("practitioner", matched.with_columns(
                     pl.lit("matched").alias("state"),
@@ -448,10 +483,10 @@ class Matcher:
         doses = doses.join(ids, on="patient_key", how="inner")
         if doses.is_empty():
             return empty
-        charted = self._search_each(ROUTES["ImmunizationCreate"], "patientId",
-                                    doses.get_column("patient_id").unique().sort().to_list())
+        charted = self._charts(doses.get_column("patient_id").unique().sort().to_list())
         if not charted:
             return empty
+        charted = [as_simple("immunization", r) for r in charted]
         chart = pl.from_dicts(charted, schema=_DOSE.to_schema()).select(
             pl.col("id").alias("existing_id"), "patientId",
             pl.col("vaccineCode").struct.field("code").alias("cvx"),

@@ -43,7 +43,7 @@ import polars as pl
 from etl.clinikapi import ClinikApi
 from etl.dedupe import DoseCheck
 from etl.destination import Destination, Lookup
-from etl.errors import InputError, UsageError
+from etl.errors import ApiError, InputError, UsageError
 from etl.files import guard_formulas, private_dir, private_file, private_text, scratch_dir, unguard_formulas, write_csv
 from etl.keyindex import KeyIndex
 from etl.mapping import (
@@ -379,6 +379,7 @@ class Run:
     writer: _RowsWriter
     sides: list[_Side] = field(default_factory=list)  # files read but not imported
     facts: RunFacts = field(default_factory=RunFacts)  # what a step between plan and send adds (matching)
+    halt: ApiError | None = None  # a refusal met before sending (matching's reads hit a quota): nothing is sent
 
     def add_facts(self, facts: RunFacts) -> None:
         """Facts for the summary from a step of the run (``etl.matching``)."""

@@ -169,6 +169,8 @@ async def _send(
         estimate.plan(unsent)
         loader = await destination.new_loader(settings, http, target, client, state, throttle, options, run.run_id,
                                               progress, unsent)
+        if run.halt is not None:  # refused before anything was sent (a quota met while matching)
+            loader.aborted = run.halt
         if destination.resolves_references:
             aliases = {(k, v): a for k, v, a in run.keys.aliases.iter_rows() if v != a}
             await loader.begin(aliases=aliases, known_ids=run.keys.known)

@@ -41,6 +41,16 @@ def sandbox() -> Iterator[object]:
         yield server
 
 
+@pytest.fixture()
+def simple_sandbox() -> Iterator[object]:
+    """A fresh sandbox that answers with the create bodies it got (``responses="simple"``): for tests that
+    read back what the loader sent, not how the API shapes it."""
+    from etl.sandbox import SandboxConfig, SandboxServer
+
+    with SandboxServer(SandboxConfig(responses="simple")) as server:
+        yield server
+
+
 @pytest.fixture(params=["fhir", "simple"])
 def shaped_sandbox(request: pytest.FixtureRequest) -> Iterator[object]:
     """A fresh sandbox server answering in each shape in turn (``etl.sandbox.shapes``): what must work

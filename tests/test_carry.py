@@ -97,9 +97,11 @@ def _rows(kind: str, setting: bool) -> list[dict[str, str]]:
             row["patient_id"] = f"P{i}"
         if "document_id" in row:
             row["document_id"] = f"D{i}"
+        if kind == "practitioner":  # a row per practitioner: each keyed by its own id (never one natural key)
+            row["practitioner_id"] = f"DR{i}"
         row.update(_WITH.get(f.name, {}))
         if setting:
-            row[f.name] = f"Q{i}" if f.name in ("patient_id", "document_id") else _value(f, i)
+            row[f.name] = f"Q{i}" if f.name in ("patient_id", "document_id", "practitioner_id") else _value(f, i)
         rows.append(row)
     return rows
 
@@ -271,15 +273,6 @@ def _get(server: Any, route: str) -> list[dict[str, Any]]:
     response = httpx.get(server.base_url + route, params={"count": 100}, headers={"x-api-key": server.api_key})
     response.raise_for_status()
     return list(response.json()["data"]["data"])
-
-
-@pytest.fixture
-def simple_sandbox() -> Any:
-    """A sandbox that echoes create bodies (``--responses simple``): this test reads back what was sent."""
-    from etl.sandbox import SandboxConfig, SandboxServer
-
-    with SandboxServer(SandboxConfig(responses="simple")) as server:
-        yield server
 
 
 def test_a_performer_named_without_an_npi_is_linked_by_name(tmp_path: Path, simple_sandbox: Any) -> None:

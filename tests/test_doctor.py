@@ -105,7 +105,7 @@ def test_files_are_counted_and_timed_on_the_plan(tmp_path: Path, rate_limit: int
         )
     assert result.exit_code == ExitCode.OK, result.output
     plan = _json(result)["plan"]
-    assert plan["requests_needed"] == 532 + 160  # an immunization per valid row, a patient per distinct patient
+    assert plan["requests_needed"] == 534 + 160  # an immunization per valid row, a patient per distinct patient
     assert plan["estimated_seconds"] == -(-plan["requests_needed"] * 3600 // rate_limit)
     texts = " ".join(c["text"] for c in _json(result)["checks"])
     assert "a load would stop with exit 5" in texts  # 300 left cannot cover them

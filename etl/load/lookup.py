@@ -27,7 +27,16 @@ from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any, Final
 
-__all__ = ["IDENTITY", "KEY_FIELDS", "key_fields", "matches", "normal_code", "normal_instant", "reference_id"]
+__all__ = [
+    "IDENTITY",
+    "KEY_FIELDS",
+    "as_simple",
+    "key_fields",
+    "matches",
+    "normal_code",
+    "normal_instant",
+    "reference_id",
+]
 
 Reader = Callable[[Mapping[str, Any]], object]
 
@@ -211,3 +220,54 @@ def matches(kind: str, candidate: object, body: Mapping[str, Any]) -> bool:
     got = key_fields(kind, candidate)
     identity = IDENTITY.get(kind, frozenset({"patient"}))
     return all(got[name] == value if name in got else name not in identity for name, value in wanted.items())
+
+
+def _telecom(r: Mapping[str, Any], system: str) -> object:
+    for point in r.get("telecom") or []:
+        if isinstance(point, Mapping) and point.get("system") == system:
+            return point.get("value")
+    return None
+
+
+def as_simple(kind: str, resource: Mapping[str, Any]) -> dict[str, Any]:
+    """The fields matching compares (:mod:`etl.matching`), read from either answer shape into the simple one.
+
+    A patient: ``id``, ``firstName``, ``lastName``, ``birthDate``, ``gender``, ``phone``, ``email`` and
+    ``address.postalCode`` (a FHIR Patient's ``name``, ``telecom`` and ``address`` list too); a
+    practitioner: ``id`` and ``npi`` (or its ``us-npi`` identifier); an immunization: ``id``,
+    ``patientId`` (or ``patient.reference``), ``occurrenceDateTime`` and ``vaccineCode.code`` (a
+    string, a coding or a CodeableConcept). Fields an answer leaves out are None.
+    """
+    out: dict[str, Any] = {"id": resource.get("id")}
+    if kind == "patient":
+        given = resource.get("firstName")
+        if given is None:
+            parts = _first(resource, "name.given")
+            given = parts[0] if isinstance(parts, list) and parts else parts
+        address = resource.get("address")
+        if isinstance(address, list):
+            address = address[0] if address else None
+        postal = address.get("postalCode") if isinstance(address, Mapping) else None
+        out |= {
+            "firstName": given,
+            "lastName": _first(resource, "lastName", "name.family"),
+            "birthDate": resource.get("birthDate"),
+            "gender": resource.get("gender"),
+            "phone": resource.get("phone") if "phone" in resource else _telecom(resource, "phone"),
+            "email": resource.get("email") if "email" in resource else _telecom(resource, "email"),
+            "address": {"postalCode": postal},
+        }
+    elif kind == "practitioner":
+        out["npi"] = _npi(resource)
+    elif kind == "immunization":
+        code = resource.get("vaccineCode")
+        if isinstance(code, Mapping):
+            codings = code.get("coding")
+            code = codings[0].get("code") if isinstance(codings, list) and codings and isinstance(
+                codings[0], Mapping) else code.get("code")
+        out |= {
+            "patientId": _patient_of("patient")(resource),
+            "occurrenceDateTime": resource.get("occurrenceDateTime"),
+            "vaccineCode": {"code": code if isinstance(code, str) else None},
+        }
+    return out
