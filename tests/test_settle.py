@@ -17,12 +17,14 @@ from typing import Any
 
 import httpx
 import polars as pl
+import pytest
 
 from etl.load.client import ApiClient
 from etl.load.loader import Loader, LoadOptions, Send
 from etl.load.state import StateStore
 from etl.load.throttle import Throttle
 from etl.sandbox import SandboxConfig, SandboxServer
+from etl.sandbox.shapes import Shape
 from etl.settings import Settings
 
 from .conftest import SAMPLE
@@ -65,7 +67,10 @@ def _plain(resource: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in resource.items() if k not in ("id", "meta", "createdAt", "updatedAt")}
 
 
-def test_one_load_under_faults_settles_every_row_and_holds_what_a_clean_run_holds(tmp_path: Path) -> None:
+@pytest.mark.parametrize("responses", ["fhir", "simple"])
+def test_one_load_under_faults_settles_every_row_and_holds_what_a_clean_run_holds(
+    tmp_path: Path, responses: Shape
+) -> None:
     source = SAMPLE / "registry.csv"
     clean_db = tmp_path / "clean.sqlite"
     with SandboxServer(SandboxConfig(api_keys={KEY: "*"}, db_path=str(clean_db))) as server:
@@ -75,7 +80,7 @@ def test_one_load_under_faults_settles_every_row_and_holds_what_a_clean_run_hold
     db = tmp_path / "faulty.sqlite"
     # Late answers come after 1.5 s; the client gives up after 0.5 s (the write happened).
     config = SandboxConfig(api_keys={KEY: "*"}, db_path=str(db), fail_rate=0.1, drop_rate=0.05, slow_rate=0.02,
-                           slow_seconds=1.5, seed=SEED)
+                           slow_seconds=1.5, seed=SEED, responses=responses)
     with SandboxServer(config) as server:
         report = _load(server, tmp_path / "faulty", 0, source, consistency_window=0, timeout=0.5)
         faults = dict(server.sandbox.faults.injected)
@@ -94,12 +99,16 @@ def test_one_load_under_faults_settles_every_row_and_holds_what_a_clean_run_hold
     assert _content(db, rows) == _content(clean_db, clean_rows)  # the clean run's immunizations, each once
 
 
-def test_search_lag_past_the_window_with_dropped_answers_leaves_no_duplicate(tmp_path: Path) -> None:
+@pytest.mark.parametrize("responses", ["fhir", "simple"])
+def test_search_lag_past_the_window_with_dropped_answers_leaves_no_duplicate(
+    tmp_path: Path, responses: Shape
+) -> None:
     """The issue's case scaled down: search lag 20 s and window 10 s, here 2 s and 1 s; 30% of answers dropped."""
     subset = tmp_path / "registry-60.csv"
     pl.read_csv(SAMPLE / "registry.csv", infer_schema=False).head(60).write_csv(subset)
     db = tmp_path / "sandbox.sqlite"
-    config = SandboxConfig(api_keys={KEY: "*"}, db_path=str(db), search_lag=2.0, drop_rate=0.3, seed=SEED)
+    config = SandboxConfig(api_keys={KEY: "*"}, db_path=str(db), search_lag=2.0, drop_rate=0.3, seed=SEED,
+                           responses=responses)
     with SandboxServer(config) as server:
         reports = [_load(server, tmp_path, run, subset, consistency_window=1.0) for run in range(3)]
     first = reports[0].summary
