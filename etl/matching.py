@@ -280,50 +280,37 @@ class Matcher:
 
         return asyncio.run(run())
 
-    def _patients(self, births: list[str]) -> list[dict[str, Any]]:
-        route = ROUTES["PatientCreate"]
+    def _list_or_search(self, route: str, name: str, values: list[str]) -> tuple[str, list[dict[str, Any]]]:
+        """What the tenant holds at ``route`` for ``values`` of the filter ``name``, and how it was read: one
+        search per value, or the whole list (100 a page) when that takes fewer requests. Reads count against
+        the plan's quota: a run that resumes after a quota stop must not spend it re-reading what it made."""
 
-        async def work(client: ApiClient) -> list[dict[str, Any]]:
+        async def work(client: ApiClient) -> tuple[str, list[dict[str, Any]]]:
             page = await client.get(route, {"count": 1})
             total = int(page.get("total", 0)) if isinstance(page, dict) else 0
             if total == 0:
-                self.strategy = "empty tenant"
-                return []
-            if math.ceil(total / 100) <= len(births):
-                self.strategy = "list"
-                return await client.search(route, {})
-            self.strategy = "search by birthDate"
+                return "empty tenant", []
+            if math.ceil(total / 100) <= len(values):
+                return "list", await client.search(route, {})
             found: list[dict[str, Any]] = []
-            for birth in births:
-                found += await client.search(route, {"birthDate": birth})
-            return found
+            for value in values:
+                found += await client.search(route, {name: value})
+            return f"search by {name}", found
 
-        result: list[dict[str, Any]] = self._ask(work)
+        result: tuple[str, list[dict[str, Any]]] = self._ask(work)
         return result
+
+    def _patients(self, births: list[str]) -> list[dict[str, Any]]:
+        self.strategy, found = self._list_or_search(ROUTES["PatientCreate"], "birthDate", births)
+        return found
 
     def _charts(self, patient_ids: list[str]) -> list[dict[str, Any]]:
-        """The immunizations the tenant holds for ``patient_ids`` (either answer shape): a ``patientId``
-        search per patient, or the whole list (100 a page) when that takes fewer requests, as for patients.
-        Reads count against the plan's quota: a run that resumes after a quota stop must not spend it all
-        re-reading the charts of the patients it created."""
-        route = ROUTES["ImmunizationCreate"]
-
-        async def work(client: ApiClient) -> list[dict[str, Any]]:
-            page = await client.get(route, {"count": 1})
-            total = int(page.get("total", 0)) if isinstance(page, dict) else 0
-            if total == 0:
-                return []
-            if math.ceil(total / 100) < len(patient_ids):
-                wanted = set(patient_ids)
-                return [r for r in await client.search(route, {})
-                        if as_simple("immunization", r)["patientId"] in wanted]
-            found: list[dict[str, Any]] = []
-            for patient in patient_ids:
-                found += await client.search(route, {"patientId": patient})
+        """The immunizations the tenant holds for ``patient_ids``, in either answer shape."""
+        how, found = self._list_or_search(ROUTES["ImmunizationCreate"], "patientId", patient_ids)
+        if how != "list":
             return found
-
-        result: list[dict[str, Any]] = self._ask(work)
-        return result
+        wanted = set(patient_ids)
+        return [r for r in found if as_simple("immunization", r)["patientId"] in wanted]
 
     def _search_each(self, route: str, name: str, values: list[str]) -> list[dict[str, Any]]:
         async def work(client: ApiClient) -> list[dict[str, Any]]:
