@@ -979,12 +979,15 @@ def _domain_rules(
     if demographics:
         # Rows that only name a patient (no details) cannot conflict with the ones that describe it.
         carries = _carries_details(demographics)
+        # An id in scientific notation names no one for sure (3.64992E+12 stands for many people): its rows
+        # are rejected for that, with their own code, and never compared as one patient.
+        lost_id = pl.col("patient_id").str.contains(_SCIENTIFIC).fill_null(False)
         for f in demographics:
             same = pl.col(f"__hash_{f.name}").eq_missing(pl.col(f"__first_{f.name}"))
             if f"{f.name}__placeholder" in columns:  # "N/A" says nothing, so it cannot disagree
                 same = same | pl.col(f"{f.name}__placeholder")
             rules.append(
-                _check(f.name, RULES["patient-conflict"], pl.col("patient_id").is_null() | ~carries | same)
+                _check(f.name, RULES["patient-conflict"], pl.col("patient_id").is_null() | lost_id | ~carries | same)
             )
     return rules
 
