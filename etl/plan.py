@@ -60,7 +60,7 @@ from etl.mapping import (
     side_file,
 )
 from etl.progress import Progress
-from etl.readers import ROW, Batches, HeaderHint, read_batches, read_table
+from etl.readers import ROW, Batches, HeaderHint, is_own_rejects, read_batches, read_table
 from etl.redaction import left_out, redact, redact_bodies
 from etl.report import (
     PROBLEM_STATES,
@@ -875,7 +875,7 @@ def _write_rejects(inputs: list[_Input], folder: Path, *, redacted: bool = False
     for x in inputs:
         if x.reject_parts:
             gone = set(left_out(x.mapped)) if redacted else set()
-            source = [c for c in x.batches.table.columns if c not in gone]
+            source = [n for c, n in _rejects_columns(x.batches.table.columns).items() if c not in gone]
             for name in ["source_file", "source_row", *source, "reasons"]:
                 if name not in columns:
                     columns.append(name)
@@ -1016,11 +1016,19 @@ def base_rows(mapped: Mapped, validation: Validation, planned: Planned) -> pl.Da
 
 
 def rejects_frame(file: str, source: pl.DataFrame, rows: pl.DataFrame) -> pl.DataFrame:
-    """The rows of ``rows`` rejected in ``file``, with their ``source`` cells and the reasons appended."""
+    """The rows of ``rows`` rejected in ``file``, with their ``source`` cells and the reasons appended.
+
+    A ``rejects.csv`` validated again gives a ``rejects.csv`` of the same shape: its own ``source_file``,
+    ``source_row`` and ``reasons`` give way to the new ones (this file, its rows, today's reasons), so the
+    original columns in between are fixed and imported again as often as needed. Any other file's column
+    with one of those names is kept, as ``<name> (source)``.
+    """
     reasons = rows.filter((pl.col("source_file") == file) & (pl.col("state") == "rejected")).select(
         pl.col("source_row").alias(ROW), pl.col("message").alias("reasons")
     )
-    columns = [c for c in source.columns if c != ROW]
+    named = _rejects_columns([c for c in source.columns if c != ROW])
+    source = source.select(ROW, *[pl.col(c).alias(n) for c, n in named.items()])
+    columns = list(named.values())
     if reasons.is_empty():  # the usual batch: no join with every source row
         source = source.clear()
     return (
@@ -1028,6 +1036,16 @@ def rejects_frame(file: str, source: pl.DataFrame, rows: pl.DataFrame) -> pl.Dat
         .sort(ROW)
         .select(pl.lit(file).alias("source_file"), pl.col(ROW).alias("source_row"), *columns, "reasons")
     )
+
+
+def _rejects_columns(columns: list[str]) -> dict[str, str]:
+    """A file's columns (in order) as ``rejects.csv`` names them, between its own ``source_file, source_row``
+    and ``reasons``: an own ``rejects.csv``'s bookkeeping columns are left out (the new ones replace them);
+    another file's column of one of those names is kept as ``<name> (source)``."""
+    added = ("source_file", "source_row", "reasons")
+    if is_own_rejects(columns):
+        return {c: c for c in columns if c not in added}
+    return {c: f"{c} (source)" if c in added else c for c in columns}
 
 
 def reject_document_siblings(rows: pl.DataFrame) -> pl.DataFrame:
