@@ -25,7 +25,7 @@ import polars as pl
 
 from etl.hl7 import ACTION_COLUMN, SUPERSEDED_COLUMN, amends, deleted, superseded
 from etl.keyindex import KeyIndex
-from etl.mapping import SKIP, ColumnParse, Mapped
+from etl.mapping import SKIP, ColumnParse, Mapped, key_field
 from etl.readers import ROW, Notice
 from etl.rules import PLACEHOLDERS, REDACTION_MARKERS, RULES, Rule, explain, severity_of
 from schemas.canonical import ENCOUNTER_CLASS_WORDS, CanonicalField, field_map, fields_of
@@ -402,12 +402,19 @@ def prepare(mapped: Mapped, *, today: dt.date | None = None) -> pl.DataFrame:
         prepared = prepared.with_columns(
             _derived(field_map("encounter")["length_minutes"], pl.col("length_minutes__int"), minutes)
         )
+    if mapped.keyed_by_record and mapped.kind != "practitioner":  # a practitioner falls back on its NPI
+        # Rows of a file with a record-id column are keyed by it: a row without one is rejected as
+        # `required` (keyed otherwise, it would be created again once its id is filled in).
+        prepared = prepared.with_columns(pl.lit(True).alias(f"{key_field(mapped.kind)}{_KEYED}"))
     demographics = _demographics(field_map(mapped.kind))
     if demographics:
         # What the patient-conflict rule compares, hashed here (ahead, on the read-ahead thread).
         prepared = prepared.with_columns(_compared(f).hash().alias(f"__hash_{f.name}") for f in demographics)
     return prepared
 
+
+#: The companion column (``record_id__keyed``) that says a file's rows are keyed by this field: required.
+_KEYED = "__keyed"
 
 _DECIMAL_COMMA = r"^[+-]?\d*,\d+$"
 
@@ -784,7 +791,7 @@ def _all_rules(kind: str, today: dt.date, columns: frozenset[str]) -> list[_Rule
             elif f.required_with:
                 others = pl.any_horizontal(pl.col(o).is_not_null() for o in f.required_with if o in fields)
                 rules.append(_check(f.name, RULES["redacted"], ~withheld | ~others))
-        if f.required:
+        if f.required or f"{f.name}{_KEYED}" in columns:
             rules.append(_check(f.name, RULES["required"], ~missing))
         elif f.required_with:
             others = pl.any_horizontal(pl.col(o).is_not_null() for o in f.required_with if o in fields)
