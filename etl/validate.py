@@ -354,8 +354,9 @@ def prepare(mapped: Mapped, *, today: dt.date | None = None) -> pl.DataFrame:
     ).with_columns(_blank_to_null(pl.col(f.name)).alias(f.name) for f in fields)
     trimmed = _placeholders_absent(trimmed, fields, profile.redacted, profile.placeholders)
     trimmed = _lost_leading_zeros(trimmed, mapped.kind, excel)
-    if not excel:
-        trimmed = _serial_dates(trimmed, fields)
+    if not excel:  # a column declared `excel_serial = true` is read as serials below: a repair it asked for
+        undeclared = tuple(f for f in fields if not profile.parse.get(f.name, ColumnParse()).excel_serial)
+        trimmed = _serial_dates(trimmed, undeclared)
     trimmed = _two_digit_years(trimmed, mapped.kind, today)
     defaulted = trimmed.with_columns(
         pl.col(name).fill_null(pl.lit(value)) for name, value in profile.defaults.items() if name in trimmed.columns
