@@ -689,12 +689,35 @@ def _unexplained(
     if keys.state is not None and unexplained.height:
         unexplained = unexplained.join(created_in_store(keys.state, unexplained), on=["kind", "key"],
                                        how="anti")
+        unexplained = _by_stored_aliases(keys, keys.state, unexplained)
     keys.add_tentative(x.kind, unexplained.get_column("source_key"))
     if unexplained.height or x.kind == "document":
         held = mapped.table.frame if x.kind == "document" else mapped.table.frame.join(unexplained, on=ROW, how="semi")
         x.held.append(held)
 
     return unexplained
+
+
+def _by_stored_aliases(keys: _Keys, state: StateStore, unexplained: pl.DataFrame) -> pl.DataFrame:
+    """``unexplained`` without the references an earlier run's aliases explain (a practitioner it keyed by
+    NPI, named here by its provider id: :meth:`StateStore.aliases`). The aliases found join the run's own,
+    so the loader fills those references in with the id created then."""
+    bare = unexplained.filter(pl.col("key") == pl.col("value"))
+    found = [
+        (str(kind), ref, key)
+        for (kind,), mine in bare.group_by("kind")
+        for ref, key in state.aliases(str(kind), mine.get_column("value").unique().to_list()).items()
+    ]
+    if not found:
+        return unexplained
+    stored = pl.DataFrame(found, schema=_ALIASES, orient="row")
+    keys.aliases = pl.concat([keys.aliases, stored]).unique(maintain_order=True)
+    rekeyed = (
+        unexplained.join(stored, on=["kind", "value"], how="left")
+        .with_columns(pl.coalesce("alias", "key").alias("key"))
+        .select(_PENDING)
+    )
+    return rekeyed.join(created_in_store(state, rekeyed), on=["kind", "key"], how="anti")
 
 
 def _skip_seen(rows: pl.DataFrame, firsts: KeyIndex | None) -> pl.DataFrame:
