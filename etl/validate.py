@@ -696,12 +696,11 @@ def _derive(frame: pl.DataFrame, kind: str) -> pl.DataFrame:
         # practitioner of that name (from a providers file, or created from the name).
         first, _ = split_name(pl.col("performer_name"))
         by_name = pl.when(first.is_not_null()).then(name_key(pl.col("performer_name")))
-        return frame.with_columns(
-            pl.col("performer_id").fill_null(pl.lit("npi:") + pl.col("performer_npi")).fill_null(by_name)
-        )
-        # file, or created from this row's performer columns).
+        # A derived reference beyond performer_id's limit is left out with a warning (the NPI or name
+        # that is too long is the source's to fix, and rejected for itself).
         performer = field_map(kind)["performer_id"]
-        return frame.with_columns(_derived(performer, pl.col("performer_id"), pl.lit("npi:") + pl.col("performer_npi")))
+        derived = pl.coalesce(pl.lit("npi:") + pl.col("performer_npi"), by_name)
+        return frame.with_columns(_derived(performer, pl.col("performer_id"), derived))
     return frame
 
 
