@@ -842,7 +842,10 @@ def starter_profile(table: Table, kind: str | None = None, fmt: str = "toml") ->
     def first(shapes: list[Shape], kind_: str) -> Shape | None:
         return next((sh for sh in shapes if sh.kind == kind_), None)
 
-    for header in table.columns:
+    # An HL7 table's state columns (the action code and what it implies) are the tool's own: read by
+    # etl.validate whatever the profile says, so neither a field to map nor an unmapped column.
+    internal = set(STATE_COLUMNS) if table.format == "hl7" else set()
+    for header in [c for c in table.columns if c not in internal]:
         matched = by_header.get(header)
         guess = _Guess(header, matched, why=["header name"] if matched else [])
         shapes = sniff(sample.get_column(header), datelike=bool(_DATELIKE.search(header)) or (

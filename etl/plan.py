@@ -60,7 +60,7 @@ from etl.mapping import (
     side_file,
 )
 from etl.progress import Progress
-from etl.readers import ROW, Batches, HeaderHint, read_batches, read_table
+from etl.readers import ROW, Batches, HeaderHint, is_own_rejects, read_batches, read_table
 from etl.redaction import left_out, redact, redact_bodies
 from etl.report import (
     PROBLEM_STATES,
@@ -690,12 +690,35 @@ def _unexplained(
     if keys.state is not None and unexplained.height:
         unexplained = unexplained.join(created_in_store(keys.state, unexplained), on=["kind", "key"],
                                        how="anti")
+        unexplained = _by_stored_aliases(keys, keys.state, unexplained)
     keys.add_tentative(x.kind, unexplained.get_column("source_key"))
     if unexplained.height or x.kind == "document":
         held = mapped.table.frame if x.kind == "document" else mapped.table.frame.join(unexplained, on=ROW, how="semi")
         x.held.append(held)
 
     return unexplained
+
+
+def _by_stored_aliases(keys: _Keys, state: StateStore, unexplained: pl.DataFrame) -> pl.DataFrame:
+    """``unexplained`` without the references an earlier run's aliases explain (a practitioner it keyed by
+    NPI, named here by its provider id: :meth:`StateStore.aliases`). The aliases found join the run's own,
+    so the loader fills those references in with the id created then."""
+    bare = unexplained.filter(pl.col("key") == pl.col("value"))
+    found = [
+        (str(kind), ref, key)
+        for (kind,), mine in bare.group_by("kind")
+        for ref, key in state.aliases(str(kind), mine.get_column("value").unique().to_list()).items()
+    ]
+    if not found:
+        return unexplained
+    stored = pl.DataFrame(found, schema=_ALIASES, orient="row")
+    keys.aliases = pl.concat([keys.aliases, stored]).unique(maintain_order=True)
+    rekeyed = (
+        unexplained.join(stored, on=["kind", "value"], how="left")
+        .with_columns(pl.coalesce("alias", "key").alias("key"))
+        .select(_PENDING)
+    )
+    return rekeyed.join(created_in_store(state, rekeyed), on=["kind", "key"], how="anti")
 
 
 def _skip_seen(rows: pl.DataFrame, firsts: KeyIndex | None) -> pl.DataFrame:
@@ -876,7 +899,7 @@ def _write_rejects(inputs: list[_Input], folder: Path, *, redacted: bool = False
     for x in inputs:
         if x.reject_parts:
             gone = set(left_out(x.mapped)) if redacted else set()
-            source = [c for c in x.batches.table.columns if c not in gone]
+            source = [n for c, n in _rejects_columns(x.batches.table.columns).items() if c not in gone]
             for name in ["source_file", "source_row", *source, "reasons"]:
                 if name not in columns:
                     columns.append(name)
@@ -1017,11 +1040,19 @@ def base_rows(mapped: Mapped, validation: Validation, planned: Planned) -> pl.Da
 
 
 def rejects_frame(file: str, source: pl.DataFrame, rows: pl.DataFrame) -> pl.DataFrame:
-    """The rows of ``rows`` rejected in ``file``, with their ``source`` cells and the reasons appended."""
+    """The rows of ``rows`` rejected in ``file``, with their ``source`` cells and the reasons appended.
+
+    A ``rejects.csv`` validated again gives a ``rejects.csv`` of the same shape: its own ``source_file``,
+    ``source_row`` and ``reasons`` give way to the new ones (this file, its rows, today's reasons), so the
+    original columns in between are fixed and imported again as often as needed. Any other file's column
+    with one of those names is kept, as ``<name> (source)``.
+    """
     reasons = rows.filter((pl.col("source_file") == file) & (pl.col("state") == "rejected")).select(
         pl.col("source_row").alias(ROW), pl.col("message").alias("reasons")
     )
-    columns = [c for c in source.columns if c != ROW]
+    named = _rejects_columns([c for c in source.columns if c != ROW])
+    source = source.select(ROW, *[pl.col(c).alias(n) for c, n in named.items()])
+    columns = list(named.values())
     if reasons.is_empty():  # the usual batch: no join with every source row
         source = source.clear()
     return (
@@ -1029,6 +1060,16 @@ def rejects_frame(file: str, source: pl.DataFrame, rows: pl.DataFrame) -> pl.Dat
         .sort(ROW)
         .select(pl.lit(file).alias("source_file"), pl.col(ROW).alias("source_row"), *columns, "reasons")
     )
+
+
+def _rejects_columns(columns: list[str]) -> dict[str, str]:
+    """A file's columns (in order) as ``rejects.csv`` names them, between its own ``source_file, source_row``
+    and ``reasons``: an own ``rejects.csv``'s bookkeeping columns are left out (the new ones replace them);
+    another file's column of one of those names is kept as ``<name> (source)``."""
+    added = ("source_file", "source_row", "reasons")
+    if is_own_rejects(columns):
+        return {c: c for c in columns if c not in added}
+    return {c: f"{c} (source)" if c in added else c for c in columns}
 
 
 def reject_document_siblings(rows: pl.DataFrame) -> pl.DataFrame:

@@ -173,6 +173,8 @@ async def _send(
             loader.aborted = run.halt
         if destination.resolves_references:
             aliases = {(k, v): a for k, v, a in run.keys.aliases.iter_rows() if v != a}
+            # Kept for later stages (a practitioner keyed by NPI, named by its provider id); a name is not kept.
+            state.add_aliases((k, v, a) for (k, v), a in aliases.items() if not v.startswith("name:"))
             await loader.begin(aliases=aliases, known_ids=run.keys.known)
         else:  # nothing refers to another create
             await loader.begin()

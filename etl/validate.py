@@ -25,7 +25,7 @@ import polars as pl
 
 from etl.hl7 import ACTION_COLUMN, SUPERSEDED_COLUMN, amends, deleted, superseded
 from etl.keyindex import KeyIndex
-from etl.mapping import SKIP, ColumnParse, Mapped
+from etl.mapping import SKIP, ColumnParse, Mapped, key_field
 from etl.readers import ROW, Notice
 from etl.rules import PLACEHOLDERS, REDACTION_MARKERS, RULES, Rule, explain, severity_of
 from schemas.canonical import ENCOUNTER_CLASS_WORDS, CanonicalField, field_map, fields_of
@@ -354,8 +354,9 @@ def prepare(mapped: Mapped, *, today: dt.date | None = None) -> pl.DataFrame:
     ).with_columns(_blank_to_null(pl.col(f.name)).alias(f.name) for f in fields)
     trimmed = _placeholders_absent(trimmed, fields, profile.redacted, profile.placeholders)
     trimmed = _lost_leading_zeros(trimmed, mapped.kind, excel)
-    if not excel:
-        trimmed = _serial_dates(trimmed, fields)
+    if not excel:  # a column declared `excel_serial = true` is read as serials below: a repair it asked for
+        undeclared = tuple(f for f in fields if not profile.parse.get(f.name, ColumnParse()).excel_serial)
+        trimmed = _serial_dates(trimmed, undeclared)
     trimmed = _two_digit_years(trimmed, mapped.kind, today)
     defaulted = trimmed.with_columns(
         pl.col(name).fill_null(pl.lit(value)) for name, value in profile.defaults.items() if name in trimmed.columns
@@ -402,12 +403,19 @@ def prepare(mapped: Mapped, *, today: dt.date | None = None) -> pl.DataFrame:
         prepared = prepared.with_columns(
             _derived(field_map("encounter")["length_minutes"], pl.col("length_minutes__int"), minutes)
         )
+    if mapped.keyed_by_record and mapped.kind != "practitioner":  # a practitioner falls back on its NPI
+        # Rows of a file with a record-id column are keyed by it: a row without one is rejected as
+        # `required` (keyed otherwise, it would be created again once its id is filled in).
+        prepared = prepared.with_columns(pl.lit(True).alias(f"{key_field(mapped.kind)}{_KEYED}"))
     demographics = _demographics(field_map(mapped.kind))
     if demographics:
         # What the patient-conflict rule compares, hashed here (ahead, on the read-ahead thread).
         prepared = prepared.with_columns(_compared(f).hash().alias(f"__hash_{f.name}") for f in demographics)
     return prepared
 
+
+#: The companion column (``record_id__keyed``) that says a file's rows are keyed by this field: required.
+_KEYED = "__keyed"
 
 _DECIMAL_COMMA = r"^[+-]?\d*,\d+$"
 
@@ -782,7 +790,7 @@ def _all_rules(kind: str, today: dt.date, columns: frozenset[str]) -> list[_Rule
             elif f.required_with:
                 others = pl.any_horizontal(pl.col(o).is_not_null() for o in f.required_with if o in fields)
                 rules.append(_check(f.name, RULES["redacted"], ~withheld | ~others))
-        if f.required:
+        if f.required or f"{f.name}{_KEYED}" in columns:
             rules.append(_check(f.name, RULES["required"], ~missing))
         elif f.required_with:
             others = pl.any_horizontal(pl.col(o).is_not_null() for o in f.required_with if o in fields)
@@ -977,12 +985,15 @@ def _domain_rules(
     if demographics:
         # Rows that only name a patient (no details) cannot conflict with the ones that describe it.
         carries = _carries_details(demographics)
+        # An id in scientific notation names no one for sure (3.64992E+12 stands for many people): its rows
+        # are rejected for that, with their own code, and never compared as one patient.
+        lost_id = pl.col("patient_id").str.contains(_SCIENTIFIC).fill_null(False)
         for f in demographics:
             same = pl.col(f"__hash_{f.name}").eq_missing(pl.col(f"__first_{f.name}"))
             if f"{f.name}__placeholder" in columns:  # "N/A" says nothing, so it cannot disagree
                 same = same | pl.col(f"{f.name}__placeholder")
             rules.append(
-                _check(f.name, RULES["patient-conflict"], pl.col("patient_id").is_null() | ~carries | same)
+                _check(f.name, RULES["patient-conflict"], pl.col("patient_id").is_null() | lost_id | ~carries | same)
             )
     return rules
 

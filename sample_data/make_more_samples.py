@@ -1070,6 +1070,12 @@ def readme_part(counts: dict[str, int], planted: list[Planted]) -> list[str]:
         "    sample_data/documents.csv sample_data/tasks.csv",
         "```",
         "",
+        "Given together, their references resolve; given alone, a visit, document or task names a patient",
+        "in no file of the run and is rejected as `unresolved-reference` (unless `validate --state` names the",
+        "state store of the load that created them). Together, `clinik-etl validate` rejects the",
+        f"registry's planted rejects and the {len(planted)} rows of `planted_more.csv`, and finds every other "
+        "row valid.",
+        "",
         "| file | what |",
         "| --- | --- |",
         f"| `providers.csv` | {counts['providers.csv']} practitioners |",
@@ -1078,7 +1084,8 @@ def readme_part(counts: dict[str, int], planted: list[Planted]) -> list[str]:
         f"| `tasks.csv` | {counts['tasks.csv']} follow-up tasks |",
         "| `planted_more.csv` | every row of these four files that an import must reject |",
         "| `synthea/` | a tiny Synthea CSV export, valid, no planted rows |",
-        "| `cvrs/` | two CDC CVRS extracts (identified and redacted), valid, no planted rows |",
+        "| `cvrs/` | two CDC CVRS extracts (identified and redacted), no planted rows; with `--profile cvrs` the "
+        "identified one is valid and every redacted row is rejected as `redacted` |",
         "| `make_more_samples.py` | their generator |",
         "",
         "Regenerate after `make_samples.py` (which rewrites this README; this script appends its part",

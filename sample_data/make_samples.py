@@ -917,6 +917,9 @@ def md_cell(value: str, limit: int = 40) -> str:
 def write_readme(path: Path, rows: list[Row], planted: list[Planted], warnings: list[Planted]) -> None:
     """The README of ``sample_data/``."""
     patients = {row["Patient ID"] for row in rows if row["Patient ID"]}
+    # Domain rules that only warn by default (etl.rules): their planted rows are accepted and flagged.
+    warned = [p for p in planted if p.code in WARNING_CODES]
+    rejected = len(planted) - len(warned)
     lines = [
         "# Sample data",
         "",
@@ -928,9 +931,16 @@ def write_readme(path: Path, rows: list[Row], planted: list[Planted], warnings: 
         "| --- | --- |",
         f"| `registry.csv` | UTF-8, comma-delimited, header row, {len(rows)} data rows, {len(patients)} patients |",
         "| `registry.xlsx` | the same rows in sheet `Vaccinations`, plus a free-text sheet `Notes` |",
-        "| `planted.csv` | the rows planted with one defect each, which an import must reject |",
-        "| `planted_warnings.csv` | valid rows an import must accept but warn about |",
+        f"| `planted.csv` | the rows planted with one defect each: {rejected} an import must reject, "
+        f"{len(warned)} (expired lots) it must accept and warn about |",
+        "| `planted_warnings.csv` | rows with real CVX codes an early, short CVX table lacked: "
+        "an import must accept them, with no flag |",
         "| `make_samples.py` | the generator |",
+        "",
+        "`clinik-etl validate sample_data/registry.csv` (or `registry.xlsx`, which also notes the sheet it did",
+        f"not read) reports {len(rows)} rows: {rejected} rejected (exit 1) and {len(rows) - rejected} valid, "
+        f"{len(warned)} of them",
+        "with an `expiration-before-occurrence` warning.",
         "",
         "Regenerate (deterministic: a fixed seed, the standard library's `random`, no network):",
         "",
@@ -979,7 +989,8 @@ def write_readme(path: Path, rows: list[Row], planted: list[Planted], warnings: 
         "8 and an import must zero-pad it); ZIP codes and everything else are text cells. A date that",
         "is not a valid date in the CSV (a planted defect) is a text cell holding the same string.",
         "",
-        f"## Planted rejects ({len(planted)} rows, listed in `planted.csv`)",
+        f"## Planted defects ({len(planted)} rows, listed in `planted.csv`: {rejected} rejected, "
+        f"{len(warned)} warned)",
         "",
         "Each row has exactly one defect; every other cell of the row is valid, and each follows an",
         "earlier valid row of the same patient, so the patient's demographics come from a valid row.",
@@ -993,9 +1004,17 @@ def write_readme(path: Path, rows: list[Row], planted: list[Planted], warnings: 
         lines.append(f"| {p.source_row} | {p.column} | {md_cell(p.value)} | `{p.code}` | {p.description} |")
     lines += [
         "",
-        f"## Planted warnings ({len(warnings)} rows, listed in `planted_warnings.csv`)",
+        f"An expired lot (rows {', '.join(str(p.source_row) for p in warned)}, `expiration-before-occurrence`) "
+        "is a warning by",
+        "default, not a reject: the dose was given and must be on record. A profile can make it an error",
+        "again (`expired-lot = \"error\"` under `[rules]`); then all "
+        f"{len(planted)} rows are rejected.",
         "",
-        "Valid rows that an import must accept, and warn about.",
+        f"## Real codes an old table lacked ({len(warnings)} rows, listed in `planted_warnings.csv`)",
+        "",
+        "Valid rows with CVX codes the toolkit's first, short `cvx.csv` lacked (so the file still names",
+        "them `unknown-cvx`). The full CDC CVX table shipped now has them: an import accepts these rows",
+        "with no warning and no reject.",
         "",
         "| row | column | value | code | why |",
         "| --- | --- | --- | --- | --- |",
@@ -1006,6 +1025,9 @@ def write_readme(path: Path, rows: list[Row], planted: list[Planted], warnings: 
 
 
 # --------------------------------------------------------------------------- main
+
+#: Codes of the domain rules planted here that warn by default (etl.rules): their rows are accepted.
+WARNING_CODES = ("expiration-before-occurrence",)
 
 
 def main() -> None:

@@ -16,6 +16,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import httpx
 import polars as pl
 import pytest
 import xlsxwriter
@@ -376,13 +377,21 @@ def test_validate_with_state_resolves_patients_and_practitioners_keyed_by_id(tmp
     assert first.get_column("state").to_list() == ["planned"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known gap: a practitioner with an NPI is keyed npi:<NPI>; the alias from its provider id lives only "
-    "in the run that read the providers file (neither the state store nor crosswalk.csv keeps it), so a later "
-    "stage's reference by provider id is unresolved-reference, in validate --state and in a load alike",
-)
 def test_a_later_stage_finds_a_practitioner_keyed_by_npi_by_its_provider_id(tmp_path: Path, sandbox: Any) -> None:
+    """The provider id -> npi:<NPI> alias is kept in the state store (layout 2): a later stage's reference by
+    provider id resolves, in validate --state and in a load, to the practitioner stage one created."""
     state, visits = _stage(tmp_path, sandbox)
     report = validate_files([visits], Settings(report_dir=tmp_path / "staged"), state=state)
     assert report.rows.get_column("state").to_list() == ["planned", "planned"]
+    stage1 = pl.read_csv(tmp_path / "stage1" / "crosswalk.csv", infer_schema=False)
+    created = dict(zip(stage1["source_key"], stage1["resource_id"], strict=True))
+    assert "npi:2362604516" in created and "PRV-1" not in created  # keyed by NPI: the alias is what finds it
+    settings = Settings(state=state, report_dir=tmp_path / "stage2", base_url=sandbox.base_url,
+                        api_key=sandbox.api_key, consistency_window=0)
+    loaded = load_files([visits], settings)
+    assert loaded.rows.get_column("state").to_list() == ["created", "created"]
+    for row in loaded.rows.iter_rows(named=True):
+        sent = httpx.get(f"{sandbox.base_url}/v1/encounters/{row['resource_id']}",
+                         headers={"x-api-key": sandbox.api_key}).json()
+        wanted = created["npi:2362604516" if row["source_key"] == "V-2" else "PRV-2"]
+        assert wanted in json.dumps(sent)  # the practitioner stage one created, not a new one

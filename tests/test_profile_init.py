@@ -128,3 +128,16 @@ def test_ambiguous_day_and_month_are_low_confidence(tmp_path: Path) -> None:
     data.write_text("patient_id,cvx,Admin Date\nP1,208,03/04/2024\nP2,208,05/06/2024\n", "utf-8")
     line = line_of(starter_profile(read_table(data)), "Admin Date")
     assert line.startswith('"Admin Date" = "occurrence"  # low:') and "cannot be told apart" in line
+
+
+def test_an_hl7_files_state_columns_are_the_tools_own_not_unmapped() -> None:
+    """RXA-21 and what it implies (etl.hl7 STATE_COLUMNS) decide a row's state whatever the profile says."""
+    from etl.hl7 import STATE_COLUMNS
+
+    path = Path(__file__).parent / "fixtures" / "hl7" / "actions.hl7"
+    table = read_table(path)
+    assert set(STATE_COLUMNS) <= set(table.columns)  # the reader does add them: this test can fail
+    text = starter_profile(table)
+    assert not [line for line in text.splitlines() if any(f'"{c}"' in line for c in STATE_COLUMNS)]
+    assert '"RXA-5" = "vaccine_code"' in text  # the real segments are still there
+    assert '# "RXA-11" = ?  # not mapped' in text  # and so are the ones it cannot place

@@ -70,6 +70,7 @@ def test_a_store_written_before_layouts_were_stamped_is_migrated_and_everything_
     with contextlib.closing(sqlite3.connect(state)) as db:
         assert dict(db.execute("SELECT key, value FROM meta"))["version"] == str(LAYOUT_VERSION)
         assert db.execute("SELECT count(*) FROM runs").fetchone()[0] == 2  # the fixture's run and this one
+        assert db.execute("SELECT count(*) FROM aliases").fetchone()[0] == 0  # layout 2's table, added empty
 
 
 def _sha(path: Path) -> str:
@@ -105,6 +106,28 @@ def test_a_store_from_before_the_later_columns_is_migrated_in_place(tmp_path: Pa
         assert store.bodies("immunization", ["VX-1"]) == {"VX-1": "{}"}
         assert [r["job"] for r in store.runs()] == ["weekly"]
     assert _user_version(path) == LAYOUT_VERSION
+
+
+def test_a_stamped_layout_1_store_gains_the_aliases_table_and_keeps_its_records(tmp_path: Path) -> None:
+    assert LAYOUT_VERSION == 2  # what this test migrates to: revisit it when the layout moves on
+    path = tmp_path / "layout1.sqlite"
+    with StateStore(path, target="t") as store:
+        store.mark_pending("practitioner", [("npi:2362604516", "h")], "r1")
+    # As layout 1 wrote it: stamped 1, no aliases table.
+    with contextlib.closing(sqlite3.connect(path)) as db, db:
+        db.execute("DROP TABLE aliases")
+        db.execute("UPDATE meta SET value = '1' WHERE key = 'version'")
+        db.execute("PRAGMA user_version = 1")
+    with StateStore.existing(path) as store:
+        assert list(store.get("practitioner", ["npi:2362604516"])) == ["npi:2362604516"]
+        assert store.aliases("practitioner", ["PRV-1"]) == {}
+        store.add_aliases([("practitioner", "PRV-1", "npi:2362604516")])
+        store.add_aliases([("practitioner", "PRV-1", "npi:1245319599")])  # the latest run's word wins
+        assert store.aliases("practitioner", ["PRV-1", "PRV-9"]) == {"PRV-1": "npi:1245319599"}
+        assert store.aliases("patient", ["PRV-1"]) == {}
+    assert _user_version(path) == LAYOUT_VERSION
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        assert dict(db.execute("SELECT key, value FROM meta"))["version"] == str(LAYOUT_VERSION)
 
 
 def test_a_store_of_a_newer_layout_is_refused_and_left_as_it_is(tmp_path: Path) -> None:
@@ -200,5 +223,6 @@ def test_a_store_that_holds_the_bulk_ledger_is_still_a_store(tmp_path: Path) -> 
     StateStore(path, target="t").close()
     with contextlib.closing(sqlite3.connect(path)) as db:
         db.execute("CREATE TABLE extra (x)")
-    with pytest.raises(StateError, match=r"not a clinik-etl state store \(its tables: bulk_batches, extra, meta"):
+    its = r"not a clinik-etl state store \(its tables: aliases, bulk_batches, extra, meta"
+    with pytest.raises(StateError, match=its):
         StateStore(path, target="t")

@@ -69,11 +69,21 @@ CREATE TABLE IF NOT EXISTS runs (
     summary TEXT,
     job TEXT
 );
+CREATE TABLE IF NOT EXISTS aliases (
+    kind TEXT NOT NULL,
+    ref TEXT NOT NULL,
+    source_key TEXT NOT NULL,
+    PRIMARY KEY (kind, ref)
+);
 """
 #: The layout this code reads and writes, stamped in the file's ``PRAGMA user_version``. Bump it, and teach
 #: ``StateStore._migrate`` the step, whenever the tables change.
-LAYOUT_VERSION = 1
-_TABLES = frozenset({"meta", "records", "runs"})
+#: Layout 2 adds ``aliases``: the source ids a row is referred to by when it is keyed otherwise (a practitioner
+#: keyed by its NPI, named by its provider id), so a later stage's references find it.
+LAYOUT_VERSION = 2
+_TABLES = frozenset({"meta", "records", "runs", "aliases"})
+# The tables every layout has (a layout-1 store has no ``aliases`` until it is migrated).
+_LAYOUT1_TABLES = frozenset({"meta", "records", "runs"})
 # Kept in the store's file by other modules: the bulk loader's ledger of imports (etl.load.bulk).
 _OTHER_TABLES = frozenset({"bulk_batches"})
 # Columns added to layout 1 before layouts were stamped: a store written by an older release gains them.
@@ -108,8 +118,8 @@ def _check_ours(path: Path, db: sqlite3.Connection, tables: set[str], *, stamped
     if columns != {"key", "value"}:
         raise _not_a_store(path, tables)
     if stamped:
-        if _TABLES - tables:
-            raise StateError(f"{path}: a damaged state store (it lacks the {', '.join(sorted(_TABLES - tables))} "
+        if lacks := _LAYOUT1_TABLES - tables:
+            raise StateError(f"{path}: a damaged state store (it lacks the {', '.join(sorted(lacks))} "
                              "table); use another --state file")
         return
     stored = db.execute("SELECT value FROM meta WHERE key = 'version'").fetchone()
@@ -246,8 +256,9 @@ class StateStore:
                 self._db.execute(statement)
 
     def _migrate(self) -> None:
-        """Bring a store written before layouts were stamped (layout 1, unstamped) to :data:`LAYOUT_VERSION`."""
-        self._create_tables()  # the early releases made some tables only when first needed
+        """Bring a store of an older layout to :data:`LAYOUT_VERSION`: one written before layouts were stamped
+        (layout 1, unstamped) gains the columns added since; layout 1 gains the ``aliases`` table (layout 2)."""
+        self._create_tables()  # the early releases made some tables only when first needed; layout 2's aliases
         for table, added in _ADDED_COLUMNS:
             columns = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
             for column in added:
@@ -367,6 +378,17 @@ class StateStore:
         )
         return [Record(*row) for row in cur]
 
+    def aliases(self, kind: str, refs: Sequence[str]) -> dict[str, str]:
+        """The source keys that rows of ``kind`` referred to by these ids were keyed by (:meth:`add_aliases`)."""
+        out: dict[str, str] = {}
+        for chunk in _chunks(refs):
+            marks = ",".join("?" * len(chunk))
+            cur = self._db.execute(
+                f"SELECT ref, source_key FROM aliases WHERE kind = ? AND ref IN ({marks})", [kind, *chunk]
+            )
+            out.update(dict(cur.fetchall()))
+        return out
+
     def claimed_ids(self, ids: Iterable[str]) -> set[str]:
         """Which of these resource ids some record already owns."""
         found: set[str] = set()
@@ -410,6 +432,16 @@ class StateStore:
                 " updated_at = excluded.updated_at, body = excluded.body,"
                 " source_file = COALESCE(excluded.source_file, records.source_file)",
                 rows,
+            )
+
+    def add_aliases(self, items: Iterable[tuple[str, str, str]]) -> None:
+        """Keep (kind, reference, source key): a row keyed by ``source_key`` that other rows name ``reference``
+        (a practitioner keyed ``npi:<NPI>``, named by its provider id). The latest run's word wins."""
+        with self.transaction():
+            self._db.executemany(
+                "INSERT INTO aliases (kind, ref, source_key) VALUES (?, ?, ?)"
+                " ON CONFLICT (kind, ref) DO UPDATE SET source_key = excluded.source_key",
+                list(items),
             )
 
     def bodies(self, kind: str, keys: Sequence[str]) -> dict[str, str]:
