@@ -1064,6 +1064,25 @@ def schema_for(kind: str, rules: list[_Rule]) -> pa.DataFrameSchema:
     return pa.DataFrameSchema(columns, strict=False)
 
 
+_DECLARED: dict[tuple[str, tuple[tuple[str, str], ...]], list[tuple[str, str, str]]] = {}
+
+
+def _declared_checks(kind: str, rules: list[_Rule]) -> list[tuple[str, str, str]]:
+    """(column, check name, outcome column) of each check :func:`schema_for` declares, in its order.
+
+    The same rules (by column and code) declare the same checks: built once per kind and rule set,
+    not once per batch.
+    """
+    key = (kind, tuple((r.field, r.code) for r in rules))
+    if key not in _DECLARED:
+        _DECLARED[key] = [
+            (name, declared_check.name, declared_check.statistics[_FLAG])
+            for name, column in schema_for(kind, rules).columns.items()
+            for declared_check in column.checks
+        ]
+    return _DECLARED[key]
+
+
 _CROSS_ROW = ("__seen_before", "__first_")  # what the rules comparing rows read (see _compared_across_rows)
 LOCAL_OK = "__local_ok"
 
@@ -1111,11 +1130,7 @@ def check(
     )
     # The schema declares the checks; they run here as one polars query over the failing rows (one
     # collect), not as pandera's collect per check: a batch's cost no longer grows with its rules.
-    declared = [
-        (name, declared_check.name, declared_check.statistics[_FLAG])
-        for name, column in schema_for(kind, rules).columns.items()
-        for declared_check in column.checks
-    ]
+    declared = _declared_checks(kind, rules)
     names = pl.DataFrame(
         {"flag": [d[2] for d in declared], "field": [d[0] for d in declared], "code": [d[1] for d in declared]}
     )
