@@ -14,7 +14,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["GHOST_ID", "Generated", "generate"]
+__all__ = ["GHOST_ID", "Generated", "generate", "generate_realistic"]
 
 SAMPLE = Path(__file__).resolve().parent.parent / "sample_data" / "registry.csv"
 #: The ClinikAPI id the crosswalk gives ghost patients: it does not exist, so the target refuses their rows.
@@ -118,3 +118,29 @@ def generate(path: Path, rows: int, *, seed: int = 7, ghosts: int = 0) -> Genera
             out.writerow(["kind", "source_id", "clinikapi_id"])
             out.writerows(["patient", f"G-{i + 1:08d}", GHOST_ID] for i in sorted(ghost_at))
     return Generated(path, rows, patients, tuple(sorted(i + 2 for i in ghost_at)), crosswalk)
+
+
+def generate_realistic(path: Path, rows: int) -> Path:
+    """Write the sample registry (``sample_data/registry.csv``) scaled to ``rows`` data rows.
+
+    The sample is copied whole as many times as needed (the last copy cut short); in copy ``k``
+    every record id and patient id gets the suffix ``-k``, so each copy's patients are new and keep
+    their several doses, and the sample's planted bad rows (about 5%) stay bad and keep their share.
+    """
+    with SAMPLE.open(newline="", encoding="utf-8") as fh:
+        header, *body = list(csv.reader(fh))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="", encoding="utf-8") as fh:
+        out = csv.writer(fh)
+        out.writerow(header)
+        written, copy = 0, 0
+        while written < rows:
+            copy += 1
+            for row in body[: rows - written]:
+                row = list(row)
+                for column in (0, 1):  # Record ID, Patient ID; an empty id stays empty
+                    if row[column].strip():
+                        row[column] = f"{row[column]}-{copy}"
+                out.writerow(row)
+            written += min(len(body), rows - written)
+    return path

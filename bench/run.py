@@ -8,6 +8,10 @@
 (c) the loader against a sandbox that allows 600 requests per 10 s: achieved / allowed, 429s;
 (d) bulk mode on ``--bulk-rows`` rows;
 (e) a real load of ``--load-rows`` rows (bulk mode), planned and sent in batches: peak RSS;
+(g) the realistic file (``bench.generate.generate_realistic``: the sample registry scaled, about 5%
+    of its rows bad) beside the clean one: read, validate and dry run, the same as (a);
+(h) the re-import of an unchanged ``--reimport-rows`` realistic export: loaded once in bulk mode into a
+    sandbox, then loaded again (nothing to send), next to ``validate`` of the same file;
 (f) with ``--redox-rows N``: a dry run to Redox of N rows next to the ClinikAPI dry run of the same
     file (time, peak RSS, the ratio of the times); run with ``--quick`` too when asked for.
 
@@ -31,7 +35,7 @@ from typing import Any
 import httpx
 import polars as pl
 
-from bench.generate import generate
+from bench.generate import generate, generate_realistic
 
 HERE = Path(__file__).resolve().parent
 CONCURRENCY = 8
@@ -90,6 +94,39 @@ def bench_pipeline(csv: Path, rows: int, work: Path, repeat: int = 3) -> dict[st
         out[name] = result
     read["rows_per_s"] = round(rows / read["seconds"])
     return out
+
+
+def bench_reimport(data: Path, rows: int, work: Path, repeat: int = 3) -> dict[str, Any]:
+    """(h): the weekly re-import of an unchanged export: a load (bulk mode) of a realistic file into a
+    sandbox, then the same file loaded again, each in a child process, next to ``validate`` of it.
+
+    The second load finds every row created earlier and unchanged: it sends nothing (``requests`` 0)."""
+    from etl.sandbox import SandboxConfig, SandboxServer
+
+    csv = data / f"realistic-{rows}.csv"
+    if not csv.is_file():
+        generate_realistic(csv, rows)
+    state = work / "reimport.sqlite"
+    env = {"CLINIK_ETL_BULK_PER_HOUR": "10000"}
+    with SandboxServer(SandboxConfig(bulk_operations_per_hour=10_000)) as server:
+        env["CLINIKAPI_SECRET_KEY"] = server.api_key
+
+        def load(folder: str) -> dict[str, Any]:
+            result = _child(_cli("load", str(csv), "--mode", "bulk", "-q", "--base-url", server.base_url,
+                                 "--state", str(state), "--report-dir", str(work / folder)), env=env)
+            summary = json.loads((work / folder / "summary.json").read_text())
+            result["requests"] = summary.get("requests")
+            result["states"] = {k: v for k, v in summary["states"].items() if v}
+            return result
+
+        first = load("reimport-first")
+        validates, again = [], []
+        for _ in range(max(repeat, 1)):  # in turns, the quickest of each (see bench_pipeline)
+            validates.append(_child(_cli("validate", str(csv), "-q", "--report-dir", str(work / "reimport-v"))))
+            again.append(load("reimport-again"))
+    validate, reimport = _best(validates), _best(again)
+    return {"rows": rows, "first_load": first, "validate": validate, "reimport": reimport,
+            "reimport_vs_validate": round(reimport["seconds"] / validate["seconds"], 2)}
 
 
 def bench_scale(data: Path, rows: int, work: Path) -> dict[str, Any]:
@@ -243,15 +280,22 @@ def machine() -> dict[str, Any]:
 
 def run(rows: int, *, quick: bool, http_rows: int, limited_seconds: float, bulk_rows: int,
         out: Path, data: Path, scale_rows: int = 0, load_rows: int = 0, repeat: int = 3,
-        redox_rows: int = 0) -> dict[str, Any]:
+        redox_rows: int = 0, reimport_rows: int = 0) -> dict[str, Any]:
     """Run the benchmarks and write ``out``."""
     csv = data / f"registry-{rows}.csv"
     if not csv.is_file():
         generate(csv, rows)
+    realistic = data / f"realistic-{rows}.csv"
+    if not realistic.is_file():
+        generate_realistic(realistic, rows)
     results: dict[str, Any] = {"machine": machine(), "rows": rows, "quick": quick}
     with tempfile.TemporaryDirectory(prefix="clinik-bench-") as tmp:
         work = Path(tmp)
         results["pipeline"] = bench_pipeline(csv, rows, work, repeat=1 if quick else repeat)
+        (work / "realistic").mkdir()
+        results["realistic"] = bench_pipeline(realistic, rows, work / "realistic", repeat=1 if quick else repeat)
+        results["reimport"] = bench_reimport(data, reimport_rows, work, repeat=repeat) \
+            if reimport_rows and not quick else None
         results["scale"] = bench_scale(data, scale_rows, work) if scale_rows and not quick else None
         results["http"] = bench_http(data, min(http_rows, rows, 300) if quick else http_rows, work)
         results["rate_limited"] = None if quick else bench_limited(data, limited_seconds, work)
@@ -281,6 +325,22 @@ def show(results: dict[str, Any]) -> None:
         median = f" (median of runs {r['median_vs_read_csv']}x)" if "median_vs_read_csv" in r else ""
         table.add_row(f"clinik-etl {name.replace('_', ' ')}", f"{r['seconds']:.2f}", f"{r['rows_per_s']:,} rows/s",
                       f"{r['peak_rss_mb']:,.0f}", f"{r['vs_read_csv']}x read_csv{median}")
+    if (rp := results.get("realistic")) is not None:
+        read = rp["polars_read_csv"]
+        table.add_row(f"realistic: polars read_csv ({n:,} rows, ~5% bad)", f"{read['seconds']:.2f}",
+                      f"{read['rows_per_s']:,} rows/s", f"{read['peak_rss_mb']:,.0f}", "baseline")
+        for name in ("validate", "dry_run_load"):
+            r = rp[name]
+            note = f"{r['vs_read_csv']}x read_csv"
+            if name == "dry_run_load":
+                note += f", {round(r['seconds'] / rp['validate']['seconds'], 1)}x validate"
+            table.add_row(f"realistic: clinik-etl {name.replace('_', ' ')}", f"{r['seconds']:.2f}",
+                          f"{r['rows_per_s']:,} rows/s", f"{r['peak_rss_mb']:,.0f}", note)
+    if (ri := results.get("reimport")) is not None:
+        r = ri["reimport"]
+        table.add_row(f"re-import, unchanged ({ri['rows']:,} rows)", f"{r['seconds']:.2f}",
+                      f"{r['requests']} requests", f"{r['peak_rss_mb']:,.0f}",
+                      f"{ri['reimport_vs_validate']}x validate ({ri['validate']['seconds']:.2f} s)")
     if (sc := results.get("scale")) is not None:
         table.add_row(f"clinik-etl validate ({sc['rows']:,} rows)", f"{sc['seconds']:.2f}",
                       f"{sc['rows_per_s']:,} rows/s", f"{sc['peak_rss_mb']:,.0f}",
@@ -322,6 +382,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="rows of a real load (bulk mode) run in batches, for peak RSS (0: skip)")
     parser.add_argument("--redox-rows", type=int, default=0,
                         help="rows of a dry run to Redox and to ClinikAPI, side by side (0: skip; runs with --quick)")
+    parser.add_argument("--reimport-rows", type=int, default=50_000,
+                        help="rows of a realistic export loaded twice, unchanged (0: skip; not with --quick)")
     parser.add_argument("--repeat", type=int, default=3,
                         help="runs of read_csv and validate in (a), in turns; the quickest of each counts")
     parser.add_argument("--quick", action="store_true", help="(a) and a small (b) only")
@@ -330,7 +392,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     results = run(args.rows, quick=args.quick, http_rows=args.http_rows, limited_seconds=args.limited_seconds,
                   bulk_rows=args.bulk_rows, out=args.out, data=args.data, scale_rows=args.scale_rows,
-                  load_rows=args.load_rows, repeat=args.repeat, redox_rows=args.redox_rows)
+                  load_rows=args.load_rows, repeat=args.repeat, redox_rows=args.redox_rows,
+                  reimport_rows=args.reimport_rows)
     show(results)
     print(f"results: {args.out}")
     return 0

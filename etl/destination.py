@@ -124,6 +124,15 @@ class Destination(abc.ABC):
         """One line of a dry run's ``payloads.ndjson``."""
         return request_line("POST", self.route(kind), kind, source_key, source_row, body)
 
+    def payload_lines(self, lines: pl.DataFrame) -> pl.Series:
+        """:meth:`payload_line` of every row of ``lines`` (kind, source_key, ``__row``, body), in order.
+
+        A destination that can build them as polars expressions overrides this; by default, one call a line.
+        """
+        return pl.Series(
+            [self.payload_line(k, key, row, body) for k, key, row, body in lines.iter_rows()], dtype=pl.String
+        )
+
     def requests_planned(self, counts: dict[str, int]) -> Any:
         """The summary's ``requests_planned`` of a dry run: the creates per kind."""
         return counts

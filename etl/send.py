@@ -328,8 +328,8 @@ def disappeared_from(state: StateStore, file: str, kind: str, rows: pl.LazyFrame
 
 def unsent_count(state: StateStore, kind: str, keys: list[str]) -> int:
     """How many of a kind's keys the state store does not hold as created (a load will send them)."""
-    stored = state.get(kind, keys)
-    return sum(1 for k in keys if k not in stored or stored[k].state != "created")
+    created = state.created_keys(kind, keys)
+    return sum(1 for k in keys if k not in created)
 
 
 @contextlib.contextmanager

@@ -38,6 +38,7 @@ __all__ = [
     "plan",
     "plan_immunizations",
     "readable_refs",
+    "readable_refs_column",
     "references",
     "register_body_planner",
     "sha256_hex",
@@ -222,6 +223,38 @@ def readable_refs(body: str) -> str:
     return REF_PATTERN.sub(
         lambda m: json.dumps(f"{m.group(1)}:{bytes.fromhex(m.group(2)).decode('utf-8')}"[:128]), body
     )
+
+
+def readable_refs_column(bodies: pl.Series) -> pl.Series:
+    """:func:`readable_refs` of every body of a column, as polars expressions: each distinct placeholder
+    is decoded once (in polars; ``json.dumps`` only for the rare id that JSON must escape), then all of
+    them are replaced in one pass (Aho-Corasick), not a regex callback per body."""
+    found = bodies.str.extract_all(REF_PATTERN.pattern).explode().drop_nulls().unique(maintain_order=True)
+    if found.is_empty():
+        return bodies
+    text = (
+        found.to_frame("ref")
+        .select(
+            pl.col("ref"),
+            (
+                pl.col("ref").str.extract(REF_PATTERN.pattern, 1)
+                + pl.lit(":")
+                + pl.col("ref").str.extract(REF_PATTERN.pattern, 2).str.decode("hex").cast(pl.String)
+            )
+            .str.slice(0, 128)
+            .alias("text"),
+        )
+        # Printable ASCII but for '"' and backslash: its JSON is the text in quotes, as json.dumps writes it.
+        .with_columns(pl.col("text").str.contains(r"^[ !#-\[\]-~]*$").alias("plain"))
+    )
+    plain = text.filter(pl.col("plain"))
+    other = text.filter(~pl.col("plain"))
+    refs = pl.concat([plain.get_column("ref"), other.get_column("ref")])
+    readable = pl.concat([
+        plain.select((pl.lit('"') + pl.col("text") + pl.lit('"')).alias("text")).get_column("text"),
+        pl.Series("text", [json.dumps(t) for t in other.get_column("text")], dtype=pl.String),
+    ])
+    return bodies.str.replace_many(refs.to_list(), readable.to_list())
 
 
 def practitioner_struct() -> pl.Expr:

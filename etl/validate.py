@@ -1050,13 +1050,16 @@ def _compared_across_rows(prepared: pl.DataFrame, kind: str, carry: Carry) -> pl
     return prepared
 
 
+_FLAG = "flag"  # the statistic of a check naming the column that holds its outcome
+
+
 def _pandera_check(code: str, flag: str) -> pa.Check:
     import pandera.polars as pa
 
     def run(data: PolarsData, flag: str = flag) -> pl.LazyFrame:
         return data.lazyframe.select(pl.col(flag))
 
-    return pa.Check(run, name=code)
+    return pa.Check(run, name=code, statistics={_FLAG: flag})
 
 
 def schema_for(kind: str, rules: list[_Rule]) -> pa.DataFrameSchema:
@@ -1068,6 +1071,25 @@ def schema_for(kind: str, rules: list[_Rule]) -> pa.DataFrameSchema:
         checks[rule.field].append(_pandera_check(rule.code, f"__ok_{i}"))
     columns = {name: pa.Column(pl.String, nullable=True, checks=cs) for name, cs in checks.items()}
     return pa.DataFrameSchema(columns, strict=False)
+
+
+_DECLARED: dict[tuple[str, tuple[tuple[str, str], ...]], list[tuple[str, str, str]]] = {}
+
+
+def _declared_checks(kind: str, rules: list[_Rule]) -> list[tuple[str, str, str]]:
+    """(column, check name, outcome column) of each check :func:`schema_for` declares, in its order.
+
+    The same rules (by column and code) declare the same checks: built once per kind and rule set,
+    not once per batch.
+    """
+    key = (kind, tuple((r.field, r.code) for r in rules))
+    if key not in _DECLARED:
+        _DECLARED[key] = [
+            (name, declared_check.name, declared_check.statistics[_FLAG])
+            for name, column in schema_for(kind, rules).columns.items()
+            for declared_check in column.checks
+        ]
+    return _DECLARED[key]
 
 
 _CROSS_ROW = ("__seen_before", "__first_")  # what the rules comparing rows read (see _compared_across_rows)
@@ -1097,8 +1119,9 @@ def check(
     """Every rule failure of every row, as a rejects frame.
 
     Every rule is one polars expression; all of them are evaluated in a single pass over the
-    frame, and pandera then validates the rows that failed at least one (usually few), so it
-    collects each failure named by its column and code without a pass per check over every row.
+    frame. The rows that failed at least one then go through the checks the pandera schema
+    (:func:`schema_for`) declares, each failure named by its column and code, in one lazy query
+    with one collect, whatever the share of failing rows.
     A frame that went through :func:`precheck` has its single-row rules' outcome already.
     """
     rules = _rules(kind, today, prepared.columns, severity)
@@ -1111,33 +1134,28 @@ def check(
         every = pl.all_horizontal(passes)
     if not rules or prepared.select(every.all()).item():
         return pl.DataFrame(schema=REJECT_SCHEMA)
-    import pandera.polars as pa
-
     failing = prepared.filter(~every).with_columns(
         p.alias(flag) for p, flag in zip(passes, flags, strict=True)
     )
-    try:
-        schema_for(kind, rules).validate(failing, lazy=True)
-    except pa.errors.SchemaErrors as exc:
-        cases = pl.DataFrame(exc.failure_cases)
-    else:  # pragma: no cover - the rows were chosen because a rule failed
-        raise AssertionError("rows failed a rule that pandera then passed")
-    unexpected = cases.filter(pl.col("index").is_null())
-    if unexpected.height:
-        # A schema-level failure (a missing column, a wrong dtype) is a bug here, not bad data.
-        raise AssertionError(f"schema-level validation failure: {unexpected.to_dicts()[:3]}")
-    rows = failing.get_column(ROW)
+    # The schema declares the checks; they run here as one polars query over the failing rows (one
+    # collect), not as pandera's collect per check: a batch's cost no longer grows with its rules.
+    declared = _declared_checks(kind, rules)
+    names = pl.DataFrame(
+        {"flag": [d[2] for d in declared], "field": [d[0] for d in declared], "code": [d[1] for d in declared]}
+    )
     texts = pl.DataFrame(
         {"field": [r.field for r in rules], "code": [r.code for r in rules], "message": [r.message for r in rules]}
     ).unique(["field", "code"], keep="first", maintain_order=True)
     return (
-        cases.select(
-            pl.col("index").cast(pl.Int64).map_batches(lambda ix: rows.gather(ix), return_dtype=pl.UInt32).alias(ROW),
-            pl.col("check").alias("code"),
-            pl.col("column").alias("field"),
-        )
-        .join(texts, on=["field", "code"], how="left")
+        failing.lazy()
+        .select(pl.col(ROW).cast(pl.UInt32), *names.get_column("flag"))
+        # Flag by flag (the rules' order), each flag's failing rows in row order, as pandera lists them.
+        .unpivot(index=ROW, variable_name="flag", value_name="ok")
+        .filter(~pl.col("ok"))
+        .join(names.lazy(), on="flag", how="inner", maintain_order="left")
+        .join(texts.lazy(), on=["field", "code"], how="left", maintain_order="left")
         .select(ROW, "code", "field", pl.lit(None, dtype=pl.String).alias("value"), "message")
+        .collect()
         .pipe(_conflicts_only_where_cell_valid)
         # Stable: a cell's failures keep the rules' order, however many rows the batch holds.
         .sort(ROW, "field", maintain_order=True)

@@ -22,6 +22,9 @@ def test_quick_bench_writes_results(tmp_path: Path) -> None:
     assert http["states"]["created"] == http["rows"]
     assert http["loader_req_per_s"] > 0 and http["bare_httpx_req_per_s"] > 0
     assert results["rate_limited"] is None and results["bulk"] is None  # --quick skips them
+    realistic = results["realistic"]  # the sample scaled: its planted bad rows are rejected
+    assert realistic["validate"]["exit"] == 1 and realistic["dry_run_load"]["exit"] == 1
+    assert results["reimport"] is None
 
 
 def test_the_load_bench_runs_a_real_load_in_batches(tmp_path: Path) -> None:
@@ -42,3 +45,34 @@ def test_the_redox_bench_runs_both_dry_runs_of_one_file(tmp_path: Path) -> None:
         assert result[name]["peak_rss_mb"] > 0
     assert result["redox_vs_clinikapi"] > 0
     assert "fhir" in result["redox"]["stages"]
+
+
+def test_the_realistic_file_is_the_sample_scaled_with_ids_per_copy(tmp_path: Path) -> None:
+    import csv
+
+    from bench.generate import SAMPLE, generate_realistic
+
+    with SAMPLE.open(newline="", encoding="utf-8") as fh:
+        sample = list(csv.reader(fh))[1:]
+    rows = len(sample) * 2 + 7
+    with generate_realistic(tmp_path / "r.csv", rows).open(newline="", encoding="utf-8") as fh:
+        _, *body = list(csv.reader(fh))
+    assert len(body) == rows
+    for copy, start in ((1, 0), (2, len(sample)), (3, 2 * len(sample))):
+        for original, row in zip(sample, body[start:], strict=False):
+            for column in (0, 1):  # record and patient ids suffixed per copy (empty ones stay empty)
+                assert row[column] == (f"{original[column]}-{copy}" if original[column].strip() else original[column])
+            assert row[2:] == original[2:]  # everything else, bad cells included, as in the sample
+    assert len({row[0] for row in body if row[0].strip()}) > len(sample) * 2  # new record ids in each copy
+
+
+def test_the_reimport_bench_sends_nothing_the_second_time(tmp_path: Path) -> None:
+    from bench.run import bench_reimport
+
+    result = bench_reimport(tmp_path / "data", 300, tmp_path, repeat=1)
+    first, again = result["first_load"], result["reimport"]
+    assert first["requests"] > 0 and first["states"]["created"] > 0
+    assert again["requests"] == 0  # every row created earlier and unchanged
+    assert "created" not in again["states"] and again["states"]["skipped"] == first["states"]["created"]
+    assert again["states"].get("rejected") == first["states"].get("rejected")  # the bad rows, again
+    assert result["reimport_vs_validate"] > 0

@@ -161,3 +161,21 @@ def test_existing_refuses_what_is_not_a_store(tmp_path: Path) -> None:
     with pytest.raises(StateError, match="not a usable state store"):
         StateStore(junk, target=TARGET)
 
+
+
+def test_created_keys_are_those_stored_as_created_of_that_kind(store: StateStore) -> None:
+    from etl.send import unsent_count
+
+    keys = [f"P{i}" for i in range(1, 1203)]  # more than one chunk of bound parameters
+    store.mark_pending("patient", [(k, "h") for k in keys], "run1")
+    store.mark_pending("immunization", [("P7", "h")], "run1")
+    store.record_outcomes(
+        [Record("patient", k, "created", resource_id=f"pat_{k}", http_status=201) for k in keys[::2]]
+        + [Record("patient", "P2", "failed", http_status=422, error_code="E", message="m"),
+           Record("patient", "P4", "unknown", message="no answer in time"),
+           Record("immunization", "P7", "created", resource_id="imm_1", http_status=201)]
+    )
+    created = store.created_keys("patient", [*keys, "P9999"])
+    assert created == set(keys[::2])  # not the failed, unknown or pending ones, nor an unknown key
+    assert store.created_keys("immunization", keys) == {"P7"}  # per kind
+    assert unsent_count(store, "patient", [*keys, "P9999"]) == len(keys) - len(keys[::2]) + 1

@@ -368,6 +368,18 @@ class StateStore:
                 out[row[1]] = Record(*row)
         return out
 
+    def created_keys(self, kind: str, keys: Sequence[str]) -> set[str]:
+        """Which of these source keys of ``kind`` are stored as created (the keys alone: no record is built)."""
+        found: set[str] = set()
+        for chunk in _chunks(keys):
+            marks = ",".join("?" * len(chunk))
+            cur = self._db.execute(
+                f"SELECT source_key FROM records WHERE kind = ? AND state = 'created' AND source_key IN ({marks})",
+                [kind, *chunk],
+            )
+            found.update(r[0] for r in cur)
+        return found
+
     def in_state(self, kind: str, *states: StoredState) -> list[Record]:
         """Every record of ``kind`` in one of ``states``."""
         marks = ",".join("?" * len(states))

@@ -1,0 +1,53 @@
+"""The dry run's payloads.ndjson lines built over a whole part (polars) are those built one by one."""
+
+from __future__ import annotations
+
+import json
+
+import polars as pl
+import pytest
+
+from etl.clinikapi import ClinikApi
+from etl.readers import ROW
+from etl.transform import readable_refs, readable_refs_column
+
+# Ids a real export carries: accents, quotes, backslashes, a newline, an empty one, one over 128 characters.
+IDS = ["P-10002", "Zoë-7", 'O"Brien', "a\\b", "x\ny", "", "t" * 200, "日本-1"]
+
+
+def _ref(kind: str, source_id: str) -> str:
+    return f'"@@{kind}:{source_id.encode().hex()}@@"'
+
+
+def _bodies() -> list[str]:
+    return [
+        f'{{"patientId": {_ref("patient", i)}, "performer": [{_ref("practitioner", i)}, {_ref("practitioner", "N1")}]}}'
+        for i in IDS
+    ] + ['{"note": "no reference"}']
+
+
+def test_readable_refs_column_equals_readable_refs() -> None:
+    bodies = _bodies()
+    assert readable_refs_column(pl.Series(bodies)).to_list() == [readable_refs(b) for b in bodies]
+
+
+def test_readable_refs_column_without_references_is_unchanged() -> None:
+    bodies = pl.Series(['{"a": 1}', '{"b": "@@not a ref"}'])
+    assert readable_refs_column(bodies).to_list() == bodies.to_list()
+
+
+@pytest.mark.parametrize("kind", ["immunization", "patient", "practitioner"])
+def test_payload_lines_equal_payload_line(kind: str) -> None:
+    bodies = _bodies()
+    keys = [*IDS, "tab\there"]
+    lines = pl.DataFrame(
+        {"kind": [kind] * len(bodies), "source_key": keys[: len(bodies)], ROW: list(range(2, len(bodies) + 2)),
+         "body": bodies},
+        schema_overrides={ROW: pl.UInt32},
+    )
+    destination = ClinikApi()
+    got = destination.payload_lines(lines).to_list()
+    assert got == [destination.payload_line(*row) for row in lines.iter_rows()]
+    for line in got:  # each one JSON object on one line
+        assert line.endswith("\n") and "\n" not in line[:-1]
+        assert json.loads(line)["kind"] == kind
