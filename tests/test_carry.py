@@ -99,9 +99,12 @@ def _rows(kind: str, setting: bool) -> list[dict[str, str]]:
             row["document_id"] = f"D{i}"
         if kind == "practitioner":  # a row per practitioner: each keyed by its own id (never one natural key)
             row["practitioner_id"] = f"DR{i}"
+        if "record_id" in row:  # a file with a record-id column keys every row by it (an empty one is rejected)
+            row["record_id"] = f"R{i}"
         row.update(_WITH.get(f.name, {}))
         if setting:
-            row[f.name] = f"Q{i}" if f.name in ("patient_id", "document_id", "practitioner_id") else _value(f, i)
+            keyed = f.name in ("patient_id", "document_id", "practitioner_id", "record_id")
+            row[f.name] = f"Q{i}" if keyed else _value(f, i)
         rows.append(row)
     return rows
 
