@@ -200,12 +200,13 @@ def test_33_redacted_messages_validate_with_no_profile_flagged_only_for_redactio
     assert rows.height == 33 and set(rows["kind"]) == {"immunization"}
     assert rows["source_row"].cast(pl.Int64).to_list() == _rxa_lines(HL7 / "redacted_33.hl7")
     assert set(rows["error_code"]) == {"redacted"}
-    # Every reason names a redacted name or street. (On this branch a redacted name also draws a
-    # max-length flag, as it does for a redacted CVRS extract: see the report of this change.)
+    # Every reason names a redacted name or street, and redaction is all it says (a placeholder draws no
+    # length, format or conflict flag).
     for message in rows["message"]:
         for reason in message.split("; "):
             column, code = reason.split(" (")[0].rsplit(" ", 1)
-            assert column in {"PID-5.1", "PID-5.2", "PID-11.1"} and code in {"redacted", "max-length"}, reason
+            assert column in {"PID-5.1", "PID-5.2", "PID-11.1"} and code == "redacted", reason
+    assert [w["code"] for w in report.summary["warnings"]] == ["unmapped-columns"]  # no flag but redaction
 
 
 def test_planted_defects_are_flagged_on_the_line_of_their_rxa(tmp_path: Path) -> None:
