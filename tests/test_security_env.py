@@ -268,7 +268,7 @@ def test_a_full_disk_under_the_state_store_is_one_line_and_exit_2(
 
 
 def test_a_disk_that_fills_up_under_an_open_state_store_is_a_state_error_naming_it(tmp_path: Path) -> None:
-    with _tmpfs(tmp_path / "small", "size=64k") as small:
+    with _tmpfs(tmp_path / "small", "size=128k") as small:
         path = small / "state.sqlite"
         with StateStore(path, target="t") as store:
             with _full_disk_now(small), pytest.raises(StateError) as caught:
