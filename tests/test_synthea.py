@@ -28,6 +28,7 @@ from etl.cli import print_summary
 from etl.pipeline import load_files, validate_files
 from etl.settings import Settings
 
+from .test_matching import everything
 from .test_pipeline import count
 
 PATIENTS = ("Id,BIRTHDATE,DEATHDATE,SSN,DRIVERS,PASSPORT,PREFIX,FIRST,MIDDLE,LAST,SUFFIX,MAIDEN,MARITAL,RACE,"
@@ -229,10 +230,10 @@ def test_a_complete_synthea_export_loads_into_the_sandbox(
     assert count(sandbox, "/v1/practitioners") == counts["providers"]
 
     # Marital status carried; serviceProvider is the organization's name; hospice and SNF classes taken.
-    patients = _all(sandbox, "/v1/patients")
+    patients = everything(sandbox, "/v1/patients")
     marital = {p.get("maritalStatus") for p in patients}
     assert {"married", "single", "divorced", "widowed"} <= marital
-    encounters = _all(sandbox, "/v1/encounters")
+    encounters = everything(sandbox, "/v1/encounters")
     organizations = (folder / "organizations.csv").read_text(encoding="utf-8").splitlines()
     names = {row[1] for row in csv.reader(organizations)} - {"NAME"}
     assert {e.get("serviceProvider") for e in encounters} <= names
@@ -264,20 +265,6 @@ def test_every_synthea_encounter_class_is_one_of_the_api(
     folder, _ = export
     report = validate_files([folder / "encounters.csv"], Settings(profile="synthea", report_dir=tmp_path / "v"))
     assert report.rows.filter(pl.col("field") == "encounter_class").height == 0
-
-
-def _all(server: Any, route: str) -> list[dict[str, Any]]:
-    import httpx
-
-    out: list[dict[str, Any]] = []
-    cursor = None
-    while True:
-        params: dict[str, Any] = {"count": 100, **({"cursor": cursor} if cursor else {})}
-        page = httpx.get(server.base_url + route, params=params, headers={"x-api-key": server.api_key}).json()["data"]
-        out += page["data"]
-        if not page.get("hasMore"):
-            return out
-        cursor = page["cursor"]
 
 
 # --- side files: told apart by their headers (organizations, payers) or, with the profile, their names -----
