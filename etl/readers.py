@@ -360,6 +360,7 @@ def _chunked(
     """The records after the header, parsed a chunk of whole records at a time, cut to ``rows``;
     the first is row ``first_row`` (the header's row and one)."""
     next_row = first_row
+    left: pl.DataFrame | None = None  # the rows of the last chunk that did not fill a batch
     with path.open("rb") as fh:
         fh.seek(skip)
         tail = b""
@@ -368,7 +369,7 @@ def _chunked(
             data = tail + block
             if not block:
                 if not data.strip():
-                    return
+                    break
                 cut = len(data)  # the last record, with or without a final line break
             else:
                 cut = _record_end(data, 0)
@@ -379,10 +380,17 @@ def _chunked(
             frame = _parse_chunk(path, header, records, delimiter).with_row_index(ROW, offset=next_row)
             tail = data[cut:]
             next_row += frame.height
-            for i in range(0, frame.height, rows):
+            # Whole batches of ``rows``: a chunk's last rows wait for the next chunk's first ones
+            # (a short batch costs a whole batch's fixed overhead).
+            frame = frame if left is None else pl.concat([left, frame], rechunk=False)
+            full = frame.height - frame.height % rows
+            for i in range(0, full, rows):
                 yield frame.slice(i, rows)
+            left = frame.slice(full) if full < frame.height else None
             if not block:
-                return
+                break
+    if left is not None:
+        yield left
 
 
 def _parse_chunk(path: Path, header: bytes | list[str], records: bytes, delimiter: str) -> pl.DataFrame:

@@ -271,25 +271,38 @@ def _iso_naive(s: pl.Expr) -> pl.Expr:
 Spelling = Literal["date", "iso", "any"]
 
 
-def _spellings(frame: pl.DataFrame, names: list[str], excel: bool) -> dict[str, Spelling]:
-    """How each date column is written, in one pass over the frame.
+def _spellings(frame: pl.DataFrame, names: list[str], excel: bool) -> dict[str, tuple[Spelling, bool]]:
+    """How each date column is written, in one pass over the frame, and whether to retry its misses.
 
     ``date``: every value is a plain ``YYYY-MM-DD`` date; ``iso``: ISO dates or local date-times;
     ``any``: anything else, so every spelling :func:`_parse_naive` and :func:`_parse_aware` know
     is tried. Trying them all on a million rows is most of the time validation takes, and a
-    registry export nearly always writes its dates one ISO way.
+    registry export nearly always writes its dates one ISO way. The flag says the column is
+    *mostly* written the first way, and the few values it misses (a typo, a US date in an ISO
+    column) are to be parsed again every way (:func:`_retried`).
     """
     if excel or not names:
-        return dict.fromkeys(names, "any")
+        return {n: ("any", False) for n in names}
 
     def misses(parsed: pl.Expr, name: str) -> pl.Expr:
-        return (pl.col(name).is_not_null() & parsed.is_null()).any()
+        return (pl.col(name).is_not_null() & parsed.is_null()).sum()
 
     # Plain dates first: the ISO date-time spellings are tried only on columns where that fails.
+    few = max(1, frame.height // _RETRY_SHARE)
     plain = frame.select(misses(_plain_date(pl.col(n)), n).alias(n) for n in names).row(0, named=True)
-    others = [n for n in names if plain[n]]
+    others = [n for n in names if plain[n] >= few]
     iso = frame.select(misses(_iso_naive(pl.col(n)), n).alias(n) for n in others).row(0, named=True) if others else {}
-    return {n: "date" if not plain[n] else "iso" if not iso[n] else "any" for n in names}
+    out: dict[str, tuple[Spelling, bool]] = {}
+    for n in names:
+        if plain[n] < few:
+            out[n] = ("date", plain[n] > 0)
+        else:
+            out[n] = ("iso", iso[n] > 0) if iso[n] < few else ("any", False)
+    return out
+
+
+#: A column parsed one way, its misses again every way, when fewer than one value in this many missed.
+_RETRY_SHARE = 20
 
 
 def _plain_date(s: pl.Expr) -> pl.Expr:
@@ -368,15 +381,22 @@ def prepare(mapped: Mapped, *, today: dt.date | None = None) -> pl.DataFrame:
     parse = profile.parse
     declared = [n for n in temporal if n in parse and (parse[n].formats or parse[n].excel_serial)]
     spellings = _spellings(normalised, [n for n in temporal if n not in declared], excel)
-    spellings.update((n, "any") for n in declared)  # a declared pattern is tried before the usual spellings
+    spellings.update((n, ("any", False)) for n in declared)  # a declared pattern is tried before the usual ones
     commas = _decimal_commas(mapped, normalised, [f.name for f in fields if f.value == "number"])
     tidy = _tidy_lists(normalised, [f.name for f in fields if f.value == "list"], profile.list_separator)
+    # A column of ISO dates with a few odd ones (a realistic export: a typo, a US date) is parsed the
+    # ISO way whole, and every spelling is tried on the rows that missed only (trying them all on
+    # every row is most of what a batch costs). Both give the same value where the ISO way parses.
+    retried: list[tuple[CanonicalField, str]] = []
     for f in fields:
         s = pl.col(f.name)
         if f.value in ("date", "datetime"):
             own = parse.get(f.name, ColumnParse())
             tz = own.timezone or profile.timezone
-            typed += _temporal_columns(f, s, excel or own.excel_serial, tz, spellings[f.name], own.formats)
+            spelling, retry = spellings[f.name]
+            if retry:
+                retried.append((f, tz))
+            typed += _temporal_columns(f, s, excel or own.excel_serial, tz, spelling, own.formats)
         elif f.value == "integer":
             # polars' own parse takes exactly [+-]digits (no spaces, separators or other scripts).
             whole = s.cast(pl.Int64, strict=False)
@@ -396,7 +416,7 @@ def prepare(mapped: Mapped, *, today: dt.date | None = None) -> pl.DataFrame:
             )
         elif f.value == "list":
             typed.append(_items(s, profile.list_separator, tidy[f.name]).alias(f"{f.name}__list"))
-    prepared = normalised.with_columns(typed)
+    prepared = _retried(normalised.with_columns(typed), retried)
     if mapped.kind == "encounter":
         # lengthMinutes from the period when the source leaves it out.
         minutes = (pl.col("period_end__instant") - pl.col("period_start__instant")).dt.total_minutes()
@@ -412,6 +432,32 @@ def prepare(mapped: Mapped, *, today: dt.date | None = None) -> pl.DataFrame:
         # What the patient-conflict rule compares, hashed here (ahead, on the read-ahead thread).
         prepared = prepared.with_columns(_compared(f).hash().alias(f"__hash_{f.name}") for f in demographics)
     return prepared
+
+
+def _retried(prepared: pl.DataFrame, retried: list[tuple[CanonicalField, str]]) -> pl.DataFrame:
+    """``prepared`` with the date columns parsed the ISO way (``retried``: each field and its zone) parsed
+    again, every spelling tried, on the rows where the ISO way left a value unparsed."""
+    if not retried:
+        return prepared
+    missed = pl.any_horizontal(pl.col(f.name).is_not_null() & pl.col(f"{f.name}__date").is_null() for f, _ in retried)
+    rows = prepared.filter(missed)
+    if rows.is_empty():
+        return prepared
+    again = rows.select(
+        pl.col(ROW), *[c for f, tz in retried for c in _temporal_columns(f, pl.col(f.name), False, tz, "any")]
+    )
+    at = prepared.get_column(ROW).search_sorted(again.get_column(ROW)) if _ascending(prepared) else None
+    if at is None:
+        return prepared.update(again, on=ROW, include_nulls=True)
+    return prepared.with_columns(
+        prepared.get_column(name).scatter(at, again.get_column(name)) for name in again.columns if name != ROW
+    )
+
+
+def _ascending(frame: pl.DataFrame) -> bool:
+    """Whether ``frame``'s row numbers ascend (a batch's do)."""
+    rows = frame.get_column(ROW)
+    return rows.len() < 2 or bool((rows.diff().drop_nulls() > 0).all())
 
 
 #: The companion column (``record_id__keyed``) that says a file's rows are keyed by this field: required.
