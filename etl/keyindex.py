@@ -13,6 +13,10 @@ times faster than text), and the runs hold no key itself: a key is found when bo
 their hashes collide, and a key is missed only if another key of the same run
 has the same first hash.
 
+A Bloom filter (:class:`_Filter`) sits in front of the runs: most keys never added (a new record
+id, a new patient: what a migration mostly asks about) are answered "absent" by three reads of a
+byte array, and only the rest are sought in the runs.
+
 Adding is lazy: rows wait in a buffer and become a run when the index is next
 read, so an index that is only written (what a run's references might need but
 nothing asked for yet) costs an append per batch.
@@ -20,6 +24,7 @@ nothing asked for yet) costs an append per batch.
 
 from __future__ import annotations
 
+import numpy as np
 import polars as pl
 
 __all__ = ["KeyIndex"]
@@ -29,6 +34,42 @@ _HASH = "__hash"
 _CHECK = "__check"  # a second 64-bit hash of the key, with another seed
 _SEED = 0x5EED_C0DE
 WAIT_ROWS = 1_000_000  # rows waiting to be added, at most, before they are merged in
+_NONE = np.zeros(0, dtype=np.int64)
+
+
+class _Filter:
+    """A Bloom filter over the keys' two hashes: "certainly absent" for most keys never added.
+
+    A slot per byte (a byte array is set without the duplicate-index trouble of packed bits), three
+    slots per key, at least eight slots per key held: about 3% of absent keys are sought in vain.
+    It grows (rebuilt from the runs' hashes) as keys are added, and a key taken out stays in it
+    (it is then sought, and not found).
+    """
+
+    def __init__(self) -> None:
+        self.slots = np.zeros(1 << 16, dtype=np.bool_)
+        self.held = 0
+
+    def _at(self, hashes: np.ndarray, checks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        mask = np.uint64(len(self.slots) - 1)
+        return hashes & mask, (hashes >> np.uint64(32)) & mask, checks & mask
+
+    def may_hold(self, hashes: np.ndarray, checks: np.ndarray) -> np.ndarray:
+        a, b, c = self._at(hashes, checks)
+        held: np.ndarray = self.slots[a] & self.slots[b] & self.slots[c]
+        return held
+
+    def add(self, hashes: np.ndarray, checks: np.ndarray, runs: list[pl.DataFrame]) -> None:
+        """Hold these keys (``runs``: every key held, the new ones among them, for a rebuild)."""
+        self.held += len(hashes)
+        if self.held * 8 > len(self.slots):
+            size = 1 << max(16, int(self.held * 16 - 1).bit_length())
+            self.slots, self.held = np.zeros(size, dtype=np.bool_), 0
+            for run in runs:
+                self.add(run.get_column(_HASH).to_numpy(), run.get_column(_CHECK).to_numpy(), [])
+            return
+        for at in self._at(hashes, checks):
+            self.slots[at] = True
 
 
 class KeyIndex:
@@ -38,6 +79,7 @@ class KeyIndex:
         self.schema: dict[str, pl.DataType] = {KEY: pl.String(), **(values or {})}
         self.runs: list[pl.DataFrame] = []  # each sorted by the key's hash; keys unique across all runs
         self._waiting: list[pl.DataFrame] = []  # added, not yet in a run (see ``_settle``)
+        self._filter = _Filter()
 
     def __len__(self) -> int:
         self._settle()
@@ -50,52 +92,61 @@ class KeyIndex:
     def insert(self, rows: pl.DataFrame, *, add: bool = True) -> pl.DataFrame:
         """Look up the keys of ``rows`` (as :meth:`lookup`) and add the rows whose keys were absent.
 
-        Cheaper than a lookup and an add: the keys are hashed and sorted once for both.
+        Cheaper than a lookup and an add: the keys are hashed once for both. The filter
+        (:class:`_Filter`) rules most absent keys out; only the rest are sought in the runs.
         """
         self._settle()
         keys = rows.get_column(KEY).cast(pl.String)
-        if not self.runs or keys.is_empty():
-            if add:
-                self.add(rows)
+        n = len(keys)
+        if not n:
             return self._in_order(keys, None, None)
-        # Sought in hash order: a binary search over sorted keys runs about three times faster
-        # (each search starts near the last), and so does reading the runs at the positions found.
-        hashes = keys.hash()
-        order = hashes.arg_sort()
-        hashes, keys = hashes.gather(order), keys.gather(order)
-        checks = keys.hash(seed=_SEED)
-        present = keys.is_not_null()
-        found = pl.repeat(False, len(keys), dtype=pl.Boolean, eager=True).alias("found")
-        names = [n for n in self.schema if n != KEY]
+        hashes, checks = keys.hash().to_numpy(), keys.hash(seed=_SEED).to_numpy()
+        present = keys.is_not_null().to_numpy()
+        found = np.zeros(n, dtype=np.bool_)
         values: pl.DataFrame | None = None
+        sought = np.flatnonzero(self._filter.may_hold(hashes, checks) & present) if self.runs else _NONE
+        if len(sought):
+            hit, stored = self._sought(hashes[sought], checks[sought])
+            found[sought] = hit
+            if stored is not None:
+                at = pl.Series(sought[hit], dtype=pl.UInt32)
+                values = pl.DataFrame(
+                    pl.repeat(None, n, dtype=self.schema[name], eager=True).alias(name).scatter(at, stored[name])
+                    for name in stored.columns
+                )
+        if add:
+            first = keys.is_first_distinct().to_numpy()  # the first row of a key wins
+            fresh = np.flatnonzero(first & ~found & present)
+            order = fresh[np.argsort(hashes[fresh], kind="stable")]  # the new run: sorted by hash
+            run = pl.DataFrame({_HASH: hashes[order], _CHECK: checks[order]}).hstack(
+                rows.drop(KEY)[pl.Series(order, dtype=pl.UInt32)]
+            )
+            self._push(run.select(_HASH, _CHECK, *self._values()).cast(self._cast), hashed=True)  # type: ignore[arg-type]
+        return self._in_order(keys, pl.Series("found", found), values)
+
+    def _sought(self, hashes: np.ndarray, checks: np.ndarray) -> tuple[np.ndarray, pl.DataFrame | None]:
+        """Which of these keys (their two hashes) the runs hold, and their values (as many rows as hits)."""
+        hit = np.zeros(len(hashes), dtype=np.bool_)
+        names = self._values()
+        parts: list[tuple[np.ndarray, pl.DataFrame]] = []
         for run in self.runs:
             if run.is_empty():
                 continue
-            at = run.get_column(_HASH).search_sorted(hashes, side="left").clip(0, run.height - 1)
-            hit = (run.get_column(_HASH).gather(at) == hashes) & (run.get_column(_CHECK).gather(at) == checks)
-            hit = hit & present & ~found
-            if not hit.any():
+            stored, second = run.get_column(_HASH).to_numpy(), run.get_column(_CHECK).to_numpy()
+            at = np.minimum(np.searchsorted(stored, hashes, side="left"), len(stored) - 1)
+            mine = (stored[at] == hashes) & (second[at] == checks) & ~hit
+            if not mine.any():
                 continue
-            found = found | hit
+            hit |= mine
             if names:
-                stored = run.select(names)[at].select(pl.when(hit).then(pl.col(n)).alias(n) for n in names)
-                if values is not None:
-                    stored = values.select(pl.coalesce(pl.col(n), stored.get_column(n)) for n in names)
-                values = stored
-        if add:
-            # In hash order already, so the new run needs no sort; the first row of a key wins.
-            first = rows.get_column(KEY).is_first_distinct().gather(order)  # first in the rows' own order
-            fresh = (
-                pl.DataFrame({_HASH: hashes, _CHECK: checks})
-                .hstack(rows.drop(KEY).gather(order))
-                .filter(first & ~found & present)
-            )
-            self._push(fresh.select(_HASH, _CHECK, *self._values()).cast(self._cast), hashed=True)  # type: ignore[arg-type]
-        # Back to the rows' order: the inverse permutation by a scatter, cheaper than sorting ``order``.
-        n = len(order)
-        positions = pl.int_range(n, dtype=pl.UInt32, eager=True)
-        inverse = pl.repeat(0, n, dtype=pl.UInt32, eager=True).scatter(order, positions)
-        return self._in_order(keys, found, values).gather(inverse)
+                parts.append((np.flatnonzero(mine), run.select(names)[pl.Series(at[mine], dtype=pl.UInt32)]))
+        if not names:
+            return hit, None
+        if not parts:
+            return hit, pl.DataFrame(schema=self._cast)
+        # In the order of the hits among the sought keys.
+        where = np.concatenate([w for w, _ in parts])
+        return hit, pl.concat([v for _, v in parts])[pl.Series(np.argsort(where, kind="stable"), dtype=pl.UInt32)]
 
     def _in_order(self, keys: pl.Series, found: pl.Series | None, values: pl.DataFrame | None) -> pl.DataFrame:
         """``found`` and the values as a frame (nothing found where they are None)."""
@@ -153,9 +204,12 @@ class KeyIndex:
             key = pl.col(KEY)
             run = rows.select(key.hash().alias(_HASH), key.hash(seed=_SEED).alias(_CHECK), *self._values())
             self.runs.append(run.sort(_HASH))
+        added = self.runs[-1]
         while len(self.runs) > 1 and self.runs[-2].height <= 2 * self.runs[-1].height:
             newer = self.runs.pop()
-            self.runs[-1] = self.runs[-1].merge_sorted(newer, _HASH)  # both sorted: a linear merge
+            # Both sorted: a linear merge; one chunk, so its columns read as arrays without a copy.
+            self.runs[-1] = self.runs[-1].merge_sorted(newer, _HASH).rechunk()
+        self._filter.add(added.get_column(_HASH).to_numpy(), added.get_column(_CHECK).to_numpy(), self.runs)
 
     def add_keys(self, keys: pl.Series, *, new: bool = False) -> None:
         """Add keys that carry no values."""

@@ -1178,11 +1178,14 @@ def check(
         every = pl.all_horizontal(pl.col(LOCAL_OK), *across)
     else:
         every = pl.all_horizontal(passes)
-    if not rules or prepared.select(every.all()).item():
+    if not rules:
         return pl.DataFrame(schema=REJECT_SCHEMA)
-    failing = prepared.filter(~every).with_columns(
-        p.alias(flag) for p, flag in zip(passes, flags, strict=True)
-    )
+    fails = prepared.select(~every).to_series()
+    if not fails.any():
+        return pl.DataFrame(schema=REJECT_SCHEMA)
+    # Only the columns the rules read are taken along: filtering the whole wide batch would copy it.
+    read = {ROW, *(name for p in passes for name in p.meta.root_names())}
+    failing = prepared.select(c for c in prepared.columns if c in read).filter(fails)
     # The schema declares the checks; they run here as one polars query over the failing rows (one
     # collect), not as pandera's collect per check: a batch's cost no longer grows with its rules.
     declared = _declared_checks(kind, rules)
@@ -1194,7 +1197,8 @@ def check(
     ).unique(["field", "code"], keep="first", maintain_order=True)
     return (
         failing.lazy()
-        .select(pl.col(ROW).cast(pl.UInt32), *names.get_column("flag"))
+        .select(pl.col(ROW).cast(pl.UInt32), *(p.alias(flag) for p, flag in zip(passes, flags, strict=True)))
+        .select(ROW, *names.get_column("flag"))
         # Flag by flag (the rules' order), each flag's failing rows in row order, as pandera lists them.
         .unpivot(index=ROW, variable_name="flag", value_name="ok")
         .filter(~pl.col("ok"))

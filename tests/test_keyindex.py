@@ -1,4 +1,4 @@
-"""KeyIndex: a growing set of keys with values, looked up by binary search over sorted runs."""
+"""KeyIndex: a growing set of keys with values, looked up by binary search over sorted runs behind a Bloom filter."""
 
 from __future__ import annotations
 
@@ -82,3 +82,34 @@ def test_insert_is_a_lookup_then_an_add_of_the_absent_keys(batches: list[list[st
     if reference:
         everything = index.lookup(pl.Series(list(reference)))
         assert everything.get_column("first").to_list() == list(reference.values())
+
+
+def test_the_filter_grows_with_the_keys_and_never_hides_one() -> None:
+    """The Bloom filter in front of the runs rules absent keys out; a key held is always found, also
+    after the filter has been rebuilt larger several times, and an absent key is never found."""
+    index = KeyIndex({"n": pl.Int64()})
+    sizes = []
+    for b in range(8):
+        keys = [f"id-{b}-{i}" for i in range(25_000)]
+        index.insert(pl.DataFrame({"key": keys, "n": range(b * 25_000, (b + 1) * 25_000)}))
+        sizes.append(len(index._filter.slots))
+    assert sizes[-1] > sizes[0]  # grown as keys came
+    held = pl.Series([f"id-{b}-{i}" for b in range(8) for i in range(0, 25_000, 97)])
+    absent = pl.Series([f"id-{b}-{i}" for b in range(8, 16) for i in range(0, 25_000, 97)])
+    got = index.lookup(pl.concat([held, absent]))
+    assert got.get_column("found").to_list() == [True] * len(held) + [False] * len(absent)
+    expected = [int(k.split("-")[1]) * 25_000 + int(k.split("-")[2]) for k in held]
+    assert got.get_column("n").head(len(held)).to_list() == expected
+    assert got.get_column("n").tail(len(absent)).null_count() == len(absent)
+
+
+def test_a_filter_that_lets_every_key_through_changes_no_answer() -> None:
+    """Every key sought in the runs (as if each were a false positive): the same answers."""
+    index = KeyIndex({"n": pl.Int64()})
+    index.insert(pl.DataFrame({"key": ["a", "b", "c"], "n": [1, 2, 3]}))
+    index.insert(pl.DataFrame({"key": ["d", "a"], "n": [4, 5]}))
+    index._filter.slots[:] = True
+    got = index.insert(pl.DataFrame({"key": ["x", "a", None, "d", "x"], "n": [9, 9, 9, 9, 10]}))
+    assert got.get_column("found").to_list() == [False, True, False, True, False]
+    assert got.get_column("n").to_list() == [None, 1, None, 4, None]
+    assert index.lookup(pl.Series(["x", "y"])).get_column("n").to_list() == [9, None]  # the first "x" won

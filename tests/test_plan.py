@@ -180,8 +180,59 @@ def test_the_fast_date_paths_parse_as_the_full_one_does(values: list[str], field
 
 def test_a_plain_date_column_takes_the_fast_path() -> None:
     frame = pl.DataFrame({"occurrence": ["2021-03-04", None, "2020-12-31"], "recorded": ["2021-03-04T10:00:00"] * 3})
-    assert _spellings(frame, ["occurrence", "recorded"], excel=False) == {"occurrence": "date", "recorded": "iso"}
-    assert _spellings(frame, ["occurrence"], excel=True) == {"occurrence": "any"}
+    assert _spellings(frame, ["occurrence", "recorded"], excel=False) == {
+        "occurrence": ("date", False), "recorded": ("iso", False)
+    }
+    assert _spellings(frame, ["occurrence"], excel=True) == {"occurrence": ("any", False)}
+
+
+def test_a_date_column_with_a_few_odd_values_is_parsed_fast_and_its_misses_again() -> None:
+    dates = ["2021-03-04"] * 80 + ["03/04/2021", "2021-03-04T10:00:00Z"]
+    times = ["2021-03-04T10:00:00"] * 80 + ["2021-03-04", "garbage"]
+    frame = pl.DataFrame({"occurrence": dates, "recorded": times})
+    assert _spellings(frame, ["occurrence", "recorded"], excel=False) == {
+        "occurrence": ("date", True), "recorded": ("iso", True)
+    }
+    many = pl.DataFrame({"occurrence": ["2021-03-04", "03/04/2021"] * 20})  # not a few: every spelling, every row
+    assert _spellings(many, ["occurrence"], excel=False) == {"occurrence": ("any", False)}
+
+
+_SPELLED = st.sampled_from([
+    "2021-03-04", "2020-12-31", "2021-3-4", "03/04/2021", "20210304", "2021-03", "2021-02-30", "1/2/21",
+    "2021-03-04T10:00:00", "2021-03-04 10:00:00.5", "2021-03-04T10:00", "2021-03-04T10:00:00Z",
+    "2021-03-04T10:00:00+02:00", "44927", "not a date", " ", "",
+])
+
+
+@settings(max_examples=40, deadline=None)
+@given(odd=st.lists(_SPELLED, min_size=1, max_size=6), plain=st.integers(0, 200), at=st.integers(0, 200))
+def test_parsing_the_misses_again_gives_what_trying_every_spelling_on_every_row_gives(
+    odd: list[str], plain: int, at: int
+) -> None:
+    """The retry (:func:`etl.validate._retried`) is an optimisation: the same companions as every
+    spelling tried on every row, for date and date-time columns, wherever the odd values sit."""
+    import etl.validate as validate
+
+    values = ["2021-06-07"] * plain
+    values[min(at, plain):min(at, plain)] = odd
+    n = len(values)
+    frame = pl.DataFrame({
+        "record_id": [f"r{i}" for i in range(n)], "patient_id": ["p"] * n, "vaccine_code": ["08"] * n,
+        "occurrence": values, "expiration_date": list(reversed(values)),
+    })
+    mapped = apply_profile(
+        readers.Table(Path("x.csv"), "csv", frame.with_row_index(ROW, offset=2), "", encoding="utf-8", delimiter=","),
+        default_profile(),
+    )
+    companions = [c for c in validate.prepare(mapped).columns if c.startswith(("occurrence__", "expiration_date__"))]
+    fast = validate.prepare(mapped).select(companions)
+    share = validate._RETRY_SHARE
+    try:
+        validate._RETRY_SHARE = 10**9  # no column is "mostly" one way: every spelling on every row
+        slow = validate.prepare(mapped).select(companions)
+    finally:
+        validate._RETRY_SHARE = share
+    assert fast.equals(slow, null_equal=True)
 
 
 def test_the_profile_is_applied_once_and_reused_for_every_batch() -> None:
