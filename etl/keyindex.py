@@ -14,8 +14,8 @@ their hashes collide, and a key is missed only if another key of the same run
 has the same first hash.
 
 A Bloom filter (:class:`_Filter`) sits in front of the runs: most keys never added (a new record
-id, a new patient: what a migration mostly asks about) are answered "absent" by three reads of a
-byte array, and only the rest are sought in the runs.
+id, a new patient: what a migration mostly asks about) are answered "absent" by one read of a
+small array, and only the rest are sought in the runs.
 
 Adding is lazy: rows wait in a buffer and become a run when the index is next
 read, so an index that is only written (what a run's references might need but
@@ -38,38 +38,44 @@ _NONE = np.zeros(0, dtype=np.int64)
 
 
 class _Filter:
-    """A Bloom filter over the keys' two hashes: "certainly absent" for most keys never added.
+    """A blocked Bloom filter over the keys' two hashes: "certainly absent" for most keys never added.
 
-    A slot per byte (a byte array is set without the duplicate-index trouble of packed bits), three
-    slots per key, at least eight slots per key held: about 3% of absent keys are sought in vain.
-    It grows (rebuilt from the runs' hashes) as keys are added, and a key taken out stays in it
-    (it is then sought, and not found).
+    A key sets three bits of one 64-bit word (the word chosen by its first hash, the bits by its
+    second), so a lookup reads one word, and the words (at most four keys each on average: about
+    1% of absent keys are sought in vain) fit in a processor's cache for a million keys. It grows
+    (rebuilt from the runs' hashes) as keys are added, and a key taken out stays in it (it is
+    then sought, and not found).
     """
 
     def __init__(self) -> None:
-        self.slots = np.zeros(1 << 16, dtype=np.bool_)
+        self.words = np.zeros(1 << 10, dtype=np.uint64)
         self.held = 0
 
-    def _at(self, hashes: np.ndarray, checks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        mask = np.uint64(len(self.slots) - 1)
-        return hashes & mask, (hashes >> np.uint64(32)) & mask, checks & mask
+    def _at(self, hashes: np.ndarray, checks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        word = (hashes >> np.uint64(32)) & np.uint64(len(self.words) - 1)
+        one, six = np.uint64(1), np.uint64(63)
+        bits = (
+            (one << (checks & six))
+            | (one << ((checks >> np.uint64(6)) & six))
+            | (one << ((checks >> np.uint64(12)) & six))
+        )
+        return word, bits
 
     def may_hold(self, hashes: np.ndarray, checks: np.ndarray) -> np.ndarray:
-        a, b, c = self._at(hashes, checks)
-        held: np.ndarray = self.slots[a] & self.slots[b] & self.slots[c]
+        word, bits = self._at(hashes, checks)
+        held: np.ndarray = (self.words[word] & bits) == bits
         return held
 
     def add(self, hashes: np.ndarray, checks: np.ndarray, runs: list[pl.DataFrame]) -> None:
         """Hold these keys (``runs``: every key held, the new ones among them, for a rebuild)."""
         self.held += len(hashes)
-        if self.held * 8 > len(self.slots):
-            size = 1 << max(16, int(self.held * 16 - 1).bit_length())
-            self.slots, self.held = np.zeros(size, dtype=np.bool_), 0
+        if self.held > 4 * len(self.words):
+            self.words, self.held = np.zeros(1 << max(10, int(self.held // 2).bit_length()), dtype=np.uint64), 0
             for run in runs:
                 self.add(run.get_column(_HASH).to_numpy(), run.get_column(_CHECK).to_numpy(), [])
             return
-        for at in self._at(hashes, checks):
-            self.slots[at] = True
+        word, bits = self._at(hashes, checks)
+        np.bitwise_or.at(self.words, word, bits)
 
 
 class KeyIndex:
