@@ -130,8 +130,8 @@ def natural_key(kind: str, columns: set[str] | frozenset[str] | list[str]) -> pl
 
 def vaccine_groups_frame() -> pl.DataFrame:
     """:data:`VACCINE_GROUPS` as a frame: ``cvx, group``, a line per group of a code."""
-    pairs = [(code, group) for code, groups in VACCINE_GROUPS.items() for group in groups]
-    return pl.DataFrame(pairs, schema={"cvx": pl.String, "group": pl.String}, orient="row")
+    pairs = {(code, group) for code, groups in VACCINE_GROUPS.items() for group in groups}
+    return pl.DataFrame(sorted(pairs), schema={"cvx": pl.String, "group": pl.String}, orient="row")
 
 
 def dose_identity_of(patient: pl.Expr, cvx: pl.Expr, day: pl.Expr) -> pl.Expr:
@@ -175,16 +175,18 @@ class DoseCheck:
         needed = {"patient_id", "vaccine_code", "occurrence__date", ROW}
         if not needed <= set(valid.columns) or valid.is_empty():
             return rows
-        live = rows.filter(pl.col("state") == "planned").select(pl.col("source_row").alias(ROW))
+        live = rows.select(pl.col("source_row").filter(pl.col("state") == "planned").alias(ROW))
+        # A line per (row, group): distinct already, as a code's groups are.
         doses = dose_identities(
             valid.select(ROW, "patient_id", "vaccine_code", "occurrence__date").join(live, on=ROW, how="semi"),
             "patient_id", "vaccine_code", "occurrence__date",
-        ).select(ROW, "identity").unique(maintain_order=True)
+        ).select(ROW, "identity")
         if doses.is_empty():
             return rows
-        earlier = pl.concat([doses, self.seen.lookup(doses.get_column("identity"))], how="horizontal")
-        first_here = doses.group_by("identity", maintain_order=True).agg(pl.col(ROW).min().alias("here_row"))
-        earlier = earlier.join(first_here, on="identity", how="left").with_columns(
+        earlier = pl.concat([doses, self.seen.lookup(doses.get_column("identity"))], how="horizontal").with_columns(
+            pl.col(ROW).min().over("identity").alias("here_row")  # the batch's first row with the dose
+        )
+        earlier = earlier.with_columns(
             pl.when(pl.col("found"))
             .then(pl.col("first_file"))
             .when(pl.col("here_row") < pl.col(ROW))

@@ -59,12 +59,22 @@ class Validation:
     rejects: pl.DataFrame  # one row per failure (a row may fail several rules)
     warnings: pl.DataFrame  # same shape; the row stays valid
 
+    _valid: tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame] | None = field(
+        default=None, init=False, repr=False, compare=False
+    )
+
     @property
     def valid(self) -> pl.DataFrame:
-        """Prepared rows with no rejection."""
+        """Prepared rows with no rejection (kept until ``prepared`` or ``rejects`` is replaced: a batch's
+        steps each read it, and filtering the wide frame again for each would copy it each time)."""
         if self.rejects.is_empty():
             return self.prepared
-        return self.prepared.filter(~pl.col(ROW).is_in(self.rejects.get_column(ROW).unique().implode()))
+        kept = self._valid
+        if kept is not None and kept[0] is self.prepared and kept[1] is self.rejects:
+            return kept[2]
+        valid = self.prepared.filter(~pl.col(ROW).is_in(self.rejects.get_column(ROW).unique().implode()))
+        self._valid = (self.prepared, self.rejects, valid)
+        return valid
 
     @property
     def rejected_rows(self) -> int:
@@ -440,12 +450,14 @@ def _retried(prepared: pl.DataFrame, retried: list[tuple[CanonicalField, str]]) 
     if not retried:
         return prepared
     missed = pl.any_horizontal(pl.col(f.name).is_not_null() & pl.col(f"{f.name}__date").is_null() for f, _ in retried)
-    rows = prepared.filter(missed)
-    if rows.is_empty():
-        return prepared
-    again = rows.select(
-        pl.col(ROW), *[c for f, tz in retried for c in _temporal_columns(f, pl.col(f.name), False, tz, "any")]
+    again = (
+        prepared.lazy()
+        .filter(missed)
+        .select(pl.col(ROW), *[c for f, tz in retried for c in _temporal_columns(f, pl.col(f.name), False, tz, "any")])
+        .collect()
     )
+    if again.is_empty():
+        return prepared
     at = prepared.get_column(ROW).search_sorted(again.get_column(ROW)) if _ascending(prepared) else None
     if at is None:
         return prepared.update(again, on=ROW, include_nulls=True)
@@ -1078,12 +1090,14 @@ def _compared_across_rows(prepared: pl.DataFrame, kind: str, carry: Carry) -> pl
         if carry.patients is None:
             carry.patients = KeyIndex(dict.fromkeys(names, pl.UInt64()))
         here = (
-            prepared.filter(pl.col("patient_id").is_not_null() & _carries_details(demographics))
+            prepared.lazy()
+            .filter(pl.col("patient_id").is_not_null() & _carries_details(demographics))
             .select(
                 pl.col("patient_id").alias("key"),
                 *[pl.col(f"__hash_{f.name}").alias(n) for f, n in zip(demographics, names, strict=True)],
             )
             .filter(pl.col("key").is_first_distinct())  # cheaper than unique(maintain_order)
+            .collect()
         )
         before = carry.patients.insert(here)
         found = before.get_column("found")
@@ -1224,12 +1238,15 @@ def with_source_values(failures: pl.DataFrame, mapped: Mapped) -> pl.DataFrame:
     """Fill ``value`` with each failing cell as written in the source file."""
     if failures.is_empty():
         return failures
-    cells = mapped.frame.join(failures.select(ROW).unique(), on=ROW, how="semi").unpivot(
-        index=ROW, variable_name="field", value_name="source_value"
+    named = set(failures.get_column("field").unique().to_list())
+    cells = (
+        mapped.frame.select(c for c in mapped.frame.columns if c == ROW or c in named)  # only the columns named
+        .join(failures.select(ROW).unique(), on=ROW, how="semi")
+        .unpivot(index=ROW, variable_name="field", value_name="source_value")
     )
     return (
         failures.join(cells, on=[ROW, "field"], how="left")
-        .with_columns(pl.col("source_value").alias("value"))
+        .with_columns(pl.col("source_value").cast(pl.String).alias("value"))
         .select(list(REJECT_SCHEMA))
     )
 
@@ -1274,11 +1291,13 @@ def _warnings(
     prepared: pl.DataFrame, kind: str, today: dt.date, severity: Mapping[str, str] | None = None
 ) -> pl.DataFrame:
     fields = field_map(kind)
-    parts: list[pl.DataFrame] = []
+    # One lazy query, one collect: each part reads only the columns its rule does.
+    parts: list[pl.LazyFrame] = []
+    lazy = prepared.lazy()
     for rule in _rules(kind, today, prepared.columns, severity, "warning"):
         message = pl.coalesce(rule.row_message, pl.lit(rule.message)) if rule.row_message is not None else None
         parts.append(
-            prepared.filter(~rule.passes.fill_null(False)).select(
+            lazy.filter(~rule.passes.fill_null(False)).select(
                 pl.col(ROW),
                 pl.lit(rule.code).alias("code"),
                 pl.lit(rule.field).alias("field"),
@@ -1294,23 +1313,23 @@ def _warnings(
             & pl.col("performer_npi").is_null()
             & first.is_null()
         )
-        parts.append(_warning_rows(prepared, unlinked, "performer_name", RULES["performer-unlinked"]))
+        parts.append(_warning_rows(lazy, unlinked, "performer_name", RULES["performer-unlinked"]))
     for name in ("route", "site"):
         if name in fields:
             known = pl.col(name).is_in(list(displays(name)))
             parts.append(
                 _warning_rows(
-                    prepared,
+                    lazy,
                     pl.col(name).is_not_null() & ~known,
                     name,
                     RULES["unmapped-code"],
                     field=name,
                 )
             )
-    return pl.concat(parts) if parts else pl.DataFrame(schema=REJECT_SCHEMA)
+    return pl.concat(parts).collect() if parts else pl.DataFrame(schema=REJECT_SCHEMA)
 
 
-def _warning_rows(prepared: pl.DataFrame, when: pl.Expr, field: str, rule: Rule, /, **values: object) -> pl.DataFrame:
+def _warning_rows(prepared: pl.LazyFrame, when: pl.Expr, field: str, rule: Rule, /, **values: object) -> pl.LazyFrame:
     return prepared.filter(when).select(
         pl.col(ROW),
         pl.lit(rule.code).alias("code"),
