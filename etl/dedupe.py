@@ -180,10 +180,17 @@ class DoseCheck:
         doses = dose_identities(
             valid.select(ROW, "patient_id", "vaccine_code", "occurrence__date").join(live, on=ROW, how="semi"),
             "patient_id", "vaccine_code", "occurrence__date",
-        ).select(ROW, "identity")
+        ).select(ROW, "identity").sort(ROW)
         if doses.is_empty():
             return rows
-        earlier = pl.concat([doses, self.seen.lookup(doses.get_column("identity"))], how="horizontal").with_columns(
+        # Looked up and remembered in one step: a dose the index lacks is added with its first row here
+        # (the rows are in order, so a key's first line is its first row); an earlier batch's wins.
+        sighted = doses.select(
+            pl.col("identity").alias("key"),
+            pl.lit(file).alias("first_file"),
+            pl.col(ROW).cast(pl.UInt32).alias("first_row"),
+        )
+        earlier = pl.concat([doses, self.seen.insert(sighted)], how="horizontal").with_columns(
             pl.col(ROW).min().over("identity").alias("here_row")  # the batch's first row with the dose
         )
         earlier = earlier.with_columns(
@@ -205,11 +212,6 @@ class DoseCheck:
             .first()
             .select(pl.col(ROW).alias("source_row"), "dup_file", "dup_row")
         )
-        # The first sighting of each identity in this batch is remembered (an earlier batch's wins).
-        fresh = earlier.filter(~pl.col("found") & (pl.col("here_row") == pl.col(ROW))).select(
-            pl.col("identity").alias("key"), pl.lit(file).alias("first_file"), pl.col(ROW).alias("first_row")
-        )
-        self.seen.add(fresh)
         if dups.is_empty():
             return rows
         marked = rows.join(dups, on="source_row", how="left", maintain_order="left")
