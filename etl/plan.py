@@ -1049,18 +1049,26 @@ def rejects_frame(file: str, source: pl.DataFrame, rows: pl.DataFrame) -> pl.Dat
     with one of those names is kept, as ``<name> (source)``.
     """
     reasons = rows.filter((pl.col("source_file") == file) & (pl.col("state") == "rejected")).select(
-        pl.col("source_row").alias(ROW), pl.col("message").alias("reasons")
+        pl.col("source_row").alias(ROW), pl.col("message").alias(_REASONS)
     )
     named = _rejects_columns([c for c in source.columns if c != ROW])
-    source = source.select(ROW, *[pl.col(c).alias(n) for c, n in named.items()])
-    columns = list(named.values())
     if reasons.is_empty():  # the usual batch: no join with every source row
         source = source.clear()
     return (
-        source.join(reasons, on=ROW, how="inner")
+        source.lazy()
+        .join(reasons.lazy(), on=ROW, how="inner")  # the rejected rows first, then their cells renamed
         .sort(ROW)
-        .select(pl.lit(file).alias("source_file"), pl.col(ROW).alias("source_row"), *columns, "reasons")
+        .select(
+            pl.lit(file).alias("source_file"),
+            pl.col(ROW).alias("source_row"),
+            *[pl.col(c).alias(n) for c, n in named.items()],
+            pl.col(_REASONS).alias("reasons"),
+        )
+        .collect()
     )
+
+
+_REASONS = "__reasons"  # a rejected row's reasons until they are appended (a source column may be "reasons")
 
 
 def _rejects_columns(columns: list[str]) -> dict[str, str]:

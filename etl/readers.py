@@ -382,10 +382,11 @@ def _chunked(
             next_row += frame.height
             # Whole batches of ``rows``: a chunk's last rows wait for the next chunk's first ones
             # (a short batch costs a whole batch's fixed overhead).
+            spans = 0 if left is None else left.height  # the first batch holds the last chunk's rows too
             frame = frame if left is None else pl.concat([left, frame], rechunk=False)
             full = frame.height - frame.height % rows
             for i in range(0, full, rows):
-                yield frame.slice(i, rows)
+                yield frame.slice(i, rows).rechunk() if i < spans else frame.slice(i, rows)
             left = frame.slice(full) if full < frame.height else None
             if not block:
                 break

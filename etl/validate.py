@@ -567,15 +567,22 @@ def _lost_leading_zeros(frame: pl.DataFrame, kind: str, excel: bool) -> pl.DataF
     """
     fields = field_map(kind)
     added: list[pl.Expr] = []
-    if "vaccine_code" in fields and not excel:
+    zips = [p for p in ("patient", "practitioner") if f"{p}_postal_code" in fields and f"{p}_state" in fields]
+    # First a look at lengths only (cheap): a one-digit code (or 8.0), a ZIP of 3, 4, 8 or 9 characters.
+    short = (pl.col("vaccine_code").str.len_bytes() == 1) | pl.col("vaccine_code").str.contains(".", literal=True)
+    probes = ([short.any().alias("vaccine_code")] if "vaccine_code" in fields and not excel else []) + [
+        pl.col(f"{p}_postal_code").str.len_bytes().is_in([3, 4, 8, 9]).any().alias(p) for p in zips
+    ]
+    if not probes:
+        return frame
+    seen = frame.select(probes).row(0, named=True)
+    if seen.get("vaccine_code"):
         code = pl.col("vaccine_code")
         padded = code.str.replace(r"^(\d)(\.0+)?$", "0$1")
         lost = code.str.contains(r"^\d(\.0+)?$") & padded.is_in(list(displays("cvx")))
         added.append(pl.when(lost.fill_null(False)).then(padded).alias("vaccine_code__zero"))
-    for prefix in ("patient", "practitioner"):
+    for prefix in (p for p in zips if seen[p]):
         name, state = f"{prefix}_postal_code", f"{prefix}_state"
-        if name not in fields or state not in fields:
-            continue
         zip_ = pl.col(name)
         zeros = (
             pl.col(state)
