@@ -5,7 +5,7 @@ against everything seen so far. A polars join or ``is_in`` rebuilds a hash
 table of all of it for each batch, so a file of n rows in batches of b costs
 n²/b. A :class:`KeyIndex` keeps its keys in sorted runs instead, merged as a
 log-structured merge tree merges them (a run is merged into the one before it
-once that is no more than twice its size), and looks keys up by binary search
+once that is no larger, as a binary counter carries), and looks keys up by binary search
 (``search_sorted``): each batch costs about b·log(n), and the runs hold each
 key once. Runs are sorted by a 64-bit hash of the key (integers search several
 times faster than text), and the runs hold no key itself: a key is found when both its hash and a second
@@ -211,7 +211,7 @@ class KeyIndex:
             run = rows.select(key.hash().alias(_HASH), key.hash(seed=_SEED).alias(_CHECK), *self._values())
             self.runs.append(run.sort(_HASH))
         added = self.runs[-1]
-        while len(self.runs) > 1 and self.runs[-2].height <= 2 * self.runs[-1].height:
+        while len(self.runs) > 1 and self.runs[-2].height <= self.runs[-1].height:
             newer = self.runs.pop()
             # Both sorted: a linear merge; one chunk, so its columns read as arrays without a copy.
             self.runs[-1] = self.runs[-1].merge_sorted(newer, _HASH).rechunk()
