@@ -44,6 +44,7 @@ import codecs
 import csv
 import hashlib
 import io
+import mmap
 import re
 import sys
 import zipfile
@@ -555,6 +556,14 @@ def _has_bare_cr(path: Path) -> bool:
     """Whether any line ends in a lone ``\\r`` (old Mac files, or a mix of endings)."""
     carry = b""
     with path.open("rb") as fh:
+        # Most files have no \r at all: one search of the mapped file says so without reading it into
+        # memory (reading a migration-sized file in chunks to look costs as much as parsing it).
+        try:
+            with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+                if mapped.find(b"\r") < 0:
+                    return False
+        except (OSError, ValueError):  # not mappable (an empty file, a pipe): looked at in chunks
+            pass
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             if b"\r" not in chunk and not carry:  # most files: nothing to look at
                 continue

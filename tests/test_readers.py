@@ -6,12 +6,14 @@ import codecs
 import datetime as dt
 from pathlib import Path
 
+import polars as pl
 import pytest
 import xlsxwriter
 
+from etl import readers
 from etl.errors import InputError
 from etl.mapping import default_profile, known_header
-from etl.readers import ROW, HeaderHint, read_table, sniff_delimiter
+from etl.readers import ROW, HeaderHint, read_batches, read_table, sniff_delimiter
 
 ROWS = 'id,zip,cvx,note\nr1,02134,08,"two\nlines"\nr2,10003,8,plain\n'
 
@@ -155,3 +157,30 @@ def test_a_workbook_header_row_is_the_sheet_row(tmp_path: Path) -> None:
         assert table.frame.get_column(ROW).to_list() == [4]
     with pytest.raises(InputError, match="--header-row 9: the sheet has 4 rows"):
         read_table(path, header=HeaderHint(row=9))
+
+
+@pytest.mark.parametrize(
+    ("data", "bare"),
+    [
+        (b"a,b\n1,2\n", False),
+        (b"a,b\r\n1,2\r\n", False),
+        (b"a,b\r\n1,2\r3,4\n", True),
+        (b"a,b\n1,2\r", True),
+        (b"", False),
+    ],
+)
+def test_a_lone_carriage_return_is_found_and_a_file_without_any_is_not_read_to_look(
+    tmp_path: Path, data: bytes, bare: bool
+) -> None:
+    path = tmp_path / "x.csv"
+    path.write_bytes(data)
+    assert readers._has_bare_cr(path) is bare
+
+
+def test_a_streamed_file_with_lone_carriage_returns_reads_as_the_whole_file_does(tmp_path: Path) -> None:
+    path = tmp_path / "mac.csv"
+    path.write_bytes(b"id,name\r" + b"".join(b"%d,n%d\r" % (i, i) for i in range(50)) + b"50,last\n")
+    whole = read_table(path).frame.drop(ROW)
+    batches = read_batches(path, rows=7, stream_from=1)
+    streamed = pl.concat(list(batches.batches)).drop(ROW)
+    assert streamed.equals(whole) and streamed.height == 51
