@@ -556,12 +556,13 @@ def _has_bare_cr(path: Path) -> bool:
     """Whether any line ends in a lone ``\\r`` (old Mac files, or a mix of endings)."""
     carry = b""
     with path.open("rb") as fh:
-        # Most files have no \r at all: one search of the mapped file says so without reading it into
-        # memory (reading a migration-sized file in chunks to look costs as much as parsing it).
+        # The mapped file is searched where it lies, not read into memory in chunks to look (that cost
+        # as much as parsing a migration-sized file); most files have no \r at all.
         try:
             with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
                 if mapped.find(b"\r") < 0:
                     return False
+                return _BARE_CR.search(mapped) is not None or mapped[-1:] == b"\r"
         except (OSError, ValueError):  # not mappable (an empty file, a pipe): looked at in chunks
             pass
         for chunk in iter(lambda: fh.read(1 << 20), b""):
