@@ -991,7 +991,8 @@ def base_rows(mapped: Mapped, validation: Validation, planned: Planned) -> pl.Da
         schema={"field": pl.String, "source_field": pl.String},
     )
     reasons = (
-        validation.rejects.join(sources, on="field", how="left")
+        validation.rejects.lazy()
+        .join(sources.lazy(), on="field", how="left", maintain_order="left")  # a row's reasons in their order
         .with_columns(pl.col("source_field").fill_null(pl.col("field")).alias("column"))
         .group_by(ROW, maintain_order=True)
         .agg(
@@ -1003,15 +1004,16 @@ def base_rows(mapped: Mapped, validation: Validation, planned: Planned) -> pl.Da
             .alias("message"),
         )
     )
-    planned_rows = planned.rows.select(ROW, "source_key", pl.col("patient_key"))
+    planned_rows = planned.rows.lazy().select(ROW, "source_key", pl.col("patient_key"))
     key = key_field(mapped.kind)
     # A row the profile's [[skip]] leaves out is skipped, code `filtered`, its reason the message.
     skip = pl.col(SKIP) if SKIP in mapped.frame.columns else pl.lit(None, dtype=pl.String)
     filtered = RULES["filtered"]
-    return (
-        mapped.frame.select(ROW, pl.col(key).str.strip_chars().alias("row_key"), skip.alias(SKIP))
-        .join(reasons, on=ROW, how="left")
-        .join(planned_rows, on=ROW, how="left")
+    return (  # one lazy query: the joins run side by side
+        mapped.frame.lazy()
+        .select(ROW, pl.col(key).str.strip_chars().alias("row_key"), skip.alias(SKIP))
+        .join(reasons, on=ROW, how="left", maintain_order="left")
+        .join(planned_rows, on=ROW, how="left", maintain_order="left")
         .select(
             pl.lit(str(mapped.table.path)).alias("source_file"),
             pl.col(ROW).alias("source_row"),
@@ -1037,6 +1039,7 @@ def base_rows(mapped: Mapped, validation: Validation, planned: Planned) -> pl.Da
             .alias("message"),
             "row_key",
         )
+        .collect()
     )
 
 
