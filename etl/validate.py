@@ -1210,20 +1210,23 @@ def check(
     # The schema declares the checks; they run here as one polars query over the failing rows (one
     # collect), not as pandera's collect per check: a batch's cost no longer grows with its rules.
     declared = _declared_checks(kind, rules)
-    names = pl.DataFrame(
-        {"flag": [d[2] for d in declared], "field": [d[0] for d in declared], "code": [d[1] for d in declared]}
-    )
     texts = pl.DataFrame(
         {"field": [r.field for r in rules], "code": [r.code for r in rules], "message": [r.message for r in rules]}
     ).unique(["field", "code"], keep="first", maintain_order=True)
-    return (
+    outcomes = (
         failing.lazy()
         .select(pl.col(ROW).cast(pl.UInt32), *(p.alias(flag) for p, flag in zip(passes, flags, strict=True)))
-        .select(ROW, *names.get_column("flag"))
-        # Flag by flag (the rules' order), each flag's failing rows in row order, as pandera lists them.
-        .unpivot(index=ROW, variable_name="flag", value_name="ok")
-        .filter(~pl.col("ok"))
-        .join(names.lazy(), on="flag", how="inner", maintain_order="left")
+        .cache()  # evaluated once, read by every check below
+    )
+    # Flag by flag (the rules' order), each flag's failing rows in row order, as pandera lists them:
+    # a filter per check, not a line per (row, check) to filter (a batch whose every row fails
+    # would make rules x rows of them).
+    failed = [
+        outcomes.filter(~pl.col(flag)).select(ROW, pl.lit(code).alias("code"), pl.lit(column).alias("field"))
+        for column, code, flag in declared
+    ]
+    return (
+        pl.concat(failed)
         .join(texts.lazy(), on=["field", "code"], how="left", maintain_order="left")
         .select(ROW, "code", "field", pl.lit(None, dtype=pl.String).alias("value"), "message")
         .collect()
@@ -1242,19 +1245,24 @@ def _conflicts_only_where_cell_valid(failures: pl.DataFrame) -> pl.DataFrame:
 
 
 def with_source_values(failures: pl.DataFrame, mapped: Mapped) -> pl.DataFrame:
-    """Fill ``value`` with each failing cell as written in the source file."""
+    """Fill ``value`` with each failing cell as written in the source file.
+
+    The failures are joined with the source rows on the row number alone, and each takes the cell of
+    its own column: no reshaping of the source cells into a line per cell, which cost a batch whose
+    every row fails several times what a clean one costs.
+    """
     if failures.is_empty():
         return failures
-    named = set(failures.get_column("field").unique().to_list())
-    cells = (
-        mapped.frame.select(c for c in mapped.frame.columns if c == ROW or c in named)  # only the columns named
-        .join(failures.select(ROW).unique(), on=ROW, how="semi")
-        .unpivot(index=ROW, variable_name="field", value_name="source_value")
-    )
+    wanted = set(failures.get_column("field").unique().to_list())
+    named = [c for c in mapped.frame.columns if c != ROW and c in wanted]
+    cells = mapped.frame.lazy().select(ROW, *(pl.col(c).alias(f"__cell_{i}") for i, c in enumerate(named)))
+    cell = pl.coalesce(pl.when(pl.col("field") == c).then(pl.col(f"__cell_{i}")) for i, c in enumerate(named))
     return (
-        failures.join(cells, on=[ROW, "field"], how="left")
-        .with_columns(pl.col("source_value").cast(pl.String).alias("value"))
+        failures.lazy()
+        .join(cells, on=ROW, how="left", maintain_order="left")
+        .with_columns((cell if named else pl.lit(None)).cast(pl.String).alias("value"))
         .select(list(REJECT_SCHEMA))
+        .collect()
     )
 
 
