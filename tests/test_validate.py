@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import re
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 import pytest
@@ -175,3 +176,43 @@ def test_integer_cells_parse_exactly_when_they_are_plain_digits(cells: list[str 
         table = Table(Path("t.xlsx" if excel else "t.csv"), "xlsx" if excel else "csv", frame, "")
         got = prepare(apply_profile(table, default_profile())).get_column("dose_number__int").to_list()
         assert got == [parsed(c) for c in cells]
+
+
+def test_the_queries_a_batch_runs_do_not_grow_with_its_share_of_failing_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rejected rows cost what valid rows cost: the checks and the source values of the failures are
+    a fixed number of polars queries per batch, whether one row fails or every row fails each rule
+    it can (not a query per rule, per failing row or per failure)."""
+    from etl import validate as module
+
+    table = read_table(SAMPLE / "registry.csv")
+    mapped = apply_profile(table, default_profile())
+    broken = mapped.with_rows(
+        table.frame.with_columns(
+            pl.lit("x" * 300).alias(c) for c in table.frame.columns if c != ROW and c not in ("Record ID", "Patient ID")
+        )
+    )
+    queries = {"n": 0}
+    collect, eager = pl.LazyFrame.collect, pl.LazyFrame._collect_eager
+
+    def counting(original: Any) -> Any:
+        def counted(self: pl.LazyFrame, *args: Any, **kwargs: Any) -> Any:
+            queries["n"] += 1
+            return original(self, *args, **kwargs)
+
+        return counted
+
+    def run(m: object) -> tuple[int, int]:
+        today = dt.date(2026, 12, 1)
+        prepared = module._compared_across_rows(prepare(m, today=today), "immunization", module.Carry())  # type: ignore[arg-type]
+        queries["n"] = 0
+        monkeypatch.setattr(pl.LazyFrame, "collect", counting(collect))
+        monkeypatch.setattr(pl.LazyFrame, "_collect_eager", counting(eager))  # an eager frame's methods run here
+        rejects = module.with_source_values(module.check(prepared, "immunization", today=today), m)  # type: ignore[arg-type]
+        monkeypatch.setattr(pl.LazyFrame, "collect", collect)
+        monkeypatch.setattr(pl.LazyFrame, "_collect_eager", eager)
+        return queries["n"], rejects.height
+
+    few, few_rejects = run(mapped)
+    every, every_rejects = run(broken)
+    assert every_rejects > 10 * few_rejects and every_rejects > 5 * broken.frame.height
+    assert every == few
