@@ -38,6 +38,9 @@ import polars as pl
 from bench.generate import generate, generate_realistic
 
 HERE = Path(__file__).resolve().parent
+#: What ``--only`` can name: (a) pipeline, (g) realistic, (h) reimport, the larger file, (b) http,
+#: (c) limited, (d) bulk, (e) load, (f) redox.
+SECTIONS = frozenset({"pipeline", "realistic", "reimport", "scale", "http", "limited", "bulk", "load", "redox"})
 CONCURRENCY = 8
 
 
@@ -280,8 +283,8 @@ def machine() -> dict[str, Any]:
 
 def run(rows: int, *, quick: bool, http_rows: int, limited_seconds: float, bulk_rows: int,
         out: Path, data: Path, scale_rows: int = 0, load_rows: int = 0, repeat: int = 3,
-        redox_rows: int = 0, reimport_rows: int = 0) -> dict[str, Any]:
-    """Run the benchmarks and write ``out``."""
+        redox_rows: int = 0, reimport_rows: int = 0, only: frozenset[str] = SECTIONS) -> dict[str, Any]:
+    """Run the benchmarks (``only``: those of :data:`SECTIONS` named) and write ``out``."""
     csv = data / f"registry-{rows}.csv"
     if not csv.is_file():
         generate(csv, rows)
@@ -291,17 +294,22 @@ def run(rows: int, *, quick: bool, http_rows: int, limited_seconds: float, bulk_
     results: dict[str, Any] = {"machine": machine(), "rows": rows, "quick": quick}
     with tempfile.TemporaryDirectory(prefix="clinik-bench-") as tmp:
         work = Path(tmp)
-        results["pipeline"] = bench_pipeline(csv, rows, work, repeat=1 if quick else repeat)
+        results["pipeline"] = bench_pipeline(csv, rows, work, repeat=1 if quick else repeat) \
+            if "pipeline" in only else None
         (work / "realistic").mkdir()
-        results["realistic"] = bench_pipeline(realistic, rows, work / "realistic", repeat=1 if quick else repeat)
+        results["realistic"] = bench_pipeline(realistic, rows, work / "realistic", repeat=1 if quick else repeat) \
+            if "realistic" in only else None
         results["reimport"] = bench_reimport(data, reimport_rows, work, repeat=repeat) \
-            if reimport_rows and not quick else None
-        results["scale"] = bench_scale(data, scale_rows, work) if scale_rows and not quick else None
-        results["http"] = bench_http(data, min(http_rows, rows, 300) if quick else http_rows, work)
-        results["rate_limited"] = None if quick else bench_limited(data, limited_seconds, work)
-        results["bulk"] = None if quick else bench_bulk(data, bulk_rows, work)
-        results["streamed_load"] = bench_streamed_load(data, load_rows, work) if load_rows and not quick else None
-        results["redox_dry_run"] = bench_redox_dry_run(data, redox_rows, work) if redox_rows else None
+            if reimport_rows and not quick and "reimport" in only else None
+        results["scale"] = bench_scale(data, scale_rows, work) if scale_rows and not quick and "scale" in only else None
+        results["http"] = bench_http(data, min(http_rows, rows, 300) if quick else http_rows, work) \
+            if "http" in only else None
+        results["rate_limited"] = None if quick or "limited" not in only else bench_limited(data, limited_seconds, work)
+        results["bulk"] = None if quick or "bulk" not in only else bench_bulk(data, bulk_rows, work)
+        results["streamed_load"] = bench_streamed_load(data, load_rows, work) \
+            if load_rows and not quick and "load" in only else None
+        results["redox_dry_run"] = bench_redox_dry_run(data, redox_rows, work) \
+            if redox_rows and "redox" in only else None
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     return results
@@ -316,15 +324,17 @@ def show(results: dict[str, Any]) -> None:
     table = Table(title=f"clinik-etl bench: {m['cpus']} CPUs, Python {m['python']}, polars {m['polars']}")
     for column in ("measurement", "time s", "rate", "peak RSS MB", "ratio / note"):
         table.add_column(column)
-    p, n = results["pipeline"], results["rows"]
-    read = p["polars_read_csv"]
-    table.add_row(f"polars read_csv ({n:,} rows, all text)", f"{read['seconds']:.2f}", f"{read['rows_per_s']:,} rows/s",
-                  f"{read['peak_rss_mb']:,.0f}", "baseline")
-    for name in ("validate", "dry_run_load"):
-        r = p[name]
-        median = f" (median of runs {r['median_vs_read_csv']}x)" if "median_vs_read_csv" in r else ""
-        table.add_row(f"clinik-etl {name.replace('_', ' ')}", f"{r['seconds']:.2f}", f"{r['rows_per_s']:,} rows/s",
-                      f"{r['peak_rss_mb']:,.0f}", f"{r['vs_read_csv']}x read_csv{median}")
+    p, n = results.get("pipeline"), results["rows"]
+    if p is not None:
+        read = p["polars_read_csv"]
+        table.add_row(f"polars read_csv ({n:,} rows, all text)", f"{read['seconds']:.2f}",
+                      f"{read['rows_per_s']:,} rows/s", f"{read['peak_rss_mb']:,.0f}", "baseline")
+        for name in ("validate", "dry_run_load"):
+            r = p[name]
+            median = f" (median of runs {r['median_vs_read_csv']}x)" if "median_vs_read_csv" in r else ""
+            table.add_row(f"clinik-etl {name.replace('_', ' ')}", f"{r['seconds']:.2f}",
+                          f"{r['rows_per_s']:,} rows/s", f"{r['peak_rss_mb']:,.0f}",
+                          f"{r['vs_read_csv']}x read_csv{median}")
     if (rp := results.get("realistic")) is not None:
         read = rp["polars_read_csv"]
         table.add_row(f"realistic: polars read_csv ({n:,} rows, ~5% bad)", f"{read['seconds']:.2f}",
@@ -345,9 +355,9 @@ def show(results: dict[str, Any]) -> None:
         table.add_row(f"clinik-etl validate ({sc['rows']:,} rows)", f"{sc['seconds']:.2f}",
                       f"{sc['rows_per_s']:,} rows/s", f"{sc['peak_rss_mb']:,.0f}",
                       f"{sc['vs_read_csv']}x read_csv (read: {sc['polars_read_csv']['peak_rss_mb']:,.0f} MB)")
-    h = results["http"]
-    table.add_row(f"loader, unlimited sandbox ({h['rows']:,} rows)", "", f"{h['loader_req_per_s']:,} req/s", "",
-                  f"{h['loader_vs_bare']}x bare httpx ({h['bare_httpx_req_per_s']:,} req/s)")
+    if (h := results.get("http")) is not None:
+        table.add_row(f"loader, unlimited sandbox ({h['rows']:,} rows)", "", f"{h['loader_req_per_s']:,} req/s", "",
+                      f"{h['loader_vs_bare']}x bare httpx ({h['bare_httpx_req_per_s']:,} req/s)")
     if (c := results.get("rate_limited")) is not None:
         table.add_row("loader, 600 req / 10 s", f"{c['load_seconds']:.1f}", f"{c['achieved_req_per_s']} req/s", "",
                       f"{c['achieved_vs_allowed']:.1%} of allowed, {c['responses_429']} x 429")
@@ -387,13 +397,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=3,
                         help="runs of read_csv and validate in (a), in turns; the quickest of each counts")
     parser.add_argument("--quick", action="store_true", help="(a) and a small (b) only")
+    parser.add_argument("--only", type=lambda v: frozenset(v.split(",")), default=SECTIONS,
+                        help=f"comma-separated measurements to run, of: {', '.join(sorted(SECTIONS))} (default: all)")
     parser.add_argument("--out", type=Path, default=HERE / "results.json")
     parser.add_argument("--data", type=Path, default=HERE / "data", help="where generated files are kept")
     args = parser.parse_args(argv)
     results = run(args.rows, quick=args.quick, http_rows=args.http_rows, limited_seconds=args.limited_seconds,
                   bulk_rows=args.bulk_rows, out=args.out, data=args.data, scale_rows=args.scale_rows,
                   load_rows=args.load_rows, repeat=args.repeat, redox_rows=args.redox_rows,
-                  reimport_rows=args.reimport_rows)
+                  reimport_rows=args.reimport_rows, only=args.only)
     show(results)
     print(f"results: {args.out}")
     return 0

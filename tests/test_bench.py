@@ -76,3 +76,12 @@ def test_the_reimport_bench_sends_nothing_the_second_time(tmp_path: Path) -> Non
     assert "created" not in again["states"] and again["states"]["skipped"] == first["states"]["created"]
     assert again["states"].get("rejected") == first["states"].get("rejected")  # the bad rows, again
     assert result["reimport_vs_validate"] > 0
+
+
+def test_only_runs_the_measurements_named(tmp_path: Path) -> None:
+    out = tmp_path / "results.json"
+    argv = ["--rows", "1000", "--quick", "--only", "realistic", "--out", str(out), "--data", str(tmp_path / "data")]
+    assert main(argv) == 0
+    results = json.loads(out.read_text(encoding="utf-8"))
+    assert results["realistic"]["validate"]["exit"] == 1  # measured
+    assert results["pipeline"] is None and results["http"] is None  # not named: not run
