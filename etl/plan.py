@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import functools
 import shutil
 import time
 from collections import Counter
@@ -201,16 +202,30 @@ class _RowsWriter:
 
     def __init__(self, enabled: bool = True) -> None:
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="rows-csv")
-        self._last: Future[_Written] | None = None
+        self._last: Future[_Written | None] | None = None
         self.written: dict[Path, Future[_Written]] = {}
         self.enabled = enabled  # not when a load will change the rows: they are written once, at the end
 
-    def submit(self, part: Path, rows: pl.DataFrame) -> None:
-        if not self.enabled:
-            return
+    def submit(self, part: Path, rows: pl.DataFrame, then: Callable[[], object] | None = None) -> None:
+        """Write a batch's report rows (IPC), then ``then`` (its rejects), then its rows.csv lines, on the
+        thread; a failure of the batch before is raised here."""
+        self.flush()  # one at a time
+        csv = self.enabled
+
+        def write() -> _Written | None:
+            rows.write_ipc(part)
+            if then is not None:
+                then()
+            return _rows_csv(rows, part.with_suffix(".csv")) if csv else None
+
+        self._last = self._pool.submit(write)
+        if csv:
+            self.written[part] = self._last  # type: ignore[assignment]
+
+    def flush(self) -> None:
+        """Wait for the batch in flight (its parts are read after this)."""
         if self._last is not None:
-            self._last.result()  # one at a time
-        self._last = self.written[part] = self._pool.submit(_rows_csv, rows, part.with_suffix(".csv"))
+            self._last.result()
 
     def forget(self, part: Path) -> None:
         """The part changed after it was written."""
@@ -519,7 +534,11 @@ def planned_in_batches(
                 if unexplained is not None:
                     pending.append(unexplained)
             if x.kind in keys.shared:
+                with report_output(folder):
+                    writer.flush()
                 _remember_firsts(x, keys)
+        with report_output(folder):
+            writer.flush()  # every part is on disk before a stage's end reads them
         progress.finish("read")
         unexplained = pl.concat(pending) if pending else None
         for stage in sorted({KIND_SPECS[x.kind].stage for x in inputs}):
@@ -640,12 +659,12 @@ def _batch(
     unexplained = _unexplained(x, mapped, validation, planned, planned_rows, keys, known) if keys.resolves else None
     part = work / f"{x.order:04d}-{n:06d}"
     x.parts.append(part.with_suffix(".rows"))
-    rows.write_ipc(x.parts[-1])
-    writer.submit(x.parts[-1], rows)
-    rejects = rejects_frame(x.file, mapped.table.frame, rows)
-    if rejects.height:
+    # The batch's files are written on the writer's thread while the next batch is checked.
+    then = None
+    if rows.select((pl.col("state") == "rejected").any()).item():
         x.reject_parts.append(part.with_suffix(".rejects"))
-        rejects.write_ipc(x.reject_parts[-1])
+        then = functools.partial(_write_rejects_part, x.file, mapped.table.frame, rows, x.reject_parts[-1])
+    writer.submit(x.parts[-1], rows, then)
     return unexplained
 
 
@@ -1041,6 +1060,10 @@ def base_rows(mapped: Mapped, validation: Validation, planned: Planned) -> pl.Da
         )
         .collect()
     )
+
+
+def _write_rejects_part(file: str, source: pl.DataFrame, rows: pl.DataFrame, part: Path) -> None:
+    rejects_frame(file, source, rows).write_ipc(part)
 
 
 def rejects_frame(file: str, source: pl.DataFrame, rows: pl.DataFrame) -> pl.DataFrame:
