@@ -85,7 +85,7 @@ from etl.report_html import TALLY_KEYS, tally_of, write_html
 from etl.rules import RULES
 from etl.settings import Settings
 from etl.transform import Planned, not_carried, plan, references
-from etl.validate import Carry, Validation, precheck, prepare, validate
+from etl.validate import Carry, Validation, precheck, prepare, validate, warm_up
 from schemas.canonical import KIND_SPECS, fields_of
 
 if TYPE_CHECKING:
@@ -520,6 +520,7 @@ def planned_in_batches(
     keys.payloads = _Payloads(work, destination) if payloads else None
     keys.resolves = destination.resolves_references
     today = dt.date.today()  # one date for every batch, though the run may pass midnight
+    warm_up()
     try:
         pending: list[pl.DataFrame] = []
         progress.start("read")

@@ -36,7 +36,7 @@ if TYPE_CHECKING:  # pandera is imported when a batch has a failing row: a clean
     import pandera.polars as pa
     from pandera.api.polars.types import PolarsData
 
-__all__ = ["REJECT_SCHEMA", "Carry", "Validation", "check", "name_key", "prepare", "validate"]
+__all__ = ["REJECT_SCHEMA", "Carry", "Validation", "check", "name_key", "prepare", "validate", "warm_up"]
 
 #: Columns of every rejects / warnings frame.
 REJECT_SCHEMA = {ROW: pl.UInt32, "code": pl.String, "field": pl.String, "value": pl.String, "message": pl.String}
@@ -1127,6 +1127,15 @@ def _pandera_check(code: str, flag: str) -> pa.Check:
         return data.lazyframe.select(pl.col(flag))
 
     return pa.Check(run, name=code, statistics={_FLAG: flag})
+
+
+def warm_up() -> None:
+    """Import pandera (the checks' declaration, a tenth of a second) on a thread of its own while the
+    first batch is read, rather than when its first failing row is met."""
+    import importlib
+    import threading
+
+    threading.Thread(target=importlib.import_module, args=("pandera.polars",), daemon=True).start()
 
 
 def schema_for(kind: str, rules: list[_Rule]) -> pa.DataFrameSchema:

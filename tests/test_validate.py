@@ -216,3 +216,21 @@ def test_the_queries_a_batch_runs_do_not_grow_with_its_share_of_failing_rows(mon
     every, every_rejects = run(broken)
     assert every_rejects > 10 * few_rejects and every_rejects > 5 * broken.frame.height
     assert every == few
+
+
+def test_warming_up_imports_the_checks_declaration_on_a_thread_of_its_own() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, time, threading\n"
+        "from etl.validate import warm_up\n"
+        "assert 'pandera.polars' not in sys.modules\n"
+        "warm_up()\n"
+        "print(threading.active_count() > 1)\n"
+        "deadline = time.monotonic() + 60\n"
+        "while 'pandera.polars' not in sys.modules and time.monotonic() < deadline: time.sleep(0.05)\n"
+        "print('pandera.polars' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["True", "True"]
