@@ -104,6 +104,10 @@ def test_created_from_reads_what_a_file_created_in_parts(store: StateStore) -> N
     still = pl.Series(["R0", "R2", "R3", "R4", "R5", "R\x00", None, "S1"])
     rest = [pair for part in store.created_from("immunization", "a.csv", besides=still) for pair in part]
     assert set(rest) == {("R", "imm_R"), ("R1", "imm_1"), ("R\x00", "imm_R\x00")}
+    # The same once the kind was read whole (kept until the next write), in parts as asked.
+    assert store.stored("immunization", still).height == 7  # the whole kind read: 10 records, 7 keys asked
+    kept = list(store.created_from("immunization", "a.csv", size=1, besides=still))
+    assert sorted(kept) == [[("R", "imm_R")], [("R1", "imm_1")]]  # here the NUL key is compared exactly
 
 
 def test_reads_and_writes_past_the_parameter_chunk(store: StateStore) -> None:

@@ -94,7 +94,7 @@ _CHUNK = 500  # SQLite's bound-parameter limit is far above this
 # StateStore.stored reads every record of a kind, not key by key, when it holds at most this many per key asked;
 # and keeps these columns of them until the next write.
 _SCAN_SHARE = 2
-_KEPT_COLUMNS = ("state", "resource_id", "body_hash")
+_KEPT_COLUMNS = ("state", "resource_id", "body_hash", "source_file")
 # The columns of a record that :meth:`StateStore.stored` reads, with their types in its frame.
 _FRAME_COLUMNS: dict[str, pl.DataType] = {
     "state": pl.String(), "resource_id": pl.String(), "body_hash": pl.String(), "http_status": pl.Int64(),
@@ -395,17 +395,18 @@ class StateStore:
         keys: pl.Series,
         *,
         states: Sequence[StoredState] | None = None,
-        columns: Sequence[str] = _KEPT_COLUMNS,
+        columns: Sequence[str] = ("state", "resource_id", "body_hash"),
     ) -> pl.DataFrame:
         """The records of ``kind`` among ``keys`` (those in one of ``states``, when given) as a frame:
         ``source_key`` and ``columns`` (of ``records``), a row per stored key, in no particular order.
 
         A set operation, whatever the number of keys: no :class:`Record` is built and no query is made per
         key. When the store holds not many more records of the kind than are asked for (a re-import), the
-        kind is read whole, in order, and kept (its ``state``, ``resource_id`` and ``body_hash``) until the
-        store is next written to (by this store, or any other connection): a run that asks again (matching,
-        then the count of what is left to send, then the skip of what was created; ``etl.send``) reads it
-        once. Otherwise the keys go to SQLite in one statement, a JSON array its ``json_each`` reads.
+        kind is read whole, in order, and kept (its ``state``, ``resource_id``, ``body_hash`` and
+        ``source_file``) until the store is next written to (by this store, or any other connection): a run
+        that asks again (matching, then the count of what is left to send, then the skip of what was
+        created, then what left the file: :meth:`created_from`; ``etl.send``) reads it once. Otherwise the
+        keys go to SQLite in one statement, a JSON array its ``json_each`` reads.
         """
         unknown = [c for c in columns if c not in _FRAME_COLUMNS]
         if unknown:
@@ -440,12 +441,8 @@ class StateStore:
     def _whole_kind(self, kind: str, asked: int) -> pl.DataFrame | None:
         """Every record of ``kind`` (``source_key`` and :data:`_KEPT_COLUMNS`), read whole, when that beats
         looking ``asked`` keys up one by one (about twice as quick per record); kept until the next write."""
-        version = (self.writes, self._db.execute("PRAGMA data_version").fetchone()[0])
-        if version != self._kept_at:  # written to since (here, or by another connection): read again
-            self._kept.clear()
-            self._kept_at = version
-        if kind in self._kept:
-            return self._kept[kind]
+        if (kept := self._kept_kind(kind)) is not None:
+            return kept
         held = self._db.execute("SELECT count(*) FROM records WHERE kind = ?", (kind,)).fetchone()[0]
         if held > _SCAN_SHARE * asked:
             return None
@@ -454,6 +451,14 @@ class StateStore:
                                 (kind,)).fetchall()
         self._kept[kind] = pl.DataFrame(rows, schema=schema, orient="row")
         return self._kept[kind]
+
+    def _kept_kind(self, kind: str) -> pl.DataFrame | None:
+        """The records of ``kind`` :meth:`_whole_kind` read, if nothing was written since."""
+        version = (self.writes, self._db.execute("PRAGMA data_version").fetchone()[0])
+        if version != self._kept_at:  # written to since (here, or by another connection): read again
+            self._kept.clear()
+            self._kept_at = version
+        return self._kept.get(kind)
 
     def in_state(self, kind: str, *states: StoredState) -> list[Record]:
         """Every record of ``kind`` in one of ``states``."""
@@ -553,10 +558,20 @@ class StateStore:
     ) -> Iterator[list[tuple[str, str]]]:
         """(source key, resource id) of what was created from a file of this name, ``size`` at a time.
 
-        ``besides``: source keys to leave out (those the file still has), left out by SQLite, so an
-        unchanged file's records are not read back one by one. A key holding a NUL character (which
-        SQLite's JSON cuts short) is not left out: a caller that passes one compares again.
+        ``besides``: source keys to leave out (those the file still has), left out by SQLite (or from the
+        kind :meth:`stored` read whole, when nothing was written since), so an unchanged file's records are
+        not read back one by one. A key holding a NUL character (which SQLite's JSON cuts short) may not be
+        left out: a caller that passes one compares again.
         """
+        kept = self._kept_kind(kind)
+        if kept is not None:  # the whole kind was read (a re-import): nothing more to read
+            mine = kept.filter((pl.col("source_file") == source_file) & (pl.col("state") == "created"))
+            if besides is not None:
+                mine = mine.join(besides.cast(pl.String).drop_nulls().unique().to_frame("source_key"),
+                                 on="source_key", how="anti")
+            for start in range(0, mine.height, size):
+                yield mine.slice(start, size).select("source_key", "resource_id").rows()
+            return
         sql = "SELECT source_key, resource_id FROM records WHERE kind = ? AND source_file = ? AND state = 'created'"
         params: list[object] = [kind, source_file]
         if besides is not None:
