@@ -164,7 +164,7 @@ def created_unchanged(state: StateStore, creates: pl.DataFrame) -> pl.DataFrame:
             .filter(~changed)
             .select("kind", "source_key", "resource_id")
         )
-    return pl.concat(found)
+    return pl.concat(found).unique(["kind", "source_key"])  # a result a key, as the loader's (a dict) gives
 
 
 @dataclass
