@@ -9,8 +9,11 @@ the sends:
    go to disk. A reference that the run, the crosswalk and the state store cannot explain waits
    for the end of its stage; then the target is asked about it (``GET /v1/<kind>/<id>``), once
    per distinct value.
-2. **Send.** Stage by stage, the creates are read back :data:`SEND_PART` at a time and given to
-   the loader (:meth:`etl.load.loader.Loader.run_part`). Each part's results go to disk; the
+2. **Send.** Stage by stage, the creates are read back :data:`SEND_PART` at a time. Those an
+   earlier run created and that have not changed are skipped in set operations (a join with the
+   state store: :func:`etl.load.loader.created_unchanged`; a weekly re-import of an unchanged
+   export sends, and builds, nothing a row); the rest are given to the loader
+   (:meth:`etl.load.loader.Loader.run_part`). Each part's results go to disk; the
    loader keeps only those that did not create (a child names them in its failure), and reads a
    created parent's id back from the state store.
 3. **Report.** Each batch's report rows take their creates' outcomes (a join with the results),
