@@ -103,7 +103,9 @@ def bench_reimport(data: Path, rows: int, work: Path, repeat: int = 3) -> dict[s
     """(h): the weekly re-import of an unchanged export: a load (bulk mode) of a realistic file into a
     sandbox, then the same file loaded again, each in a child process, next to ``validate`` of it.
 
-    The second load finds every row created earlier and unchanged: it sends nothing (``requests`` 0)."""
+    The second load finds every row created earlier and unchanged: it sends nothing (``requests`` 0).
+    ``fresh_target``: the same re-import once more into a new, empty sandbox at the same address: the
+    state store alone decides, so it sends nothing either (and asks the target nothing)."""
     from etl.sandbox import SandboxConfig, SandboxServer
 
     csv = data / f"realistic-{rows}.csv"
@@ -111,25 +113,30 @@ def bench_reimport(data: Path, rows: int, work: Path, repeat: int = 3) -> dict[s
         generate_realistic(csv, rows)
     state = work / "reimport.sqlite"
     env = {"CLINIK_ETL_BULK_PER_HOUR": "10000"}
+
+    def load(server: SandboxServer, folder: str) -> dict[str, Any]:
+        result = _child(_cli("load", str(csv), "--mode", "bulk", "-q", "--base-url", server.base_url,
+                             "--state", str(state), "--report-dir", str(work / folder)), env=env)
+        summary = json.loads((work / folder / "summary.json").read_text())
+        result["requests"] = summary.get("requests")
+        result["states"] = {k: v for k, v in summary["states"].items() if v}
+        return result
+
     with SandboxServer(SandboxConfig(bulk_operations_per_hour=10_000)) as server:
         env["CLINIKAPI_SECRET_KEY"] = server.api_key
-
-        def load(folder: str) -> dict[str, Any]:
-            result = _child(_cli("load", str(csv), "--mode", "bulk", "-q", "--base-url", server.base_url,
-                                 "--state", str(state), "--report-dir", str(work / folder)), env=env)
-            summary = json.loads((work / folder / "summary.json").read_text())
-            result["requests"] = summary.get("requests")
-            result["states"] = {k: v for k, v in summary["states"].items() if v}
-            return result
-
-        first = load("reimport-first")
+        first = load(server, "reimport-first")
         validates, again = [], []
         for _ in range(max(repeat, 1)):  # in turns, the quickest of each (see bench_pipeline)
             validates.append(_child(_cli("validate", str(csv), "-q", "--report-dir", str(work / "reimport-v"))))
-            again.append(load("reimport-again"))
+            again.append(load(server, "reimport-again"))
+        port = int(server.base_url.rsplit(":", 1)[1])
+    fresh_config = SandboxConfig(bulk_operations_per_hour=10_000, api_keys={env["CLINIKAPI_SECRET_KEY"]: "*"})
+    with SandboxServer(fresh_config, port=port) as fresh:  # the state store is bound to the address
+        fresh_target = load(fresh, "reimport-fresh")
     validate, reimport = _best(validates), _best(again)
     return {"rows": rows, "first_load": first, "validate": validate, "reimport": reimport,
-            "reimport_vs_validate": round(reimport["seconds"] / validate["seconds"], 2)}
+            "reimport_vs_validate": round(reimport["seconds"] / validate["seconds"], 2),
+            "fresh_target": fresh_target}
 
 
 def bench_scale(data: Path, rows: int, work: Path) -> dict[str, Any]:

@@ -250,7 +250,8 @@ class ClinikApi(Destination):
         from etl.load.bulk import BulkClient, BulkLoader, BulkOptions, choose_mode, remaining_requests
         from etl.load.loader import Loader
 
-        remaining = await remaining_requests(http, target.key) if settings.mode == "auto" else None
+        # Nothing to send (a re-import of an unchanged export): no need to ask how much the window holds.
+        remaining = await remaining_requests(http, target.key) if settings.mode == "auto" and unsent else None
         if choose_mode(settings.mode, unsent, remaining) == "request":
             return Loader(client, state, throttle, options, run_id, progress=progress)
         if settings.mode == "auto":

@@ -351,8 +351,7 @@ class Matcher:
         payloads = run.keys.payloads
         if payloads is None:
             return
-        creates = _creates(payloads.stages())
-        creates = _unknown_to_store(run.keys.state, creates)
+        creates = _creates(payloads.stages(), run.keys.state)
         decisions = _Decisions()
         reviews: list[pl.DataFrame] = []
         decided = read_decisions(settings.accept_review) if settings.accept_review else None
@@ -493,10 +492,11 @@ class Matcher:
         ).select("source_key", "state", "resource_id", "message")
 
 
-def _creates(stages: Iterator[tuple[int, Iterator[pl.DataFrame]]]) -> pl.DataFrame:
-    """The planned creates, a part at a time, as what matching reads of them (their bodies left behind):
-    ``kind, source_key, __row, person`` (a patient's fields), ``ref`` (the patient a body names), ``cvx``,
-    ``day``, ``npi``."""
+def _creates(stages: Iterator[tuple[int, Iterator[pl.DataFrame]]], state: StateStore | None) -> pl.DataFrame:
+    """The planned creates the state store holds no record of (:func:`_unknown_to_store`), a part at a time,
+    as what matching reads of them (their bodies left behind): ``kind, source_key, __row, person`` (a
+    patient's fields), ``ref`` (the patient a body names), ``cvx``, ``day``, ``npi``. The store is asked
+    first, so the bodies of a re-import's rows (all of them known) are never parsed."""
     body = pl.col("body")
     is_patient = pl.col("kind") == "patient"
     parts = [
@@ -509,7 +509,8 @@ def _creates(stages: Iterator[tuple[int, Iterator[pl.DataFrame]]]) -> pl.DataFra
             body.str.json_path_match("$.npi").alias("npi"),
         )
         for _, frames in stages
-        for frame in frames
+        for frame in (_unknown_to_store(state, f) for f in frames)
+        if frame.height
     ]
     if parts:
         return pl.concat(parts, how="vertical_relaxed")
@@ -518,29 +519,31 @@ def _creates(stages: Iterator[tuple[int, Iterator[pl.DataFrame]]]) -> pl.DataFra
 
 
 def _unknown_to_store(state: StateStore | None, creates: pl.DataFrame) -> pl.DataFrame:
-    """The creates the state store holds no record of (those it holds are skipped, resolved or sent again
-    by the loader, as before)."""
+    """The creates the state store holds no record of, or one of a failed send (those it holds are skipped,
+    resolved or sent again by the loader, as before); one store read per kind (a set operation)."""
     if state is None or creates.is_empty():
         return creates
-    known: list[tuple[str, str]] = []
-    for (kind,), mine in creates.group_by("kind"):
-        records = state.get(str(kind), mine.get_column("source_key").unique().to_list())
-        known += [(str(kind), k) for k, rec in records.items() if rec.state != "failed"]
-    held = pl.DataFrame(known, schema={"kind": pl.String, "source_key": pl.String}, orient="row")
-    return creates.join(held, on=["kind", "source_key"], how="anti")
+    held = [
+        state.stored(str(kind), mine.get_column("source_key"), states=("pending", "created", "unknown"), columns=())
+        .select(pl.lit(str(kind)).alias("kind"), "source_key")
+        for (kind,), mine in creates.select("kind", "source_key").group_by("kind")
+    ]
+    return creates.join(pl.concat(held), on=["kind", "source_key"], how="anti", maintain_order="left")
 
 
 def _patient_ids(run: Run, keys: pl.Series) -> pl.DataFrame:
     """``patient_key, patient_id``: the ClinikAPI id of each patient key that exists already (matched now,
     created by an earlier run, or in the crosswalk)."""
-    found = {k: run.keys.known[("patient", k)] for k in keys.to_list() if ("patient", k) in run.keys.known}
+    schema = {"patient_key": pl.String, "patient_id": pl.String}
+    linked = pl.DataFrame([(k, v) for (kind, k), v in run.keys.known.items() if kind == "patient"],
+                          schema=schema, orient="row")
+    found = keys.to_frame("patient_key").join(linked, on="patient_key", how="inner")
     if run.keys.state is not None:
-        rest = [k for k in keys.to_list() if k not in found]
-        for key, rec in run.keys.state.get("patient", rest).items():
-            if rec.state == "created" and rec.resource_id:
-                found[key] = rec.resource_id
-    return pl.DataFrame({"patient_key": list(found), "patient_id": list(found.values())},
-                        schema={"patient_key": pl.String, "patient_id": pl.String})
+        rest = keys.to_frame("patient_key").join(found, on="patient_key", how="anti").get_column("patient_key")
+        stored = run.keys.state.stored("patient", rest, states=("created",), columns=("resource_id",))
+        found = pl.concat([found, stored.filter(pl.col("resource_id").fill_null("") != "").select(
+            pl.col("source_key").alias("patient_key"), pl.col("resource_id").alias("patient_id"))])
+    return found
 
 
 def _apply_decisions(outcome: pl.DataFrame, decided: pl.DataFrame) -> pl.DataFrame:

@@ -9,8 +9,11 @@ the sends:
    go to disk. A reference that the run, the crosswalk and the state store cannot explain waits
    for the end of its stage; then the target is asked about it (``GET /v1/<kind>/<id>``), once
    per distinct value.
-2. **Send.** Stage by stage, the creates are read back :data:`SEND_PART` at a time and given to
-   the loader (:meth:`etl.load.loader.Loader.run_part`). Each part's results go to disk; the
+2. **Send.** Stage by stage, the creates are read back :data:`SEND_PART` at a time. Those an
+   earlier run created and that have not changed are skipped in set operations (a join with the
+   state store: :func:`etl.load.loader.created_unchanged`; a weekly re-import of an unchanged
+   export sends, and builds, nothing a row); the rest are given to the loader
+   (:meth:`etl.load.loader.Loader.run_part`). Each part's results go to disk; the
    loader keeps only those that did not create (a child names them in its failure), and reads a
    created parent's id back from the state store.
 3. **Report.** Each batch's report rows take their creates' outcomes (a join with the results),
@@ -62,6 +65,7 @@ __all__ = [
     "outcome_patients",
     "results_table",
     "sends_of",
+    "skipped_table",
     "stop_on_signals",
     "unsent_count",
     "with_outcomes",
@@ -153,6 +157,7 @@ async def _send(
     """Send the planned creates stage by stage, a part at a time; the results table, the loader, and the HTTP
     versions of the responses."""
     from etl.load.client import http_client
+    from etl.load.loader import created_unchanged
     from etl.load.throttle import Throttle
 
     throttle = Throttle(settings.rate)
@@ -182,9 +187,14 @@ async def _send(
             with stop_on_signals(loader):
                 for frame in creates_in_parts(run):
                     kinds.update(dict.fromkeys(frame.get_column("kind").unique(maintain_order=True)))
-                    results = await loader.run_part(sends_of(frame, destination.route))
+                    # What an earlier run created and that has not changed is skipped here, in set
+                    # operations (a weekly re-import of an unchanged export: every row); the loader
+                    # gets the rest.
+                    earlier = created_unchanged(state, frame)
+                    rest = frame.join(earlier, on=["kind", "source_key"], how="anti", maintain_order="left")
+                    results = await loader.run_part(sends_of(rest, destination.route)) if rest.height else {}
                     parts.append(run.work / f"results-{len(parts):06d}.ipc")
-                    results_table(results).write_ipc(parts[-1])
+                    pl.concat([skipped_table(earlier), results_table(results)]).write_ipc(parts[-1])
         finally:
             loader.end()
             loader.stats.requests += destination.lookup_requests(lookup)
@@ -228,7 +238,7 @@ def sends_of(frame: pl.DataFrame, route: Callable[[str], str]) -> list[Send]:
 def _unsent(run: Run, state: StateStore) -> int:
     """About how many creates the load will send: those the state store does not hold as created."""
     return sum(
-        unsent_count(state, str(kind), mine.get_column("source_key").to_list())
+        unsent_count(state, str(kind), mine.get_column("source_key"))
         for frame in creates_in_parts(run)
         for (kind,), mine in frame.group_by("kind")
     )
@@ -264,6 +274,18 @@ def results_table(results: dict[tuple[str, str], Result]) -> pl.DataFrame:
         schema=_RESULTS,
         orient="row",
     )
+
+
+def skipped_table(earlier: pl.DataFrame) -> pl.DataFrame:
+    """Results (as :func:`results_table`'s) of the creates an earlier run made that have not changed
+    (``kind, source_key, resource_id``: :func:`etl.load.loader.created_unchanged`): skipped, with their ids."""
+    from etl.load.loader import CREATED_EARLIER
+
+    return earlier.select(
+        "kind", "source_key", pl.lit("skipped").alias("r_state"), pl.col("resource_id").alias("r_id"),
+        pl.lit(None, dtype=pl.Int64).alias("r_status"), pl.lit(None, dtype=pl.String).alias("r_code"),
+        pl.lit(None, dtype=pl.String).alias("r_field"), pl.lit(CREATED_EARLIER).alias("r_message"),
+    ).cast(_RESULTS)  # type: ignore[arg-type]
 
 
 def outcome_patients(table: pl.DataFrame) -> pl.DataFrame:
@@ -303,22 +325,20 @@ GONE = {"source_file": pl.String, "kind": pl.String, "source_key": pl.String, "r
 
 def disappeared_from(state: StateStore, file: str, kind: str, rows: pl.LazyFrame) -> pl.DataFrame:
     """What an earlier run created from a file named as ``file`` that its report ``rows`` (``row_key``,
-    ``source_key``) no longer hold; the state store is read a part at a time (a first load's own
-    creates are there too: millions)."""
+    ``source_key``) no longer hold; the state store leaves out what they hold (an unchanged file: all of
+    it) and hands the rest over a part at a time (a first load's own creates are there too: millions)."""
     name = Path(file).name
     gone = [pl.DataFrame(schema=GONE)]
-    present: pl.DataFrame | None = None
-    for part in state.created_from(kind, name):
-        if present is None:
-            present = (
-                rows.select(pl.concat_list("row_key", "source_key").alias("source_key"))
-                .explode("source_key")
-                .drop_nulls()
-                .unique()
-                .collect()
-            )
+    present = (
+        rows.select(pl.concat_list("row_key", "source_key").alias("source_key"))
+        .explode("source_key")
+        .drop_nulls()
+        .unique()
+        .collect()
+    )
+    for part in state.created_from(kind, name, besides=present.get_column("source_key")):
         earlier = pl.DataFrame(part, schema={"source_key": pl.String, "resource_id": pl.String}, orient="row")
-        gone.append(
+        gone.append(  # compared again: the store leaves out all but the rare key it cannot compare
             earlier.join(present, on="source_key", how="anti", maintain_order="left").select(
                 pl.lit(name).alias("source_file"), pl.lit(kind).alias("kind"), "source_key", "resource_id"
             )
@@ -326,10 +346,10 @@ def disappeared_from(state: StateStore, file: str, kind: str, rows: pl.LazyFrame
     return pl.concat(gone)
 
 
-def unsent_count(state: StateStore, kind: str, keys: list[str]) -> int:
+def unsent_count(state: StateStore, kind: str, keys: pl.Series | list[str]) -> int:
     """How many of a kind's keys the state store does not hold as created (a load will send them)."""
-    created = state.created_keys(kind, keys)
-    return sum(1 for k in keys if k not in created)
+    keys = keys if isinstance(keys, pl.Series) else pl.Series(keys, dtype=pl.String)
+    return keys.len() - state.stored(kind, keys, states=("created",), columns=()).height
 
 
 @contextlib.contextmanager

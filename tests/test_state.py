@@ -96,6 +96,18 @@ def test_created_from_reads_what_a_file_created_in_parts(store: StateStore) -> N
     assert [len(p) for p in parts] == [4, 2]
     assert sorted(pair for part in parts for pair in part) == sorted((f"R{i}", f"imm_{i}") for i in range(6))
     assert list(store.created_from("immunization", "c.csv")) == []
+    # Less what the file still has: only the rest comes back (a key with a NUL is never left out: see its doc).
+    store.mark_pending("immunization", [("R\x00", "h"), ("R", "h")], "run1", source_file="a.csv")
+    store.record_outcomes([Record("immunization", k, "created", resource_id=f"imm_{k}") for k in ("R\x00", "R")])
+    import polars as pl
+
+    still = pl.Series(["R0", "R2", "R3", "R4", "R5", "R\x00", None, "S1"])
+    rest = [pair for part in store.created_from("immunization", "a.csv", besides=still) for pair in part]
+    assert set(rest) == {("R", "imm_R"), ("R1", "imm_1"), ("R\x00", "imm_R\x00")}
+    # The same once the kind was read whole (kept until the next write), in parts as asked.
+    assert store.stored("immunization", still).height == 7  # the whole kind read: 10 records, 7 keys asked
+    kept = list(store.created_from("immunization", "a.csv", size=1, besides=still))
+    assert sorted(kept) == [[("R", "imm_R")], [("R1", "imm_1")]]  # here the NUL key is compared exactly
 
 
 def test_reads_and_writes_past_the_parameter_chunk(store: StateStore) -> None:
@@ -179,3 +191,57 @@ def test_created_keys_are_those_stored_as_created_of_that_kind(store: StateStore
     assert created == set(keys[::2])  # not the failed, unknown or pending ones, nor an unknown key
     assert store.created_keys("immunization", keys) == {"P7"}  # per kind
     assert unsent_count(store, "patient", [*keys, "P9999"]) == len(keys) - len(keys[::2]) + 1
+
+
+def test_stored_reads_many_keys_as_one_frame(store: StateStore) -> None:
+    import polars as pl
+
+    # Keys a JSON array must carry as they are: quotes, backslashes, non-ASCII, a line separator, and a
+    # NUL (SQLite's JSON stops at one: such a key is bound as a parameter instead, and still found).
+    odd = ['P"1', "P\\2", "Pé3", "P\u20284", "P\x005", "P\x00"]
+    keys = [f"P{i}" for i in range(1, 1203)] + odd
+    store.mark_pending("patient", [(k, f"h{k}") for k in keys], "run1")
+    store.mark_pending("immunization", [("P7", "h")], "run1")
+    store.record_outcomes(
+        [Record("patient", k, "created", resource_id=f"pat_{k}", http_status=201) for k in keys[::2]]
+        + [Record("patient", "P2", "failed", http_status=422, error_code="E", message="m"),
+           Record("patient", "P4", "unknown", message="no answer in time")]
+    )
+    asked = pl.Series([*keys, "P9999", "P\x00", None], dtype=pl.String)  # an unknown key, a repeat, a null
+    every = store.stored("patient", asked).sort("source_key")
+    assert every.columns == ["source_key", "state", "resource_id", "body_hash"]
+    assert every.get_column("source_key").to_list() == sorted(keys)  # each stored key once, nothing else
+    records = store.get("patient", keys)
+    assert {k: (s, r, h) for k, s, r, h in every.iter_rows()} == {
+        k: (rec.state, rec.resource_id, rec.body_hash) for k, rec in records.items()
+    }
+    created = store.stored("patient", asked, states=("created",), columns=("resource_id",))
+    assert dict(created.iter_rows()) == {k: f"pat_{k}" for k in keys[::2]}
+    assert set(store.stored("patient", asked, states=("failed", "unknown"), columns=()).get_column(
+        "source_key")) == {"P2", "P4"}
+    assert store.stored("immunization", asked, columns=("state",)).rows() == [("P7", "pending")]  # per kind
+    assert store.stored("patient", pl.Series([], dtype=pl.String)).height == 0
+    # A few keys of many stored (looked up one by one, not read all): the same answers.
+    few = pl.Series(["P\x005", 'P"1', "P2", "P9999", "Pé3", "P\x00"])
+    assert sorted(store.stored("patient", few, columns=("state",)).rows()) == sorted(
+        (k, rec.state) for k, rec in store.get("patient", few.to_list()).items()
+    )
+    assert store.stored("patient", few, states=("created",), columns=()).height == 3  # P\x005, P"1 and Pé3
+    with pytest.raises(ValueError, match="not a column"):
+        store.stored("patient", asked, columns=("state; DROP TABLE records",))
+
+
+def test_a_kind_read_whole_is_read_again_once_written_to(store: StateStore, tmp_path: Path) -> None:
+    import polars as pl
+
+    keys = pl.Series([f"P{i}" for i in range(10)])
+    store.mark_pending("patient", [(k, "h") for k in keys], "run1")
+    store.record_outcomes([Record("patient", k, "created", resource_id=f"pat_{k}") for k in keys])
+    created = lambda: store.stored("patient", keys, states=("created",), columns=()).height  # noqa: E731
+    assert created() == 10  # the whole kind read (every key asked), and kept
+    store.record_outcomes([Record("patient", "P0", "failed", http_status=422)])  # written here
+    assert created() == 9
+    with StateStore(store.path, target=TARGET) as other:  # written by another connection
+        other.record_outcomes([Record("patient", "P1", "unknown")])
+    assert created() == 8
+    assert dict(store.stored("patient", keys, columns=("state",)).rows())["P1"] == "unknown"

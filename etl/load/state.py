@@ -34,6 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import polars as pl
+
 from etl.errors import StateError
 from etl.files import check_private_file, create_private_file, private_dir
 
@@ -89,6 +91,16 @@ _OTHER_TABLES = frozenset({"bulk_batches"})
 # Columns added to layout 1 before layouts were stamped: a store written by an older release gains them.
 _ADDED_COLUMNS = (("records", ("body", "source_file")), ("runs", ("job",)))
 _CHUNK = 500  # SQLite's bound-parameter limit is far above this
+# StateStore.stored reads every record of a kind, not key by key, when it holds at most this many per key asked;
+# and keeps these columns of them until the next write.
+_SCAN_SHARE = 2
+_KEPT_COLUMNS = ("state", "resource_id", "body_hash", "source_file")
+# The columns of a record that :meth:`StateStore.stored` reads, with their types in its frame.
+_FRAME_COLUMNS: dict[str, pl.DataType] = {
+    "state": pl.String(), "resource_id": pl.String(), "body_hash": pl.String(), "http_status": pl.Int64(),
+    "error_code": pl.String(), "message": pl.String(), "attempts": pl.Int64(), "sent_at": pl.Float64(),
+    "updated_at": pl.Float64(), "source_file": pl.String(),
+}
 _BUSY_MS = 5000  # how long to wait for another connection's write to end before calling the store locked
 
 
@@ -200,6 +212,10 @@ class StateStore:
         ``warn`` is told of a file whose loose mode was tightened (default: a line on stderr).
         """
         self.path = Path(path)
+        #: Writes to ``records`` through this store: what was read before it changed may be out of date.
+        self.writes = 0
+        self._kept: dict[str, pl.DataFrame] = {}  # whole kinds read by stored(), while nothing is written
+        self._kept_at: tuple[int, int] | None = None
         private_dir(self.path.parent)
         # Owner-only from the first byte, and never through a symbolic link.
         create_private_file(self.path)
@@ -370,15 +386,79 @@ class StateStore:
 
     def created_keys(self, kind: str, keys: Sequence[str]) -> set[str]:
         """Which of these source keys of ``kind`` are stored as created (the keys alone: no record is built)."""
-        found: set[str] = set()
-        for chunk in _chunks(keys):
+        found = self.stored(kind, pl.Series(keys, dtype=pl.String), states=("created",), columns=())
+        return set(found.get_column("source_key").to_list())
+
+    def stored(
+        self,
+        kind: str,
+        keys: pl.Series,
+        *,
+        states: Sequence[StoredState] | None = None,
+        columns: Sequence[str] = ("state", "resource_id", "body_hash"),
+    ) -> pl.DataFrame:
+        """The records of ``kind`` among ``keys`` (those in one of ``states``, when given) as a frame:
+        ``source_key`` and ``columns`` (of ``records``), a row per stored key, in no particular order.
+
+        A set operation, whatever the number of keys: no :class:`Record` is built and no query is made per
+        key. When the store holds not many more records of the kind than are asked for (a re-import), the
+        kind is read whole, in order, and kept (its ``state``, ``resource_id``, ``body_hash`` and
+        ``source_file``) until the store is next written to (by this store, or any other connection): a run
+        that asks again (matching, then the count of what is left to send, then the skip of what was
+        created, then what left the file: :meth:`created_from`; ``etl.send``) reads it once. Otherwise the
+        keys go to SQLite in one statement, a JSON array its ``json_each`` reads.
+        """
+        unknown = [c for c in columns if c not in _FRAME_COLUMNS]
+        if unknown:
+            raise ValueError(f"not a column of a stored record: {', '.join(unknown)}")
+        keys = keys.cast(pl.String).drop_nulls()
+        schema: dict[str, pl.DataType] = {"source_key": pl.String(), **{c: _FRAME_COLUMNS[c] for c in columns}}
+        kept = set(columns) <= set(_KEPT_COLUMNS)
+        if kept and (whole := self._whole_kind(kind, keys.len())) is not None:
+            if states is not None:
+                whole = whole.filter(pl.col("state").is_in(list(states)))
+            return whole.join(keys.unique().to_frame("source_key"), on="source_key", how="semi").select(
+                "source_key", *columns)
+        select = ", ".join(("source_key", *columns))
+        where = "kind = ?"
+        params: list[object] = [kind]
+        if states is not None:
+            where += f" AND state IN ({','.join('?' * len(states))})"
+            params += list(states)
+        # SQLite's JSON reads text up to a NUL character: a key holding one (rare) is bound as a parameter.
+        odd = keys.str.contains("\x00", literal=True)
+        rows = self._db.execute(
+            f"SELECT {select} FROM records WHERE {where} AND source_key IN (SELECT value FROM json_each(?))",
+            [*params, json.dumps(keys.filter(~odd).to_list())],
+        ).fetchall()
+        for chunk in _chunks(keys.filter(odd).to_list()):
             marks = ",".join("?" * len(chunk))
-            cur = self._db.execute(
-                f"SELECT source_key FROM records WHERE kind = ? AND state = 'created' AND source_key IN ({marks})",
-                [kind, *chunk],
-            )
-            found.update(r[0] for r in cur)
-        return found
+            rows += self._db.execute(
+                f"SELECT {select} FROM records WHERE {where} AND source_key IN ({marks})", [*params, *chunk]
+            ).fetchall()
+        return pl.DataFrame(rows, schema=schema, orient="row")
+
+    def _whole_kind(self, kind: str, asked: int) -> pl.DataFrame | None:
+        """Every record of ``kind`` (``source_key`` and :data:`_KEPT_COLUMNS`), read whole, when that beats
+        looking ``asked`` keys up one by one (about twice as quick per record); kept until the next write."""
+        if (kept := self._kept_kind(kind)) is not None:
+            return kept
+        held = self._db.execute("SELECT count(*) FROM records WHERE kind = ?", (kind,)).fetchone()[0]
+        if held > _SCAN_SHARE * asked:
+            return None
+        schema = {"source_key": pl.String(), **{c: _FRAME_COLUMNS[c] for c in _KEPT_COLUMNS}}
+        rows = self._db.execute(f"SELECT source_key, {', '.join(_KEPT_COLUMNS)} FROM records WHERE kind = ?",
+                                (kind,)).fetchall()
+        self._kept[kind] = pl.DataFrame(rows, schema=schema, orient="row")
+        return self._kept[kind]
+
+    def _kept_kind(self, kind: str) -> pl.DataFrame | None:
+        """The records of ``kind`` :meth:`_whole_kind` read, if nothing was written since."""
+        version = (self.writes, self._db.execute("PRAGMA data_version").fetchone()[0])
+        if version != self._kept_at:  # written to since (here, or by another connection): read again
+            self._kept.clear()
+            self._kept_at = version
+        return self._kept.get(kind)
 
     def in_state(self, kind: str, *states: StoredState) -> list[Record]:
         """Every record of ``kind`` in one of ``states``."""
@@ -434,6 +514,7 @@ class StateStore:
             key, body_hash = item[0], item[1]
             body = item[2] if len(item) > 2 else None
             rows.append((kind, key, body_hash, run_id, now, now, body, source_file))
+        self.writes += 1
         with self.transaction():
             self._db.executemany(
                 "INSERT INTO records (kind, source_key, state, body_hash, attempts, run_id, sent_at, updated_at,"
@@ -472,17 +553,39 @@ class StateStore:
         """Every kind with stored records."""
         return [r[0] for r in self._db.execute("SELECT DISTINCT kind FROM records ORDER BY kind")]
 
-    def created_from(self, kind: str, source_file: str, size: int = 50_000) -> Iterator[list[tuple[str, str]]]:
-        """(source key, resource id) of what was created from a file of this name, ``size`` at a time."""
-        cur = self._db.execute(
-            "SELECT source_key, resource_id FROM records WHERE kind = ? AND source_file = ? AND state = 'created'",
-            (kind, source_file),
-        )
+    def created_from(
+        self, kind: str, source_file: str, size: int = 50_000, *, besides: pl.Series | None = None
+    ) -> Iterator[list[tuple[str, str]]]:
+        """(source key, resource id) of what was created from a file of this name, ``size`` at a time.
+
+        ``besides``: source keys to leave out (those the file still has), left out by SQLite (or from the
+        kind :meth:`stored` read whole, when nothing was written since), so an unchanged file's records are
+        not read back one by one. A key holding a NUL character (which SQLite's JSON cuts short) may not be
+        left out: a caller that passes one compares again.
+        """
+        kept = self._kept_kind(kind)
+        if kept is not None:  # the whole kind was read (a re-import): nothing more to read
+            mine = kept.filter((pl.col("source_file") == source_file) & (pl.col("state") == "created"))
+            if besides is not None:
+                mine = mine.join(besides.cast(pl.String).drop_nulls().unique().to_frame("source_key"),
+                                 on="source_key", how="anti")
+            for start in range(0, mine.height, size):
+                yield mine.slice(start, size).select("source_key", "resource_id").rows()
+            return
+        sql = "SELECT source_key, resource_id FROM records WHERE kind = ? AND source_file = ? AND state = 'created'"
+        params: list[object] = [kind, source_file]
+        if besides is not None:
+            plain = besides.cast(pl.String).drop_nulls()
+            plain = plain.filter(~plain.str.contains("\x00", literal=True))
+            sql += " AND source_key NOT IN (SELECT value FROM json_each(?))"
+            params.append(json.dumps(plain.to_list()))
+        cur = self._db.execute(sql, params)
         while part := cur.fetchmany(size):
             yield part
 
     def set_hash(self, kind: str, items: Iterable[tuple[str, str]]) -> None:
         """Record the body hash of rows updated in place (``--update``)."""
+        self.writes += 1
         with self.transaction():
             self._db.executemany(
                 "UPDATE records SET body_hash = ?, updated_at = ? WHERE kind = ? AND source_key = ?",
@@ -492,6 +595,7 @@ class StateStore:
     def record_outcomes(self, records: Iterable[Record]) -> None:
         """Store outcomes, in one transaction."""
         now = time.time()
+        self.writes += 1
         with self.transaction():
             self._db.executemany(
                 "UPDATE records SET state = ?, resource_id = ?, http_status = ?, error_code = ?, message = ?,"
