@@ -1196,8 +1196,9 @@ def check(
 
     Every rule is one polars expression; all of them are evaluated in a single pass over the
     frame. The rows that failed at least one then go through the checks the pandera schema
-    (:func:`schema_for`) declares, each failure named by its column and code, in one lazy query
-    with one collect, whatever the share of failing rows.
+    (:func:`schema_for`) declares, each failure named by its column and code: the rules are
+    evaluated on them in one query, and the declared checks read the outcomes in a second, however
+    many rows fail.
     A frame that went through :func:`precheck` has its single-row rules' outcome already.
     """
     rules = _rules(kind, today, prepared.columns, severity)
@@ -1216,16 +1217,17 @@ def check(
     # Only the columns the rules read are taken along: filtering the whole wide batch would copy it.
     read = {ROW, *(name for p in passes for name in p.meta.root_names())}
     failing = prepared.select(c for c in prepared.columns if c in read).filter(fails)
-    # The schema declares the checks; they run here as one polars query over the failing rows (one
-    # collect), not as pandera's collect per check: a batch's cost no longer grows with its rules.
+    # The schema declares the checks; they run here as polars queries over the failing rows (two
+    # collects), not as pandera's collect per check: a batch's cost does not grow with its rules.
     declared = _declared_checks(kind, rules)
     texts = pl.DataFrame(
         {"field": [r.field for r in rules], "code": [r.code for r in rules], "message": [r.message for r in rules]}
     ).unique(["field", "code"], keep="first", maintain_order=True)
-    outcomes = (
+    outcomes = (  # every rule's outcome on the failing rows, evaluated once and read by every check below
         failing.lazy()
         .select(pl.col(ROW).cast(pl.UInt32), *(p.alias(flag) for p, flag in zip(passes, flags, strict=True)))
-        .cache()  # evaluated once, read by every check below
+        .collect()
+        .lazy()
     )
     # Flag by flag (the rules' order), each flag's failing rows in row order, as pandera lists them:
     # a filter per check, not a line per (row, check) to filter (a batch whose every row fails
