@@ -16,6 +16,7 @@ message``); rows without any are valid.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -821,15 +822,23 @@ def _rules(
     ``columns`` are the prepared frame's: a hazard rule is there only when its hazard was found
     (the companion column it reads, ``__yy``, ``__zero`` ..., exists).
     """
+    return list(_chosen(kind, today, frozenset(columns), tuple(sorted((severity or {}).items())), level))
+
+
+@functools.lru_cache(maxsize=64)
+def _chosen(
+    kind: str, today: dt.date, columns: frozenset[str], severity: tuple[tuple[str, str], ...], level: str
+) -> tuple[_Rule, ...]:
+    """:func:`_rules`, built once per kind, date, columns and severities (every batch of a file asks the same)."""
     chosen: list[_Rule] = []
-    for rule in _all_rules(kind, today, frozenset(columns)):
-        own = severity_of(rule.code, severity)
+    for rule in _all_rules(kind, today, columns):
+        own = severity_of(rule.code, dict(severity))
         if own is None:  # a fixed rule: its kind says
             entry = explain(rule.code)
             own = "error" if entry is not None and entry.kind == "reject" else "warning"
         if own == level:
             chosen.append(rule)
-    return chosen
+    return tuple(chosen)
 
 
 #: Encounter statuses whose start may be in the future.
