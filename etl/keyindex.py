@@ -24,8 +24,28 @@ nothing asked for yet) costs an append per batch.
 
 from __future__ import annotations
 
-import numpy as np
+import importlib
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
+
 import polars as pl
+
+if TYPE_CHECKING:
+    import numpy as np
+else:
+
+    class _Imported:
+        """numpy, imported when first used: a command that never looks a key up, and every command's
+        start, does not wait for it (:func:`etl.validate.warm_up` imports it on a thread meanwhile)."""
+
+        module: ModuleType | None = None
+
+        def __getattr__(self, name: str) -> Any:
+            if _Imported.module is None:
+                _Imported.module = importlib.import_module("numpy")
+            return getattr(_Imported.module, name)
+
+    np = _Imported()
 
 __all__ = ["KeyIndex"]
 
@@ -34,7 +54,6 @@ _HASH = "__hash"
 _CHECK = "__check"  # a second 64-bit hash of the key, with another seed
 _SEED = 0x5EED_C0DE
 WAIT_ROWS = 1_000_000  # rows waiting to be added, at most, before they are merged in
-_NONE = np.zeros(0, dtype=np.int64)
 
 
 class _Filter:
@@ -110,8 +129,7 @@ class KeyIndex:
         present = keys.is_not_null().to_numpy()
         found = np.zeros(n, dtype=np.bool_)
         values: pl.DataFrame | None = None
-        sought = np.flatnonzero(self._filter.may_hold(hashes, checks) & present) if self.runs else _NONE
-        if len(sought):
+        if self.runs and len(sought := np.flatnonzero(self._filter.may_hold(hashes, checks) & present)):
             hit, stored = self._sought(hashes[sought], checks[sought])
             found[sought] = hit
             if stored is not None:

@@ -1139,12 +1139,16 @@ def _pandera_check(code: str, flag: str) -> pa.Check:
 
 
 def warm_up() -> None:
-    """Import pandera (the checks' declaration, a tenth of a second) on a thread of its own while the
-    first batch is read, rather than when its first failing row is met."""
+    """Import pandera (the checks' declaration) and numpy (the key indexes'), a tenth of a second each,
+    on a thread of their own while the first batch is read, rather than when first needed."""
     import importlib
     import threading
 
-    threading.Thread(target=importlib.import_module, args=("pandera.polars",), daemon=True).start()
+    def imports() -> None:
+        for name in ("numpy", "pandera.polars"):  # numpy: etl.keyindex's, at the first batch's lookups
+            importlib.import_module(name)
+
+    threading.Thread(target=imports, daemon=True).start()
 
 
 def schema_for(kind: str, rules: list[_Rule]) -> pa.DataFrameSchema:
