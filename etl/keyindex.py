@@ -67,8 +67,18 @@ class _Filter:
     """
 
     def __init__(self) -> None:
-        self.words = np.zeros(1 << 10, dtype=np.uint64)
+        self._words: np.ndarray | None = None  # made at the first add (numpy is imported when first used)
         self.held = 0
+
+    @property
+    def words(self) -> np.ndarray:
+        if self._words is None:
+            self._words = np.zeros(1 << 10, dtype=np.uint64)
+        return self._words
+
+    @words.setter
+    def words(self, words: np.ndarray) -> None:
+        self._words = words
 
     def _at(self, hashes: np.ndarray, checks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         word = (hashes >> np.uint64(32)) & np.uint64(len(self.words) - 1)

@@ -218,19 +218,21 @@ def test_the_queries_a_batch_runs_do_not_grow_with_its_share_of_failing_rows(mon
     assert every == few
 
 
-def test_warming_up_imports_the_checks_declaration_on_a_thread_of_its_own() -> None:
+def test_warming_up_imports_pandera_and_numpy_on_a_thread_of_their_own() -> None:
     import subprocess
     import sys
 
     code = (
         "import sys, time, threading\n"
-        "from etl.validate import warm_up\n"
-        "assert 'pandera.polars' not in sys.modules\n"
+        "from etl.validate import Carry, warm_up\n"
+        "from etl.keyindex import KeyIndex\n"
+        "Carry(), KeyIndex()\n"
+        "assert 'pandera.polars' not in sys.modules and 'numpy' not in sys.modules\n"
         "warm_up()\n"
         "print(threading.active_count() > 1)\n"
         "deadline = time.monotonic() + 60\n"
-        "while 'pandera.polars' not in sys.modules and time.monotonic() < deadline: time.sleep(0.05)\n"
-        "print('pandera.polars' in sys.modules)\n"
+        "while not {'numpy', 'pandera.polars'} <= set(sys.modules) and time.monotonic() < deadline: time.sleep(0.05)\n"
+        "print('pandera.polars' in sys.modules and 'numpy' in sys.modules)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["True", "True"]
