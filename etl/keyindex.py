@@ -52,6 +52,7 @@ __all__ = ["KeyIndex"]
 KEY = "key"
 _HASH = "__hash"
 _CHECK = "__check"  # a second 64-bit hash of the key, with another seed
+_AT = "__at"  # a row's position, while values are put in their rows
 _SEED = 0x5EED_C0DE
 WAIT_ROWS = 1_000_000  # rows waiting to be added, at most, before they are merged in
 
@@ -142,11 +143,14 @@ class KeyIndex:
         if self.runs and len(sought := np.flatnonzero(self._filter.may_hold(hashes, checks) & present)):
             hit, stored = self._sought(hashes[sought], checks[sought])
             found[sought] = hit
-            if stored is not None:
-                at = pl.Series(sought[hit], dtype=pl.UInt32)
-                values = pl.DataFrame(
-                    pl.repeat(None, n, dtype=self.schema[name], eager=True).alias(name).scatter(at, stored[name])
-                    for name in stored.columns
+            if stored is not None and not stored.is_empty():
+                # Each hit's values set at its row: one join for every column (not a scatter each).
+                values = (
+                    pl.int_range(n, dtype=pl.UInt32, eager=True).to_frame(_AT).lazy()
+                    .join(stored.lazy().with_columns(pl.Series(_AT, sought[hit], dtype=pl.UInt32)), on=_AT,
+                          how="left", maintain_order="left")
+                    .drop(_AT)
+                    .collect()
                 )
         if add:
             first = keys.is_first_distinct().to_numpy()  # the first row of a key wins
@@ -189,10 +193,8 @@ class KeyIndex:
         names = [n for n in self.schema if n != KEY]
         if not names:
             return found.to_frame()
-        if values is None:
-            values = pl.DataFrame(
-                [pl.repeat(None, len(keys), dtype=self.schema[n], eager=True).alias(n) for n in names]
-            )
+        if values is None:  # one query for every column
+            values = pl.select(pl.repeat(None, len(keys), dtype=self.schema[n]).alias(n) for n in names)
         return values.insert_column(0, found)
 
     def contains(self, keys: pl.Series) -> pl.Series:
