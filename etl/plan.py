@@ -1124,11 +1124,12 @@ def reject_document_siblings(rows: pl.DataFrame) -> pl.DataFrame:
 
 def created_in_store(state: StateStore, refs: pl.DataFrame) -> pl.DataFrame:
     """The (kind, key) pairs of ``refs`` that an earlier run created, by the state store."""
-    found: list[tuple[str, str]] = []
-    for (kind,), mine in refs.group_by("kind"):
-        wanted = mine.get_column("key").drop_nulls().unique().to_list()
-        found += [(str(kind), k) for k, rec in state.get(str(kind), wanted).items() if rec.state == "created"]
-    return pl.DataFrame(found, schema={"kind": pl.String, "key": pl.String}, orient="row")
+    found = [
+        state.stored(str(kind), mine.get_column("key"), states=["created"], columns=())
+        .select(pl.lit(str(kind)).alias("kind"), pl.col("source_key").alias("key"))
+        for (kind,), mine in refs.group_by("kind")
+    ]  # a set of keys a kind, one read each (not a record a key)
+    return pl.concat(found) if found else pl.DataFrame(schema={"kind": pl.String, "key": pl.String})
 
 
 def input_facts(mapped: Mapped, rows: int) -> InputFacts:

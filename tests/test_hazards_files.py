@@ -395,3 +395,29 @@ def test_a_later_stage_finds_a_practitioner_keyed_by_npi_by_its_provider_id(tmp_
                          headers={"x-api-key": sandbox.api_key}).json()
         wanted = created["npi:2362604516" if row["source_key"] == "V-2" else "PRV-2"]
         assert wanted in json.dumps(sent)  # the practitioner stage one created, not a new one
+
+
+def test_references_an_earlier_load_created_are_read_from_the_store_as_a_set(
+    tmp_path: Path, sandbox: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A weekly file naming patients an earlier run created: the store is asked for a kind's keys at once
+    (StateStore.stored: in a batch, and at its stage's end), never a record a key (StateStore.get)."""
+    from etl.load.state import StateStore
+
+    state, visits = _stage(tmp_path, sandbox)
+    asked: list[tuple[str, int]] = []
+    stored = StateStore.stored
+
+    def counted(self: StateStore, kind: str, keys: pl.Series, **kwargs: Any) -> pl.DataFrame:
+        asked.append((kind, keys.len()))
+        return stored(self, kind, keys, **kwargs)
+
+    def refused(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a record read a key at a time")
+
+    monkeypatch.setattr(StateStore, "stored", counted)
+    monkeypatch.setattr(StateStore, "get", refused)
+    report = validate_files([visits], Settings(report_dir=tmp_path / "staged"), state=state)
+    assert report.rows.filter(pl.col("source_key") == "V-1").get_column("state").to_list() == ["planned"]
+    kinds = {kind for kind, _ in asked}
+    assert kinds == {"patient", "practitioner"} and len(asked) <= 2 * len(kinds)  # a read a kind (and stage end)
