@@ -23,12 +23,12 @@ import json
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 from urllib.parse import quote
 
 import polars as pl
 
-from etl.destination import Destination, Lookup, OnResponse, Target
+from etl.destination import Destination, Lookup, OnResponse, Target, request_head, write_lines
 from etl.errors import LookupFailed, NoAnswerError, UsageError
 from etl.files import private_dir
 from etl.mapping import Mapped
@@ -195,6 +195,15 @@ class ClinikApi(Destination):
 
     def payload_lines(self, lines: pl.DataFrame) -> pl.Series:
         # payload_line of every row as polars expressions: the same text, without a Python call a line.
+        columns = self._line_columns(lines)
+        return columns.select(pl.col("head") + pl.lit(" ") + pl.col("body") + pl.lit("}\n")).to_series()
+
+    def write_payload_lines(self, lines: pl.DataFrame, fh: BinaryIO) -> None:
+        # The heads and the bodies written side by side: no line is built, in polars or in Python.
+        write_lines(self._line_columns(lines), fh)
+
+    def _line_columns(self, lines: pl.DataFrame) -> pl.DataFrame:
+        """Each line's :func:`~etl.destination.request_head` and its body with readable references."""
         kind, key, row, body = lines.columns
         heads = {k: json.dumps({"method": "POST", "path": self.route(k)}, ensure_ascii=False)[:-1]
                  for k in lines.get_column(kind).unique().to_list()}
@@ -202,17 +211,18 @@ class ClinikApi(Destination):
         # json.dumps(ensure_ascii=False) escapes only '"', backslash and control characters.
         quoted = pl.lit('"') + pl.col(key).str.replace_all("\\", "\\\\", literal=True).str.replace_all(
             '"', '\\"', literal=True) + pl.lit('"')
-        out = lines.select(
+        head = lines.select(
             pl.col(kind).replace_strict(heads, return_dtype=pl.String)
             + pl.lit(', "source_row": ') + pl.col(row).cast(pl.String)
             + pl.lit(', "kind": ') + pl.col(kind).replace_strict(kinds, return_dtype=pl.String)
-            + pl.lit(', "source_key": ') + quoted
-            + pl.lit(', "body": ') + readable_refs_column(lines.get_column(body)) + pl.lit("}\n")
+            + pl.lit(', "source_key": ') + quoted + pl.lit(', "body":')
         ).to_series()
         odd = lines.with_row_index("i").filter(pl.col(key).str.contains(r"[\x00-\x1f]"))
         if odd.height:  # a key with a control character: JSON's own escapes, line by line (rare)
-            out = out.scatter(odd.get_column("i"), [self.payload_line(k, s, r, b) for _, k, s, r, b in odd.iter_rows()])
-        return out
+            head = head.scatter(
+                odd.get_column("i"), [request_head("POST", self.route(k), k, s, r) for _, k, s, r, _ in odd.iter_rows()]
+            )
+        return pl.DataFrame({"head": head, "body": readable_refs_column(lines.get_column(body))})
 
     @contextlib.contextmanager
     def _opened(self, settings: Settings) -> Iterator[Target]:

@@ -44,7 +44,7 @@ from etl.clinikapi import ClinikApi
 from etl.dedupe import DoseCheck
 from etl.destination import Destination, Lookup
 from etl.errors import ApiError, InputError, UsageError
-from etl.files import guard_formulas, private_dir, private_file, private_text, scratch_dir, unguard_formulas, write_csv
+from etl.files import guard_formulas, private_dir, private_file, scratch_dir, unguard_formulas, write_csv
 from etl.keyindex import KeyIndex
 from etl.mapping import (
     SKIP,
@@ -261,7 +261,9 @@ class _Payloads:
 
         def parts(stage: int) -> Iterator[pl.DataFrame]:
             for part in self.parts[stage]:
-                yield pl.read_ipc(part).join(withdrawn, on=["kind", "source_key"], how="anti")
+                frame = pl.read_ipc(part)
+                # (nothing withdrawn, the usual case: the part as it is, its bodies not copied by a join)
+                yield frame.join(withdrawn, on=["kind", "source_key"], how="anti") if withdrawn.height else frame
 
         for stage in sorted(self.parts):
             yield stage, parts(stage)
@@ -269,13 +271,13 @@ class _Payloads:
     def write(self, path: Path, *, redacted: bool = False) -> dict[str, int]:
         """``payloads.ndjson``, stage by stage (bodies ``redacted`` or not); the number of creates per kind."""
         counts: dict[str, int] = {}
-        with private_text(path) as fh:
+        with private_file(path) as fh:
             for _, parts in self.stages():
                 for lines in parts:
                     if redacted:
                         lines = lines.with_columns(redact_bodies(pl.col("body")))
-                    # The lines of a part built at once (polars expressions where the destination can).
-                    fh.write("".join(self.destination.payload_lines(lines.select("kind", "source_key", ROW, "body"))))
+                    # The lines of a part written at once, by polars (Destination.write_payload_lines).
+                    self.destination.write_payload_lines(lines.select("kind", "source_key", ROW, "body"), fh)
                     for kind, n in lines.group_by("kind", maintain_order=True).len().iter_rows():
                         counts[kind] = counts.get(kind, 0) + n
         return counts

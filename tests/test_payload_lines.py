@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import io
 import json
 
 import polars as pl
 import pytest
 
 from etl.clinikapi import ClinikApi
+from etl.destination import Destination
 from etl.readers import ROW
+from etl.redox import RedoxBundles
+from etl.settings import Settings
 from etl.transform import readable_refs, readable_refs_column
 
 # Ids a real export carries: accents, quotes, backslashes, a newline, an empty one, one over 128 characters.
@@ -51,3 +55,23 @@ def test_payload_lines_equal_payload_line(kind: str) -> None:
     for line in got:  # each one JSON object on one line
         assert line.endswith("\n") and "\n" not in line[:-1]
         assert json.loads(line)["kind"] == kind
+
+
+@pytest.mark.parametrize(
+    "destination", [ClinikApi(), RedoxBundles(Settings(), "/fhir/Immunization/$write")], ids=["clinikapi", "redox"]
+)
+def test_written_payload_lines_are_the_payload_lines(destination: Destination) -> None:
+    # payloads.ndjson is written by polars from columns (no line built): byte for byte the lines themselves.
+    bodies = _bodies()
+    keys = [*IDS, "tab\there"]
+    lines = pl.DataFrame(
+        {"kind": (["patient", "immunization"] * len(bodies))[: len(bodies)], "source_key": keys[: len(bodies)],
+         ROW: list(range(2, len(bodies) + 2)), "body": bodies},
+        schema_overrides={ROW: pl.UInt32},
+    )
+    out = io.BytesIO()
+    destination.write_payload_lines(lines, out)
+    expected = "".join(destination.payload_line(*row) for row in lines.iter_rows())
+    assert out.getvalue().decode("utf-8") == expected
+    assert out.getvalue().decode("utf-8") == "".join(destination.payload_lines(lines))
+    assert out.getvalue().count(b"\n") == len(bodies)
