@@ -23,12 +23,12 @@ import json
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING
 from urllib.parse import quote
 
 import polars as pl
 
-from etl.destination import Destination, Lookup, OnResponse, Target, request_head, write_lines
+from etl.destination import Destination, Lookup, OnResponse, PayloadColumns, Target, request_head
 from etl.errors import LookupFailed, NoAnswerError, UsageError
 from etl.files import private_dir
 from etl.mapping import Mapped
@@ -198,9 +198,9 @@ class ClinikApi(Destination):
         columns = self._line_columns(lines)
         return columns.select(pl.col("head") + pl.lit(" ") + pl.col("body") + pl.lit("}\n")).to_series()
 
-    def write_payload_lines(self, lines: pl.DataFrame, fh: BinaryIO) -> None:
+    def payload_columns(self, lines: pl.DataFrame) -> PayloadColumns:
         # The heads and the bodies written side by side: no line is built, in polars or in Python.
-        write_lines(self._line_columns(lines), fh)
+        return PayloadColumns(self._line_columns(lines))
 
     def _line_columns(self, lines: pl.DataFrame) -> pl.DataFrame:
         """Each line's :func:`~etl.destination.request_head` and its body with readable references."""

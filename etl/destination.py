@@ -35,7 +35,7 @@ from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO, NamedTuple
 
 import polars as pl
 
@@ -55,7 +55,8 @@ if TYPE_CHECKING:
     from etl.load.throttle import Throttle
 
 __all__ = [
-    "Destination", "Lookup", "OnResponse", "Target", "loader_stats", "request_head", "request_line", "write_lines",
+    "Destination", "Lookup", "OnResponse", "PayloadColumns", "Target", "loader_stats", "request_head", "request_line",
+    "write_lines",
 ]
 
 #: Which (kind, id) pairs the target holds, of those asked (a reference nothing in the run explains).
@@ -93,6 +94,19 @@ def write_lines(columns: pl.DataFrame, fh: BinaryIO, *, separator: str = " ", en
     as UTF-8, verbatim (nothing quoted or escaped): polars writes them from its own buffers, with no Python
     string a line. A row ``head, body`` of :func:`request_head` and a body is its :func:`request_line`."""
     columns.write_csv(fh, include_header=False, quote_style="never", separator=separator, line_terminator=end)
+
+
+class PayloadColumns(NamedTuple):
+    """A dry run's lines as text columns (:meth:`Destination.payload_columns`): each line is a row's values
+    joined by ``separator`` and ended by ``end`` (:func:`write_lines`)."""
+
+    columns: pl.DataFrame
+    separator: str = " "
+    end: str = "}\n"
+
+    def write(self, fh: BinaryIO) -> None:
+        """The lines, to ``fh`` (UTF-8)."""
+        write_lines(self.columns, fh, separator=self.separator, end=self.end)
 
 
 class Destination(abc.ABC):
@@ -147,13 +161,17 @@ class Destination(abc.ABC):
             [self.payload_line(k, key, row, body) for k, key, row, body in lines.iter_rows()], dtype=pl.String
         )
 
-    def write_payload_lines(self, lines: pl.DataFrame, fh: BinaryIO) -> None:
-        """Write :meth:`payload_lines` of ``lines`` to ``fh`` (UTF-8), in order.
+    def payload_columns(self, lines: pl.DataFrame) -> PayloadColumns:
+        """:meth:`payload_lines` of ``lines`` as text columns that polars writes (:meth:`write_payload_lines`).
 
-        A destination whose lines are a head and the body (:func:`request_head`) overrides this to write the
-        two columns (:func:`write_lines`) without building the lines.
+        By default the lines themselves; a destination whose lines are a head and the body
+        (:func:`request_head`) overrides this to give the two columns, so that no line is built.
         """
-        write_lines(self.payload_lines(lines).to_frame("line"), fh, separator=",", end="")
+        return PayloadColumns(self.payload_lines(lines).to_frame("line"), separator=",", end="")
+
+    def write_payload_lines(self, lines: pl.DataFrame, fh: BinaryIO) -> None:
+        """Write :meth:`payload_lines` of ``lines`` to ``fh`` (UTF-8), in order (:meth:`payload_columns`)."""
+        self.payload_columns(lines).write(fh)
 
     def requests_planned(self, counts: dict[str, int]) -> Any:
         """The summary's ``requests_planned`` of a dry run: the creates per kind."""

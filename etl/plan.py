@@ -31,7 +31,7 @@ import contextlib
 import datetime as dt
 import shutil
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -42,7 +42,7 @@ import polars as pl
 
 from etl.clinikapi import ClinikApi
 from etl.dedupe import DoseCheck
-from etl.destination import Destination, Lookup
+from etl.destination import Destination, Lookup, PayloadColumns
 from etl.errors import ApiError, InputError, UsageError
 from etl.files import guard_formulas, private_dir, private_file, scratch_dir, unguard_formulas, write_csv
 from etl.keyindex import KeyIndex
@@ -222,6 +222,9 @@ class _RowsWriter:
         self._pool.shutdown(wait=True)
 
 
+_PAYLOAD_WORKERS = 2  # parts of payloads.ndjson built at once
+
+
 class _Payloads:
     """A dry run's ``payloads.ndjson``, planned a batch at a time.
 
@@ -243,8 +246,11 @@ class _Payloads:
         for i, (kind, frame) in enumerate(creates):
             index = self.planned.setdefault(kind, KeyIndex())
             # One create per key, even when two rows of a batch share it (a natural key): the first row's.
-            frame = frame.unique("source_key", keep="first", maintain_order=True)
-            fresh = frame.filter(~index.insert(frame.select(pl.col("source_key").alias("key"))).get_column("found"))
+            # (The frame is copied, bodies and all, only when a key repeats or was planned before.)
+            if frame.get_column("source_key").is_duplicated().any():
+                frame = frame.unique("source_key", keep="first", maintain_order=True)
+            found = index.insert(frame.select(pl.col("source_key").alias("key"))).get_column("found")
+            fresh = frame.filter(~found) if found.any() else frame
             if fresh.height:
                 stage = self.destination.stage(kind)
                 part = self.work / f"payloads-{stage}-{x.order:04d}-{n:06d}-{i}.ipc"
@@ -271,15 +277,25 @@ class _Payloads:
     def write(self, path: Path, *, redacted: bool = False) -> dict[str, int]:
         """``payloads.ndjson``, stage by stage (bodies ``redacted`` or not); the number of creates per kind."""
         counts: dict[str, int] = {}
-        with private_file(path) as fh:
+
+        def text(lines: pl.DataFrame) -> PayloadColumns:
+            if redacted:
+                lines = lines.with_columns(redact_bodies(pl.col("body")))
+            return self.destination.payload_columns(lines.select("kind", "source_key", ROW, "body"))
+
+        # The lines of a part are built at once (Destination.payload_columns), two parts at a time on
+        # worker threads (polars lets go of the GIL), and written by polars in order as they are ready.
+        with private_file(path) as fh, ThreadPoolExecutor(_PAYLOAD_WORKERS, thread_name_prefix="payloads") as pool:
+            ready: deque[Future[PayloadColumns]] = deque()
             for _, parts in self.stages():
                 for lines in parts:
-                    if redacted:
-                        lines = lines.with_columns(redact_bodies(pl.col("body")))
-                    # The lines of a part written at once, by polars (Destination.write_payload_lines).
-                    self.destination.write_payload_lines(lines.select("kind", "source_key", ROW, "body"), fh)
                     for kind, n in lines.group_by("kind", maintain_order=True).len().iter_rows():
                         counts[kind] = counts.get(kind, 0) + n
+                    ready.append(pool.submit(text, lines))
+                    if len(ready) > _PAYLOAD_WORKERS:  # at most this many parts held beside the one written
+                        ready.popleft().result().write(fh)
+            while ready:
+                ready.popleft().result().write(fh)
         return counts
 
 

@@ -308,6 +308,8 @@ def readable_refs_column(bodies: pl.Series) -> pl.Series:
     """:func:`readable_refs` of every body of a column, as polars expressions: each distinct placeholder
     is decoded once (in polars; ``json.dumps`` only for the rare id that JSON must escape), then all of
     them are replaced in one pass (Aho-Corasick), not a regex callback per body."""
+    if not bodies.str.contains('"@@', literal=True).any():  # a literal search: no regex over bodies with none
+        return bodies
     found = bodies.str.extract_all(REF_PATTERN.pattern).explode().drop_nulls().unique(maintain_order=True)
     if found.is_empty():
         return bodies

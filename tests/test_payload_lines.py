@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 
 import polars as pl
 import pytest
 
 from etl.clinikapi import ClinikApi
 from etl.destination import Destination
+from etl.pipeline import load_files
 from etl.readers import ROW
 from etl.redox import RedoxBundles
 from etl.settings import Settings
 from etl.transform import readable_refs, readable_refs_column
+from schemas.canonical import KIND_SPECS
+
+from .conftest import SAMPLE
 
 # Ids a real export carries: accents, quotes, backslashes, a newline, an empty one, one over 128 characters.
 IDS = ["P-10002", "Zoë-7", 'O"Brien', "a\\b", "x\ny", "", "t" * 200, "日本-1"]
@@ -75,3 +80,16 @@ def test_written_payload_lines_are_the_payload_lines(destination: Destination) -
     assert out.getvalue().decode("utf-8") == expected
     assert out.getvalue().decode("utf-8") == "".join(destination.payload_lines(lines))
     assert out.getvalue().count(b"\n") == len(bodies)
+
+
+def test_payloads_are_written_in_stage_and_row_order_whatever_part_is_built_first(tmp_path: Path) -> None:
+    # The registry in batches of 37 rows: ~15 parts per stage, built two at a time, written in order.
+    settings = Settings(dry_run=True, state=tmp_path / "s.sqlite", report_dir=tmp_path / "r", batch_rows=37)
+    load_files([SAMPLE / "registry.csv"], settings)
+    lines = [json.loads(line) for line in (tmp_path / "r" / "payloads.ndjson").read_text(encoding="utf-8").splitlines()]
+    stages = [KIND_SPECS[line["kind"]].stage for line in lines]
+    assert stages == sorted(stages) and len(set(stages)) > 1
+    for kind in {line["kind"] for line in lines}:
+        rows = [line["source_row"] for line in lines if line["kind"] == kind]
+        assert rows == sorted(rows) and len(rows) == len(set(rows))
+    assert sum(1 for line in lines if line["kind"] == "immunization") > 37 * 4  # many parts, more than the workers
