@@ -232,6 +232,7 @@ class _Payloads:
     go to a part on disk, by stage; a key already planned by an earlier batch is not planned again
     (the first row wins). Rows that the end of a stage rejects are
     withdrawn, and their lines left out when the parts are joined, stage by stage, at the end.
+    A batch's creates are kept on a worker thread, in batch order, while the next batch is validated.
     """
 
     def __init__(self, work: Path, destination: Destination) -> None:
@@ -240,9 +241,27 @@ class _Payloads:
         self.parts: dict[int, list[Path]] = {}
         self.planned: dict[str, KeyIndex] = {}
         self.withdrawn: list[pl.DataFrame] = []
+        self._pool: ThreadPoolExecutor | None = None
+        self._adding: deque[Future[None]] = deque()
 
     def add(self, x: _Input, n: int, creates: list[tuple[str, pl.DataFrame]]) -> None:
-        """A batch's creates (:meth:`Destination.plan_batch`), a frame per kind."""
+        """A batch's creates (:meth:`Destination.plan_batch`), a frame per kind: kept by one worker thread
+        (so in order), at most two batches' waiting (memory stays bounded)."""
+        while len(self._adding) >= 2:
+            self._adding.popleft().result()
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="payload-parts")
+        self._adding.append(self._pool.submit(self._add, x.order, n, creates))
+
+    def _settled(self) -> None:
+        """Every batch added is kept (an error keeping one is raised here)."""
+        while self._adding:
+            self._adding.popleft().result()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+    def _add(self, order: int, n: int, creates: list[tuple[str, pl.DataFrame]]) -> None:
         for i, (kind, frame) in enumerate(creates):
             index = self.planned.setdefault(kind, KeyIndex())
             # One create per key, even when two rows of a batch share it (a natural key): the first row's.
@@ -253,7 +272,7 @@ class _Payloads:
             fresh = frame.filter(~found) if found.any() else frame
             if fresh.height:
                 stage = self.destination.stage(kind)
-                part = self.work / f"payloads-{stage}-{x.order:04d}-{n:06d}-{i}.ipc"
+                part = self.work / f"payloads-{stage}-{order:04d}-{n:06d}-{i}.ipc"
                 fresh.with_columns(pl.lit(kind).alias("kind")).write_ipc(part)
                 self.parts.setdefault(stage, []).append(part)
 
@@ -263,6 +282,7 @@ class _Payloads:
     def stages(self) -> Iterator[tuple[int, Iterator[pl.DataFrame]]]:
         """Each stage, in order, with its creates a part at a time (kind, source_key, __row, body,
         body_hash, source_file), those withdrawn left out."""
+        self._settled()
         withdrawn = pl.concat(self.withdrawn) if self.withdrawn else pl.DataFrame(schema=_KIND_KEY)
 
         def parts(stage: int) -> Iterator[pl.DataFrame]:
