@@ -246,8 +246,8 @@ class _Payloads:
 
     def add(self, x: _Input, n: int, creates: list[tuple[str, pl.DataFrame]]) -> None:
         """A batch's creates (:meth:`Destination.plan_batch`), a frame per kind: kept by one worker thread
-        (so in order), at most two batches' waiting (memory stays bounded)."""
-        while len(self._adding) >= 2:
+        (so in order) while the next batch is validated, one batch at a time (memory stays bounded)."""
+        while self._adding:
             self._adding.popleft().result()
         if self._pool is None:
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="payload-parts")

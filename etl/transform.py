@@ -116,7 +116,7 @@ def json_bodies(frame: pl.DataFrame, struct: pl.Expr) -> pl.Series:
     inverse = pl.repeat(0, len(value), dtype=pl.UInt32, eager=True).scatter(
         positions, pl.int_range(len(value), dtype=pl.UInt32, eager=True)
     )
-    return pl.concat(texts).gather(inverse).alias("body")
+    return pl.concat(texts, rechunk=False).gather(inverse).alias("body")
 
 
 _JSON_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")  # a key json_body's patterns cut when null
