@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable, Collection
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import polars as pl
@@ -575,27 +574,14 @@ def references(mapped: Mapped, valid: pl.DataFrame) -> pl.DataFrame:
 
 
 def plan_immunizations(mapped: Mapped, valid: pl.DataFrame, *, bodies: bool = True) -> Planned:
-    """Create bodies for the valid rows of an immunization table and their patients.
-
-    The rows' bodies are encoded on a second thread while their patients' and performers' are
-    (polars lets go of the GIL): the two take the machine's two cores.
-    """
-
-    def immunizations() -> pl.DataFrame:
-        return valid.select(
-            pl.col(ROW),
-            source_keys(mapped).alias("source_key"),
-            pl.col("patient_id").alias("patient_key"),
-            pl.lit(_encoded_column(valid, immunization_struct(), bodies)).alias("body"),
-        ).with_columns(sha256_hex(pl.col("body")).alias("body_hash"))
-
-    if not bodies:  # keys only (a validation): nothing worth a thread
-        rows, (patients, practitioners) = immunizations(), _people(valid, bodies)
-    else:
-        with ThreadPoolExecutor(1, thread_name_prefix="plan-bodies") as pool:
-            encoding = pool.submit(immunizations)
-            patients, practitioners = _people(valid, bodies)
-            rows = encoding.result()
+    """Create bodies for the valid rows of an immunization table and their patients."""
+    rows = valid.select(
+        pl.col(ROW),
+        source_keys(mapped).alias("source_key"),
+        pl.col("patient_id").alias("patient_key"),
+        pl.lit(_encoded_column(valid, immunization_struct(), bodies)).alias("body"),
+    ).with_columns(sha256_hex(pl.col("body")).alias("body_hash"))
+    patients, practitioners = _people(valid, bodies)
     return Planned(
         "immunization", rows, patients.select("patient_key", "body", "body_hash", ROW), practitioners=practitioners
     )
