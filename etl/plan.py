@@ -254,9 +254,10 @@ class _Payloads:
         self._adding.append(self._pool.submit(self._add, x.order, n, creates))
 
     def _settled(self) -> None:
-        """Every batch added is kept (an error keeping one is raised here)."""
-        while self._adding:
-            self._adding.popleft().result()
+        """Every batch added is kept (an error keeping one is raised here: a full disk names the report folder)."""
+        with report_output(self.work.parent):  # the parts are kept under the report folder
+            while self._adding:
+                self._adding.popleft().result()
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None

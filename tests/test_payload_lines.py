@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 from pathlib import Path
@@ -11,6 +12,7 @@ import pytest
 
 from etl.clinikapi import ClinikApi
 from etl.destination import Destination
+from etl.errors import OutputError
 from etl.pipeline import load_files
 from etl.readers import ROW
 from etl.redox import RedoxBundles
@@ -93,3 +95,24 @@ def test_payloads_are_written_in_stage_and_row_order_whatever_part_is_built_firs
         rows = [line["source_row"] for line in lines if line["kind"] == kind]
         assert rows == sorted(rows) and len(rows) == len(set(rows))
     assert sum(1 for line in lines if line["kind"] == "immunization") > 37 * 4  # many parts, more than the workers
+
+
+@pytest.mark.parametrize("dry_run", [True, False], ids=["dry-run", "load"])
+@pytest.mark.parametrize("batch_rows", [37, 100_000])
+def test_a_full_disk_keeping_the_planned_creates_names_the_report_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, batch_rows: int, dry_run: bool
+) -> None:
+    # A batch's creates are written on a worker thread: its error still ends the run as the report's, one line.
+    write_ipc = pl.DataFrame.write_ipc
+
+    def full(frame: pl.DataFrame, file: Path, **kwargs: object) -> None:
+        if Path(file).name.startswith("payloads-"):
+            raise OSError(errno.ENOSPC, "No space left on device", str(file))
+        write_ipc(frame, file, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(pl.DataFrame, "write_ipc", full)
+    settings = Settings(dry_run=dry_run, state=tmp_path / "s.sqlite", report_dir=tmp_path / "r", batch_rows=batch_rows)
+    with pytest.raises(OutputError, match="No space left on device") as raised:
+        load_files([SAMPLE / "registry.csv"], settings)
+    assert raised.value.path.startswith(str(tmp_path / "r"))
+    assert not list((tmp_path / "r").rglob("payloads.ndjson"))
