@@ -169,15 +169,18 @@ class ClinikApi(Destination):
     def plan_batch(
         self, mapped: Mapped, valid: pl.DataFrame, planned: Planned, rows: pl.DataFrame
     ) -> tuple[pl.DataFrame, list[tuple[str, pl.DataFrame]]]:
-        live = rows.filter(pl.col("state") == "planned").select("source_key").unique()
+        live = rows.filter(pl.col("state") == "planned").get_column("source_key")
         none = pl.lit(None, dtype=pl.String).alias("source_file")
+        # The planned rows that send a body (a null key sends nothing): filtered, bodies copied, only when
+        # some do not.
+        sends = (pl.col("body").is_not_null() & pl.col("source_key").is_in(live.implode())).fill_null(False)
+        kept = planned.rows.select(sends.alias("sends")).get_column("sends")
+        own = planned.rows if kept.all() else planned.rows.filter(kept)
         creates = [  # a patients file's own rows and the patients a registry row describes: both "patient"
             (
                 mapped.kind,
-                planned.rows.filter(pl.col("body").is_not_null())
-                .join(live, on="source_key", how="semi")
-                .select("source_key", ROW, "body", "body_hash",
-                        pl.lit(Path(str(mapped.table.path)).name).alias("source_file")),
+                own.select("source_key", ROW, "body", "body_hash",
+                           pl.lit(Path(str(mapped.table.path)).name).alias("source_file")),
             ),
             ("patient", planned.patients.select(pl.col("patient_key").alias("source_key"), ROW, "body", "body_hash",
                                                 none)),
