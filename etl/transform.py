@@ -106,14 +106,15 @@ def json_bodies(frame: pl.DataFrame, struct: pl.Expr) -> pl.Series:
     groups = _null_groups(partial, len(value))
     if groups is None:
         return _json_cut(_pruned(value).struct.json_encode()).alias("body")
+    n = len(value)
     texts, at = [], []
     for rows in groups:
         texts.append(_json_cut(_pruned(value.gather(rows)).struct.json_encode()))
         at.append(rows)
+    del value, fields, partial  # the values are text now: not held while it is put back in order
     # Back to the rows' order: the inverse permutation by a scatter.
-    positions = pl.concat(at)
-    inverse = pl.repeat(0, len(value), dtype=pl.UInt32, eager=True).scatter(
-        positions, pl.int_range(len(value), dtype=pl.UInt32, eager=True)
+    inverse = pl.repeat(0, n, dtype=pl.UInt32, eager=True).scatter(
+        pl.concat(at), pl.int_range(n, dtype=pl.UInt32, eager=True)
     )
     return pl.concat(texts, rechunk=False).gather(inverse).alias("body")
 
