@@ -28,7 +28,7 @@ from urllib.parse import quote
 
 import polars as pl
 
-from etl.destination import Destination, Lookup, OnResponse, Target
+from etl.destination import Destination, Lookup, OnResponse, PayloadColumns, Target, request_head
 from etl.errors import LookupFailed, NoAnswerError, UsageError
 from etl.files import private_dir
 from etl.mapping import Mapped
@@ -169,15 +169,18 @@ class ClinikApi(Destination):
     def plan_batch(
         self, mapped: Mapped, valid: pl.DataFrame, planned: Planned, rows: pl.DataFrame
     ) -> tuple[pl.DataFrame, list[tuple[str, pl.DataFrame]]]:
-        live = rows.filter(pl.col("state") == "planned").select("source_key").unique()
+        live = rows.filter(pl.col("state") == "planned").get_column("source_key")
         none = pl.lit(None, dtype=pl.String).alias("source_file")
+        # The planned rows that send a body (a null key sends nothing): filtered, bodies copied, only when
+        # some do not.
+        sends = (pl.col("body").is_not_null() & pl.col("source_key").is_in(live.implode())).fill_null(False)
+        kept = planned.rows.select(sends.alias("sends")).get_column("sends")
+        own = planned.rows if kept.all() else planned.rows.filter(kept)
         creates = [  # a patients file's own rows and the patients a registry row describes: both "patient"
             (
                 mapped.kind,
-                planned.rows.filter(pl.col("body").is_not_null())
-                .join(live, on="source_key", how="semi")
-                .select("source_key", ROW, "body", "body_hash",
-                        pl.lit(Path(str(mapped.table.path)).name).alias("source_file")),
+                own.select("source_key", ROW, "body", "body_hash",
+                           pl.lit(Path(str(mapped.table.path)).name).alias("source_file")),
             ),
             ("patient", planned.patients.select(pl.col("patient_key").alias("source_key"), ROW, "body", "body_hash",
                                                 none)),
@@ -195,6 +198,15 @@ class ClinikApi(Destination):
 
     def payload_lines(self, lines: pl.DataFrame) -> pl.Series:
         # payload_line of every row as polars expressions: the same text, without a Python call a line.
+        columns = self._line_columns(lines)
+        return columns.select(pl.col("head") + pl.lit(" ") + pl.col("body") + pl.lit("}\n")).to_series()
+
+    def payload_columns(self, lines: pl.DataFrame) -> PayloadColumns:
+        # The heads and the bodies written side by side: no line is built, in polars or in Python.
+        return PayloadColumns(self._line_columns(lines))
+
+    def _line_columns(self, lines: pl.DataFrame) -> pl.DataFrame:
+        """Each line's :func:`~etl.destination.request_head` and its body with readable references."""
         kind, key, row, body = lines.columns
         heads = {k: json.dumps({"method": "POST", "path": self.route(k)}, ensure_ascii=False)[:-1]
                  for k in lines.get_column(kind).unique().to_list()}
@@ -202,17 +214,18 @@ class ClinikApi(Destination):
         # json.dumps(ensure_ascii=False) escapes only '"', backslash and control characters.
         quoted = pl.lit('"') + pl.col(key).str.replace_all("\\", "\\\\", literal=True).str.replace_all(
             '"', '\\"', literal=True) + pl.lit('"')
-        out = lines.select(
+        head = lines.select(
             pl.col(kind).replace_strict(heads, return_dtype=pl.String)
             + pl.lit(', "source_row": ') + pl.col(row).cast(pl.String)
             + pl.lit(', "kind": ') + pl.col(kind).replace_strict(kinds, return_dtype=pl.String)
-            + pl.lit(', "source_key": ') + quoted
-            + pl.lit(', "body": ') + readable_refs_column(lines.get_column(body)) + pl.lit("}\n")
+            + pl.lit(', "source_key": ') + quoted + pl.lit(', "body":')
         ).to_series()
         odd = lines.with_row_index("i").filter(pl.col(key).str.contains(r"[\x00-\x1f]"))
         if odd.height:  # a key with a control character: JSON's own escapes, line by line (rare)
-            out = out.scatter(odd.get_column("i"), [self.payload_line(k, s, r, b) for _, k, s, r, b in odd.iter_rows()])
-        return out
+            head = head.scatter(
+                odd.get_column("i"), [request_head("POST", self.route(k), k, s, r) for _, k, s, r, _ in odd.iter_rows()]
+            )
+        return pl.DataFrame({"head": head, "body": readable_refs_column(lines.get_column(body))})
 
     @contextlib.contextmanager
     def _opened(self, settings: Settings) -> Iterator[Target]:

@@ -35,7 +35,7 @@ from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO, NamedTuple
 
 import polars as pl
 
@@ -54,7 +54,10 @@ if TYPE_CHECKING:
     from etl.load.state import StateStore
     from etl.load.throttle import Throttle
 
-__all__ = ["Destination", "Lookup", "OnResponse", "Target", "loader_stats", "request_line"]
+__all__ = [
+    "Destination", "Lookup", "OnResponse", "PayloadColumns", "Target", "loader_stats", "request_head", "request_line",
+    "write_lines",
+]
 
 #: Which (kind, id) pairs the target holds, of those asked (a reference nothing in the run explains).
 Lookup = Callable[[list[tuple[str, str]]], set[tuple[str, str]]]
@@ -72,13 +75,38 @@ class Target:
     name: str  # what the report's ``target`` says
 
 
-def request_line(method: str, path: str, kind: str, source_key: str, source_row: int, body: str) -> str:
-    """One line of a dry run's ``payloads.ndjson``: ``body`` is JSON text already, spliced in as it is."""
+def request_head(method: str, path: str, kind: str, source_key: str, source_row: int) -> str:
+    """A :func:`request_line` up to its body: the line is this, a space, the body and ``}\\n``."""
     head = json.dumps(
         {"method": method, "path": path, "source_row": source_row, "kind": kind, "source_key": source_key},
         ensure_ascii=False,
     )
-    return f'{head[:-1]}, "body": {body}}}\n'
+    return f'{head[:-1]}, "body":'
+
+
+def request_line(method: str, path: str, kind: str, source_key: str, source_row: int, body: str) -> str:
+    """One line of a dry run's ``payloads.ndjson``: ``body`` is JSON text already, spliced in as it is."""
+    return f"{request_head(method, path, kind, source_key, source_row)} {body}}}\n"
+
+
+def write_lines(columns: pl.DataFrame, fh: BinaryIO, *, separator: str = " ", end: str = "}\n") -> None:
+    """Write each row of ``columns`` (text) to ``fh`` as its values joined by ``separator`` and ended by ``end``,
+    as UTF-8, verbatim (nothing quoted or escaped): polars writes them from its own buffers, with no Python
+    string a line. A row ``head, body`` of :func:`request_head` and a body is its :func:`request_line`."""
+    columns.write_csv(fh, include_header=False, quote_style="never", separator=separator, line_terminator=end)
+
+
+class PayloadColumns(NamedTuple):
+    """A dry run's lines as text columns (:meth:`Destination.payload_columns`): each line is a row's values
+    joined by ``separator`` and ended by ``end`` (:func:`write_lines`)."""
+
+    columns: pl.DataFrame
+    separator: str = " "
+    end: str = "}\n"
+
+    def write(self, fh: BinaryIO) -> None:
+        """The lines, to ``fh`` (UTF-8)."""
+        write_lines(self.columns, fh, separator=self.separator, end=self.end)
 
 
 class Destination(abc.ABC):
@@ -132,6 +160,18 @@ class Destination(abc.ABC):
         return pl.Series(
             [self.payload_line(k, key, row, body) for k, key, row, body in lines.iter_rows()], dtype=pl.String
         )
+
+    def payload_columns(self, lines: pl.DataFrame) -> PayloadColumns:
+        """:meth:`payload_lines` of ``lines`` as text columns that polars writes (:meth:`write_payload_lines`).
+
+        By default the lines themselves; a destination whose lines are a head and the body
+        (:func:`request_head`) overrides this to give the two columns, so that no line is built.
+        """
+        return PayloadColumns(self.payload_lines(lines).to_frame("line"), separator=",", end="")
+
+    def write_payload_lines(self, lines: pl.DataFrame, fh: BinaryIO) -> None:
+        """Write :meth:`payload_lines` of ``lines`` to ``fh`` (UTF-8), in order (:meth:`payload_columns`)."""
+        self.payload_columns(lines).write(fh)
 
     def requests_planned(self, counts: dict[str, int]) -> Any:
         """The summary's ``requests_planned`` of a dry run: the creates per kind."""

@@ -32,7 +32,7 @@ import datetime as dt
 import functools
 import shutil
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -43,9 +43,9 @@ import polars as pl
 
 from etl.clinikapi import ClinikApi
 from etl.dedupe import DoseCheck
-from etl.destination import Destination, Lookup
+from etl.destination import Destination, Lookup, PayloadColumns
 from etl.errors import ApiError, InputError, UsageError
-from etl.files import guard_formulas, private_dir, private_file, private_text, scratch_dir, unguard_formulas, write_csv
+from etl.files import guard_formulas, private_dir, private_file, scratch_dir, unguard_formulas, write_csv
 from etl.keyindex import KeyIndex
 from etl.mapping import (
     SKIP,
@@ -237,6 +237,9 @@ class _RowsWriter:
         self._pool.shutdown(wait=True)
 
 
+_PAYLOAD_WORKERS = 2  # parts of payloads.ndjson built at once
+
+
 class _Payloads:
     """A dry run's ``payloads.ndjson``, planned a batch at a time.
 
@@ -244,6 +247,7 @@ class _Payloads:
     go to a part on disk, by stage; a key already planned by an earlier batch is not planned again
     (the first row wins). Rows that the end of a stage rejects are
     withdrawn, and their lines left out when the parts are joined, stage by stage, at the end.
+    A batch's creates are kept on a worker thread, in batch order, while the next batch is validated.
     """
 
     def __init__(self, work: Path, destination: Destination) -> None:
@@ -252,17 +256,39 @@ class _Payloads:
         self.parts: dict[int, list[Path]] = {}
         self.planned: dict[str, KeyIndex] = {}
         self.withdrawn: list[pl.DataFrame] = []
+        self._pool: ThreadPoolExecutor | None = None
+        self._adding: deque[Future[None]] = deque()
 
     def add(self, x: _Input, n: int, creates: list[tuple[str, pl.DataFrame]]) -> None:
-        """A batch's creates (:meth:`Destination.plan_batch`), a frame per kind."""
+        """A batch's creates (:meth:`Destination.plan_batch`), a frame per kind: kept by one worker thread
+        (so in order) while the next batch is validated, one batch at a time (memory stays bounded)."""
+        while self._adding:
+            self._adding.popleft().result()
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="payload-parts")
+        self._adding.append(self._pool.submit(self._add, x.order, n, creates))
+
+    def _settled(self) -> None:
+        """Every batch added is kept (an error keeping one is raised here: a full disk names the report folder)."""
+        with report_output(self.work.parent):  # the parts are kept under the report folder
+            while self._adding:
+                self._adding.popleft().result()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+    def _add(self, order: int, n: int, creates: list[tuple[str, pl.DataFrame]]) -> None:
         for i, (kind, frame) in enumerate(creates):
             index = self.planned.setdefault(kind, KeyIndex())
             # One create per key, even when two rows of a batch share it (a natural key): the first row's.
-            frame = frame.unique("source_key", keep="first", maintain_order=True)
-            fresh = frame.filter(~index.insert(frame.select(pl.col("source_key").alias("key"))).get_column("found"))
+            # (The frame is copied, bodies and all, only when a key repeats or was planned before.)
+            if frame.get_column("source_key").is_duplicated().any():
+                frame = frame.unique("source_key", keep="first", maintain_order=True)
+            found = index.insert(frame.select(pl.col("source_key").alias("key"))).get_column("found")
+            fresh = frame.filter(~found) if found.any() else frame
             if fresh.height:
                 stage = self.destination.stage(kind)
-                part = self.work / f"payloads-{stage}-{x.order:04d}-{n:06d}-{i}.ipc"
+                part = self.work / f"payloads-{stage}-{order:04d}-{n:06d}-{i}.ipc"
                 fresh.with_columns(pl.lit(kind).alias("kind")).write_ipc(part)
                 self.parts.setdefault(stage, []).append(part)
 
@@ -272,11 +298,14 @@ class _Payloads:
     def stages(self) -> Iterator[tuple[int, Iterator[pl.DataFrame]]]:
         """Each stage, in order, with its creates a part at a time (kind, source_key, __row, body,
         body_hash, source_file), those withdrawn left out."""
+        self._settled()
         withdrawn = pl.concat(self.withdrawn) if self.withdrawn else pl.DataFrame(schema=_KIND_KEY)
 
         def parts(stage: int) -> Iterator[pl.DataFrame]:
             for part in self.parts[stage]:
-                yield pl.read_ipc(part).join(withdrawn, on=["kind", "source_key"], how="anti")
+                frame = pl.read_ipc(part)
+                # (nothing withdrawn, the usual case: the part as it is, its bodies not copied by a join)
+                yield frame.join(withdrawn, on=["kind", "source_key"], how="anti") if withdrawn.height else frame
 
         for stage in sorted(self.parts):
             yield stage, parts(stage)
@@ -284,15 +313,25 @@ class _Payloads:
     def write(self, path: Path, *, redacted: bool = False) -> dict[str, int]:
         """``payloads.ndjson``, stage by stage (bodies ``redacted`` or not); the number of creates per kind."""
         counts: dict[str, int] = {}
-        with private_text(path) as fh:
+
+        def text(lines: pl.DataFrame) -> PayloadColumns:
+            if redacted:
+                lines = lines.with_columns(redact_bodies(pl.col("body")))
+            return self.destination.payload_columns(lines.select("kind", "source_key", ROW, "body"))
+
+        # The lines of a part are built at once (Destination.payload_columns), two parts at a time on
+        # worker threads (polars lets go of the GIL), and written by polars in order as they are ready.
+        with private_file(path) as fh, ThreadPoolExecutor(_PAYLOAD_WORKERS, thread_name_prefix="payloads") as pool:
+            ready: deque[Future[PayloadColumns]] = deque()
             for _, parts in self.stages():
                 for lines in parts:
-                    if redacted:
-                        lines = lines.with_columns(redact_bodies(pl.col("body")))
-                    # The lines of a part built at once (polars expressions where the destination can).
-                    fh.write("".join(self.destination.payload_lines(lines.select("kind", "source_key", ROW, "body"))))
                     for kind, n in lines.group_by("kind", maintain_order=True).len().iter_rows():
                         counts[kind] = counts.get(kind, 0) + n
+                    ready.append(pool.submit(text, lines))
+                    if len(ready) > _PAYLOAD_WORKERS:  # at most this many parts held beside the one written
+                        ready.popleft().result().write(fh)
+            while ready:
+                ready.popleft().result().write(fh)
         return counts
 
 
