@@ -31,6 +31,7 @@ from etl.report import FINAL_STATES, RunReport
 from etl.settings import (
     BATCH_ROWS,
     DEFAULT_STATE,
+    LOAD_BATCH_ROWS,
     MAX_CONSISTENCY_WINDOW,
     MAX_NO_ANSWER_LIMIT,
     MAX_TIMEOUT,
@@ -341,7 +342,7 @@ def validate(
 @click.option(
     "--batch-rows",
     type=click.IntRange(min=1),
-    help=f"Rows checked, planned and sent at a time (default {BATCH_ROWS}); memory is bounded by it.",
+    help=f"Rows checked, planned and sent at a time (default {LOAD_BATCH_ROWS}); memory is bounded by it.",
 )
 @click.option(
     "--match",

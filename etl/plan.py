@@ -515,7 +515,8 @@ def planned_in_batches(
     run_id, timings = run_id or new_run_id(), dict[str, float]()
     t0 = time.perf_counter()
     profile = run_profile(settings)
-    rows_per_batch = batch_rows or settings.batch_rows
+    rows_per_batch = batch_rows or settings.batch_rows_for(creates=payloads)
+    settings = settings.model_copy(update={"batch_rows": rows_per_batch})  # what the summary says it took
     inputs: list[_Input] = []
     sides: list[_Side] = []
     hint = header_hint(settings, profile)

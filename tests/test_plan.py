@@ -283,3 +283,17 @@ def test_a_file_where_every_row_is_rejected_keeps_a_sample_in_memory_and_counts_
     assert out.exit_code == 1
     (line,) = [x for x in out.output.splitlines() if "rows 2, 3, 4, 5, 6" in x]
     assert " 500 " in line and line.strip().endswith("...")
+
+
+def test_a_load_or_a_dry_run_takes_fewer_rows_at_a_time_unless_told(tmp_path: Path) -> None:
+    """A run that plans creates holds each batch's bodies too: its default batch is LOAD_BATCH_ROWS;
+    a size given (here in the settings, as an option, the environment or a job file give it) wins."""
+    from etl.settings import BATCH_ROWS, LOAD_BATCH_ROWS
+
+    assert LOAD_BATCH_ROWS < BATCH_ROWS
+    assert Settings().batch_rows_for(creates=False) == BATCH_ROWS
+    assert Settings().batch_rows_for(creates=True) == LOAD_BATCH_ROWS
+    assert Settings(batch_rows=BATCH_ROWS).batch_rows_for(creates=True) == BATCH_ROWS
+    dry = load_files([SAMPLE / "registry.csv"], Settings(report_dir=tmp_path / "dry", dry_run=True))
+    checked = validate_files([SAMPLE / "registry.csv"], Settings(report_dir=tmp_path / "v"))
+    assert dry.summary["batch_rows"] == LOAD_BATCH_ROWS and checked.summary["batch_rows"] == BATCH_ROWS
