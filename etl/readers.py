@@ -61,7 +61,7 @@ from etl.errors import InputError
 from etl.files import unguard_formulas, unguarded
 from etl.hl7 import is_hl7, parse_hl7
 from etl.rules import RULES
-from etl.workbooks import EXCEL_MAX_CELL_CHARS, WorkbookLimits, scan_workbook
+from etl.workbooks import EXCEL_MAX_CELL_CHARS, WorkbookLimits, column_letters, scan_workbook
 
 __all__ = [
     "ROW",
@@ -813,22 +813,13 @@ def _name_headers(file: str, cells: list[str | None], *, row: int) -> tuple[list
         while name in taken or name in names:
             name += "_"
         why = f"repeats {text.strip()!r}" if text.strip() else "blank"
-        renamed.append(f"{name} ({_column_letters(position)}, {why})")
+        renamed.append(f"{name} ({column_letters(position)}, {why})")
         names.append(name)
     notices = []
     if renamed:
         rule = RULES["header-renamed"]
         notices.append(Notice(rule.code, rule.text(renamed=", ".join(renamed)), file, row=row))
     return names, notices
-
-
-def _column_letters(position: int) -> str:
-    """A spreadsheet's letters for a 1-based column position: 1 is A, 27 is AA."""
-    letters = ""
-    while position > 0:
-        position, rest = divmod(position - 1, 26)
-        letters = chr(65 + rest) + letters
-    return letters
 
 
 def _title_notice(file: str, skipped: int) -> Notice:

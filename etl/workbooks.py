@@ -40,6 +40,7 @@ __all__ = [
     "WORKBOOK_MAX_RATIO",
     "WorkbookLimits",
     "WorkbookScan",
+    "column_letters",
     "scan_workbook",
 ]
 
@@ -297,7 +298,8 @@ def _column_number(letters: bytes) -> int:
     return number
 
 
-def _column_letters(number: int) -> str:
+def column_letters(number: int) -> str:
+    """A spreadsheet's letters for a 1-based column number: 1 is A, 27 is AA."""
     letters = ""
     while number > 0:
         number, rest = divmod(number - 1, 26)
@@ -329,7 +331,7 @@ def _greater(value: str, alphabet: str) -> str:
 def _beyond(column: int, row: int, quote: str) -> re.Pattern[bytes]:
     """A reference (``r="AB12"``, or a row's ``r="12"``) past ``column`` (group 1: its letters) or
     past ``row`` (group 2: the row)."""
-    letters, digits = _column_letters(column), str(row)
+    letters, digits = column_letters(column), str(row)
     columns = f"[A-Z]{{{len(letters) + 1},}}" + ("|" + _greater(letters, _LETTERS) if letters else "")
     rows = f"[1-9][0-9]{{{len(digits)},}}|" + _greater(digits, "0123456789")
     return re.compile(f"r={quote}(?:({columns})[0-9]|[A-Z]*0*({rows}){quote})".encode())
