@@ -450,27 +450,18 @@ def _retried(prepared: pl.DataFrame, retried: list[tuple[CanonicalField, str]]) 
     again, every spelling tried, on the rows where the ISO way left a value unparsed."""
     if not retried:
         return prepared
-    missed = pl.any_horizontal(pl.col(f.name).is_not_null() & pl.col(f"{f.name}__date").is_null() for f, _ in retried)
-    again = (
-        prepared.lazy()
-        .filter(missed)
-        .select(pl.col(ROW), *[c for f, tz in retried for c in _temporal_columns(f, pl.col(f.name), False, tz, "any")])
-        .collect()
-    )
-    if again.is_empty():
+    missed = prepared.select(
+        pl.any_horizontal(pl.col(f.name).is_not_null() & pl.col(f"{f.name}__date").is_null() for f, _ in retried)
+    ).to_series()
+    at = missed.arg_true()  # the rows' positions: their parses go back where they came from
+    if at.is_empty():
         return prepared
-    at = prepared.get_column(ROW).search_sorted(again.get_column(ROW)) if _ascending(prepared) else None
-    if at is None:
-        return prepared.update(again, on=ROW, include_nulls=True)
-    return prepared.with_columns(
-        prepared.get_column(name).scatter(at, again.get_column(name)) for name in again.columns if name != ROW
+    again = (
+        prepared.select(f.name for f, _ in retried)  # the few columns read, not the wide batch, filtered
+        .filter(missed)
+        .select(c for f, tz in retried for c in _temporal_columns(f, pl.col(f.name), False, tz, "any"))
     )
-
-
-def _ascending(frame: pl.DataFrame) -> bool:
-    """Whether ``frame``'s row numbers ascend (a batch's do)."""
-    rows = frame.get_column(ROW)
-    return rows.len() < 2 or bool((rows.diff().drop_nulls() > 0).all())
+    return prepared.with_columns(prepared.get_column(c).scatter(at, again.get_column(c)) for c in again.columns)
 
 
 #: The companion column (``record_id__keyed``) that says a file's rows are keyed by this field: required.
