@@ -34,6 +34,7 @@ import polars_hash  # noqa: F401 - registers the `chash` expression namespace
 
 from etl.keyindex import KeyIndex
 from etl.readers import ROW
+from etl.rules import format_text
 
 __all__ = [
     "NATURAL_KEYS",
@@ -220,7 +221,7 @@ class DoseCheck:
             pl.lit(file).alias("source_file"), pl.col("source_row").cast(pl.UInt32),
             pl.col("dup_file").alias("first_file"), pl.col("dup_row").cast(pl.UInt32).alias("first_row"),
         ))
-        message = pl.format("the same dose (patient, vaccine group, day) as {} row {}: not created twice",
+        message = format_text("the same dose (patient, vaccine group, day) as {} row {}: not created twice",
                             "dup_file", "dup_row")
         return marked.with_columns(
             pl.when(hit).then(pl.lit("exists")).otherwise(pl.col("state")).alias("state"),

@@ -60,6 +60,7 @@ from etl.load.lookup import as_simple
 from etl.progress import Progress
 from etl.readers import ROW, read_table
 from etl.report import RunFacts
+from etl.rules import format_text
 from etl.settings import Settings
 from schemas.limits import ROUTES
 
@@ -378,13 +379,13 @@ class Matcher:
             matched = outcome.filter(pl.col("outcome") == "matched")
             decisions.add("patient", matched.with_columns(
                 pl.lit("matched").alias("state"),
-                pl.format("matched to the tenant's patient {} ({})", "resource_id",
+                format_text("matched to the tenant's patient {} ({})", "resource_id",
                           pl.col("rules").fill_null("decision")).alias("message"),
             ))
             review = outcome.filter(pl.col("outcome") == "review")
             decisions.add("patient", review.with_columns(
                 pl.lit("needs-review").alias("state"), pl.lit(None, dtype=pl.String).alias("resource_id"),
-                pl.format("probable match ({}: {}): see review.csv", "rules", "candidate_ids").alias("message"),
+                format_text("probable match ({}: {}): see review.csv", "rules", "candidate_ids").alias("message"),
             ))
             skip = outcome.filter(pl.col("outcome") == "skip")
             decisions.add("patient", skip.with_columns(
@@ -407,7 +408,7 @@ class Matcher:
                 matched = npis.join(held, on="npi").rename({"id": "resource_id"})
                 decisions.add("practitioner", matched.with_columns(
                     pl.lit("matched").alias("state"),
-                    pl.format("matched to the tenant's practitioner {} (same NPI)", "resource_id").alias("message"),
+                    format_text("matched to the tenant's practitioner {} (same NPI)", "resource_id").alias("message"),
                 ))
                 aliases = run.keys.aliases.filter(pl.col("kind") == "practitioner")
                 for key, rid in matched.select("source_key", "resource_id").iter_rows():
@@ -431,7 +432,7 @@ class Matcher:
             for (kind,), mine in held.group_by("kind"):
                 decisions.add(str(kind), mine.with_columns(
                     pl.lit(state).alias("state"), pl.lit(None, dtype=pl.String).alias("resource_id"),
-                    pl.format(message, "patient").alias("message"),
+                    format_text(message, "patient").alias("message"),
                 ))
 
         if settings.dedupe_doses:
@@ -487,7 +488,7 @@ class Matcher:
         )
         return found.with_columns(
             pl.lit("exists").alias("state"),
-            pl.format("the patient's chart holds this dose already (immunization {}: same vaccine group, same day)",
+            format_text("the patient's chart holds this dose already (immunization {}: same vaccine group, same day)",
                       "resource_id").alias("message"),
         ).select("source_key", "state", "resource_id", "message")
 

@@ -82,7 +82,7 @@ from etl.report import (
     write_summary,
 )
 from etl.report_html import TALLY_KEYS, tally_of, write_html
-from etl.rules import RULES
+from etl.rules import RULES, format_text
 from etl.settings import Settings
 from etl.transform import Planned, not_carried, plan, references
 from etl.validate import Carry, Validation, precheck, prepare, validate, warm_up
@@ -788,7 +788,7 @@ def _skip_seen(rows: pl.DataFrame, firsts: KeyIndex | None) -> pl.DataFrame:
         return rows
     seen = pl.concat([rows, firsts.lookup(rows.get_column("source_key")).drop("found")], how="horizontal")
     dup = (pl.col("state") == "planned") & pl.col("first_file").is_not_null()
-    where = pl.format("same record as {} row {}", "first_file", "first_row")
+    where = format_text("same record as {} row {}", "first_file", "first_row")
     return seen.with_columns(
         pl.when(dup).then(pl.lit("skipped")).otherwise(pl.col("state")).alias("state"),
         pl.when(dup).then(where).otherwise(pl.col("message")).alias("message"),
@@ -1059,7 +1059,7 @@ def base_rows(mapped: Mapped, validation: Validation, planned: Planned) -> pl.Da
             pl.col("code").first().alias("error_code"),
             pl.col("column").first().alias("field"),
             # A cell may be megabytes long: the message quotes its start only.
-            pl.format("{} {} ({}): {}", "column", "code", _quoted(pl.col("value")), "message")
+            format_text("{} {} ({}): {}", "column", "code", _quoted(pl.col("value")), "message")
             .str.join("; ")
             .alias("message"),
         )

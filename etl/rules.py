@@ -39,6 +39,7 @@ __all__ = [
     "Rule",
     "catalogue",
     "explain",
+    "format_text",
     "parse_severities",
     "severity_of",
 ]
@@ -66,6 +67,22 @@ REDACTION_MARKERS: tuple[str, ...] = ("redacted", "[redacted]")
 RULE_ALIASES: dict[str, str] = {"expired-lot": "expiration-before-occurrence"}
 
 _FORMATTER = string.Formatter()
+
+
+def format_text(template: str, *values: str | pl.Expr) -> pl.Expr:
+    """``template`` with each ``{}`` replaced by a value (a column name or an expression), as
+    :func:`polars.format` does (a row where a value is null has a null text).
+
+    Built with :func:`polars.concat_str`: ``polars.format`` panics on a string column of several
+    chunks that a filter has cut (polars 2.1; met on a real Synthea export read whole).
+    """
+    pieces = template.split("{}")
+    if len(pieces) != len(values) + 1:
+        raise ValueError(f"{template!r} has {len(pieces) - 1} places for {len(values)} values")
+    parts: list[pl.Expr] = []
+    for piece, value in zip(pieces, values, strict=False):
+        parts += [pl.lit(piece), pl.col(value) if isinstance(value, str) else value]
+    return pl.concat_str([*parts, pl.lit(pieces[-1])])
 
 
 @dataclass(frozen=True)
@@ -127,7 +144,7 @@ class Rule:
         if not parts:
             return pl.lit("".join(literal), dtype=pl.String)
         parts.append(pl.lit("".join(literal)))
-        return pl.format("{}" * len(parts), *parts)
+        return pl.concat_str(parts)
 
 
 API_RULES = (

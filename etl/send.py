@@ -48,6 +48,7 @@ from etl.files import write_csv
 from etl.plan import Run, planned_in_batches
 from etl.progress import LoadEstimate, Progress
 from etl.report import RunFacts, RunReport, new_run_id, report_folder, report_path
+from etl.rules import format_text
 from etl.settings import Settings
 
 if TYPE_CHECKING:
@@ -309,7 +310,7 @@ def with_outcomes(rows: pl.DataFrame, table: pl.DataFrame, patients: pl.DataFram
             pl.when(planned)
             .then(
                 pl.when(pl.col("r_status").is_not_null() & (pl.col("r_state") != "created"))
-                .then(pl.format("HTTP {}: {}", "r_status", pl.col("r_message").fill_null("")))
+                .then(format_text("HTTP {}: {}", "r_status", pl.col("r_message").fill_null("")))
                 .otherwise(pl.col("r_message"))
             )
             .otherwise(pl.col("message"))

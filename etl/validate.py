@@ -28,7 +28,7 @@ from etl.hl7 import ACTION_COLUMN, SUPERSEDED_COLUMN, amends, deleted, supersede
 from etl.keyindex import KeyIndex
 from etl.mapping import SKIP, ColumnParse, Mapped, key_field
 from etl.readers import ROW, Notice
-from etl.rules import PLACEHOLDERS, REDACTION_MARKERS, RULES, Rule, explain, severity_of
+from etl.rules import PLACEHOLDERS, REDACTION_MARKERS, RULES, Rule, explain, format_text, severity_of
 from schemas.canonical import ENCOUNTER_CLASS_WORDS, CanonicalField, field_map, fields_of
 from schemas.codes import CVX_SYSTEM, WARNED_STATUSES, displays, names, spellings, statuses
 from schemas.limits import FORMAT_PATTERNS, spec_at
@@ -654,7 +654,7 @@ def _two_digit_years(frame: pl.DataFrame, kind: str, today: dt.date) -> pl.DataF
 
     def rewritten(n: str, year: pl.Expr) -> pl.Expr:
         month, day, _ = parts(n)
-        return pl.when(year > 0).then(pl.format("{}/{}/{}", month, day, year)).otherwise(pl.col(n))
+        return pl.when(year > 0).then(format_text("{}/{}/{}", month, day, year)).otherwise(pl.col(n))
 
     out = frame
     for n in events:
@@ -673,7 +673,7 @@ def _two_digit_years(frame: pl.DataFrame, kind: str, today: dt.date) -> pl.DataF
         limit = pl.min_horizontal(limit, pl.lit(today))
 
         def on(year: pl.Expr) -> pl.Expr:
-            text = pl.format("{}-{}-{}", year, month.str.zfill(2), day.str.zfill(2))
+            text = format_text("{}-{}-{}", year, month.str.zfill(2), day.str.zfill(2))
             return text.str.to_date("%Y-%m-%d", strict=False)
 
         late = yy + 2000
@@ -978,7 +978,7 @@ def _hazard_warnings(fields: Mapping[str, CanonicalField], columns: frozenset[st
                 RULES["max-length"].text(limit=f.max_length) if f.max_length is not None else "out of its limits"
             )
             target = (f.target or name).split(":")[-1]
-            why = pl.format("{}, not {}", pl.col(f"{name}__dropped"), pl.lit(limit))
+            why = format_text("{}, not {}", pl.col(f"{name}__dropped"), pl.lit(limit))
             dropped = RULES["derived-dropped"]
             rules.append(
                 _Rule(name, dropped.code, pl.col(f"{name}__dropped").is_null(), dropped.title,

@@ -240,3 +240,20 @@ def test_a_run_words_its_messages_as_the_catalogue_does(tmp_path: Path) -> None:
     assert messages["max-length"].endswith(": " + RULES["max-length"].text(limit=limit))
     assert messages["future-date"].endswith(": " + RULES["future-date"].text(today=dt.date.today()))
     assert messages["duplicate-key"].endswith(": " + RULES["duplicate-key"].text())
+
+
+def test_format_text_reads_a_filtered_column_of_several_chunks() -> None:
+    """Messages are built with polars.concat_str: polars.format panicked on a string column of several
+    chunks cut by a filter (a real Synthea encounters.csv, read whole, with lengths left out)."""
+    from etl.rules import format_text
+
+    parts = [pl.DataFrame({"n": [str(i) for i in range(k, k + 50)], "keep": [i % 3 == 0 for i in range(50)]})
+             for k in range(0, 200, 50)]
+    frame = pl.concat(parts, rechunk=False).filter(pl.col("keep"))
+    assert frame.get_column("n").n_chunks() > 1
+    got = frame.select(format_text("{}, not {}", pl.col("n"), pl.lit("at most 7"))).to_series().to_list()
+    assert got == [f"{n}, not at most 7" for n in frame.get_column("n").to_list()]
+    with_null = pl.DataFrame({"a": ["x", None], "b": [1, 2]})
+    assert with_null.select(format_text("{} ({})", "a", "b")).to_series().to_list() == ["x (1)", None]
+    with pytest.raises(ValueError, match="places"):
+        format_text("{} and {}", "a")
