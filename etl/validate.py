@@ -377,7 +377,7 @@ def prepare(mapped: Mapped, *, today: dt.date | None = None) -> pl.DataFrame:
         pl.col(ROW), *[pl.col(f.name).str.strip_chars() for f in fields], *skip
     ).with_columns(_blank_to_null(pl.col(f.name)).alias(f.name) for f in fields)
     trimmed = _placeholders_absent(trimmed, fields, profile.redacted, profile.placeholders)
-    trimmed = _lost_leading_zeros(trimmed, mapped.kind, excel)
+    trimmed = _lost_leading_zeros(trimmed, mapped.kind, excel).pipe(_zip_plus_four, mapped.kind)
     if not excel:  # a column declared `excel_serial = true` is read as serials below: a repair it asked for
         undeclared = tuple(f for f in fields if not profile.parse.get(f.name, ColumnParse()).excel_serial)
         trimmed = _serial_dates(trimmed, undeclared)
@@ -594,6 +594,16 @@ def _lost_leading_zeros(frame: pl.DataFrame, kind: str, excel: bool) -> pl.DataF
     return flagged.with_columns(
         pl.coalesce(pl.col(c), pl.col(c.removesuffix("__zero"))).alias(c.removesuffix("__zero")) for c in zero_columns
     )
+
+
+def _zip_plus_four(frame: pl.DataFrame, kind: str) -> pl.DataFrame:
+    """A ZIP+4 written as nine digits (``021341234``: Synthea's providers, many registries) in its
+    documented spelling, ``02134-1234``: the same code, not a format error."""
+    names = [n for n in ("patient_postal_code", "practitioner_postal_code") if n in field_map(kind)]
+    if not names:
+        return frame
+    seen = frame.select((pl.col(n).str.len_bytes() == 9).any().alias(n) for n in names).row(0, named=True)
+    return frame.with_columns(pl.col(n).str.replace(r"^(\d{5})(\d{4})$", "$1-$2") for n in names if seen[n])
 
 
 #: Excel serial numbers read in a text file's date column: 1920-01-01 (7306) to 2099-12-31 (73050).

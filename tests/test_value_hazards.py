@@ -226,3 +226,21 @@ def test_a_family_name_that_is_also_a_placeholder_is_kept(tmp_path: Path) -> Non
     result = _validate(path)
     assert result.rejects.is_empty()
     assert result.prepared.select("patient_last_name", "lot_number").row(0) == ("Na", None)
+
+
+def test_a_zip_plus_four_written_as_nine_digits_is_hyphenated_not_rejected(tmp_path: Path) -> None:
+    """Synthea's providers.csv (and registries) write a ZIP+4 as nine digits: the same code as
+    ``02134-1234``. Eight digits is no ZIP spelling, and stays a zip-format reject."""
+    path = tmp_path / "zips.csv"
+    path.write_text(
+        "Record ID,Patient ID,First Name,Last Name,State,ZIP,CVX,Admin Date\n"
+        "R1,P1,A,B,MA,021341234,08,2024-01-01\n"
+        "R2,P2,C,D,MI,485041234,08,2024-01-01\n"
+        "R3,P3,E,F,MI,48504123,08,2024-01-01\n"
+        "R4,P4,G,H,MI,48504,08,2024-01-01\n",
+        encoding="utf-8",
+    )
+    result = _validate(path)
+    zips = result.prepared.sort(ROW).get_column("patient_postal_code").to_list()
+    assert zips == ["02134-1234", "48504-1234", "48504123", "48504"]
+    assert _codes(result.rejects) == {4: {"zip-format"}}
