@@ -209,8 +209,7 @@ class DoseCheck:
         dups = (
             earlier.filter(pl.col("dup_row").is_not_null())
             .sort(ROW, "dup_row")
-            .group_by(ROW, maintain_order=True)
-            .first()
+            .filter(pl.col(ROW).is_first_distinct())  # each row's earliest duplicate
             .select(pl.col(ROW).alias("source_row"), "dup_file", "dup_row")
         )
         if dups.is_empty():

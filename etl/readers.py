@@ -256,7 +256,8 @@ def read_batches(
     if not streamable:
         table = read_table(path, sheet=sheet, limits=limits, header=hint)
         frame, table.frame = table.frame, table.frame.clear()
-        return Batches(table, (frame.slice(i, rows) for i in range(0, max(frame.height, 1), rows)))
+        # Each batch in one chunk per column (see _chunked).
+        return Batches(table, (frame.slice(i, rows).rechunk() for i in range(0, max(frame.height, 1), rows)))
     sample = head.decode("utf-8", errors="ignore").lstrip("\ufeff")
     at, delimiter = _find_header(str(path), _records(sample, max(_HEADER_SCAN_ROWS, hint.row or 0)), hint)
     body = head.removeprefix(codecs.BOM_UTF8)
@@ -378,7 +379,9 @@ def _chunked(
                     tail = data
                     continue
             records = data if cut == len(data) else data[:cut]
-            frame = _parse_chunk(path, header, records, delimiter).with_row_index(ROW, offset=next_row)
+            # One chunk per column: polars' reader leaves a chunk per thread's share, and every step
+            # of validation after it is slower over many (and some of polars' string functions fail).
+            frame = _parse_chunk(path, header, records, delimiter).with_row_index(ROW, offset=next_row).rechunk()
             tail = data[cut:]
             next_row += frame.height
             # Whole batches of ``rows``: a chunk's last rows wait for the next chunk's first ones
@@ -387,7 +390,7 @@ def _chunked(
             frame = frame if left is None else pl.concat([left, frame], rechunk=False)
             full = frame.height - frame.height % rows
             for i in range(0, full, rows):
-                yield frame.slice(i, rows).rechunk() if i < spans else frame.slice(i, rows)
+                yield frame.slice(i, rows).rechunk() if i < spans else frame.slice(i, rows)  # one chunk each
             left = frame.slice(full) if full < frame.height else None
             if not block:
                 break

@@ -595,8 +595,7 @@ def _people(valid: pl.DataFrame, bodies: bool) -> tuple[pl.DataFrame, pl.DataFra
         # (Lazy, so only the columns a body reads are grouped, not the whole prepared frame.)
         valid.lazy()
         .filter(pl.col("patient_first_name").is_not_null())
-        .group_by("patient_id", maintain_order=True)
-        .first()
+        .filter(pl.col("patient_id").is_first_distinct())  # each patient's first row (a group_by is 10x dearer)
         .select(pl.col("patient_id").alias("patient_key"), patient_struct(valid.columns).alias("person"), pl.col(ROW))
         .collect()
     )
@@ -614,8 +613,7 @@ def _people(valid: pl.DataFrame, bodies: bool) -> tuple[pl.DataFrame, pl.DataFra
         valid.lazy()
         .filter(named & (pl.col("performer_npi").is_not_null() | by_name.fill_null(False)))
         .with_columns(key.fill_null(pl.col("performer_id")).alias("practitioner_key"))
-        .group_by("practitioner_key", maintain_order=True)
-        .first()
+        .filter(pl.col("practitioner_key").is_first_distinct())
         .select(
             pl.col("practitioner_key"),
             obj(firstName=first, lastName=last, npi=pl.col("performer_npi")).alias("person"),

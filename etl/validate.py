@@ -221,10 +221,12 @@ def _normalised(
             mapped.append(e.alias(f.name))
             continue
         outcome = pl.DataFrame({f.name: few}, schema={f.name: pl.String}).select(e).to_series()
+        if outcome.equals(pl.Series(f.name, few, dtype=pl.String)):  # written the normal way already
+            continue
         mapped.append(
             pl.col(f.name).replace_strict(few, outcome, default=None, return_dtype=pl.String).alias(f.name)
         )
-    return frame.with_columns(mapped)
+    return frame.with_columns(mapped) if mapped else frame
 
 
 def _declared(s: pl.Expr, formats: tuple[str, ...], aware: bool) -> list[pl.Expr]:
@@ -427,7 +429,9 @@ def prepare(mapped: Mapped, *, today: dt.date | None = None) -> pl.DataFrame:
             )
         elif f.value == "list":
             typed.append(_items(s, profile.list_separator, tidy[f.name]).alias(f"{f.name}__list"))
-    prepared = _retried(normalised.with_columns(typed), retried)
+    # Lazy, so what a date's companions share (its parse) is evaluated once: the eager engine leaves
+    # common subexpressions alone.
+    prepared = _retried(normalised.lazy().with_columns(typed).collect(), retried)
     if mapped.kind == "encounter":
         # lengthMinutes from the period when the source leaves it out.
         minutes = (pl.col("period_end__instant") - pl.col("period_start__instant")).dt.total_minutes()
@@ -459,7 +463,9 @@ def _retried(prepared: pl.DataFrame, retried: list[tuple[CanonicalField, str]]) 
     again = (
         prepared.select(f.name for f, _ in retried)  # the few columns read, not the wide batch, filtered
         .filter(missed)
+        .lazy()  # lazy: each spelling is tried once for the three companions that read it
         .select(c for f, tz in retried for c in _temporal_columns(f, pl.col(f.name), False, tz, "any"))
+        .collect()
     )
     return prepared.with_columns(prepared.get_column(c).scatter(at, again.get_column(c)) for c in again.columns)
 
@@ -1225,7 +1231,9 @@ def check(
         every = pl.all_horizontal(passes)
     if not rules:
         return pl.DataFrame(schema=REJECT_SCHEMA)
-    fails = prepared.select(~every).to_series()
+    # Lazy, so the rules' shared parts (the patient-conflict rules' conditions) are evaluated once:
+    # the eager engine leaves common subexpressions alone (four times the cost here).
+    fails = prepared.lazy().select(~every).collect().to_series()
     if not fails.any():
         return pl.DataFrame(schema=REJECT_SCHEMA)
     # Only the columns the rules read are taken along: filtering the whole wide batch would copy it.
@@ -1234,9 +1242,9 @@ def check(
     # The schema declares the checks; they run here as polars queries over the failing rows (two
     # collects), not as pandera's collect per check: a batch's cost does not grow with its rules.
     declared = _declared_checks(kind, rules)
-    texts = pl.DataFrame(
-        {"field": [r.field for r in rules], "code": [r.code for r in rules], "message": [r.message for r in rules]}
-    ).unique(["field", "code"], keep="first", maintain_order=True)
+    texts: dict[tuple[str, str], str] = {}
+    for r in rules:  # a column's first rule of a code words its failures
+        texts.setdefault((r.field, r.code), r.message)
     outcomes = (  # every rule's outcome on the failing rows, evaluated once and read by every check below
         failing.lazy()
         .select(pl.col(ROW).cast(pl.UInt32), *(p.alias(flag) for p, flag in zip(passes, flags, strict=True)))
@@ -1247,13 +1255,17 @@ def check(
     # a filter per check, not a line per (row, check) to filter (a batch whose every row fails
     # would make rules x rows of them).
     failed = [
-        outcomes.filter(~pl.col(flag)).select(ROW, pl.lit(code).alias("code"), pl.lit(column).alias("field"))
+        outcomes.filter(~pl.col(flag)).select(
+            ROW,
+            pl.lit(code).alias("code"),
+            pl.lit(column).alias("field"),
+            pl.lit(None, dtype=pl.String).alias("value"),
+            pl.lit(texts.get((column, code)), dtype=pl.String).alias("message"),
+        )
         for column, code, flag in declared
     ]
     return (
         pl.concat(failed)
-        .join(texts.lazy(), on=["field", "code"], how="left", maintain_order="left")
-        .select(ROW, "code", "field", pl.lit(None, dtype=pl.String).alias("value"), "message")
         .collect()
         .pipe(_conflicts_only_where_cell_valid)
         # Stable: a cell's failures keep the rules' order, however many rows the batch holds.
@@ -1280,14 +1292,12 @@ def with_source_values(failures: pl.DataFrame, mapped: Mapped) -> pl.DataFrame:
         return failures
     wanted = set(failures.get_column("field").unique().to_list())
     named = [c for c in mapped.frame.columns if c != ROW and c in wanted]
-    cells = mapped.frame.lazy().select(ROW, *(pl.col(c).alias(f"__cell_{i}") for i, c in enumerate(named)))
+    cells = mapped.frame.select(ROW, *(pl.col(c).alias(f"__cell_{i}") for i, c in enumerate(named)))
     cell = pl.coalesce(pl.when(pl.col("field") == c).then(pl.col(f"__cell_{i}")) for i, c in enumerate(named))
-    return (
-        failures.lazy()
-        .join(cells, on=ROW, how="left", maintain_order="left")
+    return (  # eager: polars' lazy engine takes about three times as long over this join
+        failures.join(cells, on=ROW, how="left", maintain_order="left")
         .with_columns((cell if named else pl.lit(None)).cast(pl.String).alias("value"))
         .select(list(REJECT_SCHEMA))
-        .collect()
     )
 
 
