@@ -159,12 +159,23 @@ class _Input:
             prepared = prepare(mapped, today=today)
             return mapped, precheck(prepared, self.kind, today=today, severity=mapped.profile.rules)
 
-        frames = self.frames()
+        frames = _read_ahead(self.frames())
         with ThreadPoolExecutor(1, thread_name_prefix="prepare") as ahead:
             coming = ahead.submit(ready)
             while (item := coming.result()) is not None:
                 coming = ahead.submit(ready)
                 yield item
+
+
+def _read_ahead(frames: Iterator[pl.DataFrame]) -> Iterator[pl.DataFrame]:
+    """``frames``, each next one read on a thread of its own while the last is prepared (one ahead at
+    most: memory stays bounded). Reading is a third of what preparing costs; on one thread with it,
+    the batches after it waited for both."""
+    with ThreadPoolExecutor(1, thread_name_prefix="read") as pool:
+        coming = pool.submit(next, frames, None)
+        while (frame := coming.result()) is not None:
+            coming = pool.submit(next, frames, None)
+            yield frame
 
 
 @dataclass

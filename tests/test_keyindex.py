@@ -114,3 +114,25 @@ def test_a_filter_that_lets_every_key_through_changes_no_answer() -> None:
     assert got.get_column("found").to_list() == [False, True, False, True, False]
     assert got.get_column("n").to_list() == [None, 1, None, 4, None]
     assert index.lookup(pl.Series(["x", "y"])).get_column("n").to_list() == [9, None]  # the first "x" won
+
+
+@settings(max_examples=40, deadline=None)
+@given(hashes=st.lists(st.integers(0, 2**64 - 1), max_size=200))
+def test_the_filter_sets_the_bits_one_key_at_a_time_would(hashes: list[int]) -> None:
+    """Keys' bits are or-ed together per word and set in one step: the same words as setting each key's
+    bits in turn, whether the keys come sorted by hash (a run) or not."""
+    from etl.keyindex import _Filter
+
+    rng = np.random.default_rng(len(hashes))
+    h = np.array(hashes, dtype=np.uint64)
+    c = rng.integers(0, 2**63, len(h), dtype=np.uint64)
+    for order in (np.arange(len(h)), np.argsort(h, kind="stable")):
+        grouped = _Filter()
+        grouped.words = np.zeros(1 << 10, dtype=np.uint64)
+        grouped.add(h[order], c[order], [])
+        expected = np.zeros(1 << 10, dtype=np.uint64)
+        word, bits = grouped._at(h, c)
+        for w, b in zip(word.tolist(), bits.tolist(), strict=True):
+            expected[w] |= np.uint64(b)
+        assert np.array_equal(grouped.words, expected)
+        assert grouped.may_hold(h, c).all()
