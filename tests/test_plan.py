@@ -297,3 +297,32 @@ def test_a_load_or_a_dry_run_takes_fewer_rows_at_a_time_unless_told(tmp_path: Pa
     dry = load_files([SAMPLE / "registry.csv"], Settings(report_dir=tmp_path / "dry", dry_run=True))
     checked = validate_files([SAMPLE / "registry.csv"], Settings(report_dir=tmp_path / "v"))
     assert dry.summary["batch_rows"] == LOAD_BATCH_ROWS and checked.summary["batch_rows"] == BATCH_ROWS
+
+
+def test_batches_are_read_one_ahead_on_a_thread_of_their_own_and_a_read_error_still_reaches_the_caller() -> None:
+    """``_read_ahead``: the frames in order, the next one read on another thread while the caller holds
+    the last (never more than one ahead, so memory stays bounded), and an error raised by reading is
+    raised to the caller as it was."""
+    import threading
+    from collections.abc import Iterator
+
+    from etl.plan import _read_ahead
+
+    pulled: list[tuple[int, str]] = []
+
+    def frames(fail_at: int | None = None) -> Iterator[pl.DataFrame]:
+        for i in range(4):
+            if i == fail_at:
+                raise InputError("f.csv", "row 9: broken")
+            pulled.append((i, threading.current_thread().name))
+            yield pl.DataFrame({"i": [i]})
+
+    seen = []
+    for frame in _read_ahead(frames()):
+        i = frame.item()
+        seen.append(i)
+        assert max(n for n, _ in pulled) <= i + 1  # one ahead at most
+    assert seen == [0, 1, 2, 3]
+    assert all(name.startswith("read") for _, name in pulled)
+    with pytest.raises(InputError, match="row 9"):
+        list(_read_ahead(frames(fail_at=2)))
