@@ -154,7 +154,7 @@ class KeyIndex:
             found[sought] = hit
             if stored is not None and not stored.is_empty():
                 # Each hit's values set at its row: one join for every column (not a scatter each).
-                values = (  # eager: polars' lazy engine is slower over this join
+                values = (  # eager: polars' default (streaming) engine is slower over this join
                     pl.int_range(n, dtype=pl.UInt32, eager=True).to_frame(_AT)
                     .join(stored.with_columns(pl.Series(_AT, sought[hit], dtype=pl.UInt32)), on=_AT,
                           how="left", maintain_order="left")

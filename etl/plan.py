@@ -1080,9 +1080,9 @@ def base_rows(mapped: Mapped, validation: Validation, planned: Planned) -> pl.Da
     # A row the profile's [[skip]] leaves out is skipped, code `filtered`, its reason the message.
     skip = pl.col(SKIP) if SKIP in mapped.frame.columns else pl.lit(None, dtype=pl.String)
     filtered = RULES["filtered"]
-    return (  # eager: polars' lazy engine takes twice as long over these two joins
+    return (  # eager: polars' default (streaming) engine takes twice as long over these joins
         mapped.frame.select(ROW, pl.col(key).str.strip_chars().alias("row_key"), skip.alias(SKIP))
-        .join(reasons.collect(), on=ROW, how="left", maintain_order="left")
+        .join(reasons.collect(engine="in-memory"), on=ROW, how="left", maintain_order="left")
         .join(planned_rows, on=ROW, how="left", maintain_order="left")
         .select(
             pl.lit(str(mapped.table.path)).alias("source_file"),
@@ -1129,7 +1129,7 @@ def rejects_frame(file: str, source: pl.DataFrame, rows: pl.DataFrame) -> pl.Dat
     )
     named = _rejects_columns([c for c in source.columns if c != ROW])
     # The rejected rows picked first, then joined with their reasons and their cells renamed (eager:
-    # polars' lazy engine takes twice as long; a join with every source row, twice as long again).
+    # polars' streaming engine takes twice as long; a join with every source row, twice as long again).
     picked = source.filter(pl.col(ROW).is_in(reasons.get_column(ROW).implode()))
     return (
         picked.join(reasons, on=ROW, how="inner")

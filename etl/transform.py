@@ -597,7 +597,7 @@ def _people(valid: pl.DataFrame, bodies: bool) -> tuple[pl.DataFrame, pl.DataFra
         .filter(pl.col("patient_first_name").is_not_null())
         .filter(pl.col("patient_id").is_first_distinct())  # each patient's first row (a group_by is 10x dearer)
         .select(pl.col("patient_id").alias("patient_key"), patient_struct(valid.columns).alias("person"), pl.col(ROW))
-        .collect()
+        .collect(engine="in-memory")
     )
     patients = firsts.select(
         "patient_key", pl.lit(_encoded_column(firsts, pl.col("person"), bodies)).alias("body"), ROW
@@ -619,7 +619,7 @@ def _people(valid: pl.DataFrame, bodies: bool) -> tuple[pl.DataFrame, pl.DataFra
             obj(firstName=first, lastName=last, npi=pl.col("performer_npi")).alias("person"),
             pl.col(ROW),
         )
-        .collect()
+        .collect(engine="in-memory")
     )
     practitioners = practitioners.select(
         "practitioner_key", pl.lit(_encoded_column(practitioners, pl.col("person"), bodies)).alias("body"), ROW

@@ -430,8 +430,10 @@ def prepare(mapped: Mapped, *, today: dt.date | None = None) -> pl.DataFrame:
         elif f.value == "list":
             typed.append(_items(s, profile.list_separator, tidy[f.name]).alias(f"{f.name}__list"))
     # Lazy, so what a date's companions share (its parse) is evaluated once: the eager engine leaves
-    # common subexpressions alone.
-    prepared = _retried(normalised.lazy().with_columns(typed).collect(), retried)
+    # common subexpressions alone. A batch's queries run on the in-memory engine: polars' default
+    # (streaming) engine costs three times as much per query at this size, and cuts its output into
+    # chunks that every later step pays to join again.
+    prepared = _retried(normalised.lazy().with_columns(typed).collect(engine="in-memory"), retried)
     if mapped.kind == "encounter":
         # lengthMinutes from the period when the source leaves it out.
         minutes = (pl.col("period_end__instant") - pl.col("period_start__instant")).dt.total_minutes()
@@ -465,7 +467,7 @@ def _retried(prepared: pl.DataFrame, retried: list[tuple[CanonicalField, str]]) 
         .filter(missed)
         .lazy()  # lazy: each spelling is tried once for the three companions that read it
         .select(c for f, tz in retried for c in _temporal_columns(f, pl.col(f.name), False, tz, "any"))
-        .collect()
+        .collect(engine="in-memory")
     )
     return prepared.with_columns(prepared.get_column(c).scatter(at, again.get_column(c)) for c in again.columns)
 
@@ -1120,7 +1122,7 @@ def _compared_across_rows(prepared: pl.DataFrame, kind: str, carry: Carry) -> pl
                 *[pl.col(f"__hash_{f.name}").alias(n) for f, n in zip(demographics, names, strict=True)],
             )
             .filter(pl.col("key").is_first_distinct())  # cheaper than unique(maintain_order)
-            .collect()
+            .collect(engine="in-memory")
         )
         before = carry.patients.insert(here)
         found = before.get_column("found")
@@ -1233,7 +1235,7 @@ def check(
         return pl.DataFrame(schema=REJECT_SCHEMA)
     # Lazy, so the rules' shared parts (the patient-conflict rules' conditions) are evaluated once:
     # the eager engine leaves common subexpressions alone (four times the cost here).
-    fails = prepared.lazy().select(~every).collect().to_series()
+    fails = prepared.lazy().select(~every).collect(engine="in-memory").to_series()
     if not fails.any():
         return pl.DataFrame(schema=REJECT_SCHEMA)
     # Only the columns the rules read are taken along: filtering the whole wide batch would copy it.
@@ -1248,7 +1250,7 @@ def check(
     outcomes = (  # every rule's outcome on the failing rows, evaluated once and read by every check below
         failing.lazy()
         .select(pl.col(ROW).cast(pl.UInt32), *(p.alias(flag) for p, flag in zip(passes, flags, strict=True)))
-        .collect()
+        .collect(engine="in-memory")
         .lazy()
     )
     # Flag by flag (the rules' order), each flag's failing rows in row order, as pandera lists them:
@@ -1266,7 +1268,7 @@ def check(
     ]
     return (
         pl.concat(failed)
-        .collect()
+        .collect(engine="in-memory")
         .pipe(_conflicts_only_where_cell_valid)
         # Stable: a cell's failures keep the rules' order, however many rows the batch holds.
         .sort(ROW, "field", maintain_order=True)
@@ -1294,7 +1296,7 @@ def with_source_values(failures: pl.DataFrame, mapped: Mapped) -> pl.DataFrame:
     named = [c for c in mapped.frame.columns if c != ROW and c in wanted]
     cells = mapped.frame.select(ROW, *(pl.col(c).alias(f"__cell_{i}") for i, c in enumerate(named)))
     cell = pl.coalesce(pl.when(pl.col("field") == c).then(pl.col(f"__cell_{i}")) for i, c in enumerate(named))
-    return (  # eager: polars' lazy engine takes about three times as long over this join
+    return (  # eager: polars' default (streaming) engine takes three times as long over this join
         failures.join(cells, on=ROW, how="left", maintain_order="left")
         .with_columns((cell if named else pl.lit(None)).cast(pl.String).alias("value"))
         .select(list(REJECT_SCHEMA))
@@ -1376,7 +1378,7 @@ def _warnings(
                     field=name,
                 )
             )
-    return pl.concat(parts).collect() if parts else pl.DataFrame(schema=REJECT_SCHEMA)
+    return pl.concat(parts).collect(engine="in-memory") if parts else pl.DataFrame(schema=REJECT_SCHEMA)
 
 
 def _warning_rows(prepared: pl.LazyFrame, when: pl.Expr, field: str, rule: Rule, /, **values: object) -> pl.LazyFrame:
