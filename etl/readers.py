@@ -96,6 +96,7 @@ _NOT_TABLES = {
 # C0 control characters that no text table holds (tab, LF, FF and CR are fine).
 _CONTROL = bytes(b for b in range(32) if b not in (9, 10, 12, 13)) + b"\x7f"
 _BARE_CR = re.compile(rb"\r(?!\n)")
+_LINE_BREAKS = re.compile(rb"\r\n?")
 _BARE_CR_TEXT = re.compile(r"\r\n?")
 _BARE_CR_TEXT_ALONE = re.compile(r"\r(?!\n)")
 
@@ -251,7 +252,9 @@ def read_batches(
         and not is_hl7(head)
         and not _is_workbook(path, head)
         and _decode_choice(path, head) == ("utf-8", [])
-        and not _has_bare_cr(path)
+        # A lone \r in the head (the header's line may end in one) is read whole; one further on is
+        # seen by the chunk that holds it (_chunked): the whole file is not searched before reading.
+        and _BARE_CR.search(head.rstrip(b"\r")) is None
     )
     if not streamable:
         table = read_table(path, sheet=sheet, limits=limits, header=hint)
@@ -281,7 +284,13 @@ def read_batches(
     digest.shutdown(wait=False)
     per_row = max(1, len(body) - header_end) / max(1, body.count(b"\n", header_end))
     skip = len(head) - len(body) + header_end
-    chunks = _chunked(path, top.columns[1:], skip, delimiter, rows, max(4096, int(per_row * rows)), at + 2)
+    def bare_cr() -> None:
+        if not any(n.code == RULES["line-endings"].code for n in table.notices):
+            table.notices.append(Notice(RULES["line-endings"].code, RULES["line-endings"].text(), str(path)))
+
+    chunks = _chunked(
+        path, top.columns[1:], skip, delimiter, rows, max(4096, int(per_row * rows)), at + 2, bare_cr=bare_cr
+    )
     chunks = _counting_blanks(chunks, table)
     if is_own_rejects(table.columns):
         table.frame = unguard_formulas(table.frame)
@@ -357,10 +366,18 @@ def _record_end(data: bytes, start: int = 0) -> int:
 
 
 def _chunked(
-    path: Path, header: list[str], skip: int, delimiter: str, rows: int, chunk_bytes: int, first_row: int = 2
+    path: Path,
+    header: list[str],
+    skip: int,
+    delimiter: str,
+    rows: int,
+    chunk_bytes: int,
+    first_row: int = 2,
+    bare_cr: Callable[[], None] | None = None,
 ) -> Iterator[pl.DataFrame]:
     """The records after the header, parsed a chunk of whole records at a time, cut to ``rows``;
-    the first is row ``first_row`` (the header's row and one)."""
+    the first is row ``first_row`` (the header's row and one). A chunk with lines that end in a lone
+    ``\r`` has its line breaks read as a whole file's are (:func:`_read_csv`), and ``bare_cr`` is called."""
     next_row = first_row
     left: pl.DataFrame | None = None  # the rows of the last chunk that did not fill a batch
     with path.open("rb") as fh:
@@ -379,6 +396,10 @@ def _chunked(
                     tail = data
                     continue
             records = data if cut == len(data) else data[:cut]
+            if b"\r" in records and _BARE_CR.search(records) is not None:  # old Mac lines, or mixed endings
+                records = _LINE_BREAKS.sub(b"\n", records)
+                if bare_cr is not None:
+                    bare_cr()
             # One chunk per column: polars' reader leaves a chunk per thread's share, and every step
             # of validation after it is slower over many (and some of polars' string functions fail).
             frame = _parse_chunk(path, header, records, delimiter).with_row_index(ROW, offset=next_row).rechunk()

@@ -184,3 +184,22 @@ def test_a_streamed_file_with_lone_carriage_returns_reads_as_the_whole_file_does
     batches = read_batches(path, rows=7, stream_from=1)
     streamed = pl.concat(list(batches.batches)).drop(ROW)
     assert streamed.equals(whole) and streamed.height == 51
+
+
+def test_lone_carriage_returns_past_the_head_of_a_streamed_file_are_read_as_the_whole_file_reads_them(
+    tmp_path: Path,
+) -> None:
+    """A large file is not searched for lone ``\\r`` before it is streamed: the chunk that holds one reads
+    its line breaks as the whole file's reading does, and the table carries the same notice."""
+    path = tmp_path / "mixed.csv"
+    first = b"".join(b'%d,"n %d",ok\r\n' % (i, i) for i in range(readers._SNIFF_BYTES // 12))
+    later = b"".join(b"%d,n%d,x\r" % (i, i) for i in range(5)) + b'99,"two\r\nlines",end\r\n'
+    path.write_bytes(b"id,name,note\r\n" + first + later + first[:200])
+    whole = read_table(path)
+    batches = read_batches(path, rows=1000, stream_from=1)
+    streamed = pl.concat(list(batches.batches))
+    assert streamed.drop(ROW).equals(whole.frame.drop(ROW))
+    assert streamed.get_column(ROW).to_list() == whole.frame.get_column(ROW).to_list()
+    codes = {n.code for n in whole.notices}
+    assert "line-endings" in codes
+    assert {n.code for n in batches.table.notices} == codes
