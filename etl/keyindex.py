@@ -162,12 +162,15 @@ class KeyIndex:
                 )
         if add:
             first = keys.is_first_distinct().to_numpy()  # the first row of a key wins
-            fresh = np.flatnonzero(first & ~found & present)
-            order = fresh[np.argsort(hashes[fresh], kind="stable")]  # the new run: sorted by hash
-            run = pl.DataFrame({_HASH: hashes[order], _CHECK: checks[order]}).hstack(
-                rows.drop(KEY)[pl.Series(order, dtype=pl.UInt32)]
-            )
-            self._push(run.select(_HASH, _CHECK, *self._values()).cast(self._cast), hashed=True)  # type: ignore[arg-type]
+            fresh = first & ~found & present
+            if fresh.any():  # the new run, sorted by hash (polars' sort: faster than numpy's argsort and a gather)
+                run = (
+                    pl.DataFrame({_HASH: hashes, _CHECK: checks})
+                    .hstack(rows.select(self._values()))
+                    .filter(pl.Series(fresh))
+                    .sort(_HASH)
+                )
+                self._push(run.cast(self._cast), hashed=True)  # type: ignore[arg-type]
         return self._in_order(keys, pl.Series("found", found), values)
 
     def _sought(self, hashes: np.ndarray, checks: np.ndarray) -> tuple[np.ndarray, pl.DataFrame | None]:
