@@ -174,7 +174,8 @@ async def _send(
     progress.pace(lambda: throttle.rate)
     options = destination.load_options(settings)
     protocols = destination.protocols(lookup)  # the lookups made while planning count too
-    skips: list[Path] = []  # a part's skipped results: its creates an earlier run made, unchanged
+    # Each part's creates an earlier run made, unchanged (kept in memory: the results table is, at the end).
+    skips: list[pl.DataFrame] = []
     kinds: dict[str, None] = {}
     unsent = left = 0
     for frame in creates_in_parts(run):
@@ -182,8 +183,7 @@ async def _send(
         earlier, n = skipped_and_unsent(state, frame)
         unsent += n
         left += frame.height - earlier.height
-        skips.append(run.work / f"results-{len(skips):06d}-skipped.ipc")
-        skipped_table(earlier).write_ipc(skips[-1])
+        skips.append(earlier)
     estimate.plan(unsent)
     idle = not left and run.halt is None and not open_batches(state)
     sent: list[Path | None] = [None] * len(skips)  # a part's results from the loader
@@ -204,8 +204,8 @@ async def _send(
         try:
             with stop_on_signals(loader):
                 for index, frame in enumerate(() if idle else creates_in_parts(run)):
-                    earlier = pl.read_ipc(skips[index], columns=["kind", "source_key"])
-                    rest = frame.join(earlier, on=["kind", "source_key"], how="anti", maintain_order="left")
+                    rest = frame.join(skips[index].select("kind", "source_key"), on=["kind", "source_key"],
+                                      how="anti", maintain_order="left")
                     if rest.height:
                         results = await loader.run_part(sends_of(rest, destination.route))
                         sent[index] = run.work / f"results-{index:06d}.ipc"
@@ -216,8 +216,10 @@ async def _send(
     for kind in kinds:
         progress.finish(kind)
     # A part's skipped results, then the loader's, part by part (as they were planned).
-    files = [p for pair in zip(skips, sent, strict=True) for p in pair if p is not None]
-    table = pl.concat([pl.read_ipc(p) for p in files]) if files else results_table({})
+    table = pl.concat([results_table({}), *(
+        frame for earlier, results in zip(skips, sent, strict=True)
+        for frame in (skipped_table(earlier), pl.read_ipc(results) if results else None) if frame is not None
+    )])
     return table, loader, protocols
 
 
