@@ -36,7 +36,7 @@ def skipped_and_unsent(state: StateStore, creates: pl.DataFrame) -> tuple[pl.Dat
     ``--mode auto`` count them). One state-store read per kind answers both."""
     found = [pl.DataFrame(schema=_SKIPPED)]
     unsent = 0
-    for (kind,), mine in creates.select("kind", "source_key", "body_hash").group_by("kind"):
+    for (kind,), mine in creates.select("kind", "source_key", "body_hash").group_by("kind", maintain_order=True):
         stored = state.stored(str(kind), mine.get_column("source_key"), states=("created",),
                               columns=("resource_id", "body_hash"))
         unsent += mine.height - stored.height

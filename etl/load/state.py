@@ -19,6 +19,10 @@ Its layout is stamped in SQLite's ``PRAGMA user_version``
 ``meta`` table saying version 1) is recognised by its tables, migrated in
 place and stamped; a newer layout, or a SQLite file that is not a state store,
 is refused with :class:`~etl.errors.StateError` rather than adopted.
+
+An index of what a re-import reads of every record (``records_kept``: :meth:`StateStore.stored` reads a
+kind whole from it) is made on open when the file lacks it, once; it changes no table, so it is not a
+layout of its own and an earlier release still reads the file.
 """
 
 from __future__ import annotations
