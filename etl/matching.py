@@ -50,8 +50,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import polars as pl
-from rapidfuzz import fuzz
-from rapidfuzz.process import cpdist
 
 from etl.dedupe import dose_identities, normalised_name
 from etl.errors import InputError, LookupFailed, QuotaExceededError
@@ -155,6 +153,11 @@ def match_patients(incoming: pl.DataFrame, existing: pl.DataFrame, mode: str) ->
     )
     candidates = [exact]
     if mode == "probable":
+        # Imported when names are compared: a run whose creates are all known to the state store (a weekly
+        # re-import) compares none.
+        from rapidfuzz import fuzz
+        from rapidfuzz.process import cpdist
+
         same_day = mine.join(theirs, left_on="n_birth", right_on="n_birth_c").with_columns(
             pl.col("n_birth").alias("n_birth_c")
         )
@@ -570,6 +573,8 @@ def _rewrite_rows(run: Run, final: pl.DataFrame, counts: dict[str, int]) -> None
         [(k, v) for (kind, k), v in run.keys.known.items() if kind == "patient"],
         schema={"patient_key": pl.String, "linked_id": pl.String}, orient="row",
     )
+    if final.is_empty() and linked.is_empty():  # nothing decided, no patient linked (a re-import): parts unread
+        return
     decided = final.rename({"state": "d_state", "resource_id": "d_id", "message": "d_message"})
     for part in list(run.parts):
         rows = pl.read_ipc(part)

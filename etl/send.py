@@ -11,8 +11,9 @@ the sends:
    per distinct value.
 2. **Send.** Stage by stage, the creates are read back :data:`SEND_PART` at a time. Those an
    earlier run created and that have not changed are skipped in set operations (a join with the
-   state store: :func:`etl.load.loader.created_unchanged`; a weekly re-import of an unchanged
-   export sends, and builds, nothing a row); the rest are given to the loader
+   state store: :func:`etl.load.reimport.skipped_and_unsent`, before any client is opened; a weekly
+   re-import of an unchanged export sends, and builds, nothing a row, and opens no HTTP client); the
+   rest are given to the loader
    (:meth:`etl.load.loader.Loader.run_part`). Each part's results go to disk; the
    loader keeps only those that did not create (a child names them in its failure), and reads a
    created parent's id back from the state store.
@@ -156,9 +157,16 @@ async def _send(
     lookup: Lookup | None,
 ) -> tuple[pl.DataFrame, Loader, Counter[str]]:
     """Send the planned creates stage by stage, a part at a time; the results table, the loader, and the HTTP
-    versions of the responses."""
-    from etl.load.client import http_client
-    from etl.load.loader import created_unchanged
+    versions of the responses.
+
+    What an earlier run created and that has not changed is found first, for every part, in set
+    operations (:func:`etl.load.reimport.skipped_and_unsent`); the loader gets the rest. A load left with
+    nothing to send (a weekly re-import of an unchanged export: every row skipped), nothing halted and no
+    bulk import of an earlier run to poll opens no HTTP client: its loader is built over one that sends
+    nothing (:func:`etl.load.client.idle_client`)."""
+    from etl.load.bulk import open_batches
+    from etl.load.client import http_client, idle_client
+    from etl.load.reimport import skipped_and_unsent
     from etl.load.throttle import Throttle
 
     throttle = Throttle(settings.rate)
@@ -166,13 +174,22 @@ async def _send(
     progress.pace(lambda: throttle.rate)
     options = destination.load_options(settings)
     protocols = destination.protocols(lookup)  # the lookups made while planning count too
-    parts: list[Path] = []
+    # Each part's creates an earlier run made, unchanged (kept in memory: the results table is, at the end).
+    skips: list[pl.DataFrame] = []
     kinds: dict[str, None] = {}
-    async with http_client(target.base_url, settings) as http:
+    unsent = left = 0
+    for frame in creates_in_parts(run):
+        kinds.update(dict.fromkeys(frame.get_column("kind").unique(maintain_order=True)))
+        earlier, n = skipped_and_unsent(state, frame)
+        unsent += n
+        left += frame.height - earlier.height
+        skips.append(earlier)
+    estimate.plan(unsent)
+    idle = not left and run.halt is None and not open_batches(state)
+    sent: list[Path | None] = [None] * len(skips)  # a part's results from the loader
+    async with idle_client(target.base_url) if idle else http_client(target.base_url, settings) as http:
         client = destination.client(http, target.key, on_response=estimate.chain(throttle.observe),
                                     protocols=protocols)
-        unsent = _unsent(run, state)
-        estimate.plan(unsent)
         loader = await destination.new_loader(settings, http, target, client, state, throttle, options, run.run_id,
                                               progress, unsent)
         if run.halt is not None:  # refused before anything was sent (a quota met while matching)
@@ -186,22 +203,23 @@ async def _send(
             await loader.begin()
         try:
             with stop_on_signals(loader):
-                for frame in creates_in_parts(run):
-                    kinds.update(dict.fromkeys(frame.get_column("kind").unique(maintain_order=True)))
-                    # What an earlier run created and that has not changed is skipped here, in set
-                    # operations (a weekly re-import of an unchanged export: every row); the loader
-                    # gets the rest.
-                    earlier = created_unchanged(state, frame)
-                    rest = frame.join(earlier, on=["kind", "source_key"], how="anti", maintain_order="left")
-                    results = await loader.run_part(sends_of(rest, destination.route)) if rest.height else {}
-                    parts.append(run.work / f"results-{len(parts):06d}.ipc")
-                    pl.concat([skipped_table(earlier), results_table(results)]).write_ipc(parts[-1])
+                for index, frame in enumerate(() if idle else creates_in_parts(run)):
+                    rest = frame.join(skips[index].select("kind", "source_key"), on=["kind", "source_key"],
+                                      how="anti", maintain_order="left")
+                    if rest.height:
+                        results = await loader.run_part(sends_of(rest, destination.route))
+                        sent[index] = run.work / f"results-{index:06d}.ipc"
+                        results_table(results).write_ipc(sent[index])
         finally:
             loader.end()
             loader.stats.requests += destination.lookup_requests(lookup)
     for kind in kinds:
         progress.finish(kind)
-    table = pl.concat([pl.read_ipc(p) for p in parts]) if parts else results_table({})
+    # A part's skipped results, then the loader's, part by part (as they were planned).
+    table = pl.concat([results_table({}), *(
+        frame for earlier, results in zip(skips, sent, strict=True)
+        for frame in (skipped_table(earlier), pl.read_ipc(results) if results else None) if frame is not None
+    )])
     return table, loader, protocols
 
 
@@ -234,15 +252,6 @@ def sends_of(frame: pl.DataFrame, route: Callable[[str], str]) -> list[Send]:
             "kind", "source_key", "body", "body_hash", "source_file"
         ).iter_rows()
     ]
-
-
-def _unsent(run: Run, state: StateStore) -> int:
-    """About how many creates the load will send: those the state store does not hold as created."""
-    return sum(
-        unsent_count(state, str(kind), mine.get_column("source_key"))
-        for frame in creates_in_parts(run)
-        for (kind,), mine in frame.group_by("kind")
-    )
 
 
 def apply_outcomes(run: Run, table: pl.DataFrame) -> None:
@@ -279,8 +288,8 @@ def results_table(results: dict[tuple[str, str], Result]) -> pl.DataFrame:
 
 def skipped_table(earlier: pl.DataFrame) -> pl.DataFrame:
     """Results (as :func:`results_table`'s) of the creates an earlier run made that have not changed
-    (``kind, source_key, resource_id``: :func:`etl.load.loader.created_unchanged`): skipped, with their ids."""
-    from etl.load.loader import CREATED_EARLIER
+    (``kind, source_key, resource_id``: :func:`etl.load.reimport.created_unchanged`): skipped, with their ids."""
+    from etl.load.reimport import CREATED_EARLIER
 
     return earlier.select(
         "kind", "source_key", pl.lit("skipped").alias("r_state"), pl.col("resource_id").alias("r_id"),

@@ -76,6 +76,7 @@ def test_the_reimport_bench_sends_nothing_the_second_time(tmp_path: Path) -> Non
     assert "created" not in again["states"] and again["states"]["skipped"] == first["states"]["created"]
     assert again["states"].get("rejected") == first["states"].get("rejected")  # the bad rows, again
     assert result["reimport_vs_validate"] > 0
+    assert result["reimport_vs_validate_cpu"] > 0 and result["cpu_seconds"]["reimport"] > 0  # CPU beside the wall
     fresh = result["fresh_target"]  # an empty sandbox at the same address: the state store alone decides
     assert fresh["requests"] == 0 and fresh["states"] == again["states"]
 

@@ -57,7 +57,9 @@ from etl.rules import RULES
 from schemas.canonical import KIND_SPECS
 from schemas.limits import BULK_MAX_RECORDS, BULK_OPERATIONS_PER_HOUR, RESOURCE_TYPES
 
-__all__ = ["BULK_RECORD_ERROR", "BulkClient", "BulkLoader", "BulkOptions", "choose_mode", "remaining_requests"]
+__all__ = [
+    "BULK_RECORD_ERROR", "BulkClient", "BulkLoader", "BulkOptions", "choose_mode", "open_batches", "remaining_requests",
+]
 
 BULK_RECORD_ERROR = RULES["BULK_RECORD_ERROR"].code
 _HOUR = 3600.0
@@ -185,6 +187,17 @@ class _Ledger:
             "SELECT batch_id, kind, job_id, keys FROM bulk_batches WHERE finished_at IS NULL ORDER BY rowid"
         )
         return [(b, k, j, json.loads(keys)) for b, k, j, keys in cur]
+
+
+def open_batches(state: StateStore) -> int:
+    """How many bulk imports an earlier run left unsettled in ``state``'s file: a :class:`BulkLoader` polls
+    them before anything else (so a load with nothing new to send still needs its client). Read only:
+    a store without the ledger (never loaded in bulk) has none."""
+    with contextlib.closing(sqlite3.connect(state.path, check_same_thread=False)) as db:
+        db.execute("PRAGMA busy_timeout=5000")
+        if db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'bulk_batches'").fetchone() is None:
+            return 0
+        return int(db.execute("SELECT count(*) FROM bulk_batches WHERE finished_at IS NULL").fetchone()[0])
 
 
 def line_results(job: Mapping[str, Any], count: int) -> list[Result]:

@@ -57,6 +57,7 @@ __all__ = [
     "check_target",
     "check_target_url",
     "exchange",
+    "idle_client",
     "is_loopback_host",
     "mask",
     "quota_problem",
@@ -235,6 +236,20 @@ def http_client(base_url: str, settings: Settings) -> httpx.AsyncClient:
     """
     limits = httpx.Limits(max_connections=settings.concurrency, max_keepalive_connections=settings.concurrency)
     return httpx.AsyncClient(base_url=base_url, timeout=settings.timeout, limits=limits, http2=True)
+
+
+class _NoRequests(httpx.AsyncBaseTransport):
+    """A transport that sends nothing: every request is a programming error."""
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        raise RuntimeError(f"{request.method} {request.url.path}: a load with nothing to send made a request")
+
+
+def idle_client(base_url: str) -> httpx.AsyncClient:
+    """The client of a load with nothing to send (a re-import of an unchanged export): its loader is built over it,
+    but it opens no connection pool, TLS context or HTTP/2 machinery, and a request through it raises
+    ``RuntimeError`` (a target that must not be asked is not asked)."""
+    return httpx.AsyncClient(base_url=base_url, transport=_NoRequests())
 
 
 class ApiClient:

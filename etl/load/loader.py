@@ -45,11 +45,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Protocol
 
-import polars as pl
-
 from etl.errors import ApiError, AuthError, LookupFailed, QuotaExceededError
 from etl.load.client import QUOTA_CODES, UNTRUSTED, Created, Outcome, Refused, RetryLater, Unknown
 from etl.load.lookup import matches
+from etl.load.reimport import CREATED_EARLIER, created_unchanged
 from etl.load.state import Record, StateStore
 from etl.load.throttle import Throttle
 from etl.progress import Progress, as_progress
@@ -77,8 +76,6 @@ class Client(Protocol):
         """Every match of a search, or ``LookupFailed``."""
         ...
 
-#: The message of a row skipped because an earlier run created it (and it has not changed since).
-CREATED_EARLIER = "created by an earlier run"
 _FLUSH_EVERY = 32
 #: A round waits this many times the search lag observed (one create's lag says little of the next one's).
 LAG_MARGIN = 1.5
@@ -139,32 +136,6 @@ def failure(
     """A row that was not created as planned, for the reason ``rule`` names (an entry of ``etl.rules.RULES``):
     its code, and its message in the rule's wording (``variant``) with ``values`` put in."""
     return Result(state, resource_id, http_status, rule.code, field, rule.text(variant, **values))
-
-
-def created_unchanged(state: StateStore, creates: pl.DataFrame) -> pl.DataFrame:
-    """Of planned ``creates`` (``kind``, ``source_key``, ``body_hash``), those the loader skips: stored as created,
-    and unchanged since (the same body hash, or none to compare): ``kind, source_key, resource_id``.
-
-    The loader's own rule (:meth:`Loader.run_part` skips these too, a row at a time), as set operations: one
-    state-store read per kind (:meth:`StateStore.stored`) and a join, so a re-import of an unchanged export
-    gives the loader nothing to look at. A row that changed, or that an earlier run left in doubt, is not
-    among them: the loader decides it.
-    """
-    found = [pl.DataFrame(schema={"kind": pl.String, "source_key": pl.String, "resource_id": pl.String})]
-    for (kind,), mine in creates.select("kind", "source_key", "body_hash").group_by("kind"):
-        stored = state.stored(str(kind), mine.get_column("source_key"), states=("created",),
-                              columns=("resource_id", "body_hash"))
-        if stored.is_empty():
-            continue
-        held_hash = pl.col("stored_hash").fill_null("")
-        changed = (held_hash != "") & held_hash.ne_missing(pl.col("body_hash")) & (
-            pl.col("resource_id").fill_null("") != "")
-        found.append(
-            mine.join(stored.rename({"body_hash": "stored_hash"}), on="source_key", how="inner")
-            .filter(~changed)
-            .select("kind", "source_key", "resource_id")
-        )
-    return pl.concat(found).unique(["kind", "source_key"])  # a result a key, as the loader's (a dict) gives
 
 
 @dataclass
