@@ -163,6 +163,7 @@ class ClinikApi(Destination):
     name = "ClinikAPI"
     resolves_references = True
     builds_bodies = True
+    shows_readable_refs = True
     can_search = True
     has_bulk = True
 

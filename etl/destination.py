@@ -122,6 +122,9 @@ class Destination(abc.ABC):
     resolves_references = True
     #: The transform builds ClinikAPI JSON bodies for the planned rows (:func:`etl.transform.plan`).
     builds_bodies = True
+    #: A dry run's lines show the bodies' references as :func:`etl.transform.readable_refs` does, so a dry run
+    #: may plan its bodies so (:func:`etl.transform.plan`'s ``readable``) rather than replace placeholders.
+    shows_readable_refs = False
     #: An unknown outcome can be looked up by search (else it stays ``unknown``, never blindly re-sent).
     can_search = False
     #: A bulk import exists (``--mode bulk``/``auto``); without it ``--mode bulk`` is refused.

@@ -250,9 +250,14 @@ class _Payloads:
     A batch's creates are kept on a worker thread, in batch order, while the next batch is validated.
     """
 
-    def __init__(self, work: Path, destination: Destination) -> None:
+    def __init__(self, work: Path, destination: Destination, *, dry_run: bool = False, matched: bool = False) -> None:
         self.work = work
         self.destination = destination
+        # What the batches' plan (etl.transform.plan) builds: a dry run hashes no body (only a load's state
+        # store compares hashes), and its bodies show their references readable, as its lines do, unless
+        # matching reads their placeholders (``matched``).
+        self.hashes = not dry_run
+        self.readable = dry_run and not matched and destination.shows_readable_refs
         self.parts: dict[int, list[Path]] = {}
         self.planned: dict[str, KeyIndex] = {}
         self.withdrawn: list[pl.DataFrame] = []
@@ -407,7 +412,7 @@ def validate_in_batches(
     """
     with planned_in_batches(
         paths, settings, progress, batch_rows=batch_rows, payloads=payloads, state=state, destination=destination,
-        matcher=matcher,
+        matcher=matcher, dry_run=payloads,
     ) as run:
         if run.keys.payloads is not None:
             with report_output(run.folder):
@@ -501,6 +506,7 @@ def planned_in_batches(
     run_id: str | None = None,
     destination: Destination | None = None,
     matcher: Callable[[Run], None] | None = None,
+    dry_run: bool = False,
 ) -> Iterator[Run]:
     """Validate and plan inputs a batch at a time; the run, its parts on disk until the block ends.
 
@@ -509,7 +515,9 @@ def planned_in_batches(
     lines as it goes (not when a load will change them). ``destination``: where the creates go
     (ClinikAPI by default), asked to refuse the inputs it cannot take before a row is read.
     ``matcher``: called with the planned run before it is handed over (:class:`etl.matching.Matcher`:
-    what the target holds already is linked, sent to review or left out of the creates).
+    what the target holds already is linked, sent to review or left out of the creates). ``dry_run``: the
+    creates (``payloads``) are for a dry run's ``payloads.ndjson``, never sent (no body hashes, readable
+    references: :class:`_Payloads`).
     """
     destination = destination or ClinikApi()
     run_id, timings = run_id or new_run_id(), dict[str, float]()
@@ -557,7 +565,7 @@ def planned_in_batches(
     private_dir(folder)
     work = scratch_dir(folder, ".batches-")  # made afresh: nothing planted in an earlier run's can be followed
     writer = _RowsWriter(rows_csv)
-    keys.payloads = _Payloads(work, destination) if payloads else None
+    keys.payloads = _Payloads(work, destination, dry_run=dry_run, matched=matcher is not None) if payloads else None
     keys.resolves = destination.resolves_references
     today = dt.date.today()  # one date for every batch, though the run may pass midnight
     warm_up()
@@ -663,7 +671,8 @@ def _batch(
     progress.advance("validate", prepared.height)
     progress.start("transform", validation.valid.height)
     payloads = keys.payloads
-    planned = plan(mapped, validation.valid, bodies=payloads is not None and payloads.destination.builds_bodies)
+    planned = plan(mapped, validation.valid, bodies=payloads is not None and payloads.destination.builds_bodies,
+                   hashes=payloads is not None and payloads.hashes, readable=payloads is not None and payloads.readable)
     if planned.practitioners.height and keys.aliases.height:
         # A performer named without an NPI whom a providers file of the run has (by name) is that
         # practitioner: the row refers to it through the alias, and nothing is created from the row.
