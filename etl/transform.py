@@ -644,14 +644,14 @@ def plan_immunizations(mapped: Mapped, valid: pl.DataFrame, *, bodies: bool = Tr
 
 def _people(valid: pl.DataFrame, bodies: bool, hashes: bool) -> tuple[pl.DataFrame, pl.DataFrame]:
     """The patients and the performers the valid rows of an immunization table describe, with their bodies."""
+    person = [patient_struct(valid.columns).alias("person")] if bodies else []  # (keys only: no body is read)
     firsts = (
-        # Rows that describe their patient create it; rows that only name one refer to it.
-        # (Lazy, so only the columns a body reads are grouped, not the whole prepared frame.)
+        # Rows that describe their patient create it (the first one); rows that only name one refer to it.
+        # (Lazy, so only the columns a body reads are kept, not the whole prepared frame.)
         valid.lazy()
         .filter(pl.col("patient_first_name").is_not_null())
-        .group_by("patient_id", maintain_order=True)
-        .first()
-        .select(pl.col("patient_id").alias("patient_key"), patient_struct(valid.columns).alias("person"), pl.col(ROW))
+        .unique("patient_id", keep="first", maintain_order=True)
+        .select(pl.col("patient_id").alias("patient_key"), *person, pl.col(ROW))
         .collect()
     )
     patients = _hashed(firsts.select(
@@ -668,11 +668,10 @@ def _people(valid: pl.DataFrame, bodies: bool, hashes: bool) -> tuple[pl.DataFra
         valid.lazy()
         .filter(named & (pl.col("performer_npi").is_not_null() | by_name.fill_null(False)))
         .with_columns(key.fill_null(pl.col("performer_id")).alias("practitioner_key"))
-        .group_by("practitioner_key", maintain_order=True)
-        .first()
+        .unique("practitioner_key", keep="first", maintain_order=True)  # a performer's first row describes it
         .select(
             pl.col("practitioner_key"),
-            obj(firstName=first, lastName=last, npi=pl.col("performer_npi")).alias("person"),
+            *([obj(firstName=first, lastName=last, npi=pl.col("performer_npi")).alias("person")] if bodies else []),
             pl.col(ROW),
         )
         .collect()

@@ -132,3 +132,31 @@ def test_a_dry_run_writes_the_lines_that_placeholder_bodies_give(tmp_path: Path,
     assert {"patient:Zoë-7", 'patient:O"Brien', "patient:a\\b", "patient:日本-1", "patient:" + "L" * 95} <= shown
     assert b"@@" not in readable
 
+
+
+def test_a_person_is_planned_from_the_first_row_that_describes_it_with_or_without_bodies(tmp_path: Path) -> None:
+    # The first row that describes a patient (or names a performer) is its create (a later row's spelling of a
+    # performer is not mixed in); validate (keys only) plans the same people from the same rows.
+    path = tmp_path / "registry.csv"
+    path.write_text(
+        "Record ID,Patient ID,First Name,Last Name,DOB,Phone,CVX,Admin Date,Vaccinator NPI,Vaccinator\n"
+        "R1,P1,,,,,08,2021-01-02,,\n"
+        "R2,P1,Ann,Lee,2015-03-04,,08,2021-02-02,1234567893,Maria de la Cruz\n"
+        "R3,P1,Ann,Lee,2015-03-04,,08,2021-03-02,1234567893,M. Cruz\n"
+        "R4,P2,Bob,Ray,2014-01-01,(212) 555-0197,08,2021-03-02,,\n",
+        encoding="utf-8",
+    )
+    mapped = apply_profile(read_table(path), default_profile())
+    validation = validate(mapped)
+    assert validation.rejects.is_empty(), validation.rejects.to_dicts()
+    full = plan(mapped, validation.valid, readable=True, hashes=False)
+    keys = plan(mapped, validation.valid, bodies=False)
+    assert full.patients.select("patient_key", "__row").rows() == [("P1", 3), ("P2", 5)]
+    assert full.practitioners.select("practitioner_key", "__row").rows() == [("npi:1234567893", 3)]
+    ann = json.loads(full.patients.get_column("body")[0])
+    assert ann["firstName"] == "Ann" and "phone" not in ann
+    assert json.loads(full.practitioners.get_column("body")[0])["firstName"].startswith("Maria")  # not "M."
+    for people in ("patients", "practitioners"):
+        with_bodies, keys_only = getattr(full, people), getattr(keys, people)
+        assert keys_only.drop("body", "body_hash").equals(with_bodies.drop("body", "body_hash"))
+        assert keys_only.get_column("body").null_count() == keys_only.height
