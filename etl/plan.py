@@ -238,6 +238,7 @@ class _RowsWriter:
 
 
 _PAYLOAD_WORKERS = 2  # parts of payloads.ndjson built at once
+_LINE = "line:"  # a part of lines (_Payloads.lines): the prefix of its line columns' names
 
 
 class _Payloads:
@@ -248,9 +249,16 @@ class _Payloads:
     (the first row wins). Rows that the end of a stage rejects are
     withdrawn, and their lines left out when the parts are joined, stage by stage, at the end.
     A batch's creates are kept on a worker thread, in batch order, while the next batch is validated.
+
+    A dry run whose creates nothing else reads (no matching: ``matched``) keeps each part as its
+    ``payloads.ndjson`` lines already (:meth:`Destination.payload_columns`, built on that worker thread
+    while the next batch is validated), so the end is reading them and writing them out.
     """
 
-    def __init__(self, work: Path, destination: Destination, *, dry_run: bool = False, matched: bool = False) -> None:
+    def __init__(
+        self, work: Path, destination: Destination, *, dry_run: bool = False, matched: bool = False,
+        redacted: bool = False,
+    ) -> None:
         self.work = work
         self.destination = destination
         # What the batches' plan (etl.transform.plan) builds: a dry run hashes no body (only a load's state
@@ -258,6 +266,9 @@ class _Payloads:
         # matching reads their placeholders (``matched``).
         self.hashes = not dry_run
         self.readable = dry_run and not matched and destination.shows_readable_refs
+        self.lines = dry_run and not matched  # the parts hold the lines (kind, source_key and the line columns)
+        self.redacted = redacted  # the lines' bodies redacted (--redact)
+        self.formats: dict[Path, tuple[str, str]] = {}  # a part of lines -> its separator and end (PayloadColumns)
         self.parts: dict[int, list[Path]] = {}
         self.planned: dict[str, KeyIndex] = {}
         self.withdrawn: list[pl.DataFrame] = []
@@ -294,23 +305,41 @@ class _Payloads:
             if fresh.height:
                 stage = self.destination.stage(kind)
                 part = self.work / f"payloads-{stage}-{order:04d}-{n:06d}-{i}.ipc"
-                fresh.with_columns(pl.lit(kind).alias("kind")).write_ipc(part)
+                frame = fresh.with_columns(pl.lit(kind).alias("kind"))
+                if self.lines:
+                    frame = self._lines(part, frame)
+                frame.write_ipc(part)
                 self.parts.setdefault(stage, []).append(part)
+
+    def _lines(self, part: Path, frame: pl.DataFrame) -> pl.DataFrame:
+        """A part's creates as their lines: ``kind, source_key`` (what a withdrawal names) and the line columns."""
+        if self.redacted:
+            frame = frame.with_columns(redact_bodies(pl.col("body")))
+        text = self.destination.payload_columns(frame.select("kind", "source_key", ROW, "body"))
+        self.formats[part] = (text.separator, text.end)
+        columns = text.columns.rename(lambda c: f"{_LINE}{c}")
+        return pl.concat([frame.select("kind", "source_key"), columns], how="horizontal")
 
     def withdraw(self, kind: str, keys: pl.Series) -> None:
         self.withdrawn.append(pl.DataFrame({"kind": kind, "source_key": keys}, schema=_KIND_KEY))
 
     def stages(self) -> Iterator[tuple[int, Iterator[pl.DataFrame]]]:
         """Each stage, in order, with its creates a part at a time (kind, source_key, __row, body,
-        body_hash, source_file), those withdrawn left out."""
+        body_hash, source_file; parts of :attr:`lines`: kind, source_key and the line columns), those withdrawn
+        left out."""
+        for stage, parts in self._stages():
+            yield stage, (frame for _, frame in parts)
+
+    def _stages(self) -> Iterator[tuple[int, Iterator[tuple[Path, pl.DataFrame]]]]:
+        """:meth:`stages`, each part with its path."""
         self._settled()
         withdrawn = pl.concat(self.withdrawn) if self.withdrawn else pl.DataFrame(schema=_KIND_KEY)
 
-        def parts(stage: int) -> Iterator[pl.DataFrame]:
+        def parts(stage: int) -> Iterator[tuple[Path, pl.DataFrame]]:
             for part in self.parts[stage]:
                 frame = pl.read_ipc(part)
                 # (nothing withdrawn, the usual case: the part as it is, its bodies not copied by a join)
-                yield frame.join(withdrawn, on=["kind", "source_key"], how="anti") if withdrawn.height else frame
+                yield part, frame.join(withdrawn, on=["kind", "source_key"], how="anti") if withdrawn.height else frame
 
         for stage in sorted(self.parts):
             yield stage, parts(stage)
@@ -324,6 +353,18 @@ class _Payloads:
                 lines = lines.with_columns(redact_bodies(pl.col("body")))
             return self.destination.payload_columns(lines.select("kind", "source_key", ROW, "body"))
 
+        if self.lines:  # the parts are their lines already (built as the batches went): read and written out
+            if redacted != self.redacted:
+                raise ValueError("the lines were built redacted" if self.redacted else "the lines were built plain")
+            with private_file(path) as fh:
+                for _, stored in self._stages():
+                    for part, frame in stored:
+                        for kind, n in frame.group_by("kind", maintain_order=True).len().iter_rows():
+                            counts[kind] = counts.get(kind, 0) + n
+                        line = [c for c in frame.columns if c.startswith(_LINE)]
+                        columns = frame.select(pl.col(c).alias(c.removeprefix(_LINE)) for c in line)
+                        PayloadColumns(columns, *self.formats[part]).write(fh)
+            return counts
         # The lines of a part are built at once (Destination.payload_columns), two parts at a time on
         # worker threads (polars lets go of the GIL), and written by polars in order as they are ready.
         with private_file(path) as fh, ThreadPoolExecutor(_PAYLOAD_WORKERS, thread_name_prefix="payloads") as pool:
@@ -565,7 +606,9 @@ def planned_in_batches(
     private_dir(folder)
     work = scratch_dir(folder, ".batches-")  # made afresh: nothing planted in an earlier run's can be followed
     writer = _RowsWriter(rows_csv)
-    keys.payloads = _Payloads(work, destination, dry_run=dry_run, matched=matcher is not None) if payloads else None
+    keys.payloads = _Payloads(
+        work, destination, dry_run=dry_run, matched=matcher is not None, redacted=settings.redact
+    ) if payloads else None
     keys.resolves = destination.resolves_references
     today = dt.date.today()  # one date for every batch, though the run may pass midnight
     warm_up()

@@ -16,6 +16,7 @@ import pytest
 
 import etl.transform
 from etl.mapping import apply_profile, default_profile
+from etl.pipeline import load_files
 from etl.plan import Run, planned_in_batches, validate_in_batches
 from etl.progress import as_progress
 from etl.readers import read_table
@@ -96,11 +97,16 @@ def test_a_dry_run_hashes_no_body_and_a_load_plan_hashes_every_one(
         assert run.keys.payloads is not None
         return pl.concat([f for _, frames in run.keys.payloads.stages() for f in frames])
 
-    with planned_in_batches([SAMPLE / "registry.csv"], settings, progress, payloads=True, dry_run=True) as run:
+    # (a dry run previewing matching: its creates keep their bodies, for matching to read)
+    with planned_in_batches([SAMPLE / "registry.csv"], settings, progress, payloads=True, dry_run=True,
+                            matcher=lambda run: None) as run:
         dry = creates(run)
     assert dry.height > 100 and dry.get_column("body").null_count() == 0
     assert dry.get_column("body_hash").null_count() == dry.height  # none computed...
     assert not [names for names in hashed if "body" in names]  # ...not even to be dropped
+    load_files([SAMPLE / "registry.csv"], settings.model_copy(update={"dry_run": True}))  # the plain dry run
+    assert (tmp_path / "r" / "payloads.ndjson").read_text(encoding="utf-8").count("\n") == dry.height
+    assert not [names for names in hashed if "body" in names]
 
     with planned_in_batches([SAMPLE / "registry.csv"], settings, progress, payloads=True) as run:  # a load's plan
         load = creates(run)
