@@ -37,7 +37,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, BinaryIO, Literal
 
 import polars as pl
 
@@ -238,7 +238,31 @@ class _RowsWriter:
 
 
 _PAYLOAD_WORKERS = 2  # parts of payloads.ndjson built at once
-_LINE = "line:"  # a part of lines (_Payloads.lines): the prefix of its line columns' names
+_AT = "__at"  # a create's position in its part
+
+
+def _lines_of(part: Path) -> Path:
+    """Where a part's ``payloads.ndjson`` lines are (a dry run's :attr:`_Payloads.lines`)."""
+    return part.with_suffix(".ndjson")
+
+
+def _copy_lines(lines: Path, kept: pl.Series, total: int, out: BinaryIO) -> None:
+    """Append the ``kept`` lines (their positions) of a file of ``total`` ``payloads.ndjson`` lines to ``out``,
+    in order: the file as it is when every line is kept (the usual case: nothing withdrawn from it)."""
+    if kept.len() == total:
+        with lines.open("rb") as fh:
+            shutil.copyfileobj(fh, out, 1 << 20)
+        return
+    if kept.is_empty():
+        return
+    # Some lines withdrawn: the file read back as one text column, a line a row. A line is JSON (no raw control
+    # character: each is escaped), so no separator nor quote splits it; the count is checked all the same.
+    text = pl.read_csv(lines, has_header=False, separator="\x1f", quote_char=None, schema={"line": pl.String})
+    if text.height != total:
+        raise ValueError(f"{lines}: {text.height} lines for {total} creates")
+    text.select(pl.col("line").gather(kept.sort())).write_csv(
+        out, include_header=False, quote_style="never", line_terminator="\n"
+    )
 
 
 class _Payloads:
@@ -268,7 +292,7 @@ class _Payloads:
         self.readable = dry_run and not matched and destination.shows_readable_refs
         self.lines = dry_run and not matched  # the parts hold the lines (kind, source_key and the line columns)
         self.redacted = redacted  # the lines' bodies redacted (--redact)
-        self.formats: dict[Path, tuple[str, str]] = {}  # a part of lines -> its separator and end (PayloadColumns)
+        self.lines_in: dict[Path, int] = {}  # a part of lines (lines) -> how many lines its file holds
         self.parts: dict[int, list[Path]] = {}
         self.planned: dict[str, KeyIndex] = {}
         self.withdrawn: list[pl.DataFrame] = []
@@ -306,19 +330,20 @@ class _Payloads:
                 stage = self.destination.stage(kind)
                 part = self.work / f"payloads-{stage}-{order:04d}-{n:06d}-{i}.ipc"
                 frame = fresh.with_columns(pl.lit(kind).alias("kind"))
-                if self.lines:
-                    frame = self._lines(part, frame)
+                if self.lines:  # its lines beside it, as payloads.ndjson has them; the part: what a withdrawal names
+                    self._write_lines(part, frame)
+                    frame = frame.select("kind", "source_key")
                 frame.write_ipc(part)
                 self.parts.setdefault(stage, []).append(part)
 
-    def _lines(self, part: Path, frame: pl.DataFrame) -> pl.DataFrame:
-        """A part's creates as their lines: ``kind, source_key`` (what a withdrawal names) and the line columns."""
+    def _write_lines(self, part: Path, frame: pl.DataFrame) -> None:
+        """A part's creates as their ``payloads.ndjson`` lines, in order, in a file beside it (:func:`_lines_of`)."""
         if self.redacted:
             frame = frame.with_columns(redact_bodies(pl.col("body")))
         text = self.destination.payload_columns(frame.select("kind", "source_key", ROW, "body"))
-        self.formats[part] = (text.separator, text.end)
-        columns = text.columns.rename(lambda c: f"{_LINE}{c}")
-        return pl.concat([frame.select("kind", "source_key"), columns], how="horizontal")
+        with _lines_of(part).open("wb") as fh:
+            text.write(fh)
+        self.lines_in[part] = frame.height
 
     def withdraw(self, kind: str, keys: pl.Series) -> None:
         self.withdrawn.append(pl.DataFrame({"kind": kind, "source_key": keys}, schema=_KIND_KEY))
@@ -330,14 +355,14 @@ class _Payloads:
         for stage, parts in self._stages():
             yield stage, (frame for _, frame in parts)
 
-    def _stages(self) -> Iterator[tuple[int, Iterator[tuple[Path, pl.DataFrame]]]]:
-        """:meth:`stages`, each part with its path."""
+    def _stages(self, *, positions: bool = False) -> Iterator[tuple[int, Iterator[tuple[Path, pl.DataFrame]]]]:
+        """:meth:`stages`, each part with its path (``positions``: and each create's position in it, ``_AT``)."""
         self._settled()
         withdrawn = pl.concat(self.withdrawn) if self.withdrawn else pl.DataFrame(schema=_KIND_KEY)
 
         def parts(stage: int) -> Iterator[tuple[Path, pl.DataFrame]]:
             for part in self.parts[stage]:
-                frame = pl.read_ipc(part)
+                frame = pl.read_ipc(part).with_row_index(_AT) if positions else pl.read_ipc(part)
                 # (nothing withdrawn, the usual case: the part as it is, its bodies not copied by a join)
                 yield part, frame.join(withdrawn, on=["kind", "source_key"], how="anti") if withdrawn.height else frame
 
@@ -353,17 +378,15 @@ class _Payloads:
                 lines = lines.with_columns(redact_bodies(pl.col("body")))
             return self.destination.payload_columns(lines.select("kind", "source_key", ROW, "body"))
 
-        if self.lines:  # the parts are their lines already (built as the batches went): read and written out
+        if self.lines:  # the parts' lines are written already (as the batches went): copied, stage by stage
             if redacted != self.redacted:
                 raise ValueError("the lines were built redacted" if self.redacted else "the lines were built plain")
             with private_file(path) as fh:
-                for _, stored in self._stages():
-                    for part, frame in stored:
-                        for kind, n in frame.group_by("kind", maintain_order=True).len().iter_rows():
+                for _, stored in self._stages(positions=True):
+                    for part, keys in stored:
+                        for kind, n in keys.group_by("kind", maintain_order=True).len().iter_rows():
                             counts[kind] = counts.get(kind, 0) + n
-                        line = [c for c in frame.columns if c.startswith(_LINE)]
-                        columns = frame.select(pl.col(c).alias(c.removeprefix(_LINE)) for c in line)
-                        PayloadColumns(columns, *self.formats[part]).write(fh)
+                        _copy_lines(_lines_of(part), keys.get_column(_AT), self.lines_in[part], fh)
             return counts
         # The lines of a part are built at once (Destination.payload_columns), two parts at a time on
         # worker threads (polars lets go of the GIL), and written by polars in order as they are ready.

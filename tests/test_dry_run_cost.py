@@ -166,3 +166,31 @@ def test_a_person_is_planned_from_the_first_row_that_describes_it_with_or_withou
         with_bodies, keys_only = getattr(full, people), getattr(keys, people)
         assert keys_only.drop("body", "body_hash").equals(with_bodies.drop("body", "body_hash"))
         assert keys_only.get_column("body").null_count() == keys_only.height
+
+
+def test_lines_of_rows_rejected_at_the_end_of_their_stage_are_left_out_wherever_they_are(tmp_path: Path) -> None:
+    # A dry run's lines are written as its batches go; a visit naming a patient that no file of the run has is
+    # rejected at the end of its stage, after its batch's lines: left out, whether last, first or alone in its batch.
+    path = tmp_path / "visits.csv"
+    with path.open("w", encoding="utf-8", newline="") as fh:
+        out = csv.writer(fh)
+        out.writerow(["Visit ID", "Patient ID", "Provider ID", "Status", "Visit Type", "Start", "End", "Location"])
+        for i in range(10):
+            patient = f"P-NOWHERE-{i}" if i in (0, 2, 5, 8, 9) else "P-10002"
+            out.writerow([f"V-{i}", patient, "PRV-101", "finished", "wellness", "2019-02-12T11:15:00",
+                          "2019-02-12T11:45:00", "Room 6"])
+    inputs = [SAMPLE / "providers.csv", SAMPLE / "registry.csv", path]
+    written = []
+    for matcher in (None, lambda run: None):  # lines as the batches go; bodies joined at the end (as before)
+        folder = tmp_path / ("joined" if matcher else "lines")
+        settings = Settings(dry_run=True, state=tmp_path / "s.sqlite", report_dir=folder, batch_rows=3)
+        validate_in_batches(inputs, settings, as_progress(None), payloads=True, matcher=matcher)
+        written.append((folder / "payloads.ndjson").read_text(encoding="utf-8"))
+        rows = pl.read_csv(folder / "rows.csv").filter(pl.col("source_file") == str(path))
+        assert rows.filter(pl.col("state") == "rejected").get_column("source_row").to_list() == [2, 4, 7, 10, 11]
+    lines, joined = written
+    assert lines == joined
+    visits = [json.loads(line) for line in lines.splitlines() if '"kind": "encounter"' in line]
+    assert [v["source_key"] for v in visits] == ["V-1", "V-3", "V-4", "V-6", "V-7"]
+    assert {json.loads(line)["kind"] for line in lines.splitlines()} == {"practitioner", "patient", "immunization",
+                                                                        "encounter"}
