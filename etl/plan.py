@@ -274,9 +274,10 @@ class _Payloads:
     withdrawn, and their lines left out when the parts are joined, stage by stage, at the end.
     A batch's creates are kept on a worker thread, in batch order, while the next batch is validated.
 
-    A dry run whose creates nothing else reads (no matching: ``matched``) keeps each part as its
-    ``payloads.ndjson`` lines already (:meth:`Destination.payload_columns`, built on that worker thread
-    while the next batch is validated), so the end is reading them and writing them out.
+    A dry run whose creates nothing else reads (no matching: ``matched``) writes each part's
+    ``payloads.ndjson`` lines on that worker thread, while the next batch is validated
+    (:meth:`Destination.payload_columns`, to a file beside the part, which keeps only ``kind, source_key``:
+    what a withdrawal names), so the end appends those files, stage by stage.
     """
 
     def __init__(
@@ -290,9 +291,9 @@ class _Payloads:
         # matching reads their placeholders (``matched``).
         self.hashes = not dry_run
         self.readable = dry_run and not matched and destination.shows_readable_refs
-        self.lines = dry_run and not matched  # the parts hold the lines (kind, source_key and the line columns)
+        self.lines = dry_run and not matched  # each part's lines written as it is kept (_lines_of)
         self.redacted = redacted  # the lines' bodies redacted (--redact)
-        self.lines_in: dict[Path, int] = {}  # a part of lines (lines) -> how many lines its file holds
+        self.lines_in: dict[Path, int] = {}  # a part (with lines) -> how many lines its file of lines holds
         self.parts: dict[int, list[Path]] = {}
         self.planned: dict[str, KeyIndex] = {}
         self.withdrawn: list[pl.DataFrame] = []
@@ -350,8 +351,8 @@ class _Payloads:
 
     def stages(self) -> Iterator[tuple[int, Iterator[pl.DataFrame]]]:
         """Each stage, in order, with its creates a part at a time (kind, source_key, __row, body,
-        body_hash, source_file; parts of :attr:`lines`: kind, source_key and the line columns), those withdrawn
-        left out."""
+        body_hash, source_file; with :attr:`lines`, kind and source_key only: the lines are in a file beside),
+        those withdrawn left out."""
         for stage, parts in self._stages():
             yield stage, (frame for _, frame in parts)
 
