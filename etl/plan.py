@@ -342,8 +342,7 @@ class _Payloads:
         if self.redacted:
             frame = frame.with_columns(redact_bodies(pl.col("body")))
         text = self.destination.payload_columns(frame.select("kind", "source_key", ROW, "body"))
-        with _lines_of(part).open("wb") as fh:
-            text.write(fh)
+        text.write(_lines_of(part))  # (in the run's private scratch folder)
         self.lines_in[part] = frame.height
 
     def withdraw(self, kind: str, keys: pl.Series) -> None:
