@@ -163,6 +163,7 @@ class ClinikApi(Destination):
     name = "ClinikAPI"
     resolves_references = True
     builds_bodies = True
+    shows_readable_refs = True
     can_search = True
     has_bulk = True
 
@@ -211,14 +212,17 @@ class ClinikApi(Destination):
         heads = {k: json.dumps({"method": "POST", "path": self.route(k)}, ensure_ascii=False)[:-1]
                  for k in lines.get_column(kind).unique().to_list()}
         kinds = {k: json.dumps(k, ensure_ascii=False) for k in heads}
-        # json.dumps(ensure_ascii=False) escapes only '"', backslash and control characters.
-        quoted = pl.lit('"') + pl.col(key).str.replace_all("\\", "\\\\", literal=True).str.replace_all(
-            '"', '\\"', literal=True) + pl.lit('"')
-        head = lines.select(
-            pl.col(kind).replace_strict(heads, return_dtype=pl.String)
-            + pl.lit(', "source_row": ') + pl.col(row).cast(pl.String)
-            + pl.lit(', "kind": ') + pl.col(kind).replace_strict(kinds, return_dtype=pl.String)
-            + pl.lit(', "source_key": ') + quoted + pl.lit(', "body":')
+        # json.dumps(ensure_ascii=False) escapes only '"', backslash and control characters (those: below).
+        source_key = pl.col(key)
+        escaped = source_key.str.replace_all("\\", "\\\\", literal=True).str.replace_all('"', '\\"', literal=True)
+        quoted = pl.when(source_key.str.contains(r'["\\]')).then(escaped).otherwise(source_key)
+        head = lines.select(  # one concatenation: each head written once
+            pl.concat_str([
+                pl.col(kind).replace_strict(heads, return_dtype=pl.String),
+                pl.lit(', "source_row": '), pl.col(row).cast(pl.String),
+                pl.lit(', "kind": '), pl.col(kind).replace_strict(kinds, return_dtype=pl.String),
+                pl.lit(', "source_key": "'), quoted, pl.lit('", "body":'),
+            ])
         ).to_series()
         odd = lines.with_row_index("i").filter(pl.col(key).str.contains(r"[\x00-\x1f]"))
         if odd.height:  # a key with a control character: JSON's own escapes, line by line (rare)

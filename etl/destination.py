@@ -89,10 +89,11 @@ def request_line(method: str, path: str, kind: str, source_key: str, source_row:
     return f"{request_head(method, path, kind, source_key, source_row)} {body}}}\n"
 
 
-def write_lines(columns: pl.DataFrame, fh: BinaryIO, *, separator: str = " ", end: str = "}\n") -> None:
+def write_lines(columns: pl.DataFrame, fh: BinaryIO | Path, *, separator: str = " ", end: str = "}\n") -> None:
     """Write each row of ``columns`` (text) to ``fh`` as its values joined by ``separator`` and ended by ``end``,
     as UTF-8, verbatim (nothing quoted or escaped): polars writes them from its own buffers, with no Python
-    string a line. A row ``head, body`` of :func:`request_head` and a body is its :func:`request_line`."""
+    string a line. A row ``head, body`` of :func:`request_head` and a body is its :func:`request_line`.
+    ``fh`` a path: a new file, written by polars alone (no Python call, so no wait for the GIL, as it writes)."""
     columns.write_csv(fh, include_header=False, quote_style="never", separator=separator, line_terminator=end)
 
 
@@ -104,8 +105,8 @@ class PayloadColumns(NamedTuple):
     separator: str = " "
     end: str = "}\n"
 
-    def write(self, fh: BinaryIO) -> None:
-        """The lines, to ``fh`` (UTF-8)."""
+    def write(self, fh: BinaryIO | Path) -> None:
+        """The lines, to ``fh`` (UTF-8; a path: a new file, :func:`write_lines`)."""
         write_lines(self.columns, fh, separator=self.separator, end=self.end)
 
 
@@ -122,6 +123,9 @@ class Destination(abc.ABC):
     resolves_references = True
     #: The transform builds ClinikAPI JSON bodies for the planned rows (:func:`etl.transform.plan`).
     builds_bodies = True
+    #: A dry run's lines show the bodies' references as :func:`etl.transform.readable_refs` does, so a dry run
+    #: may plan its bodies so (:func:`etl.transform.plan`'s ``readable``) rather than replace placeholders.
+    shows_readable_refs = False
     #: An unknown outcome can be looked up by search (else it stays ``unknown``, never blindly re-sent).
     can_search = False
     #: A bulk import exists (``--mode bulk``/``auto``); without it ``--mode bulk`` is refused.

@@ -37,7 +37,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, BinaryIO, Literal
 
 import polars as pl
 
@@ -249,6 +249,31 @@ class _RowsWriter:
 
 
 _PAYLOAD_WORKERS = 2  # parts of payloads.ndjson built at once
+_AT = "__at"  # a create's position in its part
+
+
+def _lines_of(part: Path) -> Path:
+    """Where a part's ``payloads.ndjson`` lines are (a dry run's :attr:`_Payloads.lines`)."""
+    return part.with_suffix(".ndjson")
+
+
+def _copy_lines(lines: Path, kept: pl.Series, total: int, out: BinaryIO) -> None:
+    """Append the ``kept`` lines (their positions) of a file of ``total`` ``payloads.ndjson`` lines to ``out``,
+    in order: the file as it is when every line is kept (the usual case: nothing withdrawn from it)."""
+    if kept.len() == total:
+        with lines.open("rb") as fh:
+            shutil.copyfileobj(fh, out, 1 << 20)
+        return
+    if kept.is_empty():
+        return
+    # Some lines withdrawn: the file read back as one text column, a line a row. A line is JSON (no raw control
+    # character: each is escaped), so no separator nor quote splits it; the count is checked all the same.
+    text = pl.read_csv(lines, has_header=False, separator="\x1f", quote_char=None, schema={"line": pl.String})
+    if text.height != total:
+        raise ValueError(f"{lines}: {text.height} lines for {total} creates")
+    text.select(pl.col("line").gather(kept.sort())).write_csv(
+        out, include_header=False, quote_style="never", line_terminator="\n"
+    )
 
 
 class _Payloads:
@@ -259,11 +284,27 @@ class _Payloads:
     (the first row wins). Rows that the end of a stage rejects are
     withdrawn, and their lines left out when the parts are joined, stage by stage, at the end.
     A batch's creates are kept on a worker thread, in batch order, while the next batch is validated.
+
+    A dry run whose creates nothing else reads (no matching: ``matched``) writes each part's
+    ``payloads.ndjson`` lines on that worker thread, while the next batch is validated
+    (:meth:`Destination.payload_columns`, to a file beside the part, which keeps only ``kind, source_key``:
+    what a withdrawal names), so the end appends those files, stage by stage.
     """
 
-    def __init__(self, work: Path, destination: Destination) -> None:
+    def __init__(
+        self, work: Path, destination: Destination, *, dry_run: bool = False, matched: bool = False,
+        redacted: bool = False,
+    ) -> None:
         self.work = work
         self.destination = destination
+        # What the batches' plan (etl.transform.plan) builds: a dry run hashes no body (only a load's state
+        # store compares hashes), and its bodies show their references readable, as its lines do, unless
+        # matching reads their placeholders (``matched``).
+        self.hashes = not dry_run
+        self.readable = dry_run and not matched and destination.shows_readable_refs
+        self.lines = dry_run and not matched  # each part's lines written as it is kept (_lines_of)
+        self.redacted = redacted  # the lines' bodies redacted (--redact)
+        self.lines_in: dict[Path, int] = {}  # a part (with lines) -> how many lines its file of lines holds
         self.parts: dict[int, list[Path]] = {}
         self.planned: dict[str, KeyIndex] = {}
         self.withdrawn: list[pl.DataFrame] = []
@@ -300,23 +341,41 @@ class _Payloads:
             if fresh.height:
                 stage = self.destination.stage(kind)
                 part = self.work / f"payloads-{stage}-{order:04d}-{n:06d}-{i}.ipc"
-                fresh.with_columns(pl.lit(kind).alias("kind")).write_ipc(part)
+                frame = fresh.with_columns(pl.lit(kind).alias("kind"))
+                if self.lines:  # its lines beside it, as payloads.ndjson has them; the part: what a withdrawal names
+                    self._write_lines(part, frame)
+                    frame = frame.select("kind", "source_key")
+                frame.write_ipc(part)
                 self.parts.setdefault(stage, []).append(part)
+
+    def _write_lines(self, part: Path, frame: pl.DataFrame) -> None:
+        """A part's creates as their ``payloads.ndjson`` lines, in order, in a file beside it (:func:`_lines_of`)."""
+        if self.redacted:
+            frame = frame.with_columns(redact_bodies(pl.col("body")))
+        text = self.destination.payload_columns(frame.select("kind", "source_key", ROW, "body"))
+        text.write(_lines_of(part))  # (in the run's private scratch folder)
+        self.lines_in[part] = frame.height
 
     def withdraw(self, kind: str, keys: pl.Series) -> None:
         self.withdrawn.append(pl.DataFrame({"kind": kind, "source_key": keys}, schema=_KIND_KEY))
 
     def stages(self) -> Iterator[tuple[int, Iterator[pl.DataFrame]]]:
         """Each stage, in order, with its creates a part at a time (kind, source_key, __row, body,
-        body_hash, source_file), those withdrawn left out."""
+        body_hash, source_file; with :attr:`lines`, kind and source_key only: the lines are in a file beside),
+        those withdrawn left out."""
+        for stage, parts in self._stages():
+            yield stage, (frame for _, frame in parts)
+
+    def _stages(self, *, positions: bool = False) -> Iterator[tuple[int, Iterator[tuple[Path, pl.DataFrame]]]]:
+        """:meth:`stages`, each part with its path (``positions``: and each create's position in it, ``_AT``)."""
         self._settled()
         withdrawn = pl.concat(self.withdrawn) if self.withdrawn else pl.DataFrame(schema=_KIND_KEY)
 
-        def parts(stage: int) -> Iterator[pl.DataFrame]:
+        def parts(stage: int) -> Iterator[tuple[Path, pl.DataFrame]]:
             for part in self.parts[stage]:
-                frame = pl.read_ipc(part)
+                frame = pl.read_ipc(part).with_row_index(_AT) if positions else pl.read_ipc(part)
                 # (nothing withdrawn, the usual case: the part as it is, its bodies not copied by a join)
-                yield frame.join(withdrawn, on=["kind", "source_key"], how="anti") if withdrawn.height else frame
+                yield part, frame.join(withdrawn, on=["kind", "source_key"], how="anti") if withdrawn.height else frame
 
         for stage in sorted(self.parts):
             yield stage, parts(stage)
@@ -330,6 +389,16 @@ class _Payloads:
                 lines = lines.with_columns(redact_bodies(pl.col("body")))
             return self.destination.payload_columns(lines.select("kind", "source_key", ROW, "body"))
 
+        if self.lines:  # the parts' lines are written already (as the batches went): copied, stage by stage
+            if redacted != self.redacted:
+                raise ValueError("the lines were built redacted" if self.redacted else "the lines were built plain")
+            with private_file(path) as fh:
+                for _, stored in self._stages(positions=True):
+                    for part, keys in stored:
+                        for kind, n in keys.group_by("kind", maintain_order=True).len().iter_rows():
+                            counts[kind] = counts.get(kind, 0) + n
+                        _copy_lines(_lines_of(part), keys.get_column(_AT), self.lines_in[part], fh)
+            return counts
         # The lines of a part are built at once (Destination.payload_columns), two parts at a time on
         # worker threads (polars lets go of the GIL), and written by polars in order as they are ready.
         with private_file(path) as fh, ThreadPoolExecutor(_PAYLOAD_WORKERS, thread_name_prefix="payloads") as pool:
@@ -418,7 +487,7 @@ def validate_in_batches(
     """
     with planned_in_batches(
         paths, settings, progress, batch_rows=batch_rows, payloads=payloads, state=state, destination=destination,
-        matcher=matcher,
+        matcher=matcher, dry_run=payloads,
     ) as run:
         if run.keys.payloads is not None:
             with report_output(run.folder):
@@ -512,6 +581,7 @@ def planned_in_batches(
     run_id: str | None = None,
     destination: Destination | None = None,
     matcher: Callable[[Run], None] | None = None,
+    dry_run: bool = False,
 ) -> Iterator[Run]:
     """Validate and plan inputs a batch at a time; the run, its parts on disk until the block ends.
 
@@ -520,7 +590,9 @@ def planned_in_batches(
     lines as it goes (not when a load will change them). ``destination``: where the creates go
     (ClinikAPI by default), asked to refuse the inputs it cannot take before a row is read.
     ``matcher``: called with the planned run before it is handed over (:class:`etl.matching.Matcher`:
-    what the target holds already is linked, sent to review or left out of the creates).
+    what the target holds already is linked, sent to review or left out of the creates). ``dry_run``: the
+    creates (``payloads``) are for a dry run's ``payloads.ndjson``, never sent (no body hashes, readable
+    references: :class:`_Payloads`).
     """
     destination = destination or ClinikApi()
     run_id, timings = run_id or new_run_id(), dict[str, float]()
@@ -568,7 +640,9 @@ def planned_in_batches(
     private_dir(folder)
     work = scratch_dir(folder, ".batches-")  # made afresh: nothing planted in an earlier run's can be followed
     writer = _RowsWriter(rows_csv)
-    keys.payloads = _Payloads(work, destination) if payloads else None
+    keys.payloads = _Payloads(
+        work, destination, dry_run=dry_run, matched=matcher is not None, redacted=settings.redact
+    ) if payloads else None
     keys.resolves = destination.resolves_references
     today = dt.date.today()  # one date for every batch, though the run may pass midnight
     warm_up()
@@ -674,7 +748,8 @@ def _batch(
     progress.advance("validate", prepared.height)
     progress.start("transform", validation.valid.height)
     payloads = keys.payloads
-    planned = plan(mapped, validation.valid, bodies=payloads is not None and payloads.destination.builds_bodies)
+    planned = plan(mapped, validation.valid, bodies=payloads is not None and payloads.destination.builds_bodies,
+                   hashes=payloads is not None and payloads.hashes, readable=payloads is not None and payloads.readable)
     if planned.practitioners.height and keys.aliases.height:
         # A performer named without an NPI whom a providers file of the run has (by name) is that
         # practitioner: the row refers to it through the alias, and nothing is created from the row.

@@ -9,9 +9,11 @@ carried beside it as a source key, to be filled in at send time.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import polars as pl
@@ -273,14 +275,45 @@ REF_PATTERN = re.compile(r'"@@([a-z]+):([0-9a-f]*)@@"')
 
 
 def ref(column: str, kind: str) -> pl.Expr:
-    """A placeholder for the ClinikAPI id of the ``kind`` resource whose source id is in ``column``."""
+    """A placeholder for the ClinikAPI id of the ``kind`` resource whose source id is in ``column``
+    (in bodies planned with ``readable=True``, :func:`plan`: the dry run's text of it)."""
     c = pl.col(column)
-    return pl.when(c.is_not_null()).then(pl.lit(f"@@{kind}:") + c.str.encode("hex") + pl.lit("@@"))
+    return pl.when(c.is_not_null()).then(_ref_text(c, kind))
 
 
 def ref_list(column: str, kind: str) -> pl.Expr:
     """Placeholders for a list column of source ids."""
-    return pl.col(f"{column}__list").list.eval(pl.lit(f"@@{kind}:") + pl.element().str.encode("hex") + pl.lit("@@"))
+    return pl.col(f"{column}__list").list.eval(_ref_text(pl.element(), kind))
+
+
+#: Whether the bodies planned now show their references as a dry run does (:func:`plan`'s ``readable``).
+_READABLE: ContextVar[bool] = ContextVar("readable_refs", default=False)
+#: A character :func:`readable_refs` writes other than as itself: not printable ASCII, or '"', or a backslash.
+_NOT_PLAIN = r"[^ !#-\[\]-~]"
+_REF_CUT = 128  # the API's length of a reference: readable_refs cuts its text to it
+
+
+def _ref_text(source_id: pl.Expr, kind: str) -> pl.Expr:
+    """The placeholder of a source id (:data:`REF_PATTERN`); in readable bodies, what :func:`readable_refs`
+    makes of it, built as it is (``<kind>:<source id>``), for every id JSON writes as itself and that needs no
+    cut: the others keep their placeholder, which :func:`readable_refs_column` replaces when the line is
+    written (so the text is the same either way)."""
+    placeholder = pl.lit(f"@@{kind}:") + source_id.str.encode("hex") + pl.lit("@@")
+    if not _READABLE.get():
+        return placeholder
+    prefix = f"{kind}:"
+    plain = ~source_id.str.contains(_NOT_PLAIN) & (source_id.str.len_bytes() <= _REF_CUT - len(prefix))
+    return pl.when(plain).then(pl.lit(prefix) + source_id).otherwise(placeholder)
+
+
+@contextlib.contextmanager
+def _readable(on: bool) -> Iterator[None]:
+    """Bodies planned in the block show their references as a dry run does (:func:`_ref_text`)."""
+    token = _READABLE.set(on)
+    try:
+        yield
+    finally:
+        _READABLE.reset(token)
 
 
 def fill_refs(body: str, lookup: Callable[[str, str], str | None]) -> tuple[str, list[tuple[str, str]]]:
@@ -309,8 +342,12 @@ def readable_refs_column(bodies: pl.Series) -> pl.Series:
     """:func:`readable_refs` of every body of a column, as polars expressions: each distinct placeholder
     is decoded once (in polars; ``json.dumps`` only for the rare id that JSON must escape), then all of
     them are replaced in one pass (Aho-Corasick), not a regex callback per body."""
-    if not bodies.str.contains('"@@', literal=True).any():  # a literal search: no regex over bodies with none
+    has = bodies.str.contains('"@@', literal=True)  # a literal search: no regex over bodies with none
+    if not has.any():
         return bodies
+    if not has.all():  # only the bodies that may hold one are searched and replaced (dry-run bodies: a few)
+        at = has.arg_true()
+        return bodies.scatter(at, readable_refs_column(bodies.gather(at)))
     found = bodies.str.extract_all(REF_PATTERN.pattern).explode().drop_nulls().unique(maintain_order=True)
     if found.is_empty():
         return bodies
@@ -502,6 +539,13 @@ def register_body_planner(kind: str, planner: Callable[[], pl.Expr]) -> None:
     BODY_PLANNERS[kind] = planner
 
 
+def _hashed(frame: pl.DataFrame, hashes: bool) -> pl.DataFrame:
+    """``frame`` with the ``body_hash`` of its ``body`` (:func:`sha256_hex`); nulls when no hash is wanted
+    (a dry run: what compares them is a load's state store)."""
+    body_hash = sha256_hex(pl.col("body")) if hashes else pl.lit(None, dtype=pl.String)
+    return frame.with_columns(body_hash.alias("body_hash"))
+
+
 def _encoded_column(frame: pl.DataFrame, body: pl.Expr, bodies: bool) -> pl.Series:
     """The JSON bodies of ``frame`` (:func:`json_bodies`), or nulls when only the keys are wanted
     (validation sends nothing)."""
@@ -510,17 +554,28 @@ def _encoded_column(frame: pl.DataFrame, body: pl.Expr, bodies: bool) -> pl.Seri
     return json_bodies(frame, body)
 
 
-def plan(mapped: Mapped, valid: pl.DataFrame, *, bodies: bool = True) -> Planned:
+def plan(
+    mapped: Mapped, valid: pl.DataFrame, *, bodies: bool = True, hashes: bool = True, readable: bool = False
+) -> Planned:
     """Create bodies for the valid rows of a table (and, for registry rows, their patients).
 
     ``bodies=False`` plans the keys only (what a validation reports) and skips the JSON.
+    ``hashes=False`` leaves ``body_hash`` null (a dry run: only a load's state store compares them).
+    ``readable=True``: the bodies show their references as a dry run's ``payloads.ndjson`` does
+    (:func:`readable_refs`; what :func:`readable_refs_column` leaves is the same text), not placeholders:
+    bodies for a dry run's lines only, never sent.
     """
+    with _readable(readable):
+        return _plan(mapped, valid, bodies=bodies, hashes=hashes)
+
+
+def _plan(mapped: Mapped, valid: pl.DataFrame, *, bodies: bool, hashes: bool) -> Planned:
     kind = mapped.kind
     keys = source_keys(mapped)
     if kind == "immunization":
-        return plan_immunizations(mapped, valid, bodies=bodies)
+        return plan_immunizations(mapped, valid, bodies=bodies, hashes=hashes)
     if kind == "document":
-        docs = _document_bodies(valid).with_columns(sha256_hex(pl.col("body")).alias("body_hash"))
+        docs = _hashed(_document_bodies(valid), hashes)
         rows = valid.select(pl.col(ROW), pl.col("document_id").alias("source_key")).join(
             docs.select(pl.col("document_id").alias("source_key"), ROW, "body", "body_hash"),
             on=[ROW, "source_key"],
@@ -528,9 +583,7 @@ def plan(mapped: Mapped, valid: pl.DataFrame, *, bodies: bool = True) -> Planned
         )
     else:
         body = _encoded_column(valid, BODY_PLANNERS[kind](), bodies)
-        rows = valid.select(pl.col(ROW), keys.alias("source_key"), pl.lit(body).alias("body")).with_columns(
-            sha256_hex(pl.col("body")).alias("body_hash")
-        )
+        rows = _hashed(valid.select(pl.col(ROW), keys.alias("source_key"), pl.lit(body).alias("body")), hashes)
         if kind in ("patient", "practitioner"):
             # The same person on several rows is created once: the first row carries the body.
             first = pl.int_range(pl.len()).over("source_key") == 0
@@ -574,34 +627,36 @@ def references(mapped: Mapped, valid: pl.DataFrame) -> pl.DataFrame:
     return pl.concat(parts).select(ROW, "field", "kind", "value")
 
 
-def plan_immunizations(mapped: Mapped, valid: pl.DataFrame, *, bodies: bool = True) -> Planned:
-    """Create bodies for the valid rows of an immunization table and their patients."""
-    rows = valid.select(
+def plan_immunizations(mapped: Mapped, valid: pl.DataFrame, *, bodies: bool = True, hashes: bool = True) -> Planned:
+    """Create bodies for the valid rows of an immunization table and their patients (``bodies``, ``hashes``:
+    as :func:`plan` takes them)."""
+    rows = _hashed(valid.select(
         pl.col(ROW),
         source_keys(mapped).alias("source_key"),
         pl.col("patient_id").alias("patient_key"),
         pl.lit(_encoded_column(valid, immunization_struct(), bodies)).alias("body"),
-    ).with_columns(sha256_hex(pl.col("body")).alias("body_hash"))
-    patients, practitioners = _people(valid, bodies)
+    ), hashes)
+    patients, practitioners = _people(valid, bodies, hashes)
     return Planned(
         "immunization", rows, patients.select("patient_key", "body", "body_hash", ROW), practitioners=practitioners
     )
 
 
-def _people(valid: pl.DataFrame, bodies: bool) -> tuple[pl.DataFrame, pl.DataFrame]:
+def _people(valid: pl.DataFrame, bodies: bool, hashes: bool) -> tuple[pl.DataFrame, pl.DataFrame]:
     """The patients and the performers the valid rows of an immunization table describe, with their bodies."""
+    person = [patient_struct(valid.columns).alias("person")] if bodies else []  # (keys only: no body is read)
     firsts = (
-        # Rows that describe their patient create it; rows that only name one refer to it.
-        # (Lazy, so only the columns a body reads are grouped, not the whole prepared frame.)
+        # Rows that describe their patient create it (the first one); rows that only name one refer to it.
+        # (Lazy, so only the columns a body reads are kept, not the whole prepared frame.)
         valid.lazy()
         .filter(pl.col("patient_first_name").is_not_null())
         .filter(pl.col("patient_id").is_first_distinct())  # each patient's first row (a group_by is 10x dearer)
-        .select(pl.col("patient_id").alias("patient_key"), patient_struct(valid.columns).alias("person"), pl.col(ROW))
+        .select(pl.col("patient_id").alias("patient_key"), *person, pl.col(ROW))
         .collect(engine="in-memory")
     )
-    patients = firsts.select(
+    patients = _hashed(firsts.select(
         "patient_key", pl.lit(_encoded_column(firsts, pl.col("person"), bodies)).alias("body"), ROW
-    ).with_columns(sha256_hex(pl.col("body")).alias("body_hash"))
+    ), hashes)
     first, last = split_name(pl.col("performer_name"))
     named = pl.col("performer_name").is_not_null()
     # A performer with an NPI is keyed by it; one named only by a full name, by the name (the API
@@ -613,17 +668,17 @@ def _people(valid: pl.DataFrame, bodies: bool) -> tuple[pl.DataFrame, pl.DataFra
         valid.lazy()
         .filter(named & (pl.col("performer_npi").is_not_null() | by_name.fill_null(False)))
         .with_columns(key.fill_null(pl.col("performer_id")).alias("practitioner_key"))
-        .filter(pl.col("practitioner_key").is_first_distinct())
+        .filter(pl.col("practitioner_key").is_first_distinct())  # a performer's first row describes it
         .select(
             pl.col("practitioner_key"),
-            obj(firstName=first, lastName=last, npi=pl.col("performer_npi")).alias("person"),
+            *([obj(firstName=first, lastName=last, npi=pl.col("performer_npi")).alias("person")] if bodies else []),
             pl.col(ROW),
         )
         .collect(engine="in-memory")
     )
-    practitioners = practitioners.select(
+    practitioners = _hashed(practitioners.select(
         "practitioner_key", pl.lit(_encoded_column(practitioners, pl.col("person"), bodies)).alias("body"), ROW
-    ).with_columns(sha256_hex(pl.col("body")).alias("body_hash")).select("practitioner_key", "body", "body_hash", ROW)
+    ), hashes).select("practitioner_key", "body", "body_hash", ROW)
     return patients, practitioners
 
 
