@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import csv
-import io
 import json
 import os
 import signal
@@ -38,15 +36,13 @@ from etl.load.throttle import Throttle
 from etl.sandbox import SandboxConfig, SandboxServer
 
 from .cli_process import CliProcess
-from .conftest import ROOT, SAMPLE
+from .conftest import REGISTRY_HEAD_PATIENTS, REGISTRY_HEAD_VALID, ROOT
 
 KEY = "clk_test_resilience0123456789"
-REGISTRY = SAMPLE / "registry.csv"
-# The matrix loads the sample's first 280 rows (the whole 560 made it ~15 minutes of CPU): 13 of the planted bad
-# rows are among them (tests/golden/validate/registry/rows.csv: rows 2-281).
-ROWS = 280
-VALID_ROWS = 267
-PATIENTS = 115  # distinct patients among the valid rows
+# The matrix loads the sample's first 280 rows (conftest's registry_head; the whole 560 made it ~15 minutes of
+# CPU), 13 of the planted bad rows among them.
+VALID_ROWS = REGISTRY_HEAD_VALID
+PATIENTS = REGISTRY_HEAD_PATIENTS  # distinct patients among the valid rows
 MAX_RESUMES = 6
 SEED = 20_261_122
 
@@ -74,19 +70,6 @@ MIXES = {
 KILL_POINTS = [("/v1/patients", n) for n in (1, 25, 50, 75, 100)] + [
     ("/v1/immunizations", n) for n in (1, 50, 100, 150, 200)
 ]
-
-
-@pytest.fixture(scope="module")
-def registry(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The sample registry's header and first ``ROWS`` records, byte for byte (a record may span lines)."""
-    text = REGISTRY.read_text(encoding="utf-8")
-    lines = text.splitlines(keepends=True)
-    reader = csv.reader(io.StringIO(text, newline=""))
-    for _ in range(ROWS + 1):
-        next(reader)
-    path = tmp_path_factory.mktemp("resilience") / "registry.csv"
-    path.write_text("".join(lines[: reader.line_num]), encoding="utf-8")
-    return path
 
 
 def _held(db: Path, route: str) -> dict[str, dict[str, Any]]:
@@ -139,17 +122,17 @@ def _kill_at(server: SandboxServer, proc: CliProcess, route: str, n: int) -> int
 @pytest.mark.parametrize(("route", "at"), KILL_POINTS, ids=[f"{r.split('/')[-1]}{n}" for r, n in KILL_POINTS])
 @pytest.mark.parametrize("mix_name", list(MIXES))
 def test_kill_resume_under_faults_holds_exactly_one_of_each(
-    tmp_path: Path, registry: Path, mix_name: str, route: str, at: int
+    tmp_path: Path, registry_head: Path, mix_name: str, route: str, at: int
 ) -> None:
     mix = MIXES[mix_name]
     db = tmp_path / "sandbox.sqlite"
     config = SandboxConfig(api_keys={KEY: "*"}, db_path=str(db), seed=SEED + at, **mix.sandbox)
     with SandboxServer(config) as server:
-        killed_at = _kill_at(server, _load(server, tmp_path, 0, mix, registry), route, at)
+        killed_at = _kill_at(server, _load(server, tmp_path, 0, mix, registry_head), route, at)
         assert not (tmp_path / "run0" / "summary.json").exists()
 
         for run in range(1, MAX_RESUMES + 1):
-            proc = _load(server, tmp_path, run, mix, registry)
+            proc = _load(server, tmp_path, run, mix, registry_head)
             _, errors = proc.communicate(timeout=180)
             assert "Traceback" not in errors, errors
             # 1: the planted rows were rejected and every other row is in; 3: some are still in doubt.
