@@ -273,11 +273,12 @@ def _forked_cli(*args: str, key: str) -> CliProcess:
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("route", "at", "small_batches"),
-    [("/v1/patients", 60, False), ("/v1/immunizations", 250, False), ("/v1/immunizations", 250, True)],
+    # On conftest's registry_head (the sample's first 280 rows: 115 patients, 267 valid rows), about halfway.
+    [("/v1/patients", 40, False), ("/v1/immunizations", 125, False), ("/v1/immunizations", 125, True)],
     ids=["patients", "immunizations", "immunizations-in-batches-of-50"],
 )
 def test_sigkill_halfway_then_resume_ends_with_the_uninterrupted_count(
-    tmp_path: Path, route: str, at: int, small_batches: bool
+    tmp_path: Path, registry_head: Path, route: str, at: int, small_batches: bool
 ) -> None:
     key = "clk_test_killtest0123456789"
     with SandboxServer(SandboxConfig(api_keys={key: "*"})) as server:
@@ -285,7 +286,7 @@ def test_sigkill_halfway_then_resume_ends_with_the_uninterrupted_count(
         if small_batches:  # planned in batches of 50 rows, sent a part at a time
             common += ["--batch-rows", "50"]
         proc = _forked_cli(
-            "load", str(SAMPLE / "registry.csv"), *common, "--rate=200", "--report-dir", str(tmp_path / "r1"), key=key
+            "load", str(registry_head), *common, "--rate=200", "--report-dir", str(tmp_path / "r1"), key=key
         )
         deadline = time.monotonic() + 90
         while count(server, route) < at:
@@ -297,7 +298,7 @@ def test_sigkill_halfway_then_resume_ends_with_the_uninterrupted_count(
         assert proc.returncode == -signal.SIGKILL
         assert not (tmp_path / "r1" / "summary.json").exists()
 
-        resumed = _forked_cli("load", str(SAMPLE / "registry.csv"), *common, "--report-dir", str(tmp_path / "r2"),
+        resumed = _forked_cli("load", str(registry_head), *common, "--report-dir", str(tmp_path / "r2"),
                               key=key)
         _, errors = resumed.communicate(timeout=120)
         assert resumed.returncode == 1, errors  # 1: some rows were rejected, none failed
@@ -310,14 +311,15 @@ def test_sigkill_halfway_then_resume_ends_with_the_uninterrupted_count(
 
 
 @pytest.mark.slow
-def test_the_api_key_appears_in_no_file_and_no_output(tmp_path: Path) -> None:
+def test_the_api_key_appears_in_no_file_and_no_output(tmp_path: Path, registry_head: Path) -> None:
+    # The sample registry's first 280 rows (conftest's registry_head): every kind of output, half the sends.
     marker = "clk_test_LEAKMARKER9f3a7c"
     seen: list[str] = []
     with SandboxServer(SandboxConfig(api_keys={marker: "*"})) as server:
         runs = [
-            ("load", str(SAMPLE / "registry.csv"), "--base-url", server.base_url),
-            ("load", str(SAMPLE / "registry.csv"), "--base-url", server.base_url, "--dry-run"),
-            ("--debug", "load", str(SAMPLE / "registry.csv"), "--base-url", server.base_url),
+            ("load", str(registry_head), "--base-url", server.base_url),
+            ("load", str(registry_head), "--base-url", server.base_url, "--dry-run"),
+            ("--debug", "load", str(registry_head), "--base-url", server.base_url),
         ]
         for i, args in enumerate(runs):
             proc = _cli(
@@ -338,7 +340,7 @@ def test_the_api_key_appears_in_no_file_and_no_output(tmp_path: Path) -> None:
     with SandboxServer(SandboxConfig()) as server:
         proc = _cli(
             "load",
-            str(SAMPLE / "registry.csv"),
+            str(registry_head),
             "--base-url",
             server.base_url,
             "--state",
