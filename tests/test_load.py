@@ -25,6 +25,7 @@ from etl.load.throttle import Throttle
 from etl.sandbox import SandboxConfig, SandboxServer
 from etl.sandbox.store import Store
 
+from .cli_process import CliProcess
 from .conftest import ROOT, SAMPLE
 from .test_pipeline import count
 
@@ -263,22 +264,29 @@ def _cli(*args: str, key: str, timeout: float = 120) -> subprocess.Popen[str]:
     )
 
 
+def _forked_cli(*args: str, key: str) -> CliProcess:
+    """The same command in a child forked with the toolkit already imported (tests.cli_process): for the
+    tests about killing and interrupting a load, not about what a fresh interpreter prints."""
+    return CliProcess(args, env={**os.environ, "CLINIKAPI_SECRET_KEY": key}, cwd=ROOT)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("route", "at", "small_batches"),
-    [("/v1/patients", 60, False), ("/v1/immunizations", 250, False), ("/v1/immunizations", 250, True)],
+    # On conftest's registry_head (the sample's first 280 rows: 115 patients, 267 valid rows), about halfway.
+    [("/v1/patients", 40, False), ("/v1/immunizations", 125, False), ("/v1/immunizations", 125, True)],
     ids=["patients", "immunizations", "immunizations-in-batches-of-50"],
 )
 def test_sigkill_halfway_then_resume_ends_with_the_uninterrupted_count(
-    tmp_path: Path, route: str, at: int, small_batches: bool
+    tmp_path: Path, registry_head: Path, route: str, at: int, small_batches: bool
 ) -> None:
     key = "clk_test_killtest0123456789"
     with SandboxServer(SandboxConfig(api_keys={key: "*"})) as server:
         common = ["--base-url", server.base_url, "--state", str(tmp_path / "state.sqlite"), "--consistency-window", "0"]
         if small_batches:  # planned in batches of 50 rows, sent a part at a time
             common += ["--batch-rows", "50"]
-        proc = _cli(
-            "load", str(SAMPLE / "registry.csv"), *common, "--rate=200", "--report-dir", str(tmp_path / "r1"), key=key
+        proc = _forked_cli(
+            "load", str(registry_head), *common, "--rate=200", "--report-dir", str(tmp_path / "r1"), key=key
         )
         deadline = time.monotonic() + 90
         while count(server, route) < at:
@@ -290,7 +298,8 @@ def test_sigkill_halfway_then_resume_ends_with_the_uninterrupted_count(
         assert proc.returncode == -signal.SIGKILL
         assert not (tmp_path / "r1" / "summary.json").exists()
 
-        resumed = _cli("load", str(SAMPLE / "registry.csv"), *common, "--report-dir", str(tmp_path / "r2"), key=key)
+        resumed = _forked_cli("load", str(registry_head), *common, "--report-dir", str(tmp_path / "r2"),
+                              key=key)
         _, errors = resumed.communicate(timeout=120)
         assert resumed.returncode == 1, errors  # 1: some rows were rejected, none failed
         rows = pl.read_csv(tmp_path / "r2" / "rows.csv", infer_schema=False)
@@ -302,14 +311,15 @@ def test_sigkill_halfway_then_resume_ends_with_the_uninterrupted_count(
 
 
 @pytest.mark.slow
-def test_the_api_key_appears_in_no_file_and_no_output(tmp_path: Path) -> None:
+def test_the_api_key_appears_in_no_file_and_no_output(tmp_path: Path, registry_head: Path) -> None:
+    # The sample registry's first 280 rows (conftest's registry_head): every kind of output, half the sends.
     marker = "clk_test_LEAKMARKER9f3a7c"
     seen: list[str] = []
     with SandboxServer(SandboxConfig(api_keys={marker: "*"})) as server:
         runs = [
-            ("load", str(SAMPLE / "registry.csv"), "--base-url", server.base_url),
-            ("load", str(SAMPLE / "registry.csv"), "--base-url", server.base_url, "--dry-run"),
-            ("--debug", "load", str(SAMPLE / "registry.csv"), "--base-url", server.base_url),
+            ("load", str(registry_head), "--base-url", server.base_url),
+            ("load", str(registry_head), "--base-url", server.base_url, "--dry-run"),
+            ("--debug", "load", str(registry_head), "--base-url", server.base_url),
         ]
         for i, args in enumerate(runs):
             proc = _cli(
@@ -330,7 +340,7 @@ def test_the_api_key_appears_in_no_file_and_no_output(tmp_path: Path) -> None:
     with SandboxServer(SandboxConfig()) as server:
         proc = _cli(
             "load",
-            str(SAMPLE / "registry.csv"),
+            str(registry_head),
             "--base-url",
             server.base_url,
             "--state",
@@ -385,8 +395,8 @@ def test_sigint_stops_cleanly_writes_the_report_and_resume_completes(tmp_path: P
     key = "clk_test_interrupt0123456789"
     with SandboxServer(SandboxConfig(api_keys={key: "*"})) as server:
         common = ["--base-url", server.base_url, "--state", str(tmp_path / "s.sqlite"), "--consistency-window", "0"]
-        proc = _cli("load", str(SAMPLE / "registry.csv"), *common, "--rate=200", "--report-dir", str(tmp_path / "r1"),
-                    key=key)
+        proc = _forked_cli("load", str(SAMPLE / "registry.csv"), *common, "--rate=200", "--report-dir",
+                           str(tmp_path / "r1"), key=key)
         deadline = time.monotonic() + 60
         while count(server, "/v1/immunizations") < 40:
             assert proc.poll() is None and time.monotonic() < deadline
@@ -404,7 +414,8 @@ def test_sigint_stops_cleanly_writes_the_report_and_resume_completes(tmp_path: P
         assert rows.height == 560
         created_first = rows.filter(pl.col("state") == "created").height
         assert created_first == count(server, "/v1/immunizations") < 534
-        resumed = _cli("load", str(SAMPLE / "registry.csv"), *common, "--report-dir", str(tmp_path / "r2"), key=key)
+        resumed = _forked_cli("load", str(SAMPLE / "registry.csv"), *common, "--report-dir", str(tmp_path / "r2"),
+                              key=key)
         resumed.communicate(timeout=120)
         assert resumed.returncode == 1
         assert count(server, "/v1/immunizations") == 534

@@ -27,12 +27,13 @@ from etl.sandbox import SandboxConfig, SandboxServer
 from etl.sandbox.shapes import Shape
 from etl.settings import Settings
 
-from .conftest import SAMPLE
+from .conftest import REGISTRY_HEAD_PATIENTS, REGISTRY_HEAD_VALID, SAMPLE
 
 KEY = "clk_test_settle0123456789abcdef"
 SEED = 20_261_201
-VALID_ROWS = 534  # sample_data/README.md: 560 rows, 26 planted bad ones (2 expired lots only warn)
-PATIENTS = 160
+# The sample registry's first 280 rows (conftest's registry_head; all 560 doubled the time).
+VALID_ROWS = REGISTRY_HEAD_VALID
+PATIENTS = REGISTRY_HEAD_PATIENTS
 
 
 def _held(db: Path, route: str) -> dict[str, dict[str, Any]]:
@@ -67,15 +68,22 @@ def _plain(resource: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in resource.items() if k not in ("id", "meta", "createdAt", "updatedAt")}
 
 
+@pytest.fixture(scope="module")
+def clean(registry_head: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, pl.DataFrame]:
+    """A clean run's sandbox database and rows: the same for both answer shapes' faulty runs, so loaded once."""
+    tmp = tmp_path_factory.mktemp("clean")
+    clean_db = tmp / "clean.sqlite"
+    with SandboxServer(SandboxConfig(api_keys={KEY: "*"}, db_path=str(clean_db))) as server:
+        report = _load(server, tmp / "clean", 0, registry_head, consistency_window=0)
+    return clean_db, report.rows
+
+
 @pytest.mark.parametrize("responses", ["fhir", "simple"])
 def test_one_load_under_faults_settles_every_row_and_holds_what_a_clean_run_holds(
-    tmp_path: Path, responses: Shape
+    tmp_path: Path, registry_head: Path, clean: tuple[Path, pl.DataFrame], responses: Shape
 ) -> None:
-    source = SAMPLE / "registry.csv"
-    clean_db = tmp_path / "clean.sqlite"
-    with SandboxServer(SandboxConfig(api_keys={KEY: "*"}, db_path=str(clean_db))) as server:
-        clean = _load(server, tmp_path / "clean", 0, source, consistency_window=0)
-    clean_rows = clean.rows
+    source = registry_head
+    clean_db, clean_rows = clean
 
     db = tmp_path / "faulty.sqlite"
     # Late answers come after 1.5 s; the client gives up after 0.5 s (the write happened).
@@ -103,16 +111,16 @@ def test_one_load_under_faults_settles_every_row_and_holds_what_a_clean_run_hold
 def test_search_lag_past_the_window_with_dropped_answers_leaves_no_duplicate(
     tmp_path: Path, responses: Shape
 ) -> None:
-    """The issue's case scaled down: search lag 20 s and window 10 s, here 2 s and 1 s; 30% of answers dropped."""
+    """The issue's case scaled down: search lag 20 s and window 10 s, here 1 s and 0.5 s; 30% of answers dropped."""
     subset = tmp_path / "registry-60.csv"
     pl.read_csv(SAMPLE / "registry.csv", infer_schema=False).head(60).write_csv(subset)
     db = tmp_path / "sandbox.sqlite"
-    config = SandboxConfig(api_keys={KEY: "*"}, db_path=str(db), search_lag=2.0, drop_rate=0.3, seed=SEED,
+    config = SandboxConfig(api_keys={KEY: "*"}, db_path=str(db), search_lag=1.0, drop_rate=0.3, seed=SEED,
                            responses=responses)
     with SandboxServer(config) as server:
-        reports = [_load(server, tmp_path, run, subset, consistency_window=1.0) for run in range(3)]
+        reports = [_load(server, tmp_path, run, subset, consistency_window=0.5) for run in range(3)]
     first = reports[0].summary
-    assert first["search_lag_seconds"] >= 2.0  # measured: search showed the run's own create no sooner
+    assert first["search_lag_seconds"] >= 1.0  # measured: search showed the run's own create no sooner
     rows = reports[-1].rows
     valid = rows.filter(pl.col("state") != "rejected")
     assert set(valid.get_column("state")) <= {"created", "skipped"}
