@@ -237,12 +237,15 @@ class Destination(abc.ABC):
         return Counter()
 
     def load_options(self, settings: Settings) -> LoadOptions:
-        """How the loader sends: with no search there is no consistency window to wait for."""
+        """How the loader sends: with no search there is no consistency window to wait for, nor a search
+        lag to measure (a run's own unknown outcomes stay unknown at once, not after ``lag_limit``)."""
         from etl.load.loader import LoadOptions
+        from etl.settings import MAX_SEARCH_LAG
 
         window = settings.consistency_window if self.can_search and self.opened_url(settings) else 0.0
         return LoadOptions(settings.rate, settings.concurrency, window, update=settings.update,
-                           no_answer_limit=settings.no_answer_limit)
+                           no_answer_limit=settings.no_answer_limit,
+                           lag_limit=MAX_SEARCH_LAG if self.can_search else 0.0)
 
     def opened_url(self, settings: Settings) -> str | None:
         """The target's URL when one is set (else the embedded sandbox is opened)."""

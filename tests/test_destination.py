@@ -241,3 +241,16 @@ def test_a_toy_resource_is_planned_in_a_dry_run(tmp_path: Path, device: str) -> 
         ("/v1/devices", "D-3", {"serialNumber": "SN-003"}),
     ]
     assert report.summary["requests_planned"] == {"device": 2}
+
+
+def test_a_destination_without_search_waits_no_search_lag_before_leaving_an_outcome_unknown() -> None:
+    """A send whose answer never came stays unknown; without search there is nothing to wait for (the run
+    used to wait the whole ``lag_limit``, a minute, before saying so). With search, the limit holds."""
+    from etl.settings import MAX_SEARCH_LAG
+
+    settings = Settings(base_url="https://api.example.test", consistency_window=7.0)
+    redox = RedoxBundles(settings, "/fhir/R4/s/dev/Immunization/$write").load_options(settings)
+    clinik = ClinikApi().load_options(settings)
+    assert (redox.lag_limit, redox.consistency_window) == (0.0, 0.0)
+    assert (clinik.lag_limit, clinik.consistency_window) == (MAX_SEARCH_LAG, 7.0)
+    assert MAX_SEARCH_LAG > 0
