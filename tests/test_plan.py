@@ -326,3 +326,28 @@ def test_batches_are_read_one_ahead_on_a_thread_of_their_own_and_a_read_error_st
     assert all(name.startswith("read") for _, name in pulled)
     with pytest.raises(InputError, match="row 9"):
         list(_read_ahead(frames(fail_at=2)))
+
+
+def test_a_part_appended_to_payloads_lands_after_what_was_written_before_it(tmp_path: Path) -> None:
+    """``_append_file``: the kernel's copy where it can (a file), the usual read and write where it cannot
+    (no file descriptor); either way the part lands after the bytes already written, still in a buffer,
+    and what is written next lands after it."""
+    import io
+
+    from etl.plan import _append_file
+
+    part = tmp_path / "part.ndjson"
+    part.write_bytes(b"".join(b'{"n":%d}\n' % i for i in range(50_000)))
+    into_file = tmp_path / "payloads.ndjson"
+    with into_file.open("wb") as out, part.open("rb") as src:
+        out.write(b"first\n")  # buffered, not yet on disk
+        _append_file(src, out)
+        out.write(b"last\n")
+    memory = io.BytesIO()
+    memory.write(b"first\n")
+    with part.open("rb") as src:
+        _append_file(src, memory)
+    memory.write(b"last\n")
+    expected = b"first\n" + part.read_bytes() + b"last\n"
+    assert into_file.read_bytes() == expected
+    assert memory.getvalue() == expected
