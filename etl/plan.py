@@ -38,7 +38,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO, Literal
+from typing import TYPE_CHECKING, BinaryIO, Literal, TypeVar
 
 import polars as pl
 
@@ -111,6 +111,9 @@ _KIND_KEY = {"kind": pl.String, "source_key": pl.String}
 _PENDING = [ROW, "source_file", "row_kind", "source_key", "row_key", "field", "column", "kind", "value", "key"]
 
 
+_Item = TypeVar("_Item")
+
+
 @dataclass
 class _Input:
     """One input file on its way through the batches."""
@@ -148,10 +151,7 @@ class _Input:
         one batch ahead at most, so memory stays bounded.
         """
 
-        def ready() -> tuple[Mapped, pl.DataFrame] | None:
-            frame = next(frames, None)
-            if frame is None:
-                return None
+        def ready(frame: pl.DataFrame) -> tuple[Mapped, pl.DataFrame]:
             mapped = self.mapped.with_rows(frame)
             if self.looked_up:  # an id another file of the export explains (an organization's name)
                 mapped = replace(mapped, frame=mapped.frame.with_columns(
@@ -160,23 +160,19 @@ class _Input:
             prepared = prepare(mapped, today=today)
             return mapped, precheck(prepared, self.kind, today=today, severity=mapped.profile.rules)
 
-        frames = _read_ahead(self.frames())
-        with ThreadPoolExecutor(1, thread_name_prefix="prepare") as ahead:
-            coming = ahead.submit(ready)
-            while (item := coming.result()) is not None:
-                coming = ahead.submit(ready)
-                yield item
+        # Three stages, each on its own thread: reading (a third of what preparing costs), preparing, and
+        # the caller's checks; on one thread with preparing, the batches after a read waited for both.
+        yield from _ahead(map(ready, _ahead(self.frames(), "read")), "prepare")
 
 
-def _read_ahead(frames: Iterator[pl.DataFrame]) -> Iterator[pl.DataFrame]:
-    """``frames``, each next one read on a thread of its own while the last is prepared (one ahead at
-    most: memory stays bounded). Reading is a third of what preparing costs; on one thread with it,
-    the batches after it waited for both."""
-    with ThreadPoolExecutor(1, thread_name_prefix="read") as pool:
-        coming = pool.submit(next, frames, None)
-        while (frame := coming.result()) is not None:
-            coming = pool.submit(next, frames, None)
-            yield frame
+def _ahead(items: Iterator[_Item], name: str) -> Iterator[_Item]:
+    """``items``, each next one made on a thread of its own (``name``) while the caller works on the last:
+    one ahead at most, so memory stays bounded."""
+    with ThreadPoolExecutor(1, thread_name_prefix=name) as pool:
+        coming = pool.submit(next, items, None)
+        while (item := coming.result()) is not None:
+            coming = pool.submit(next, items, None)
+            yield item
 
 
 @dataclass
@@ -369,11 +365,14 @@ class _Payloads:
 
     def _write_lines(self, part: Path, frame: pl.DataFrame) -> None:
         """A part's creates as their ``payloads.ndjson`` lines, in order, in a file beside it (:func:`_lines_of`)."""
-        if self.redacted:
-            frame = frame.with_columns(redact_bodies(pl.col("body")))
-        text = self.destination.payload_columns(frame.select("kind", "source_key", ROW, "body"))
-        text.write(_lines_of(part))  # (in the run's private scratch folder)
+        self._text(frame, redacted=self.redacted).write(_lines_of(part))  # (in the run's private scratch folder)
         self.lines_in[part] = frame.height
+
+    def _text(self, creates: pl.DataFrame, *, redacted: bool) -> PayloadColumns:
+        """Creates as their ``payloads.ndjson`` lines (bodies ``redacted`` or not)."""
+        if redacted:
+            creates = creates.with_columns(redact_bodies(pl.col("body")))
+        return self.destination.payload_columns(creates.select("kind", "source_key", ROW, "body"))
 
     def withdraw(self, kind: str, keys: pl.Series) -> None:
         self.withdrawn.append(pl.DataFrame({"kind": kind, "source_key": keys}, schema=_KIND_KEY))
@@ -402,12 +401,7 @@ class _Payloads:
     def write(self, path: Path, *, redacted: bool = False) -> dict[str, int]:
         """``payloads.ndjson``, stage by stage (bodies ``redacted`` or not); the number of creates per kind."""
         counts: dict[str, int] = {}
-
-        def text(lines: pl.DataFrame) -> PayloadColumns:
-            if redacted:
-                lines = lines.with_columns(redact_bodies(pl.col("body")))
-            return self.destination.payload_columns(lines.select("kind", "source_key", ROW, "body"))
-
+        text = functools.partial(self._text, redacted=redacted)
         if self.lines:  # the parts' lines are written already (as the batches went): copied, stage by stage
             if redacted != self.redacted:
                 raise ValueError("the lines were built redacted" if self.redacted else "the lines were built plain")

@@ -300,13 +300,13 @@ def test_a_load_or_a_dry_run_takes_fewer_rows_at_a_time_unless_told(tmp_path: Pa
 
 
 def test_batches_are_read_one_ahead_on_a_thread_of_their_own_and_a_read_error_still_reaches_the_caller() -> None:
-    """``_read_ahead``: the frames in order, the next one read on another thread while the caller holds
+    """``_ahead``: the frames in order, the next one read on another thread while the caller holds
     the last (never more than one ahead, so memory stays bounded), and an error raised by reading is
     raised to the caller as it was."""
     import threading
     from collections.abc import Iterator
 
-    from etl.plan import _read_ahead
+    from etl.plan import _ahead
 
     pulled: list[tuple[int, str]] = []
 
@@ -318,14 +318,14 @@ def test_batches_are_read_one_ahead_on_a_thread_of_their_own_and_a_read_error_st
             yield pl.DataFrame({"i": [i]})
 
     seen = []
-    for frame in _read_ahead(frames()):
+    for frame in _ahead(frames(), "read"):
         i = frame.item()
         seen.append(i)
         assert max(n for n, _ in pulled) <= i + 1  # one ahead at most
     assert seen == [0, 1, 2, 3]
     assert all(name.startswith("read") for _, name in pulled)
     with pytest.raises(InputError, match="row 9"):
-        list(_read_ahead(frames(fail_at=2)))
+        list(_ahead(frames(fail_at=2), "read"))
 
 
 def test_a_part_appended_to_payloads_lands_after_what_was_written_before_it(tmp_path: Path) -> None:
