@@ -6,6 +6,7 @@ The public API is small: settings in, a :class:`RunReport` out::
     report = load_files(["registry.csv"], Settings(dry_run=True))
 """
 
+from etl import _allocator  # noqa: F401  (first: it sets polars' allocator up before polars is imported)
 from etl.errors import (
     ApiError,
     AuthError,
