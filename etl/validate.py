@@ -448,7 +448,25 @@ def prepare(mapped: Mapped, *, today: dt.date | None = None) -> pl.DataFrame:
     if demographics:
         # What the patient-conflict rule compares, hashed here (ahead, on the read-ahead thread).
         prepared = prepared.with_columns(_compared(f).hash().alias(f"__hash_{f.name}") for f in demographics)
-    return prepared
+    return prepared.with_columns(_batch_firsts(prepared.columns, demographics))
+
+
+_FIRST_RECORD = "__batch_first_record"  # the batch's first row of its record id
+_FIRST_PATIENT = "__batch_first_patient"  # the batch's first row of its patient, among rows with details to compare
+
+
+def _batch_firsts(columns: list[str], demographics: list[CanonicalField]) -> list[pl.Expr]:
+    """Which rows are the batch's first of their record id and of their patient (rows a profile skips left
+    out): what the checks against the batches before (:func:`_compared_across_rows`) start from, flagged
+    by :func:`prepare`, ahead on its thread, rather than on the thread that checks the batches in turn."""
+    kept = pl.col(SKIP).is_null() if SKIP in columns else pl.lit(True)
+    flags = []
+    if "record_id" in columns:
+        flags.append((pl.when(kept).then(pl.col("record_id")).is_first_distinct() & kept).alias(_FIRST_RECORD))
+    if demographics:
+        has = kept & pl.col("patient_id").is_not_null() & _carries_details(demographics)
+        flags.append((pl.when(has).then(pl.col("patient_id")).is_first_distinct() & has).alias(_FIRST_PATIENT))
+    return flags
 
 
 def _retried(prepared: pl.DataFrame, retried: list[tuple[CanonicalField, str]]) -> pl.DataFrame:
@@ -1104,27 +1122,31 @@ def _compared_across_rows(prepared: pl.DataFrame, kind: str, carry: Carry) -> pl
     """
     fields = field_map(kind)
     if "record_id" in fields:
-        ids = pl.col("record_id")
-        earlier = carry.record_ids.insert(prepared.select(ids.alias("key"))).get_column("found")
-        prepared = prepared.with_columns(
-            (ids.is_not_null() & (~ids.is_first_distinct() | earlier)).alias("__seen_before")
-        )
+        ids = prepared.get_column("record_id")
+        first = prepared.get_column(_FIRST_RECORD) if _FIRST_RECORD in prepared.columns else ids.is_first_distinct()
+        earlier = carry.record_ids.insert(ids.alias("key").to_frame(), first=first).get_column("found")
+        prepared = prepared.with_columns((ids.is_not_null() & (~first | earlier)).alias("__seen_before"))
     demographics = _demographics(fields)
     if demographics:
         names = [f"__first_{f.name}" for f in demographics]
         if carry.patients is None:
             carry.patients = KeyIndex(dict.fromkeys(names, pl.UInt64()))
+        firsts_only = (
+            pl.col(_FIRST_PATIENT) if _FIRST_PATIENT in prepared.columns
+            else (pl.col("patient_id").is_not_null() & _carries_details(demographics)).pipe(
+                lambda has: pl.when(has).then(pl.col("patient_id")).is_first_distinct() & has
+            )
+        )
         here = (
             prepared.lazy()
-            .filter(pl.col("patient_id").is_not_null() & _carries_details(demographics))
+            .filter(firsts_only)
             .select(
                 pl.col("patient_id").alias("key"),
                 *[pl.col(f"__hash_{f.name}").alias(n) for f, n in zip(demographics, names, strict=True)],
             )
-            .filter(pl.col("key").is_first_distinct())  # cheaper than unique(maintain_order)
             .collect(engine="in-memory")
         )
-        before = carry.patients.insert(here)
+        before = carry.patients.insert(here, first=pl.repeat(True, here.height, dtype=pl.Boolean, eager=True))
         found = before.get_column("found")
         firsts = here.with_columns(
             pl.when(found).then(before.get_column(n)).otherwise(pl.col(n)).alias(n) for n in names
