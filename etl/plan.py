@@ -803,7 +803,10 @@ def _batch(
     then = None
     if rows.select((pl.col("state") == "rejected").any()).item():
         x.reject_parts.append(part.with_suffix(".rejects"))
-        then = functools.partial(_write_rejects_part, x.file, mapped.table.frame, rows, x.reject_parts[-1])
+        then = functools.partial(
+            _write_rejects_part, x.file, mapped.table.frame, rows, x.reject_parts[-1],
+            _reject_columns(x, redacted=settings.redact),
+        )
     writer.submit(x.parts[-1], rows, then)
     return unexplained
 
@@ -1058,22 +1061,39 @@ def _write_rejects(inputs: list[_Input], folder: Path, *, redacted: bool = False
     columns: list[str] = []
     for x in inputs:
         if x.reject_parts:
-            gone = set(left_out(x.mapped)) if redacted else set()
-            source = [n for c, n in _rejects_columns(x.batches.table.columns).items() if c not in gone]
-            for name in ["source_file", "source_row", *source, "reasons"]:
+            for name in _reject_columns(x, redacted=redacted):
                 if name not in columns:
                     columns.append(name)
     path = folder / "rejects.csv"
     if not columns:
         write_csv(pl.DataFrame(schema={"source_file": pl.String, "source_row": pl.UInt32, "reasons": pl.String}), path)
         return
-    first = True
     with private_file(path) as out:
+        pl.DataFrame(schema=dict.fromkeys(columns, pl.String)).pipe(guard_formulas).write_csv(out)  # the header
         for x in inputs:
+            written = [_csv_of(part) for part in x.reject_parts]
+            if _reject_columns(x, redacted=redacted) == columns and all(csv.is_file() for csv in written):
+                # The batches' lines, written as they went (the usual case: one file, no rows rejected late).
+                for csv in written:
+                    with csv.open("rb") as lines:
+                        _append_file(lines, out)
+                continue
             for frame in _in_row_order(x.reject_parts):
                 missing = [pl.lit(None, dtype=pl.String).alias(c) for c in columns if c not in frame.columns]
-                frame.with_columns(missing).select(columns).pipe(guard_formulas).write_csv(out, include_header=first)
-                first = False
+                frame.with_columns(missing).select(columns).pipe(guard_formulas).write_csv(out, include_header=False)
+
+
+def _reject_columns(x: _Input, *, redacted: bool) -> list[str]:
+    """An input's ``rejects.csv`` columns (those a ``redacted`` report leaves out left out)."""
+    gone = set(left_out(x.mapped)) if redacted else set()
+    source = [n for c, n in _rejects_columns(x.batches.table.columns).items() if c not in gone]
+    return ["source_file", "source_row", *source, "reasons"]
+
+
+def _csv_of(part: Path) -> Path:
+    """Where a batch's reject part (IPC) has its ``rejects.csv`` lines (a late part has none: rows rejected
+    at the end of a stage merge into row order)."""
+    return part.with_name(f"{part.name}.csv")
 
 
 def _in_row_order(parts: list[Path]) -> Iterator[pl.DataFrame]:
@@ -1200,8 +1220,12 @@ def base_rows(mapped: Mapped, validation: Validation, planned: Planned) -> pl.Da
     )
 
 
-def _write_rejects_part(file: str, source: pl.DataFrame, rows: pl.DataFrame, part: Path) -> None:
-    rejects_frame(file, source, rows).write_ipc(part)
+def _write_rejects_part(file: str, source: pl.DataFrame, rows: pl.DataFrame, part: Path, columns: list[str]) -> None:
+    """A batch's rejected rows: as IPC (a stage's end may reject more, merged in row order) and as their
+    ``rejects.csv`` lines, under ``columns`` (:func:`_reject_columns`), which the report appends as they are."""
+    frame = rejects_frame(file, source, rows)
+    frame.write_ipc(part)
+    frame.select(columns).pipe(guard_formulas).write_csv(_csv_of(part), include_header=False)
 
 
 def rejects_frame(file: str, source: pl.DataFrame, rows: pl.DataFrame) -> pl.DataFrame:

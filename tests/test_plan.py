@@ -5,12 +5,14 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
+from typing import Any, BinaryIO
 
 import polars as pl
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from etl import plan as plan_module
 from etl import readers
 from etl.errors import InputError
 from etl.mapping import apply_profile, default_profile
@@ -351,3 +353,35 @@ def test_a_part_appended_to_payloads_lands_after_what_was_written_before_it(tmp_
     expected = b"first\n" + part.read_bytes() + b"last\n"
     assert into_file.read_bytes() == expected
     assert memory.getvalue() == expected
+
+
+@pytest.mark.parametrize("redact", [False, True])
+def test_rejects_csv_from_the_batches_lines_equals_the_one_built_from_their_parts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, redact: bool
+) -> None:
+    """rejects.csv appends the lines each batch wrote as it went (a file with no rows rejected at the end of its
+    stage); it is byte for byte what building it from the batches' parts at the end gives."""
+    appended: list[str] = []
+    real_append = plan_module._append_file
+
+    def counting(source: BinaryIO, out: BinaryIO) -> None:
+        appended.append(str(getattr(source, "name", "")))
+        real_append(source, out)
+
+    monkeypatch.setattr(plan_module, "_append_file", counting)
+    registry = SAMPLE / "registry.csv"
+    validate_files([registry], Settings(report_dir=tmp_path / "lines", batch_rows=97, redact=redact))
+    assert any(name.endswith(".rejects.csv") for name in appended)  # the batches' own lines were used
+    real_part = plan_module._write_rejects_part
+
+    def parts_only(*args: Any) -> None:  # the batch's lines removed: rejects.csv is built from the parts
+        real_part(*args)
+        plan_module._csv_of(args[3]).unlink()
+
+    monkeypatch.setattr(plan_module, "_write_rejects_part", parts_only)
+    appended.clear()
+    validate_files([registry], Settings(report_dir=tmp_path / "parts", batch_rows=97, redact=redact))
+    assert not any(name.endswith(".rejects.csv") for name in appended)
+    built = (tmp_path / "parts" / "rejects.csv").read_bytes()
+    assert built.count(b"\n") > 10  # the sample plants bad rows
+    assert (tmp_path / "lines" / "rejects.csv").read_bytes() == built
