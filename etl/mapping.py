@@ -54,7 +54,6 @@ from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import polars as pl
-import yaml
 
 from etl.codemaps import CODE_MAPS
 from etl.errors import InputError, ProfileError
@@ -277,6 +276,7 @@ _ROUTE_KEYS = {"column", "values", "pattern", "kind"}
 _VALUE_SETTINGS = ("map", "default")
 
 
+
 def key_field(kind: str) -> str:
     """The canonical field whose value keys a row of ``kind`` (its :attr:`schemas.canonical.Kind.key`)."""
     spec = KIND_SPECS.get(kind)
@@ -317,6 +317,8 @@ def load_profile(name_or_path: str | Path) -> Profile:
     except OSError as exc:
         known = ", ".join(builtin_profiles())
         raise ProfileError(f"{path}: cannot read profile ({exc.strerror}); built-in profiles: {known}") from exc
+    import yaml  # here: importing PyYAML at every start cost a fiftieth of a second
+
     try:
         raw: Any = yaml.safe_load(text) if path.suffix.lower() in {".yaml", ".yml"} else tomllib.loads(text)
     except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
