@@ -276,7 +276,6 @@ _ROUTE_KEYS = {"column", "values", "pattern", "kind"}
 _VALUE_SETTINGS = ("map", "default")
 
 
-
 def key_field(kind: str) -> str:
     """The canonical field whose value keys a row of ``kind`` (its :attr:`schemas.canonical.Kind.key`)."""
     spec = KIND_SPECS.get(kind)

@@ -1121,25 +1121,21 @@ def _compared_across_rows(prepared: pl.DataFrame, kind: str, carry: Carry) -> pl
     Joins and first-distinct flags over the whole batch, not a window per rule: one pass each.
     """
     fields = field_map(kind)
+    demographics = _demographics(fields)
+    # A frame that did not come from prepare (which flags them ahead) has its first rows flagged here.
+    flags = [e for e in _batch_firsts(prepared.columns, demographics) if e.meta.output_name() not in prepared.columns]
+    prepared = prepared.with_columns(flags) if flags else prepared
     if "record_id" in fields:
-        ids = prepared.get_column("record_id")
-        first = prepared.get_column(_FIRST_RECORD) if _FIRST_RECORD in prepared.columns else ids.is_first_distinct()
+        ids, first = prepared.get_column("record_id"), prepared.get_column(_FIRST_RECORD)
         earlier = carry.record_ids.insert(ids.alias("key").to_frame(), first=first).get_column("found")
         prepared = prepared.with_columns((ids.is_not_null() & (~first | earlier)).alias("__seen_before"))
-    demographics = _demographics(fields)
     if demographics:
         names = [f"__first_{f.name}" for f in demographics]
         if carry.patients is None:
             carry.patients = KeyIndex(dict.fromkeys(names, pl.UInt64()))
-        firsts_only = (
-            pl.col(_FIRST_PATIENT) if _FIRST_PATIENT in prepared.columns
-            else (pl.col("patient_id").is_not_null() & _carries_details(demographics)).pipe(
-                lambda has: pl.when(has).then(pl.col("patient_id")).is_first_distinct() & has
-            )
-        )
         here = (
             prepared.lazy()
-            .filter(firsts_only)
+            .filter(pl.col(_FIRST_PATIENT))
             .select(
                 pl.col("patient_id").alias("key"),
                 *[pl.col(f"__hash_{f.name}").alias(n) for f, n in zip(demographics, names, strict=True)],

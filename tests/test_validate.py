@@ -236,3 +236,17 @@ def test_warming_up_imports_pandera_and_numpy_on_a_thread_of_their_own() -> None
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["True", "True"]
+
+
+def test_a_prepared_frame_without_the_first_row_flags_is_checked_the_same() -> None:
+    """prepare flags each batch's first row of a record id and of a patient ahead, on its own thread; a
+    prepared frame without those flags (one a caller made otherwise) gets them where the rows are compared."""
+    mapped = apply_profile(read_table(SAMPLE / "registry.csv"), default_profile())
+    prepared = prepare(mapped, today=TODAY)
+    flags = [c for c in prepared.columns if c.startswith("__batch_first_")]
+    assert len(flags) == 2
+    with_flags = validate(mapped, prepared=prepared, today=TODAY).rejects
+    without = validate(mapped, prepared=prepared.drop(flags), today=TODAY).rejects
+    codes = set(with_flags.get_column("code").to_list())
+    assert {RULES["duplicate-key"].code, RULES["patient-conflict"].code} <= codes  # the sample plants both
+    assert without.equals(with_flags)
