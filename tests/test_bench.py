@@ -26,6 +26,9 @@ def test_quick_bench_writes_results(tmp_path: Path) -> None:
     assert results["rate_limited"] is None and results["bulk"] is None  # --quick skips them
     realistic = results["realistic"]  # the sample scaled: its planted bad rows are rejected
     assert realistic["validate"]["exit"] == 1 and realistic["dry_run_load"]["exit"] == 1
+    dry = realistic["dry_run_load"]  # compared with validate, by the quickest runs, their medians and CPU
+    assert dry["vs_validate"] == round(dry["seconds"] / realistic["validate"]["seconds"], 2)
+    assert dry["median_vs_validate"] > 0 and dry["vs_validate_cpu"] > 0
     assert results["reimport"] is None
 
 
