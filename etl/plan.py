@@ -274,7 +274,16 @@ def _append_file(source: BinaryIO, out: BinaryIO) -> None:
 
 def _copy_lines(lines: Path, kept: pl.Series, total: int, out: BinaryIO) -> None:
     """Append the ``kept`` lines (their positions) of a file of ``total`` ``payloads.ndjson`` lines to ``out``,
-    in order: the file as it is when every line is kept (the usual case: nothing withdrawn from it)."""
+    in order: the file as it is when every line is kept (the usual case: nothing withdrawn from it). The file
+    is removed once appended: the scratch folder and the report then hold each line once, not twice (670 MB
+    for a 1,000,000-row registry), and the system reuses its pages for the lines appended next."""
+    try:
+        _copy_kept_lines(lines, kept, total, out)
+    finally:
+        lines.unlink(missing_ok=True)
+
+
+def _copy_kept_lines(lines: Path, kept: pl.Series, total: int, out: BinaryIO) -> None:
     if kept.len() == total:
         with lines.open("rb") as fh:
             _append_file(fh, out)
@@ -1011,7 +1020,7 @@ def _write(
             done = writer.written.get(part)
             written = done.result() if done else _rows_csv(pl.read_ipc(part), part.with_suffix(".csv"))
             with written.csv.open("rb") as lines:
-                shutil.copyfileobj(lines, out, 1 << 20)
+                _append_file(lines, out)
             counts.append(written.counts)
             tallies.append(written.tally)
             problems = _sampled(pl.concat([problems, written.problems], how="vertical_relaxed"))

@@ -355,6 +355,19 @@ def test_a_part_appended_to_payloads_lands_after_what_was_written_before_it(tmp_
     assert memory.getvalue() == expected
 
 
+@pytest.mark.parametrize("withdrawn", [False, True])
+def test_a_parts_lines_are_removed_once_appended_to_payloads(tmp_path: Path, withdrawn: bool) -> None:
+    """The scratch folder and the report hold each payloads.ndjson line once: a part's file of lines goes once
+    its lines are appended, whether all of them are kept or some were withdrawn."""
+    lines = tmp_path / "part.ndjson"
+    lines.write_bytes(b"".join(b'{"n":%d}\n' % i for i in range(10)))
+    kept = pl.Series([i for i in range(10) if not (withdrawn and i % 3 == 0)], dtype=pl.UInt32)
+    with (tmp_path / "payloads.ndjson").open("wb") as out:
+        plan_module._copy_lines(lines, kept, 10, out)
+    assert (tmp_path / "payloads.ndjson").read_bytes() == b"".join(b'{"n":%d}\n' % i for i in kept)
+    assert not lines.exists()
+
+
 @pytest.mark.parametrize("redact", [False, True])
 def test_rejects_csv_from_the_batches_lines_equals_the_one_built_from_their_parts(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, redact: bool
