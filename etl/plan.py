@@ -814,7 +814,7 @@ def _batch(
         x.reject_parts.append(part.with_suffix(".rejects"))
         then = functools.partial(
             _write_rejects_part, x.file, mapped.table.frame, rows, x.reject_parts[-1],
-            _reject_columns(x, redacted=settings.redact),
+            _rejects_csv_columns(x, redacted=settings.redact),
         )
     writer.submit(x.parts[-1], rows, then)
     return unexplained
@@ -1067,12 +1067,10 @@ def _write(
 def _write_rejects(inputs: list[_Input], folder: Path, *, redacted: bool = False) -> None:
     """rejects.csv: every input's rejected rows in row order, under the union of the inputs' columns
     (but those a ``redacted`` report leaves out)."""
+    own = {x.order: _rejects_csv_columns(x, redacted=redacted) for x in inputs if x.reject_parts}
     columns: list[str] = []
-    for x in inputs:
-        if x.reject_parts:
-            for name in _reject_columns(x, redacted=redacted):
-                if name not in columns:
-                    columns.append(name)
+    for names in own.values():
+        columns += [name for name in names if name not in columns]
     path = folder / "rejects.csv"
     if not columns:
         write_csv(pl.DataFrame(schema={"source_file": pl.String, "source_row": pl.UInt32, "reasons": pl.String}), path)
@@ -1081,7 +1079,7 @@ def _write_rejects(inputs: list[_Input], folder: Path, *, redacted: bool = False
         pl.DataFrame(schema=dict.fromkeys(columns, pl.String)).pipe(guard_formulas).write_csv(out)  # the header
         for x in inputs:
             written = [_csv_of(part) for part in x.reject_parts]
-            if _reject_columns(x, redacted=redacted) == columns and all(csv.is_file() for csv in written):
+            if own.get(x.order) == columns and all(csv.is_file() for csv in written):
                 # The batches' lines, written as they went (the usual case: one file, no rows rejected late).
                 for csv in written:
                     with csv.open("rb") as lines:
@@ -1092,8 +1090,9 @@ def _write_rejects(inputs: list[_Input], folder: Path, *, redacted: bool = False
                 frame.with_columns(missing).select(columns).pipe(guard_formulas).write_csv(out, include_header=False)
 
 
-def _reject_columns(x: _Input, *, redacted: bool) -> list[str]:
-    """An input's ``rejects.csv`` columns (those a ``redacted`` report leaves out left out)."""
+def _rejects_csv_columns(x: _Input, *, redacted: bool) -> list[str]:
+    """An input's ``rejects.csv`` columns, bookkeeping ones included (:func:`_rejects_columns`: its source
+    columns' names there), those a ``redacted`` report leaves out left out."""
     gone = set(left_out(x.mapped)) if redacted else set()
     source = [n for c, n in _rejects_columns(x.batches.table.columns).items() if c not in gone]
     return ["source_file", "source_row", *source, "reasons"]
