@@ -2,8 +2,8 @@
 
 The files under ``tests/golden/`` were written by this module from the code as it stood before
 the whole-file plan was deleted, so a refactor of the plan is proven not to change a report.
-What differs from run to run is normalised away: run ids, times, rates, folder paths, and the ids
-a sandbox draws at random (kept as their prefix). Regenerate (after a deliberate change of a
+What differs from run to run is normalised away: run ids, times, rates, folder paths, the day a
+message names as today, and the ids a sandbox draws at random (kept as their prefix). Regenerate (after a deliberate change of a
 report, reviewed in the diff) with::
 
     .venv/bin/python -m tests.golden
@@ -48,6 +48,8 @@ _VOLATILE = {"run_id", "timings", "achieved_rate", "report_dir", "batch_rows"}
 # An id a sandbox drew at random: a prefix and hex digits (ClinikAPI's pat_…, Redox's ack-…).
 _RANDOM_ID = re.compile(r"\b([a-z]{2,5}[_-])[0-9a-f]{16}\b")
 _TIMESTAMP = re.compile(r'"timestamp": ?"[^"]*"')
+# The future-date rule names the run's day ("not after 2026-12-01"): the golden files hold <today>.
+_TODAY = re.compile(r"(not after )\d{4}-\d{2}-\d{2}\b")
 
 
 def run(mode: str, group: str, folder: Path, **overrides: Any) -> None:
@@ -68,6 +70,7 @@ def run(mode: str, group: str, folder: Path, **overrides: Any) -> None:
 
 def _text(text: str, folder: Path) -> str:
     text = text.replace(str(folder), "<tmp>").replace(str(ROOT), "<root>")
+    text = _TODAY.sub(r"\1<today>", text)
     return _RANDOM_ID.sub(lambda m: m.group(1) + "<id>", text)
 
 
