@@ -14,6 +14,10 @@ them: less CPU, and no more memory (README, Performance).
 
 A value the user set in the variable is kept, and added after these (so it wins). Nothing
 changes when polars was imported before :mod:`etl` (a notebook that did so keeps the default).
+
+numpy's OpenBLAS starts a thread per extra core when numpy is imported (the key indexes use numpy,
+never BLAS), and that thread spins waiting for work: about 1% of a validation's CPU on two cores.
+``OPENBLAS_NUM_THREADS`` is set to 1 unless the user set it, or numpy was imported first.
 """
 
 from __future__ import annotations
@@ -26,6 +30,11 @@ VARIABLE = "_RJEM_MALLOC_CONF"
 #: One arena for every thread; freed pages kept for reuse five seconds, not half a second.
 OPTIONS = "narenas:1,dirty_decay_ms:5000,muzzy_decay_ms:5000"
 
+#: OpenBLAS's variable for its thread count (read once, when numpy loads it).
+BLAS_THREADS = "OPENBLAS_NUM_THREADS"
+
+if "numpy" not in sys.modules:
+    os.environ.setdefault(BLAS_THREADS, "1")
 if "polars" not in sys.modules:
     own = os.environ.get(VARIABLE)
     os.environ[VARIABLE] = f"{OPTIONS},{own}" if own else OPTIONS

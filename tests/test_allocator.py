@@ -43,3 +43,26 @@ def test_polars_imported_first_keeps_its_default() -> None:
     found = _options(f"import polars; import etl; {SUM}", None)
     assert int(found["narenas"]) > 1  # jemalloc's default: four per CPU
     assert found["dirty_decay_ms"] == "500"  # polars' own
+
+
+def _threads(code: str, blas: str | None) -> int:
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
+    if blas is not None:
+        env["OPENBLAS_NUM_THREADS"] = blas
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return int(done.stdout)
+
+
+TASKS = "print(len(os.listdir('/proc/self/task')))"
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads in /proc")
+def test_import_etl_keeps_openblas_from_starting_threads() -> None:
+    # numpy's OpenBLAS starts (and spins) a thread per extra core; the key indexes never use BLAS.
+    before = _threads(f"import os, etl; {TASKS}", None)
+    assert _threads(f"import os, etl, numpy; {TASKS}", None) == before
+    several = _threads(f"import os, etl, numpy; {TASKS}", "3")
+    if several == before:
+        pytest.skip("this numpy's BLAS starts no threads")
+    assert several > before  # the user's own setting is kept (OpenBLAS starts up to a thread per core)
