@@ -1262,35 +1262,54 @@ def check(
     # The schema declares the checks; they run here as polars queries over the failing rows (two
     # collects), not as pandera's collect per check: a batch's cost does not grow with its rules.
     declared = _declared_checks(kind, rules)
-    texts: dict[tuple[str, str], str] = {}
-    for r in rules:  # a column's first rule of a code words its failures
-        texts.setdefault((r.field, r.code), r.message)
     outcomes = (  # every rule's outcome on the failing rows, evaluated once and read by every check below
         failing.lazy()
         .select(pl.col(ROW).cast(pl.UInt32), *(p.alias(flag) for p, flag in zip(passes, flags, strict=True)))
         .collect(engine="in-memory")
-        .lazy()
     )
-    # Flag by flag (the rules' order), each flag's failing rows in row order, as pandera lists them:
-    # a filter per check, not a line per (row, check) to filter (a batch whose every row fails
-    # would make rules x rows of them).
-    failed = [
-        outcomes.filter(~pl.col(flag)).select(
-            ROW,
-            pl.lit(code).alias("code"),
-            pl.lit(column).alias("field"),
-            pl.lit(None, dtype=pl.String).alias("value"),
-            pl.lit(texts.get((column, code)), dtype=pl.String).alias("message"),
-        )
-        for column, code, flag in declared
-    ]
+    # A line per failed check (unpivoted, the passed ones dropped), named by its check, in one query however
+    # many checks there are; at most _LONG lines at a time (a batch whose every row fails makes rules x rows).
+    # Sorted as pandera lists them: by row and column, a cell's failures in the schema's order.
+    texts = _check_texts(kind, rules, declared).lazy()
+    step = max(1, _LONG // max(1, len(flags)))
+    failed = pl.concat(
+        [
+            outcomes.slice(at, step).unpivot(index=ROW, on=flags, variable_name=_FLAG_NAME, value_name="passed")
+            .filter(~pl.col("passed"))
+            .lazy()
+            .join(texts, on=_FLAG_NAME, how="inner")
+            .collect(engine="in-memory")
+            for at in range(0, outcomes.height, step)
+        ]
+    )
     return (
-        pl.concat(failed)
-        .collect(engine="in-memory")
-        .pipe(_conflicts_only_where_cell_valid)
-        # Stable: a cell's failures keep the rules' order, however many rows the batch holds.
-        .sort(ROW, "field", maintain_order=True)
+        failed.pipe(_conflicts_only_where_cell_valid)
+        .sort(ROW, "field", _CHECK)
+        .select(list(REJECT_SCHEMA))
     )
+
+
+_CHECK = "__check"  # a declared check's position (_declared_checks)
+_FLAG_NAME = "__flag"  # the rule outcome a check reads
+_LONG = 1_000_000  # lines of (row, check) unpivoted at a time
+_TEXTS: dict[tuple[str, tuple[tuple[str, str, str], ...]], pl.DataFrame] = {}
+
+
+def _check_texts(kind: str, rules: list[_Rule], declared: list[tuple[str, str, str]]) -> pl.DataFrame:
+    """Each declared check's outcome column, position, code, column and message (a column's first rule of a
+    code words its failures); built once per kind and rule set (messages and all: one names today's date)."""
+    key = (kind, tuple((r.field, r.code, r.message) for r in rules))
+    if key not in _TEXTS:
+        texts: dict[tuple[str, str], str] = {}
+        for r in rules:
+            texts.setdefault((r.field, r.code), r.message)
+        _TEXTS[key] = pl.DataFrame(
+            [(flag, i, code, column, None, texts.get((column, code))) for i, (column, code, flag) in enumerate(declared)],
+            schema={_FLAG_NAME: pl.String, _CHECK: pl.UInt32, "code": pl.String, "field": pl.String,
+                    "value": pl.String, "message": pl.String},
+            orient="row",
+        )
+    return _TEXTS[key]
 
 
 def _conflicts_only_where_cell_valid(failures: pl.DataFrame) -> pl.DataFrame:

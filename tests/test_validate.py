@@ -218,6 +218,25 @@ def test_the_queries_a_batch_runs_do_not_grow_with_its_share_of_failing_rows(mon
     assert every == few
 
 
+def test_failures_unpivoted_a_slice_at_a_time_are_the_same_failures(monkeypatch: pytest.MonkeyPatch) -> None:
+    """check lists a batch's failures from its rules' outcomes unpivoted (a line per row and rule), a slice of
+    rows at a time so a batch whose every row fails stays bounded: the slices change nothing, order included."""
+    from etl import validate as module
+
+    table = read_table(SAMPLE / "registry.csv")
+    broken = apply_profile(table, default_profile()).with_rows(
+        table.frame.with_columns(pl.when(pl.col(ROW) % 3 == 0).then(pl.lit("x" * 300)).otherwise(pl.col(c)).alias(c)
+                                 for c in ("First Name", "DOB", "Admin Date", "CVX", "Route", "Dose Number"))
+    )
+    prepared = module._compared_across_rows(prepare(broken, today=TODAY), "immunization", module.Carry())
+    whole = module.check(prepared, "immunization", today=TODAY)
+    monkeypatch.setattr(module, "_LONG", 700)  # ten rows' rules at a time
+    sliced = module.check(prepared, "immunization", today=TODAY)
+    assert whole.height > 3 * broken.frame.height // 3 and len(set(whole.get_column(ROW).to_list())) > 150
+    assert sliced.equals(whole)
+    assert whole.equals(whole.sort(ROW, "field", maintain_order=True))  # by row and column
+
+
 def test_warming_up_imports_pandera_and_numpy_on_a_thread_of_their_own() -> None:
     import subprocess
     import sys
