@@ -1304,7 +1304,8 @@ def _check_texts(kind: str, rules: list[_Rule], declared: list[tuple[str, str, s
         for r in rules:
             texts.setdefault((r.field, r.code), r.message)
         _TEXTS[key] = pl.DataFrame(
-            [(flag, i, code, column, None, texts.get((column, code))) for i, (column, code, flag) in enumerate(declared)],
+            [(flag, i, code, column, None, texts.get((column, code)))
+             for i, (column, code, flag) in enumerate(declared)],
             schema={_FLAG_NAME: pl.String, _CHECK: pl.UInt32, "code": pl.String, "field": pl.String,
                     "value": pl.String, "message": pl.String},
             orient="row",

@@ -3,8 +3,8 @@
 The files under ``tests/golden/`` were written by this module from the code as it stood before
 the whole-file plan was deleted, so a refactor of the plan is proven not to change a report.
 What differs from run to run is normalised away: run ids, times, rates, folder paths, the day a
-message names as today, and the ids a sandbox draws at random (kept as their prefix). Regenerate (after a deliberate change of a
-report, reviewed in the diff) with::
+message names as today, and the ids a sandbox draws at random (kept as their prefix).
+Regenerate (after a deliberate change of a report, reviewed in the diff) with::
 
     .venv/bin/python -m tests.golden
 """
