@@ -380,20 +380,22 @@ def _chunked(
     ``\r`` has its line breaks read as a whole file's are (:func:`_read_csv`), and ``bare_cr`` is called."""
     next_row = first_row
     left: pl.DataFrame | None = None  # the rows of the last chunk that did not fill a batch
+    start, tail = skip, 0  # where the next chunk starts in the file, and the bytes of it read before
     with path.open("rb") as fh:
-        fh.seek(skip)
-        tail = b""
         while True:
-            block = fh.read(chunk_bytes)
-            data = tail + block
-            if not block:
+            # The part of a record the last chunk cut off is read again with the next one, from the file
+            # (a few bytes of page cache), not joined to it: that copied every chunk once more.
+            fh.seek(start)
+            data = fh.read(tail + chunk_bytes)
+            more = len(data) > tail  # bytes not read before: not at the end yet
+            if not more:
                 if not data.strip():
                     break
                 cut = len(data)  # the last record, with or without a final line break
             else:
                 cut = _record_end(data, 0)
                 if cut < 0:  # no record ends in this chunk yet (a long quoted cell): read on
-                    tail = data
+                    tail = len(data)
                     continue
             records = data if cut == len(data) else data[:cut]
             if b"\r" in records and _BARE_CR.search(records) is not None:  # old Mac lines, or mixed endings
@@ -403,7 +405,7 @@ def _chunked(
             # One chunk per column: polars' reader leaves a chunk per thread's share, and every step
             # of validation after it is slower over many (and some of polars' string functions fail).
             frame = _parse_chunk(path, header, records, delimiter).with_row_index(ROW, offset=next_row).rechunk()
-            tail = data[cut:]
+            start, tail = start + cut, len(data) - cut
             next_row += frame.height
             # Whole batches of ``rows``: a chunk's last rows wait for the next chunk's first ones
             # (a short batch costs a whole batch's fixed overhead).
@@ -413,7 +415,7 @@ def _chunked(
             for i in range(0, full, rows):
                 yield frame.slice(i, rows).rechunk() if i < spans else frame.slice(i, rows)  # one chunk each
             left = frame.slice(full) if full < frame.height else None
-            if not block:
+            if not more:
                 break
     if left is not None:
         yield left

@@ -141,6 +141,23 @@ def test_a_scanned_csv_keeps_bom_quoted_newlines_and_zeros(tmp_path: Path) -> No
     ]
 
 
+@pytest.mark.parametrize("long", [4_000, 9_000, 50_000])
+def test_a_quoted_cell_longer_than_a_chunk_reads_as_a_whole_read_does(tmp_path: Path, long: int) -> None:
+    """A chunk (4 KiB at least, a batch's bytes) that ends inside a quoted cell is read on, from the record's
+    start, until a record ends: the cell, its line breaks and escaped quotes, and the rows around it intact."""
+    cell = "".join(f'line {i}, a ""quoted"" word\n' for i in range(long // 30))
+    lines = ["Record ID,CVX,Note"] + [f"R{i},08,short {i}" for i in range(2, 40)]
+    lines += ["R40,08,\"" + cell.replace("\"\"", "\"\"") + "\""] + [f"R{i},08,x" for i in range(41, 60)]
+    path = tmp_path / "long.csv"
+    path.write_text("\r\n".join(lines) + "\r\n")
+    columns, frame = _read_all(path, rows=3)
+    whole = read_table(path)
+    assert columns == whole.columns
+    assert frame.equals(whole.frame)
+    assert frame.height == 58
+    assert frame.filter(pl.col("Record ID") == "R40").get_column("Note").to_list() == [cell.replace('""', '"')]
+
+
 def test_a_scanned_csv_broken_late_names_the_row(tmp_path: Path) -> None:
     lines = ["Record ID,CVX"] + [f"R{i},08" for i in range(2, 500)] + ["R500,08,extra,cells"]
     path = tmp_path / "ragged.csv"
