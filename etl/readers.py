@@ -398,6 +398,13 @@ def _chunked(
                     tail = len(data)
                     continue
             records = data if cut == len(data) else data[:cut]
+            if records[:1] in (b"\n", b"\r") and not records.strip(b"\r\n"):
+                # Blank lines alone (an export's last ones, cut into a chunk of their own): no rows, and nothing
+                # polars could read columns from.
+                start, tail = start + cut, len(data) - cut
+                if not more:
+                    break
+                continue
             if b"\r" in records and _BARE_CR.search(records) is not None:  # old Mac lines, or mixed endings
                 records = _LINE_BREAKS.sub(b"\n", records)
                 if bare_cr is not None:

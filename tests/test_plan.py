@@ -158,6 +158,20 @@ def test_a_quoted_cell_longer_than_a_chunk_reads_as_a_whole_read_does(tmp_path: 
     assert frame.filter(pl.col("Record ID") == "R40").get_column("Note").to_list() == [cell.replace('""', '"')]
 
 
+@pytest.mark.parametrize("end", ["\n\n", "\r\n\r\n\r\n", "\n" * 5000])
+@pytest.mark.parametrize("rows", [1, 7, 1000, 2998])
+def test_blank_lines_in_a_chunk_of_their_own_read_as_a_whole_read_does(tmp_path: Path, end: str, rows: int) -> None:
+    """An export's last lines blank: where a chunk (about ``rows`` rows' bytes) holds nothing else, it gives no
+    rows (it was refused as "cannot be read as CSV": polars finds no columns in blank lines)."""
+    newline = "\r\n" if end.startswith("\r") else "\n"
+    path = tmp_path / "blank-end.csv"
+    path.write_text(newline.join(["Record ID,CVX,Note", *(f"R{i},08,n{i}" for i in range(2, 3000))]) + newline + end)
+    columns, frame = _read_all(path, rows=rows)
+    whole = read_table(path)
+    assert columns == whole.columns
+    assert frame.equals(whole.frame) and frame.height == 2998
+
+
 def test_a_scanned_csv_broken_late_names_the_row(tmp_path: Path) -> None:
     lines = ["Record ID,CVX"] + [f"R{i},08" for i in range(2, 500)] + ["R500,08,extra,cells"]
     path = tmp_path / "ragged.csv"
