@@ -528,6 +528,13 @@ def _decimal_commas(mapped: Mapped, frame: pl.DataFrame, names: list[str]) -> se
 # --- value hazards: placeholders, lost zeros, serial numbers, two-digit years ---------------
 
 
+@functools.lru_cache(maxsize=64)
+def _word_series(words: tuple[str, ...]) -> pl.Series:
+    """:func:`_case_variants` of ``words`` as a polars series, made once: ``is_in`` with a Python list
+    makes a series of it at every call (every column of every batch)."""
+    return pl.Series(_case_variants(words), dtype=pl.String)
+
+
 def _case_variants(words: Iterable[str]) -> list[str]:
     """Each word as exports write it (``unk``, ``UNK``, ``Unk``): compared exactly, no cell is lower-cased."""
     return sorted({v for w in words for v in (w.lower(), w.upper(), w.capitalize(), w.title())})
@@ -542,10 +549,10 @@ def _placeholders_absent(
     ``redacted``) also sets ``<field>__redacted``, so a field a payload needs reports ``redacted``.
     A field whose own values include such a word (sex ``UNK`` is "unknown") keeps it.
     """
-    markers = _case_variants([*REDACTION_MARKERS, *redacted])
-    every = _case_variants([*PLACEHOLDERS, *redacted, *extra])
+    markers = _word_series((*REDACTION_MARKERS, *redacted))
+    every = _word_series((*PLACEHOLDERS, *redacted, *extra))
     # "Na" and "Nil" are family names too: in a name column only the other words are placeholders.
-    in_names = _case_variants([*(w for w in PLACEHOLDERS if w not in _NAMES_TOO), *redacted, *extra])
+    in_names = _word_series((*(w for w in PLACEHOLDERS if w not in _NAMES_TOO), *redacted, *extra))
     words = {f.name: in_names if f.name.endswith("_name") else every for f in fields if f.normaliser != "gender"}
     if not words:
         return frame
