@@ -530,9 +530,10 @@ def _decimal_commas(mapped: Mapped, frame: pl.DataFrame, names: list[str]) -> se
 
 @functools.lru_cache(maxsize=64)
 def _word_series(words: tuple[str, ...]) -> pl.Series:
-    """:func:`_case_variants` of ``words`` as a polars series, made once: ``is_in`` with a Python list
-    makes a series of it at every call (every column of every batch)."""
-    return pl.Series(_case_variants(words), dtype=pl.String)
+    """:func:`_case_variants` of ``words`` as what ``is_in`` takes, made once: a Python list is made a series
+    at every call (every column of every batch). One list of them (``implode``): ``is_in`` with a plain
+    series of the column's type is deprecated, and warns at every call."""
+    return pl.Series(_case_variants(words), dtype=pl.String).implode()
 
 
 def _case_variants(words: Iterable[str]) -> list[str]:
