@@ -1230,7 +1230,7 @@ def base_rows(mapped: Mapped, validation: Validation, planned: Planned) -> pl.Da
 
 def _write_rejects_part(file: str, source: pl.DataFrame, rows: pl.DataFrame, part: Path, columns: list[str]) -> None:
     """A batch's rejected rows: as IPC (a stage's end may reject more, merged in row order) and as their
-    ``rejects.csv`` lines, under ``columns`` (:func:`_reject_columns`), which the report appends as they are."""
+    ``rejects.csv`` lines, under ``columns`` (:func:`_rejects_csv_columns`), which the report appends as they are."""
     frame = rejects_frame(file, source, rows)
     frame.write_ipc(part)
     frame.select(columns).pipe(guard_formulas).write_csv(_csv_of(part), include_header=False)

@@ -398,10 +398,10 @@ def _chunked(
                     tail = len(data)
                     continue
             records = data if cut == len(data) else data[:cut]
+            start, tail = start + cut, len(data) - cut
             if records[:1] in (b"\n", b"\r") and not records.strip(b"\r\n"):
                 # Blank lines alone (an export's last ones, cut into a chunk of their own): no rows, and nothing
                 # polars could read columns from.
-                start, tail = start + cut, len(data) - cut
                 if not more:
                     break
                 continue
@@ -412,7 +412,6 @@ def _chunked(
             # One chunk per column: polars' reader leaves a chunk per thread's share, and every step
             # of validation after it is slower over many (and some of polars' string functions fail).
             frame = _parse_chunk(path, header, records, delimiter).with_row_index(ROW, offset=next_row).rechunk()
-            start, tail = start + cut, len(data) - cut
             next_row += frame.height
             # Whole batches of ``rows``: a chunk's last rows wait for the next chunk's first ones
             # (a short batch costs a whole batch's fixed overhead).

@@ -1269,7 +1269,6 @@ def check(
     failing = prepared.select(c for c in prepared.columns if c in read).filter(fails)
     # The schema declares the checks; they run here as polars queries over the failing rows (two
     # collects), not as pandera's collect per check: a batch's cost does not grow with its rules.
-    declared = _declared_checks(kind, rules)
     outcomes = (  # every rule's outcome on the failing rows, evaluated once and read by every check below
         failing.lazy()
         .select(pl.col(ROW).cast(pl.UInt32), *(p.alias(flag) for p, flag in zip(passes, flags, strict=True)))
@@ -1278,7 +1277,7 @@ def check(
     # A line per failed check (unpivoted, the passed ones dropped), named by its check, in one query however
     # many checks there are; at most _LONG lines at a time (a batch whose every row fails makes rules x rows).
     # Sorted as pandera lists them: by row and column, a cell's failures in the schema's order.
-    texts = _check_texts(kind, rules, declared).lazy()
+    texts = _check_texts(kind, rules).lazy()
     step = max(1, _LONG // max(1, len(flags)))
     failed = pl.concat(
         [
@@ -1303,11 +1302,13 @@ _LONG = 1_000_000  # lines of (row, check) unpivoted at a time
 _TEXTS: dict[tuple[str, tuple[tuple[str, str, str], ...]], pl.DataFrame] = {}
 
 
-def _check_texts(kind: str, rules: list[_Rule], declared: list[tuple[str, str, str]]) -> pl.DataFrame:
-    """Each declared check's outcome column, position, code, column and message (a column's first rule of a
-    code words its failures); built once per kind and rule set (messages and all: one names today's date)."""
+def _check_texts(kind: str, rules: list[_Rule]) -> pl.DataFrame:
+    """Each declared check's (:func:`_declared_checks`) outcome column, position, code, column and message (a
+    column's first rule of a code words its failures); built once per kind and rule set (messages and all: one
+    names today's date)."""
     key = (kind, tuple((r.field, r.code, r.message) for r in rules))
     if key not in _TEXTS:
+        declared = _declared_checks(kind, rules)
         texts: dict[tuple[str, str], str] = {}
         for r in rules:
             texts.setdefault((r.field, r.code), r.message)
