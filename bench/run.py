@@ -64,7 +64,7 @@ def _child(args: list[str], env: dict[str, str] | None = None) -> dict[str, Any]
 
 
 def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-c", "from etl.cli import main; main()", *args]
+    return [sys.executable, "-c", "from etl.cli import command_line; command_line()", *args]
 
 
 def _best(runs: list[dict[str, Any]]) -> dict[str, Any]:

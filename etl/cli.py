@@ -10,6 +10,7 @@ import dataclasses
 import datetime as dt
 import difflib
 import functools
+import gc
 import json
 import math
 import sqlite3
@@ -870,5 +871,23 @@ def print_summary(report: RunReport, stream: Console | None = None) -> None:
     console.print(f"report: {s.get('report_dir')}")
 
 
+def command_line() -> None:
+    """The ``clinik-etl`` command: :func:`main`, with Python's cyclic garbage collector spared what it
+    cannot free.
+
+    The modules' objects (hundreds of thousands, imported before a command starts) and, once it ends,
+    the run's are frozen (:func:`gc.freeze`): the collector no longer walks them, neither in the run's
+    full collections nor in the ones the interpreter makes as it exits (on a 1,000,000-row validate,
+    0.2 s after the report is written). The process ends right after: nothing frozen needs freeing
+    but by the system. (A notebook or a test calling :func:`main` in a process that goes on is left
+    alone.)
+    """
+    gc.freeze()
+    try:
+        main()
+    finally:
+        gc.freeze()
+
+
 if __name__ == "__main__":  # pragma: no cover
-    main()
+    command_line()

@@ -1175,12 +1175,14 @@ def _pandera_check(code: str, flag: str) -> pa.Check:
 
 def warm_up() -> None:
     """Import pandera (the checks' declaration) and numpy (the key indexes'), a tenth of a second each,
-    on a thread of their own while the first batch is read, rather than when first needed."""
+    on a thread of their own while the first batch is read, rather than when first needed; numpy.ma
+    too, which polars imports at the first series it makes from numpy (a key index's: 70 ms of the
+    first batch's checks)."""
     import importlib
     import threading
 
     def imports() -> None:
-        for name in ("numpy", "pandera.polars"):  # numpy: etl.keyindex's, at the first batch's lookups
+        for name in ("numpy", "numpy.ma", "pandera.polars"):
             importlib.import_module(name)
 
     threading.Thread(target=imports, daemon=True).start()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 
 import click
@@ -121,3 +122,35 @@ def test_load_leaves_concurrency_and_state_to_the_environment_when_not_given(
     load = ["load", str(SAMPLE / "registry.csv"), "-q", "--report-dir", str(tmp_path / "l")]
     assert CliRunner().invoke(main, load).exit_code == 1  # the sample's planted rejects
     assert (tmp_path / "from-env.sqlite").is_file()
+
+
+
+def test_the_console_script_freezes_the_collector(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``clinik-etl`` is :func:`etl.cli.command_line`: the imported modules' objects, and the run's once it ends
+    (its exit code raised), are left out of the collector's walks, so the interpreter's exit walks none of them."""
+    import gc
+    import tomllib
+
+    from etl.cli import command_line
+
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["scripts"]
+    assert scripts["clinik-etl"] == "etl.cli:command_line"
+    frozen: list[int] = []
+    made: list[list[object]] = []
+
+    def command() -> None:
+        frozen.append(gc.get_freeze_count())
+        made.extend([object()] for _ in range(1_000))  # the run's objects
+        sys.exit(3)
+
+    gc.unfreeze()
+    monkeypatch.setattr("etl.cli.main", command)
+    try:
+        with pytest.raises(SystemExit) as exited:
+            command_line()
+        after = gc.get_freeze_count()
+    finally:
+        gc.unfreeze()
+    assert exited.value.code == 3
+    assert frozen[0] > 0  # the modules' objects, before the command
+    assert after >= frozen[0] + 1_000  # and the run's, once it ended
