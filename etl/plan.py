@@ -230,6 +230,13 @@ class _RowsWriter:
         if csv:
             self.written[part] = self._last  # type: ignore[assignment]
 
+    def submit_csv(self, part: Path, rows: pl.DataFrame) -> None:
+        """Write a part's rows.csv lines (its IPC copy written already) on the thread, whether or not the batches'
+        were (a load's, once its outcomes are in)."""
+        self.flush()  # one at a time
+        self._last = self._pool.submit(_rows_csv, rows, part.with_suffix(".csv"))
+        self.written[part] = self._last  # type: ignore[assignment]
+
     def flush(self) -> None:
         """Wait for the batch in flight (its parts are read after this)."""
         if self._last is not None:
@@ -576,9 +583,11 @@ class Run:
             self.rewrite(part, rows)
 
     def rewrite(self, part: Path, rows: pl.DataFrame) -> None:
-        """A part's rows changed (a load's outcomes)."""
+        """A part's rows changed (a load's outcomes): its IPC copy written again, and its rows.csv lines on the
+        writer's thread while the run goes on (the report waits for them)."""
         self.writer.forget(part)
         rows.write_ipc(part)
+        self.writer.submit_csv(part, rows)
 
     def write(self, facts: RunFacts, *, command: Literal["validate", "load"], target: str) -> RunReport:
         """The report, from the parts; ``facts``: what this kind of run adds to its summary."""
@@ -668,6 +677,10 @@ def planned_in_batches(
     keys.resolves = destination.resolves_references
     today = dt.date.today()  # one date for every batch, though the run may pass midnight
     warm_up()
+    if state is not None and payloads and not dry_run:
+        # What a load asks of the store (a re-import: every record it made), read while the batches are.
+        kinds = [*(x.kind for x in inputs), *sorted(keys.referenced)]
+        state.read_ahead(kinds, asked=sum(x.batches.rows for x in inputs))
     try:
         pending: list[pl.DataFrame] = []
         progress.start("read")

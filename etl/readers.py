@@ -220,6 +220,7 @@ class Batches:
 
     table: Table
     batches: Iterator[pl.DataFrame]
+    rows: int = 0  # the rows it holds (of a CSV read in chunks: an estimate from its first rows' length)
 
 
 def read_batches(
@@ -260,7 +261,9 @@ def read_batches(
         table = read_table(path, sheet=sheet, limits=limits, header=hint)
         frame, table.frame = table.frame, table.frame.clear()
         # Each batch in one chunk per column (see _chunked).
-        return Batches(table, (frame.slice(i, rows).rechunk() for i in range(0, max(frame.height, 1), rows)))
+        return Batches(
+            table, (frame.slice(i, rows).rechunk() for i in range(0, max(frame.height, 1), rows)), frame.height
+        )
     sample = head.decode("utf-8", errors="ignore").lstrip("\ufeff")
     at, delimiter = _find_header(str(path), _records(sample, max(_HEADER_SCAN_ROWS, hint.row or 0)), hint)
     body = head.removeprefix(codecs.BOM_UTF8)
@@ -295,7 +298,9 @@ def read_batches(
     if is_own_rejects(table.columns):
         table.frame = unguard_formulas(table.frame)
         chunks = (unguard_formulas(chunk) for chunk in chunks)
-    return Batches(table, _then(chunks, lambda: setattr(table, "sha256", future.result())))
+    return Batches(
+        table, _then(chunks, lambda: setattr(table, "sha256", future.result())), int((size - skip) / per_row) + 1
+    )
 
 
 def is_own_rejects(columns: list[str]) -> bool:

@@ -245,3 +245,63 @@ def test_a_kind_read_whole_is_read_again_once_written_to(store: StateStore, tmp_
         other.record_outcomes([Record("patient", "P1", "unknown")])
     assert created() == 8
     assert dict(store.stored("patient", keys, columns=("state",)).rows())["P1"] == "unknown"
+
+
+def test_a_kind_read_ahead_answers_as_a_read_when_asked_and_is_dropped_once_written_to(
+    store: StateStore, tmp_path: Path
+) -> None:
+    """read_ahead reads whole kinds on a thread, with a connection of its own; the store's own connection then
+    reads none of them (its statements are traced), unless something was written after the read began."""
+    import polars as pl
+
+    keys = pl.Series([f"P{i}" for i in range(10)])
+    store.mark_pending("patient", [(k, f"h{k}") for k in keys], "run1")
+    store.record_outcomes([Record("patient", k, "created", resource_id=f"pat_{k}") for k in keys[:7]])
+    store.mark_pending("immunization", [("I1", "h")], "run1")
+    expected = {name: store.stored(name, keys).sort("source_key") for name in ("patient", "practitioner")}
+    statements: list[str] = []
+
+    def fresh() -> StateStore:
+        opened = StateStore(store.path, target=TARGET)
+        opened._db.set_trace_callback(statements.append)  # what its own connection asks SQLite
+        return opened
+
+    with fresh() as ahead:
+        ahead.read_ahead(["patient", "practitioner", "patient"], asked=keys.len())
+        for name, frame in expected.items():
+            assert ahead.stored(name, keys).sort("source_key").equals(frame)
+        assert ahead.stored("patient", keys, states=("created",), columns=()).height == 7
+    assert statements and not [s for s in statements if "json_group_array" in s]  # read on the thread only
+
+    statements.clear()
+    with fresh() as ahead:  # written here after the read began: read again, and the write seen
+        ahead.read_ahead(["patient"], asked=keys.len())
+        ahead.record_outcomes([Record("patient", "P0", "failed", http_status=422)])
+        assert ahead.stored("patient", keys, states=("created",), columns=()).height == 6
+    assert [s for s in statements if "json_group_array" in s]
+
+    with fresh() as ahead:  # written by another connection after the read began
+        ahead.read_ahead(["patient"], asked=keys.len())
+        ahead._ahead.result()  # type: ignore[union-attr]  # the read is done before the other write
+        with StateStore(store.path, target=TARGET) as other:
+            other.record_outcomes([Record("patient", "P1", "unknown")])
+        assert ahead.stored("patient", keys, states=("created",), columns=()).height == 5
+
+    with fresh() as ahead:  # a kind held more than twice per key asked is not read ahead, but looked up
+        statements.clear()
+        ahead.read_ahead(["patient"], asked=2)
+        assert ahead.stored("patient", keys[:2], columns=("state",)).sort("source_key").rows() == [
+            ("P0", "failed"), ("P1", "unknown")]
+        assert not [s for s in statements if "json_group_array" in s]
+
+
+def test_a_read_ahead_that_fails_leaves_the_store_to_read(store: StateStore, tmp_path: Path) -> None:
+    import polars as pl
+
+    store.mark_pending("patient", [("P1", "h")], "run1")
+    gone = tmp_path / "gone.sqlite"
+    with StateStore(gone, target=TARGET) as ahead:
+        ahead.mark_pending("patient", [("P2", "h")], "run1")
+        ahead.path = tmp_path / "nowhere" / "x.sqlite"  # the thread's connection cannot open it
+        ahead.read_ahead(["patient"], asked=10)
+        assert ahead.stored("patient", pl.Series(["P2"])).get_column("source_key").to_list() == ["P2"]

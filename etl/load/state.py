@@ -34,6 +34,7 @@ import sqlite3
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -214,6 +215,25 @@ class Record:
     updated_at: float | None = None  # when the state last changed (an outcome: after its request left)
 
 
+def _read_whole(db: sqlite3.Connection, kind: str, asked: int) -> pl.DataFrame | None:
+    """Every record of ``kind`` (``source_key`` and :data:`_KEPT_COLUMNS`), or None when the store holds more
+    than :data:`_SCAN_SHARE` of them per key ``asked`` (looking those keys up is then cheaper)."""
+    held = db.execute("SELECT count(*) FROM records WHERE kind = ?", (kind,)).fetchone()[0]
+    if held > _SCAN_SHARE * asked:
+        return None
+    # A JSON array per column, built by SQLite from the covering index (_KEPT_INDEX) and split by polars: no
+    # Python object a record (a tuple a record took about twice as long at 60,000 records).
+    columns = ("source_key", *_KEPT_COLUMNS)
+    if not held:  # (an empty array would explode to a line of nulls)
+        return pl.DataFrame(schema={c: _FRAME_COLUMNS.get(c, pl.String()) for c in columns})
+    arrays = db.execute(f"SELECT {', '.join(f'json_group_array({c})' for c in columns)} FROM records"
+                        " WHERE kind = ?", (kind,)).fetchone()
+    return pl.DataFrame(
+        [pl.Series(c, [text]).str.json_decode(pl.List(pl.String)).explode().cast(_FRAME_COLUMNS.get(c, pl.String()))
+         for c, text in zip(columns, arrays, strict=True)]
+    )
+
+
 class StateStore:
     """A SQLite state store bound to one target."""
 
@@ -227,6 +247,8 @@ class StateStore:
         self.writes = 0
         self._kept: dict[str, pl.DataFrame] = {}  # whole kinds read by stored(), while nothing is written
         self._kept_at: tuple[int, int] | None = None
+        self._ahead: Future[dict[str, pl.DataFrame]] | None = None  # whole kinds being read (read_ahead)
+        self._ahead_at: tuple[int, int] | None = None
         private_dir(self.path.parent)
         # Owner-only from the first byte, and never through a symbolic link.
         create_private_file(self.path)
@@ -344,7 +366,11 @@ class StateStore:
         return str(row[0])
 
     def close(self) -> None:
-        """Close the database."""
+        """Close the database (a read ahead still going is waited for: it has its own connection)."""
+        if self._ahead is not None:
+            with contextlib.suppress(Exception):
+                self._ahead.result()
+            self._ahead = None
         self._db.close()
 
     def __enter__(self) -> StateStore:
@@ -455,29 +481,58 @@ class StateStore:
         looking ``asked`` keys up one by one (about twice as quick per record); kept until the next write."""
         if (kept := self._kept_kind(kind)) is not None:
             return kept
-        held = self._db.execute("SELECT count(*) FROM records WHERE kind = ?", (kind,)).fetchone()[0]
-        if held > _SCAN_SHARE * asked:
-            return None
-        # A JSON array per column, built by SQLite from the covering index (_KEPT_INDEX) and split by polars: no
-        # Python object a record (a tuple a record took about twice as long at 60,000 records).
-        columns = ("source_key", *_KEPT_COLUMNS)
-        if not held:  # (an empty array would explode to a line of nulls)
-            self._kept[kind] = pl.DataFrame(schema={c: _FRAME_COLUMNS.get(c, pl.String()) for c in columns})
-            return self._kept[kind]
-        arrays = self._db.execute(f"SELECT {', '.join(f'json_group_array({c})' for c in columns)} FROM records"
-                                  " WHERE kind = ?", (kind,)).fetchone()
-        self._kept[kind] = pl.DataFrame(
-            [pl.Series(c, [text]).str.json_decode(pl.List(pl.String)).explode().cast(_FRAME_COLUMNS.get(c, pl.String()))
-             for c, text in zip(columns, arrays, strict=True)]
-        )
-        return self._kept[kind]
+        whole = _read_whole(self._db, kind, asked)
+        if whole is not None:
+            self._kept[kind] = whole
+        return whole
+
+    def read_ahead(self, kinds: Iterable[str], asked: int) -> None:
+        """Start reading these kinds whole, as :meth:`stored` would when asked about ``asked`` keys (at most) of
+        each, on a thread of its own with a connection of its own: a re-import's first question about
+        them (matching's, once every batch is planned) finds them read, as the input was read and
+        checked meanwhile. A kind the store holds more than :data:`_SCAN_SHARE` records per key of is
+        not read. What was written since the read began, here or by any other connection, is not
+        trusted: :meth:`stored` reads again then.
+        """
+        if self._ahead is not None:
+            return
+        self._ahead_at = self._version()  # before the read: a write meanwhile makes it stale
+        wanted = tuple(dict.fromkeys(kinds))
+        path = self.path
+
+        def read() -> dict[str, pl.DataFrame]:
+            found: dict[str, pl.DataFrame] = {}
+            with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as db:
+                db.execute(f"PRAGMA busy_timeout={_BUSY_MS}")
+                db.execute("BEGIN")  # one snapshot for every kind
+                for kind in wanted:
+                    if (whole := _read_whole(db, kind, asked)) is not None:
+                        found[kind] = whole
+                db.execute("COMMIT")
+            return found
+
+        pool = ThreadPoolExecutor(1, thread_name_prefix="state-ahead")
+        self._ahead = pool.submit(read)
+        pool.shutdown(wait=False)
+
+    def _version(self) -> tuple[int, int]:
+        """What changes when ``records`` may have: this store's writes, and SQLite's count of other connections'."""
+        return self.writes, int(self._db.execute("PRAGMA data_version").fetchone()[0])
 
     def _kept_kind(self, kind: str) -> pl.DataFrame | None:
-        """The records of ``kind`` :meth:`_whole_kind` read, if nothing was written since."""
-        version = (self.writes, self._db.execute("PRAGMA data_version").fetchone()[0])
+        """The records of ``kind`` :meth:`_whole_kind` (or :meth:`read_ahead`) read, if nothing was written since."""
+        version = self._version()
         if version != self._kept_at:  # written to since (here, or by another connection): read again
             self._kept.clear()
             self._kept_at = version
+        if self._ahead is not None:
+            ahead, self._ahead = self._ahead, None
+            try:
+                found = ahead.result()
+            except Exception:
+                found = {}
+            if self._ahead_at == version:  # nothing written since it began
+                self._kept.update(found)
         return self._kept.get(kind)
 
     def in_state(self, kind: str, *states: StoredState) -> list[Record]:
