@@ -32,7 +32,7 @@ from collections.abc import Mapping
 import polars as pl
 import polars_hash  # noqa: F401 - registers the `chash` expression namespace
 
-from etl.keyindex import KeyIndex
+from etl.keyindex import KeyIndex, first_distinct
 from etl.readers import ROW
 from etl.rules import format_text
 
@@ -163,7 +163,10 @@ class DoseCheck:
     """
 
     def __init__(self) -> None:
-        self.seen = KeyIndex({"first_file": pl.String(), "first_row": pl.UInt32()})
+        # A file as its number among the run's files (``files``): the index holds a million doses' rows and
+        # merges them as it grows, a number cheaper than text to hold and to move.
+        self.seen = KeyIndex({"first_file": pl.UInt32(), "first_row": pl.UInt32()})
+        self.files: dict[str, int] = {}
         self.found: list[pl.DataFrame] = []  # source_file, source_row, first_file, first_row of each duplicate
 
     def duplicates(self) -> pl.DataFrame:
@@ -186,14 +189,19 @@ class DoseCheck:
             return rows
         # Looked up and remembered in one step: a dose the index lacks is added with its first row here
         # (the rows are in order, so a key's first line is its first row); an earlier batch's wins.
+        number = self.files.setdefault(file, len(self.files))
         sighted = doses.select(
             pl.col("identity").alias("key"),
-            pl.lit(file).alias("first_file"),
+            pl.lit(number, dtype=pl.UInt32).alias("first_file"),
             pl.col(ROW).cast(pl.UInt32).alias("first_row"),
         )
-        earlier = pl.concat([doses, self.seen.insert(sighted)], how="horizontal").with_columns(
-            pl.col(ROW).min().over("identity").alias("here_row")  # the batch's first row with the dose
-        )
+        names = pl.Series(list(self.files), dtype=pl.String)
+        first = first_distinct(doses.get_column("identity"))
+        found = self.seen.insert(sighted, first=first)
+        found = found.with_columns(names.gather(found.get_column("first_file")).alias("first_file"))
+        # The batch's first row with the dose: the row itself, but for a dose the batch holds twice.
+        here = pl.col(ROW).min().over("identity") if not first.all() else pl.col(ROW)
+        earlier = pl.concat([doses, found], how="horizontal").with_columns(here.alias("here_row"))
         earlier = earlier.with_columns(
             pl.when(pl.col("found"))
             .then(pl.col("first_file"))

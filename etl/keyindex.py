@@ -47,7 +47,7 @@ else:
 
     np = _Imported()
 
-__all__ = ["KeyIndex"]
+__all__ = ["KeyIndex", "first_distinct"]
 
 KEY = "key"
 _HASH = "__hash"
@@ -55,6 +55,19 @@ _CHECK = "__check"  # a second 64-bit hash of the key, with another seed
 _AT = "__at"  # a row's position, while values are put in their rows
 _SEED = 0x5EED_C0DE
 WAIT_ROWS = 1_000_000  # rows waiting to be added, at most, before they are merged in
+
+
+def first_distinct(keys: pl.Series) -> pl.Series:
+    """``keys.is_first_distinct()``, from a 64-bit hash of each key: the text itself is compared only among keys
+    whose hash is not alone in ``keys`` (a key repeated, or, rarely, two keys with one hash), so the answer is
+    exact. A batch's keys repeat seldom: hashing them and finding the first of each hash costs a fifth of
+    finding the first of each text (31-byte dose identities)."""
+    hashes = keys.hash()
+    first = hashes.is_first_distinct()
+    if first.all():
+        return first
+    shared = hashes.is_duplicated().arg_true()
+    return first.scatter(shared, keys.gather(shared).is_first_distinct())
 
 
 class _Filter:
@@ -163,7 +176,7 @@ class KeyIndex:
                     .drop(_AT)
                 )
         if add:
-            first_row = (keys.is_first_distinct() if first is None else first).to_numpy()  # the first row of a key wins
+            first_row = (first_distinct(keys) if first is None else first).to_numpy()  # the first row of a key wins
             fresh = first_row & ~found & present
             if fresh.any():  # the new run, sorted by hash (polars' sort: faster than numpy's argsort and a gather)
                 run = (
@@ -256,8 +269,9 @@ class KeyIndex:
         added = self.runs[-1]
         while len(self.runs) > 1 and self.runs[-2].height <= self.runs[-1].height:
             newer = self.runs.pop()
-            # Both sorted: a linear merge; one chunk, so its columns read as arrays without a copy.
-            self.runs[-1] = self.runs[-1].merge_sorted(newer, _HASH).rechunk()
+            # Both joined and sorted again: polars' sort takes half the CPU its merge_sorted of two sorted runs
+            # does. One chunk, so its columns read as arrays without a copy.
+            self.runs[-1] = pl.concat([self.runs[-1], newer]).sort(_HASH).rechunk()
         self._filter.add(added.get_column(_HASH).to_numpy(), added.get_column(_CHECK).to_numpy(), self.runs)
 
     def add_keys(self, keys: pl.Series, *, new: bool = False) -> None:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import polars as pl
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from etl.keyindex import KeyIndex
+from etl.keyindex import KeyIndex, first_distinct
 
 _KEYS = st.one_of(st.none(), st.sampled_from([f"K{i}" for i in range(40)]), st.text(max_size=4))
 
@@ -136,3 +137,18 @@ def test_the_filter_sets_the_bits_one_key_at_a_time_would(hashes: list[int]) -> 
             expected[w] |= np.uint64(b)
         assert np.array_equal(grouped.words, expected)
         assert grouped.may_hold(h, c).all()
+
+
+@given(st.lists(st.one_of(st.none(), st.sampled_from(["a", "b", "é", "a\x00", ""]), st.text(max_size=40)), max_size=60))
+@settings(max_examples=150, deadline=None)
+def test_first_distinct_is_is_first_distinct(keys: list[str | None]) -> None:
+    series = pl.Series("key", keys, dtype=pl.String)
+    assert first_distinct(series).to_list() == series.is_first_distinct().to_list()
+
+
+def test_first_distinct_compares_the_keys_whose_hashes_collide(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two keys with one hash are told apart by their text (every hash made equal here)."""
+    series = pl.Series("key", ["a", "b", "a", None, "c", "b", None])
+    expected = series.is_first_distinct().to_list()
+    monkeypatch.setattr(pl.Series, "hash", lambda self, *a, **k: pl.repeat(7, len(self), dtype=pl.UInt64, eager=True))
+    assert first_distinct(series).to_list() == expected == [True, True, False, True, True, False, False]
