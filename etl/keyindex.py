@@ -251,7 +251,8 @@ class KeyIndex:
         """Turn the rows waiting since the last read into a run (the first row of a key wins)."""
         if not self._waiting:
             return
-        rows = pl.concat(self._waiting).filter(pl.col(KEY).is_first_distinct())
+        rows = pl.concat(self._waiting)
+        rows = rows.filter(first_distinct(rows.get_column(KEY)))
         self._waiting = []
         self._push(rows.filter(~self.contains(rows.get_column(KEY))))
 
