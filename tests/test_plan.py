@@ -141,6 +141,15 @@ def test_a_scanned_csv_keeps_bom_quoted_newlines_and_zeros(tmp_path: Path) -> No
     ]
 
 
+def test_batches_say_how_many_rows_they_hold() -> None:
+    """A whole read counts its rows; a CSV read in chunks estimates them from its first rows' length (what a load
+    tells the state store it will ask about: StateStore.read_ahead)."""
+    whole = read_table(SAMPLE / "registry.csv").frame.height
+    assert read_batches(SAMPLE / "registry.csv", rows=13).rows == whole
+    estimate = read_batches(SAMPLE / "registry.csv", rows=13, stream_from=0).rows
+    assert 0.5 * whole <= estimate <= 2 * whole
+
+
 @pytest.mark.parametrize("long", [4_000, 9_000, 50_000])
 def test_a_quoted_cell_longer_than_a_chunk_reads_as_a_whole_read_does(tmp_path: Path, long: int) -> None:
     """A chunk (4 KiB at least, a batch's bytes) that ends inside a quoted cell is read on, from the record's
