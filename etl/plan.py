@@ -253,6 +253,7 @@ class _RowsWriter:
 
 
 _PAYLOAD_WORKERS = 2  # parts of payloads.ndjson built at once
+_HELD_BYTES = 48 * 1024 * 1024  # creates' parts kept in memory, not written, at most (_Payloads)
 _AT = "__at"  # a create's position in its part
 
 
@@ -337,6 +338,10 @@ class _Payloads:
         self.redacted = redacted  # the lines' bodies redacted (--redact)
         self.lines_in: dict[Path, int] = {}  # a part (with lines) -> how many lines its file of lines holds
         self.parts: dict[int, list[Path]] = {}
+        # Parts kept in memory, not written, while they hold at most _HELD_BYTES in all (a run of a batch or
+        # two, a weekly re-import: read back at once); the rest are written (memory stays bounded).
+        self.held: dict[Path, pl.DataFrame] = {}
+        self._held_bytes = 0
         self.planned: dict[str, KeyIndex] = {}
         self.withdrawn: list[pl.DataFrame] = []
         self._pool: ThreadPoolExecutor | None = None
@@ -376,7 +381,12 @@ class _Payloads:
                 if self.lines:  # its lines beside it, as payloads.ndjson has them; the part: what a withdrawal names
                     self._write_lines(part, frame)
                     frame = frame.select("kind", "source_key")
-                frame.write_ipc(part)
+                size = int(frame.estimated_size())
+                if self._held_bytes + size <= _HELD_BYTES:
+                    self.held[part] = frame
+                    self._held_bytes += size
+                else:
+                    frame.write_ipc(part)
                 self.parts.setdefault(stage, []).append(part)
 
     def _write_lines(self, part: Path, frame: pl.DataFrame) -> None:
@@ -407,7 +417,8 @@ class _Payloads:
 
         def parts(stage: int) -> Iterator[tuple[Path, pl.DataFrame]]:
             for part in self.parts[stage]:
-                frame = pl.read_ipc(part).with_row_index(_AT) if positions else pl.read_ipc(part)
+                frame = self.held[part] if part in self.held else pl.read_ipc(part)
+                frame = frame.with_row_index(_AT) if positions else frame
                 # (nothing withdrawn, the usual case: the part as it is, its bodies not copied by a join)
                 yield part, frame.join(withdrawn, on=["kind", "source_key"], how="anti") if withdrawn.height else frame
 

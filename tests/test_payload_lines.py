@@ -111,8 +111,49 @@ def test_a_full_disk_keeping_the_planned_creates_names_the_report_folder(
         write_ipc(frame, file, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(pl.DataFrame, "write_ipc", full)
+    monkeypatch.setattr("etl.plan._HELD_BYTES", 0)  # every part written (a large run's)
     settings = Settings(dry_run=dry_run, state=tmp_path / "s.sqlite", report_dir=tmp_path / "r", batch_rows=batch_rows)
     with pytest.raises(OutputError, match="No space left on device") as raised:
         load_files([SAMPLE / "registry.csv"], settings)
     assert raised.value.path.startswith(str(tmp_path / "r"))
     assert not list((tmp_path / "r").rglob("payloads.ndjson"))
+
+
+@pytest.mark.parametrize("dry_run", [True, False], ids=["dry-run", "load"])
+def test_creates_held_in_memory_or_written_make_the_same_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dry_run: bool
+) -> None:
+    """A run's planned creates are kept in memory up to a budget (_HELD_BYTES), the rest written to disk: the
+    report and payloads.ndjson are the same whichever way each part went (batches of 37 rows: many parts)."""
+    import etl.plan
+
+    written: list[int] = []  # the size of each part written
+    write_ipc = pl.DataFrame.write_ipc
+
+    def counted(frame: pl.DataFrame, file: Path, **kwargs: object) -> None:
+        if Path(file).name.startswith("payloads-"):
+            written.append(int(frame.estimated_size()))
+        write_ipc(frame, file, **kwargs)  # type: ignore[arg-type]
+
+    def run(budget: int, name: str) -> tuple[str, str, dict[str, int]]:
+        monkeypatch.setattr("etl.plan._HELD_BYTES", budget)
+        written.clear()
+        settings = Settings(dry_run=dry_run, state=tmp_path / f"{name}.sqlite", report_dir=tmp_path / name,
+                            batch_rows=37)
+        report = load_files([SAMPLE / "registry.csv"], settings)
+        rows = pl.read_csv(report.folder / "rows.csv", infer_schema=False)
+        if not dry_run:  # a load's ids differ between sandboxes: its states and keys are compared
+            rows = rows.select("source_row", "kind", "source_key", "state", "error_code")
+        payloads = (report.folder / "payloads.ndjson").read_text(encoding="utf-8") if dry_run else ""
+        return rows.write_csv(), payloads, report.summary["states"]
+
+    default = etl.plan._HELD_BYTES
+    monkeypatch.setattr(pl.DataFrame, "write_ipc", counted)
+    on_disk = run(0, "disk")
+    sizes = list(written)
+    assert len(sizes) > 4  # many parts, each written
+    in_memory = run(default, "memory")
+    assert written == []  # none written
+    both = run(sum(sizes) // 2, "both")
+    assert 0 < len(written) < len(sizes)  # the first parts held, the later ones written
+    assert on_disk == in_memory == both
