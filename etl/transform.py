@@ -107,12 +107,10 @@ def json_bodies(frame: pl.DataFrame, struct: pl.Expr) -> pl.Series:
     )
     groups = _null_groups(partial, len(value))
     if groups is None:
-        return _json_cut(_pruned(value).struct.json_encode()).alias("body")
+        return _json_cut(_encoded([_pruned(value)])[0]).alias("body")
     n = len(value)
-    texts, at = [], []
-    for rows in groups:
-        texts.append(_json_cut(_pruned(value.gather(rows)).struct.json_encode()))
-        at.append(rows)
+    at = list(groups)
+    texts = [_json_cut(text) for text in _encoded([_pruned(value.gather(rows)) for rows in at])]
     del value, fields, partial  # the values are text now: not held while it is put back in order
     # Back to the rows' order: the inverse permutation by a scatter.
     inverse = pl.repeat(0, n, dtype=pl.UInt32, eager=True).scatter(
@@ -121,6 +119,21 @@ def json_bodies(frame: pl.DataFrame, struct: pl.Expr) -> pl.Series:
     return pl.concat(texts, rechunk=False).gather(inverse).alias("body")
 
 
+def _encoded(values: list[pl.Series]) -> list[pl.Series]:
+    """``value.struct.json_encode()`` of each of ``values``, at once: one query each, run together by polars
+    (``collect_all``), and a long one cut in a part per thread of its pool, which it encodes at once too
+    (the series method encodes one value after another, on one thread)."""
+    parts = pl.thread_pool_size()
+    queries = []
+    for value in values:
+        if parts > 1 and len(value) >= _ENCODED_APART:
+            step = -(-len(value) // parts)
+            value = pl.concat([value.slice(start, step) for start in range(0, len(value), step)], rechunk=False)
+        queries.append(value.to_frame("value").lazy().select(pl.col("value").struct.json_encode()))
+    return [done.to_series() for done in pl.collect_all(queries, engine="in-memory")]
+
+
+_ENCODED_APART = 4_096  # rows from which _encoded cuts a column in parts
 _JSON_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")  # a key json_body's patterns cut when null
 #: At most this many groups of rows (:func:`json_bodies`): 2**5 patterns of the members null most often.
 _NULL_GROUPS = 32

@@ -69,3 +69,17 @@ def test_json_bodies_with_more_null_patterns_than_groups() -> None:
     assert json.loads(got[0]) == {**{f"m{k}": f"v{k}-0" for k in range(10)}, "inner": {"x": "v1-0", "y": "v2-0"}}
     assert got[n - 1] == "null"  # every member empty: the row has no body (json_body writes null)
     assert "null" not in got[5]  # members 0 and 2 empty on row 5: left out, not written as null
+
+
+@settings(max_examples=10, deadline=None)
+@given(frame=_frames())
+def test_json_bodies_of_many_rows_encoded_in_parts(frame: pl.DataFrame) -> None:
+    """A column of 4,096 rows or more is cut in a part per thread of polars' pool and its groups encoded
+    together (etl.transform._encoded): the same text as json_body, in the same order."""
+    many = pl.concat([frame] * (4_096 // max(frame.height, 1) + 1)).with_row_index("row").with_columns(
+        pl.col("s1") + pl.col("row").cast(pl.String)  # each row its own text (so the order is checked)
+    ).drop("row")
+    assert many.height >= 4_096 or frame.is_empty()
+    for name, struct in STRUCTS.items():
+        expected = many.select(json_body(struct).alias("body")).get_column("body")
+        assert json_bodies(many, struct).to_list() == expected.to_list(), name
