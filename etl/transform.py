@@ -121,19 +121,24 @@ def json_bodies(frame: pl.DataFrame, struct: pl.Expr) -> pl.Series:
 
 def _encoded(values: list[pl.Series]) -> list[pl.Series]:
     """``value.struct.json_encode()`` of each of ``values``, at once: one query each, run together by polars
-    (``collect_all``), and a long one cut in a part per thread of its pool, which it encodes at once too
-    (the series method encodes one value after another, on one thread)."""
-    parts = pl.thread_pool_size()
-    queries = []
-    for value in values:
-        if parts > 1 and len(value) >= _ENCODED_APART:
-            step = -(-len(value) // parts)
-            value = pl.concat([value.slice(start, step) for start in range(0, len(value), step)], rechunk=False)
-        queries.append(value.to_frame("value").lazy().select(pl.col("value").struct.json_encode()))
+    (``collect_all``), a long one in parts (:func:`_in_parts`) that it encodes at once too (the series method
+    encodes one value after another, on one thread)."""
+    queries = [_in_parts(value).to_frame("value").lazy().select(pl.col("value").struct.json_encode())
+               for value in values]
     return [done.to_series() for done in pl.collect_all(queries, engine="in-memory")]
 
 
-_ENCODED_APART = 4_096  # rows from which _encoded cuts a column in parts
+def _in_parts(column: pl.Series) -> pl.Series:
+    """A long column cut in a part (chunk) per thread of polars' pool: a query's value-by-value step (JSON, a
+    hash) runs on the parts at once, where one part is one thread's work."""
+    parts = pl.thread_pool_size()
+    if parts < 2 or len(column) < _ENCODED_APART:
+        return column
+    step = -(-len(column) // parts)
+    return pl.concat([column.slice(start, step) for start in range(0, len(column), step)], rechunk=False)
+
+
+_ENCODED_APART = 4_096  # rows from which _in_parts cuts a column
 _JSON_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")  # a key json_body's patterns cut when null
 #: At most this many groups of rows (:func:`json_bodies`): 2**5 patterns of the members null most often.
 _NULL_GROUPS = 32
@@ -555,8 +560,10 @@ def register_body_planner(kind: str, planner: Callable[[], pl.Expr]) -> None:
 def _hashed(frame: pl.DataFrame, hashes: bool) -> pl.DataFrame:
     """``frame`` with the ``body_hash`` of its ``body`` (:func:`sha256_hex`); nulls when no hash is wanted
     (a dry run: what compares them is a load's state store)."""
-    body_hash = sha256_hex(pl.col("body")) if hashes else pl.lit(None, dtype=pl.String)
-    return frame.with_columns(body_hash.alias("body_hash"))
+    if not hashes:
+        return frame.with_columns(pl.lit(None, dtype=pl.String).alias("body_hash"))
+    body = _in_parts(frame.get_column("body")).to_frame()  # hashed a part per thread at once
+    return frame.with_columns(body.select(sha256_hex(pl.col("body")).alias("body_hash")).to_series().rechunk())
 
 
 def _encoded_column(frame: pl.DataFrame, body: pl.Expr, bodies: bool) -> pl.Series:

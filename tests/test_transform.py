@@ -311,3 +311,16 @@ def test_every_sample_body_passes_the_payload_model(name: str, kind: str) -> Non
         model.model_validate_json(fill_refs(body, lambda k, v: f"{k[:3]}_{len(v)}")[0])
     for body in p.patients.get_column("body").to_list():
         model_for("PatientCreate").model_validate_json(body)
+
+
+def test_body_hashes_of_many_rows_hashed_in_parts_are_each_bodys_sha256() -> None:
+    """A long column of bodies is hashed a part per thread at once (etl.transform._in_parts): each row still
+    gets its own body's SHA-256, in order."""
+    from etl.transform import _hashed
+
+    bodies = [f'{{"n":{i},"note":"é {i % 7}"}}' if i % 11 else None for i in range(10_000)]
+    hashed = _hashed(pl.DataFrame({"body": bodies}, schema={"body": pl.String}), True)
+    assert hashed.get_column("body_hash").n_chunks() == 1
+    assert hashed.get_column("body_hash").to_list() == [
+        hashlib.sha256(b.encode()).hexdigest() if b is not None else None for b in bodies
+    ]
