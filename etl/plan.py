@@ -214,14 +214,19 @@ class _RowsWriter:
         self.written: dict[Path, Future[_Written]] = {}
         self.enabled = enabled  # not when a load will change the rows: they are written once, at the end
 
-    def submit(self, part: Path, rows: pl.DataFrame, then: Callable[[], object] | None = None) -> None:
-        """Write a batch's report rows (IPC), then ``then`` (its rejects), then its rows.csv lines, on the
-        thread; a failure of the batch before is raised here."""
+    def submit(
+        self, part: Path, rows: pl.DataFrame, then: Callable[[], object] | None = None, *, ipc: bool = True,
+        csv: bool | None = None,
+    ) -> None:
+        """Write a batch's report rows (IPC; not with ``ipc=False``, a part already written), then ``then`` (its
+        rejects), then its rows.csv lines (``csv``: whether or not the batches' are, a load's once its
+        outcomes are in), on the thread; a failure of the batch before is raised here."""
         self.flush()  # one at a time
-        csv = self.enabled
+        csv = self.enabled if csv is None else csv
 
         def write() -> _Written | None:
-            rows.write_ipc(part)
+            if ipc:
+                rows.write_ipc(part)
             if then is not None:
                 then()
             return _rows_csv(rows, part.with_suffix(".csv")) if csv else None
@@ -229,13 +234,6 @@ class _RowsWriter:
         self._last = self._pool.submit(write)
         if csv:
             self.written[part] = self._last  # type: ignore[assignment]
-
-    def submit_csv(self, part: Path, rows: pl.DataFrame) -> None:
-        """Write a part's rows.csv lines (its IPC copy written already) on the thread, whether or not the batches'
-        were (a load's, once its outcomes are in)."""
-        self.flush()  # one at a time
-        self._last = self._pool.submit(_rows_csv, rows, part.with_suffix(".csv"))
-        self.written[part] = self._last  # type: ignore[assignment]
 
     def flush(self) -> None:
         """Wait for the batch in flight (its parts are read after this)."""
@@ -597,8 +595,8 @@ class Run:
         """A part's rows changed (a load's outcomes): its IPC copy written again, and its rows.csv lines on the
         writer's thread while the run goes on (the report waits for them)."""
         self.writer.forget(part)
-        rows.write_ipc(part)
-        self.writer.submit_csv(part, rows)
+        rows.write_ipc(part)  # here: the run reads the parts next
+        self.writer.submit(part, rows, ipc=False, csv=True)
 
     def write(self, facts: RunFacts, *, command: Literal["validate", "load"], target: str) -> RunReport:
         """The report, from the parts; ``facts``: what this kind of run adds to its summary."""
