@@ -660,8 +660,9 @@ def apply_profile(table: Table, profile: Profile, kind: str | None = None) -> Ma
         wanted = "; ".join(f"{m} (e.g. {', '.join(fields[m].aliases[:3]) or m})" for m in missing)
         raise InputError(
             str(table.path),
-            f"no column for required {kind} field(s) {wanted}; name them in a profile's [columns] (see --profile)",
-            row=1,
+            f"no column for required {kind} field(s) {wanted}; name them in a profile's [columns] (see --profile; "
+            f"`clinik-etl profile init {table.path.name}` drafts one from this file)",
+            row=table.header_row,
         )
 
     def column(name: str) -> pl.Expr:

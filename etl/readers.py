@@ -146,6 +146,7 @@ class Table:
     sheet: str | None = None
     notices: list[Notice] = field(default_factory=list)
     blank_rows: int = 0
+    header_row: int = 1  # the file's (or sheet's) row that holds the header: title rows above it are skipped
 
     @property
     def columns(self) -> list[str]:
@@ -278,7 +279,7 @@ def read_batches(
     first = _parse_chunk(path, header_line, b"", delimiter)
     names, notices = _name_headers(str(path), _raw_names(first.columns), row=at + 1)
     top = first.rename(dict(zip(first.columns, names, strict=True))).with_row_index(ROW, offset=at + 2)
-    table = Table(path, "csv", top, "", encoding="utf-8", delimiter=delimiter, notices=notices)
+    table = Table(path, "csv", top, "", encoding="utf-8", delimiter=delimiter, notices=notices, header_row=at + 1)
     if at:
         table.notices.insert(0, _title_notice(str(path), at))
     # The file's digest is read beside the batches (hashlib lets go of the GIL) and is there once they end.
@@ -675,7 +676,9 @@ def _parse_csv(
     frame = frame.rename(dict(zip(frame.columns, names, strict=True))).with_row_index(ROW, offset=at + 2)
     if at:
         notices.append(_title_notice(str(path), at))
-    return Table(path, "csv", frame, "", encoding=encoding, delimiter=delimiter, notices=[*notices, *renamed])
+    return Table(
+        path, "csv", frame, "", encoding=encoding, delimiter=delimiter, notices=[*notices, *renamed], header_row=at + 1
+    )
 
 
 def _lossy(path: Path) -> str:
@@ -748,12 +751,12 @@ def _read_xlsx(path: Path, sheet: str | None, limits: WorkbookLimits | None, hin
         raise InputError(
             str(path), f"cannot be read as an Excel workbook (damaged, truncated or not a workbook): {first}"
         ) from exc
-    frame, notices = _sheet_table(path, grid.select(pl.all().cast(pl.String)), hint)
+    frame, notices, header_row = _sheet_table(path, grid.select(pl.all().cast(pl.String)), hint)
     _refuse_long_cells(path, chosen, frame)
     if sheet is None and len(names) > 1:
         others = RULES["other-sheets"]
         notices.append(Notice(others.code, others.text(sheet=chosen, others=", ".join(names[1:])), str(path)))
-    return Table(path, "xlsx", frame, "", sheet=chosen, notices=notices)
+    return Table(path, "xlsx", frame, "", sheet=chosen, notices=notices, header_row=header_row)
 
 
 def _refuse_long_cells(path: Path, sheet: str, frame: pl.DataFrame) -> None:
@@ -777,8 +780,8 @@ def _refuse_long_cells(path: Path, sheet: str, frame: pl.DataFrame) -> None:
 _OVER_EXCEL = f"over Excel's limit of {EXCEL_MAX_CELL_CHARS:,} (a crafted or damaged workbook)"
 
 
-def _sheet_table(path: Path, grid: pl.DataFrame, hint: HeaderHint) -> tuple[pl.DataFrame, list[Notice]]:
-    """The header row (:func:`_find_header`) and the rows below it as data; the notices it earns."""
+def _sheet_table(path: Path, grid: pl.DataFrame, hint: HeaderHint) -> tuple[pl.DataFrame, list[Notice], int]:
+    """The header row (:func:`_find_header`) and the rows below it as data; the notices it earns; the header's row."""
     if not grid.width or not grid.height:
         raise InputError(str(path), "the sheet is empty: no header row")
     top = [[cell or "" for cell in row] for row in grid.head(max(_HEADER_SCAN_ROWS, hint.row or 0)).rows()]
@@ -789,7 +792,7 @@ def _sheet_table(path: Path, grid: pl.DataFrame, hint: HeaderHint) -> tuple[pl.D
     if index:
         notices.insert(0, _title_notice(str(path), index))
     frame = grid.slice(index + 1).rename(dict(zip(grid.columns, names, strict=True)))
-    return frame.with_row_index(ROW, offset=index + 2), notices
+    return frame.with_row_index(ROW, offset=index + 2), notices, index + 1
 
 
 # -- headers -------------------------------------------------------------------------

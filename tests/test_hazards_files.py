@@ -421,3 +421,33 @@ def test_references_an_earlier_load_created_are_read_from_the_store_as_a_set(
     assert report.rows.filter(pl.col("source_key") == "V-1").get_column("state").to_list() == ["planned"]
     kinds = {kind for kind, _ in asked}
     assert kinds == {"patient", "practitioner"} and len(asked) <= 2 * len(kinds)  # a read a kind (and stage end)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_a_header_without_required_columns_is_named_by_its_own_row(tmp_path: Path, stream: bool) -> None:
+    """Title rows above the header: the error names the header's row (it said row 1), and how to draft a profile."""
+    path = tmp_path / "titled.csv"
+    path.write_text("County registry extract\nGenerated 2026-11-30\nRecord ID;CVX;Lot Number\nVX-1;08;A1\n",
+                    encoding="utf-8")
+    from etl.mapping import apply_profile, default_profile
+    from etl.readers import read_batches
+
+    table = read_batches(path, stream_from=0 if stream else None, header=KNOWN).table
+    assert table.header_row == 3
+    with pytest.raises(InputError) as raised:
+        apply_profile(table, default_profile())
+    assert raised.value.row == 3
+    assert "no column for required immunization field(s)" in str(raised.value)
+    assert "clinik-etl profile init titled.csv" in str(raised.value)
+
+
+def test_a_sheet_header_below_title_rows_is_named_by_its_row(tmp_path: Path) -> None:
+    path = tmp_path / "titled.xlsx"
+    book = xlsxwriter.Workbook(str(path))
+    sheet = book.add_worksheet()
+    rows = [["Clinic log"], [], ["Record ID", "Patient ID", "Admin Date", "CVX"], ["R1", "P1", "2021-03-04", "08"]]
+    for r, row in enumerate(rows):
+        for c, value in enumerate(row):
+            sheet.write_string(r, c, value)
+    book.close()
+    assert read_table(path, header=KNOWN).header_row == 3
