@@ -132,13 +132,13 @@ def _in_parts(column: pl.Series) -> pl.Series:
     """A long column cut in a part (chunk) per thread of polars' pool: a query's value-by-value step (JSON, a
     hash) runs on the parts at once, where one part is one thread's work."""
     parts = pl.thread_pool_size()
-    if parts < 2 or len(column) < _ENCODED_APART:
+    if parts < 2 or len(column) < _IN_PARTS_FROM:
         return column
     step = -(-len(column) // parts)
     return pl.concat([column.slice(start, step) for start in range(0, len(column), step)], rechunk=False)
 
 
-_ENCODED_APART = 4_096  # rows from which _in_parts cuts a column
+_IN_PARTS_FROM = 4_096  # rows from which _in_parts cuts a column in parts
 _JSON_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")  # a key json_body's patterns cut when null
 #: At most this many groups of rows (:func:`json_bodies`): 2**5 patterns of the members null most often.
 _NULL_GROUPS = 32
