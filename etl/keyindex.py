@@ -24,28 +24,9 @@ nothing asked for yet) costs an append per batch.
 
 from __future__ import annotations
 
-import importlib
-from types import ModuleType
-from typing import TYPE_CHECKING, Any
-
 import polars as pl
 
-if TYPE_CHECKING:
-    import numpy as np
-else:
-
-    class _Imported:
-        """numpy, imported when first used: a command that never looks a key up, and every command's
-        start, does not wait for it (:func:`etl.validate.warm_up` imports it on a thread meanwhile)."""
-
-        module: ModuleType | None = None
-
-        def __getattr__(self, name: str) -> Any:
-            if _Imported.module is None:
-                _Imported.module = importlib.import_module("numpy")
-            return getattr(_Imported.module, name)
-
-    np = _Imported()
+from etl.lazy_numpy import np
 
 __all__ = ["KeyIndex", "first_distinct"]
 

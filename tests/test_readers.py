@@ -9,6 +9,8 @@ from pathlib import Path
 import polars as pl
 import pytest
 import xlsxwriter
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from etl import readers
 from etl.errors import InputError
@@ -203,3 +205,24 @@ def test_lone_carriage_returns_past_the_head_of_a_streamed_file_are_read_as_the_
     codes = {n.code for n in whole.notices}
     assert "line-endings" in codes
     assert {n.code for n in batches.table.notices} == codes
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    data=st.lists(st.sampled_from([b"a", b'"', b"\r", b"\n", b","]), max_size=64).map(b"".join),
+    scan_from=st.sampled_from([0, 1, 8, 1 << 16]),
+)
+def test_a_chunk_scanned_by_numpy_gives_what_bytes_and_re_give(data: bytes, scan_from: int) -> None:
+    """A long span of a chunk is scanned by numpy (it lets go of the GIL): the same record ends and lone ``\\r``
+    as ``bytes.count`` and the regex find, whatever the bytes, at any length from which numpy takes over."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(readers, "_SCAN_FROM", scan_from)
+        for start, end in ((0, len(data)), (len(data) // 3, len(data) - 1)):
+            assert readers._count(data, readers._QUOTE, start, end) == data.count(b'"', start, end)
+        assert readers._lone_cr(data) is (readers._BARE_CR.search(data) is not None)
+        quotes, expected = 0, -1  # the last line break after an even number of quotes, counted from the start
+        for at, byte in enumerate(data):
+            quotes += byte == readers._QUOTE
+            if byte == readers._LF and quotes % 2 == 0:
+                expected = at + 1
+        assert readers._record_end(data) == expected
