@@ -55,6 +55,7 @@ __all__ = [
     "private_dir",
     "private_file",
     "private_text",
+    "publish_file",
     "scratch_dir",
     "unguard_formulas",
     "unguarded",
@@ -207,6 +208,31 @@ def private_file(path: Path) -> Iterator[BinaryIO]:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(temp, dir_fd=folder)
             raise
+    finally:
+        os.close(folder)
+
+
+def publish_file(source: Path, path: Path) -> None:
+    """Move a finished file that this process wrote in a scratch folder of its own (:func:`scratch_dir`, the
+    same file system) onto ``path``, as :func:`private_file` puts a file in place: owner-only, the file
+    of that name removed first and replaced, a link planted there replaced and never followed. Nothing is
+    copied."""
+    try:
+        folder = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        raise OutputError(str(path.parent), f"cannot be written to: {exc.strerror or exc}") from exc
+    try:
+        try:
+            fd = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                os.fchmod(fd, 0o600)
+            finally:
+                os.close(fd)
+            with contextlib.suppress(OSError):  # see private_file: a rename onto a file makes ext4 write it first
+                os.unlink(path.name, dir_fd=folder)
+            os.replace(source, path.name, dst_dir_fd=folder)
+        except OSError as exc:  # a folder of that name, say
+            raise OutputError(str(path), f"cannot be written: {exc.strerror or exc}") from exc
     finally:
         os.close(folder)
 

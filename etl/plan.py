@@ -46,7 +46,15 @@ from etl.clinikapi import ClinikApi
 from etl.dedupe import DoseCheck
 from etl.destination import Destination, Lookup, PayloadColumns
 from etl.errors import ApiError, InputError, UsageError
-from etl.files import guard_formulas, private_dir, private_file, scratch_dir, unguard_formulas, write_csv
+from etl.files import (
+    guard_formulas,
+    private_dir,
+    private_file,
+    publish_file,
+    scratch_dir,
+    unguard_formulas,
+    write_csv,
+)
 from etl.keyindex import KeyIndex
 from etl.mapping import (
     SKIP,
@@ -177,19 +185,22 @@ def _ahead(items: Iterator[_Item], name: str) -> Iterator[_Item]:
 
 @dataclass
 class _Written:
-    """A batch's report rows already written as CSV (no header), with what the summary needs of them."""
+    """A batch's report rows already written as ``rows.csv`` lines (no header), with what the summary needs
+    of them."""
 
-    csv: Path
+    span: tuple[int, int]  # where its lines are in the writer's lines file (_RowsWriter.lines): start, end
     counts: pl.DataFrame  # kind, state, len
     problems: pl.DataFrame  # the first rows in a problem state of each (state, code, column): _sampled
     tally: pl.DataFrame  # how many there are of each (tally_of)
 
 
-def _rows_csv(rows: pl.DataFrame, csv: Path) -> _Written:
+def _rows_csv(rows: pl.DataFrame, out: BinaryIO) -> _Written:
+    """Append a batch's ``rows.csv`` lines to ``out``."""
     rows = rows.rename({"patient_key": "patient_id"}).select(ROW_COLUMNS)
-    rows.pipe(guard_formulas).write_csv(csv, include_header=False)
+    start = out.tell()
+    rows.pipe(guard_formulas).write_csv(out, include_header=False)
     problems = rows.filter(pl.col("state").is_in(PROBLEM_STATES))
-    return _Written(csv, rows.group_by("kind", "state").len(), _sampled(problems), tally_of(problems))
+    return _Written((start, out.tell()), rows.group_by("kind", "state").len(), _sampled(problems), tally_of(problems))
 
 
 def _sampled(problems: pl.DataFrame) -> pl.DataFrame:
@@ -204,15 +215,28 @@ def _sampled(problems: pl.DataFrame) -> pl.DataFrame:
 class _RowsWriter:
     """Writes each batch's rows.csv lines on a thread while the next batch is checked.
 
-    One batch in flight at most, so memory stays bounded. A part that the end of a stage rewrites
-    (late rejections) is written again from its IPC copy when the report is put together.
+    One batch in flight at most, so memory stays bounded. The lines go to one file (:attr:`lines`, the
+    header first), in the order they are written, and each part's place there is kept: when every part
+    was written once, in order, the file is ``rows.csv`` as it is (renamed into the report, nothing
+    copied); otherwise the report copies the parts' spans in order (:meth:`publish`). A part that the end
+    of a stage rewrites (late rejections) is written again, after the others.
     """
 
-    def __init__(self, enabled: bool = True) -> None:
+    def __init__(self, enabled: bool = True, lines: Path | None = None) -> None:
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="rows-csv")
         self._last: Future[_Written | None] | None = None
         self.written: dict[Path, Future[_Written]] = {}
         self.enabled = enabled  # not when a load will change the rows: they are written once, at the end
+        self.lines = lines  # in a scratch folder of the run's own: nothing can have been planted there
+        self._out: BinaryIO | None = None
+
+    def _sink(self) -> BinaryIO:
+        if self._out is None:
+            if self.lines is None:
+                raise ValueError("a rows writer with no lines file writes no rows.csv lines")
+            self._out = self.lines.open("xb")
+            self._out.write(_ROWS_HEADER)
+        return self._out
 
     def submit(
         self, part: Path, rows: pl.DataFrame, then: Callable[[], object] | None = None, *, ipc: bool = True,
@@ -229,7 +253,7 @@ class _RowsWriter:
                 rows.write_ipc(part)
             if then is not None:
                 then()
-            return _rows_csv(rows, part.with_suffix(".csv")) if csv else None
+            return _rows_csv(rows, self._sink()) if csv else None
 
         self._last = self._pool.submit(write)
         if csv:
@@ -246,10 +270,32 @@ class _RowsWriter:
         if future is not None:
             future.result()
 
+    def publish(self, spans: list[tuple[int, int]], path: Path) -> None:
+        """``rows.csv`` at ``path``: the header and the lines at ``spans`` (the parts', in the report's order)."""
+        self.flush()
+        out = self._sink()
+        out.flush()
+        size = out.tell()
+        self._out = None
+        out.close()
+        assert self.lines is not None  # the sink was made
+        ends = [len(_ROWS_HEADER), *(end for _, end in spans)]
+        if all(start == end for (start, _), end in zip(spans, ends, strict=False)) and ends[-1] == size:
+            publish_file(self.lines, path)  # every part once, in order: the file is rows.csv
+            return
+        with private_file(path) as dest, self.lines.open("rb") as source:
+            dest.write(_ROWS_HEADER)
+            for start, end in spans:
+                _append_file(source, dest, start, end)
+
     def close(self) -> None:
         self._pool.shutdown(wait=True)
+        if self._out is not None:
+            self._out.close()
+            self._out = None
 
 
+_ROWS_HEADER = (",".join(ROW_COLUMNS) + "\n").encode()
 _PAYLOAD_WORKERS = 2  # parts of payloads.ndjson built at once
 _HELD_BYTES = 48 * 1024 * 1024  # creates' parts kept in memory, not written, at most (_Payloads)
 _AT = "__at"  # a create's position in its part
@@ -260,22 +306,26 @@ def _lines_of(part: Path) -> Path:
     return part.with_suffix(".ndjson")
 
 
-def _append_file(source: BinaryIO, out: BinaryIO) -> None:
-    """Append the whole of ``source`` to ``out``: copied by the kernel where it can (no pass through a buffer
-    of this process: half the copying of hundreds of megabytes), else read and written."""
+def _append_file(source: BinaryIO, out: BinaryIO, start: int = 0, end: int | None = None) -> None:
+    """Append ``source`` (its bytes from ``start`` to ``end``, the whole of it by default) to ``out``: copied by
+    the kernel where it can (no pass through a buffer of this process: half the copying of hundreds of
+    megabytes), else read and written."""
     out.flush()
-    left = os.fstat(source.fileno()).st_size
+    end = os.fstat(source.fileno()).st_size if end is None else end
+    at = start
     try:
-        while left > 0:
-            done = os.copy_file_range(source.fileno(), out.fileno(), left)
+        while at < end:
+            done = os.copy_file_range(source.fileno(), out.fileno(), end - at, at)
             if done == 0:
                 break
-            left -= done
+            at += done
     except OSError:  # not a file the kernel copies into (another file system, a pipe ...): the usual way
         pass
-    if left > 0:
-        source.seek(os.fstat(source.fileno()).st_size - left)
-        shutil.copyfileobj(source, out, 1 << 20)
+    if at < end:
+        source.seek(at)
+        while at < end and (chunk := source.read(min(1 << 20, end - at))):
+            out.write(chunk)
+            at += len(chunk)
 
 
 def _copy_lines(lines: Path, kept: pl.Series, total: int, out: BinaryIO) -> None:
@@ -679,7 +729,7 @@ def planned_in_batches(
     folder = report_path(settings.report_dir, run_id)
     private_dir(folder)
     work = scratch_dir(folder, ".batches-")  # made afresh: nothing planted in an earlier run's can be followed
-    writer = _RowsWriter(rows_csv)
+    writer = _RowsWriter(rows_csv, work / "rows.csv.lines")
     keys.payloads = _Payloads(
         work, destination, dry_run=dry_run, matched=matcher is not None, redacted=settings.redact
     ) if payloads else None
@@ -1036,16 +1086,16 @@ def _write(
     """rows.csv, rejects.csv, summary.json and report.html, from the parts on disk, a part at a time."""
     counts, tallies = [], []
     problems = pl.DataFrame(schema=dict.fromkeys(ROW_COLUMNS, pl.String))
-    with private_file(folder / "rows.csv") as out:
-        out.write((",".join(ROW_COLUMNS) + "\n").encode())
-        for part in (p for x in inputs for p in x.parts):
-            done = writer.written.get(part)
-            written = done.result() if done else _rows_csv(pl.read_ipc(part), part.with_suffix(".csv"))
-            with written.csv.open("rb") as lines:
-                _append_file(lines, out)
-            counts.append(written.counts)
-            tallies.append(written.tally)
-            problems = _sampled(pl.concat([problems, written.problems], how="vertical_relaxed"))
+    spans = []
+    for part in (p for x in inputs for p in x.parts):
+        if part not in writer.written:  # its lines were not written as it went (a load's), or it changed since
+            writer.submit(part, pl.read_ipc(part), ipc=False, csv=True)
+        written = writer.written[part].result()
+        spans.append(written.span)
+        counts.append(written.counts)
+        tallies.append(written.tally)
+        problems = _sampled(pl.concat([problems, written.problems], how="vertical_relaxed"))
+    writer.publish(spans, folder / "rows.csv")
     _write_rejects(inputs, folder, redacted=settings.redact)
     held = problems.with_columns(pl.col("source_row").cast(pl.UInt32))
     tally = (

@@ -438,3 +438,73 @@ def test_rejects_csv_from_the_batches_lines_equals_the_one_built_from_their_part
     built = (tmp_path / "parts" / "rejects.csv").read_bytes()
     assert built.count(b"\n") > 10  # the sample plants bad rows
     assert (tmp_path / "lines" / "rejects.csv").read_bytes() == built
+
+
+def _report_rows(first: int, n: int, state: str = "planned") -> pl.DataFrame:
+    text = {c: pl.String for c in ("source_file", "kind", "source_key", "state", "resource_id", "patient_key",
+                                   "error_code", "field", "message")}
+    return pl.DataFrame(
+        {
+            "source_file": ["f.csv"] * n, "source_row": list(range(first, first + n)), "kind": ["immunization"] * n,
+            "source_key": [f"K{i}" for i in range(first, first + n)], "state": [state] * n, "resource_id": [None] * n,
+            "patient_key": ["P1"] * n, "error_code": [None if state == "planned" else "required"] * n,
+            "field": [None] * n, "message": [None if state == "planned" else "a, \"quoted\" reason"] * n,
+        },
+        schema={**text, "source_row": pl.Int64},
+    )
+
+
+def _expected_rows_csv(*frames: pl.DataFrame) -> bytes:
+    from etl.report import ROW_COLUMNS
+
+    whole = pl.concat(frames).rename({"patient_key": "patient_id"}).select(ROW_COLUMNS)
+    return whole.write_csv().encode()
+
+
+@pytest.mark.parametrize("rewritten", [False, True])
+def test_rows_csv_is_the_writers_lines_file_when_every_part_went_once_in_order(tmp_path: Path, rewritten: bool) -> None:
+    """The batches' rows.csv lines go to one file as they are written. Every part written once, in order: that
+    file becomes rows.csv (renamed, nothing copied). A part written again later (rejected at its stage's end):
+    rows.csv is the parts' latest lines in the report's order, copied from the file."""
+    work, report = tmp_path / "work", tmp_path / "report"
+    work.mkdir()
+    report.mkdir()
+    lines = work / "rows.csv.lines"
+    writer = plan_module._RowsWriter(True, lines)
+    a, b = work / "a.rows", work / "b.rows"
+    writer.submit(a, _report_rows(2, 3))
+    writer.submit(b, _report_rows(5, 40))
+    final_a = _report_rows(2, 3)
+    if rewritten:
+        final_a = _report_rows(2, 3, state="rejected")
+        writer.forget(a)
+        writer.submit(a, final_a, ipc=False, csv=True)  # its new lines land after b's
+    spans = [writer.written[p].result().span for p in (a, b)]
+    writer.publish(spans, report / "rows.csv")
+    writer.close()
+    published = report / "rows.csv"
+    assert published.read_bytes() == _expected_rows_csv(final_a, _report_rows(5, 40))
+    assert oct(published.stat().st_mode & 0o777) == oct(0o600)
+    assert lines.exists() is rewritten  # renamed when whole and in order; else copied from
+    assert read_rows(published).get_column("state").to_list()[:3] == [final_a.get_column("state")[0]] * 3
+
+
+def test_a_span_of_a_file_is_appended_by_the_kernel_or_by_reads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``_append_file`` with a span: the bytes from start to end, after what was written before; the same when the
+    kernel cannot copy them (read and written instead)."""
+    source = tmp_path / "lines"
+    source.write_bytes(bytes(range(256)) * 8_000)  # 2 MB: more than one read
+    for kernel in (True, False):
+        if not kernel:
+            def refuse(*_: Any) -> int:
+                raise OSError("not here")
+
+            monkeypatch.setattr(plan_module.os, "copy_file_range", refuse)
+        out_path = tmp_path / f"out-{kernel}"
+        with out_path.open("wb") as out, source.open("rb") as src:
+            out.write(b"head")
+            plan_module._append_file(src, out, 1_000, 1_500_000)
+            out.write(b"tail")
+        assert out_path.read_bytes() == b"head" + source.read_bytes()[1_000:1_500_000] + b"tail"

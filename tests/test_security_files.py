@@ -28,6 +28,7 @@ from etl.files import (
     guarded,
     private_dir,
     private_file,
+    publish_file,
     unguard_formulas,
     unguarded,
     write_csv,
@@ -244,6 +245,29 @@ def test_a_private_file_is_whole_or_not_there(tmp_path: Path) -> None:
     finally:
         os.umask(previous)
     assert _mode(path) == 0o600 and path.read_text(encoding="utf-8") == "a\n1\n"
+
+
+def test_a_finished_scratch_file_is_moved_into_place_owner_only_replacing_a_planted_link(tmp_path: Path) -> None:
+    """``publish_file`` (rows.csv written as the batches went): moved, not copied, onto its name; a link planted
+    there is replaced and its target untouched; the file is owner-only whatever the umask made it."""
+    report, scratch = tmp_path / "report", tmp_path / "report" / ".batches-x"
+    planted = _plant_links(report, tmp_path / "victims")
+    scratch.mkdir()
+    lines = scratch / "rows.csv.lines"
+    previous = os.umask(0o022)
+    try:
+        lines.write_bytes(b"source_file\nf.csv\n")
+    finally:
+        os.umask(previous)
+    inode = lines.stat().st_ino
+    publish_file(lines, report / "rows.csv")
+    published = report / "rows.csv"
+    assert not published.is_symlink() and published.read_bytes() == b"source_file\nf.csv\n"
+    assert published.stat().st_ino == inode and not lines.exists()  # moved, nothing copied
+    assert _mode(published) == 0o600
+    assert planted["rows.csv"].read_text(encoding="utf-8") == "precious\n"
+    with pytest.raises(OutputError, match="cannot be written"):
+        publish_file(scratch / "gone", report / "rows.csv")
 
 
 # --- formulas --------------------------------------------------------------------------------------
