@@ -133,6 +133,7 @@ class _Input:
     rows: int = 0
     parts: list[Path] = field(default_factory=list)  # report rows, a file per batch
     reject_parts: list[Path] = field(default_factory=list)
+    reject_spans: dict[Path, tuple[int, int]] = field(default_factory=dict)  # a part's rejects.csv lines (_LinesFile)
     warnings: dict[str, tuple[int, list[int]]] = field(default_factory=dict)  # code -> (count, first rows)
     held: list[pl.DataFrame] = field(default_factory=list)  # source cells of rows that may still be rejected
     looked_up: dict[str, dict[str, str]] = field(default_factory=dict)  # field -> value -> what a side file says
@@ -194,13 +195,12 @@ class _Written:
     tally: pl.DataFrame  # how many there are of each (tally_of)
 
 
-def _rows_csv(rows: pl.DataFrame, out: BinaryIO) -> _Written:
-    """Append a batch's ``rows.csv`` lines to ``out``."""
+def _rows_csv(rows: pl.DataFrame, lines: _LinesFile) -> _Written:
+    """Append a batch's ``rows.csv`` lines to ``lines``."""
     rows = rows.rename({"patient_key": "patient_id"}).select(ROW_COLUMNS)
-    start = out.tell()
-    rows.pipe(guard_formulas).write_csv(out, include_header=False)
+    span = lines.append(functools.partial(rows.pipe(guard_formulas).write_csv, include_header=False))
     problems = rows.filter(pl.col("state").is_in(PROBLEM_STATES))
-    return _Written((start, out.tell()), rows.group_by("kind", "state").len(), _sampled(problems), tally_of(problems))
+    return _Written(span, rows.group_by("kind", "state").len(), _sampled(problems), tally_of(problems))
 
 
 def _sampled(problems: pl.DataFrame) -> pl.DataFrame:
@@ -222,21 +222,13 @@ class _RowsWriter:
     of a stage rewrites (late rejections) is written again, after the others.
     """
 
-    def __init__(self, enabled: bool = True, lines: Path | None = None) -> None:
+    def __init__(self, enabled: bool, work: Path) -> None:
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="rows-csv")
         self._last: Future[_Written | None] | None = None
         self.written: dict[Path, Future[_Written]] = {}
         self.enabled = enabled  # not when a load will change the rows: they are written once, at the end
-        self.lines = lines  # in a scratch folder of the run's own: nothing can have been planted there
-        self._out: BinaryIO | None = None
-
-    def _sink(self) -> BinaryIO:
-        if self._out is None:
-            if self.lines is None:
-                raise ValueError("a rows writer with no lines file writes no rows.csv lines")
-            self._out = self.lines.open("xb")
-            self._out.write(_ROWS_HEADER)
-        return self._out
+        self.lines = _LinesFile(work / "rows.csv.lines", _ROWS_HEADER)
+        self.rejects = _LinesFile(work / "rejects.csv.lines")  # the batches' rejects.csv lines (_write_rejects_part)
 
     def submit(
         self, part: Path, rows: pl.DataFrame, then: Callable[[], object] | None = None, *, ipc: bool = True,
@@ -253,7 +245,7 @@ class _RowsWriter:
                 rows.write_ipc(part)
             if then is not None:
                 then()
-            return _rows_csv(rows, self._sink()) if csv else None
+            return _rows_csv(rows, self.lines) if csv else None
 
         self._last = self._pool.submit(write)
         if csv:
@@ -270,26 +262,61 @@ class _RowsWriter:
         if future is not None:
             future.result()
 
-    def publish(self, spans: list[tuple[int, int]], path: Path) -> None:
-        """``rows.csv`` at ``path``: the header and the lines at ``spans`` (the parts', in the report's order)."""
-        self.flush()
-        out = self._sink()
-        out.flush()
-        size = out.tell()
-        self._out = None
-        out.close()
-        assert self.lines is not None  # the sink was made
-        ends = [len(_ROWS_HEADER), *(end for _, end in spans)]
-        if all(start == end for (start, _), end in zip(spans, ends, strict=False)) and ends[-1] == size:
-            publish_file(self.lines, path)  # every part once, in order: the file is rows.csv
-            return
-        with private_file(path) as dest, self.lines.open("rb") as source:
-            dest.write(_ROWS_HEADER)
-            for start, end in spans:
-                _append_file(source, dest, start, end)
-
     def close(self) -> None:
         self._pool.shutdown(wait=True)
+        self.lines.close()
+        self.rejects.close()
+
+
+class _LinesFile:
+    """A report file's lines, appended as the batches are written (on the rows writer's thread), each batch's
+    span kept; in a scratch folder of the run's own, where nothing can have been planted.
+
+    The report then takes the file as it is when it holds the spans it wants, in order, after the header it
+    wants (renamed into place: nothing copied), or copies the spans in order after that header (:meth:`publish`).
+    """
+
+    def __init__(self, path: Path, header: bytes | None = None) -> None:
+        self.path = path
+        self.header = header  # None: the first append's (_LinesFile.append)
+        self._out: BinaryIO | None = None
+
+    def append(self, write: Callable[[BinaryIO], object], header: bytes | None = None) -> tuple[int, int]:
+        """Append what ``write`` writes to the file; its span. ``header``: what the file starts with when this makes
+        it (when it was not given at first)."""
+        if self._out is None:
+            self._out = self.path.open("xb")
+            self.header = self.header if self.header is not None else header or b""
+            self._out.write(self.header)
+        start = self._out.tell()
+        write(self._out)
+        return start, self._out.tell()
+
+    def publish(self, header: bytes, parts: list[tuple[int, int] | Callable[[BinaryIO], object]], path: Path) -> None:
+        """Write ``path``: ``header``, then each of ``parts`` in order, a span of this file or a writer of its own."""
+        size = 0
+        if self._out is not None:
+            size = self._out.tell()
+            self._out.close()
+            self._out = None
+        spans = [p for p in parts if isinstance(p, tuple)]
+        if size and self.header == header and len(spans) == len(parts):
+            ends = [len(header), *(end for _, end in spans)]
+            if all(start == end for (start, _), end in zip(spans, ends, strict=False)) and ends[-1] == size:
+                publish_file(self.path, path)  # every part once, in order: the file is the report's
+                return
+        with private_file(path) as out, contextlib.ExitStack() as stack:
+            out.write(header)
+            source = stack.enter_context(self.path.open("rb")) if spans else None
+            for part in parts:
+                if isinstance(part, tuple):
+                    assert source is not None
+                    _append_file(source, out, *part)
+                else:
+                    out.flush()
+                    part(out)
+
+    def close(self) -> None:
         if self._out is not None:
             self._out.close()
             self._out = None
@@ -729,7 +756,7 @@ def planned_in_batches(
     folder = report_path(settings.report_dir, run_id)
     private_dir(folder)
     work = scratch_dir(folder, ".batches-")  # made afresh: nothing planted in an earlier run's can be followed
-    writer = _RowsWriter(rows_csv, work / "rows.csv.lines")
+    writer = _RowsWriter(rows_csv, work)
     keys.payloads = _Payloads(
         work, destination, dry_run=dry_run, matched=matcher is not None, redacted=settings.redact
     ) if payloads else None
@@ -885,8 +912,8 @@ def _batch(
     if rows.select((pl.col("state") == "rejected").any()).item():
         x.reject_parts.append(part.with_suffix(".rejects"))
         then = functools.partial(
-            _write_rejects_part, x.file, mapped.table.frame, rows, x.reject_parts[-1],
-            _rejects_csv_columns(x, redacted=settings.redact),
+            _write_rejects_part, x, mapped.table.frame, rows, x.reject_parts[-1],
+            _rejects_csv_columns(x, redacted=settings.redact), writer.rejects,
         )
     writer.submit(x.parts[-1], rows, then)
     return unexplained
@@ -1086,7 +1113,7 @@ def _write(
     """rows.csv, rejects.csv, summary.json and report.html, from the parts on disk, a part at a time."""
     counts, tallies = [], []
     problems = pl.DataFrame(schema=dict.fromkeys(ROW_COLUMNS, pl.String))
-    spans = []
+    spans: list[tuple[int, int]] = []
     for part in (p for x in inputs for p in x.parts):
         if part not in writer.written:  # its lines were not written as it went (a load's), or it changed since
             writer.submit(part, pl.read_ipc(part), ipc=False, csv=True)
@@ -1095,8 +1122,9 @@ def _write(
         counts.append(written.counts)
         tallies.append(written.tally)
         problems = _sampled(pl.concat([problems, written.problems], how="vertical_relaxed"))
-    writer.publish(spans, folder / "rows.csv")
-    _write_rejects(inputs, folder, redacted=settings.redact)
+    writer.flush()
+    writer.lines.publish(_ROWS_HEADER, list(spans), folder / "rows.csv")
+    _write_rejects(inputs, folder, writer.rejects, redacted=settings.redact)
     held = problems.with_columns(pl.col("source_row").cast(pl.UInt32))
     tally = (
         pl.concat(tallies).group_by(TALLY_KEYS, maintain_order=True).agg(pl.col("rows").sum())
@@ -1136,7 +1164,7 @@ def _write(
     return report
 
 
-def _write_rejects(inputs: list[_Input], folder: Path, *, redacted: bool = False) -> None:
+def _write_rejects(inputs: list[_Input], folder: Path, lines: _LinesFile, *, redacted: bool = False) -> None:
     """rejects.csv: every input's rejected rows in row order, under the union of the inputs' columns
     (but those a ``redacted`` report leaves out)."""
     own = {x.order: _rejects_csv_columns(x, redacted=redacted) for x in inputs if x.reject_parts}
@@ -1147,19 +1175,29 @@ def _write_rejects(inputs: list[_Input], folder: Path, *, redacted: bool = False
     if not columns:
         write_csv(pl.DataFrame(schema={"source_file": pl.String, "source_row": pl.UInt32, "reasons": pl.String}), path)
         return
-    with private_file(path) as out:
-        pl.DataFrame(schema=dict.fromkeys(columns, pl.String)).pipe(guard_formulas).write_csv(out)  # the header
-        for x in inputs:
-            written = [_csv_of(part) for part in x.reject_parts]
-            if own.get(x.order) == columns and all(csv.is_file() for csv in written):
-                # The batches' lines, written as they went (the usual case: one file, no rows rejected late).
-                for csv in written:
-                    with csv.open("rb") as lines:
-                        _append_file(lines, out)
-                continue
-            for frame in _in_row_order(x.reject_parts):
-                missing = [pl.lit(None, dtype=pl.String).alias(c) for c in columns if c not in frame.columns]
-                frame.with_columns(missing).select(columns).pipe(guard_formulas).write_csv(out, include_header=False)
+    parts: list[tuple[int, int] | Callable[[BinaryIO], object]] = []
+    for x in inputs:
+        if not x.reject_parts:
+            continue
+        if own[x.order] == columns and all(part in x.reject_spans for part in x.reject_parts):
+            # The batches' lines, written as they went (the usual case: one file, no rows rejected late).
+            parts += [x.reject_spans[part] for part in x.reject_parts]
+        else:
+            parts.append(functools.partial(_rejects_in_row_order, x.reject_parts, columns))
+    lines.publish(_rejects_header(tuple(columns)), parts, path)
+
+
+@functools.cache
+def _rejects_header(columns: tuple[str, ...]) -> bytes:
+    """``rejects.csv``'s first line, under ``columns``."""
+    return pl.DataFrame(schema=dict.fromkeys(columns, pl.String)).pipe(guard_formulas).write_csv().encode()
+
+
+def _rejects_in_row_order(parts: list[Path], columns: list[str], out: BinaryIO) -> None:
+    """A file's rejected rows, from its reject parts (a stage's end rejected some): merged in row order."""
+    for frame in _in_row_order(parts):
+        missing = [pl.lit(None, dtype=pl.String).alias(c) for c in columns if c not in frame.columns]
+        frame.with_columns(missing).select(columns).pipe(guard_formulas).write_csv(out, include_header=False)
 
 
 def _rejects_csv_columns(x: _Input, *, redacted: bool) -> list[str]:
@@ -1168,12 +1206,6 @@ def _rejects_csv_columns(x: _Input, *, redacted: bool) -> list[str]:
     gone = set(left_out(x.mapped)) if redacted else set()
     source = [n for c, n in _rejects_columns(x.batches.table.columns).items() if c not in gone]
     return ["source_file", "source_row", *source, "reasons"]
-
-
-def _csv_of(part: Path) -> Path:
-    """Where a batch's reject part (IPC) has its ``rejects.csv`` lines (a late part has none: rows rejected
-    at the end of a stage merge into row order)."""
-    return part.with_name(f"{part.name}.csv")
 
 
 def _in_row_order(parts: list[Path]) -> Iterator[pl.DataFrame]:
@@ -1300,12 +1332,18 @@ def base_rows(mapped: Mapped, validation: Validation, planned: Planned) -> pl.Da
     )
 
 
-def _write_rejects_part(file: str, source: pl.DataFrame, rows: pl.DataFrame, part: Path, columns: list[str]) -> None:
+def _write_rejects_part(
+    x: _Input, source: pl.DataFrame, rows: pl.DataFrame, part: Path, columns: list[str], lines: _LinesFile
+) -> None:
     """A batch's rejected rows: as IPC (a stage's end may reject more, merged in row order) and as their
-    ``rejects.csv`` lines, under ``columns`` (:func:`_rejects_csv_columns`), which the report appends as they are."""
-    frame = rejects_frame(file, source, rows)
+    ``rejects.csv`` lines, under ``columns`` (:func:`_rejects_csv_columns`), appended to ``lines``, where the
+    report takes them as they are (their span in ``x.reject_spans``)."""
+    frame = rejects_frame(x.file, source, rows)
     frame.write_ipc(part)
-    frame.select(columns).pipe(guard_formulas).write_csv(_csv_of(part), include_header=False)
+    text = frame.select(columns).pipe(guard_formulas)
+    x.reject_spans[part] = lines.append(
+        functools.partial(text.write_csv, include_header=False), header=_rejects_header(tuple(columns))
+    )
 
 
 def rejects_frame(file: str, source: pl.DataFrame, rows: pl.DataFrame) -> pl.DataFrame:

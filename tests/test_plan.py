@@ -412,29 +412,28 @@ def test_a_parts_lines_are_removed_once_appended_to_payloads(tmp_path: Path, wit
 def test_rejects_csv_from_the_batches_lines_equals_the_one_built_from_their_parts(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, redact: bool
 ) -> None:
-    """rejects.csv appends the lines each batch wrote as it went (a file with no rows rejected at the end of its
+    """rejects.csv is the lines each batch wrote as it went (a file with no rows rejected at the end of its
     stage); it is byte for byte what building it from the batches' parts at the end gives."""
-    appended: list[str] = []
-    real_append = plan_module._append_file
+    rebuilt: list[int] = []
+    real_rebuild = plan_module._rejects_in_row_order
 
-    def counting(source: BinaryIO, out: BinaryIO) -> None:
-        appended.append(str(getattr(source, "name", "")))
-        real_append(source, out)
+    def counting(parts: list[Path], columns: list[str], out: BinaryIO) -> None:
+        rebuilt.append(len(parts))
+        real_rebuild(parts, columns, out)
 
-    monkeypatch.setattr(plan_module, "_append_file", counting)
+    monkeypatch.setattr(plan_module, "_rejects_in_row_order", counting)
     registry = SAMPLE / "registry.csv"
     validate_files([registry], Settings(report_dir=tmp_path / "lines", batch_rows=97, redact=redact))
-    assert any(name.endswith(".rejects.csv") for name in appended)  # the batches' own lines were used
+    assert rebuilt == []  # the batches' own lines were used
     real_part = plan_module._write_rejects_part
 
-    def parts_only(*args: Any) -> None:  # the batch's lines removed: rejects.csv is built from the parts
-        real_part(*args)
-        plan_module._csv_of(args[3]).unlink()
+    def parts_only(x: Any, *args: Any) -> None:  # the batch's lines not kept: rejects.csv is built from the parts
+        real_part(x, *args)
+        x.reject_spans.clear()
 
     monkeypatch.setattr(plan_module, "_write_rejects_part", parts_only)
-    appended.clear()
     validate_files([registry], Settings(report_dir=tmp_path / "parts", batch_rows=97, redact=redact))
-    assert not any(name.endswith(".rejects.csv") for name in appended)
+    assert rebuilt and rebuilt[0] > 1
     built = (tmp_path / "parts" / "rejects.csv").read_bytes()
     assert built.count(b"\n") > 10  # the sample plants bad rows
     assert (tmp_path / "lines" / "rejects.csv").read_bytes() == built
@@ -469,8 +468,8 @@ def test_rows_csv_is_the_writers_lines_file_when_every_part_went_once_in_order(t
     work, report = tmp_path / "work", tmp_path / "report"
     work.mkdir()
     report.mkdir()
-    lines = work / "rows.csv.lines"
-    writer = plan_module._RowsWriter(True, lines)
+    writer = plan_module._RowsWriter(True, work)
+    lines = writer.lines.path
     a, b = work / "a.rows", work / "b.rows"
     writer.submit(a, _report_rows(2, 3))
     writer.submit(b, _report_rows(5, 40))
@@ -479,8 +478,9 @@ def test_rows_csv_is_the_writers_lines_file_when_every_part_went_once_in_order(t
         final_a = _report_rows(2, 3, state="rejected")
         writer.forget(a)
         writer.submit(a, final_a, ipc=False, csv=True)  # its new lines land after b's
-    spans = [writer.written[p].result().span for p in (a, b)]
-    writer.publish(spans, report / "rows.csv")
+    spans: list[Any] = [writer.written[p].result().span for p in (a, b)]
+    writer.flush()
+    writer.lines.publish(plan_module._ROWS_HEADER, spans, report / "rows.csv")
     writer.close()
     published = report / "rows.csv"
     assert published.read_bytes() == _expected_rows_csv(final_a, _report_rows(5, 40))

@@ -157,6 +157,11 @@ def test_a_list_column_split_plainly_when_tidy_gives_the_items_the_careful_split
 _NUMBER = r"[+-]?\d{1,20}(\.0+)?"
 
 
+#: What a cell is trimmed of: Unicode's White_Space (polars' strip_chars), not Python's str.strip, which also takes
+#: the separators U+001C to U+001F ("0\x1f" is not a number).
+_WHITE_SPACE = "".join(c for c in map(chr, range(0x3001)) if c.isspace() and c not in "\x1c\x1d\x1e\x1f")
+
+
 @settings(max_examples=200, deadline=None)
 @given(cells=st.lists(st.one_of(st.none(), st.text(max_size=22), st.from_regex(_NUMBER, fullmatch=True))))
 def test_integer_cells_parse_exactly_when_they_are_plain_digits(cells: list[str | None]) -> None:
@@ -167,7 +172,7 @@ def test_integer_cells_parse_exactly_when_they_are_plain_digits(cells: list[str 
         plain = r"[+-]?\d+(\.0+)?" if excel else r"[+-]?\d+"
 
         def parsed(c: str | None, plain: str = plain) -> int | None:
-            c = c.strip() if c is not None else None  # cells are trimmed first
+            c = c.strip(_WHITE_SPACE) if c is not None else None  # cells are trimmed first
             if not c or not re.fullmatch(plain, c, re.ASCII):
                 return None
             n = int(c.split(".")[0])
