@@ -60,7 +60,7 @@ import polars as pl
 from etl.errors import InputError
 from etl.files import unguard_formulas, unguarded
 from etl.hl7 import is_hl7, parse_hl7
-from etl.lazy_numpy import np
+from etl.lazy_numpy import loaded, np
 from etl.rules import RULES
 from etl.workbooks import EXCEL_MAX_CELL_CHARS, WorkbookLimits, column_letters, scan_workbook
 
@@ -377,8 +377,9 @@ def _record_end(data: bytes, start: int = 0) -> int:
 
 
 def _count(data: bytes, byte: int, start: int, end: int) -> int:
-    """How many ``byte`` ``data[start:end]`` holds: counted by numpy over a long span (see :data:`_SCAN_FROM`)."""
-    if end - start < _SCAN_FROM:
+    """How many ``byte`` ``data[start:end]`` holds: counted by numpy over a long span (see :data:`_SCAN_FROM`),
+    once it is imported (:func:`etl.lazy_numpy.loaded`)."""
+    if end - start < _SCAN_FROM or not loaded():  # the first chunk: numpy may still be on its way
         return data.count(bytes((byte,)), start, end)
     return int(np.count_nonzero(np.frombuffer(data, np.uint8, end - start, start) == byte))
 
@@ -388,7 +389,7 @@ def _lone_cr(data: bytes) -> bool:
     looked for by numpy in a long ``data`` (see :data:`_SCAN_FROM`)."""
     if b"\r" not in data:
         return False
-    if len(data) < _SCAN_FROM:
+    if len(data) < _SCAN_FROM or not loaded():
         return _BARE_CR.search(data) is not None
     cells = np.frombuffer(data, np.uint8)
     after = np.flatnonzero(cells == _CR) + 1  # where each \r's next byte is

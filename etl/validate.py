@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Literal
 
 import polars as pl
 
+from etl import lazy_numpy
 from etl.hl7 import ACTION_COLUMN, SUPERSEDED_COLUMN, amends, deleted, superseded
 from etl.keyindex import KeyIndex
 from etl.mapping import SKIP, ColumnParse, Mapped, key_field
@@ -1182,7 +1183,8 @@ def warm_up() -> None:
     import threading
 
     def imports() -> None:
-        for name in ("numpy", "numpy.ma", "pandera.polars"):
+        lazy_numpy.load()
+        for name in ("numpy.ma", "pandera.polars"):
             importlib.import_module(name)
 
     threading.Thread(target=imports, daemon=True).start()

@@ -211,12 +211,15 @@ def test_lone_carriage_returns_past_the_head_of_a_streamed_file_are_read_as_the_
 @given(
     data=st.lists(st.sampled_from([b"a", b'"', b"\r", b"\n", b","]), max_size=64).map(b"".join),
     scan_from=st.sampled_from([0, 1, 8, 1 << 16]),
+    numpy_loaded=st.booleans(),
 )
-def test_a_chunk_scanned_by_numpy_gives_what_bytes_and_re_give(data: bytes, scan_from: int) -> None:
+def test_a_chunk_scanned_by_numpy_gives_what_bytes_and_re_give(data: bytes, scan_from: int, numpy_loaded: bool) -> None:
     """A long span of a chunk is scanned by numpy (it lets go of the GIL): the same record ends and lone ``\\r``
-    as ``bytes.count`` and the regex find, whatever the bytes, at any length from which numpy takes over."""
+    as ``bytes.count`` and the regex find, whatever the bytes, at any length from which numpy takes over; and
+    the same before numpy is imported (the first chunk does not wait for it)."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(readers, "_SCAN_FROM", scan_from)
+        mp.setattr(readers, "loaded", lambda: numpy_loaded)
         for start, end in ((0, len(data)), (len(data) // 3, len(data) - 1)):
             assert readers._count(data, readers._QUOTE, start, end) == data.count(b'"', start, end)
         assert readers._lone_cr(data) is (readers._BARE_CR.search(data) is not None)
