@@ -24,6 +24,8 @@ nothing asked for yet) costs an append per batch.
 
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor
+
 import polars as pl
 
 from etl.lazy_numpy import np
@@ -36,6 +38,16 @@ _CHECK = "__check"  # a second 64-bit hash of the key, with another seed
 _AT = "__at"  # a row's position, while values are put in their rows
 _SEED = 0x5EED_C0DE
 WAIT_ROWS = 1_000_000  # rows waiting to be added, at most, before they are merged in
+
+
+_ADDER: list[ThreadPoolExecutor] = []
+
+
+def _adder() -> ThreadPoolExecutor:
+    """The thread that makes inserted keys into runs (one for every index: each waits for its own)."""
+    if not _ADDER:
+        _ADDER.append(ThreadPoolExecutor(1, thread_name_prefix="key-index"))
+    return _ADDER[0]
 
 
 def first_distinct(keys: pl.Series) -> pl.Series:
@@ -116,9 +128,27 @@ class KeyIndex:
 
     def __init__(self, values: dict[str, pl.DataType] | None = None) -> None:
         self.schema: dict[str, pl.DataType] = {KEY: pl.String(), **(values or {})}
-        self.runs: list[pl.DataFrame] = []  # each sorted by the key's hash; keys unique across all runs
+        self._runs: list[pl.DataFrame] = []  # each sorted by the key's hash; keys unique across all runs
         self._waiting: list[pl.DataFrame] = []  # added, not yet in a run (see ``_settle``)
         self._filter = _Filter()
+        self._adding: Future[None] | None = None  # an insert's new keys, made a run on a thread (see insert)
+
+    @property
+    def runs(self) -> list[pl.DataFrame]:
+        """The sorted runs, once the keys an insert added are in them."""
+        self._added()
+        return self._runs
+
+    @runs.setter
+    def runs(self, runs: list[pl.DataFrame]) -> None:
+        self._added()
+        self._runs = runs
+
+    def _added(self) -> None:
+        """Wait for the last insert's keys to be in the runs (its failure is raised here)."""
+        if self._adding is not None:
+            adding, self._adding = self._adding, None
+            adding.result()
 
     def __len__(self) -> int:
         self._settle()
@@ -157,17 +187,26 @@ class KeyIndex:
                     .drop(_AT)
                 )
         if add:
-            first_row = (first_distinct(keys) if first is None else first).to_numpy()  # the first row of a key wins
-            fresh = first_row & ~found & present
-            if fresh.any():  # the new run, sorted by hash (polars' sort: faster than numpy's argsort and a gather)
-                run = (
-                    pl.DataFrame({_HASH: hashes, _CHECK: checks})
-                    .hstack(rows.select(self._values()))
-                    .filter(pl.Series(fresh))
-                    .sort(_HASH)
-                )
-                self._push(run.cast(self._cast), hashed=True)  # type: ignore[arg-type]
+            # The absent keys become a run on a thread of their own while the caller goes on with the answer
+            # (sorting and merging runs was a fifth of what the batches' checks waited for); the next use of
+            # the index waits for them.
+            self._adding = _adder().submit(self._add, keys, first, ~found & present, hashes, checks, rows)
         return self._in_order(keys, pl.Series("found", found), values)
+
+    def _add(
+        self, keys: pl.Series, first: pl.Series | None, absent: np.ndarray, hashes: np.ndarray, checks: np.ndarray,
+        rows: pl.DataFrame,
+    ) -> None:
+        """Add the rows whose keys are ``absent`` (not null, not held); the first row of a key wins."""
+        fresh = (first_distinct(keys) if first is None else first).to_numpy() & absent
+        if fresh.any():  # the new run, sorted by hash (polars' sort: faster than numpy's argsort and a gather)
+            run = (
+                pl.DataFrame({_HASH: hashes, _CHECK: checks})
+                .hstack(rows.select(self._values()))
+                .filter(pl.Series(fresh))
+                .sort(_HASH)
+            )
+            self._push(run.cast(self._cast), hashed=True)  # type: ignore[arg-type]
 
     def _sought(self, hashes: np.ndarray, checks: np.ndarray) -> tuple[np.ndarray, pl.DataFrame | None]:
         """Which of these keys (their two hashes) the runs hold, and their values (as many rows as hits)."""
@@ -222,6 +261,7 @@ class KeyIndex:
         """
         rows = rows.select(self.schema.keys()).cast(self.schema).drop_nulls(KEY)  # type: ignore[arg-type]
         if new and not self._waiting:
+            self._added()
             self._push(rows)
         elif not rows.is_empty():
             self._waiting.append(rows)
@@ -230,6 +270,7 @@ class KeyIndex:
 
     def _settle(self) -> None:
         """Turn the rows waiting since the last read into a run (the first row of a key wins)."""
+        self._added()
         if not self._waiting:
             return
         rows = pl.concat(self._waiting)
@@ -243,18 +284,18 @@ class KeyIndex:
         if rows.is_empty():
             return
         if hashed:
-            self.runs.append(rows.with_columns(pl.col(_HASH).set_sorted()))
+            self._runs.append(rows.with_columns(pl.col(_HASH).set_sorted()))
         else:
             key = pl.col(KEY)
             run = rows.select(key.hash().alias(_HASH), key.hash(seed=_SEED).alias(_CHECK), *self._values())
-            self.runs.append(run.sort(_HASH))
-        added = self.runs[-1]
-        while len(self.runs) > 1 and self.runs[-2].height <= self.runs[-1].height:
-            newer = self.runs.pop()
+            self._runs.append(run.sort(_HASH))
+        added = self._runs[-1]
+        while len(self._runs) > 1 and self._runs[-2].height <= self._runs[-1].height:
+            newer = self._runs.pop()
             # Both joined and sorted again: polars' sort takes half the CPU its merge_sorted of two sorted runs
             # does. One chunk, so its columns read as arrays without a copy.
-            self.runs[-1] = pl.concat([self.runs[-1], newer]).sort(_HASH).rechunk()
-        self._filter.add(added.get_column(_HASH).to_numpy(), added.get_column(_CHECK).to_numpy(), self.runs)
+            self._runs[-1] = pl.concat([self._runs[-1], newer]).sort(_HASH).rechunk()
+        self._filter.add(added.get_column(_HASH).to_numpy(), added.get_column(_CHECK).to_numpy(), self._runs)
 
     def add_keys(self, keys: pl.Series, *, new: bool = False) -> None:
         """Add keys that carry no values."""

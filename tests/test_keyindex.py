@@ -152,3 +152,39 @@ def test_first_distinct_compares_the_keys_whose_hashes_collide(monkeypatch: pyte
     expected = series.is_first_distinct().to_list()
     monkeypatch.setattr(pl.Series, "hash", lambda self, *a, **k: pl.repeat(7, len(self), dtype=pl.UInt64, eager=True))
     assert first_distinct(series).to_list() == expected == [True, True, False, True, True, False, False]
+
+
+def test_an_inserts_new_keys_become_a_run_on_a_thread_and_the_next_use_waits_for_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """insert answers first and adds the absent keys on the key-index thread; every later use of the index
+    (an insert, a lookup, its length, its runs) sees them; a failure there is raised at the next use."""
+    import threading
+
+    from etl import keyindex as module
+
+    index = KeyIndex({"n": pl.Int64()})
+    release, names = threading.Event(), []
+    real_push = KeyIndex._push
+
+    def slow_push(self: KeyIndex, rows: pl.DataFrame, *, hashed: bool = False) -> None:
+        names.append(threading.current_thread().name)
+        release.wait(10)
+        real_push(self, rows, hashed=hashed)
+
+    monkeypatch.setattr(KeyIndex, "_push", slow_push)
+    got = index.insert(pl.DataFrame({"key": ["a", "b", "a"], "n": [1, 2, 3]}))
+    assert got.get_column("found").to_list() == [False, False, False]  # answered while the add waits
+    assert index._adding is not None and not index._adding.done()
+    release.set()
+    assert index.lookup(pl.Series(["b", "a", "z"])).get_column("n").to_list() == [2, 1, None]
+    assert len(index) == 2 and names and all(n.startswith("key-index") for n in names)
+
+    def broken(self: KeyIndex, *args: object, **kwargs: object) -> None:
+        raise OSError("no room")
+
+    monkeypatch.setattr(KeyIndex, "_push", broken)
+    index.insert(pl.DataFrame({"key": ["c"], "n": [4]}))
+    with pytest.raises(OSError, match="no room"):
+        index.lookup(pl.Series(["c"]))
+    assert module._adder() is module._adder()  # one thread for every index
