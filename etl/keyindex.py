@@ -38,6 +38,7 @@ _CHECK = "__check"  # a second 64-bit hash of the key, with another seed
 _AT = "__at"  # a row's position, while values are put in their rows
 _SEED = 0x5EED_C0DE
 WAIT_ROWS = 1_000_000  # rows waiting to be added, at most, before they are merged in
+ADD_ON_THREAD_FROM = 20_000  # keys an insert adds on the key-index thread, from this many (see insert)
 
 
 _ADDER: list[ThreadPoolExecutor] = []
@@ -190,7 +191,10 @@ class KeyIndex:
             # The absent keys become a run on a thread of their own while the caller goes on with the answer
             # (sorting and merging runs was a fifth of what the batches' checks waited for); the next use of
             # the index waits for them.
-            self._adding = _adder().submit(self._add, keys, first, ~found & present, hashes, checks, rows)
+            if n >= ADD_ON_THREAD_FROM:
+                self._adding = _adder().submit(self._add, keys, first, ~found & present, hashes, checks, rows)
+            else:  # a few keys: added at once (the thread's hand-over can take longer than adding them)
+                self._add(keys, first, ~found & present, hashes, checks, rows)
         return self._in_order(keys, pl.Series("found", found), values)
 
     def _add(

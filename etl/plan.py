@@ -134,6 +134,7 @@ class _Input:
     parts: list[Path] = field(default_factory=list)  # report rows, a file per batch
     reject_parts: list[Path] = field(default_factory=list)
     reject_spans: dict[Path, tuple[int, int]] = field(default_factory=dict)  # a part's rejects.csv lines (_LinesFile)
+    on_disk: set[Path] = field(default_factory=set)  # parts written as IPC (_batch: the ones read back)
     warnings: dict[str, tuple[int, list[int]]] = field(default_factory=dict)  # code -> (count, first rows)
     held: list[pl.DataFrame] = field(default_factory=list)  # source cells of rows that may still be rejected
     looked_up: dict[str, dict[str, str]] = field(default_factory=dict)  # field -> value -> what a side file says
@@ -222,8 +223,9 @@ class _RowsWriter:
     of a stage rewrites (late rejections) is written again, after the others.
     """
 
-    def __init__(self, enabled: bool, work: Path) -> None:
+    def __init__(self, enabled: bool, work: Path, *, parts_read: bool = True) -> None:
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="rows-csv")
+        self.parts_read = parts_read  # whether the run reads every part back (a load, matching): each is kept as IPC
         self._last: Future[_Written | None] | None = None
         self.written: dict[Path, Future[_Written]] = {}
         self.enabled = enabled  # not when a load will change the rows: they are written once, at the end
@@ -317,9 +319,12 @@ class _LinesFile:
                     part(out)
 
     def close(self) -> None:
+        """Let go of the file, unpublished (a run that stopped): what it holds no longer matters, and a disk that
+        filled up is reported where the run stopped, not here."""
         if self._out is not None:
-            self._out.close()
-            self._out = None
+            out, self._out = self._out, None
+            with contextlib.suppress(OSError):
+                out.close()
 
 
 _ROWS_HEADER = (",".join(ROW_COLUMNS) + "\n").encode()
@@ -756,7 +761,8 @@ def planned_in_batches(
     folder = report_path(settings.report_dir, run_id)
     private_dir(folder)
     work = scratch_dir(folder, ".batches-")  # made afresh: nothing planted in an earlier run's can be followed
-    writer = _RowsWriter(rows_csv, work)
+    # A validation or a dry run without matching reads a part back only when its stage's end may change it.
+    writer = _RowsWriter(rows_csv, work, parts_read=not rows_csv or matcher is not None or (payloads and not dry_run))
     keys.payloads = _Payloads(
         work, destination, dry_run=dry_run, matched=matcher is not None, redacted=settings.redact
     ) if payloads else None
@@ -915,7 +921,12 @@ def _batch(
             _write_rejects_part, x, mapped.table.frame, rows, x.reject_parts[-1],
             _rejects_csv_columns(x, redacted=settings.redact), writer.rejects,
         )
-    writer.submit(x.parts[-1], rows, then)
+    # Its rows as IPC too when something reads them back: a load or matching; another file of the kind (the
+    # keys it planned first); its stage's end, which may reject the rows it could not explain yet.
+    kept = writer.parts_read or x.kind in keys.shared or (unexplained is not None and unexplained.height > 0)
+    if kept:
+        x.on_disk.add(x.parts[-1])
+    writer.submit(x.parts[-1], rows, then, ipc=kept)
     return unexplained
 
 
@@ -1064,6 +1075,8 @@ def _reject_late(x: _Input, failures: pl.DataFrame, keys: _Keys, work: Path, wri
     """Rewrite a file's report rows with the rejections its stage's end decided."""
     late: list[pl.DataFrame] = []
     for part in x.parts:
+        if part not in x.on_disk:  # a batch whose every reference was explained: nothing of it is rejected late
+            continue
         rows = pl.read_ipc(part)
         before = rows.get_column("state")
         rows = (

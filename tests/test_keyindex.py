@@ -163,7 +163,10 @@ def test_an_inserts_new_keys_become_a_run_on_a_thread_and_the_next_use_waits_for
 
     from etl import keyindex as module
 
+    monkeypatch.setattr(module, "ADD_ON_THREAD_FROM", 2)  # a few keys are added at once, on the caller's thread
     index = KeyIndex({"n": pl.Int64()})
+    index.insert(pl.DataFrame({"key": ["z"], "n": [0]}))
+    assert index._adding is None
     release, names = threading.Event(), []
     real_push = KeyIndex._push
 
@@ -177,14 +180,14 @@ def test_an_inserts_new_keys_become_a_run_on_a_thread_and_the_next_use_waits_for
     assert got.get_column("found").to_list() == [False, False, False]  # answered while the add waits
     assert index._adding is not None and not index._adding.done()
     release.set()
-    assert index.lookup(pl.Series(["b", "a", "z"])).get_column("n").to_list() == [2, 1, None]
-    assert len(index) == 2 and names and all(n.startswith("key-index") for n in names)
+    assert index.lookup(pl.Series(["b", "a", "y"])).get_column("n").to_list() == [2, 1, None]
+    assert len(index) == 3 and names and all(n.startswith("key-index") for n in names)
 
     def broken(self: KeyIndex, *args: object, **kwargs: object) -> None:
         raise OSError("no room")
 
     monkeypatch.setattr(KeyIndex, "_push", broken)
-    index.insert(pl.DataFrame({"key": ["c"], "n": [4]}))
+    index.insert(pl.DataFrame({"key": ["c", "d"], "n": [4, 5]}))
     with pytest.raises(OSError, match="no room"):
         index.lookup(pl.Series(["c"]))
     assert module._adder() is module._adder()  # one thread for every index

@@ -508,3 +508,39 @@ def test_a_span_of_a_file_is_appended_by_the_kernel_or_by_reads(
             plan_module._append_file(src, out, 1_000, 1_500_000)
             out.write(b"tail")
         assert out_path.read_bytes() == b"head" + source.read_bytes()[1_000:1_500_000] + b"tail"
+
+
+def test_a_validation_keeps_as_ipc_only_the_parts_its_stage_end_may_change(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch's report rows are written as IPC only when something reads them back: here, the batches whose
+    references were not all explained (their stage's end may reject rows of them). The report is the same as
+    when every part is kept (a load's way), late rejections included."""
+    kept: list[tuple[str, bool]] = []
+    real_submit = plan_module._RowsWriter.submit
+
+    def spying(self: Any, part: Path, rows: pl.DataFrame, then: Any = None, *, ipc: bool = True,
+               csv: bool | None = None) -> None:
+        if csv is None:  # a batch's, not a rewrite
+            kept.append((part.name, ipc))
+        real_submit(self, part, rows, then, ipc=ipc, csv=csv)
+
+    monkeypatch.setattr(plan_module._RowsWriter, "submit", spying)
+    files = [SAMPLE / name for name in ("registry.csv", "providers.csv", "visits.csv", "documents.csv", "tasks.csv")]
+    validate_files(files, Settings(report_dir=tmp_path / "few", batch_rows=37))
+    assert any(ipc for _, ipc in kept) and not all(ipc for _, ipc in kept)
+    monkeypatch.setattr(plan_module._RowsWriter, "__init__", _keeping_every_part(plan_module._RowsWriter.__init__))
+    kept.clear()
+    validate_files(files, Settings(report_dir=tmp_path / "all", batch_rows=37))
+    assert kept and all(ipc for _, ipc in kept)
+    late = read_rows(tmp_path / "few" / "rows.csv").filter(pl.col("error_code") == "unresolved-reference")
+    assert late.height >= 2  # the sample's visits name patients no file has: rejected at their stage's end
+    for name in ("rows.csv", "rejects.csv"):
+        assert (tmp_path / "few" / name).read_bytes() == (tmp_path / "all" / name).read_bytes()
+
+
+def _keeping_every_part(init: Any) -> Any:
+    def keeping(self: Any, enabled: bool, work: Path, *, parts_read: bool = True) -> None:
+        init(self, enabled, work, parts_read=True)
+
+    return keeping
