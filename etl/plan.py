@@ -219,8 +219,9 @@ class _RowsWriter:
     One batch in flight at most, so memory stays bounded. The lines go to one file (:attr:`lines`, the
     header first), in the order they are written, and each part's place there is kept: when every part
     was written once, in order, the file is ``rows.csv`` as it is (renamed into the report, nothing
-    copied); otherwise the report copies the parts' spans in order (:meth:`publish`). A part that the end
-    of a stage rewrites (late rejections) is written again, after the others.
+    copied); otherwise the report copies the parts' spans in order (:meth:`_LinesFile.publish`). A part
+    that the end of a stage rewrites (late rejections) is written again, after the others. The batches'
+    ``rejects.csv`` lines go to a second such file (:attr:`rejects`).
     """
 
     def __init__(self, enabled: bool, work: Path, *, parts_read: bool = True) -> None:
@@ -315,7 +316,6 @@ class _LinesFile:
                     assert source is not None
                     _append_file(source, out, *part)
                 else:
-                    out.flush()
                     part(out)
 
     def close(self) -> None:
@@ -1123,7 +1123,8 @@ def _write(
     target: str,
     sides: list[_Side] | None = None,
 ) -> RunReport:
-    """rows.csv, rejects.csv, summary.json and report.html, from the parts on disk, a part at a time."""
+    """rows.csv, rejects.csv, summary.json and report.html, from the batches' lines and what the writer kept of
+    each part (a part whose lines were not written as it went is read back from its IPC copy)."""
     counts, tallies = [], []
     problems = pl.DataFrame(schema=dict.fromkeys(ROW_COLUMNS, pl.String))
     spans: list[tuple[int, int]] = []
