@@ -180,10 +180,7 @@ def private_file(path: Path) -> Iterator[BinaryIO]:
     had that name (a planted link is replaced, not followed). If the block raises, the new file is
     removed and ``path`` is left as it was.
     """
-    try:
-        folder = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError as exc:
-        raise OutputError(str(path.parent), f"cannot be written to: {exc.strerror or exc}") from exc
+    folder = _open_folder(path)
     try:
         temp = f".{path.name}.{secrets.token_hex(6)}.tmp"
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -195,15 +192,7 @@ def private_file(path: Path) -> Iterator[BinaryIO]:
             os.fchmod(fd, 0o600)  # the umask may have taken the owner's bits too
             with os.fdopen(fd, "wb") as fh:
                 yield fh
-            # The file it replaces is removed first: a rename onto an existing file makes ext4 write
-            # the new one out to disk before it returns (a tenth of a second per 100 MB, at every run
-            # into the same report folder). The rename still never follows a link planted meanwhile.
-            with contextlib.suppress(OSError):
-                os.unlink(path.name, dir_fd=folder)
-            try:
-                os.replace(temp, path.name, src_dir_fd=folder, dst_dir_fd=folder)
-            except OSError as exc:  # a folder of that name, say
-                raise OutputError(str(path), f"cannot be written: {exc.strerror or exc}") from exc
+            _replace(temp, path, folder, src_dir_fd=folder)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(temp, dir_fd=folder)
@@ -217,24 +206,41 @@ def publish_file(source: Path, path: Path) -> None:
     same file system) onto ``path``, as :func:`private_file` puts a file in place: owner-only, the file
     of that name removed first and replaced, a link planted there replaced and never followed. Nothing is
     copied."""
-    try:
-        folder = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError as exc:
-        raise OutputError(str(path.parent), f"cannot be written to: {exc.strerror or exc}") from exc
+    folder = _open_folder(path)
     try:
         try:
             fd = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-            try:
-                os.fchmod(fd, 0o600)
-            finally:
-                os.close(fd)
-            with contextlib.suppress(OSError):  # see private_file: a rename onto a file makes ext4 write it first
-                os.unlink(path.name, dir_fd=folder)
-            os.replace(source, path.name, dst_dir_fd=folder)
-        except OSError as exc:  # a folder of that name, say
+        except OSError as exc:
             raise OutputError(str(path), f"cannot be written: {exc.strerror or exc}") from exc
+        try:
+            os.fchmod(fd, 0o600)
+        finally:
+            os.close(fd)
+        _replace(source, path, folder)
     finally:
         os.close(folder)
+
+
+def _open_folder(path: Path) -> int:
+    """``path``'s folder, opened without following a link (what the file is put into)."""
+    try:
+        return os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        raise OutputError(str(path.parent), f"cannot be written to: {exc.strerror or exc}") from exc
+
+
+def _replace(source: str | Path, path: Path, folder: int, *, src_dir_fd: int | None = None) -> None:
+    """Rename ``source`` onto ``path``'s name in ``folder`` (an open folder), never following a link planted there.
+
+    The file it replaces is removed first: a rename onto an existing file makes ext4 write the new one out
+    to disk before it returns (a tenth of a second per 100 MB, at every run into the same report folder).
+    """
+    with contextlib.suppress(OSError):
+        os.unlink(path.name, dir_fd=folder)
+    try:
+        os.replace(source, path.name, src_dir_fd=src_dir_fd, dst_dir_fd=folder)
+    except OSError as exc:  # a folder of that name, say
+        raise OutputError(str(path), f"cannot be written: {exc.strerror or exc}") from exc
 
 
 @contextlib.contextmanager

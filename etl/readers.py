@@ -385,7 +385,7 @@ def _count(data: bytes, byte: int, start: int, end: int) -> int:
 
 
 def _lone_cr(data: bytes) -> bool:
-    """Whether ``data`` holds a ``\r`` that no ``\n`` follows (old Mac line ends, or a mix of endings);
+    """Whether ``data`` holds a ``\\r`` that no ``\\n`` follows (old Mac line ends, or a mix of endings);
     looked for by numpy in a long ``data`` (see :data:`_SCAN_FROM`)."""
     if b"\r" not in data:
         return False
