@@ -290,3 +290,54 @@ def test_a_prepared_frame_without_the_first_row_flags_is_checked_the_same() -> N
     codes = set(with_flags.get_column("code").to_list())
     assert {RULES["duplicate-key"].code, RULES["patient-conflict"].code} <= codes  # the sample plants both
     assert without.equals(with_flags)
+
+
+def _local_ok(tmp_path: Path, lots: list[str], diseases: list[str]) -> tuple[list[bool], list[bool], list[str]]:
+    """precheck's single-row outcome of rows with these lot numbers and target diseases; the same outcome with every
+    single-row rule evaluated (no length limit left out); and the codes of the length limits precheck kept."""
+    from etl import validate as v
+
+    path = tmp_path / "lengths.csv"
+    rows = pl.DataFrame({
+        "Record ID": [f"R{i}" for i in range(len(lots))], "Patient ID": [f"P{i}" for i in range(len(lots))],
+        "First Name": "Ann", "Last Name": "Lee", "DOB": "2015-03-04", "CVX": "08", "Admin Date": "2021-03-04",
+        "Lot Number": lots, "Target Disease": diseases,
+    })
+    rows.write_csv(path)
+    prepared = prepare(apply_profile(read_table(path), default_profile()), today=TODAY)
+    rules = [r for r in v._rules("immunization", TODAY, prepared.columns) if not v._compares_rows(r)]
+    every = prepared.select(pl.all_horizontal(r.passes.fill_null(False) for r in rules)).to_series().to_list()
+    got = v.precheck(prepared, "immunization", today=TODAY).get_column(v.LOCAL_OK).to_list()
+    kept = [f"{r.field}:{r.code}" for r in v._bounds_kept(prepared, rules) if r.bound is not None]
+    return got, every, kept
+
+
+def test_length_limits_a_batch_cannot_break_are_left_out_of_its_precheck(tmp_path: Path) -> None:
+    # Lot numbers hold 100 characters at most, a target disease 200 (schemas.limits).
+    got, every, kept = _local_ok(tmp_path, ["L1", "L" * 100], ["Measles", "Measles;Mumps"])
+    assert got == every == [True, True]
+    assert kept == []  # every cell within its limit, counted in bytes: no character counted
+    # 100 two-byte characters are 200 bytes but within the limit: the limit is kept, and the row passes it.
+    got, every, kept = _local_ok(tmp_path, ["L1", "é" * 100], ["Measles", "Measles"])
+    assert got == every == [True, True]
+    assert kept == ["lot_number:max-length"]
+    got, every, kept = _local_ok(tmp_path, ["L" * 101, "L1"], ["Measles", "ü" * 201])
+    assert got == every == [False, False]
+    assert sorted(kept) == ["lot_number:max-length", "target_diseases:max-length"]
+    # and the rows' messages come from every rule
+    path = tmp_path / "again.csv"
+    path.write_text("Record ID,Patient ID,CVX,Admin Date,Lot Number\nR1,P1,08,2021-03-04," + "é" * 101 + "\n",
+                    encoding="utf-8")
+    assert _validate(path).rejects.select("code", "field").rows() == [("max-length", "lot_number")]
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    lots=st.lists(st.text(alphabet="Lé€𝄞 ", min_size=0, max_size=103), min_size=1, max_size=6),
+    disease=st.text(alphabet="Mü;", min_size=0, max_size=205),
+)
+def test_a_precheck_agrees_with_every_rule_whatever_the_lengths(
+    tmp_path_factory: pytest.TempPathFactory, lots: list[str], disease: str
+) -> None:
+    got, every, _ = _local_ok(tmp_path_factory.mktemp("lengths"), lots, [disease] * len(lots))
+    assert got == every
