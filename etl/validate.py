@@ -1235,7 +1235,8 @@ def precheck(
     reads and prepares ahead; :func:`check` then evaluates only the rules that compare rows.
     """
     rules = _rules(kind, today, prepared.columns, severity)
-    local = [r.passes.fill_null(False) for r in _bounds_kept(prepared, [r for r in rules if not _compares_rows(r)])]
+    single = _bounds_kept(prepared, [r for r in rules if not _compares_rows(r)])
+    local = [r.passes.fill_null(False) for r in single]
     return prepared.with_columns(pl.all_horizontal(local).alias(LOCAL_OK) if local else pl.lit(True).alias(LOCAL_OK))
 
 
@@ -1252,8 +1253,10 @@ def _bounds_kept(prepared: pl.DataFrame, rules: list[_Rule]) -> list[_Rule]:
     widest = prepared.select(pl.col(c).str.len_bytes().max() for c in bounded).row(0, named=True)
 
     def kept(rule: _Rule) -> bool:
-        width = widest.get(rule.field)
-        return rule.bound is None or rule.field not in widest or (width is not None and width > rule.bound)
+        if rule.bound is None or rule.field not in widest:
+            return True
+        width = widest[rule.field]
+        return width is not None and width > rule.bound  # None: every cell of the column is empty
 
     return [r for r in rules if kept(r)]
 
