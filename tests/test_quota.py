@@ -188,3 +188,47 @@ def test_the_cli_exits_5_naming_the_quota(tmp_path: Path, code: str) -> None:
     summary = json.loads((tmp_path / "r" / "summary.json").read_text("utf-8"))
     assert code in summary["aborted"]
     assert ("monthly request quota" if code == "MONTHLY_QUOTA_EXCEEDED" else "sandbox") in summary["quota_exceeded"]
+
+
+def _load_bulk(server: SandboxServer, tmp: Path, run: int) -> Any:
+    from etl.pipeline import load_files
+    from etl.settings import Settings
+
+    settings = Settings(base_url=server.base_url, api_key=KEY, consistency_window=0, state=tmp / "state.sqlite",
+                        report_dir=tmp / f"run{run}", mode="bulk")
+    return load_files([SAMPLE / "registry.csv"], settings)
+
+
+@pytest.mark.parametrize(("quota", "met_at"), [(2, "the poll of the patients' job"), (3, "the immunizations' import")])
+def test_a_quota_stops_a_bulk_load_too_and_later_runs_finish_it_without_importing_twice(
+    tmp_path: Path, quota: int, met_at: str
+) -> None:
+    # The run first reads the target's patients (matching: one request). Two requests a month: then the patients'
+    # import, whose poll is refused. Three: the import and its poll, then the immunizations' import is refused.
+    # Either way the run stops at once, with exit 5, as a run of single requests does.
+    db = tmp_path / "sandbox.sqlite"
+    config = SandboxConfig(api_keys={KEY: "*"}, db_path=str(db), quota=quota, responses="simple",
+                           bulk_operations_per_hour=100)
+    with SandboxServer(config) as server:
+        clock = [0.0]
+        server.sandbox.quotas.quota = Pool(quota, 3600.0, clock=lambda: clock[0])
+        report = _load_bulk(server, tmp_path, 0)
+        assert report.exit_code() == ExitCode.QUOTA, report.summary
+        summary = report.summary
+        assert "monthly request quota is used up" in summary["quota_exceeded"]
+        assert summary["matching_requests"] + summary["requests"] == quota + 1  # the refused one, nothing after it
+        assert len(summary["bulk_jobs"]) == 1  # the patients' import
+        assert len(_held(db, "/v1/patients")) == 160  # imported, whether or not its job could be read
+        rows = report.rows
+        assert "MONTHLY_QUOTA_EXCEEDED" not in set(rows.get_column("error_code").drop_nulls())  # not a row's fault
+        valid = rows.filter(pl.col("state") != "rejected")
+        assert set(valid.get_column("error_code")) == {"not-sent"}
+        assert all("monthly request quota" in m for m in valid.get_column("message"))
+        for run in range(1, 12):  # each month, the same command goes on where the last one stopped
+            clock[0] += 3600
+            report = _load_bulk(server, tmp_path, run)
+            if report.exit_code() != ExitCode.QUOTA:
+                break
+        assert report.exit_code() == ExitCode.REJECTED  # only the planted bad rows are left out
+        assert len(_held(db, "/v1/immunizations")) == 534  # every valid row, none twice
+        assert len(_held(db, "/v1/patients")) == 160  # the open job was polled, not imported again

@@ -31,6 +31,11 @@ answer) leaves its rows ``pending``, which the loader settles by lookup as it
 does for a single request. At most ``operations_per_hour`` imports start in an
 hour (counted from the table); when the next would exceed it, the rest of the
 run is not sent and says when to re-run.
+
+A quota 429 (``MONTHLY_QUOTA_EXCEEDED``, ``SANDBOX_QUOTA_EXCEEDED``: errors.mdx) stops the run as it
+stops a run of single requests (exit 5, ``quota_exceeded``). A refused import leaves its rows
+``not-sent``, for the same command once the quota resets. A job that could not be polled stays open,
+its rows pending, and the next run polls it. The rest is not sent.
 """
 
 from __future__ import annotations
@@ -47,8 +52,8 @@ from typing import Any
 
 import httpx
 
-from etl.errors import AuthError, BulkRefused, LookupFailed
-from etl.load.client import RetryLater, Unknown, exchange, mask, refusal, server_wait
+from etl.errors import AuthError, BulkRefused, LookupFailed, QuotaExceededError
+from etl.load.client import RetryLater, Unknown, exchange, mask, quota_problem, refusal, server_wait
 from etl.load.loader import Client, Loader, LoadOptions, Result, Send, failure
 from etl.load.state import Record, StateStore, StoredState
 from etl.load.throttle import Throttle
@@ -125,6 +130,9 @@ class BulkClient:
                 return None
         if response.status_code >= 500:
             return None
+        quota = quota_problem(response)
+        if quota is not None:  # no wait of seconds helps: the run stops (BulkLoader._send_batch)
+            raise quota
         refused = refusal(response)  # the API's diagnostics, masked for PHI like every other refusal
         retry = response.headers.get("retry-after")
         raise BulkRefused(response.status_code, refused.code, refused.message, server_wait(retry) if retry else None)
@@ -144,6 +152,9 @@ class BulkClient:
                 return data if isinstance(data, dict) else None
             if response.status_code == 404:
                 return None
+            quota = quota_problem(response)
+            if quota is not None:  # the job cannot be read before the quota resets: the next run polls it
+                raise quota
             if response.status_code == 429 or response.status_code >= 500:
                 await asyncio.sleep(server_wait(response.headers.get("retry-after"), 0.5 * 2**attempt))
                 continue
@@ -289,6 +300,9 @@ class BulkLoader(Loader):
                 job = await self._wait(job_id)
             except LookupFailed:
                 continue  # still open: the next run polls it again
+            except QuotaExceededError as exc:
+                self._quota(exc)  # the rest stays open for the next run, and nothing new is sent
+                return
             if job is None or job.get("status") not in _FINAL:
                 if job is None:
                     self._ledger.finish(batch_id)  # the API forgot it: the rows are looked up instead
@@ -371,6 +385,10 @@ class BulkLoader(Loader):
         self.stats.creates += len(batch)
         try:
             job_id = await self.bulk.submit(resource_type, data)
+        except QuotaExceededError as exc:
+            self._ledger.finish(batch_id)  # refused, not imported: the same command sends it once the quota resets
+            self._quota(exc)
+            return self._record(batch, [self._not_sent()] * len(batch))
         except BulkRefused as refused:
             self._ledger.finish(batch_id)  # certainly not imported: the rows may be sent again
             if refused.status in (401, 403) and self.aborted is None:
@@ -388,10 +406,13 @@ class BulkLoader(Loader):
         self.jobs.append(job_id)
         try:
             job = await self._wait(job_id)
-        except LookupFailed as exc:
+        except (LookupFailed, QuotaExceededError) as exc:
             # The job exists but cannot be read now: the batch stays open, its rows pending, and the
-            # next run polls the job instead of resubmitting.
-            return self._open(batch, failure("unknown", RULES["bulk-pending"], job=job_id, reason=exc))
+            # next run polls the job instead of resubmitting. A quota also stops the run.
+            if isinstance(exc, QuotaExceededError):
+                self._quota(exc)
+            reason = exc.message if isinstance(exc, QuotaExceededError) else exc
+            return self._open(batch, failure("unknown", RULES["bulk-pending"], job=job_id, reason=reason))
         if job is not None and job.get("status") not in _FINAL:
             return self._open(batch, failure("unknown", RULES["bulk-pending"], "running", job=job_id))
         if job is None:
