@@ -27,7 +27,7 @@ from rich.markup import escape
 from rich.table import Table as RichTable
 
 from etl.errors import EtlError, ExitCode, UsageError
-from etl.progress import describe_duration, open_progress
+from etl.progress import WARNING_EXAMPLES, describe_duration, open_progress
 from etl.report import FINAL_STATES, RunReport
 from etl.settings import (
     BATCH_ROWS,
@@ -851,16 +851,14 @@ def print_summary(report: RunReport, stream: Console | None = None) -> None:
     if tally.height:
         # Counted from the tally; the row numbers are the first of each code (a run in batches
         # keeps only the first rows of each reason in memory).
+        # Each row as file:row, as the warnings name theirs (run_notes), whatever the number of files.
         rejected = report.problems.filter(pl.col("state") == "rejected")
         console.print("rejects by code:")
-        several = tally["source_file"].n_unique() > 1
-        examples = 3 if several else 5
         by_code = tally.group_by("error_code").agg(pl.col("rows").sum())
         for code, count in sorted(by_code.iter_rows(), key=lambda kv: str(kv[0])):
-            first = rejected.filter(pl.col("error_code").eq_missing(code)).head(examples).iter_rows(named=True)
-            rows = ", ".join(f"{Path(r['source_file']).name}:{r['source_row']}" if several else str(r["source_row"])
-                             for r in first)
-            more = " ..." if count > examples else ""
+            first = rejected.filter(pl.col("error_code").eq_missing(code)).head(WARNING_EXAMPLES).iter_rows(named=True)
+            rows = ", ".join(f"{Path(r['source_file']).name}:{r['source_row']}" for r in first)
+            more = " ..." if count > WARNING_EXAMPLES else ""
             console.print(f"  {code:<30} {count:>4}  rows {rows}{more}", soft_wrap=True)
     from etl.progress import run_notes
 

@@ -154,3 +154,16 @@ def test_the_console_script_freezes_the_collector(monkeypatch: pytest.MonkeyPatc
     assert exited.value.code == 3
     assert frozen[0] > 0  # the modules' objects, before the command
     assert after >= frozen[0] + 1_000  # and the run's, once it ended
+
+
+def test_rejects_and_warnings_by_code_name_their_rows_alike_for_one_file(tmp_path: Path) -> None:
+    # A newcomer read "rows 236, 263" under the rejects and "registry.csv:92" under the warnings of one run.
+    result = CliRunner().invoke(main, ["validate", "--report-dir", str(tmp_path / "r"), str(SAMPLE / "registry.csv")])
+    assert result.exit_code == 1, result.output
+    lines = result.output.splitlines()
+    rejects = lines[lines.index("rejects by code:") + 1 : lines.index("warnings by code:")]
+    warnings = lines[lines.index("warnings by code:") + 1 :]
+    by_code = {line.split()[0]: line.split("rows ", 1)[1] for line in rejects}
+    assert by_code["date-format"] == "registry.csv:236, registry.csv:263, registry.csv:292"
+    assert by_code["max-length"].endswith(" ...") and by_code["max-length"].count("registry.csv:") == 3
+    assert "rows registry.csv:92, registry.csv:458" in warnings[0]
