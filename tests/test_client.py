@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import sys
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
@@ -240,6 +241,29 @@ def test_get_waits_out_a_429_and_tries_again() -> None:
         read, requests = with_client(server, go)
     assert read["lastName"] == "Lee"
     assert requests == 3  # the create, the GET refused with 429, the same GET once the window reset
+
+
+def test_a_get_refused_429_at_every_attempt_says_so_and_waits_only_between_attempts(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    waits: list[float] = []
+    real_sleep = asyncio.sleep
+
+    async def sleep(seconds: float) -> None:  # the client's waits, recorded, not slept (a minute each)
+        if sys._getframe(1).f_globals.get("__name__") != "etl.load.client":  # the sandbox's own loop
+            return await real_sleep(seconds)
+        waits.append(seconds)
+        await real_sleep(0)
+
+    async def go(client: ApiClient) -> None:
+        assert isinstance(await client.create("/v1/patients", body(PATIENT)), Created)  # the window's one request
+        monkeypatch.setattr("etl.load.client.asyncio.sleep", sleep)
+        await client.get("/v1/patients", attempts=2)
+
+    with sandbox(rate_limit=1, window=60.0) as server, pytest.raises(LookupFailed) as failed:
+        with_client(server, go)
+    assert str(failed.value) == "GET /v1/patients: HTTP 429 RATE_LIMITED"  # it was "GET /v1/patients: "
+    assert len(waits) == 1 and waits[0] > 1  # Retry-After before the second attempt; none after the last
 
 
 def test_get_gives_up_after_its_attempts() -> None:

@@ -325,7 +325,7 @@ class ApiClient:
         """GET a resource or a page; safe to retry, so it does. Returns ``data``."""
         delay = 0.5
         last = ""
-        for _ in range(attempts):
+        for attempt in range(1, attempts + 1):
             try:
                 response = await self._http.get(path, params=dict(params or {}), headers=self._headers)
             except httpx.TransportError as exc:
@@ -342,14 +342,17 @@ class ApiClient:
                     quota = quota_problem(response)
                     if quota is not None:  # no wait of seconds helps: the caller stops the run
                         raise quota
-                    await asyncio.sleep(retry_after(response.headers))
+                    last = "HTTP 429 RATE_LIMITED"  # what the last attempt met, if none is left
+                    if attempt < attempts:  # no wait after the last attempt: nothing follows it
+                        await asyncio.sleep(retry_after(response.headers))
                     continue
                 if response.status_code < 500:
                     refused = refusal(response)
                     raise LookupFailed(f"GET {path}: HTTP {refused.status} {refused.code}")
                 last = f"HTTP {response.status_code}"
-            await asyncio.sleep(delay)
-            delay *= 2
+            if attempt < attempts:
+                await asyncio.sleep(delay)
+                delay *= 2
         raise LookupFailed(f"GET {path}: {last}")
 
     async def search(self, route: str, params: Mapping[str, str | int]) -> list[dict[str, Any]]:
