@@ -58,7 +58,7 @@ import polars as pl
 from etl.codemaps import CODE_MAPS
 from etl.errors import InputError, ProfileError
 from etl.hl7 import STATE_COLUMNS
-from etl.readers import ROW, Notice, Table
+from etl.readers import ROW, Notice, Table, own_bookkeeping
 from etl.rules import RULES, Severity, parse_severities
 from schemas.canonical import DEFAULTS, KIND_SPECS, LIST_SEPARATOR, field_map, fields_of
 
@@ -558,7 +558,8 @@ def match_headers(headers: list[str], profile: Profile, kind: str) -> dict[str, 
             for f in fields.values():
                 if f.target:
                     lookup.setdefault(normalise_header(f.target.split(":")[1].replace("[]", "")), f.name)
-        for header in headers:
+        bookkeeping = own_bookkeeping(headers)  # never matched by name: the new report replaces them
+        for header in (h for h in headers if h not in bookkeeping):
             match = lookup.get(normalise_header(header))
             if "#" in header:
                 # "Dose #" counts doses: it is a number of, never an amount (mL).
@@ -690,6 +691,8 @@ def apply_profile(table: Table, profile: Profile, kind: str | None = None) -> Ma
     used = set(sources.values()) | {h for hs in numbered.values() for h in hs}
     if table.format == "hl7":
         used |= set(STATE_COLUMNS)  # RXA-21 and what it implies decide a row's state (etl.validate)
+    # An own rejects.csv's bookkeeping: replaced by this run's report, neither a field nor an unmapped column.
+    used |= own_bookkeeping(table.columns) - set(sources.values())
     used |= {c for e in narrowed.expressions.values() for c in e.columns} | {f.column for f in narrowed.skip}
     used |= {f.column for f in narrowed.route}
     unmapped = [c for c in table.columns if c not in used]
@@ -847,6 +850,7 @@ def starter_profile(table: Table, kind: str | None = None, fmt: str = "toml") ->
     # An HL7 table's state columns (the action code and what it implies) are the tool's own: read by
     # etl.validate whatever the profile says, so neither a field to map nor an unmapped column.
     internal = set(STATE_COLUMNS) if table.format == "hl7" else set()
+    internal |= own_bookkeeping(table.columns)  # an own rejects.csv's: what its run said, replaced by the next
     for header in [c for c in table.columns if c not in internal]:
         matched = by_header.get(header)
         guess = _Guess(header, matched, why=["header name"] if matched else [])

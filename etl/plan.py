@@ -70,7 +70,15 @@ from etl.mapping import (
     side_file,
 )
 from etl.progress import Progress
-from etl.readers import ROW, Batches, HeaderHint, is_own_rejects, read_batches, read_table
+from etl.readers import (
+    REJECTS_BOOKKEEPING,
+    ROW,
+    Batches,
+    HeaderHint,
+    is_own_rejects,
+    read_batches,
+    read_table,
+)
 from etl.redaction import left_out, redact, redact_bodies
 from etl.report import (
     PROBLEM_STATES,
@@ -1394,7 +1402,7 @@ def _rejects_columns(columns: list[str]) -> dict[str, str]:
     """A file's columns (in order) as ``rejects.csv`` names them, between its own ``source_file, source_row``
     and ``reasons``: an own ``rejects.csv``'s bookkeeping columns are left out (the new ones replace them);
     another file's column of one of those names is kept as ``<name> (source)``."""
-    added = ("source_file", "source_row", "reasons")
+    added = REJECTS_BOOKKEEPING
     if is_own_rejects(columns):
         return {c: c for c in columns if c not in added}
     return {c: f"{c} (source)" if c in added else c for c in columns}

@@ -65,6 +65,7 @@ from etl.rules import RULES
 from etl.workbooks import EXCEL_MAX_CELL_CHARS, WorkbookLimits, column_letters, scan_workbook
 
 __all__ = [
+    "REJECTS_BOOKKEEPING",
     "ROW",
     "Batches",
     "HeaderHint",
@@ -72,6 +73,7 @@ __all__ = [
     "Table",
     "file_sha256",
     "is_own_rejects",
+    "own_bookkeeping",
     "read_batches",
     "read_table",
     "sniff_delimiter",
@@ -307,6 +309,17 @@ def read_batches(
     return Batches(
         table, _then(chunks, lambda: setattr(table, "sha256", future.result())), int((size - skip) / per_row) + 1
     )
+
+
+#: The columns of its own ``rejects.csv`` the tool writes around a file's (etl.plan: ``_rejects_columns``).
+REJECTS_BOOKKEEPING = ("source_file", "source_row", "reasons")
+
+
+def own_bookkeeping(columns: list[str]) -> set[str]:
+    """The bookkeeping columns of a table that is the tool's own ``rejects.csv`` (none otherwise): what the run
+    that wrote it said of each row. A run of it writes its own in their place, so no field is matched to them
+    (a ``reasons`` column read as reason codes would send the tool's own error text as clinical data)."""
+    return set(REJECTS_BOOKKEEPING) if is_own_rejects(columns) else set()
 
 
 def is_own_rejects(columns: list[str]) -> bool:

@@ -64,3 +64,28 @@ def test_another_files_column_named_like_the_bookkeeping_is_kept(tmp_path: Path)
     ]
     assert rejects.row(0, named=True)["reasons (source)"] == "asked by parent"
     assert "unknown-cvx" in rejects.row(0, named=True)["reasons"]
+
+
+def test_a_fixed_rejects_csv_sends_none_of_its_bookkeeping(tmp_path: Path) -> None:
+    # A newcomer fixed a rejects.csv and loaded it: its "reasons" column was matched to reason_codes by name, and
+    # each dose was created with the tool's own error text as its reasonCode.
+    import json
+
+    fixed = tmp_path / "rejects.csv"
+    fixed.write_text(
+        "source_file,source_row,Record ID,Patient ID,First Name,Last Name,DOB,CVX,Admin Date,reasons\n"
+        "/data/week1.csv,7,R7,P7,Ann,Lee,2015-03-04,08,2024-01-05,CVX required (): a value is required\n",
+        encoding="utf-8",
+    )
+    report = tmp_path / "dry"
+    result = CliRunner().invoke(main, ["load", "--dry-run", "-q", str(fixed), "--report-dir", str(report),
+                                       "--state", str(tmp_path / "s.sqlite")])
+    assert result.exit_code == 0, result.output
+    bodies = [json.loads(line)["body"] for line in (report / "payloads.ndjson").read_text("utf-8").splitlines()]
+    dose = next(b for b in bodies if "vaccineCode" in b)
+    assert "a value is required" not in json.dumps(dose) and "reasonCode" not in dose
+    summary = json.loads((report / "summary.json").read_text("utf-8"))
+    mapped = set(summary["inputs"][0]["columns_mapped"].values())
+    assert mapped.isdisjoint(BOOKKEEPING)
+    # Neither mapped nor "not carried": the new report's own source_file, source_row and reasons replace them.
+    assert all(c["column"] not in BOOKKEEPING for cs in summary["not_carried"].values() for c in cs)
