@@ -282,6 +282,11 @@ def key_field(kind: str) -> str:
     return spec.key if spec is not None else "record_id"
 
 
+#: A header's leading word that names the patient (``PERSON_FORENAME``, ``Client DOB``): what follows it names one of
+#: the patient's details (:func:`match_headers`).
+_SUBJECT = re.compile(r"(person|patient|client|recip|recipient|pt|member|child)[\s_\-.]+", re.IGNORECASE)
+
+
 def normalise_header(header: str) -> str:
     """``"Lot Number"``, ``"lot_number"`` and ``"LOT-NUMBER"`` all become ``"lotnumber"``."""
     return _PUNCT.sub("", header.strip().lower())
@@ -561,6 +566,10 @@ def match_headers(headers: list[str], profile: Profile, kind: str) -> dict[str, 
         bookkeeping = own_bookkeeping(headers)  # never matched by name: the new report replaces them
         for header in (h for h in headers if h not in bookkeeping):
             match = lookup.get(normalise_header(header))
+            if match is None and (subject := _SUBJECT.match(header)):
+                # "PERSON_FORENAME", "Patient DOB": the patient's own detail, by the name after the subject.
+                found = lookup.get(normalise_header(header[subject.end():]))
+                match = found if found is not None and found.startswith("patient_") else None
             if "#" in header:
                 # "Dose #" counts doses: it is a number of, never an amount (mL).
                 match = lookup.get(normalise_header(header.replace("#", " number")), match)
@@ -802,7 +811,17 @@ _COUNTED = re.compile(r"#|\b(number|num|no|count|seq|sequence)\b", re.IGNORECASE
 _AMOUNT = re.compile(r"\b(ml|amount|volume|quantity|qty)\b", re.IGNORECASE)
 _DATELIKE = re.compile(r"date|dob|birth|time|when|admin|start|stop|end|expir|entered|recorded", re.IGNORECASE)
 _PATIENT_ID = re.compile(r"(client|patient|person|recip|member|pt).*(id|no|num|number|mrn)\b", re.IGNORECASE)
-_EVENT_ID = re.compile(r"(event|record|vax|vaccination|visit|encounter).*(id|no|num|number)?$", re.IGNORECASE)
+_EVENT_ID = re.compile(r"(event|record|vax|vaccination|visit|encounter).*\b(id|no|num|number)$", re.IGNORECASE)
+_YES_NO = {"yes", "no", "y", "n", "true", "false"}  # a flag column's values (profile init's status hint)
+#: Words of a date column's header, and the date field each names (in this order: ``Batch Expiry Date`` is an
+#: expiration date, not the dose's). A date column whose header names none gets the first date field not mapped.
+_DATE_WORDS = (
+    (re.compile(r"expir|use.?by|best.?before", re.IGNORECASE), "expiration_date"),
+    (re.compile(r"birth|dob", re.IGNORECASE), "patient_birth_date"),
+    (re.compile(r"reaction", re.IGNORECASE), "reaction_date"),
+    (re.compile(r"record|enter", re.IGNORECASE), "recorded"),
+    (re.compile(r"admin|vacc|vax|given|occur|service|immuni|dose|shot", re.IGNORECASE), "occurrence"),
+)
 _NAME = re.compile(r"name", re.IGNORECASE)
 _SNIFF_ROWS = 1000  # rows whose values profile init looks at
 _FORMATS = (".toml", ".yaml", ".yml")
@@ -899,7 +918,12 @@ def starter_profile(table: Table, kind: str | None = None, fmt: str = "toml") ->
             flags = all(len(c) <= 3 and c.isalpha() for c in codes.samples)
             listed = ", ".join(codes.samples) if max(len(c) for c in codes.samples) <= 20 else None
             said = f"values: {listed}" if listed else f"{len(codes.samples)} distinct values in {codes.of} rows"
-            guess.why.append(said + (" (flags: a [[skip]] filter?)" if flags else ""))
+            if {c.lower() for c in codes.samples} <= _YES_NO and fields.get("status") and "status" not in taken:
+                # "Vaccinated: Yes/no": whether the dose was given, which a skip filter would leave out of the creates.
+                said += ' (given or not? map it to status, [values.status] yes = "completed", no = "not-done")'
+            elif flags:
+                said += " (flags: a [[skip]] filter?)"
+            guess.why.append(said)
         elif guess.canonical is None and shapes and not guess.expressions:
             guess.why.append(f"{shapes[0].kind}: {shapes[0].evidence}")
         guesses.append(guess)
@@ -937,6 +961,8 @@ def _guess_from_values(guess: _Guess, shapes: list[Any], fields: dict[str, Any],
         guess.why.append(f"{by_kind['number'].evidence}: numbers, and the header names an amount")
         return
     for pattern, name in ((_PATIENT_ID, "patient_id"), (_EVENT_ID, "record_id")):
+        if "date" in by_kind:  # dates are no one's id (DATE_OF_VACCINATION)
+            break
         if pattern.search(header) and name in fields and name not in taken:
             guess.canonical, guess.confidence = name, "low"
             guess.why.append("the header looks like an id of this kind")
@@ -946,7 +972,11 @@ def _guess_from_values(guess: _Guess, shapes: list[Any], fields: dict[str, Any],
         return
     if "date" in by_kind and _DATELIKE.search(header):
         date_fields = [f for f, spec in fields.items() if spec.value in ("date", "datetime") and f not in taken]
-        if date_fields:
+        named = next((f for words, f in _DATE_WORDS if words.search(header) and f in date_fields), None)
+        if named is not None:
+            guess.canonical, guess.confidence = named, "low"  # a hint: a word of the header
+            guess.why.append(f"dates, and the header's words suggest {named}")
+        elif date_fields:
             guess.canonical, guess.confidence = date_fields[0], "low"
             guess.why.append(f"dates, and {date_fields[0]} is the first date field not yet mapped")
 

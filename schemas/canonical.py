@@ -130,6 +130,7 @@ PATIENT_DEMOGRAPHICS: tuple[CanonicalField, ...] = (
         "given_name",
         "first",
         "given",
+        "forename",
         required_with=_DEMOGRAPHICS,
     ),
     F(
@@ -145,7 +146,8 @@ PATIENT_DEMOGRAPHICS: tuple[CanonicalField, ...] = (
         required_with=_DEMOGRAPHICS,
     ),
     F("patient_birth_date", "date", PAT + "birthDate", "birth_date", "dob", "date_of_birth", "recip_dob", "birthdate"),
-    F("patient_gender", "text", PAT + "gender", "gender", "sex", "recip_sex", normaliser="gender"),
+    F("patient_gender", "text", PAT + "gender", "gender", "sex", "recip_sex", "gender_code", "sex_code",
+      normaliser="gender"),
     F("patient_phone", "text", PAT + "phone", "phone", "phone_number", "telephone"),
     F("patient_email", "text", PAT + "email", "email", "email_address"),
     F(
@@ -159,7 +161,8 @@ PATIENT_DEMOGRAPHICS: tuple[CanonicalField, ...] = (
     ),
     F("patient_city", "text", PAT + "address.city", "city", "recip_address_city"),
     F("patient_state", "text", PAT + "address.state", "state", "recip_address_state"),
-    F("patient_postal_code", "text", PAT + "address.postalCode", "zip", "zip_code", "postal_code", "recip_address_zip"),
+    F("patient_postal_code", "text", PAT + "address.postalCode", "zip", "zip_code", "postal_code", "recip_address_zip",
+      "postcode"),
     F("patient_country", "text", PAT + "address.country", "country"),
 )
 
@@ -280,7 +283,7 @@ IMMUNIZATION_FIELDS: tuple[CanonicalField, ...] = (
     F("recorded", "datetime", IMM + "recorded", "recorded_date", "entry_date"),
     F("primary_source", "boolean", IMM + "primarySource"),
     F("manufacturer", "text", IMM + "manufacturer", "mvx", "manufacturer_name", "mfr", normaliser="mvx"),
-    F("lot_number", "text", IMM + "lotNumber", "lot", "lot_no", "lot_num"),
+    F("lot_number", "text", IMM + "lotNumber", "lot", "lot_no", "lot_num", "batch", "batch_number", "batch_no"),
     F(
         "expiration_date",
         "date",
@@ -290,7 +293,8 @@ IMMUNIZATION_FIELDS: tuple[CanonicalField, ...] = (
         "vax_expiration",
         "lot_expiration",
     ),
-    F("site", "text", IMM + "site", "body_site", "vax_admin_site", "admin_site", "injection_site", normaliser="site"),
+    F("site", "text", IMM + "site", "body_site", "vax_admin_site", "admin_site", "injection_site", "anatomical_site",
+      normaliser="site"),
     F("route", "text", IMM + "route", "vax_route", "admin_route", "route_of_administration", normaliser="route"),
     F("dose_value", "number", IMM + "doseQuantity.value", "dose_quantity", "dose_amount", "dose"),
     F("dose_unit", "text", IMM + "doseQuantity.unit", "dose_units", "unit"),
@@ -312,7 +316,7 @@ IMMUNIZATION_FIELDS: tuple[CanonicalField, ...] = (
     R("encounter_id", "encounter", IMM + "encounterId", "visit_id", "encounter"),
     F("note", "text", IMM + "note", "notes", "comment", "comments"),
     F("reason_codes", "list", IMM + "reasonCode", "reason_code", "reasons", "reason"),
-    F("status_reason", "text", IMM + "statusReason", "refusal_reason"),
+    F("status_reason", "text", IMM + "statusReason", "refusal_reason", "reason_not_given", "reason_not_vaccinated"),
     F("is_subpotent", "boolean", IMM + "isSubpotent", "subpotent"),
     F("reaction_date", "date", IMM + "reaction[].date"),
     F("reaction_reported", "boolean", IMM + "reaction[].reported"),

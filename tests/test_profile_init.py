@@ -141,3 +141,46 @@ def test_an_hl7_files_state_columns_are_the_tools_own_not_unmapped() -> None:
     assert not [line for line in text.splitlines() if any(f'"{c}"' in line for c in STATE_COLUMNS)]
     assert '"RXA-5" = "vaccine_code"' in text  # the real segments are still there
     assert '# "RXA-11" = ?  # not mapped' in text  # and so are the ones it cannot place
+
+
+SCHOOL = FIXTURES / "school-flu-upload.csv"  # a school flu upload's layout (NHS England's template), own values
+
+
+def test_a_uk_upload_layout_is_drafted_by_its_words_not_guessed_into_ids() -> None:
+    # A newcomer's draft of such a file mapped DATE_OF_VACCINATION to record_id ("looks like an id") and the batch
+    # expiry date to occurrence, and left the person's names, postcode, batch and site unmapped.
+    text = starter_profile(read_table(SCHOOL))
+    mapped = tomllib.loads(text)["columns"]
+    assert mapped == {
+        "PERSON_FORENAME": "patient_first_name",
+        "PERSON_SURNAME": "patient_last_name",
+        "PERSON_DOB": "patient_birth_date",
+        "PERSON_GENDER_CODE": "patient_gender",
+        "PERSON_POSTCODE": "patient_postal_code",
+        "DATE_OF_VACCINATION": "occurrence",
+        "BATCH_NUMBER": "lot_number",
+        "BATCH_EXPIRY_DATE": "expiration_date",
+        "ANATOMICAL_SITE": "site",
+        "REASON_NOT_VACCINATED": "status_reason",
+        "LOCAL_PATIENT_ID": "patient_id",
+    }
+    # The vaccinator's forename is no patient's; a yes/no "vaccinated" column is the status, not a filter.
+    assert line_of(text, "PERFORMING_PROFESSIONAL_FORENAME").startswith("# ")
+    assert 'map it to status, [values.status] yes = "completed", no = "not-done"' in line_of(text, "VACCINATED")
+    assert "[[skip]]" not in line_of(text, "VACCINATED")
+
+
+@pytest.mark.parametrize(
+    ("header", "field"),
+    [
+        ("PERSON_FORENAME", "patient_first_name"),
+        ("Client DOB", "patient_birth_date"),
+        ("patient-postcode", "patient_postal_code"),
+        ("PERSON_ID", None),  # "id" alone names the row's record, not a detail of the person
+        ("Child Lot", None),  # a lot is the dose's, whoever it was given to
+        ("Vaccination ID", "record_id"),
+    ],
+)
+def test_a_header_naming_the_patient_first_maps_only_to_the_patients_details(header: str, field: str | None) -> None:
+    sources = match_headers([header], default_profile(), "immunization")
+    assert {h: f for f, h in sources.items()}.get(header) == field
