@@ -336,8 +336,9 @@ RULES: dict[str, Rule] = catalogue(
             "zip-format",
             "reject",
             "not a US ZIP code: 5 digits or ZIP+4 (`02134`, `02134-1234`)",
-            "correct the ZIP code; a non-US postal code needs the row's country",
-            "a ZIP code such as 02134 or 02134-1234",
+            "correct the ZIP code; a non-US postal code needs the row's country, or a profile's "
+            "`[defaults] patient_country` for a whole file from abroad",
+            "a ZIP code such as 02134 or 02134-1234 (a row without a country is read as a US address)",
             severity="error",
         ),
         Rule(

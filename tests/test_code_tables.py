@@ -9,8 +9,9 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from etl.mapping import apply_profile, default_profile
+from etl.mapping import apply_profile, default_profile, load_profile
 from etl.readers import ROW, read_table
+from etl.rules import RULES
 from etl.validate import validate
 from schemas import refresh_codes
 from schemas.codes import WARNED_STATUSES, displays, names, source, statuses, table
@@ -99,6 +100,21 @@ def test_a_non_us_postal_code_is_not_a_zip(tmp_path: Path) -> None:
                     "R1,P1,Ann,Lee,2024-01-01,08,SW1A 1AA,GB\nR2,P2,Bo,Ray,2024-01-01,08,SW1A 1AA,US\n", "utf-8")
     result = validate(apply_profile(read_table(path), default_profile()), today=TODAY)
     assert result.rejects.select(ROW, "code").rows() == [(3, "zip-format")]
+
+
+def test_a_postal_code_without_a_country_is_read_as_a_zip_and_the_message_says_so(tmp_path: Path) -> None:
+    # A newcomer's UK upload (no country column): every row rejected with a message about US ZIP codes only.
+    path = tmp_path / "abroad.csv"
+    path.write_text("Record ID,Patient ID,First Name,Last Name,Admin Date,CVX,Postcode\n"
+                    "R1,P1,Ann,Lee,2024-01-01,08,LS6 2QT\n", "utf-8")
+    result = validate(apply_profile(read_table(path), default_profile()), today=TODAY)
+    assert result.rejects.select("code", "message").rows() == [
+        ("zip-format", "a ZIP code such as 02134 or 02134-1234 (a row without a country is read as a US address)")
+    ]
+    assert "[defaults] patient_country" in RULES["zip-format"].fix
+    profile = tmp_path / "abroad.toml"
+    profile.write_text('name = "abroad"\n[defaults]\npatient_country = "GB"\n', "utf-8")
+    assert validate(apply_profile(read_table(path), load_profile(profile)), today=TODAY).rejects.is_empty()
 
 
 # CDC's download formats, a few lines written here in their shape (code|...|status|...).
