@@ -694,8 +694,8 @@ def explain(code: str | None) -> None:
         )
         for name in ("code", "kind", "meaning"):
             table.add_column(name)
-        for rule in sorted(RULES.values(), key=lambda r: (_KIND_ORDER.index(r.kind), r.code)):
-            table.add_row(rule.code, rule.kind, rule.title)
+        for rule in sorted(RULES.values(), key=lambda r: (_KIND_ORDER.index(r.default_kind), r.code)):
+            table.add_row(rule.code, rule.default_kind, rule.title)
         out.print(table)
         return
     found = find_rule(code) or find_rule(code.lower()) or find_rule(code.upper())
@@ -703,7 +703,7 @@ def explain(code: str | None) -> None:
         close = difflib.get_close_matches(code, list(RULES), n=3)
         hint = f" Did you mean {' or '.join(close)}?" if close else ""
         raise UsageError(f"unknown code {code!r}.{hint} `clinik-etl explain` lists every code.")
-    out.print(f"{found.code} ({found.kind}): {found.title}.", soft_wrap=True, markup=False)
+    out.print(f"{found.code} ({found.shown_kind}): {found.title}.", soft_wrap=True, markup=False)
     out.print(f"fix: {found.fix}.", soft_wrap=True, markup=False)
     if found.severity is not None:
         out.print(

@@ -294,7 +294,8 @@ def _explanations(tally: pl.DataFrame, summary: dict[str, Any]) -> str:
     if not rules:
         return ""
     return '<h2 id="codes">What the codes mean</h2>' + _table(
-        ["code", "kind", "meaning", "fix"], ([r.code, r.kind, r.title, r.fix] for r in rules), table_id="code-meanings"
+        ["code", "kind", "meaning", "fix"], ([r.code, r.shown_kind, r.title, r.fix] for r in rules),
+        table_id="code-meanings",
     )
 
 

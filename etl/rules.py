@@ -102,6 +102,19 @@ class Rule:
     #: A domain rule's default severity; None for a rule no profile may change (the API's limits).
     severity: Severity | None = None
 
+    @property
+    def default_kind(self) -> str:
+        """What the rule does to a row unless a profile says otherwise: a domain rule's, by its default severity
+        (``expiration-before-occurrence``, of a reject kind, only warns by default)."""
+        if self.severity is None:
+            return self.kind
+        return "reject" if self.severity == "error" else self.severity
+
+    @property
+    def shown_kind(self) -> str:
+        """:attr:`default_kind` as ``explain CODE`` and ``report.html`` show it (``warning by default``)."""
+        return self.kind if self.severity is None else f"{self.default_kind} by default"
+
     def template_of(self, variant: str = "") -> str:
         """The wording of ``variant`` (``""``: the usual one)."""
         if not variant:

@@ -126,6 +126,28 @@ def test_explain_says_a_rules_default_severity() -> None:
     assert fixed.exit_code == 0 and "severity" not in fixed.output
 
 
+def test_a_rule_that_only_warns_by_default_is_shown_as_a_warning_not_a_reject() -> None:
+    # A newcomer read "expiration-before-occurrence (reject)" in explain and report.html, though it only warned.
+    from click.testing import CliRunner
+
+    from etl.cli import main
+    from etl.report_html import render_html
+
+    said = CliRunner().invoke(main, ["explain", "expiration-before-occurrence"]).output
+    assert said.startswith("expiration-before-occurrence (warning by default): ")
+    assert CliRunner().invoke(main, ["explain", "future-date"]).output.startswith("future-date (reject by default): ")
+    assert CliRunner().invoke(main, ["explain", "max-length"]).output.startswith("max-length (reject): ")
+    listed = CliRunner().invoke(main, ["explain"]).output
+    assert any(line.split()[:2] == ["expiration-before-occurrence", "warning"] for line in listed.splitlines())
+    summary = {"states": {"planned": 1}, "rows_total": 1,
+               "warnings": [{"file": "a.csv", "code": "expiration-before-occurrence", "rows": [2], "count": 1}]}
+    problems = pl.DataFrame(schema={"source_file": pl.String, "source_row": pl.UInt32, "kind": pl.String,
+                                    "state": pl.String, "error_code": pl.String, "field": pl.String,
+                                    "message": pl.String})
+    page = render_html(summary, problems)
+    assert "<td>expiration-before-occurrence</td><td>warning by default</td>" in page
+
+
 def test_a_kinds_section_changes_severity_for_its_kind_only(tmp_path: Path) -> None:
     path = tmp_path / "multi.toml"
     path.write_text(
