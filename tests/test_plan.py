@@ -323,7 +323,7 @@ def test_a_file_where_every_row_is_rejected_keeps_a_sample_in_memory_and_counts_
     assert read_rows(tmp_path / "r" / "rows.csv").filter(pl.col("state") == "rejected").height == 500
     out = CliRunner().invoke(main, ["validate", str(path), "--batch-rows", "100", "--report-dir", str(tmp_path / "c")])
     assert out.exit_code == 1
-    (line,) = [x for x in out.output.splitlines() if "rows 2, 3, 4, 5, 6" in x]
+    (line,) = [x for x in out.output.splitlines() if "rows all-bad.csv:2, all-bad.csv:3, all-bad.csv:4 " in x]
     assert " 500 " in line and line.strip().endswith("...")
 
 
