@@ -413,15 +413,18 @@ class _Payloads:
 
     def __init__(
         self, work: Path, destination: Destination, *, dry_run: bool = False, matched: bool = False,
-        redacted: bool = False,
+        redacted: bool = False, earlier: bool = False,
     ) -> None:
         self.work = work
         self.destination = destination
+        # A dry run over an earlier run's state store (``earlier``) previews what a load would skip or find
+        # changed (:func:`_created_earlier`): its bodies are hashed, and planned as a load's are.
+        self.earlier = earlier
         # What the batches' plan (etl.transform.plan) builds: a dry run hashes no body (only a load's state
         # store compares hashes), and its bodies show their references readable, as its lines do, unless
         # matching reads their placeholders (``matched``).
-        self.hashes = not dry_run
-        self.readable = dry_run and not matched and destination.shows_readable_refs
+        self.hashes = not dry_run or earlier
+        self.readable = dry_run and not matched and not earlier and destination.shows_readable_refs
         self.lines = dry_run and not matched  # each part's lines written as it is kept (_lines_of)
         self.redacted = redacted  # the lines' bodies redacted (--redact)
         self.lines_in: dict[Path, int] = {}  # a part (with lines) -> how many lines its file of lines holds
@@ -772,7 +775,8 @@ def planned_in_batches(
     # A validation or a dry run without matching reads a part back only when its stage's end may change it.
     writer = _RowsWriter(rows_csv, work, parts_read=not rows_csv or matcher is not None or (payloads and not dry_run))
     keys.payloads = _Payloads(
-        work, destination, dry_run=dry_run, matched=matcher is not None, redacted=settings.redact
+        work, destination, dry_run=dry_run, matched=matcher is not None, redacted=settings.redact,
+        earlier=dry_run and state is not None,
     ) if payloads else None
     keys.resolves = destination.resolves_references
     today = dt.date.today()  # one date for every batch, though the run may pass midnight
@@ -900,6 +904,8 @@ def _batch(
         rows = keys.doses.mark(rows, validation.valid, x.file)
     if payloads is not None:
         rows, creates = payloads.destination.plan_batch(mapped, validation.valid, planned, rows)
+        if payloads.earlier and keys.state is not None:  # a dry run: what a load would skip, or find changed
+            rows, creates = _created_earlier(keys.state, x.kind, rows, creates, update=settings.update)
         payloads.add(x, n, creates)
     x.rows += prepared.height
     for (code,), found in validation.warnings.group_by("code", maintain_order=True):
@@ -936,6 +942,58 @@ def _batch(
         x.on_disk.add(x.parts[-1])
     writer.submit(x.parts[-1], rows, then, ipc=kept)
     return unexplained
+
+
+def _created_earlier(
+    state: StateStore, kind: str, rows: pl.DataFrame, creates: list[tuple[str, pl.DataFrame]], *, update: bool
+) -> tuple[pl.DataFrame, list[tuple[str, pl.DataFrame]]]:
+    """A dry run's batch as a load would send it over ``state``: the creates an earlier run made are left out.
+
+    As the loader decides (``etl.load.loader.Loader._run_stage``): stored as created and unchanged since (the
+    same body hash, or none to compare, or no id to update), a row is ``skipped`` with its id; changed, it is
+    ``changed`` (a load reports it, or patches it with ``--update``: a PATCH, not among the dry run's POST
+    lines). A record an earlier run left in doubt stays planned: a load looks it up first.
+    """
+    from etl.load.reimport import CREATED_EARLIER
+
+    kept: list[tuple[str, pl.DataFrame]] = []
+    mine = pl.DataFrame(schema={"source_key": pl.String, "earlier_id": pl.String, "earlier_changed": pl.Boolean})
+    for made, frame in creates:
+        stored = state.stored(made, frame.get_column("source_key"), states=("created",),
+                              columns=("resource_id", "body_hash")) if frame.height else None
+        if stored is None or stored.is_empty():
+            kept.append((made, frame))
+            continue
+        held = pl.col("stored_hash").fill_null("")
+        found = frame.select("source_key", "body_hash").join(
+            stored.rename({"body_hash": "stored_hash"}), on="source_key", how="inner"
+        ).select(
+            "source_key",
+            pl.col("resource_id").alias("earlier_id"),
+            ((held != "") & held.ne_missing(pl.col("body_hash")) & (pl.col("resource_id").fill_null("") != ""))
+            .alias("earlier_changed"),
+        )
+        kept.append((made, frame.join(found, on="source_key", how="anti", maintain_order="left")))
+        if made == kind:
+            mine = pl.concat([mine, found])
+    if mine.is_empty():
+        return rows, kept
+    changed = "differs from what was created; " + (
+        "a load with --update patches it (a PATCH, not in payloads.ndjson)" if update else "--update patches it"
+    )
+    hit = (pl.col("state") == "planned") & pl.col("earlier_id").is_not_null()
+    rows = (
+        rows.join(mine.unique("source_key", keep="first"), on="source_key", how="left", maintain_order="left")
+        .with_columns(
+            pl.when(hit).then(pl.when(pl.col("earlier_changed")).then(pl.lit("changed")).otherwise(pl.lit("skipped")))
+            .otherwise(pl.col("state")).alias("state"),
+            pl.when(hit).then(pl.col("earlier_id")).otherwise(pl.col("resource_id")).alias("resource_id"),
+            pl.when(hit).then(pl.when(pl.col("earlier_changed")).then(pl.lit(changed)).otherwise(pl.lit(CREATED_EARLIER)))
+            .otherwise(pl.col("message")).alias("message"),
+        )
+        .drop("earlier_id", "earlier_changed")
+    )
+    return rows, kept
 
 
 def _unexplained(

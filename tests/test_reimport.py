@@ -153,3 +153,36 @@ def test_a_kind_read_whole_gives_every_record_as_stored(tmp_path: Path) -> None:
         assert len(records) == len(keys) and got.height == len(keys)
         assert state.stored("immunization", pl.Series(["x"]), columns=("state",)).height == 0
     assert "records_kept" in _indexes(path)
+
+
+def test_a_dry_run_over_the_state_store_previews_what_the_load_then_does(tmp_path: Path) -> None:
+    # A newcomer's dry run after a load planned every row again (19 POSTs) while the load sent none.
+    import json
+
+    registry, text = _registry(tmp_path)
+    with SandboxServer(SandboxConfig()) as server:
+        base = {"base_url": server.base_url, "api_key": server.api_key, "consistency_window": 0,
+                "state": tmp_path / "s.sqlite"}
+        first = load_files([registry], Settings(**base, report_dir=tmp_path / "r1"))
+        # The next week's export: one lot corrected, one new dose of a new patient.
+        lines = text.splitlines()
+        new = (lines[1].replace("VX-000001,", "VX-900001,", 1).replace("P-10002,", "P-90002,", 1)
+               .replace("Dorothy,Mitchell,", "Zelda,Quinn,", 1))  # someone else: matching finds no one
+        assert new != lines[1]
+        registry.write_text(text.replace(",JS4841AA,", ",JS4841AB,", 1) + new + "\n", encoding="utf-8")
+        preview = load_files([registry], Settings(**base, dry_run=True, report_dir=tmp_path / "d"))
+        states = preview.rows.get_column("state").value_counts().rows()
+        assert dict(states) == {"skipped": first.states["created"] - 1, "changed": 1, "planned": 1,
+                                "rejected": first.states["rejected"]}
+        sent = [json.loads(line) for line in (tmp_path / "d" / "payloads.ndjson").read_text("utf-8").splitlines()]
+        assert sorted((s["kind"], s["source_key"]) for s in sent) == [("immunization", "VX-900001"),
+                                                                      ("patient", "P-90002")]
+        assert sent[-1]["body"]["patientId"] == "patient:P-90002"  # readable, as a first dry run's
+        skipped = preview.rows.filter(pl.col("state") == "skipped")
+        assert set(skipped.get_column("message")) == {"created by an earlier run"}
+        assert skipped.get_column("resource_id").null_count() == 0
+        load = load_files([registry], Settings(**base, report_dir=tmp_path / "r2"))
+        by_row = dict(zip(load.rows["source_row"], load.rows["state"], strict=True))
+        for row, state in zip(preview.rows["source_row"], preview.rows["state"], strict=True):
+            assert by_row[row] == ("created" if state == "planned" else state), row
+        assert load.summary["creates_sent"] == len(sent)
