@@ -143,7 +143,8 @@ class _Input:
     reject_parts: list[Path] = field(default_factory=list)
     reject_spans: dict[Path, tuple[int, int]] = field(default_factory=dict)  # a part's rejects.csv lines (_LinesFile)
     on_disk: set[Path] = field(default_factory=set)  # parts written as IPC (_batch: the ones read back)
-    warnings: dict[str, tuple[int, list[int]]] = field(default_factory=dict)  # code -> (count, first rows)
+    # code -> (count, first rows, first distinct cells: column and value)
+    warnings: dict[str, tuple[int, list[int], list[dict[str, str | None]]]] = field(default_factory=dict)
     held: list[pl.DataFrame] = field(default_factory=list)  # source cells of rows that may still be rejected
     looked_up: dict[str, dict[str, str]] = field(default_factory=dict)  # field -> value -> what a side file says
 
@@ -336,6 +337,7 @@ class _LinesFile:
 
 
 _ROWS_HEADER = (",".join(ROW_COLUMNS) + "\n").encode()
+_EXAMPLES = 3  # cells a warning's summary quotes (RowWarnings.examples)
 _PAYLOAD_WORKERS = 2  # parts of payloads.ndjson built at once
 _HELD_BYTES = 48 * 1024 * 1024  # creates' parts kept in memory, not written, at most (_Payloads)
 _AT = "__at"  # a create's position in its part
@@ -909,8 +911,12 @@ def _batch(
         payloads.add(x, n, creates)
     x.rows += prepared.height
     for (code,), found in validation.warnings.group_by("code", maintain_order=True):
-        count, first = x.warnings.get(str(code), (0, []))
-        x.warnings[str(code)] = (count + found.height, (first + found.get_column(ROW).to_list())[:20])
+        count, first, examples = x.warnings.get(str(code), (0, [], []))
+        if len(examples) < _EXAMPLES:  # the first distinct cells (source column and value) it was raised on
+            cells = found.select(pl.col("field").replace(mapped.sources).alias("column"), "value").unique(
+                maintain_order=True).head(_EXAMPLES).to_dicts()
+            examples = [*examples, *(c for c in cells if c not in examples)][:_EXAMPLES]
+        x.warnings[str(code)] = (count + found.height, (first + found.get_column(ROW).to_list())[:20], examples)
 
     planned_rows = rows.filter(pl.col("state") == "planned")
     keys.add_available(x.kind, planned_rows.get_column("source_key"))
@@ -1217,9 +1223,9 @@ def _write(
 
     warnings: list[NoticeFacts | RowWarnings] = [w for x in inputs for w in notice_facts(x.mapped)]
     warnings += [
-        RowWarnings(file=x.file, code=code, rows=first, count=count)
+        RowWarnings(file=x.file, code=code, rows=first, count=count, examples=examples)
         for x in inputs
-        for code, (count, first) in x.warnings.items()
+        for code, (count, first, examples) in x.warnings.items()
     ]
     summary = summary_of(
         run_id,

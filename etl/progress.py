@@ -25,6 +25,7 @@ wraps a plain function.
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Callable, Mapping
 from types import TracebackType
@@ -329,11 +330,16 @@ def run_notes(summary: Mapping[str, Any]) -> list[str]:
     counts: dict[str, int] = {}
     first: dict[str, list[str]] = {}
     notices: list[str] = []
+    cells: dict[str, list[str]] = {}
     for w in summary.get("warnings") or []:
         name = w["file"].replace("\\", "/").rsplit("/", 1)[-1]
         if "count" in w:
             counts[w["code"]] = counts.get(w["code"], 0) + int(w["count"])
             first.setdefault(w["code"], []).extend(f"{name}:{r}" for r in w["rows"])
+            for cell in w.get("examples") or []:  # the cells it was raised on: column "value"
+                said = f"{cell['column']} {json.dumps(cell['value'], ensure_ascii=False)}"
+                if said not in cells.setdefault(w["code"], []):
+                    cells[w["code"]].append(said)
         elif w["code"] != RULES["unmapped-columns"].code:
             notices.append(f"  {w['code']:<30} {name}: {w['message']}")
     if counts or notices:
@@ -341,7 +347,9 @@ def run_notes(summary: Mapping[str, Any]) -> list[str]:
         for code in sorted(counts):
             rows = first[code][:WARNING_EXAMPLES]
             more = " ..." if counts[code] > len(rows) else ""
-            lines.append(f"  {code:<30} {counts[code]:>4}  rows {', '.join(rows)}{more}")
+            quoted = cells.get(code, [])[:WARNING_EXAMPLES]
+            on = f"; {', '.join(quoted)}{' ...' if len(cells.get(code, [])) > len(quoted) else ''}" if quoted else ""
+            lines.append(f"  {code:<30} {counts[code]:>4}  rows {', '.join(rows)}{more}{on}")
         lines += notices
     for x in summary.get("not_imported") or []:
         lines.append(f"not imported: {x['file']} ({x['name']}, {x['rows']} rows): {x['reason']}")

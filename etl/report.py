@@ -130,6 +130,9 @@ class RowWarnings(_Facts):
     code: str
     rows: list[int]
     count: int
+    #: The first distinct cells it was raised on: ``{"column": <source column>, "value": <cell as written>}``
+    #: (a ``--redact`` report's redacted fields masked, as in its rows).
+    examples: list[dict[str, str | None]] = []
 
 
 #: Why a source column reaches no payload: no profile field takes it; the field it feeds has no place in

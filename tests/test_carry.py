@@ -315,3 +315,32 @@ def _get_one(server: Any, route: str) -> dict[str, Any]:
     response = httpx.get(server.base_url + route, headers={"x-api-key": server.api_key})
     response.raise_for_status()
     return dict(response.json()["data"])
+
+
+def test_a_warning_quotes_the_cells_it_was_raised_on_and_a_redacted_report_masks_them(tmp_path: Path) -> None:
+    # A newcomer saw "unmapped-code 3 rows 2, 3, 5" and had to guess which site words were meant.
+    import json
+
+    shots = tmp_path / "shots.csv"
+    shots.write_text(
+        "Record ID,Patient ID,First Name,Last Name,DOB,CVX,Admin Date,Site\n"
+        "R1,P1,Ann,Lee,2/14/15,08,2024-03-01,Left Buttock\n"
+        "R2,P2,Bo,Ray,2015-01-02,08,2024-03-01,Nasal\n"
+        "R3,P3,Cy,Day,2015-01-02,08,2024-03-01,Left Buttock\n",
+        encoding="utf-8",
+    )
+    result = CliRunner().invoke(main, ["validate", "--report-dir", str(tmp_path / "r"), str(shots)])
+    assert result.exit_code == 0, result.output
+    (line,) = [x for x in result.output.splitlines() if "unmapped-code" in x]
+    assert line.endswith('; Site "Left Buttock", Site "Nasal"')  # each cell once, as written
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text("utf-8"))
+    found = {w["code"]: w for w in summary["warnings"] if "count" in w}
+    assert found["unmapped-code"]["examples"] == [{"column": "Site", "value": "Left Buttock"},
+                                                  {"column": "Site", "value": "Nasal"}]
+    assert found["two-digit-year"]["examples"] == [{"column": "DOB", "value": "2/14/15"}]
+    redacted = CliRunner().invoke(main, ["validate", "--redact", "--report-dir", str(tmp_path / "x"), str(shots)])
+    assert "2/14/15" not in redacted.output
+    hidden = json.loads((tmp_path / "x" / "summary.json").read_text("utf-8"))
+    assert {w["code"]: w for w in hidden["warnings"] if "count" in w}["two-digit-year"]["examples"] == [
+        {"column": "DOB", "value": "[redacted]"}
+    ]
