@@ -174,8 +174,9 @@ def _blank_to_null(e: pl.Expr) -> pl.Expr:
 
 def _normalise(f: CanonicalField, e: pl.Expr, values: Mapping[str, str] | None = None) -> pl.Expr:
     if values:
-        # The profile's own words for this field win over the built-in spellings.
-        lowered = {k.strip().lower(): v for k, v in values.items()}
+        # The profile's own words for this field win over the built-in spellings; a word mapped to "" is no
+        # value (the field is left out, as for an empty cell), not an empty text.
+        lowered = {k.strip().lower(): (v if v.strip() else None) for k, v in values.items()}
         e = e.str.to_lowercase().replace_strict(lowered, default=e, return_dtype=pl.String)
     if f.normaliser is None:
         return e

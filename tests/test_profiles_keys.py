@@ -491,3 +491,28 @@ def test_a_route_needs_the_profiles_kind_and_a_known_kind(tmp_path: Path) -> Non
     with pytest.raises(ProfileError, match="belongs at the top"):
         profile(tmp_path, IMM + '[kinds.encounter]\n[[kinds.encounter.route]]\ncolumn = "T"\nvalues = ["V"]\n'
                 'kind = "encounter"\n')
+
+
+def test_a_word_mapped_to_nothing_leaves_the_field_out(tmp_path: Path) -> None:
+    # A newcomer mapped "Nasal" = "" for a site column: the body carried "site": "" and the row still warned
+    # unmapped-code. An empty mapping is no value: no site, no warning.
+    import json
+
+    from click.testing import CliRunner
+
+    from etl.cli import main
+
+    path = tmp_path / "doses.csv"
+    path.write_text("Record ID,Patient ID,First Name,Last Name,CVX,Admin Date,Site\n"
+                    "R1,P1,Ann,Lee,149,2024-10-08,Nasal\nR2,P2,Bo,Ray,171,2024-10-08,Left Upper Arm\n", "utf-8")
+    profile = tmp_path / "p.toml"
+    profile.write_text('name = "p"\n[values.site]\nmap = "site"\nNasal = ""\n', "utf-8")
+    result = CliRunner().invoke(main, ["load", "--dry-run", "-q", "--profile", str(profile), str(path),
+                                       "--report-dir", str(tmp_path / "r"), "--state", str(tmp_path / "s.sqlite")])
+    assert result.exit_code == 0, result.output
+    doses = {line["source_key"]: line["body"] for line in map(json.loads, (tmp_path / "r" / "payloads.ndjson")
+                                                             .read_text("utf-8").splitlines())
+             if line["kind"] == "immunization"}
+    assert "site" not in doses["R1"] and doses["R2"]["site"] == "LA"
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text("utf-8"))
+    assert not [w for w in summary["warnings"] if w.get("code") == "unmapped-code"]
