@@ -318,7 +318,7 @@ def with_outcomes(rows: pl.DataFrame, table: pl.DataFrame, patients: pl.DataFram
             pl.when(planned).then(pl.col("r_field")).otherwise(pl.col("field")).alias("field"),
             pl.when(planned)
             .then(
-                pl.when(pl.col("r_status").is_not_null() & (pl.col("r_state") != "created"))
+                pl.when(pl.col("r_status").is_not_null() & ~pl.col("r_state").is_in(["created", "updated"]))
                 .then(format_text("HTTP {}: {}", "r_status", pl.col("r_message").fill_null("")))
                 .otherwise(pl.col("r_message"))
             )

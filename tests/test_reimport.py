@@ -69,6 +69,11 @@ def test_an_unchanged_re_import_opens_no_client_and_a_changed_row_opens_one(
         assert changed.states["changed"] == 1 and changed.states["skipped"] == created - 1
         updated = load_files([registry], Settings(**base, update=True, report_dir=tmp_path / "r4"))
         assert updated.states["updated"] == 1 and updated.summary["requests"] == 1
+        # Its message says what the PATCH did, not "HTTP 200: " (a newcomer's finding).
+        from etl.load.loader import UPDATED
+
+        (said,) = updated.rows.filter(pl.col("state") == "updated").get_column("message").to_list()
+        assert said == UPDATED
         assert count(server, "/v1/immunizations") == before  # patched in place, never created twice
 
 

@@ -58,6 +58,10 @@ from etl.transform import fill_refs
 
 __all__ = ["CREATED_EARLIER", "LoadOptions", "Loader", "Result", "Send", "created_unchanged", "failure"]
 
+#: An updated row's message: what the PATCH did, and what it did not (the API's update is partial: OpenAPI
+#: "Partial ... fields to update"; no field is documented as cleared by one).
+UPDATED = "patched to the file's values; a field the file no longer gives keeps its earlier value"
+
 ResultState = Literal["created", "skipped", "failed", "unknown", "changed", "updated"]
 
 
@@ -357,7 +361,7 @@ class Loader:
         self._listen()
         if isinstance(outcome, Created):
             self.state.set_hash(item.kind, [(item.source_key, item.body_hash)])
-            return Result("updated", resource_id, outcome.status)
+            return Result("updated", resource_id, outcome.status, message=UPDATED)
         if isinstance(outcome, Refused):
             return Result("failed", resource_id, outcome.status, outcome.code, outcome.field, outcome.message)
         return failure("failed", RULES["not-updated"], resource_id=resource_id, reason=getattr(outcome, "reason", ""))
