@@ -960,32 +960,25 @@ def _created_earlier(
     ``changed`` (a load reports it, or patches it with ``--update``: a PATCH, not among the dry run's POST
     lines). A record an earlier run left in doubt stays planned: a load looks it up first.
     """
-    from etl.load.reimport import CREATED_EARLIER
+    from etl.load.reimport import CHANGED_SINCE, CREATED_EARLIER, created_earlier
 
     kept: list[tuple[str, pl.DataFrame]] = []
     mine = pl.DataFrame(schema={"source_key": pl.String, "earlier_id": pl.String, "earlier_changed": pl.Boolean})
     for made, frame in creates:
-        stored = state.stored(made, frame.get_column("source_key"), states=("created",),
-                              columns=("resource_id", "body_hash")) if frame.height else None
-        if stored is None or stored.is_empty():
+        found = created_earlier(state, made, frame.select("source_key", "body_hash")) if frame.height else None
+        if found is None or found.is_empty():
             kept.append((made, frame))
             continue
-        held = pl.col("stored_hash").fill_null("")
-        found = frame.select("source_key", "body_hash").join(
-            stored.rename({"body_hash": "stored_hash"}), on="source_key", how="inner"
-        ).select(
-            "source_key",
-            pl.col("resource_id").alias("earlier_id"),
-            ((held != "") & held.ne_missing(pl.col("body_hash")) & (pl.col("resource_id").fill_null("") != ""))
-            .alias("earlier_changed"),
-        )
-        kept.append((made, frame.join(found, on="source_key", how="anti", maintain_order="left")))
+        kept.append((made, frame.join(found.select("source_key"), on="source_key", how="anti", maintain_order="left")))
         if made == kind:
+            found = found.select("source_key", pl.col("resource_id").alias("earlier_id"),
+                                 pl.col("changed").alias("earlier_changed"))
             mine = pl.concat([mine, found])
     if mine.is_empty():
         return rows, kept
-    changed = "differs from what was created; " + (
-        "a load with --update patches it (a PATCH, not in payloads.ndjson)" if update else "--update patches it"
+    changed = (  # a load with --update patches it: a PATCH, which a dry run does not list
+        CHANGED_SINCE.replace("--update patches", "a load with --update patches") + " (not in payloads.ndjson)"
+        if update else CHANGED_SINCE
     )
     hit = (pl.col("state") == "planned") & pl.col("earlier_id").is_not_null()
     rows = (

@@ -48,7 +48,7 @@ from typing import Any, ClassVar, Literal, Protocol
 from etl.errors import ApiError, AuthError, LookupFailed, QuotaExceededError
 from etl.load.client import QUOTA_CODES, UNTRUSTED, Created, Outcome, Refused, RetryLater, Unknown
 from etl.load.lookup import matches
-from etl.load.reimport import CREATED_EARLIER, created_unchanged
+from etl.load.reimport import CHANGED_SINCE, CREATED_EARLIER, created_unchanged
 from etl.load.state import Record, StateStore
 from etl.load.throttle import Throttle
 from etl.progress import Progress, as_progress
@@ -346,7 +346,7 @@ class Loader:
     async def _update(self, item: Send, resource_id: str) -> Result:
         """A row that changed since it was created: reported, or patched with ``update``."""
         if not self.options.update or self.stopping or self.unresponsive:
-            return Result("changed", resource_id, message="differs from what was created; --update patches it")
+            return Result("changed", resource_id, message=CHANGED_SINCE)
         patch = getattr(self.client, "patch", None)
         body, missing = self._fill(item)
         if patch is None:

@@ -21,10 +21,12 @@ import polars as pl
 if TYPE_CHECKING:
     from etl.load.state import StateStore
 
-__all__ = ["CREATED_EARLIER", "created_unchanged", "skipped_and_unsent"]
+__all__ = ["CHANGED_SINCE", "CREATED_EARLIER", "created_earlier", "created_unchanged", "skipped_and_unsent"]
 
 #: The message of a row skipped because an earlier run created it (and it has not changed since).
 CREATED_EARLIER = "created by an earlier run"
+#: The message of a row an earlier run created that differs now (reported ``changed``; ``--update`` patches it).
+CHANGED_SINCE = "differs from what was created; --update patches it"
 
 _SKIPPED = {"kind": pl.String, "source_key": pl.String, "resource_id": pl.String}
 
@@ -37,21 +39,27 @@ def skipped_and_unsent(state: StateStore, creates: pl.DataFrame) -> tuple[pl.Dat
     found = [pl.DataFrame(schema=_SKIPPED)]
     unsent = 0
     for (kind,), mine in creates.select("kind", "source_key", "body_hash").group_by("kind", maintain_order=True):
-        stored = state.stored(str(kind), mine.get_column("source_key"), states=("created",),
-                              columns=("resource_id", "body_hash"))
-        unsent += mine.height - stored.height
-        if stored.is_empty():
-            continue
-        held_hash = pl.col("stored_hash").fill_null("")
-        changed = (held_hash != "") & held_hash.ne_missing(pl.col("body_hash")) & (
-            pl.col("resource_id").fill_null("") != "")
-        found.append(
-            mine.join(stored.rename({"body_hash": "stored_hash"}), on="source_key", how="inner")
-            .filter(~changed)
-            .select("kind", "source_key", "resource_id")
-        )
+        made = created_earlier(state, str(kind), mine)
+        unsent += mine.height - made.get_column("source_key").n_unique()
+        found.append(made.filter(~pl.col("changed")).select("kind", "source_key", "resource_id"))
     # a result a key, as the loader's (a dict) gives
     return pl.concat(found).unique(["kind", "source_key"], maintain_order=True), unsent
+
+
+def created_earlier(state: StateStore, kind: str, creates: pl.DataFrame) -> pl.DataFrame:
+    """Those of ``creates`` (of ``kind``: ``source_key``, ``body_hash`` and any other columns, kept) that the
+    state store holds as created, with their ``resource_id`` and whether each ``changed`` since, by the loader's
+    rule (``etl.load.loader.Loader._run_stage``): a stored hash that differs, and an id to update (no hash or
+    no id to compare: unchanged). One state-store read (:meth:`StateStore.stored`) and a join."""
+    stored = state.stored(kind, creates.get_column("source_key"), states=("created",),
+                          columns=("resource_id", "body_hash"))
+    held = pl.col("stored_hash").fill_null("")
+    changed = (held != "") & held.ne_missing(pl.col("body_hash")) & (pl.col("resource_id").fill_null("") != "")
+    return (
+        creates.join(stored.rename({"body_hash": "stored_hash"}), on="source_key", how="inner")
+        .with_columns(changed.alias("changed"))
+        .drop("stored_hash")
+    )
 
 
 def created_unchanged(state: StateStore, creates: pl.DataFrame) -> pl.DataFrame:
