@@ -827,6 +827,10 @@ def print_summary(report: RunReport, stream: Console | None = None) -> None:
         console.print(f"blank rows skipped: {s['blank_rows']} (empty, or only separators: not in rows.csv)")
     if s.get("patients"):
         console.print("patients: " + ", ".join(f"{k} {v}" for k, v in s["patients"].items()))
+    for kind, counts in (s.get("resources") or {}).items():
+        # What the rows described besides themselves (a performer's practitioner): no row of the table counts it.
+        if kind != "patient" and kind not in s.get("kinds", {}) and counts:
+            console.print(f"{kind}s (from the rows' columns): " + ", ".join(f"{k} {v}" for k, v in counts.items()))
     if s.get("matching"):
         m = s["matching"]
         console.print(f"matching ({m.get('mode')}): {m.get('matched', 0)} matched, {m.get('needs-review', 0)} rows "

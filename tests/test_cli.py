@@ -167,3 +167,19 @@ def test_rejects_and_warnings_by_code_name_their_rows_alike_for_one_file(tmp_pat
     assert by_code["date-format"] == "registry.csv:236, registry.csv:263, registry.csv:292"
     assert by_code["max-length"].endswith(" ...") and by_code["max-length"].count("registry.csv:") == 3
     assert "rows registry.csv:92, registry.csv:458" in warnings[0]
+
+
+def test_a_load_says_how_many_practitioners_its_rows_performers_made(tmp_path: Path) -> None:
+    # A newcomer's load created a practitioner from the performer's name; the terminal said nothing of it.
+    doses = tmp_path / "doses.csv"
+    doses.write_text("Record ID,Patient ID,First Name,Last Name,DOB,CVX,Admin Date,Vaccinator Name\n"
+                     "R1,P1,Ann,Lee,2015-03-04,08,2024-03-01,Priya Shah\n"
+                     "R2,P2,Bo,Ray,2015-03-04,08,2024-03-01,Priya Shah\n", encoding="utf-8")
+    result = CliRunner().invoke(main, ["load", str(doses), "--report-dir", str(tmp_path / "r"),
+                                       "--state", str(tmp_path / "s.sqlite")])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert "patients: created 2" in lines
+    assert "practitioners (from the rows' columns): created 1" in lines
+    # A kind the rows are of has its column in the table, not a line of its own.
+    assert not any(line.startswith("immunizations") for line in lines)
