@@ -808,6 +808,8 @@ def profile_init(
 def print_summary(report: RunReport, stream: Console | None = None) -> None:
     """The short human summary printed at the end of a run."""
     console = stream or out
+    # Each line whole, never wrapped at the terminal's (or a pipe's 80) columns mid-phrase: a script reads them.
+    say = functools.partial(console.print, soft_wrap=True)
     s = report.summary
     title = f"clinik-etl {s['command']}{' (dry run)' if s.get('dry_run') else ''}"
     table = RichTable(title=title, title_justify="left")
@@ -824,30 +826,30 @@ def print_summary(report: RunReport, stream: Console | None = None) -> None:
     table.add_row("[bold]total[/]", *totals, f"[bold]{s['rows_total']}[/]")
     console.print(table)
     if s.get("blank_rows"):
-        console.print(f"blank rows skipped: {s['blank_rows']} (empty, or only separators: not in rows.csv)")
+        say(f"blank rows skipped: {s['blank_rows']} (empty, or only separators: not in rows.csv)")
     if s.get("patients"):
-        console.print("patients: " + ", ".join(f"{k} {v}" for k, v in s["patients"].items()))
+        say("patients: " + ", ".join(f"{k} {v}" for k, v in s["patients"].items()))
     for kind, counts in (s.get("resources") or {}).items():
         # What the rows described besides themselves (a performer's practitioner): no row of the table counts it.
         if kind != "patient" and kind not in s.get("kinds", {}) and counts:
-            console.print(f"{kind}s (from the rows' columns): " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+            say(f"{kind}s (from the rows' columns): " + ", ".join(f"{k} {v}" for k, v in counts.items()))
     if s.get("matching"):
         m = s["matching"]
-        console.print(f"matching ({m.get('mode')}): {m.get('matched', 0)} matched, {m.get('needs-review', 0)} rows "
+        say(f"matching ({m.get('mode')}): {m.get('matched', 0)} matched, {m.get('needs-review', 0)} rows "
                       f"need review{' (review.csv)' if m.get('needs-review') else ''}, {m.get('exists', 0)} doses "
                       f"exist already; {s.get('matching_requests', 0)} requests")
     if s.get("achieved_rate"):
-        console.print(f"requests: {s.get('requests')} at {s['achieved_rate']}/s, 429s: {s.get('responses_429', 0)}")
+        say(f"requests: {s.get('requests')} at {s['achieved_rate']}/s, 429s: {s.get('responses_429', 0)}")
     for why in (s.get("aborted"), s.get("unresponsive")):
         if why:
-            console.print(f"[red]stopped early:[/] {escape(why)}", soft_wrap=True)
+            say(f"[red]stopped early:[/] {escape(why)}", soft_wrap=True)
     if s.get("settle_problem"):
-        console.print(f"[yellow]left in doubt:[/] {escape(s['settle_problem'])}", soft_wrap=True)
+        say(f"[yellow]left in doubt:[/] {escape(s['settle_problem'])}", soft_wrap=True)
     if s.get("settle_rounds"):
-        console.print(f"unknown outcomes settled in {s['settle_rounds']} round(s) of lookups; search showed a create "
+        say(f"unknown outcomes settled in {s['settle_rounds']} round(s) of lookups; search showed a create "
                       f"after {s.get('search_lag_seconds', '?')} s")
     if s.get("interrupted"):
-        console.print("[yellow]interrupted:[/] rows in flight were finished and recorded; the state and this report "
+        say("[yellow]interrupted:[/] rows in flight were finished and recorded; the state and this report "
                       "are written. Run the same command again to resume: nothing is sent twice.")
     import polars as pl
 
@@ -857,20 +859,20 @@ def print_summary(report: RunReport, stream: Console | None = None) -> None:
         # keeps only the first rows of each reason in memory).
         # Each row as file:row, as the warnings name theirs (run_notes), whatever the number of files.
         rejected = report.problems.filter(pl.col("state") == "rejected")
-        console.print("rejects by code:")
+        say("rejects by code:")
         by_code = tally.group_by("error_code").agg(pl.col("rows").sum())
         for code, count in sorted(by_code.iter_rows(), key=lambda kv: str(kv[0])):
             first = rejected.filter(pl.col("error_code").eq_missing(code)).head(WARNING_EXAMPLES).iter_rows(named=True)
             rows = ", ".join(f"{Path(r['source_file']).name}:{r['source_row']}" for r in first)
             more = " ..." if count > WARNING_EXAMPLES else ""
-            console.print(f"  {code:<30} {count:>4}  rows {rows}{more}", soft_wrap=True)
+            say(f"  {code:<30} {count:>4}  rows {rows}{more}", soft_wrap=True)
     from etl.progress import run_notes
 
     for line in run_notes(s):
-        console.print(line, markup=False, highlight=False, soft_wrap=True)
+        say(line, markup=False, highlight=False, soft_wrap=True)
     counts = ", ".join(f"{v} {k}" for k, v in s["states"].items() if v)
-    console.print(f"run {s['run_id']}: {s['rows_total']} rows ({counts})")
-    console.print(f"report: {s.get('report_dir')}")
+    say(f"run {s['run_id']}: {s['rows_total']} rows ({counts})")
+    say(f"report: {s.get('report_dir')}")
 
 
 def command_line() -> None:

@@ -183,3 +183,6 @@ def test_a_load_says_how_many_practitioners_its_rows_performers_made(tmp_path: P
     assert "practitioners (from the rows' columns): created 1" in lines
     # A kind the rows are of has its column in the table, not a line of its own.
     assert not any(line.startswith("immunizations") for line in lines)
+    # Each summary line whole, though the output is a pipe of 80 columns (a newcomer saw "...; 0 \nrequests").
+    (matching,) = [line for line in lines if line.startswith("matching (")]
+    assert len(matching) > 80 and matching.endswith(" requests")
