@@ -842,9 +842,9 @@ def print_summary(report: RunReport, stream: Console | None = None) -> None:
         say(f"requests: {s.get('requests')} at {s['achieved_rate']}/s, 429s: {s.get('responses_429', 0)}")
     for why in (s.get("aborted"), s.get("unresponsive")):
         if why:
-            say(f"[red]stopped early:[/] {escape(why)}", soft_wrap=True)
+            say(f"[red]stopped early:[/] {escape(why)}")
     if s.get("settle_problem"):
-        say(f"[yellow]left in doubt:[/] {escape(s['settle_problem'])}", soft_wrap=True)
+        say(f"[yellow]left in doubt:[/] {escape(s['settle_problem'])}")
     if s.get("settle_rounds"):
         say(f"unknown outcomes settled in {s['settle_rounds']} round(s) of lookups; search showed a create "
                       f"after {s.get('search_lag_seconds', '?')} s")
@@ -865,11 +865,11 @@ def print_summary(report: RunReport, stream: Console | None = None) -> None:
             first = rejected.filter(pl.col("error_code").eq_missing(code)).head(WARNING_EXAMPLES).iter_rows(named=True)
             rows = ", ".join(f"{Path(r['source_file']).name}:{r['source_row']}" for r in first)
             more = " ..." if count > WARNING_EXAMPLES else ""
-            say(f"  {code:<30} {count:>4}  rows {rows}{more}", soft_wrap=True)
+            say(f"  {code:<30} {count:>4}  rows {rows}{more}")
     from etl.progress import run_notes
 
     for line in run_notes(s):
-        say(line, markup=False, highlight=False, soft_wrap=True)
+        say(line, markup=False, highlight=False)
     counts = ", ".join(f"{v} {k}" for k, v in s["states"].items() if v)
     say(f"run {s['run_id']}: {s['rows_total']} rows ({counts})")
     say(f"report: {s.get('report_dir')}")

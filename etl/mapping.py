@@ -284,7 +284,8 @@ def key_field(kind: str) -> str:
 
 #: A header's leading word that names the patient (``PERSON_FORENAME``, ``Client DOB``): what follows it names one of
 #: the patient's details (:func:`match_headers`).
-_SUBJECT = re.compile(r"(person|patient|client|recip|recipient|pt|member|child)[\s_\-.]+", re.IGNORECASE)
+_SUBJECT_WORDS = r"(person|patient|client|recip|recipient|pt|member|child)"
+_SUBJECT = re.compile(_SUBJECT_WORDS + r"[\s_\-.]+", re.IGNORECASE)
 
 
 def normalise_header(header: str) -> str:
@@ -810,7 +811,7 @@ def _not_imported(columns: list[str]) -> str:
 _COUNTED = re.compile(r"#|\b(number|num|no|count|seq|sequence)\b", re.IGNORECASE)
 _AMOUNT = re.compile(r"\b(ml|amount|volume|quantity|qty)\b", re.IGNORECASE)
 _DATELIKE = re.compile(r"date|dob|birth|time|when|admin|start|stop|end|expir|entered|recorded", re.IGNORECASE)
-_PATIENT_ID = re.compile(r"(client|patient|person|recip|member|pt).*(id|no|num|number|mrn)\b", re.IGNORECASE)
+_PATIENT_ID = re.compile(_SUBJECT_WORDS + r".*(id|no|num|number|mrn)\b", re.IGNORECASE)  # the subject's id
 _EVENT_ID = re.compile(r"(event|record|vax|vaccination|visit|encounter).*\b(id|no|num|number)$", re.IGNORECASE)
 _YES_NO = {"yes", "no", "y", "n", "true", "false"}  # a flag column's values (profile init's status hint)
 #: Words of a date column's header, and the date field each names (in this order: ``Batch Expiry Date`` is an
