@@ -19,6 +19,8 @@ from pathlib import Path
 import polars as pl
 import pytest
 from click.testing import CliRunner, Result
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from etl.cli import main
 from etl.errors import OutputError, UnsafeFileError
@@ -286,6 +288,25 @@ def test_guarding_is_undone_exactly_and_leaves_numbers_alone() -> None:
     assert unguard_formulas(guarded_frame).equals(frame)
     assert [unguarded(guarded(v)) for v in TRICKY] == TRICKY
     assert guard_formulas(frame.lazy()).collect().equals(guarded_frame)
+
+
+_CELL_STARTS = st.sampled_from(["", "'", "''", *FORMULA_STARTS, "a", "\u00e9", "\uff1e", "\uffe0", " "])
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.lists(st.one_of(st.none(), st.tuples(_CELL_STARTS, st.text(max_size=4)).map("".join)),
+                         min_size=3, max_size=3), min_size=0, max_size=12))
+def test_a_frame_is_guarded_cell_by_cell_whichever_columns_hold_a_formula(rows: list[list[str | None]]) -> None:
+    # An in-memory frame skips the columns whose cells cannot start a formula (by their first byte): each
+    # cell is still guarded as guarded() says, like the lazy frame's, and unguarding gives the frame back.
+    frame = pl.DataFrame(rows, schema=["a", "b", "c"], orient="row")
+    out = guard_formulas(frame)
+    for name in frame.columns:
+        assert out[name].to_list() == [None if v is None else guarded(v) for v in frame[name].to_list()]
+    assert out.equals(guard_formulas(frame.lazy()).collect())
+    assert unguard_formulas(out).equals(frame)
+    back = [None if v is None else unguarded(v) for v in frame["a"].to_list()]
+    assert unguard_formulas(frame)["a"].to_list() == back
 
 
 def _formula_cells(folder: Path) -> list[tuple[str, str]]:
