@@ -341,3 +341,19 @@ def test_a_precheck_agrees_with_every_rule_whatever_the_lengths(
 ) -> None:
     got, every, _ = _local_ok(tmp_path_factory.mktemp("lengths"), lots, [disease] * len(lots))
     assert got == every
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.one_of(
+    st.none(), st.text(alphabet="0123456789/-\u0662\u0663 .a", max_size=10),
+    st.from_regex(r"\A[0-9\u0662]{4,5}\Z"), st.from_regex(r"\A[0-9]{1,2}[/-][0-9]{1,2}[/-][0-9\u0663]{2}\Z"),
+), max_size=20))
+def test_a_date_columns_hazard_search_finds_what_its_pattern_matches(cells: list[str | None]) -> None:
+    # Serial numbers and two-digit years are sought only in cells of the lengths they can have: the answer is
+    # the pattern's own (with ASCII digits, the only ones polars reads as a number).
+    import etl.validate as v
+
+    frame = pl.DataFrame({"d": cells}, schema={"d": pl.String})
+    for pattern, lengths in (v._SERIAL_SHAPE, v._TWO_DIGIT_SHAPE):
+        want = any(c is not None and re.search(pattern, c, re.ASCII) for c in cells)
+        assert v._any_match(frame, ["d"], pattern, lengths)["d"] == want
