@@ -18,11 +18,14 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import re
+import zlib
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Literal
 
 import polars as pl
+import polars.selectors as cs
 
 from etl import lazy_numpy
 from etl.hl7 import ACTION_COLUMN, SUPERSEDED_COLUMN, amends, deleted, superseded
@@ -113,6 +116,7 @@ def validate(
         prepared = prepared.filter(pl.col(SKIP).is_null())
     prepared = _compared_across_rows(prepared, mapped.kind, carry or Carry())
     rejects = check(prepared, mapped.kind, today=today, severity=severity)
+    prepared = prepared.drop(cs.starts_with(_LOCAL_FLAG))  # precheck's outcomes, read by check
     if mapped.kind == "document":
         rejects = _document_groups(prepared, rejects)
     rejects = with_source_values(rejects, mapped)
@@ -1254,9 +1258,44 @@ def precheck(
     reads and prepares ahead; :func:`check` then evaluates only the rules that compare rows.
     """
     rules = _rules(kind, today, prepared.columns, severity)
-    single = _bounds_kept(prepared, [r for r in rules if not _compares_rows(r)])
-    local = [r.passes.fill_null(False) for r in single]
-    return prepared.with_columns(pl.all_horizontal(local).alias(LOCAL_OK) if local else pl.lit(True).alias(LOCAL_OK))
+    named = _flags_of(kind, today, prepared.columns, severity)
+    local = [rules[i] for i in named]
+    kept = {id(r) for r in _bounds_kept(prepared, local)}  # the others pass on every row of the batch
+    # Each rule's outcome kept as a column (a bit a row): check reads the failing rows' outcomes from them.
+    flags = [(r.passes.fill_null(False) if id(r) in kept else pl.lit(True)).alias(named[i]) for i, r in
+             zip(named, local, strict=True)]
+    ok = pl.all_horizontal(named.values()) if named else pl.lit(True)
+    return prepared.with_columns(flags).with_columns(ok.alias(LOCAL_OK))
+
+
+_LOCAL_FLAG = "__local_flag:"  # a single-row rule's outcome, as precheck leaves it (_local_flags)
+
+
+def _flags_of(kind: str, today: dt.date, columns: Iterable[str], severity: Mapping[str, str] | None) -> dict[int, str]:
+    """:func:`_local_flags` of :func:`_rules`, worked out once per kind, date, columns and severities."""
+    return _local_flags_cached(kind, today, frozenset(columns), tuple(sorted((severity or {}).items())))
+
+
+@functools.lru_cache(maxsize=64)
+def _local_flags_cached(
+    kind: str, today: dt.date, columns: frozenset[str], severity: tuple[tuple[str, str], ...]
+) -> dict[int, str]:
+    return _local_flags(list(_chosen(kind, today, columns, severity, "error")))
+
+
+def _local_flags(rules: list[_Rule]) -> dict[int, str]:
+    """The column that holds each single-row rule's outcome after :func:`precheck`, by the rule's position in
+    ``rules``: named by its field, code and message (and how many such rules came before it), so that
+    :func:`check`, whose rule list has the rules comparing rows too, finds it."""
+    seen: Counter[tuple[str, str, str]] = Counter()
+    out: dict[int, str] = {}
+    for i, r in enumerate(rules):
+        if _compares_rows(r):
+            continue
+        key = (r.field, r.code, r.message)
+        out[i] = f"{_LOCAL_FLAG}{r.field}:{r.code}:{zlib.crc32(r.message.encode()):08x}:{seen[key]}"
+        seen[key] += 1
+    return out
 
 
 def _bounds_kept(prepared: pl.DataFrame, rules: list[_Rule]) -> list[_Rule]:
@@ -1307,14 +1346,19 @@ def check(
     fails = prepared.lazy().select(~every).collect(engine="in-memory").to_series()
     if not fails.any():
         return pl.DataFrame(schema=REJECT_SCHEMA)
-    # Only the columns the rules read are taken along: filtering the whole wide batch would copy it.
-    read = {ROW, *(name for p in passes for name in p.meta.root_names())}
+    # A single-row rule's outcome is read from the column precheck left (a frame that went through it); the
+    # others are evaluated on the failing rows. Only the columns that takes are taken along: filtering the
+    # whole wide batch would copy it.
+    named = _flags_of(kind, today, prepared.columns, severity)
+    done = {i: name for i, name in named.items() if name in prepared.columns}
+    outcome = [pl.col(done[i]) if i in done else p for i, p in enumerate(passes)]
+    read = {ROW, *(name for e in outcome for name in e.meta.root_names())}
     failing = prepared.select(c for c in prepared.columns if c in read).filter(fails)
     # The schema declares the checks; they run here as polars queries over the failing rows (two
     # collects), not as pandera's collect per check: a batch's cost does not grow with its rules.
     outcomes = (  # every rule's outcome on the failing rows, evaluated once and read by every check below
         failing.lazy()
-        .select(pl.col(ROW).cast(pl.UInt32), *(p.alias(flag) for p, flag in zip(passes, flags, strict=True)))
+        .select(pl.col(ROW).cast(pl.UInt32), *(e.alias(flag) for e, flag in zip(outcome, flags, strict=True)))
         .collect(engine="in-memory")
     )
     # A line per failed check (unpivoted, the passed ones dropped), named by its check, in one query however

@@ -357,3 +357,28 @@ def test_a_date_columns_hazard_search_finds_what_its_pattern_matches(cells: list
     for pattern, lengths in (v._SERIAL_SHAPE, v._TWO_DIGIT_SHAPE):
         want = any(c is not None and re.search(pattern, c, re.ASCII) for c in cells)
         assert v._any_match(frame, ["d"], pattern, lengths)["d"] == want
+
+
+def test_check_reads_the_outcomes_precheck_left_and_finds_what_every_rule_finds() -> None:
+    """precheck keeps each single-row rule's outcome as a column, and check reads the failing rows' outcomes from
+    them rather than evaluating those rules again: the rejects are those of a frame checked from scratch, and a
+    rule whose column is missing is evaluated as before."""
+    from etl import validate as v
+
+    mapped = apply_profile(read_table(SAMPLE / "registry.csv"), default_profile())
+    prepared = prepare(mapped, today=TODAY)
+    checked = v.precheck(prepared, "immunization", today=TODAY)
+    flags = [c for c in checked.columns if c.startswith(v._LOCAL_FLAG)]
+    rules = v._rules("immunization", TODAY, prepared.columns)
+    assert len(flags) == len([r for r in rules if not v._compares_rows(r)]) > 10
+    scratch = validate(mapped, prepared=prepared, today=TODAY)
+    ahead = validate(mapped, prepared=checked, today=TODAY)
+    assert ahead.rejects.get_column("code").n_unique() >= 8  # the sample plants bad rows of many kinds
+    assert ahead.rejects.equals(scratch.rejects)
+    assert not [c for c in ahead.prepared.columns if c.startswith(v._LOCAL_FLAG)]  # read, then dropped
+    failing = scratch.rejects.get_column("field").value_counts(sort=True).get_column("field").to_list()
+    for field in failing[:3]:  # a flag gone (each of the commonest failures' fields): the rule is evaluated again
+        gone = [c for c in flags if c.startswith(f"{v._LOCAL_FLAG}{field}:")]
+        assert gone
+        again = validate(mapped, prepared=checked.drop(gone), today=TODAY)
+        assert again.rejects.equals(scratch.rejects)
