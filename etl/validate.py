@@ -394,7 +394,7 @@ def prepare(mapped: Mapped, *, today: dt.date | None = None) -> pl.DataFrame:
         pl.col(name).fill_null(pl.lit(value)) for name, value in profile.defaults.items() if name in trimmed.columns
     )
     normalised = _normalised(defaulted, [f for f in fields if f.normaliser or f.name in profile.values], profile.values)
-    normalised = normalised.pipe(_derive, mapped.kind)
+    normalised = normalised.pipe(_derive, mapped.kind).pipe(_scientific_ids, _id_fields(fields))
     typed: list[pl.Expr] = []
     temporal = [f.name for f in fields if f.value in ("date", "datetime")]
     parse = profile.parse
@@ -908,6 +908,38 @@ def _chosen(
 _NOT_YET = ("planned", "cancelled", "entered-in-error")
 
 _SCIENTIFIC = r"^[+-]?\d+([.,]\d+)?[eE][+-]?\d+$"
+_SCIENTIFIC_FLAG = "__scientific"  # a column of ids, where each is in scientific notation (_scientific_ids)
+#: The first bytes a number in scientific notation can start with: a sign, an ASCII digit, or the lead byte of
+#: another script's digit (polars' ``\d`` takes every script's).
+_SCIENTIFIC_STARTS = pl.Series([*b"+-0123456789", *range(0xC0, 0x100)], dtype=pl.UInt8).implode()
+
+
+def _id_fields(fields: Iterable[CanonicalField]) -> list[str]:
+    """The fields holding ids (their own or another resource's), which a spreadsheet may have written as numbers."""
+    return [f.name for f in fields if f.value == "text" and (f.ref is not None or f.name.endswith("_id"))]
+
+
+def _scientific_ids(frame: pl.DataFrame, names: list[str]) -> pl.DataFrame:
+    """``<field>__scientific`` for each id column holding an id in scientific notation (``3.64992E+12``): whether
+    each row's is.
+
+    Only a column with a cell that starts as a number can hold one (a cell's first byte is a quarter of the
+    pattern's search), so a usual export's ids (``P-10002``) are not searched; the column (and the rule reading
+    it) is there only when one was found."""
+    names = [n for n in names if n in frame.columns]
+    if not names:
+        return frame
+    maybe = frame.select(
+        pl.col(n).cast(pl.Binary).bin.get(0, null_on_oob=True).is_in(_SCIENTIFIC_STARTS).any().alias(n) for n in names
+    ).row(0, named=True)
+    hit = [n for n in names if maybe[n]]
+    if not hit:
+        return frame
+    flags = frame.select(
+        pl.col(n).str.contains(_SCIENTIFIC).fill_null(False).alias(f"{n}{_SCIENTIFIC_FLAG}") for n in hit
+    )
+    found = [flags.get_column(c) for c in flags.columns if flags.get_column(c).any()]
+    return frame.hstack(found) if found else frame
 
 
 def _all_rules(kind: str, today: dt.date, columns: frozenset[str]) -> list[_Rule]:
@@ -934,8 +966,9 @@ def _all_rules(kind: str, today: dt.date, columns: frozenset[str]) -> list[_Rule
             rules.append(
                 _check(f.name, RULES["required"], ~missing | ~others, "with-patient")
             )
-        if f.value == "text" and (f.ref is not None or f.name.endswith("_id")):
-            rules.append(_check(f.name, RULES["scientific-notation-id"], absent | ~c.str.contains(_SCIENTIFIC)))
+        if f"{f.name}{_SCIENTIFIC_FLAG}" in columns:  # an id column holding one (_scientific_ids)
+            lost = pl.col(f"{f.name}{_SCIENTIFIC_FLAG}")
+            rules.append(_check(f.name, RULES["scientific-notation-id"], absent | ~lost))
         if f.value == "list":
             items = pl.col(f"{f.name}__list")
             if f.max_items is not None:
@@ -1118,7 +1151,8 @@ def _domain_rules(
         carries = _carries_details(demographics)
         # An id in scientific notation names no one for sure (3.64992E+12 stands for many people): its rows
         # are rejected for that, with their own code, and never compared as one patient.
-        lost_id = pl.col("patient_id").str.contains(_SCIENTIFIC).fill_null(False)
+        flag = f"patient_id{_SCIENTIFIC_FLAG}"
+        lost_id = pl.col(flag) if flag in columns else pl.lit(False)
         for f in demographics:
             same = pl.col(f"__hash_{f.name}").eq_missing(pl.col(f"__first_{f.name}"))
             if f"{f.name}__placeholder" in columns:  # "N/A" says nothing, so it cannot disagree

@@ -382,3 +382,22 @@ def test_check_reads_the_outcomes_precheck_left_and_finds_what_every_rule_finds(
         assert gone
         again = validate(mapped, prepared=checked.drop(gone), today=TODAY)
         assert again.rejects.equals(scratch.rejects)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.one_of(
+    st.none(), st.text(alphabet="P-0123456789Ee+., \u0663", max_size=9),
+    st.from_regex(r"\A[+-]?[0-9\u0663]{1,3}([.,][0-9]{1,3})?[eE][+-]?[0-9\u0663]{1,2}\Z"),
+), max_size=12))
+def test_ids_in_scientific_notation_are_flagged_where_the_pattern_matches(cells: list[str | None]) -> None:
+    # Only a column with a cell that starts as a number is searched: each row's flag is the pattern's answer,
+    # and a column with none has no flag (nor the rule that reads it).
+    from etl import validate as v
+
+    frame = pl.DataFrame({"patient_id": cells}, schema={"patient_id": pl.String})
+    out = v._scientific_ids(frame, ["patient_id"])
+    want = [c is not None and re.search(v._SCIENTIFIC, c) is not None for c in cells]
+    if any(want):
+        assert out.get_column("patient_id__scientific").to_list() == want
+    else:
+        assert out.columns == ["patient_id"]
