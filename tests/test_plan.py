@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -395,17 +396,28 @@ def test_a_part_appended_to_payloads_lands_after_what_was_written_before_it(tmp_
     assert memory.getvalue() == expected
 
 
+@pytest.mark.parametrize("on_thread", [False, True])
 @pytest.mark.parametrize("withdrawn", [False, True])
-def test_a_parts_lines_are_removed_once_appended_to_payloads(tmp_path: Path, withdrawn: bool) -> None:
+def test_a_parts_lines_are_removed_once_appended_to_payloads(tmp_path: Path, withdrawn: bool, on_thread: bool) -> None:
     """The scratch folder and the report hold each payloads.ndjson line once: a part's file of lines goes once
-    its lines are appended, whether all of them are kept or some were withdrawn."""
+    its lines are appended, whether all of them are kept or some were withdrawn; at once, or on a thread of its
+    own while the next part is appended (then once its future is done); and when appending it failed."""
     lines = tmp_path / "part.ndjson"
     lines.write_bytes(b"".join(b'{"n":%d}\n' % i for i in range(10)))
     kept = pl.Series([i for i in range(10) if not (withdrawn and i % 3 == 0)], dtype=pl.UInt32)
-    with (tmp_path / "payloads.ndjson").open("wb") as out:
-        plan_module._copy_lines(lines, kept, 10, out)
+    with ThreadPoolExecutor(1) as remover, (tmp_path / "payloads.ndjson").open("wb") as out:
+        removing = plan_module._copy_lines(lines, kept, 10, out, remover if on_thread else None)
+        assert (removing is not None) == on_thread
+        if removing is not None:
+            removing.result()
     assert (tmp_path / "payloads.ndjson").read_bytes() == b"".join(b'{"n":%d}\n' % i for i in kept)
     assert not lines.exists()
+    if withdrawn:  # a line short: the lines kept cannot be told, and appending them fails
+        lines.write_bytes(b"".join(b'{"n":%d}\n' % i for i in range(9)))
+        again = tmp_path / "again.ndjson"
+        with ThreadPoolExecutor(1) as remover, again.open("wb") as out, pytest.raises(ValueError):
+            plan_module._copy_lines(lines, kept, 10, out, remover if on_thread else None)
+        assert not lines.exists()
 
 
 @pytest.mark.parametrize("redact", [False, True])
