@@ -50,6 +50,7 @@ __all__ = [
     "FORMULA_STARTS",
     "check_private_file",
     "create_private_file",
+    "first_byte_in",
     "guard_formulas",
     "guarded",
     "private_dir",
@@ -106,6 +107,12 @@ def unguard_formulas(frame: _Frame) -> _Frame:
     return _rewrite(frame, _GUARDED, _GUARDED_FIRST_BYTES, lambda cell: cell.str.slice(1), unguarded)
 
 
+def first_byte_in(text: pl.Expr, first_bytes: list[int] | pl.Series | pl.Expr) -> pl.Expr:
+    """Whether each text's first byte (UTF-8) is one of ``first_bytes`` (null for an empty or null text): read
+    from the text's header, a quarter of the cost of a pattern's search over it."""
+    return text.cast(pl.Binary).bin.get(0, null_on_oob=True).is_in(first_bytes)
+
+
 def _rewrite(
     frame: _Frame, pattern: str, first_bytes: list[int], cell: Callable[[pl.Expr], pl.Expr], name: Callable[[str], str]
 ) -> _Frame:
@@ -118,9 +125,7 @@ def _rewrite(
     schema = frame.collect_schema()
     texts = [c for c, dtype in schema.items() if dtype == pl.String]
     if texts and isinstance(frame, pl.DataFrame):
-        starts = frame.select(
-            pl.col(c).cast(pl.Binary).bin.get(0, null_on_oob=True).is_in(first_bytes).any() for c in texts
-        ).row(0)
+        starts = frame.select(first_byte_in(pl.col(c), first_bytes).any() for c in texts).row(0)
         texts = [c for c, maybe in zip(texts, starts, strict=True) if maybe]
     cells = [
         pl.when(pl.col(c).str.contains(pattern)).then(cell(pl.col(c))).otherwise(pl.col(c)).alias(c) for c in texts

@@ -28,6 +28,7 @@ import polars as pl
 import polars.selectors as cs
 
 from etl import lazy_numpy
+from etl.files import first_byte_in
 from etl.hl7 import ACTION_COLUMN, SUPERSEDED_COLUMN, amends, deleted, superseded
 from etl.keyindex import KeyIndex
 from etl.mapping import SKIP, ColumnParse, Mapped, key_field
@@ -930,7 +931,7 @@ def _scientific_ids(frame: pl.DataFrame, names: list[str]) -> pl.DataFrame:
     if not names:
         return frame
     maybe = frame.select(
-        pl.col(n).cast(pl.Binary).bin.get(0, null_on_oob=True).is_in(_SCIENTIFIC_STARTS).any().alias(n) for n in names
+        first_byte_in(pl.col(n), _SCIENTIFIC_STARTS).any().alias(n) for n in names
     ).row(0, named=True)
     hit = [n for n in names if maybe[n]]
     if not hit:
