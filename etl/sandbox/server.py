@@ -10,6 +10,8 @@ loopback addresses unless told otherwise.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import errno
 import signal
 import socket
@@ -61,6 +63,56 @@ def _bind(host: str, port: int) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, stopped without its fixed pauses: a stop took 0.2 s of every sandbox's life (each test's,
+    each load into the embedded one), spent waiting.
+
+    uvicorn notices ``should_exit`` at its next tick, a tenth of a second apart; here :meth:`wake` ends the wait
+    at once. Its shutdown then waits a tenth of a second after asking the open connections to close; here it
+    polls every hundredth until they have (no wait when none is open), for as long as uvicorn's graceful
+    timeout allows, as uvicorn does. ``uvicorn.Server``'s ``on_tick``, ``servers``, ``server_state`` and
+    ``lifespan`` are used as uvicorn's own loop and shutdown use them.
+    """
+
+    _loop: asyncio.AbstractEventLoop | None = None
+    _wake: asyncio.Event | None = None
+
+    async def main_loop(self) -> None:
+        self._loop, self._wake = asyncio.get_running_loop(), asyncio.Event()
+        counter = 0
+        while not await self.on_tick(counter):  # the date header once a second, the exit flag every tick
+            counter = (counter + 1) % 864_000
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), 0.1)
+
+    def wake(self) -> None:
+        """End the current tick's wait (from any thread), so ``should_exit`` is seen now."""
+        loop, wake = self._loop, self._wake
+        if loop is not None and wake is not None:
+            with contextlib.suppress(RuntimeError):  # the loop has closed: the server has stopped already
+                loop.call_soon_threadsafe(wake.set)
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        for server in self.servers:
+            server.close()
+        for sock in sockets or []:
+            sock.close()
+        for connection in list(self.server_state.connections):
+            connection.shutdown()  # an idle keep-alive connection closes now, a busy one after its response
+        state = self.server_state
+        try:
+            async with asyncio.timeout(self.config.timeout_graceful_shutdown):
+                while (state.connections or state.tasks) and not self.force_exit:
+                    await asyncio.sleep(0.01)
+        except TimeoutError:
+            for task in state.tasks:
+                task.cancel(msg="Task cancelled, timeout graceful shutdown exceeded")
+        for server in self.servers:
+            await server.wait_closed()
+        if not self.force_exit:
+            await self.lifespan.shutdown()
 
 
 class SandboxServer:
@@ -133,7 +185,7 @@ class SandboxServer:
             lifespan="off",
             timeout_graceful_shutdown=5,
         )
-        self._server = uvicorn.Server(uv_config)
+        self._server = _Server(uv_config)
         self._thread = threading.Thread(
             target=self._server.run, kwargs={"sockets": [self._socket]}, name="clinik-sandbox", daemon=True
         )
@@ -148,6 +200,7 @@ class SandboxServer:
         """Stop serving, finish bulk jobs and close the store (idempotent)."""
         if self._thread is not None:
             self._server.should_exit = True
+            self._server.wake()
             self._thread.join(_STOP_TIMEOUT)
             if self._thread.is_alive():
                 self._server.force_exit = True

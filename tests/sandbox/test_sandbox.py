@@ -490,6 +490,36 @@ def test_create_app_closes_its_store_at_shutdown() -> None:
     assert not path.exists()
 
 
+def test_a_stop_finishes_the_answer_in_flight_closes_idle_connections_and_takes_nothing_new() -> None:
+    # The sandbox's server stops without uvicorn's fixed waits (etl.sandbox.server._Server), and keeps its grace:
+    # an answer being made is sent whole, an idle keep-alive connection is closed, and no new one is taken.
+    running = SandboxServer(SandboxConfig(api_keys={KEY: "*"}, slow_rate=1.0, slow_seconds=0.5, seed=1)).start()
+    url, answers = running.base_url, list[int]()
+
+    def post() -> None:
+        with httpx.Client(base_url=url, headers={"x-api-key": KEY}, timeout=10) as c:
+            answers.append(c.post("/v1/patients", json={"firstName": "Ana", "lastName": "Lima"}).status_code)
+
+    idle = httpx.Client(base_url=url, timeout=10)
+    try:
+        assert idle.get("/health").status_code == 200  # its connection stays open (keep-alive)
+        sender = threading.Thread(target=post)
+        sender.start()
+        deadline = time.monotonic() + 10
+        # A slow write is stored at once, its answer held: it is in flight once the store holds it.
+        while Store.search(running.sandbox.store, "/v1/patients", {}, limit=1).total == 0:
+            assert time.monotonic() < deadline and sender.is_alive(), "the write never arrived"
+            time.sleep(0.01)
+        running.stop()
+        sender.join(10)
+        assert answers == [201]
+        with pytest.raises(httpx.ConnectError):  # the idle connection was closed, and nothing listens
+            idle.get("/health")
+    finally:
+        idle.close()
+        running.stop()
+
+
 def test_serve_forever_stops_on_sigterm() -> None:
     seen: list[int] = []
 
