@@ -67,8 +67,8 @@ MIXES = {
     # Search shows a create 0.5 s late; the loader waits 1 s before it trusts a lookup.
     "lag": Mix({"search_lag": 0.5}, ("--consistency-window", "1.0")),
 }
-# In each phase: at its first create, halfway and three quarters through (each stays reachable when 5% of creates
-# fail). A case costs ~5 s of a loaded 2-core machine whatever the file's size (two forked loads, the faults'
+# In each phase: at its first create, about a third and three quarters through (each stays reachable when 5% of
+# creates fail). A case costs ~5 s of a loaded 2-core machine whatever the file's size (two forked loads, the faults'
 # waits): ten points, over the first 280 records, made the matrix a quarter of the whole suite.
 KILL_POINTS = [("/v1/patients", n) for n in (1, 30, 60)] + [("/v1/immunizations", n) for n in (1, 50, 100)]
 

@@ -99,9 +99,9 @@ class _Server(uvicorn.Server):
             server.close()
         for sock in sockets or []:
             sock.close()
-        for connection in list(self.server_state.connections):
-            connection.shutdown()  # an idle keep-alive connection closes now, a busy one after its response
         state = self.server_state
+        for connection in list(state.connections):
+            connection.shutdown()  # an idle keep-alive connection closes now, a busy one after its response
         try:
             async with asyncio.timeout(self.config.timeout_graceful_shutdown):
                 while (state.connections or state.tasks) and not self.force_exit:
