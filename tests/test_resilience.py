@@ -1,6 +1,7 @@
-"""Nothing lost, nothing sent twice: SIGKILL at six points of a load, under
-six fault mixes, then resume until done; the sandbox must hold exactly one
-Immunization per valid row and one Patient per distinct patient.
+"""Nothing lost, nothing sent twice: SIGKILL at ten points of a load (six of
+them under each of six fault mixes, four under one mix each), then resume
+until done; the sandbox must hold exactly one Immunization per valid row and
+one Patient per distinct patient.
 
 Each case runs a real sandbox in-process (with faults dealt by a fixed seed)
 and ``python -m etl.cli load`` in a child process (forked with the toolkit
@@ -71,6 +72,14 @@ MIXES = {
 # creates fail). A case costs ~5 s of a loaded 2-core machine whatever the file's size (two forked loads, the faults'
 # waits): ten points, over the first 280 records, made the matrix a quarter of the whole suite.
 KILL_POINTS = [("/v1/patients", n) for n in (1, 30, 60)] + [("/v1/immunizations", n) for n in (1, 50, 100)]
+# Points between those, each under one fault mix rather than all six.
+BETWEEN = [
+    ("fail5", "/v1/patients", 15),
+    ("drop5", "/v1/patients", 45),
+    ("drop5-simple", "/v1/immunizations", 25),
+    ("slow3", "/v1/immunizations", 75),
+]
+CASES = [(mix, route, at) for mix in MIXES for route, at in KILL_POINTS] + BETWEEN
 
 
 @pytest.fixture(scope="module")
@@ -126,8 +135,7 @@ def _kill_at(server: SandboxServer, proc: CliProcess, route: str, n: int) -> int
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("route", "at"), KILL_POINTS, ids=[f"{r.split('/')[-1]}{n}" for r, n in KILL_POINTS])
-@pytest.mark.parametrize("mix_name", list(MIXES))
+@pytest.mark.parametrize(("mix_name", "route", "at"), CASES, ids=[f"{m}-{r.split('/')[-1]}{n}" for m, r, n in CASES])
 def test_kill_resume_under_faults_holds_exactly_one_of_each(
     tmp_path: Path, registry_part: Path, mix_name: str, route: str, at: int
 ) -> None:
