@@ -49,6 +49,29 @@ def test_runs_merge_so_there_are_few_of_them() -> None:
     assert len(index) == 100 * 64 - 2
 
 
+@settings(max_examples=40, deadline=None)
+@given(news=st.lists(st.integers(1, 400), min_size=1, max_size=60))
+def test_runs_stay_few_however_many_keys_each_batch_brings(news: list[int]) -> None:
+    """Each run holds more keys than all the newer ones together, so there are at most log2(n) + 1 of them:
+    also when every batch brings fewer new keys than the last (returning patients), where merging a run
+    only into a run no larger than itself left a run per batch."""
+    index = KeyIndex()
+    held = 0
+    for b, n in enumerate(news):
+        index.insert(pl.DataFrame({"key": [f"{b}-{i}" for i in range(n)]}))
+        held += n
+        runs = [run.height for run in index.runs]
+        assert sum(runs) == held
+        assert all(runs[i] > sum(runs[i + 1:]) for i in range(len(runs) - 1))
+        assert len(runs) <= held.bit_length()
+
+
+def test_runs_stay_few_when_each_batch_brings_fewer_new_keys() -> None:
+    index = KeyIndex()
+    for b in range(60):
+        index.insert(pl.DataFrame({"key": [f"{b}-{i}" for i in range(1000 - 15 * b)]}))
+    assert len(index.runs) <= 6  # a run per batch (60) before
+
 def test_adds_wait_until_a_read_and_the_first_value_still_wins() -> None:
     index = KeyIndex({"first": pl.Int64()})
     index.add(pl.DataFrame({"key": ["a", "b"], "first": [1, 2]}))
