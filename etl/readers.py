@@ -441,8 +441,10 @@ def _chunked(
                 if cut < 0:  # no record ends in this chunk yet (a long quoted cell): read on
                     tail = len(data)
                     continue
-            records = data if cut == len(data) else data[:cut]
-            start, tail = start + cut, len(data) - cut
+            size = len(data)
+            records = data if cut == size else data[:cut]
+            del data  # not held beside its records' copy while they are parsed, nor while a batch is out
+            start, tail = start + cut, size - cut
             if records[:1] in (b"\n", b"\r") and not records.strip(b"\r\n"):
                 # Blank lines alone (an export's last ones, cut into a chunk of their own): no rows, and nothing
                 # polars could read columns from.
@@ -455,7 +457,9 @@ def _chunked(
                     bare_cr()
             # One chunk per column: polars' reader leaves a chunk per thread's share, and every step
             # of validation after it is slower over many (and some of polars' string functions fail).
-            frame = _parse_chunk(path, header, records, delimiter).with_row_index(ROW, offset=next_row).rechunk()
+            frame = _parse_chunk(path, header, records, delimiter)
+            del records  # nor the bytes once parsed
+            frame = frame.with_row_index(ROW, offset=next_row).rechunk()
             next_row += frame.height
             # Whole batches of ``rows``: a chunk's last rows wait for the next chunk's first ones
             # (a short batch costs a whole batch's fixed overhead).

@@ -104,7 +104,8 @@ class Settings(BaseSettings):
     no_answer_limit: int = Field(default=NO_ANSWER_LIMIT, ge=1, le=MAX_NO_ANSWER_LIMIT)
     state: Path = DEFAULT_STATE
     report_dir: Path | None = None  # None: reports/<run id>; "{run_id}" in it is replaced by the run's id
-    # Rows validated at a time: bounds the memory a file takes (75,000 keep 5,000,000 registry rows under 1 GiB).
+    # Rows validated at a time: bounds the memory a batch takes (what grows beyond it is what the run remembers
+    # of the ids, patients and doses seen: README, Performance).
     batch_rows: int = Field(default=BATCH_ROWS, ge=1)
     # Deprecated and ignored (a one-line warning when set): every run is planned and sent in batches.
     # Kept so that old commands (--stream/--no-stream) and job files ("stream") still run.

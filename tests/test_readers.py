@@ -188,6 +188,20 @@ def test_a_streamed_file_with_lone_carriage_returns_reads_as_the_whole_file_does
     assert streamed.equals(whole) and streamed.height == 51
 
 
+def test_a_streamed_chunks_bytes_are_let_go_once_parsed(tmp_path: Path) -> None:
+    """While a batch is out (the reader waits at it), the reader holds parsed rows only: neither the bytes
+    it read nor their records' copy, which held two chunks' worth of memory per batch in flight."""
+    path = tmp_path / "long.csv"
+    path.write_bytes(b"id,name\n" + b"".join(b"%d,n%d\n" % (i, i) for i in range(2000)))
+    chunks = readers._chunked(path, ["id", "name"], len(b"id,name\n"), ",", rows=300, chunk_bytes=3000)
+    batches = [next(chunks)]
+    assert chunks.gi_frame is not None
+    held = {name for name, value in chunks.gi_frame.f_locals.items() if isinstance(value, bytes | bytearray)}
+    assert held == set()
+    batches += list(chunks)
+    assert pl.concat(batches).get_column("id").to_list() == [str(i) for i in range(2000)]
+
+
 def test_lone_carriage_returns_past_the_head_of_a_streamed_file_are_read_as_the_whole_file_reads_them(
     tmp_path: Path,
 ) -> None:
