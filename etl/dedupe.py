@@ -32,7 +32,7 @@ from collections.abc import Mapping
 import polars as pl
 import polars_hash  # noqa: F401 - registers the `chash` expression namespace
 
-from etl.keyindex import KeyIndex, first_distinct
+from etl.keyindex import SEED, KeyIndex, first_of_hashes
 from etl.readers import ROW
 from etl.rules import format_text
 
@@ -155,6 +155,28 @@ def dose_identities(frame: pl.DataFrame, patient: str, cvx: str, day: str) -> pl
     )
 
 
+_SAME, _SAME_TOO = "__dose", "__dose_too"  # a dose's identity as the two hashes DoseCheck's index holds
+
+
+def _identity(day: pl.DataType) -> pl.Expr:
+    """A dose's identity (:func:`dose_identities`' text, as its parts) over :func:`_dose_lines`: patient, day, and
+    the group, or the code of one with none; a Date column's day as its number, as :func:`dose_identities` has it."""
+    on = pl.col("occurrence__date")
+    return pl.struct(
+        pl.col("patient_id"), on.cast(pl.Int32) if day == pl.Date else on, pl.col("group"),
+        pl.when(pl.col("group").is_null()).then(pl.col("vaccine_code")).alias("cvx"),
+    )
+
+
+def _dose_lines(frame: pl.DataFrame) -> pl.DataFrame:
+    """DoseCheck's rows (``patient_id``, ``vaccine_code``, ``occurrence__date``) once per vaccine group of the
+    code (``group``: null when it has none), as :func:`dose_identities` takes them, with no identity text."""
+    need = pl.col("patient_id").is_not_null() & pl.col("vaccine_code").is_not_null()
+    return frame.filter(need & pl.col("occurrence__date").is_not_null()).join(
+        vaccine_groups_frame(), left_on="vaccine_code", right_on="cvx", how="left"
+    )
+
+
 class DoseCheck:
     """The doses a run has seen so far, to tell a dose given twice in its files (see the module's notes).
 
@@ -181,27 +203,30 @@ class DoseCheck:
         if not needed <= set(valid.columns) or valid.is_empty():
             return rows
         live = rows.select(pl.col("source_row").filter(pl.col("state") == "planned").alias(ROW))
-        # A line per (row, group): distinct already, as a code's groups are.
-        doses = dose_identities(
-            valid.select(ROW, "patient_id", "vaccine_code", "occurrence__date").join(live, on=ROW, how="semi"),
-            "patient_id", "vaccine_code", "occurrence__date",
-        ).select(ROW, "identity").sort(ROW)
+        # A line per (row, group): distinct already, as a code's groups are. The identity is kept as its hashes
+        # (the index holds no more of it): building its text was most of what this step cost.
+        mine = valid.select(ROW, "patient_id", "vaccine_code", "occurrence__date").join(live, on=ROW, how="semi")
+        identity = _identity(mine.schema["occurrence__date"])
+        doses = (
+            _dose_lines(mine)
+            .select(ROW, identity.hash().alias(_SAME), identity.hash(seed=SEED).alias(_SAME_TOO))
+            .sort(ROW)
+        )
         if doses.is_empty():
             return rows
         # Looked up and remembered in one step: a dose the index lacks is added with its first row here
         # (the rows are in order, so a key's first line is its first row); an earlier batch's wins.
         number = self.files.setdefault(file, len(self.files))
         sighted = doses.select(
-            pl.col("identity").alias("key"),
             pl.lit(number, dtype=pl.UInt32).alias("first_file"),
             pl.col(ROW).cast(pl.UInt32).alias("first_row"),
         )
         names = pl.Series(list(self.files), dtype=pl.String)
-        first = first_distinct(doses.get_column("identity"))
-        found = self.seen.insert(sighted, first=first)
+        first = first_of_hashes(doses.get_column(_SAME), doses.get_column(_SAME_TOO))
+        found = self.seen.insert_hashes(doses.get_column(_SAME), doses.get_column(_SAME_TOO), sighted, first=first)
         found = found.with_columns(names.gather(found.get_column("first_file")).alias("first_file"))
         # The batch's first row with the dose: the row itself, but for a dose the batch holds twice.
-        here = pl.col(ROW).min().over("identity") if not first.all() else pl.col(ROW)
+        here = pl.col(ROW).min().over(_SAME, _SAME_TOO) if not first.all() else pl.col(ROW)
         earlier = pl.concat([doses, found], how="horizontal").with_columns(here.alias("here_row"))
         earlier = earlier.with_columns(
             pl.when(pl.col("found"))

@@ -24,19 +24,21 @@ nothing asked for yet) costs an append per batch.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import polars as pl
 
 from etl.lazy_numpy import np
 
-__all__ = ["KeyIndex", "first_distinct"]
+__all__ = ["SEED", "KeyIndex", "first_distinct", "first_of_hashes"]
 
 KEY = "key"
 _HASH = "__hash"
 _CHECK = "__check"  # a second 64-bit hash of the key, with another seed
 _AT = "__at"  # a row's position, while values are put in their rows
-_SEED = 0x5EED_C0DE
+SEED = 0x5EED_C0DE  # the second hash's seed (the first is polars' default)
+_SEED = SEED
 WAIT_ROWS = 1_000_000  # rows waiting to be added, at most, before they are merged in
 ADD_ON_THREAD_FROM = 20_000  # keys an insert adds on the key-index thread, from this many (see insert)
 
@@ -80,6 +82,17 @@ def _merge_from(runs: list[pl.DataFrame]) -> int | None:
         if runs[i - 1].height <= newer:
             at = i - 1
     return at
+
+
+def first_of_hashes(hashes: pl.Series, checks: pl.Series) -> pl.Series:
+    """``is_first_distinct()`` of keys given as two hashes (:meth:`KeyIndex.insert_hashes`): from the first alone,
+    the pair compared only where the first is not alone (a struct's first-distinct costs several times more)."""
+    first = hashes.is_first_distinct()
+    if first.all():
+        return first
+    shared = hashes.is_duplicated().arg_true()
+    pairs = pl.DataFrame([hashes.gather(shared).alias(_HASH), checks.gather(shared).alias(_CHECK)])
+    return first.scatter(shared, pairs.select(pl.struct(_HASH, _CHECK).is_first_distinct()).to_series())
 
 
 class _Filter:
@@ -185,13 +198,37 @@ class KeyIndex:
         ``first``: ``rows``' keys' ``is_first_distinct()``, when the caller has it already (a tenth of
         what an insert costs, for text keys).
         """
-        self._settle()
         keys = rows.get_column(KEY).cast(pl.String)
-        n = len(keys)
-        if not n:
-            return self._in_order(keys, None, None)
-        hashes, checks = keys.hash().to_numpy(), keys.hash(seed=_SEED).to_numpy()
-        present = keys.is_not_null().to_numpy()
+        if not len(keys):
+            self._settle()
+            return self._in_order(len(keys), None, None)
+        return self._insert(keys.hash(), keys.hash(seed=_SEED), keys.is_not_null(), rows, add=add,
+                            first=first if first is not None else (lambda: first_distinct(keys)))
+
+    def insert_hashes(
+        self, hashes: pl.Series, checks: pl.Series, rows: pl.DataFrame, *, first: pl.Series | None = None
+    ) -> pl.DataFrame:
+        """:meth:`insert` of keys given as two 64-bit hashes each, of two seeds (:data:`SEED` and another, as
+        ``key.hash()`` and ``key.hash(seed=SEED)`` give them), for a key that is not text: a struct of several
+        columns is hashed as it is, with no text made of it. ``rows``: the values (no ``key``). An index is
+        given its keys one way only: a text key and the hashes of something else are not comparable."""
+        if not len(hashes):
+            self._settle()
+            return self._in_order(0, None, None)
+
+        present = pl.repeat(True, len(hashes), dtype=pl.Boolean, eager=True)
+        return self._insert(hashes, checks, present, rows,
+                            first=first if first is not None else (lambda: first_of_hashes(hashes, checks)))
+
+    def _insert(
+        self, hash_series: pl.Series, check_series: pl.Series, not_null: pl.Series, rows: pl.DataFrame, *,
+        first: pl.Series | Callable[[], pl.Series], add: bool = True,
+    ) -> pl.DataFrame:
+        """:meth:`insert` of keys given as their two hashes (``first``: their first rows, or what finds them)."""
+        self._settle()
+        n = len(hash_series)
+        hashes, checks = hash_series.to_numpy(), check_series.to_numpy()
+        present = not_null.to_numpy()
         found = np.zeros(n, dtype=np.bool_)
         values: pl.DataFrame | None = None
         if self.runs and len(sought := np.flatnonzero(self._filter.may_hold(hashes, checks) & present)):
@@ -210,17 +247,17 @@ class KeyIndex:
             # (sorting and merging runs was a fifth of what the batches' checks waited for); the next use of
             # the index waits for them.
             if n >= ADD_ON_THREAD_FROM:
-                self._adding = _adder().submit(self._add, keys, first, ~found & present, hashes, checks, rows)
+                self._adding = _adder().submit(self._add, first, ~found & present, hashes, checks, rows)
             else:  # a few keys: added at once (the thread's hand-over can take longer than adding them)
-                self._add(keys, first, ~found & present, hashes, checks, rows)
-        return self._in_order(keys, pl.Series("found", found), values)
+                self._add(first, ~found & present, hashes, checks, rows)
+        return self._in_order(n, pl.Series("found", found), values)
 
     def _add(
-        self, keys: pl.Series, first: pl.Series | None, absent: np.ndarray, hashes: np.ndarray, checks: np.ndarray,
+        self, first: pl.Series | Callable[[], pl.Series], absent: np.ndarray, hashes: np.ndarray, checks: np.ndarray,
         rows: pl.DataFrame,
     ) -> None:
         """Add the rows whose keys are ``absent`` (not null, not held); the first row of a key wins."""
-        fresh = (first_distinct(keys) if first is None else first).to_numpy() & absent
+        fresh = (first if isinstance(first, pl.Series) else first()).to_numpy() & absent
         if fresh.any():  # the new run, sorted by hash (polars' sort: faster than numpy's argsort and a gather)
             run = (
                 pl.DataFrame({_HASH: hashes, _CHECK: checks})
@@ -260,15 +297,15 @@ class KeyIndex:
         where = np.concatenate([w for w, _ in parts])
         return hit, pl.concat([v for _, v in parts])[pl.Series(np.argsort(where, kind="stable"), dtype=pl.UInt32)]
 
-    def _in_order(self, keys: pl.Series, found: pl.Series | None, values: pl.DataFrame | None) -> pl.DataFrame:
-        """``found`` and the values as a frame (nothing found where they are None)."""
+    def _in_order(self, n: int, found: pl.Series | None, values: pl.DataFrame | None) -> pl.DataFrame:
+        """``found`` and the values of ``n`` keys as a frame (nothing found where they are None)."""
         if found is None:
-            found = pl.repeat(False, len(keys), dtype=pl.Boolean, eager=True).alias("found")
-        names = [n for n in self.schema if n != KEY]
+            found = pl.repeat(False, n, dtype=pl.Boolean, eager=True).alias("found")
+        names = [name for name in self.schema if name != KEY]
         if not names:
             return found.to_frame()
         if values is None:  # one query for every column
-            values = pl.select(pl.repeat(None, len(keys), dtype=self.schema[n]).alias(n) for n in names)
+            values = pl.select(pl.repeat(None, n, dtype=self.schema[name]).alias(name) for name in names)
         return values.insert_column(0, found)
 
     def contains(self, keys: pl.Series) -> pl.Series:

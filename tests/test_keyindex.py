@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from etl.keyindex import KeyIndex, first_distinct
+from etl.keyindex import SEED, KeyIndex, first_distinct, first_of_hashes
 
 _KEYS = st.one_of(st.none(), st.sampled_from([f"K{i}" for i in range(40)]), st.text(max_size=4))
 
@@ -107,6 +107,48 @@ def test_insert_is_a_lookup_then_an_add_of_the_absent_keys(batches: list[list[st
     if reference:
         everything = index.lookup(pl.Series(list(reference)))
         assert everything.get_column("first").to_list() == list(reference.values())
+
+
+_PARTS = st.tuples(st.sampled_from(["p1", "p2", "p3"]), st.integers(0, 3), st.one_of(st.none(), st.sampled_from("ab")))
+
+
+@settings(max_examples=60, deadline=None)
+@given(batches=st.lists(st.lists(_PARTS, max_size=30), max_size=10))
+def test_keys_given_as_their_hashes_are_found_as_a_dict_finds_them(
+    batches: list[list[tuple[str, int, str | None]]],
+) -> None:
+    """insert_hashes (a struct's two hashes, no text made of it) answers as a dict of the tuples does, the first
+    row of a key winning, in a batch and across batches; its first rows are the struct's first rows."""
+    index = KeyIndex({"first": pl.Int64()})
+    reference: dict[tuple[str, int, str | None], int] = {}
+    serial = 0
+    for parts in batches:
+        frame = pl.DataFrame(parts, schema={"p": pl.String, "d": pl.Int64, "g": pl.String}, orient="row")
+        key = pl.struct("p", "d", "g")
+        hashes = frame.select(key.hash()).to_series()
+        checks = frame.select(key.hash(seed=SEED)).to_series()
+        assert first_of_hashes(hashes, checks).to_list() == frame.select(key.is_first_distinct()).to_series().to_list()
+        values = pl.DataFrame({"first": range(serial, serial + len(parts))}, schema={"first": pl.Int64})
+        got = index.insert_hashes(hashes, checks, values)
+        assert got.get_column("found").to_list() == [p in reference for p in parts]
+        assert got.get_column("first").to_list() == [reference.get(p) for p in parts]
+        for p, v in zip(parts, range(serial, serial + len(parts)), strict=True):
+            reference.setdefault(p, v)
+        serial += len(parts)
+        assert len(index) == len(reference)
+
+
+def test_first_of_hashes_compares_the_second_hash_where_the_first_collides() -> None:
+    """Keys that share a first hash are told apart by the second, as the index tells them apart."""
+    hashes = pl.Series([7, 7, 7, 9, 7], dtype=pl.UInt64)
+    checks = pl.Series([1, 2, 1, 1, 2], dtype=pl.UInt64)
+    assert first_of_hashes(hashes, checks).to_list() == [True, True, False, True, False]
+    index = KeyIndex()
+    kept = pl.Series([7, 9], dtype=pl.UInt64), pl.Series([1, 1], dtype=pl.UInt64)
+    assert index.insert_hashes(*kept, pl.DataFrame()).get_column("found").to_list() == [False, False]
+    again = index.insert_hashes(pl.Series([7, 7, 9], dtype=pl.UInt64), pl.Series([2, 1, 1], dtype=pl.UInt64),
+                                pl.DataFrame())
+    assert again.get_column("found").to_list() == [False, True, True]
 
 
 def test_the_filter_grows_with_the_keys_and_never_hides_one() -> None:
