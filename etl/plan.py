@@ -1025,12 +1025,15 @@ def _unexplained(
 ) -> pl.DataFrame:
     """A batch's references that nothing explains yet (they wait for the end of their stage)."""
     live = planned_rows.select(pl.col("source_row").alias(ROW), "source_key", "row_key")
-    unexplained = (
-        references(mapped, validation.valid)
-        .join(keys.aliases, on=["kind", "value"], how="left")
-        .with_columns(pl.coalesce("alias", "value").alias("key"))
-        .drop("alias")
-    )
+    unexplained = references(mapped, validation.valid)
+    if keys.aliases.is_empty():  # no other ids yet (most runs): a reference's key is its value
+        unexplained = unexplained.with_columns(pl.col("value").alias("key"))
+    else:
+        unexplained = (
+            unexplained.join(keys.aliases, on=["kind", "value"], how="left")
+            .with_columns(pl.coalesce("alias", "value").alias("key"))
+            .drop("alias")
+        )
     if planned_rows.height:
         # Most references name what this very batch describes (a registry row's own patient and
         # performer): settled by a join with the batch, before any lookup in everything seen so far

@@ -634,19 +634,19 @@ def _plan(mapped: Mapped, valid: pl.DataFrame, *, bodies: bool, hashes: bool) ->
 def references(mapped: Mapped, valid: pl.DataFrame) -> pl.DataFrame:
     """Every reference a valid row makes: ``__row, field, kind, value``."""
     parts = []
+    lazy = valid.lazy()  # one query for every field (each its own collect was most of what this cost)
     for f in fields_of(mapped.kind):
         if f.ref is None:
             continue
         value = pl.col(f"{f.name}__list") if f.value == "list" else pl.col(f.name)
-        frame = (
-            valid.select(pl.col(ROW), value.alias("value")).explode("value")
-            if f.value == "list"
-            else valid.select(pl.col(ROW), value.alias("value"))
-        )
-        parts.append(frame.drop_nulls("value").with_columns(pl.lit(f.name).alias("field"), pl.lit(f.ref).alias("kind")))
+        frame = lazy.select(pl.col(ROW), value.alias("value"))
+        if f.value == "list":
+            frame = frame.explode("value")
+        parts.append(frame.drop_nulls("value").select(ROW, pl.lit(f.name).alias("field"), pl.lit(f.ref).alias("kind"),
+                                                      "value"))
     if not parts:
-        return pl.DataFrame(schema={ROW: pl.UInt32, "value": pl.String, "field": pl.String, "kind": pl.String})
-    return pl.concat(parts).select(ROW, "field", "kind", "value")
+        return pl.DataFrame(schema={ROW: pl.UInt32, "field": pl.String, "kind": pl.String, "value": pl.String})
+    return pl.concat(parts).collect(engine="in-memory")
 
 
 def plan_immunizations(mapped: Mapped, valid: pl.DataFrame, *, bodies: bool = True, hashes: bool = True) -> Planned:
