@@ -291,7 +291,9 @@ def _iso_naive(s: pl.Expr) -> pl.Expr:
 Spelling = Literal["date", "iso", "any"]
 
 
-def _spellings(frame: pl.DataFrame, names: list[str], excel: bool) -> dict[str, tuple[Spelling, bool]]:
+def _spellings(
+    frame: pl.DataFrame, names: list[str], excel: bool, plain: Mapping[str, int] | None = None
+) -> dict[str, tuple[Spelling, bool]]:
     """How each date column is written, in one pass over the frame, and whether to retry its misses.
 
     ``date``: every value is a plain ``YYYY-MM-DD`` date; ``iso``: ISO dates or local date-times;
@@ -299,7 +301,8 @@ def _spellings(frame: pl.DataFrame, names: list[str], excel: bool) -> dict[str, 
     is tried. Trying them all on a million rows is most of the time validation takes, and a
     registry export nearly always writes its dates one ISO way. The flag says the column is
     *mostly* written the first way, and the few values it misses (a typo, a US date in an ISO
-    column) are to be parsed again every way (:func:`_retried`).
+    column) are to be parsed again every way (:func:`_retried`). ``plain``: each column's values that are not
+    a plain date, when the caller counted them (:func:`_plain_misses`).
     """
     if excel or not names:
         return {n: ("any", False) for n in names}
@@ -309,7 +312,8 @@ def _spellings(frame: pl.DataFrame, names: list[str], excel: bool) -> dict[str, 
 
     # Plain dates first: the ISO date-time spellings are tried only on columns where that fails.
     few = max(1, frame.height // _RETRY_SHARE)
-    plain = frame.select(misses(_plain_date(pl.col(n)), n).alias(n) for n in names).row(0, named=True)
+    if plain is None:
+        plain = frame.select(misses(_plain_date(pl.col(n)), n).alias(n) for n in names).row(0, named=True)
     others = [n for n in names if plain[n] >= few]
     iso = frame.select(misses(_iso_naive(pl.col(n)), n).alias(n) for n in others).row(0, named=True) if others else {}
     out: dict[str, tuple[Spelling, bool]] = {}
@@ -323,6 +327,13 @@ def _spellings(frame: pl.DataFrame, names: list[str], excel: bool) -> dict[str, 
 
 #: A column parsed one way, its misses again every way, when fewer than one value in this many missed.
 _RETRY_SHARE = 20
+
+
+def _plain_misses(prepared: pl.DataFrame, names: list[str]) -> dict[str, int]:
+    """Each date column's values that its ``__date`` companion, parsed as a plain date (the ``date`` spelling),
+    left unparsed: what :func:`_spellings` counts first, read off the parse the batch made anyway."""
+    missed = [(pl.col(n).is_not_null() & pl.col(f"{n}__date").is_null()).sum().alias(n) for n in names]
+    return prepared.select(missed).row(0, named=True) if names else {}
 
 
 def _plain_date(s: pl.Expr) -> pl.Expr:
@@ -400,23 +411,30 @@ def prepare(mapped: Mapped, *, today: dt.date | None = None) -> pl.DataFrame:
     temporal = [f.name for f in fields if f.value in ("date", "datetime")]
     parse = profile.parse
     declared = [n for n in temporal if n in parse and (parse[n].formats or parse[n].excel_serial)]
-    spellings = _spellings(normalised, [n for n in temporal if n not in declared], excel)
-    spellings.update((n, ("any", False)) for n in declared)  # a declared pattern is tried before the usual ones
+    # A CSV's date columns are parsed as plain dates, as nearly every export writes them; a column that turns out
+    # to be written otherwise is parsed again, as _spellings says, below. (Counting each column's plain dates
+    # first was a parse of its own: a tenth of what preparing a batch cost.)
+    guessed = [] if excel else [n for n in temporal if n not in declared]
+    spellings: dict[str, tuple[Spelling, bool]] = dict.fromkeys(temporal, ("any", False))
+    spellings.update(dict.fromkeys(guessed, ("date", False)))  # a declared pattern is tried before the usual ones
     commas = _decimal_commas(mapped, normalised, [f.name for f in fields if f.value == "number"])
     tidy = _tidy_lists(normalised, [f.name for f in fields if f.value == "list"], profile.list_separator)
     # A column of ISO dates with a few odd ones (a realistic export: a typo, a US date) is parsed the
     # ISO way whole, and every spelling is tried on the rows that missed only (trying them all on
     # every row is most of what a batch costs). Both give the same value where the ISO way parses.
     retried: list[tuple[CanonicalField, str]] = []
+
+    def zone(f: CanonicalField) -> str:
+        return parse.get(f.name, ColumnParse()).timezone or profile.timezone
+
+    def temporal_columns(f: CanonicalField, spelling: Spelling) -> list[pl.Expr]:
+        own = parse.get(f.name, ColumnParse())
+        return _temporal_columns(f, pl.col(f.name), excel or own.excel_serial, zone(f), spelling, own.formats)
+
     for f in fields:
         s = pl.col(f.name)
         if f.value in ("date", "datetime"):
-            own = parse.get(f.name, ColumnParse())
-            tz = own.timezone or profile.timezone
-            spelling, retry = spellings[f.name]
-            if retry:
-                retried.append((f, tz))
-            typed += _temporal_columns(f, s, excel or own.excel_serial, tz, spelling, own.formats)
+            typed += temporal_columns(f, spellings[f.name][0])
         elif f.value == "integer":
             # polars' own parse takes exactly [+-]digits (no spaces, separators or other scripts).
             whole = s.cast(pl.Int64, strict=False)
@@ -440,7 +458,17 @@ def prepare(mapped: Mapped, *, today: dt.date | None = None) -> pl.DataFrame:
     # common subexpressions alone. A batch's queries run on the in-memory engine: polars' default
     # (streaming) engine costs three times as much per query at this size, and cuts its output into
     # chunks that every later step pays to join again.
-    prepared = _retried(normalised.lazy().with_columns(typed).collect(engine="in-memory"), retried)
+    prepared = normalised.lazy().with_columns(typed).collect(engine="in-memory")
+    if guessed:
+        by_name = field_map(mapped.kind)
+        found = _spellings(normalised, guessed, excel, plain=_plain_misses(prepared, guessed))
+        retried += [(by_name[n], zone(by_name[n])) for n in guessed if found[n][1]]
+        again = [by_name[n] for n in guessed if found[n][0] != "date"]  # written another way: parsed again
+        if again:
+            prepared = prepared.lazy().with_columns(
+                c for f in again for c in temporal_columns(f, found[f.name][0])
+            ).collect(engine="in-memory")
+    prepared = _retried(prepared, retried)
     if mapped.kind == "encounter":
         # lengthMinutes from the period when the source leaves it out.
         minutes = (pl.col("period_end__instant") - pl.col("period_start__instant")).dt.total_minutes()

@@ -247,16 +247,19 @@ _SPELLED = st.sampled_from([
 ])
 
 
-@settings(max_examples=40, deadline=None)
-@given(odd=st.lists(_SPELLED, min_size=1, max_size=6), plain=st.integers(0, 200), at=st.integers(0, 200))
+@settings(max_examples=60, deadline=None)
+@given(odd=st.lists(_SPELLED, min_size=1, max_size=6), plain=st.integers(0, 200), at=st.integers(0, 200),
+       usual=st.sampled_from(["2021-06-07", "2021-06-07T08:30:00", "6/7/2021"]))
 def test_parsing_the_misses_again_gives_what_trying_every_spelling_on_every_row_gives(
-    odd: list[str], plain: int, at: int
+    odd: list[str], plain: int, at: int, usual: str
 ) -> None:
     """The retry (:func:`etl.validate._retried`) is an optimisation: the same companions as every
-    spelling tried on every row, for date and date-time columns, wherever the odd values sit."""
+    spelling tried on every row, for date and date-time columns, wherever the odd values sit. So is
+    parsing a column as plain dates first (``usual``: how the column's other values are written; a
+    column written another way is parsed again)."""
     import etl.validate as validate
 
-    values = ["2021-06-07"] * plain
+    values = [usual] * plain
     values[min(at, plain):min(at, plain)] = odd
     n = len(values)
     frame = pl.DataFrame({
