@@ -642,8 +642,8 @@ class StateStore:
         if kept is not None:  # the whole kind was read (a re-import): nothing more to read
             mine = kept.filter((pl.col("source_file") == source_file) & (pl.col("state") == "created"))
             if besides is not None:
-                mine = mine.join(besides.cast(pl.String).drop_nulls().unique().to_frame("source_key"),
-                                 on="source_key", how="anti")
+                mine = mine.join(besides.cast(pl.String).drop_nulls().to_frame("source_key"),  # (an anti join
+                                 on="source_key", how="anti")  # needs no unique keys)
             for start in range(0, mine.height, size):
                 yield mine.slice(start, size).select("source_key", "resource_id").rows()
             return
