@@ -129,6 +129,8 @@ def test_skipped_and_unsent_counts_what_a_load_will_send(tmp_path: Path) -> None
         assert skipped.rows() == [("patient", "same", "pat_1")] == created_unchanged(state, creates).rows()
         # Not held as created: unknown, failed and the two new ones ("moved" is created: patched, not sent).
         assert unsent == 4
+        twice = pl.concat([creates, creates.head(1)])  # a key planned twice: one result, as the loader's dict
+        assert skipped_and_unsent(state, twice)[0].rows() == [("patient", "same", "pat_1")]
 
 
 def _indexes(path: Path) -> set[str]:

@@ -40,10 +40,13 @@ def skipped_and_unsent(state: StateStore, creates: pl.DataFrame) -> tuple[pl.Dat
     unsent = 0
     for (kind,), mine in creates.select("kind", "source_key", "body_hash").group_by("kind", maintain_order=True):
         made = created_earlier(state, str(kind), mine)
-        unsent += mine.height - made.get_column("source_key").n_unique()
-        found.append(made.filter(~pl.col("changed")).select("kind", "source_key", "resource_id"))
-    # a result a key, as the loader's (a dict) gives
-    return pl.concat(found).unique(["kind", "source_key"], maintain_order=True), unsent
+        distinct = made.get_column("source_key").n_unique()
+        unsent += mine.height - distinct
+        unchanged = made.filter(~pl.col("changed")).select("kind", "source_key", "resource_id")
+        if distinct < made.height:  # a result a key, as the loader's (a dict) gives
+            unchanged = unchanged.unique("source_key", maintain_order=True)
+        found.append(unchanged)
+    return pl.concat(found), unsent
 
 
 def created_earlier(state: StateStore, kind: str, creates: pl.DataFrame) -> pl.DataFrame:

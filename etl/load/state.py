@@ -455,8 +455,8 @@ class StateStore:
         if kept and (whole := self._whole_kind(kind, keys.len())) is not None:
             if states is not None:
                 whole = whole.filter(pl.col("state").is_in(list(states)))
-            return whole.join(keys.unique().to_frame("source_key"), on="source_key", how="semi").select(
-                "source_key", *columns)
+            return whole.join(keys.to_frame("source_key"), on="source_key", how="semi").select(  # (a semi join
+                "source_key", *columns)  # needs no unique keys)
         select = ", ".join(("source_key", *columns))
         where = "kind = ?"
         params: list[object] = [kind]
