@@ -140,18 +140,22 @@ def dose_identity_of(patient: pl.Expr, cvx: pl.Expr, day: pl.Expr) -> pl.Expr:
     return pl.concat_str([patient, day, pl.coalesce(pl.col("group"), pl.lit("cvx:") + cvx)], separator="\x1f")
 
 
+def _dose_lines(frame: pl.DataFrame, patient: str, cvx: str, day: str) -> pl.DataFrame:
+    """Each line of ``frame`` once per vaccine group of its CVX code (``group``: null when the code has none);
+    lines lacking the patient, the code or the day are left out."""
+    need = pl.col(patient).is_not_null() & pl.col(cvx).is_not_null() & pl.col(day).is_not_null()
+    return frame.filter(need).join(vaccine_groups_frame(), left_on=cvx, right_on="cvx", how="left")
+
+
 def dose_identities(frame: pl.DataFrame, patient: str, cvx: str, day: str) -> pl.DataFrame:
     """Each line of ``frame`` once per vaccine group of its CVX code (``group``: null when the code has
     none), with ``identity``: patient, day and group (or the code itself); lines lacking one of
     the three are left out."""
-    groups = vaccine_groups_frame()
     # A date column's day as its number (days since 1970): a third of what writing it as a date costs. Both
     # sides of a comparison come from one kind of column (DoseCheck's dates, matching's texts).
     on = pl.col(day).cast(pl.Int32) if frame.schema[day] == pl.Date else pl.col(day)
-    return (
-        frame.filter(pl.col(patient).is_not_null() & pl.col(cvx).is_not_null() & pl.col(day).is_not_null())
-        .join(groups, left_on=cvx, right_on="cvx", how="left")
-        .with_columns(dose_identity_of(pl.col(patient), pl.col(cvx), on.cast(pl.String)).alias("identity"))
+    return _dose_lines(frame, patient, cvx, day).with_columns(
+        dose_identity_of(pl.col(patient), pl.col(cvx), on.cast(pl.String)).alias("identity")
     )
 
 
@@ -159,21 +163,12 @@ _SAME, _SAME_TOO = "__dose", "__dose_too"  # a dose's identity as the two hashes
 
 
 def _identity(day: pl.DataType) -> pl.Expr:
-    """A dose's identity (:func:`dose_identities`' text, as its parts) over :func:`_dose_lines`: patient, day, and
+    """A dose's identity (:func:`dose_identities`' text, as its parts) over DoseCheck's lines: patient, day, and
     the group, or the code of one with none; a Date column's day as its number, as :func:`dose_identities` has it."""
     on = pl.col("occurrence__date")
     return pl.struct(
         pl.col("patient_id"), on.cast(pl.Int32) if day == pl.Date else on, pl.col("group"),
         pl.when(pl.col("group").is_null()).then(pl.col("vaccine_code")).alias("cvx"),
-    )
-
-
-def _dose_lines(frame: pl.DataFrame) -> pl.DataFrame:
-    """DoseCheck's rows (``patient_id``, ``vaccine_code``, ``occurrence__date``) once per vaccine group of the
-    code (``group``: null when it has none), as :func:`dose_identities` takes them, with no identity text."""
-    need = pl.col("patient_id").is_not_null() & pl.col("vaccine_code").is_not_null()
-    return frame.filter(need & pl.col("occurrence__date").is_not_null()).join(
-        vaccine_groups_frame(), left_on="vaccine_code", right_on="cvx", how="left"
     )
 
 
@@ -208,7 +203,7 @@ class DoseCheck:
         mine = valid.select(ROW, "patient_id", "vaccine_code", "occurrence__date").join(live, on=ROW, how="semi")
         identity = _identity(mine.schema["occurrence__date"])
         doses = (
-            _dose_lines(mine)
+            _dose_lines(mine, "patient_id", "vaccine_code", "occurrence__date")
             .select(ROW, identity.hash().alias(_SAME), identity.hash(seed=SEED).alias(_SAME_TOO))
             .sort(ROW)
         )

@@ -38,7 +38,6 @@ _HASH = "__hash"
 _CHECK = "__check"  # a second 64-bit hash of the key, with another seed
 _AT = "__at"  # a row's position, while values are put in their rows
 SEED = 0x5EED_C0DE  # the second hash's seed (the first is polars' default)
-_SEED = SEED
 WAIT_ROWS = 1_000_000  # rows waiting to be added, at most, before they are merged in
 ADD_ON_THREAD_FROM = 20_000  # keys an insert adds on the key-index thread, from this many (see insert)
 
@@ -202,7 +201,7 @@ class KeyIndex:
         if not len(keys):
             self._settle()
             return self._in_order(len(keys), None, None)
-        return self._insert(keys.hash(), keys.hash(seed=_SEED), keys.is_not_null(), rows, add=add,
+        return self._insert(keys.hash(), keys.hash(seed=SEED), keys.is_not_null(), rows, add=add,
                             first=first if first is not None else (lambda: first_distinct(keys)))
 
     def insert_hashes(
@@ -352,7 +351,7 @@ class KeyIndex:
             self._runs.append(rows.with_columns(pl.col(_HASH).set_sorted()))
         else:
             key = pl.col(KEY)
-            run = rows.select(key.hash().alias(_HASH), key.hash(seed=_SEED).alias(_CHECK), *self._values())
+            run = rows.select(key.hash().alias(_HASH), key.hash(seed=SEED).alias(_CHECK), *self._values())
             self._runs.append(run.sort(_HASH))
         added = self._runs[-1]
         while (at := _merge_from(self._runs)) is not None:
@@ -371,7 +370,7 @@ class KeyIndex:
         key = pl.col(KEY)
         gone = (
             keys.cast(pl.String).drop_nulls().to_frame(KEY)
-            .select(key.hash().alias(_HASH), key.hash(seed=_SEED).alias(_CHECK))
+            .select(key.hash().alias(_HASH), key.hash(seed=SEED).alias(_CHECK))
         )
         self.runs = [
             run.join(gone, on=[_HASH, _CHECK], how="anti", maintain_order="left").with_columns(

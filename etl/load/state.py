@@ -455,8 +455,8 @@ class StateStore:
         if kept and (whole := self._whole_kind(kind, keys.len())) is not None:
             if states is not None:
                 whole = whole.filter(pl.col("state").is_in(list(states)))
-            return whole.join(keys.to_frame("source_key"), on="source_key", how="semi").select(  # (a semi join
-                "source_key", *columns)  # needs no unique keys)
+            # (A semi join needs no unique keys.)
+            return whole.join(keys.to_frame("source_key"), on="source_key", how="semi").select("source_key", *columns)
         select = ", ".join(("source_key", *columns))
         where = "kind = ?"
         params: list[object] = [kind]
@@ -642,8 +642,9 @@ class StateStore:
         if kept is not None:  # the whole kind was read (a re-import): nothing more to read
             mine = kept.filter((pl.col("source_file") == source_file) & (pl.col("state") == "created"))
             if besides is not None:
-                mine = mine.join(besides.cast(pl.String).drop_nulls().to_frame("source_key"),  # (an anti join
-                                 on="source_key", how="anti")  # needs no unique keys)
+                # (An anti join needs no unique keys.)
+                present = besides.cast(pl.String).drop_nulls().to_frame("source_key")
+                mine = mine.join(present, on="source_key", how="anti")
             for start in range(0, mine.height, size):
                 yield mine.slice(start, size).select("source_key", "resource_id").rows()
             return
