@@ -220,6 +220,10 @@ def read_table(
 
 #: Files below this size are read whole (and cut into batches); larger ones are scanned in batches.
 STREAM_FROM_BYTES = 64 * 1024 * 1024
+#: A streamed file of more than this many batches (by its estimated rows) starts with a smaller one ...
+_RAMP_FROM = 3
+#: ... of this share of a batch.
+_FIRST_SHARE = 4
 
 
 @dataclass
@@ -299,16 +303,19 @@ def read_batches(
         if not any(n.code == RULES["line-endings"].code for n in table.notices):
             table.notices.append(Notice(RULES["line-endings"].code, RULES["line-endings"].text(), str(path)))
 
+    estimate = int((size - skip) / per_row) + 1
+    # A file of several batches starts with a quarter of one: its checks start while the next is read and
+    # prepared, rather than after a whole batch was (a run's start is otherwise two threads waiting on one).
+    ramp = max(1, rows // _FIRST_SHARE) if estimate > _RAMP_FROM * rows else None
     chunks = _chunked(
-        path, top.columns[1:], skip, delimiter, rows, max(4096, int(per_row * rows)), at + 2, bare_cr=bare_cr
+        path, top.columns[1:], skip, delimiter, rows, max(4096, int(per_row * rows)), at + 2, bare_cr=bare_cr,
+        first_rows=ramp,
     )
     chunks = _counting_blanks(chunks, table)
     if is_own_rejects(table.columns):
         table.frame = unguard_formulas(table.frame)
         chunks = (unguard_formulas(chunk) for chunk in chunks)
-    return Batches(
-        table, _then(chunks, lambda: setattr(table, "sha256", future.result())), int((size - skip) / per_row) + 1
-    )
+    return Batches(table, _then(chunks, lambda: setattr(table, "sha256", future.result())), estimate)
 
 
 #: The columns of its own ``rejects.csv`` the tool writes around a file's (etl.plan: ``_rejects_columns``).
@@ -418,19 +425,24 @@ def _chunked(
     chunk_bytes: int,
     first_row: int = 2,
     bare_cr: Callable[[], None] | None = None,
+    first_rows: int | None = None,
 ) -> Iterator[pl.DataFrame]:
     """The records after the header, parsed a chunk of whole records at a time, cut to ``rows``;
     the first is row ``first_row`` (the header's row and one). A chunk with lines that end in a lone
-    ``\r`` has its line breaks read as a whole file's are (:func:`_read_csv`), and ``bare_cr`` is called."""
+    ``\r`` has its line breaks read as a whole file's are (:func:`_read_csv`), and ``bare_cr`` is called.
+    ``first_rows``: the first chunk is read and cut to this many rows (a smaller first batch, so the checks
+    of a long file start while the next batch is read)."""
     next_row = first_row
     left: pl.DataFrame | None = None  # the rows of the last chunk that did not fill a batch
     start, tail = skip, 0  # where the next chunk starts in the file, and the bytes of it read before
+    batch = first_rows or rows  # this chunk's batches, then ``rows``
+    want = max(4096, chunk_bytes * batch // rows)
     with path.open("rb") as fh:
         while True:
             # The part of a record the last chunk cut off is read again with the next one, from the file
             # (a few bytes of page cache), not joined to it: that copied every chunk once more.
             fh.seek(start)
-            data = fh.read(tail + chunk_bytes)
+            data = fh.read(tail + want)
             more = len(data) > tail  # bytes not read before: not at the end yet
             if not more:
                 if not data.strip():
@@ -465,6 +477,13 @@ def _chunked(
             # (a short batch costs a whole batch's fixed overhead).
             spans = 0 if left is None else left.height  # the first batch holds the last chunk's rows too
             frame = frame if left is None else pl.concat([left, frame], rechunk=False)
+            if batch < rows:  # the first chunk: one smaller batch, and its other rows go with the next chunk's
+                yield frame.slice(0, batch).rechunk()
+                left = frame.slice(batch) if batch < frame.height else None
+                batch, want = rows, chunk_bytes
+                if more:
+                    continue
+                break
             full = frame.height - frame.height % rows
             for i in range(0, full, rows):
                 yield frame.slice(i, rows).rechunk() if i < spans else frame.slice(i, rows)  # one chunk each

@@ -243,3 +243,18 @@ def test_a_chunk_scanned_by_numpy_gives_what_bytes_and_re_give(data: bytes, scan
             if byte == readers._LF and quotes % 2 == 0:
                 expected = at + 1
         assert readers._record_end(data) == expected
+
+
+def test_a_streamed_file_of_several_batches_starts_with_a_smaller_one(tmp_path: Path) -> None:
+    """The checks of a long file start after a quarter of a batch was read and prepared, not a whole one; the
+    rows, their numbers and every later batch are as they would be otherwise. A file of a few batches is cut
+    as before."""
+    path = tmp_path / "long.csv"
+    path.write_bytes(b"id,name\n" + b"".join(b"%d,n%d\n" % (i, i) for i in range(2000)))
+    heights = [f.height for f in read_batches(path, rows=400, stream_from=1).batches]
+    assert heights[0] == 100 and all(h <= 400 for h in heights) and sum(heights) == 2000
+    assert heights[1:-1] == [400] * (len(heights) - 2)
+    frames = list(read_batches(path, rows=400, stream_from=1).batches)
+    assert pl.concat(frames).get_column(ROW).to_list() == list(range(2, 2002))
+    assert pl.concat(frames).drop(ROW).equals(read_table(path).frame.drop(ROW))
+    assert [f.height for f in read_batches(path, rows=700, stream_from=1).batches] == [700, 700, 600]
