@@ -430,8 +430,9 @@ def _chunked(
     """The records after the header, parsed a chunk of whole records at a time, cut to ``rows``;
     the first is row ``first_row`` (the header's row and one). A chunk with lines that end in a lone
     ``\r`` has its line breaks read as a whole file's are (:func:`_read_csv`), and ``bare_cr`` is called.
-    ``first_rows``: the first chunk is read and cut to this many rows (a smaller first batch, so the checks
-    of a long file start while the next batch is read)."""
+    ``first_rows``: the first chunk is read for this many rows and its first batch holds this many (the
+    chunk's other rows go with the next chunk's), so the checks of a long file start while the next batch is
+    read."""
     next_row = first_row
     left: pl.DataFrame | None = None  # the rows of the last chunk that did not fill a batch
     start, tail = skip, 0  # where the next chunk starts in the file, and the bytes of it read before
@@ -481,13 +482,11 @@ def _chunked(
                 yield frame.slice(0, batch).rechunk()
                 left = frame.slice(batch) if batch < frame.height else None
                 batch, want = rows, chunk_bytes
-                if more:
-                    continue
-                break
-            full = frame.height - frame.height % rows
-            for i in range(0, full, rows):
-                yield frame.slice(i, rows).rechunk() if i < spans else frame.slice(i, rows)  # one chunk each
-            left = frame.slice(full) if full < frame.height else None
+            else:
+                full = frame.height - frame.height % rows
+                for i in range(0, full, rows):
+                    yield frame.slice(i, rows).rechunk() if i < spans else frame.slice(i, rows)  # one chunk each
+                left = frame.slice(full) if full < frame.height else None
             if not more:
                 break
     if left is not None:
